@@ -1,0 +1,53 @@
+//! Build script: compiles the TF Serving protos and embeds an rpath to libtorch.
+
+use std::env;
+use std::path::PathBuf;
+
+/// The protos that define what modelgate serves and parses; their imports come along.
+const PROTOS: &[&str] = &[
+    "tensorflow_serving/apis/prediction_service.proto",
+    "tensorflow_serving/apis/model_service.proto",
+    "tensorflow_serving/config/model_server_config.proto",
+    "tensorflow_serving/config/monitoring_config.proto",
+    "tensorflow_serving/servables/tensorflow/session_bundle_config.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    compile_protos()?;
+    embed_libtorch_rpath();
+    Ok(())
+}
+
+fn compile_protos() -> Result<(), Box<dyn std::error::Error>> {
+    // A vendored protoc, so that building needs no system protobuf compiler.
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    env::set_var("PROTOC", protoc);
+    let include = protoc_bin_vendored::include_path()?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("descriptor.bin"))
+        // One file that nests the generated packages as modules (see src/proto.rs).
+        .include_file("protos.rs")
+        // Tensor payloads stay `Bytes` so they are sliced, not copied.
+        .bytes(".tensorflow.TensorProto")
+        .compile_protos(
+            &PROTOS.iter().map(PathBuf::from).collect::<Vec<_>>(),
+            &[PathBuf::from("proto"), include],
+        )?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}
+
+/// Lets the binary (and the test binaries) find libtorch at run time without
+/// LD_LIBRARY_PATH: torch-sys reports the directory it linked against (its `links = "tch"`
+/// metadata, so whichever of LIBTORCH / LIBTORCH_USE_PYTORCH chose it) and we record it
+/// as an rpath.
+fn embed_libtorch_rpath() {
+    match env::var("DEP_TCH_LIBTORCH_LIB") {
+        Ok(dir) => println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}"),
+        Err(_) => println!(
+            "cargo:warning=torch-sys did not report its libtorch directory; \
+             run modelgate with LD_LIBRARY_PATH pointing at libtorch's lib folder"
+        ),
+    }
+}

@@ -1,0 +1,239 @@
+//! Command-line flags. Names and defaults follow `tensorflow_model_server`, so a Deployment
+//! written for `tensorflow/serving` runs unchanged.
+
+use clap::{ArgAction, Parser};
+use std::str::FromStr;
+
+/// TF Serving flags that have no meaning for modelgate. They are accepted and ignored with a
+/// warning, so existing manifests keep working; any other unknown flag is still an error.
+const IGNORED_TF_SERVING_FLAGS: &[&str] = &[
+    "allow_version_labels_for_unavailable_models",
+    "enable_model_warmup",
+    "enable_profiler",
+    "enable_signature_method_name_check",
+    "flush_filesystem_caches",
+    "grpc_channel_arguments",
+    "grpc_socket_path",
+    "load_retry_interval_micros",
+    "max_num_load_retries",
+    "mixed_precision",
+    "model_config_file_poll_wait_seconds_jitter",
+    "num_load_threads",
+    "num_unload_threads",
+    "num_request_iterations_for_warmup",
+    "per_process_gpu_memory_fraction",
+    "platform_config_file",
+    "prefer_tflite_model",
+    "remove_unused_fields_from_bundle_metagraph",
+    "rest_api_enable_cors_support",
+    "rest_api_num_threads",
+    "rest_api_timeout_in_ms",
+    "saved_model_tags",
+    "skip_initialize_tpu",
+    "ssl_config_file",
+    "tensorflow_inter_op_parallelism",
+    "tensorflow_intra_op_parallelism",
+    "tensorflow_session_parallelism",
+    "tensorflow_session_config_file",
+    "thread_pool_factory_config_file",
+    "use_alts_credentials",
+    "use_tflite_model",
+    "xla_cpu_compilation_enabled",
+    "enable_grpc_healthcheck_service",
+];
+
+/// Where models run: `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceFlag {
+    Auto,
+    Cpu,
+    Cuda(Option<usize>),
+}
+
+impl FromStr for DeviceFlag {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(DeviceFlag::Auto),
+            "cpu" => Ok(DeviceFlag::Cpu),
+            "cuda" | "gpu" => Ok(DeviceFlag::Cuda(None)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|n| DeviceFlag::Cuda(Some(n)))
+                .ok_or_else(|| format!("'{s}' is not one of auto, cpu, cuda, cuda:N")),
+        }
+    }
+}
+
+/// Every flag of the server. Booleans take TF Serving's forms: `--flag`, `--flag=true`,
+/// `--flag=false`.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "modelgate",
+    version,
+    about = "Serves TorchScript models over TensorFlow Serving's gRPC and REST APIs"
+)]
+pub struct Flags {
+    /// gRPC port (PredictionService, ModelService, health, reflection); 0 picks a free port.
+    #[arg(long = "port", default_value_t = 8500)]
+    pub port: u16,
+
+    /// REST port (TF Serving REST API, probes, metrics); 0 turns REST off.
+    #[arg(long = "rest_api_port", default_value_t = 8501)]
+    pub rest_api_port: u16,
+
+    /// Address both servers bind to (modelgate's own flag).
+    #[arg(long = "bind_address", default_value = "0.0.0.0")]
+    pub bind_address: String,
+
+    /// Name of the model in single-model mode.
+    #[arg(long = "model_name", default_value = "default")]
+    pub model_name: String,
+
+    /// Base path of the model in single-model mode (local directory or s3://bucket/prefix).
+    #[arg(long = "model_base_path")]
+    pub model_base_path: Option<String>,
+
+    /// ModelServerConfig in protobuf text format: a local path or s3://bucket/key.
+    #[arg(long = "model_config_file")]
+    pub model_config_file: Option<String>,
+
+    /// Re-read the model config file this often; 0 = never.
+    #[arg(long = "model_config_file_poll_wait_seconds", default_value_t = 0)]
+    pub model_config_file_poll_wait_seconds: u64,
+
+    /// Look for new and removed versions under each base path this often; 0 = only at start.
+    #[arg(long = "file_system_poll_wait_seconds", default_value_t = 1)]
+    pub file_system_poll_wait_seconds: u64,
+
+    /// Server-side batching.
+    #[arg(long = "enable_batching", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub enable_batching: bool,
+
+    /// BatchingParameters in protobuf text format.
+    #[arg(long = "batching_parameters_file")]
+    pub batching_parameters_file: Option<String>,
+
+    /// Read batching_params.pbtxt from each model version directory.
+    #[arg(long = "enable_per_model_batching_parameters", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub enable_per_model_batching_parameters: bool,
+
+    /// MonitoringConfig in protobuf text format (Prometheus path).
+    #[arg(long = "monitoring_config_file")]
+    pub monitoring_config_file: Option<String>,
+
+    /// Answer with tensor_content instead of typed fields (float_val, ...).
+    #[arg(long = "enable_serialization_as_tensor_content", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub enable_serialization_as_tensor_content: bool,
+
+    /// Largest gRPC message accepted or sent (TF Serving's limit is INT32_MAX).
+    #[arg(long = "grpc_max_message_bytes", default_value_t = i32::MAX as usize)]
+    pub grpc_max_message_bytes: usize,
+
+    /// Where models run: auto, cpu, cuda, cuda:N.
+    #[arg(long = "device", default_value = "auto")]
+    pub device: DeviceFlag,
+}
+
+/// Parses the command line, first setting aside (with a warning each) the TF Serving flags
+/// that do not apply. Returns the flags and the warnings to log once logging is up.
+pub fn parse_args<I>(args: I) -> Result<(Flags, Vec<String>), clap::Error>
+where
+    I: IntoIterator<Item = String>,
+{
+    let mut kept = Vec::new();
+    let mut warnings = Vec::new();
+    let mut args = args.into_iter().peekable();
+    if let Some(program) = args.next() {
+        kept.push(program);
+    }
+    while let Some(arg) = args.next() {
+        let name = arg
+            .strip_prefix("--")
+            .map(|rest| rest.split('=').next().unwrap_or(rest));
+        match name {
+            Some(name) if IGNORED_TF_SERVING_FLAGS.contains(&name) => {
+                // `--flag value`: the value goes too (modelgate takes no positional arguments).
+                if !arg.contains('=') && args.peek().is_some_and(|next| !next.starts_with("--")) {
+                    args.next();
+                }
+                warnings.push(format!(
+                    "ignoring TF Serving flag --{name}: it has no effect in modelgate"
+                ));
+            }
+            _ => kept.push(arg),
+        }
+    }
+    let flags = Flags::try_parse_from(kept)?;
+    Ok((flags, warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> (Flags, Vec<String>) {
+        let mut all = vec!["modelgate".to_string()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        parse_args(all).unwrap()
+    }
+
+    #[test]
+    fn defaults_match_tf_serving() {
+        let (flags, warnings) = parse(&[]);
+        assert_eq!(flags.port, 8500);
+        assert_eq!(flags.rest_api_port, 8501);
+        assert_eq!(flags.model_name, "default");
+        assert_eq!(flags.file_system_poll_wait_seconds, 1);
+        assert_eq!(flags.model_config_file_poll_wait_seconds, 0);
+        assert!(!flags.enable_batching);
+        assert_eq!(flags.grpc_max_message_bytes, 2_147_483_647);
+        assert_eq!(flags.device, DeviceFlag::Auto);
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn both_value_forms_and_bare_booleans() {
+        let (flags, _) = parse(&[
+            "--port=9000",
+            "--rest_api_port",
+            "9001",
+            "--enable_batching",
+            "--enable_serialization_as_tensor_content=false",
+            "--device=cuda:1",
+        ]);
+        assert_eq!((flags.port, flags.rest_api_port), (9000, 9001));
+        assert!(flags.enable_batching);
+        assert!(!flags.enable_serialization_as_tensor_content);
+        assert_eq!(flags.device, DeviceFlag::Cuda(Some(1)));
+        let (flags, _) = parse(&["--enable_batching=true", "--device", "cpu"]);
+        assert!(flags.enable_batching);
+        assert_eq!(flags.device, DeviceFlag::Cpu);
+    }
+
+    #[test]
+    fn inapplicable_tf_serving_flags_warn() {
+        let (flags, warnings) = parse(&[
+            "--tensorflow_intra_op_parallelism=4",
+            "--rest_api_timeout_in_ms",
+            "5000",
+            "--enable_model_warmup",
+            "--port=1234",
+        ]);
+        assert_eq!(flags.port, 1234);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings[0].contains("tensorflow_intra_op_parallelism"));
+    }
+
+    #[test]
+    fn typos_are_still_errors() {
+        let args = ["modelgate", "--prot=1"].map(String::from);
+        assert!(parse_args(args).is_err());
+        let args = ["modelgate", "--device=tpu"].map(String::from);
+        assert!(parse_args(args).is_err());
+    }
+}

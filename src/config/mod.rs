@@ -1,0 +1,12 @@
+//! Configuration: command-line flags (TF Serving's names), environment, and the protobuf
+//! text-format config files.
+
+mod flags;
+mod model_config;
+mod text_format;
+
+pub use flags::{parse_args, DeviceFlag, Flags};
+pub use model_config::{ModelSpec, Platform, VersionPolicy};
+pub use text_format::{parse_text_format, ConfigError};
+
+pub use model_config::{model_specs_from_config, parse_model_server_config, single_model_spec};

@@ -1,0 +1,14 @@
+//! modelgate: a TensorFlow Serving compatible server for TorchScript models.
+//!
+//! Requests flow one way: `api` (gRPC, REST) decodes bytes into [`tensor::Tensor`]s, the
+//! [`inference`] facade resolves the model version in the [`registry`] and checks the
+//! signature, the [`runtime`] runs libtorch on worker threads, and the answer flows back.
+//! The registry learns which versions exist from [`storage`]; `api` never touches storage
+//! and `runtime` knows nothing of protocols.
+
+pub mod config;
+pub mod error;
+pub mod proto;
+pub mod runtime;
+pub mod signature;
+pub mod tensor;

@@ -1,0 +1,153 @@
+//! The runtime: the only module that imports `tch`. It loads TorchScript modules onto a
+//! device and runs their methods on worker threads, never on the async executor.
+//!
+//! It speaks in [`Tensor`]s and method names; signatures, protocols and versions are the
+//! business of the layers above.
+
+mod convert;
+mod worker;
+
+pub use worker::{ModelRunner, RunnerConfig};
+
+use crate::config::DeviceFlag;
+use crate::tensor::Tensor;
+use std::fmt;
+
+/// A device models run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Device {
+    fn to_tch(self) -> tch::Device {
+        match self {
+            Device::Cpu => tch::Device::Cpu,
+            Device::Cuda(n) => tch::Device::Cuda(n),
+        }
+    }
+}
+
+/// Resolves `--device`: `auto` takes every CUDA device when libtorch sees one, else the CPU.
+pub fn resolve_devices(flag: DeviceFlag) -> Result<Vec<Device>, String> {
+    let cuda_count = if tch::Cuda::is_available() {
+        usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+    } else {
+        0
+    };
+    match flag {
+        DeviceFlag::Cpu => Ok(vec![Device::Cpu]),
+        DeviceFlag::Auto if cuda_count == 0 => Ok(vec![Device::Cpu]),
+        DeviceFlag::Auto => Ok((0..cuda_count).map(Device::Cuda).collect()),
+        DeviceFlag::Cuda(_) if cuda_count == 0 => {
+            Err("--device asks for CUDA but libtorch finds no CUDA device".into())
+        }
+        DeviceFlag::Cuda(None) => Ok(vec![Device::Cuda(0)]),
+        DeviceFlag::Cuda(Some(n)) if n < cuda_count => Ok(vec![Device::Cuda(n)]),
+        DeviceFlag::Cuda(Some(n)) => Err(format!(
+            "--device=cuda:{n} but libtorch finds {cuda_count} CUDA device(s)"
+        )),
+    }
+}
+
+/// What a TorchScript method returned, before it is matched to a signature's outputs.
+#[derive(Debug)]
+pub enum ModelOutput {
+    Tensor(Tensor),
+    /// A tuple or list of tensors, in order.
+    Sequence(Vec<Tensor>),
+    /// A `Dict[str, Tensor]`.
+    Dict(Vec<(String, Tensor)>),
+}
+
+/// Why a load failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum LoadError {
+    #[error("libtorch could not load {path}: {message}")]
+    Torch { path: String, message: String },
+    #[error("cannot start a worker thread: {0}")]
+    Thread(String),
+}
+
+/// Why a run failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RunError {
+    /// Every worker is busy and the queue in front of them is full.
+    #[error("the model's queue is full")]
+    QueueFull,
+    /// libtorch threw; the message is trimmed to what a client can use.
+    #[error("{0}")]
+    Torch(String),
+    /// The method returned something that is not tensors.
+    #[error("{0}")]
+    BadOutput(String),
+    /// The workers stopped (the version is being unloaded) before answering.
+    #[error("the model's workers stopped before answering")]
+    Stopped,
+}
+
+/// Cuts libtorch's message down to what a client can use: TorchScript tracebacks keep
+/// their last line (the exception), C++ backtraces are dropped, long texts are shortened.
+fn trim_torch_message(message: &str) -> String {
+    let message = message
+        .split("Exception raised from")
+        .next()
+        .unwrap_or(message);
+    let message = if message.contains("Traceback of TorchScript") {
+        message
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|line| !line.is_empty())
+            .unwrap_or(message)
+    } else {
+        message.trim()
+    };
+    const LIMIT: usize = 512;
+    match message.char_indices().nth(LIMIT) {
+        Some((cut, _)) => format!("{}...", &message[..cut]),
+        None => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torch_messages_are_trimmed() {
+        let scripted = "The following operation failed in the TorchScript interpreter.\n\
+            Traceback of TorchScript (most recent call last):\n  File \"code/x.py\", line 3\n\
+            builtins.RuntimeError: negative input\n";
+        assert_eq!(
+            trim_torch_message(scripted),
+            "builtins.RuntimeError: negative input"
+        );
+        let cpp = "mat1 and mat2 shapes cannot be multiplied (1x3 and 4x5)\n\
+            Exception raised from meta at /pytorch/aten/src/ATen/native/LinearAlgebra.cpp:1\nframe #0: ...";
+        assert_eq!(
+            trim_torch_message(cpp),
+            "mat1 and mat2 shapes cannot be multiplied (1x3 and 4x5)"
+        );
+        assert_eq!(trim_torch_message(&"x".repeat(2000)).len(), 515);
+    }
+
+    #[test]
+    fn cpu_is_always_there() {
+        assert_eq!(resolve_devices(DeviceFlag::Cpu).unwrap(), vec![Device::Cpu]);
+        if !tch::Cuda::is_available() {
+            assert_eq!(resolve_devices(DeviceFlag::Auto).unwrap(), vec![Device::Cpu]);
+            assert!(resolve_devices(DeviceFlag::Cuda(None)).is_err());
+        }
+    }
+}

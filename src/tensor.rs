@@ -1,0 +1,263 @@
+//! A protocol-free tensor: dtype, shape and the raw little-endian element bytes.
+//!
+//! Both APIs decode into this type and the runtime converts it to and from libtorch, so
+//! neither side knows about the other's representation.
+
+use bytes::Bytes;
+use std::fmt;
+
+/// The element types modelgate serves: every dtype that both TF Serving's TensorProto and
+/// libtorch can carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F16,
+    BF16,
+    F32,
+    F64,
+    I8,
+    I16,
+    I32,
+    I64,
+    U8,
+    Bool,
+}
+
+impl DType {
+    pub const ALL: [DType; 10] = [
+        DType::F16,
+        DType::BF16,
+        DType::F32,
+        DType::F64,
+        DType::I8,
+        DType::I16,
+        DType::I32,
+        DType::I64,
+        DType::U8,
+        DType::Bool,
+    ];
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::Bool | DType::I8 | DType::U8 => 1,
+            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::F32 | DType::I32 => 4,
+            DType::F64 | DType::I64 => 8,
+        }
+    }
+
+    /// TensorFlow's name, as in `DataType` (`DT_FLOAT`, ...).
+    pub fn tf_name(self) -> &'static str {
+        match self {
+            DType::F16 => "DT_HALF",
+            DType::BF16 => "DT_BFLOAT16",
+            DType::F32 => "DT_FLOAT",
+            DType::F64 => "DT_DOUBLE",
+            DType::I8 => "DT_INT8",
+            DType::I16 => "DT_INT16",
+            DType::I32 => "DT_INT32",
+            DType::I64 => "DT_INT64",
+            DType::U8 => "DT_UINT8",
+            DType::Bool => "DT_BOOL",
+        }
+    }
+
+    /// numpy's name (`float32`, ...).
+    pub fn numpy_name(self) -> &'static str {
+        match self {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::I8 => "int8",
+            DType::I16 => "int16",
+            DType::I32 => "int32",
+            DType::I64 => "int64",
+            DType::U8 => "uint8",
+            DType::Bool => "bool",
+        }
+    }
+
+    /// Parses a TF name (`DT_FLOAT`) or a numpy name (`float32`, also `half`, `float`, `double`).
+    pub fn parse(name: &str) -> Option<DType> {
+        let found = DType::ALL
+            .into_iter()
+            .find(|d| d.tf_name() == name || d.numpy_name() == name);
+        found.or(match name {
+            "half" => Some(DType::F16),
+            "float" => Some(DType::F32),
+            "double" => Some(DType::F64),
+            _ => None,
+        })
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.tf_name())
+    }
+}
+
+/// A dense tensor in row-major order. `data.len() == num_elements(shape) * dtype.size()`
+/// holds for every value built through [`Tensor::new`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub dtype: DType,
+    pub shape: Vec<i64>,
+    pub data: Bytes,
+}
+
+/// Why bytes and a shape do not make a tensor.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum TensorError {
+    #[error("shape {0:?} has a negative dimension")]
+    NegativeDim(Vec<i64>),
+    #[error("shape {0:?} has too many elements")]
+    TooLarge(Vec<i64>),
+    #[error("{dtype} tensor of shape {shape:?} needs {expected} bytes, got {actual}")]
+    ByteLength {
+        dtype: DType,
+        shape: Vec<i64>,
+        expected: usize,
+        actual: usize,
+    },
+}
+
+/// The number of elements of a shape, checked for negative dims and overflow.
+pub fn num_elements(shape: &[i64]) -> Result<usize, TensorError> {
+    shape.iter().try_fold(1usize, |acc, &d| {
+        let d = usize::try_from(d).map_err(|_| TensorError::NegativeDim(shape.to_vec()))?;
+        acc.checked_mul(d)
+            .ok_or_else(|| TensorError::TooLarge(shape.to_vec()))
+    })
+}
+
+impl Tensor {
+    /// A tensor from raw little-endian bytes, checking that their length fits the shape.
+    pub fn new(dtype: DType, shape: Vec<i64>, data: Bytes) -> Result<Tensor, TensorError> {
+        let expected = num_elements(&shape)?
+            .checked_mul(dtype.size())
+            .ok_or_else(|| TensorError::TooLarge(shape.clone()))?;
+        if expected != data.len() {
+            return Err(TensorError::ByteLength {
+                dtype,
+                shape,
+                expected,
+                actual: data.len(),
+            });
+        }
+        Ok(Tensor { dtype, shape, data })
+    }
+
+    /// A tensor of zeros (all-zero bytes are zero, `false` or `+0.0` in every dtype).
+    pub fn zeros(dtype: DType, shape: Vec<i64>) -> Result<Tensor, TensorError> {
+        let len = num_elements(&shape)? * dtype.size();
+        Tensor::new(dtype, shape, Bytes::from(vec![0u8; len]))
+    }
+
+    pub fn num_elements(&self) -> usize {
+        self.data.len() / self.dtype.size()
+    }
+
+    /// Builds a tensor from typed values (test and client helper).
+    pub fn from_values<T: Element>(shape: Vec<i64>, values: &[T]) -> Result<Tensor, TensorError> {
+        let mut data = Vec::with_capacity(values.len() * T::DTYPE.size());
+        for v in values {
+            v.write_le(&mut data);
+        }
+        Tensor::new(T::DTYPE, shape, Bytes::from(data))
+    }
+
+    /// Reads the elements back as `T`, or `None` when the dtype differs.
+    pub fn to_values<T: Element>(&self) -> Option<Vec<T>> {
+        (self.dtype == T::DTYPE).then(|| {
+            self.data
+                .chunks_exact(T::DTYPE.size())
+                .map(T::read_le)
+                .collect()
+        })
+    }
+}
+
+/// A Rust type whose values are elements of a [`Tensor`] of one dtype.
+pub trait Element: Copy {
+    const DTYPE: DType;
+    fn write_le(self, out: &mut Vec<u8>);
+    fn read_le(bytes: &[u8]) -> Self;
+}
+
+macro_rules! element {
+    ($t:ty, $dtype:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = $dtype;
+            fn write_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn read_le(bytes: &[u8]) -> Self {
+                let mut raw = [0u8; std::mem::size_of::<$t>()];
+                raw.copy_from_slice(bytes);
+                <$t>::from_le_bytes(raw)
+            }
+        }
+    };
+}
+
+element!(f32, DType::F32);
+element!(f64, DType::F64);
+element!(i8, DType::I8);
+element!(i16, DType::I16);
+element!(i32, DType::I32);
+element!(i64, DType::I64);
+element!(u8, DType::U8);
+
+impl Element for bool {
+    const DTYPE: DType = DType::Bool;
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.push(self as u8);
+    }
+    fn read_le(bytes: &[u8]) -> Self {
+        bytes[0] != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names_parse_both_ways() {
+        for d in DType::ALL {
+            assert_eq!(DType::parse(d.tf_name()), Some(d));
+            assert_eq!(DType::parse(d.numpy_name()), Some(d));
+        }
+        assert_eq!(DType::parse("DT_STRING"), None);
+        assert_eq!(DType::parse("float"), Some(DType::F32));
+    }
+
+    #[test]
+    fn new_checks_byte_length() {
+        let err = Tensor::new(DType::F32, vec![2, 2], Bytes::from(vec![0u8; 12])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "DT_FLOAT tensor of shape [2, 2] needs 16 bytes, got 12"
+        );
+        assert!(Tensor::new(DType::F32, vec![0, 5], Bytes::new()).is_ok());
+        assert!(matches!(
+            Tensor::new(DType::F32, vec![-1, 2], Bytes::new()),
+            Err(TensorError::NegativeDim(_))
+        ));
+        assert!(matches!(
+            num_elements(&[i64::MAX, i64::MAX]),
+            Err(TensorError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn values_round_trip() {
+        let t = Tensor::from_values(vec![3], &[1.5f32, -2.0, 0.25]).unwrap();
+        assert_eq!(t.to_values::<f32>().unwrap(), vec![1.5, -2.0, 0.25]);
+        assert!(t.to_values::<i32>().is_none());
+        let b = Tensor::from_values(vec![2], &[true, false]).unwrap();
+        assert_eq!(b.to_values::<bool>().unwrap(), vec![true, false]);
+    }
+}
