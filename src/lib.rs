@@ -6,9 +6,14 @@
 //! The registry learns which versions exist from [`storage`]; `api` never touches storage
 //! and `runtime` knows nothing of protocols.
 
+pub mod api;
+pub mod app;
 pub mod config;
 pub mod error;
+pub mod inference;
 pub mod proto;
+pub mod registry;
 pub mod runtime;
 pub mod signature;
+pub mod storage;
 pub mod tensor;

@@ -103,7 +103,9 @@ fn model_spec(model: &ModelConfig) -> Result<ModelSpec, ConfigError> {
         return Err(ConfigError::Invalid("a model config has no name".into()));
     }
     if model.base_path.trim().is_empty() {
-        return Err(ConfigError::Invalid(format!("model '{name}' has no base_path")));
+        return Err(ConfigError::Invalid(format!(
+            "model '{name}' has no base_path"
+        )));
     }
     let platform = match model.model_platform.as_str() {
         "" | "pytorch" | "torchscript" | "pytorch_torchscript" => Platform::TorchScript,
@@ -194,7 +196,10 @@ mod tests {
     #[test]
     fn refuses_what_cannot_serve() {
         for (text, needle) in [
-            (r#"model_config_list { config { name: "a" } }"#, "no base_path"),
+            (
+                r#"model_config_list { config { name: "a" } }"#,
+                "no base_path",
+            ),
             (
                 r#"model_config_list { config { name: "a" base_path: "/a" model_platform: "onnx" } }"#,
                 "onnx",
@@ -217,13 +222,18 @@ mod tests {
     #[test]
     fn policies_pick_versions() {
         let present = BTreeSet::from([1, 2, 3]);
-        assert_eq!(VersionPolicy::Latest(1).aspired(&present), BTreeSet::from([3]));
+        assert_eq!(
+            VersionPolicy::Latest(1).aspired(&present),
+            BTreeSet::from([3])
+        );
         assert_eq!(VersionPolicy::Latest(5).aspired(&present), present);
         assert_eq!(VersionPolicy::All.aspired(&present), present);
         assert_eq!(
             VersionPolicy::Specific(BTreeSet::from([2, 7])).aspired(&present),
             BTreeSet::from([2])
         );
-        assert!(VersionPolicy::Latest(1).aspired(&BTreeSet::new()).is_empty());
+        assert!(VersionPolicy::Latest(1)
+            .aspired(&BTreeSet::new())
+            .is_empty());
     }
 }

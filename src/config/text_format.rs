@@ -75,7 +75,8 @@ mod tests {
             "tensorflow.serving.ModelServerConfig",
             "models.config",
             text,
-        ).unwrap_err();
+        )
+        .unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("models.config: line 2"), "{msg}");
         assert!(msg.contains("bogus"), "{msg}");

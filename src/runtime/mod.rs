@@ -146,7 +146,10 @@ mod tests {
     fn cpu_is_always_there() {
         assert_eq!(resolve_devices(DeviceFlag::Cpu).unwrap(), vec![Device::Cpu]);
         if !tch::Cuda::is_available() {
-            assert_eq!(resolve_devices(DeviceFlag::Auto).unwrap(), vec![Device::Cpu]);
+            assert_eq!(
+                resolve_devices(DeviceFlag::Auto).unwrap(),
+                vec![Device::Cpu]
+            );
             assert!(resolve_devices(DeviceFlag::Cuda(None)).is_err());
         }
     }

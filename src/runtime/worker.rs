@@ -68,7 +68,11 @@ impl ModelRunner {
 
     /// Queues a call of `method` and waits for its result. Refuses at once with
     /// [`RunError::QueueFull`] when the queue is full.
-    pub async fn run(&self, method: Arc<str>, inputs: Vec<Tensor>) -> Result<ModelOutput, RunError> {
+    pub async fn run(
+        &self,
+        method: Arc<str>,
+        inputs: Vec<Tensor>,
+    ) -> Result<ModelOutput, RunError> {
         self.submit(method, inputs)?
             .await
             .map_err(|_| RunError::Stopped)?

@@ -1,0 +1,361 @@
+//! TensorProto, DataType and SignatureDef <-> modelgate's own types.
+
+use crate::error::Error;
+use crate::proto::serving::SignatureDefMap;
+use crate::proto::tensorflow::{
+    tensor_info, tensor_shape_proto, DataType, SignatureDef, TensorInfo, TensorProto,
+    TensorShapeProto,
+};
+use crate::signature::{SignatureMap, TensorSpec};
+use crate::tensor::{num_elements, DType, Tensor};
+use bytes::Bytes;
+
+pub fn dtype_to_proto(dtype: DType) -> DataType {
+    match dtype {
+        DType::F16 => DataType::DtHalf,
+        DType::BF16 => DataType::DtBfloat16,
+        DType::F32 => DataType::DtFloat,
+        DType::F64 => DataType::DtDouble,
+        DType::I8 => DataType::DtInt8,
+        DType::I16 => DataType::DtInt16,
+        DType::I32 => DataType::DtInt32,
+        DType::I64 => DataType::DtInt64,
+        DType::U8 => DataType::DtUint8,
+        DType::Bool => DataType::DtBool,
+    }
+}
+
+fn dtype_from_proto(input: &str, code: i32) -> Result<DType, Error> {
+    let data_type = DataType::try_from(code)
+        .map_err(|_| Error::InvalidArgument(format!("input '{input}' has unknown dtype {code}")))?;
+    DType::ALL
+        .into_iter()
+        .find(|&d| dtype_to_proto(d) == data_type)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "input '{input}' has dtype {}, which modelgate does not serve (it serves {})",
+                data_type.as_str_name(),
+                DType::ALL.map(DType::tf_name).join(", ")
+            ))
+        })
+}
+
+/// Decodes a request tensor. Values come from `tensor_content` or from the typed field of
+/// the dtype; as in TensorFlow, a single typed value is broadcast to the whole shape.
+/// `max_bytes` bounds what one tensor may expand to, so a tiny request cannot ask for a
+/// huge broadcast.
+pub fn tensor_from_proto(
+    input: &str,
+    proto: &TensorProto,
+    max_bytes: usize,
+) -> Result<Tensor, Error> {
+    let dtype = dtype_from_proto(input, proto.dtype)?;
+    let invalid = |message: String| Error::InvalidArgument(format!("input '{input}': {message}"));
+    let shape: Vec<i64> = match &proto.tensor_shape {
+        None => Vec::new(),
+        Some(shape) if shape.unknown_rank => return Err(invalid("shape has unknown rank".into())),
+        Some(shape) => shape.dim.iter().map(|d| d.size).collect(),
+    };
+    let count = num_elements(&shape).map_err(|e| invalid(e.to_string()))?;
+    let byte_len = count
+        .checked_mul(dtype.size())
+        .filter(|&len| len <= max_bytes)
+        .ok_or_else(|| {
+            invalid(format!(
+                "shape {shape:?} is larger than the {max_bytes}-byte limit"
+            ))
+        })?;
+
+    if !proto.tensor_content.is_empty() {
+        if proto.tensor_content.len() != byte_len {
+            return Err(invalid(format!(
+                "tensor_content has {} bytes but a {dtype} tensor of shape {shape:?} needs {byte_len}",
+                proto.tensor_content.len()
+            )));
+        }
+        return Tensor::new(dtype, shape, proto.tensor_content.clone())
+            .map_err(|e| invalid(e.to_string()));
+    }
+
+    let data = match dtype {
+        DType::F32 => pack(&proto.float_val, count, |v, out| {
+            out.extend_from_slice(&v.to_le_bytes())
+        }),
+        DType::F64 => pack(&proto.double_val, count, |v, out| {
+            out.extend_from_slice(&v.to_le_bytes())
+        }),
+        DType::I64 => pack(&proto.int64_val, count, |v, out| {
+            out.extend_from_slice(&v.to_le_bytes())
+        }),
+        // TensorFlow keeps the narrow integer types in int_val and casts on decode.
+        DType::I32 => pack(&proto.int_val, count, |v, out| {
+            out.extend_from_slice(&v.to_le_bytes())
+        }),
+        DType::I16 => pack(&proto.int_val, count, |v, out| {
+            out.extend_from_slice(&(v as i16).to_le_bytes())
+        }),
+        DType::I8 => pack(&proto.int_val, count, |v, out| out.push(v as i8 as u8)),
+        DType::U8 => pack(&proto.int_val, count, |v, out| out.push(v as u8)),
+        DType::Bool => pack(&proto.bool_val, count, |v, out| out.push(v as u8)),
+        // half_val holds the 16-bit pattern of each half or bfloat16 value.
+        DType::F16 | DType::BF16 => pack(&proto.half_val, count, |v, out| {
+            out.extend_from_slice(&(v as u16).to_le_bytes())
+        }),
+    }
+    .map_err(|found| {
+        invalid(format!(
+            "{found} {} value(s) for shape {shape:?}, which needs {count} (or 1 to broadcast)",
+            typed_field(dtype)
+        ))
+    })?;
+    Tensor::new(dtype, shape, data).map_err(|e| invalid(e.to_string()))
+}
+
+/// Packs `count` elements from typed values: all of them, or one value repeated.
+/// On a count mismatch returns how many values were found.
+fn pack<T: Copy>(
+    values: &[T],
+    count: usize,
+    write: impl Fn(T, &mut Vec<u8>),
+) -> Result<Bytes, usize> {
+    let mut out = Vec::with_capacity(count * std::mem::size_of::<T>());
+    match values {
+        _ if values.len() == count => values.iter().for_each(|&v| write(v, &mut out)),
+        [single] => (0..count).for_each(|_| write(*single, &mut out)),
+        _ => return Err(values.len()),
+    }
+    Ok(Bytes::from(out))
+}
+
+fn typed_field(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "float_val",
+        DType::F64 => "double_val",
+        DType::I64 => "int64_val",
+        DType::I32 | DType::I16 | DType::I8 | DType::U8 => "int_val",
+        DType::Bool => "bool_val",
+        DType::F16 | DType::BF16 => "half_val",
+    }
+}
+
+/// Encodes a response tensor: typed fields like TF Serving, or `tensor_content` when
+/// `as_content` (`--enable_serialization_as_tensor_content`).
+pub fn tensor_to_proto(tensor: &Tensor, as_content: bool) -> TensorProto {
+    let mut proto = TensorProto {
+        dtype: dtype_to_proto(tensor.dtype) as i32,
+        tensor_shape: Some(shape_proto(Some(&tensor.shape))),
+        ..Default::default()
+    };
+    if as_content {
+        proto.tensor_content = tensor.data.clone();
+        return proto;
+    }
+    let data = &tensor.data;
+    match tensor.dtype {
+        DType::F32 => proto.float_val = tensor.to_values::<f32>().unwrap_or_default(),
+        DType::F64 => proto.double_val = tensor.to_values::<f64>().unwrap_or_default(),
+        DType::I64 => proto.int64_val = tensor.to_values::<i64>().unwrap_or_default(),
+        DType::I32 => proto.int_val = tensor.to_values::<i32>().unwrap_or_default(),
+        DType::I16 => {
+            proto.int_val = tensor
+                .to_values::<i16>()
+                .unwrap_or_default()
+                .into_iter()
+                .map(i32::from)
+                .collect()
+        }
+        DType::I8 => proto.int_val = data.iter().map(|&b| i32::from(b as i8)).collect(),
+        DType::U8 => proto.int_val = data.iter().map(|&b| i32::from(b)).collect(),
+        DType::Bool => proto.bool_val = data.iter().map(|&b| b != 0).collect(),
+        DType::F16 | DType::BF16 => {
+            proto.half_val = data
+                .chunks_exact(2)
+                .map(|c| i32::from(u16::from_le_bytes([c[0], c[1]])))
+                .collect()
+        }
+    }
+    proto
+}
+
+/// A TensorShapeProto; `None` is an unknown rank, `-1` an unknown dimension.
+pub fn shape_proto(shape: Option<&[i64]>) -> TensorShapeProto {
+    match shape {
+        None => TensorShapeProto {
+            unknown_rank: true,
+            ..Default::default()
+        },
+        Some(dims) => TensorShapeProto {
+            dim: dims
+                .iter()
+                .map(|&size| tensor_shape_proto::Dim {
+                    size,
+                    name: String::new(),
+                })
+                .collect(),
+            unknown_rank: false,
+        },
+    }
+}
+
+/// The SignatureDefMap that GetModelMetadata returns for a model version.
+pub fn signature_def_map(signatures: &SignatureMap) -> SignatureDefMap {
+    let infos = |specs: &[TensorSpec]| {
+        specs
+            .iter()
+            .map(|spec| {
+                (
+                    spec.name.clone(),
+                    TensorInfo {
+                        dtype: dtype_to_proto(spec.dtype) as i32,
+                        tensor_shape: Some(shape_proto(spec.shape.as_deref())),
+                        encoding: Some(tensor_info::Encoding::Name(spec.name.clone())),
+                    },
+                )
+            })
+            .collect()
+    };
+    SignatureDefMap {
+        signature_def: signatures
+            .signatures
+            .iter()
+            .map(|(name, sig)| {
+                (
+                    name.clone(),
+                    SignatureDef {
+                        inputs: infos(&sig.inputs),
+                        outputs: infos(&sig.outputs),
+                        method_name: sig.method_name.clone(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 1 << 20;
+
+    fn proto(dtype: DataType, shape: &[i64]) -> TensorProto {
+        TensorProto {
+            dtype: dtype as i32,
+            tensor_shape: Some(shape_proto(Some(shape))),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_dtype_round_trips_through_typed_fields_and_content() {
+        for dtype in DType::ALL {
+            let data: Vec<u8> = (0..6 * dtype.size())
+                .map(|i| (i * 37 % 2) as u8 + (i % 3 == 0) as u8)
+                .collect();
+            let data = if dtype == DType::Bool {
+                data.iter().map(|b| b % 2).collect()
+            } else {
+                data
+            };
+            let tensor = Tensor::new(dtype, vec![2, 3], Bytes::from(data)).unwrap();
+            for as_content in [false, true] {
+                let encoded = tensor_to_proto(&tensor, as_content);
+                assert_eq!(encoded.tensor_content.is_empty(), !as_content);
+                assert_eq!(
+                    tensor_from_proto("x", &encoded, LIMIT).unwrap(),
+                    tensor,
+                    "{dtype} content={as_content}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn narrow_integers_and_halves_use_tf_fields() {
+        let t = Tensor::from_values(vec![3], &[-1i8, 0, 127]).unwrap();
+        assert_eq!(tensor_to_proto(&t, false).int_val, vec![-1, 0, 127]);
+        let u = Tensor::from_values(vec![2], &[255u8, 1]).unwrap();
+        assert_eq!(tensor_to_proto(&u, false).int_val, vec![255, 1]);
+        let mut half = proto(DataType::DtHalf, &[2]);
+        half.half_val = vec![0x3c00, 0xc000]; // 1.0, -2.0
+        let decoded = tensor_from_proto("h", &half, LIMIT).unwrap();
+        assert_eq!(&decoded.data[..], &[0x00, 0x3c, 0x00, 0xc0]);
+    }
+
+    #[test]
+    fn a_single_value_broadcasts() {
+        let mut p = proto(DataType::DtFloat, &[2, 2]);
+        p.float_val = vec![7.0];
+        let t = tensor_from_proto("x", &p, LIMIT).unwrap();
+        assert_eq!(t.to_values::<f32>().unwrap(), vec![7.0; 4]);
+        let mut scalar = proto(DataType::DtInt64, &[]);
+        scalar.int64_val = vec![3];
+        assert_eq!(
+            tensor_from_proto("s", &scalar, LIMIT).unwrap().shape,
+            Vec::<i64>::new()
+        );
+    }
+
+    #[test]
+    fn bad_tensors_name_the_input() {
+        let check = |p: TensorProto, needle: &str| {
+            let err = tensor_from_proto("pixels", &p, LIMIT).unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidArgument(m) if m.contains("'pixels'") && m.contains(needle)),
+                "{err}"
+            );
+        };
+        let mut few = proto(DataType::DtFloat, &[3]);
+        few.float_val = vec![1.0, 2.0];
+        check(few, "2 float_val value(s)");
+        let mut wrong_field = proto(DataType::DtFloat, &[1]);
+        wrong_field.int_val = vec![1];
+        check(wrong_field, "0 float_val");
+        let mut content = proto(DataType::DtFloat, &[2, 2]);
+        content.tensor_content = Bytes::from_static(&[0; 12]);
+        check(content, "tensor_content has 12 bytes");
+        check(proto(DataType::DtString, &[1]), "DT_STRING");
+        check(
+            TensorProto {
+                dtype: 999,
+                ..Default::default()
+            },
+            "unknown dtype 999",
+        );
+        check(proto(DataType::DtFloat, &[-1, 2]), "negative");
+        let mut huge = proto(DataType::DtFloat, &[1 << 20, 1 << 20]);
+        huge.float_val = vec![1.0];
+        check(huge, "limit");
+        let unknown = TensorProto {
+            dtype: DataType::DtFloat as i32,
+            tensor_shape: Some(shape_proto(None)),
+            ..Default::default()
+        };
+        check(unknown, "unknown rank");
+    }
+
+    #[test]
+    fn signature_defs_carry_names_dtypes_and_shapes() {
+        let map = SignatureMap::from_json(
+            r#"{"signatures": {"serving_default": {"inputs": [{"name": "x", "dtype": "DT_FLOAT", "shape": [-1, 4]}],
+                "outputs": [{"name": "y", "dtype": "DT_INT64"}]}}}"#,
+        )
+        .unwrap();
+        let defs = signature_def_map(&map);
+        let def = &defs.signature_def["serving_default"];
+        assert_eq!(def.method_name, "tensorflow/serving/predict");
+        let x = &def.inputs["x"];
+        assert_eq!(x.dtype, DataType::DtFloat as i32);
+        let dims: Vec<i64> = x
+            .tensor_shape
+            .as_ref()
+            .unwrap()
+            .dim
+            .iter()
+            .map(|d| d.size)
+            .collect();
+        assert_eq!(dims, vec![-1, 4]);
+        assert!(def.outputs["y"].tensor_shape.as_ref().unwrap().unknown_rank);
+    }
+}

@@ -1,0 +1,300 @@
+//! The facade both APIs call: resolve the model version, check the request against the
+//! signature, run it, and name the outputs.
+
+use crate::error::Error;
+use crate::registry::{Registry, Servable, VersionSelector};
+use crate::runtime::{ModelOutput, RunError};
+use crate::signature::{Signature, SignatureKind};
+use crate::tensor::Tensor;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A Predict call, decoded from either protocol.
+#[derive(Debug)]
+pub struct PredictRequest {
+    pub model: String,
+    pub version: VersionSelector,
+    /// Empty means `serving_default`.
+    pub signature: String,
+    pub inputs: HashMap<String, Tensor>,
+    /// Output names to return; empty means all.
+    pub output_filter: Vec<String>,
+}
+
+/// The answer to a Predict call: which version served it and the named outputs, in the
+/// signature's order.
+#[derive(Debug)]
+pub struct PredictResponse {
+    pub model: String,
+    pub version: i64,
+    pub signature: String,
+    pub outputs: Vec<(String, Tensor)>,
+}
+
+/// Resolves, validates and runs requests. Cheap to clone; shared by every API.
+#[derive(Clone)]
+pub struct Inference {
+    registry: Arc<Registry>,
+}
+
+impl Inference {
+    pub fn new(registry: Arc<Registry>) -> Inference {
+        Inference { registry }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Runs a Predict call on the version it selects.
+    pub async fn predict(&self, request: PredictRequest) -> Result<PredictResponse, Error> {
+        let servable = self.registry.resolve(&request.model, &request.version)?;
+        let (signature_name, signature) = find_signature(&servable, &request.signature)?;
+        if signature.kind != SignatureKind::Predict {
+            tracing::debug!(
+                signature = signature_name,
+                "predict on a non-predict signature"
+            );
+        }
+        for name in &request.output_filter {
+            if !signature.outputs.iter().any(|o| &o.name == name) {
+                return Err(Error::InvalidArgument(format!(
+                    "output_filter names '{name}', which is not an output of signature '{signature_name}' (outputs: {})",
+                    names(signature.outputs.iter().map(|o| o.name.as_str()))
+                )));
+            }
+        }
+        let inputs = order_inputs(signature_name, signature, request.inputs)?;
+        let output = servable
+            .runner
+            .run(Arc::from(signature.method.as_str()), inputs)
+            .await
+            .map_err(|e| run_error(&servable, e))?;
+        let mut outputs = name_outputs(signature_name, signature, output)?;
+        if !request.output_filter.is_empty() {
+            outputs.retain(|(name, _)| request.output_filter.contains(name));
+        }
+        Ok(PredictResponse {
+            model: servable.model.clone(),
+            version: servable.version,
+            signature: signature_name.to_string(),
+            outputs,
+        })
+    }
+}
+
+/// Looks up a signature; an unknown one is FAILED_PRECONDITION, as in TF Serving.
+pub fn find_signature<'a>(
+    servable: &'a Servable,
+    name: &str,
+) -> Result<(&'a str, &'a Signature), Error> {
+    servable.signatures.get(name).ok_or_else(|| {
+        Error::FailedPrecondition(format!(
+            "model '{}' version {} has no signature '{}' (signatures: {})",
+            servable.model,
+            servable.version,
+            if name.is_empty() {
+                "serving_default"
+            } else {
+                name
+            },
+            names(servable.signatures.signatures.keys().map(String::as_str))
+        ))
+    })
+}
+
+/// Puts the named inputs in the signature's positional order, checking names, dtypes,
+/// shapes and that batched inputs agree on the batch size.
+pub fn order_inputs(
+    signature_name: &str,
+    signature: &Signature,
+    mut inputs: HashMap<String, Tensor>,
+) -> Result<Vec<Tensor>, Error> {
+    let mut ordered = Vec::with_capacity(signature.inputs.len());
+    let mut batch: Option<(&str, i64)> = None;
+    for spec in &signature.inputs {
+        let tensor = inputs.remove(&spec.name).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "input '{}' is missing; signature '{signature_name}' expects inputs: {}",
+                spec.name,
+                names(signature.inputs.iter().map(|i| i.name.as_str()))
+            ))
+        })?;
+        if tensor.dtype != spec.dtype {
+            return Err(Error::InvalidArgument(format!(
+                "input '{}' has dtype {} but signature '{signature_name}' expects {}",
+                spec.name, tensor.dtype, spec.dtype
+            )));
+        }
+        spec.check_shape(&tensor.shape)
+            .map_err(Error::InvalidArgument)?;
+        if spec.is_batched() {
+            let size = tensor.shape[0];
+            match batch {
+                Some((first, first_size)) if first_size != size => {
+                    return Err(Error::InvalidArgument(format!(
+                        "inputs '{first}' and '{}' have different batch sizes ({first_size} and {size})",
+                        spec.name
+                    )))
+                }
+                None => batch = Some((&spec.name, size)),
+                _ => {}
+            }
+        }
+        ordered.push(tensor);
+    }
+    if let Some(extra) = inputs.keys().min() {
+        return Err(Error::InvalidArgument(format!(
+            "input '{extra}' is not an input of signature '{signature_name}' (inputs: {})",
+            names(signature.inputs.iter().map(|i| i.name.as_str()))
+        )));
+    }
+    Ok(ordered)
+}
+
+/// Names what the method returned after the signature's outputs.
+pub fn name_outputs(
+    signature_name: &str,
+    signature: &Signature,
+    output: ModelOutput,
+) -> Result<Vec<(String, Tensor)>, Error> {
+    let expected = signature.outputs.len();
+    let mismatch = |got: String| {
+        Error::Internal(format!(
+            "signature '{signature_name}' lists {expected} output(s) but the model returned {got}"
+        ))
+    };
+    match output {
+        ModelOutput::Tensor(t) if expected == 1 => Ok(vec![(signature.outputs[0].name.clone(), t)]),
+        ModelOutput::Tensor(_) => Err(mismatch("one tensor".into())),
+        ModelOutput::Sequence(tensors) if tensors.len() == expected => Ok(signature
+            .outputs
+            .iter()
+            .map(|o| o.name.clone())
+            .zip(tensors)
+            .collect()),
+        ModelOutput::Sequence(tensors) => Err(mismatch(format!("{} tensors", tensors.len()))),
+        ModelOutput::Dict(mut entries) => signature
+            .outputs
+            .iter()
+            .map(|spec| {
+                let at = entries
+                    .iter()
+                    .position(|(key, _)| *key == spec.name)
+                    .ok_or_else(|| {
+                        Error::Internal(format!(
+                            "the model's result has no entry '{}' (signature '{signature_name}')",
+                            spec.name
+                        ))
+                    })?;
+                Ok(entries.swap_remove(at))
+            })
+            .collect(),
+    }
+}
+
+fn run_error(servable: &Servable, err: RunError) -> Error {
+    match err {
+        RunError::QueueFull => Error::Unavailable(format!(
+            "model '{}' version {} is at capacity; retry later",
+            servable.model, servable.version
+        )),
+        RunError::Stopped => Error::Unavailable(format!(
+            "model '{}' version {} was unloaded before answering; retry",
+            servable.model, servable.version
+        )),
+        RunError::Torch(message) => {
+            tracing::warn!(model = %servable.model, version = servable.version, "model failed: {message}");
+            Error::Internal(format!("model '{}' failed: {message}", servable.model))
+        }
+        RunError::BadOutput(message) => Error::Internal(message),
+    }
+}
+
+fn names<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    items.collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signature::SignatureMap;
+
+    fn signature() -> Signature {
+        SignatureMap::from_json(
+            r#"{"signatures": {"serving_default": {
+                "inputs": [{"name": "a", "dtype": "DT_FLOAT", "shape": [-1, 2]},
+                           {"name": "b", "dtype": "DT_INT64", "shape": [-1]}],
+                "outputs": [{"name": "y", "dtype": "DT_FLOAT"}, {"name": "z", "dtype": "DT_FLOAT"}]}}}"#,
+        )
+        .unwrap()
+        .signatures
+        .remove("serving_default")
+        .unwrap()
+    }
+
+    fn inputs(pairs: Vec<(&str, Tensor)>) -> HashMap<String, Tensor> {
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+
+    #[test]
+    fn inputs_are_ordered_and_checked() {
+        let sig = signature();
+        let a = Tensor::from_values(vec![2, 2], &[1f32, 2., 3., 4.]).unwrap();
+        let b = Tensor::from_values(vec![2], &[5i64, 6]).unwrap();
+        let ordered =
+            order_inputs("s", &sig, inputs(vec![("b", b.clone()), ("a", a.clone())])).unwrap();
+        assert_eq!(ordered, vec![a.clone(), b.clone()]);
+
+        let err = |pairs| order_inputs("s", &sig, inputs(pairs)).unwrap_err();
+        let missing = err(vec![("a", a.clone())]);
+        assert!(
+            matches!(&missing, Error::InvalidArgument(m) if m.contains("'b' is missing")),
+            "{missing}"
+        );
+        let extra = err(vec![("a", a.clone()), ("b", b.clone()), ("c", b.clone())]);
+        assert!(
+            matches!(&extra, Error::InvalidArgument(m) if m.contains("'c' is not an input")),
+            "{extra}"
+        );
+        let dtype = err(vec![("a", b.clone()), ("b", b.clone())]);
+        assert!(
+            matches!(&dtype, Error::InvalidArgument(m) if m.contains("'a' has dtype DT_INT64")),
+            "{dtype}"
+        );
+        let short_b = Tensor::from_values(vec![1], &[5i64]).unwrap();
+        let ragged = err(vec![("a", a.clone()), ("b", short_b)]);
+        assert!(
+            matches!(&ragged, Error::InvalidArgument(m) if m.contains("batch sizes")),
+            "{ragged}"
+        );
+        let wide = Tensor::from_values(vec![1, 3], &[1f32, 2., 3.]).unwrap();
+        let shape = err(vec![("a", wide), ("b", b)]);
+        assert!(
+            matches!(&shape, Error::InvalidArgument(m) if m.contains("'a' has shape [1, 3]")),
+            "{shape}"
+        );
+    }
+
+    #[test]
+    fn outputs_are_named_from_every_result_form() {
+        let sig = signature();
+        let t = |v: f32| Tensor::from_values(vec![1], &[v]).unwrap();
+        let seq = name_outputs("s", &sig, ModelOutput::Sequence(vec![t(1.), t(2.)])).unwrap();
+        assert_eq!(seq, vec![("y".into(), t(1.)), ("z".into(), t(2.))]);
+        let dict = ModelOutput::Dict(vec![
+            ("z".into(), t(2.)),
+            ("y".into(), t(1.)),
+            ("extra".into(), t(3.)),
+        ]);
+        assert_eq!(name_outputs("s", &sig, dict).unwrap(), seq);
+        assert!(matches!(
+            name_outputs("s", &sig, ModelOutput::Tensor(t(1.))),
+            Err(Error::Internal(_))
+        ));
+        let missing = ModelOutput::Dict(vec![("y".into(), t(1.))]);
+        assert!(
+            matches!(name_outputs("s", &sig, missing), Err(Error::Internal(m)) if m.contains("'z'"))
+        );
+    }
+}

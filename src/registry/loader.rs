@@ -1,0 +1,150 @@
+//! Loading one version directory: find its module and signatures, load it onto the device
+//! and warm it up. Blocking; the manager runs it on a blocking thread.
+
+use super::Servable;
+use crate::runtime::{ModelRunner, RunnerConfig};
+use crate::signature::{SignatureError, SignatureMap};
+use crate::storage::{MODEL_FILE, SAVED_MODEL_FILES, SIGNATURE_FILE};
+use crate::tensor::Tensor;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Why a version did not load. The message is what GetModelStatus reports.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum VersionLoadError {
+    #[error("{0}")]
+    NotTorchScript(String),
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::LoadError),
+    #[error("warm-up of signature '{signature}' failed: {message}")]
+    WarmUp { signature: String, message: String },
+    #[error("cannot read {path}: {message}")]
+    Io { path: String, message: String },
+}
+
+/// Loads the version in `dir`: signatures from `signature.json` or, when that file is
+/// absent, from `extra/signature.json` inside the TorchScript archive.
+pub fn load_version(
+    model: &str,
+    version: i64,
+    dir: &Path,
+    runner: RunnerConfig,
+) -> Result<Servable, VersionLoadError> {
+    let model_path = dir.join(MODEL_FILE);
+    if !model_path.is_file() {
+        let found = SAVED_MODEL_FILES
+            .iter()
+            .find(|name| dir.join(name).is_file());
+        return Err(VersionLoadError::NotTorchScript(match found {
+            Some(name) => format!(
+                "{} holds a TensorFlow SavedModel ({name}); modelgate serves TorchScript: \
+                 save the model with torch.jit.save as {MODEL_FILE}",
+                dir.display()
+            ),
+            None => format!("{} has no {MODEL_FILE}", dir.display()),
+        }));
+    }
+    let signatures = read_signatures(dir, &model_path)?;
+    let runner = ModelRunner::load(&model_path, model, runner)?;
+    let servable = Servable {
+        model: model.to_string(),
+        version,
+        signatures,
+        runner,
+    };
+    warm_up(&servable)?;
+    Ok(servable)
+}
+
+fn read_signatures(dir: &Path, model_path: &Path) -> Result<SignatureMap, VersionLoadError> {
+    let io_error = |path: &Path, e: &dyn std::fmt::Display| VersionLoadError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let signature_path = dir.join(SIGNATURE_FILE);
+    if signature_path.is_file() {
+        let text =
+            std::fs::read_to_string(&signature_path).map_err(|e| io_error(&signature_path, &e))?;
+        return Ok(SignatureMap::from_json(&text)?);
+    }
+    let file = std::fs::File::open(model_path).map_err(|e| io_error(model_path, &e))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| {
+        VersionLoadError::NotTorchScript(format!(
+            "{} is not a TorchScript archive ({e})",
+            model_path.display()
+        ))
+    })?;
+    // torch.jit.save puts `_extra_files` under `<archive name>/extra/`.
+    let entry_name = archive
+        .file_names()
+        .filter_map(Result::ok)
+        .find(|name| name.ends_with("/extra/signature.json"))
+        .map(|name| name.into_owned())
+        .ok_or_else(|| {
+            SignatureError(format!(
+                "no {SIGNATURE_FILE} next to {MODEL_FILE} and none embedded in it \
+                 (torch.jit.save(..., _extra_files={{\"signature.json\": ...}}))"
+            ))
+        })?;
+    let mut text = String::new();
+    archive
+        .by_name(&entry_name)
+        .map_err(|e| io_error(model_path, &e))?
+        .read_to_string(&mut text)
+        .map_err(|e| io_error(model_path, &e))?;
+    Ok(SignatureMap::from_json(&text)?)
+}
+
+/// Runs every signature once on a zero batch built from its declared shapes (batch 1),
+/// so that the first request does not pay for libtorch's lazy initialisation and a model
+/// that cannot run its own signature is refused before it serves. Where the shape leaves
+/// other dimensions free, the guess of 1 may not suit the model: that failure is only
+/// logged.
+fn warm_up(servable: &Servable) -> Result<(), VersionLoadError> {
+    for (name, signature) in &servable.signatures.signatures {
+        let mut guessed = false;
+        let inputs: Option<Vec<Tensor>> = signature
+            .inputs
+            .iter()
+            .map(|spec| {
+                let shape = spec.shape.as_ref()?;
+                let concrete = shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| {
+                        if d == -1 && i > 0 {
+                            guessed = true;
+                        }
+                        d.max(1)
+                    })
+                    .collect();
+                Tensor::zeros(spec.dtype, concrete).ok()
+            })
+            .collect();
+        let Some(inputs) = inputs else {
+            continue; // an input of unknown rank: nothing sensible to build
+        };
+        let result = servable
+            .runner
+            .run_blocking(Arc::from(signature.method.as_str()), inputs);
+        match result {
+            Ok(_) => {}
+            Err(e) if guessed => tracing::warn!(
+                model = %servable.model,
+                version = servable.version,
+                signature = %name,
+                "warm-up with free dimensions set to 1 failed: {e}"
+            ),
+            Err(e) => {
+                return Err(VersionLoadError::WarmUp {
+                    signature: name.clone(),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! The registry: which model versions exist, which serve, and their status.
+//!
+//! The read path is one atomic load of an immutable [`ServingMap`]; the [`Manager`] task is
+//! its only writer and swaps a rebuilt map in whole. A request clones the `Arc<Servable>` it
+//! resolved and so keeps that version alive until it answers, even once a newer version has
+//! replaced it: an unloaded version is freed when its last request drops it.
+
+mod loader;
+mod manager;
+
+pub use loader::VersionLoadError;
+pub use manager::{Manager, ManagerConfig, ManagerHandle};
+
+use crate::error::Error;
+use crate::runtime::ModelRunner;
+use crate::signature::SignatureMap;
+use arc_swap::ArcSwap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// One loaded model version, ready to run.
+pub struct Servable {
+    pub model: String,
+    pub version: i64,
+    pub signatures: SignatureMap,
+    pub runner: ModelRunner,
+}
+
+/// Which version a request asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VersionSelector {
+    /// The highest available version.
+    Latest,
+    Number(i64),
+    Label(String),
+}
+
+/// TF Serving's version states (ModelVersionStatus.State), in lifecycle order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum VersionState {
+    Start,
+    Loading,
+    Available,
+    Unloading,
+    End,
+}
+
+/// The status of one version, as GetModelStatus reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionStatus {
+    pub state: VersionState,
+    /// Why the version failed to load; `None` when all is well.
+    pub error: Option<String>,
+}
+
+/// What serves now: immutable, swapped whole.
+#[derive(Default)]
+pub struct ServingMap {
+    models: HashMap<String, ServingModel>,
+}
+
+#[derive(Default)]
+struct ServingModel {
+    versions: BTreeMap<i64, Arc<Servable>>,
+    labels: BTreeMap<String, i64>,
+}
+
+/// Whether every configured model can answer, and if not, which cannot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    pub draining: bool,
+    /// Configured models with no AVAILABLE version.
+    pub models_not_ready: Vec<String>,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        !self.draining && self.models_not_ready.is_empty()
+    }
+}
+
+/// Shared, read-mostly view of the served models. Thread safe; cheap to read.
+#[derive(Default)]
+pub struct Registry {
+    serving: ArcSwap<ServingMap>,
+    /// Every configured model (even one with no version yet) and its versions' states.
+    status: Mutex<BTreeMap<String, BTreeMap<i64, VersionStatus>>>,
+    draining: AtomicBool,
+}
+
+impl Registry {
+    pub fn new() -> Arc<Registry> {
+        Arc::new(Registry::default())
+    }
+
+    /// The version a request should run on; errors are NOT_FOUND with what was missing.
+    pub fn resolve(&self, model: &str, selector: &VersionSelector) -> Result<Arc<Servable>, Error> {
+        let serving = self.serving.load();
+        let Some(entry) = serving.models.get(model) else {
+            return Err(if self.is_configured(model) {
+                Error::NotFound(format!("model '{model}' has no available version yet"))
+            } else {
+                Error::NotFound(format!("model '{model}' is not served here"))
+            });
+        };
+        let found = match selector {
+            VersionSelector::Latest => entry.versions.values().next_back(),
+            VersionSelector::Number(v) => entry.versions.get(v),
+            VersionSelector::Label(label) => {
+                let version = entry.labels.get(label).ok_or_else(|| {
+                    Error::NotFound(format!("model '{model}' has no version label '{label}'"))
+                })?;
+                return entry.versions.get(version).cloned().ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "version label '{label}' of model '{model}' points at version {version}, which is not available"
+                    ))
+                });
+            }
+        };
+        found.cloned().ok_or_else(|| match selector {
+            VersionSelector::Number(v) => {
+                Error::NotFound(format!("model '{model}' has no available version {v}"))
+            }
+            _ => Error::NotFound(format!("model '{model}' has no available version yet")),
+        })
+    }
+
+    /// The status of every version of `model` (or of one version), oldest first.
+    pub fn model_status(
+        &self,
+        model: &str,
+        version: Option<i64>,
+    ) -> Result<Vec<(i64, VersionStatus)>, Error> {
+        let status = self.lock_status();
+        let versions = status
+            .get(model)
+            .ok_or_else(|| Error::NotFound(format!("model '{model}' is not served here")))?;
+        match version {
+            Some(v) => versions
+                .get(&v)
+                .map(|s| vec![(v, s.clone())])
+                .ok_or_else(|| Error::NotFound(format!("model '{model}' has no version {v}"))),
+            None if versions.is_empty() => Err(Error::NotFound(format!(
+                "model '{model}' has no versions yet"
+            ))),
+            None => Ok(versions.iter().map(|(&v, s)| (v, s.clone())).collect()),
+        }
+    }
+
+    /// Readiness: not draining, and every configured model has an AVAILABLE version.
+    pub fn readiness(&self) -> Readiness {
+        let serving = self.serving.load();
+        let status = self.lock_status();
+        let models_not_ready = status
+            .keys()
+            .filter(|name| {
+                serving
+                    .models
+                    .get(*name)
+                    .is_none_or(|m| m.versions.is_empty())
+            })
+            .cloned()
+            .collect();
+        Readiness {
+            draining: self.draining.load(Ordering::SeqCst),
+            models_not_ready,
+        }
+    }
+
+    /// Marks the server as draining: readiness turns false for good.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Names of the configured models.
+    pub fn model_names(&self) -> Vec<String> {
+        self.lock_status().keys().cloned().collect()
+    }
+
+    fn is_configured(&self, model: &str) -> bool {
+        self.lock_status().contains_key(model)
+    }
+
+    fn lock_status(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<i64, VersionStatus>>> {
+        // A poisoned lock only means a panic elsewhere while holding it; the map stays usable.
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // The writers below are for the manager only.
+
+    fn publish(&self, map: ServingMap) {
+        self.serving.store(Arc::new(map));
+    }
+
+    /// Records a version's state; ignored for a model no longer configured.
+    fn set_status(&self, model: &str, version: i64, state: VersionState, error: Option<String>) {
+        if let Some(versions) = self.lock_status().get_mut(model) {
+            versions.insert(version, VersionStatus { state, error });
+        }
+    }
+
+    fn configure_models(&self, names: &[String]) {
+        let mut status = self.lock_status();
+        status.retain(|name, _| names.contains(name));
+        for name in names {
+            status.entry(name.clone()).or_default();
+        }
+    }
+}
