@@ -1,0 +1,63 @@
+# modelgate: the two commands a newcomer needs are `make run` and `make test`.
+# Both start from a fresh clone with only cargo, python3 and pip installed.
+
+PYTHON ?= python3
+VENV := .venv
+# libtorch comes from this PyPI wheel; it must match tch's pin in Cargo.toml (tch 0.24.0 <-> torch 2.11.0).
+TORCH_VERSION := 2.11.0
+
+# Build against the venv's torch (torch-sys reads these); build.rs embeds the rpath.
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Deterministic, quiet logs in tests.
+export NO_COLOR := 1
+
+MODELS_STAMP := models/mlp/2/model.pt
+FIXTURES_STAMP := target/test-models/fixtures.config
+
+.PHONY: setup run build test unit-test python-test lint models clean
+
+## setup: create the venv (torch, the official TF Serving client) and the model repositories
+setup: $(VENV)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP)
+
+$(VENV)/.installed: tests/python/requirements.txt tests/python/requirements-nodeps.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet torch==$(TORCH_VERSION)
+	$(VENV)/bin/pip install --quiet -r tests/python/requirements.txt
+	$(VENV)/bin/pip install --quiet --no-deps -r tests/python/requirements-nodeps.txt
+	touch $@
+
+$(MODELS_STAMP): models/generate.py $(VENV)/.installed
+	$(VENV)/bin/python models/generate.py demo models
+
+$(FIXTURES_STAMP): models/generate.py $(VENV)/.installed
+	$(VENV)/bin/python models/generate.py fixtures target/test-models
+
+models: $(MODELS_STAMP) $(FIXTURES_STAMP)
+
+## run: serve the demo repository (gRPC on 8500, REST on 8501)
+run: setup
+	cargo build --release
+	./target/release/modelgate --model_config_file=models/models.config
+
+build: setup
+	cargo build --release
+
+## test: formatting, lints, Rust unit and integration tests, official-client tests
+test: setup lint unit-test python-test
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+unit-test:
+	cargo test
+
+python-test:
+	cargo build
+	MODELGATE_BIN=target/debug/modelgate $(VENV)/bin/python -m pytest -q tests/python
+
+clean:
+	cargo clean
+	rm -rf $(VENV) models/mlp
