@@ -2,18 +2,16 @@
 //! flags, and runs them until a signal. Nothing else imports it.
 
 use crate::api;
+use crate::batching::BatchingOptions;
 use crate::config::{self, ConfigError, Flags, ModelSpec};
 use crate::inference::Inference;
-use crate::registry::{Manager, ManagerConfig, Registry};
-use crate::runtime::{self, RunnerConfig};
+use crate::registry::{LoadSettings, Manager, ManagerConfig, Registry};
+use crate::runtime::{self, Device, RunnerConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
-
-/// Jobs that may wait for a model's workers before new requests are refused (UNAVAILABLE).
-const QUEUE_CAPACITY: usize = 1024;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -59,21 +57,68 @@ pub fn model_specs(flags: &Flags) -> Result<Vec<ModelSpec>, ConfigError> {
     }
 }
 
+/// The server-wide batching options (`--enable_batching`, `--batching_parameters_file`).
+pub fn batching_options(flags: &Flags) -> Result<Option<BatchingOptions>, ConfigError> {
+    if !flags.enable_batching {
+        if flags.batching_parameters_file.is_some() {
+            tracing::warn!("--batching_parameters_file has no effect without --enable_batching");
+        }
+        return Ok(None);
+    }
+    let options = match &flags.batching_parameters_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                what: path.clone(),
+                message: e.to_string(),
+            })?;
+            BatchingOptions::parse(path, &text)?
+        }
+        None => BatchingOptions::parse("defaults", "")?,
+    };
+    tracing::info!(?options, "batching enabled (effective server-wide options)");
+    Ok(Some(options))
+}
+
+/// Where and on how many threads models run, and libtorch's intra-op thread count, so
+/// that CPU workers x intra-op threads does not oversubscribe the cores.
+fn runner_config(flags: &Flags, devices: Vec<Device>) -> RunnerConfig {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let on_cpu = devices.contains(&Device::Cpu);
+    let instances_per_device = match flags.instances_per_device {
+        0 if on_cpu => cores,
+        0 => 2,
+        n => n,
+    };
+    let intra_op_threads = match flags.intra_op_threads {
+        0 if on_cpu => (cores / instances_per_device).max(1),
+        0 => cores,
+        n => n,
+    };
+    runtime::set_intra_op_threads(intra_op_threads);
+    tracing::info!(?devices, instances_per_device, intra_op_threads, "workers");
+    RunnerConfig {
+        devices,
+        instances_per_device,
+        queue_capacity: 1,
+    }
+}
+
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(flags: Flags) -> Result<(), AppError> {
     let specs = model_specs(&flags)?;
+    let batching = batching_options(&flags)?;
     let devices = runtime::resolve_devices(flags.device).map_err(AppError::Device)?;
-    let device = devices[0];
-    tracing::info!(%device, models = specs.len(), "starting modelgate");
+    tracing::info!(models = specs.len(), "starting modelgate");
 
     let registry = Registry::new();
     let (manager, _manager_handle) = Manager::new(
         Arc::clone(&registry),
         ManagerConfig {
-            runner: RunnerConfig {
-                device,
-                instances: 1,
-                queue_capacity: QUEUE_CAPACITY,
+            load: LoadSettings {
+                runner: runner_config(&flags, devices),
+                batching,
+                per_model_batching: flags.enable_per_model_batching_parameters,
+                direct_queue_capacity: flags.max_queued_requests,
             },
             poll_interval: (flags.file_system_poll_wait_seconds > 0)
                 .then(|| Duration::from_secs(flags.file_system_poll_wait_seconds)),
@@ -82,10 +127,10 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
 
     // Ports open before models load: readiness, not a closed port, says when to send traffic.
     let grpc_addr = socket_addr(&flags.bind_address, flags.port)?;
-    let grpc_incoming = TcpIncoming::bind(grpc_addr)
-        .map_err(|e| bind_error(grpc_addr, e))?
-        .with_nodelay(Some(true));
-    let grpc_local = grpc_incoming
+    let grpc_listener = TcpListener::bind(grpc_addr)
+        .await
+        .map_err(|e| bind_error(grpc_addr, e))?;
+    let grpc_local = grpc_listener
         .local_addr()
         .map_err(|e| bind_error(grpc_addr, e))?;
     tracing::info!("gRPC server listening on {grpc_local}");
@@ -93,7 +138,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
         None
     } else {
         let addr = socket_addr(&flags.bind_address, flags.rest_api_port)?;
-        let listener = tokio::net::TcpListener::bind(addr)
+        let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| bind_error(addr, e))?;
         let local = listener.local_addr().map_err(|e| bind_error(addr, e))?;
@@ -114,7 +159,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
 
     let inference = Inference::new(Arc::clone(&registry));
     let grpc = api::grpc::serve(
-        grpc_incoming,
+        grpc_listener,
         inference,
         api::grpc::GrpcOptions {
             tensor_content: flags.enable_serialization_as_tensor_content,

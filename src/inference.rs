@@ -8,6 +8,7 @@ use crate::signature::{Signature, SignatureKind};
 use crate::tensor::Tensor;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// A Predict call, decoded from either protocol.
 #[derive(Debug)]
@@ -19,6 +20,9 @@ pub struct PredictRequest {
     pub inputs: HashMap<String, Tensor>,
     /// Output names to return; empty means all.
     pub output_filter: Vec<String>,
+    /// When the client stops waiting (gRPC deadline): the request is answered
+    /// DEADLINE_EXCEEDED then, and dropped before the forward if it has not run yet.
+    pub deadline: Option<Instant>,
 }
 
 /// The answer to a Predict call: which version served it and the named outputs, in the
@@ -65,11 +69,20 @@ impl Inference {
             }
         }
         let inputs = order_inputs(signature_name, signature, request.inputs)?;
-        let output = servable
-            .runner
-            .run(Arc::from(signature.method.as_str()), inputs)
-            .await
-            .map_err(|e| run_error(&servable, e))?;
+        let batchable = signature.inputs.iter().all(|spec| spec.is_batched());
+        let run = servable.scheduler.run(
+            Arc::from(signature.method.as_str()),
+            inputs,
+            batchable,
+            request.deadline,
+        );
+        let result = match request.deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), run)
+                .await
+                .unwrap_or(Err(RunError::DeadlineExceeded)),
+            None => run.await,
+        };
+        let output = result.map_err(|e| run_error(&servable, e))?;
         let mut outputs = name_outputs(signature_name, signature, output)?;
         if !request.output_filter.is_empty() {
             outputs.retain(|(name, _)| request.output_filter.contains(name));
@@ -194,7 +207,7 @@ pub fn name_outputs(
 }
 
 fn run_error(servable: &Servable, err: RunError) -> Error {
-    match err {
+    match &err {
         RunError::QueueFull => Error::Unavailable(format!(
             "model '{}' version {} is at capacity; retry later",
             servable.model, servable.version
@@ -207,7 +220,12 @@ fn run_error(servable: &Servable, err: RunError) -> Error {
             tracing::warn!(model = %servable.model, version = servable.version, "model failed: {message}");
             Error::Internal(format!("model '{}' failed: {message}", servable.model))
         }
-        RunError::BadOutput(message) => Error::Internal(message),
+        RunError::BadOutput(message) => Error::Internal(message.clone()),
+        RunError::DeadlineExceeded => Error::DeadlineExceeded(format!(
+            "the deadline passed before model '{}' answered",
+            servable.model
+        )),
+        RunError::BatchTooLarge { .. } => Error::InvalidArgument(err.to_string()),
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod app;
+pub mod batching;
 pub mod config;
 pub mod error;
 pub mod inference;
@@ -16,4 +17,5 @@ pub mod registry;
 pub mod runtime;
 pub mod signature;
 pub mod storage;
+pub mod telemetry;
 pub mod tensor;

@@ -159,6 +159,86 @@ impl Tensor {
         self.data.len() / self.dtype.size()
     }
 
+    /// Rows along dim 0 (a scalar has none).
+    pub fn rows(&self) -> Option<usize> {
+        self.shape.first().and_then(|&d| usize::try_from(d).ok())
+    }
+
+    /// Bytes per row along dim 0.
+    fn row_bytes(&self) -> usize {
+        match self.rows() {
+            Some(rows) if rows > 0 => self.data.len() / rows,
+            _ => {
+                self.shape[1..]
+                    .iter()
+                    .map(|&d| d.max(0) as usize)
+                    .product::<usize>()
+                    * self.dtype.size()
+            }
+        }
+    }
+
+    /// Rows `start..start + len` along dim 0, sharing this tensor's bytes.
+    pub fn slice_rows(&self, start: usize, len: usize) -> Tensor {
+        let row = self.row_bytes();
+        let mut shape = self.shape.clone();
+        shape[0] = len as i64;
+        Tensor {
+            dtype: self.dtype,
+            shape,
+            data: self.data.slice(start * row..(start + len) * row),
+        }
+    }
+
+    /// Concatenates tensors along dim 0. All must share dtype and the other dims.
+    pub fn concat_rows(parts: &[&Tensor]) -> Result<Tensor, String> {
+        let first = parts.first().ok_or("nothing to concatenate")?;
+        if first.shape.is_empty() {
+            return Err("cannot concatenate scalars".into());
+        }
+        let mut rows = 0i64;
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for part in parts {
+            if part.dtype != first.dtype || part.shape.get(1..) != first.shape.get(1..) {
+                return Err(format!(
+                    "cannot concatenate {} {:?} with {} {:?}",
+                    first.dtype, first.shape, part.dtype, part.shape
+                ));
+            }
+            rows += part.shape[0];
+            data.extend_from_slice(&part.data);
+        }
+        let mut shape = first.shape.clone();
+        shape[0] = rows;
+        Ok(Tensor {
+            dtype: first.dtype,
+            shape,
+            data: Bytes::from(data),
+        })
+    }
+
+    /// Grows dim 0 to `rows` by repeating the first row (a real input, so padding cannot
+    /// make a model divide by zero where real data would not).
+    pub fn pad_rows(&self, rows: usize) -> Tensor {
+        let current = self.rows().unwrap_or(0);
+        if rows <= current || current == 0 {
+            return self.clone();
+        }
+        let row = self.row_bytes();
+        let mut data = Vec::with_capacity(rows * row);
+        data.extend_from_slice(&self.data);
+        for _ in current..rows {
+            data.extend_from_slice(&self.data[..row]);
+        }
+        let mut shape = self.shape.clone();
+        shape[0] = rows as i64;
+        Tensor {
+            dtype: self.dtype,
+            shape,
+            data: Bytes::from(data),
+        }
+    }
+
     /// Builds a tensor from typed values (test and client helper).
     pub fn from_values<T: Element>(shape: Vec<i64>, values: &[T]) -> Result<Tensor, TensorError> {
         let mut data = Vec::with_capacity(values.len() * T::DTYPE.size());
@@ -250,6 +330,28 @@ mod tests {
             num_elements(&[i64::MAX, i64::MAX]),
             Err(TensorError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn rows_concat_pad_and_slice() {
+        let a = Tensor::from_values(vec![2, 2], &[1i32, 2, 3, 4]).unwrap();
+        let b = Tensor::from_values(vec![1, 2], &[5i32, 6]).unwrap();
+        let ab = Tensor::concat_rows(&[&a, &b]).unwrap();
+        assert_eq!(ab.shape, vec![3, 2]);
+        assert_eq!(ab.to_values::<i32>().unwrap(), vec![1, 2, 3, 4, 5, 6]);
+        let padded = ab.pad_rows(5);
+        assert_eq!(padded.shape, vec![5, 2]);
+        assert_eq!(
+            padded.to_values::<i32>().unwrap(),
+            vec![1, 2, 3, 4, 5, 6, 1, 2, 1, 2]
+        );
+        assert_eq!(padded.slice_rows(2, 1), b);
+        assert_eq!(padded.slice_rows(0, 2), a);
+        let other = Tensor::from_values(vec![1, 3], &[0i32, 0, 0]).unwrap();
+        assert!(Tensor::concat_rows(&[&a, &other]).is_err());
+        let empty = Tensor::from_values(vec![0, 2], &[] as &[i32]).unwrap();
+        assert_eq!(Tensor::concat_rows(&[&empty, &b]).unwrap(), b);
+        assert_eq!(empty.slice_rows(0, 0).shape, vec![0, 2]);
     }
 
     #[test]

@@ -137,6 +137,21 @@ pub struct Flags {
     /// Where models run: auto, cpu, cuda, cuda:N.
     #[arg(long = "device", default_value = "auto")]
     pub device: DeviceFlag,
+
+    /// Worker threads per device for each model version; 0 = the number of CPU cores on
+    /// the CPU, 2 per GPU. A model's batching num_batch_threads overrides it (modelgate's own).
+    #[arg(long = "instances_per_device", default_value_t = 0)]
+    pub instances_per_device: usize,
+
+    /// libtorch intra-op threads; 0 = cores / CPU workers, so that workers x threads does
+    /// not oversubscribe the cores (modelgate's own).
+    #[arg(long = "intra_op_threads", default_value_t = 0)]
+    pub intra_op_threads: usize,
+
+    /// Without batching, requests that may wait for a model's workers before new ones are
+    /// answered UNAVAILABLE (modelgate's own).
+    #[arg(long = "max_queued_requests", default_value_t = 1024)]
+    pub max_queued_requests: usize,
 }
 
 /// Parses the command line, first setting aside (with a warning each) the TF Serving flags

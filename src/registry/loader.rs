@@ -2,6 +2,8 @@
 //! and warm it up. Blocking; the manager runs it on a blocking thread.
 
 use super::Servable;
+use crate::batching::{BatchingOptions, Scheduler, BATCHING_PARAMS_FILE};
+use crate::config::ConfigError;
 use crate::runtime::{ModelRunner, RunnerConfig};
 use crate::signature::{SignatureError, SignatureMap};
 use crate::storage::{MODEL_FILE, SAVED_MODEL_FILES, SIGNATURE_FILE};
@@ -23,6 +25,20 @@ pub enum VersionLoadError {
     WarmUp { signature: String, message: String },
     #[error("cannot read {path}: {message}")]
     Io { path: String, message: String },
+    #[error(transparent)]
+    Batching(#[from] ConfigError),
+}
+
+/// How every version is loaded: where it runs and how its requests are scheduled.
+#[derive(Clone, Debug)]
+pub struct LoadSettings {
+    pub runner: RunnerConfig,
+    /// `--enable_batching`: the server-wide options (`None` = run requests one by one).
+    pub batching: Option<BatchingOptions>,
+    /// `--enable_per_model_batching_parameters`: a version's batching_params.pbtxt wins.
+    pub per_model_batching: bool,
+    /// Without batching, requests that may wait for a worker before new ones are refused.
+    pub direct_queue_capacity: usize,
 }
 
 /// Loads the version in `dir`: signatures from `signature.json` or, when that file is
@@ -31,7 +47,7 @@ pub fn load_version(
     model: &str,
     version: i64,
     dir: &Path,
-    runner: RunnerConfig,
+    settings: &LoadSettings,
 ) -> Result<Servable, VersionLoadError> {
     let model_path = dir.join(MODEL_FILE);
     if !model_path.is_file() {
@@ -48,15 +64,52 @@ pub fn load_version(
         }));
     }
     let signatures = read_signatures(dir, &model_path)?;
-    let runner = ModelRunner::load(&model_path, model, runner)?;
+    let batching = batching_options(dir, settings)?;
+    let mut runner_config = settings.runner.clone();
+    match &batching {
+        Some(options) => {
+            // A batch waits for a free worker in a channel of one, so that a busy device
+            // pushes back on the former and batches grow instead of queues.
+            runner_config.queue_capacity = 1;
+            if let Some(threads) = options.num_batch_threads {
+                runner_config.instances_per_device = threads;
+            }
+            tracing::info!(model, version, ?options, "batching");
+        }
+        None => runner_config.queue_capacity = settings.direct_queue_capacity,
+    }
+    let runner = ModelRunner::load(&model_path, model, version, &runner_config)?;
     let servable = Servable {
         model: model.to_string(),
         version,
         signatures,
-        runner,
+        scheduler: Scheduler::new(runner, batching, model, version),
     };
     warm_up(&servable)?;
     Ok(servable)
+}
+
+/// The version's own batching_params.pbtxt when per-model parameters are on and it has one,
+/// else the server-wide options.
+fn batching_options(
+    dir: &Path,
+    settings: &LoadSettings,
+) -> Result<Option<BatchingOptions>, VersionLoadError> {
+    let Some(global) = &settings.batching else {
+        return Ok(None);
+    };
+    let path = dir.join(BATCHING_PARAMS_FILE);
+    if !settings.per_model_batching || !path.is_file() {
+        return Ok(Some(global.clone()));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| VersionLoadError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(Some(BatchingOptions::parse(
+        &path.display().to_string(),
+        &text,
+    )?))
 }
 
 fn read_signatures(dir: &Path, model_path: &Path) -> Result<SignatureMap, VersionLoadError> {
@@ -128,7 +181,8 @@ fn warm_up(servable: &Servable) -> Result<(), VersionLoadError> {
             continue; // an input of unknown rank: nothing sensible to build
         };
         let result = servable
-            .runner
+            .scheduler
+            .runner()
             .run_blocking(Arc::from(signature.method.as_str()), inputs);
         match result {
             Ok(_) => {}

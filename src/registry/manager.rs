@@ -4,9 +4,9 @@
 //! [`ServingMap`](super::ServingMap) after every change.
 
 use super::loader::load_version;
+use super::LoadSettings;
 use super::{Registry, Servable, ServingMap, ServingModel, VersionState};
 use crate::config::{ModelSpec, Platform};
-use crate::runtime::RunnerConfig;
 use crate::storage::BasePath;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 /// How the manager runs.
 #[derive(Clone, Debug)]
 pub struct ManagerConfig {
-    pub runner: RunnerConfig,
+    pub load: LoadSettings,
     /// How often to look for new and removed versions; `None` = only when the config changes.
     pub poll_interval: Option<Duration>,
 }
@@ -230,9 +230,9 @@ impl Manager {
         let started = std::time::Instant::now();
         let result = match model.base.localize(version).await {
             Ok(dir) => {
-                let (model_name, runner) = (name.to_string(), self.config.runner);
+                let (model_name, settings) = (name.to_string(), self.config.load.clone());
                 tokio::task::spawn_blocking(move || {
-                    load_version(&model_name, version, &dir, runner)
+                    load_version(&model_name, version, &dir, &settings)
                 })
                 .await
                 .unwrap_or_else(|e| {

@@ -8,11 +8,11 @@
 mod loader;
 mod manager;
 
-pub use loader::VersionLoadError;
+pub use loader::{LoadSettings, VersionLoadError};
 pub use manager::{Manager, ManagerConfig, ManagerHandle};
 
+use crate::batching::Scheduler;
 use crate::error::Error;
-use crate::runtime::ModelRunner;
 use crate::signature::SignatureMap;
 use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};
@@ -24,7 +24,7 @@ pub struct Servable {
     pub model: String,
     pub version: i64,
     pub signatures: SignatureMap,
-    pub runner: ModelRunner,
+    pub scheduler: Scheduler,
 }
 
 /// Which version a request asks for.

@@ -7,7 +7,7 @@
 mod convert;
 mod worker;
 
-pub use worker::{ModelRunner, RunnerConfig};
+pub use worker::{Batch, Job, JobResult, ModelRunner, RunnerConfig};
 
 use crate::config::DeviceFlag;
 use crate::tensor::Tensor;
@@ -60,6 +60,11 @@ pub fn resolve_devices(flag: DeviceFlag) -> Result<Vec<Device>, String> {
     }
 }
 
+/// Sets libtorch's intra-op thread pool size (process-wide).
+pub fn set_intra_op_threads(threads: usize) {
+    tch::set_num_threads(i32::try_from(threads).unwrap_or(i32::MAX));
+}
+
 /// What a TorchScript method returned, before it is matched to a signature's outputs.
 #[derive(Debug)]
 pub enum ModelOutput {
@@ -94,6 +99,12 @@ pub enum RunError {
     /// The workers stopped (the version is being unloaded) before answering.
     #[error("the model's workers stopped before answering")]
     Stopped,
+    /// A request larger than the batch size while large-batch splitting is off.
+    #[error("the request has {rows} rows, more than the batch size {limit} (enable_large_batch_splitting splits such requests)")]
+    BatchTooLarge { rows: usize, limit: usize },
+    /// The job's deadline passed before a worker reached it; it did not run.
+    #[error("the deadline passed before the model ran")]
+    DeadlineExceeded,
 }
 
 /// Cuts libtorch's message down to what a client can use: TorchScript tracebacks keep

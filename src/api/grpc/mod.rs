@@ -11,13 +11,14 @@ use crate::proto::serving::model_service_server::ModelServiceServer;
 use crate::proto::serving::prediction_service_server::PredictionServiceServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::registry::Registry;
+use axum::serve::ListenerExt;
 use model_service::ModelServiceApi;
 use prediction::PredictionApi;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 /// The service names gRPC health answers for: overall (""), then TF Serving's full and
@@ -39,12 +40,17 @@ pub struct GrpcOptions {
     pub max_message_bytes: usize,
 }
 
-/// Serves gRPC on `incoming` until `shutdown` resolves, then lets calls in flight finish.
+/// Serves gRPC on `listener` until `shutdown` resolves, then lets calls in flight finish.
+///
+/// The services are served through axum rather than tonic's own transport: tonic's
+/// transport enforces `grpc-timeout` itself and answers CANCELLED, while TF Serving (and
+/// DESIGN.md) answer DEADLINE_EXCEEDED and drop the request before it reaches the model,
+/// which the handlers do from the same header.
 pub async fn serve(
-    incoming: TcpIncoming,
+    listener: TcpListener,
     inference: Inference,
     options: GrpcOptions,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let registry = Arc::clone(inference.registry());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -69,15 +75,20 @@ pub async fn serve(
         .max_encoding_message_size(limit)
         .accept_compressed(CompressionEncoding::Gzip);
 
-    tonic::transport::Server::builder()
-        .add_service(prediction)
+    let router = tonic::service::Routes::new(prediction)
         .add_service(model_service)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
-    Ok(())
+        .into_axum_router();
+    let listener = listener.tap_io(|tcp| {
+        // Small unary calls: do not let Nagle hold back the response.
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServeError::Io)
 }
 
 /// Why the gRPC server stopped with an error.
@@ -86,7 +97,7 @@ pub enum ServeError {
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
-    Transport(#[from] tonic::transport::Error),
+    Io(std::io::Error),
 }
 
 /// Keeps grpc.health.v1 in step with readiness: SERVING once every configured model has

@@ -12,6 +12,7 @@ use crate::proto::serving::{
 };
 use crate::registry::VersionSelector;
 use prost::Message;
+use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 
 /// The one metadata field TF Serving serves.
@@ -57,6 +58,27 @@ pub(super) fn served_spec(model: &str, version: i64, signature: &str) -> ModelSp
     }
 }
 
+/// The deadline a client set with the `grpc-timeout` header (gRPC over HTTP/2: up to eight
+/// digits and a unit, H M S m u n), counted from now.
+pub(super) fn deadline<T>(request: &Request<T>) -> Option<Instant> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    };
+    Instant::now().checked_add(timeout)
+}
+
 fn unimplemented(call: &str) -> Status {
     Error::Unimplemented(format!(
         "{call} is not implemented by this modelgate release"
@@ -70,6 +92,7 @@ impl PredictionService for PredictionApi {
         &self,
         request: Request<PredictRequest>,
     ) -> Result<Response<PredictResponse>, Status> {
+        let deadline = deadline(&request);
         let request = request.into_inner();
         let (model, version) = model_and_version(request.model_spec.as_ref())?;
         let inputs = request
@@ -93,6 +116,7 @@ impl PredictionService for PredictionApi {
                 signature,
                 inputs,
                 output_filter: request.output_filter,
+                deadline,
             })
             .await?;
         let as_content = self.options.tensor_content;

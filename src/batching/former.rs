@@ -1,0 +1,130 @@
+//! The batch former: one task per batched model version that owns the open batches.
+
+use super::{BatchKey, QueueState, Queued};
+use crate::runtime::{Batch, Job, ModelRunner, RunError};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+struct OpenBatch {
+    key: BatchKey,
+    jobs: Vec<Job>,
+    rows: usize,
+    /// Queue room its jobs hold (at least one row each), released when handed over.
+    reserved: usize,
+    /// When its first request was queued: the batch closes `batch_timeout` after.
+    oldest: Instant,
+    /// Closed early: full, or the next request of its key did not fit.
+    closed: bool,
+}
+
+/// Collects queued requests into batches and hands each closed batch to the workers,
+/// waiting while they are all busy (so a busy device makes batches grow rather than
+/// queues lengthen). Ends, after flushing, when every scheduler handle is gone.
+pub(super) async fn form_batches(
+    mut queue: mpsc::UnboundedReceiver<Queued>,
+    runner: Arc<ModelRunner>,
+    state: Arc<QueueState>,
+) {
+    let max_rows = state.options.execution_batch_size();
+    let timeout = state.options.batch_timeout;
+    let allowed_sizes: Arc<[usize]> = Arc::from(state.options.allowed_batch_sizes.as_slice());
+    let mut open: Vec<OpenBatch> = Vec::new();
+    let mut draining = false;
+    loop {
+        let next_close = open.iter().map(|b| b.oldest + timeout).min();
+        tokio::select! {
+            received = queue.recv(), if !draining => match received {
+                Some(queued) => {
+                    place(&mut open, queued, max_rows);
+                    // Take everything already waiting before deciding what is due.
+                    while let Ok(queued) = queue.try_recv() {
+                        place(&mut open, queued, max_rows);
+                    }
+                }
+                None => draining = true,
+            },
+            () = sleep_until(next_close), if next_close.is_some() => {}
+            else => {}
+        }
+        let now = Instant::now();
+        let (mut due, waiting): (Vec<OpenBatch>, Vec<OpenBatch>) = open
+            .into_iter()
+            .partition(|b| draining || b.closed || b.oldest + timeout <= now);
+        open = waiting;
+        due.sort_by_key(|b| b.oldest);
+        for batch in due {
+            hand_over(&runner, &state, batch, &allowed_sizes).await;
+        }
+        if draining && open.is_empty() {
+            return;
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Adds a request to the open batch of its key, starting a new batch when there is none or
+/// it would overflow (the old one then closes).
+fn place(open: &mut Vec<OpenBatch>, queued: Queued, max_rows: usize) {
+    let Queued {
+        job,
+        key,
+        rows,
+        enqueued,
+    } = queued;
+    if key != BatchKey::Alone {
+        if let Some(batch) = open.iter_mut().find(|b| b.key == key && !b.closed) {
+            if batch.rows + rows <= max_rows {
+                batch.jobs.push(job);
+                batch.rows += rows;
+                batch.reserved += rows.max(1);
+                batch.closed = batch.rows >= max_rows;
+                return;
+            }
+            batch.closed = true;
+        }
+    }
+    open.push(OpenBatch {
+        closed: key == BatchKey::Alone || rows >= max_rows,
+        key,
+        jobs: vec![job],
+        rows,
+        reserved: rows.max(1),
+        oldest: enqueued,
+    });
+}
+
+/// Releases the batch's room in the queue and gives it to the workers, answering the jobs
+/// that no longer need to run.
+async fn hand_over(
+    runner: &ModelRunner,
+    state: &QueueState,
+    batch: OpenBatch,
+    allowed_sizes: &Arc<[usize]>,
+) {
+    let released = batch.jobs.len();
+    state
+        .queued_rows
+        .fetch_sub(batch.reserved, Ordering::SeqCst);
+    let depth = state.queued_jobs.fetch_sub(released, Ordering::SeqCst) - released;
+    state.queue_depth.set(depth as f64);
+    let now = Instant::now();
+    let delay = now.saturating_duration_since(batch.oldest).as_secs_f64();
+    for _ in 0..released {
+        state.queue_delay.record(delay);
+    }
+    let batch = Batch {
+        jobs: batch.jobs,
+        allowed_sizes: Arc::clone(allowed_sizes),
+    };
+    if let Err(RunError::Stopped) = runner.submit(batch).await {
+        // The workers are gone (unloading); the jobs' callers see their channels close.
+    }
+}

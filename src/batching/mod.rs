@@ -1,0 +1,343 @@
+//! Server-side batching (TF Serving's BatchingParameters): per model version, a bounded
+//! queue and a batch former that closes a batch when it is full or when its oldest request
+//! has waited `batch_timeout_micros`, then hands it to the version's workers.
+//!
+//! Without batching, the [`Scheduler`] hands each request to the workers on its own.
+
+mod former;
+mod options;
+
+pub use options::{BatchingOptions, BATCHING_PARAMS_FILE};
+
+use crate::runtime::{Batch, Job, JobResult, ModelOutput, ModelRunner, RunError};
+use crate::tensor::{DType, Tensor};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// What makes requests mixable in one batch: the same method and, per input, the same
+/// dtype and the same dims after the batch dim.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum BatchKey {
+    /// A request that cannot share a forward (its signature has an unbatched input).
+    Alone,
+    Shape {
+        method: Arc<str>,
+        inputs: Vec<(DType, Vec<i64>)>,
+    },
+}
+
+impl BatchKey {
+    fn of(job: &Job, batchable: bool) -> BatchKey {
+        if !batchable || job.inputs.iter().any(|t| t.shape.is_empty()) {
+            return BatchKey::Alone;
+        }
+        BatchKey::Shape {
+            method: Arc::clone(&job.method),
+            inputs: job
+                .inputs
+                .iter()
+                .map(|t| (t.dtype, t.shape[1..].to_vec()))
+                .collect(),
+        }
+    }
+}
+
+/// A job in the queue, with what the former needs to place it.
+pub(crate) struct Queued {
+    job: Job,
+    key: BatchKey,
+    rows: usize,
+    enqueued: Instant,
+}
+
+/// State shared by the schedulers of one version and its batch former.
+pub(crate) struct QueueState {
+    options: BatchingOptions,
+    /// Rows waiting in the queue; bounded by `max_enqueued_batches * max_batch_size`.
+    queued_rows: AtomicUsize,
+    queued_jobs: AtomicUsize,
+    queue_depth: metrics::Gauge,
+    queue_delay: metrics::Histogram,
+    rejected_full: metrics::Counter,
+}
+
+enum Mode {
+    /// Each request runs alone, queued for the workers (bounded).
+    Direct,
+    Batching {
+        jobs: mpsc::UnboundedSender<Queued>,
+        state: Arc<QueueState>,
+    },
+}
+
+/// Runs a version's requests, alone or in batches. Dropping it stops the batch former
+/// once the queue is empty, and with it the workers.
+pub struct Scheduler {
+    runner: Arc<ModelRunner>,
+    mode: Mode,
+    rejected_full: metrics::Counter,
+}
+
+impl Scheduler {
+    /// Wraps the workers of one version; with `batching`, starts its batch former on the
+    /// current tokio runtime.
+    pub fn new(
+        runner: ModelRunner,
+        batching: Option<BatchingOptions>,
+        model: &str,
+        version: i64,
+    ) -> Scheduler {
+        let labels = [
+            ("model", model.to_string()),
+            ("version", version.to_string()),
+        ];
+        let mut full_labels = labels.to_vec();
+        full_labels.push(("reason", "queue_full".to_string()));
+        let rejected_full = metrics::counter!(crate::telemetry::REJECTED_REQUESTS, &full_labels);
+        let runner = Arc::new(runner);
+        let mode = match batching {
+            None => Mode::Direct,
+            Some(options) => {
+                let state = Arc::new(QueueState {
+                    options,
+                    queued_rows: AtomicUsize::new(0),
+                    queued_jobs: AtomicUsize::new(0),
+                    queue_depth: metrics::gauge!(crate::telemetry::QUEUE_DEPTH, &labels),
+                    queue_delay: metrics::histogram!(crate::telemetry::QUEUE_DELAY, &labels),
+                    rejected_full: rejected_full.clone(),
+                });
+                let (jobs, queue) = mpsc::unbounded_channel();
+                tokio::spawn(former::form_batches(
+                    queue,
+                    Arc::clone(&runner),
+                    Arc::clone(&state),
+                ));
+                Mode::Batching { jobs, state }
+            }
+        };
+        Scheduler {
+            runner,
+            mode,
+            rejected_full,
+        }
+    }
+
+    pub fn runner(&self) -> &ModelRunner {
+        &self.runner
+    }
+
+    /// Whether requests are batched.
+    pub fn batching(&self) -> Option<&BatchingOptions> {
+        match &self.mode {
+            Mode::Direct => None,
+            Mode::Batching { state, .. } => Some(&state.options),
+        }
+    }
+
+    /// Runs `method` on `inputs` (positional) and returns this request's own result.
+    /// `batchable`: every input carries the batch along dim 0, so the request may share a
+    /// forward with others. Refuses at once when the queue is full.
+    pub async fn run(
+        &self,
+        method: Arc<str>,
+        inputs: Vec<Tensor>,
+        batchable: bool,
+        deadline: Option<Instant>,
+    ) -> Result<ModelOutput, RunError> {
+        match &self.mode {
+            Mode::Direct => {
+                let (job, result) = Job::new(method, inputs, deadline);
+                if let Err(e) = self.runner.try_submit(Batch::single(job)) {
+                    if e == RunError::QueueFull {
+                        self.rejected_full.increment(1);
+                    }
+                    return Err(e);
+                }
+                wait(result).await
+            }
+            Mode::Batching { jobs, state } => {
+                let rows = inputs.first().and_then(Tensor::rows).unwrap_or(0);
+                let limit = state.options.execution_batch_size();
+                if !batchable || rows <= limit {
+                    let (job, result) = Job::new(method, inputs, deadline);
+                    let key = BatchKey::of(&job, batchable);
+                    enqueue(jobs, state, job, key, rows)?;
+                    return wait(result).await;
+                }
+                if !state.options.enable_large_batch_splitting {
+                    return Err(RunError::BatchTooLarge { rows, limit });
+                }
+                // Split into chunks of at most `limit` rows, queue them all, reassemble.
+                let mut results = Vec::with_capacity(rows.div_ceil(limit));
+                reserve(state, rows)?; // chunks have at least one row each: they give back exactly `rows`
+                for start in (0..rows).step_by(limit) {
+                    let len = limit.min(rows - start);
+                    let chunk = inputs.iter().map(|t| t.slice_rows(start, len)).collect();
+                    let (job, result) = Job::new(Arc::clone(&method), chunk, deadline);
+                    let key = BatchKey::of(&job, true);
+                    send(jobs, state, job, key, len)?;
+                    results.push(result);
+                }
+                let mut parts = Vec::with_capacity(results.len());
+                for result in results {
+                    parts.push(wait(result).await?);
+                }
+                concat_outputs(parts)
+            }
+        }
+    }
+}
+
+async fn wait(result: JobResult) -> Result<ModelOutput, RunError> {
+    result.await.map_err(|_| RunError::Stopped)?
+}
+
+fn enqueue(
+    jobs: &mpsc::UnboundedSender<Queued>,
+    state: &QueueState,
+    job: Job,
+    key: BatchKey,
+    rows: usize,
+) -> Result<(), RunError> {
+    reserve(state, rows.max(1))?;
+    send(jobs, state, job, key, rows)
+}
+
+/// Takes room for `rows` in the queue, or refuses: memory stays bounded under any load.
+fn reserve(state: &QueueState, rows: usize) -> Result<(), RunError> {
+    let limit = state.options.queue_capacity_rows();
+    let before = state.queued_rows.fetch_add(rows, Ordering::SeqCst);
+    if before + rows > limit {
+        state.queued_rows.fetch_sub(rows, Ordering::SeqCst);
+        state.rejected_full.increment(1);
+        return Err(RunError::QueueFull);
+    }
+    Ok(())
+}
+
+fn send(
+    jobs: &mpsc::UnboundedSender<Queued>,
+    state: &QueueState,
+    job: Job,
+    key: BatchKey,
+    rows: usize,
+) -> Result<(), RunError> {
+    let depth = state.queued_jobs.fetch_add(1, Ordering::SeqCst) + 1;
+    state.queue_depth.set(depth as f64);
+    jobs.send(Queued {
+        job,
+        key,
+        rows,
+        enqueued: Instant::now(),
+    })
+    .map_err(|_| RunError::Stopped)
+}
+
+/// Reassembles the results of a split request, in order.
+fn concat_outputs(parts: Vec<ModelOutput>) -> Result<ModelOutput, RunError> {
+    let concat = |tensors: Vec<&Tensor>| Tensor::concat_rows(&tensors).map_err(RunError::BadOutput);
+    let mut parts = parts.into_iter();
+    let first = parts.next().ok_or(RunError::Stopped)?;
+    let rest: Vec<ModelOutput> = parts.collect();
+    let mismatch =
+        || RunError::BadOutput("the parts of a split request returned different outputs".into());
+    Ok(match &first {
+        ModelOutput::Tensor(t) => {
+            let mut all = vec![t];
+            for part in &rest {
+                match part {
+                    ModelOutput::Tensor(t) => all.push(t),
+                    _ => return Err(mismatch()),
+                }
+            }
+            ModelOutput::Tensor(concat(all)?)
+        }
+        ModelOutput::Sequence(first_items) => {
+            let mut joined = Vec::with_capacity(first_items.len());
+            for (i, item) in first_items.iter().enumerate() {
+                let mut all = vec![item];
+                for part in &rest {
+                    match part {
+                        ModelOutput::Sequence(items) if items.len() == first_items.len() => {
+                            all.push(&items[i])
+                        }
+                        _ => return Err(mismatch()),
+                    }
+                }
+                joined.push(concat(all)?);
+            }
+            ModelOutput::Sequence(joined)
+        }
+        ModelOutput::Dict(first_entries) => {
+            let mut joined = Vec::with_capacity(first_entries.len());
+            for (name, tensor) in first_entries {
+                let mut all = vec![tensor];
+                for part in &rest {
+                    let ModelOutput::Dict(entries) = part else {
+                        return Err(mismatch());
+                    };
+                    let (_, t) = entries
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .ok_or_else(mismatch)?;
+                    all.push(t);
+                }
+                joined.push((name.clone(), concat(all)?));
+            }
+            ModelOutput::Dict(joined)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(rows: &[f32]) -> Tensor {
+        Tensor::from_values(vec![rows.len() as i64, 1], rows).unwrap()
+    }
+
+    #[test]
+    fn split_results_reassemble_in_order() {
+        let parts = vec![
+            ModelOutput::Dict(vec![
+                ("y".into(), t(&[1.0, 2.0])),
+                ("z".into(), t(&[0.0, 0.0])),
+            ]),
+            ModelOutput::Dict(vec![("z".into(), t(&[1.0])), ("y".into(), t(&[3.0]))]),
+        ];
+        let ModelOutput::Dict(joined) = concat_outputs(parts).unwrap() else {
+            panic!("dict expected")
+        };
+        assert_eq!(joined[0], ("y".to_string(), t(&[1.0, 2.0, 3.0])));
+        assert_eq!(joined[1], ("z".to_string(), t(&[0.0, 0.0, 1.0])));
+        let mixed = vec![
+            ModelOutput::Tensor(t(&[1.0])),
+            ModelOutput::Sequence(vec![t(&[2.0])]),
+        ];
+        assert!(concat_outputs(mixed).is_err());
+    }
+
+    #[test]
+    fn batch_keys_separate_shapes_and_methods() {
+        let job = |method: &str, cols: i64| {
+            let tensor = Tensor::zeros(DType::F32, vec![2, cols]).unwrap();
+            Job::new(Arc::from(method), vec![tensor], None).0
+        };
+        assert_eq!(
+            BatchKey::of(&job("forward", 3), true),
+            BatchKey::of(&job("forward", 3), true)
+        );
+        assert_ne!(
+            BatchKey::of(&job("forward", 3), true),
+            BatchKey::of(&job("forward", 4), true)
+        );
+        assert_ne!(
+            BatchKey::of(&job("forward", 3), true),
+            BatchKey::of(&job("classify", 3), true)
+        );
+        assert_eq!(BatchKey::of(&job("forward", 3), false), BatchKey::Alone);
+    }
+}

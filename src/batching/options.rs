@@ -1,0 +1,167 @@
+//! BatchingParameters (TF Serving's text format) resolved into effective options, with TF
+//! Serving's defaults where a field is unset.
+
+use crate::config::{parse_text_format, ConfigError};
+use crate::proto::serving::BatchingParameters;
+use std::time::Duration;
+
+/// The per-model override read from a version directory with
+/// `--enable_per_model_batching_parameters`.
+pub const BATCHING_PARAMS_FILE: &str = "batching_params.pbtxt";
+
+// TF Serving's defaults (BasicBatchScheduler::Options).
+const DEFAULT_MAX_BATCH_SIZE: usize = 1000;
+const DEFAULT_MAX_ENQUEUED_BATCHES: usize = 10;
+
+/// Effective batching options of one model version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchingOptions {
+    /// Most rows in one executed batch (without splitting, also the most rows a request
+    /// may carry).
+    pub max_batch_size: usize,
+    /// A batch closes once its oldest request has waited this long.
+    pub batch_timeout: Duration,
+    /// Queue bound, in batches of `max_batch_size` rows; a full queue refuses requests.
+    pub max_enqueued_batches: usize,
+    /// Worker threads per device for this model (TF's batch threads); `None` = the server's
+    /// `--instances_per_device`.
+    pub num_batch_threads: Option<usize>,
+    /// Ascending sizes a batch is padded up to; the last equals the execution batch size.
+    pub allowed_batch_sizes: Vec<usize>,
+    /// Split requests larger than the execution batch size across batches.
+    pub enable_large_batch_splitting: bool,
+    /// With splitting, the most rows in one executed batch (default `max_batch_size`).
+    pub max_execution_batch_size: Option<usize>,
+}
+
+impl BatchingOptions {
+    /// Parses BatchingParameters text; `what` names the file in errors.
+    pub fn parse(what: &str, text: &str) -> Result<BatchingOptions, ConfigError> {
+        let params: BatchingParameters =
+            parse_text_format("tensorflow.serving.BatchingParameters", what, text)?;
+        BatchingOptions::from_params(&params)
+            .map_err(|e| ConfigError::Invalid(format!("{what}: {e}")))
+    }
+
+    /// Applies TF Serving's defaults and checks the values fit together.
+    pub fn from_params(params: &BatchingParameters) -> Result<BatchingOptions, String> {
+        let positive = |name: &str, value: Option<i64>, default: usize| -> Result<usize, String> {
+            match value {
+                None => Ok(default),
+                Some(v) if v > 0 => usize::try_from(v).map_err(|_| format!("{name} is too large")),
+                Some(v) => Err(format!("{name} must be positive, got {v}")),
+            }
+        };
+        let max_batch_size = positive(
+            "max_batch_size",
+            params.max_batch_size,
+            DEFAULT_MAX_BATCH_SIZE,
+        )?;
+        let timeout_micros = params.batch_timeout_micros.unwrap_or(0);
+        if timeout_micros < 0 {
+            return Err(format!(
+                "batch_timeout_micros must not be negative, got {timeout_micros}"
+            ));
+        }
+        let max_enqueued_batches = positive(
+            "max_enqueued_batches",
+            params.max_enqueued_batches,
+            DEFAULT_MAX_ENQUEUED_BATCHES,
+        )?;
+        let num_batch_threads = params
+            .num_batch_threads
+            .map(|n| positive("num_batch_threads", Some(n), 1))
+            .transpose()?;
+        let enable_large_batch_splitting = params.enable_large_batch_splitting.unwrap_or(false);
+        let max_execution_batch_size = params
+            .max_execution_batch_size
+            .map(|n| positive("max_execution_batch_size", Some(n), 1))
+            .transpose()?;
+        let options = BatchingOptions {
+            max_batch_size,
+            batch_timeout: Duration::from_micros(timeout_micros as u64),
+            max_enqueued_batches,
+            num_batch_threads,
+            allowed_batch_sizes: Vec::new(),
+            enable_large_batch_splitting,
+            max_execution_batch_size,
+        };
+        let execution = options.execution_batch_size();
+        let mut allowed = Vec::with_capacity(params.allowed_batch_sizes.len());
+        for &size in &params.allowed_batch_sizes {
+            let size = positive("allowed_batch_sizes entry", Some(size), 1)?;
+            if allowed.last().is_some_and(|&last| size <= last) {
+                return Err("allowed_batch_sizes must be strictly ascending".into());
+            }
+            allowed.push(size);
+        }
+        if allowed.last().is_some_and(|&last| last != execution) {
+            return Err(format!(
+                "the last of allowed_batch_sizes must equal the batch size ({execution}), as in TF Serving"
+            ));
+        }
+        Ok(BatchingOptions {
+            allowed_batch_sizes: allowed,
+            ..options
+        })
+    }
+
+    /// The most rows one executed batch holds.
+    pub fn execution_batch_size(&self) -> usize {
+        match self.max_execution_batch_size {
+            Some(size) if self.enable_large_batch_splitting => size,
+            _ => self.max_batch_size,
+        }
+    }
+
+    /// How many rows may wait in the queue.
+    pub fn queue_capacity_rows(&self) -> usize {
+        self.max_enqueued_batches
+            .saturating_mul(self.max_batch_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unset_fields_take_tf_serving_defaults() {
+        let options = BatchingOptions::parse("b", "").unwrap();
+        assert_eq!(options.max_batch_size, 1000);
+        assert_eq!(options.batch_timeout, Duration::ZERO);
+        assert_eq!(options.max_enqueued_batches, 10);
+        assert_eq!(options.num_batch_threads, None);
+        assert!(!options.enable_large_batch_splitting);
+        assert_eq!(options.queue_capacity_rows(), 10_000);
+    }
+
+    #[test]
+    fn parses_tf_serving_text() {
+        let text = "max_batch_size { value: 8 }\nbatch_timeout_micros { value: 2000 }\n\
+                    max_enqueued_batches { value: 4 }\nnum_batch_threads { value: 2 }\n\
+                    allowed_batch_sizes: 2\nallowed_batch_sizes: 4\nallowed_batch_sizes: 8\n\
+                    enable_large_batch_splitting { value: true }";
+        let options = BatchingOptions::parse("b", text).unwrap();
+        assert_eq!(options.max_batch_size, 8);
+        assert_eq!(options.batch_timeout, Duration::from_micros(2000));
+        assert_eq!(options.num_batch_threads, Some(2));
+        assert_eq!(options.allowed_batch_sizes, vec![2, 4, 8]);
+        assert!(options.enable_large_batch_splitting);
+        assert_eq!(options.execution_batch_size(), 8);
+    }
+
+    #[test]
+    fn refuses_inconsistent_values() {
+        for (text, needle) in [
+            ("max_batch_size { value: 0 }", "max_batch_size must be positive"),
+            ("max_batch_size { value: 8 } allowed_batch_sizes: 4", "must equal the batch size (8)"),
+            ("max_batch_size { value: 8 } allowed_batch_sizes: 4 allowed_batch_sizes: 2 allowed_batch_sizes: 8", "ascending"),
+            ("batch_timeout_micros { value: -1 }", "negative"),
+            ("max_batch_sise { value: 1 }", "max_batch_sise"),
+        ] {
+            let err = BatchingOptions::parse("batching.config", text).unwrap_err().to_string();
+            assert!(err.contains(needle) && err.contains("batching.config"), "{err}");
+        }
+    }
+}
