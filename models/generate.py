@@ -120,6 +120,30 @@ class Faulty(torch.nn.Module):
 class Multi(torch.nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Dict[str, Tensor]:
         return {"sum": a + b, "product": a * b}
+
+
+class Counter(torch.nn.Module):
+    """y = 2 * x[:, :1]. Counts its forwards (read with the `count` method), and is busy
+    for max(x[:, 1]) rounds of a 128x128 matmul, so tests can hold a worker."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("identity", torch.eye(128))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        rounds = 0
+        if x.size(0) > 0:
+            rounds = int(x[:, 1].max().item())
+        h = torch.ones(128, 128)
+        for _ in range(rounds):
+            h = h @ self.identity
+        return x[:, :1] * 2.0 + (h[0, 0] - 1.0)
+
+    @torch.jit.export
+    def count(self, x: Tensor) -> Tensor:
+        return self.calls.clone()
 '''
 
 
@@ -209,6 +233,10 @@ SCALED_SIGNATURES = {
 }
 FAULTY_SIGNATURES = {
     "serving_default": signature([tensor("x", shape=[-1, 2])], [tensor("y", shape=[-1, 2])]),
+}
+COUNTER_SIGNATURES = {
+    "serving_default": signature([tensor("x", shape=[-1, 2])], [tensor("y", shape=[-1, 1])]),
+    "count": signature([tensor("x", shape=[1])], [tensor("calls", "DT_INT64", shape=[1])], method="count"),
 }
 MULTI_SIGNATURES = {
     "serving_default": signature(
@@ -310,6 +338,7 @@ def generate_fixtures(base):
         save_model(os.path.join(base, "scaled", str(version)), defs.Scaled(float(version)), SCALED_SIGNATURES)
     save_model(os.path.join(base, "faulty", "1"), defs.Faulty(), FAULTY_SIGNATURES)
     save_model(os.path.join(base, "multi", "1"), defs.Multi(), MULTI_SIGNATURES)
+    save_model(os.path.join(base, "counter", "1"), defs.Counter(), COUNTER_SIGNATURES)
     write_tiny(base)
 
     # Not a zip archive: loading must fail cleanly (model ends up in state END

@@ -1,7 +1,7 @@
 //! The batch former: one task per batched model version that owns the open batches.
 
 use super::{BatchKey, QueueState, Queued};
-use crate::runtime::{Batch, Job, ModelRunner, RunError};
+use crate::runtime::{Batch, Job, ModelRunner};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -101,30 +101,41 @@ fn place(open: &mut Vec<OpenBatch>, queued: Queued, max_rows: usize) {
     });
 }
 
-/// Releases the batch's room in the queue and gives it to the workers, answering the jobs
-/// that no longer need to run.
+/// Gives a closed batch to the workers, waiting for one to be free, then releases its room
+/// in the queue: a batch waiting for a worker still counts against max_enqueued_batches.
 async fn hand_over(
     runner: &ModelRunner,
     state: &QueueState,
     batch: OpenBatch,
     allowed_sizes: &Arc<[usize]>,
 ) {
-    let released = batch.jobs.len();
-    state
-        .queued_rows
-        .fetch_sub(batch.reserved, Ordering::SeqCst);
-    let depth = state.queued_jobs.fetch_sub(released, Ordering::SeqCst) - released;
-    state.queue_depth.set(depth as f64);
-    let now = Instant::now();
-    let delay = now.saturating_duration_since(batch.oldest).as_secs_f64();
+    let OpenBatch {
+        key,
+        jobs,
+        reserved,
+        oldest,
+        ..
+    } = batch;
+    let released = jobs.len();
+    let batch = match key {
+        // Its inputs have no batch dimension to pad.
+        BatchKey::Alone => Batch {
+            jobs,
+            allowed_sizes: Arc::from([]),
+        },
+        BatchKey::Shape { .. } => Batch {
+            jobs,
+            allowed_sizes: Arc::clone(allowed_sizes),
+        },
+    };
+    // An error means the workers are gone (unloading): the jobs' callers see their
+    // channels close and answer UNAVAILABLE.
+    let _ = runner.submit(batch).await;
+    let delay = oldest.elapsed().as_secs_f64();
     for _ in 0..released {
         state.queue_delay.record(delay);
     }
-    let batch = Batch {
-        jobs: batch.jobs,
-        allowed_sizes: Arc::clone(allowed_sizes),
-    };
-    if let Err(RunError::Stopped) = runner.submit(batch).await {
-        // The workers are gone (unloading); the jobs' callers see their channels close.
-    }
+    state.queued_rows.fetch_sub(reserved, Ordering::SeqCst);
+    let depth = state.queued_jobs.fetch_sub(released, Ordering::SeqCst) - released;
+    state.queue_depth.set(depth as f64);
 }

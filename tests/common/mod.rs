@@ -12,6 +12,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
+pub type RawTransport = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    tonic::body::Body,
+>;
+
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The repository root.
@@ -210,6 +215,16 @@ impl Server {
         PredictionServiceClient::new(self.channel().await)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
+    }
+
+    /// A client whose transport sends `grpc-timeout` without acting on it.
+    pub fn raw_prediction(&self) -> PredictionServiceClient<RawTransport> {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http();
+        let origin = format!("http://{}", self.grpc).parse().expect("uri");
+        PredictionServiceClient::with_origin(client, origin)
     }
 
     pub async fn models(&self) -> ModelServiceClient<Channel> {

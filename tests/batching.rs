@@ -1,0 +1,335 @@
+//! Batching, backpressure and deadlines, end to end against the real binary.
+
+mod common;
+
+use common::*;
+use modelgate::api::grpc::tensor_from_proto;
+use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
+use modelgate::proto::serving::{PredictRequest, PredictResponse};
+use modelgate::proto::tensorflow::{tensor_shape_proto, DataType, TensorProto, TensorShapeProto};
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn floats(rows: usize, cols: usize, values: Vec<f32>) -> TensorProto {
+    TensorProto {
+        dtype: DataType::DtFloat as i32,
+        tensor_shape: Some(TensorShapeProto {
+            dim: [rows as i64, cols as i64]
+                .iter()
+                .map(|&size| tensor_shape_proto::Dim {
+                    size,
+                    name: String::new(),
+                })
+                .collect(),
+            unknown_rank: false,
+        }),
+        float_val: values,
+        ..Default::default()
+    }
+}
+
+fn request(model: &str, signature: &str, x: TensorProto) -> PredictRequest {
+    let mut spec = spec(model);
+    spec.signature_name = signature.to_string();
+    PredictRequest {
+        model_spec: Some(spec),
+        inputs: [("x".to_string(), x)].into(),
+        ..Default::default()
+    }
+}
+
+fn values(response: &PredictResponse, name: &str) -> Vec<f32> {
+    tensor_from_proto(name, &response.outputs[name], usize::MAX)
+        .unwrap()
+        .to_values::<f32>()
+        .unwrap()
+}
+
+/// Starts a server on `models` with the batching parameters `params` (None = batching off).
+async fn start_server(models: &[&str], params: Option<&str>, extra: &[&str]) -> (Server, TempDir) {
+    let fixtures = fixtures();
+    let dir = TempDir::new("batching");
+    let entries: Vec<(&str, std::path::PathBuf, &str)> =
+        models.iter().map(|m| (*m, fixtures.join(m), "")).collect();
+    let config = write_config(&dir.0, &entries);
+    let mut args = vec![format!("--model_config_file={}", config.display())];
+    if let Some(params) = params {
+        let path = dir.0.join("batching.config");
+        std::fs::write(&path, params).unwrap();
+        args.push("--enable_batching".into());
+        args.push(format!("--batching_parameters_file={}", path.display()));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&args);
+    server.wait_available(models).await;
+    (server, dir)
+}
+
+/// The counter model's forward count.
+async fn forwards(client: &mut PredictionServiceClient<Channel>) -> i64 {
+    let response = client
+        .predict(request(
+            "counter",
+            "count",
+            floats(1, 1, vec![0.0]).with_shape(&[1]),
+        ))
+        .await
+        .expect("count")
+        .into_inner();
+    tensor_from_proto("calls", &response.outputs["calls"], usize::MAX)
+        .unwrap()
+        .to_values::<i64>()
+        .unwrap()[0]
+}
+
+trait WithShape {
+    fn with_shape(self, dims: &[i64]) -> Self;
+}
+
+impl WithShape for TensorProto {
+    fn with_shape(mut self, dims: &[i64]) -> Self {
+        self.tensor_shape = Some(TensorShapeProto {
+            dim: dims
+                .iter()
+                .map(|&size| tensor_shape_proto::Dim {
+                    size,
+                    name: String::new(),
+                })
+                .collect(),
+            unknown_rank: false,
+        });
+        self
+    }
+}
+
+/// A request that keeps the counter's worker busy for `rounds` small matmuls (about 1 s per
+/// 15,000 on one core).
+fn busy(rounds: f32) -> PredictRequest {
+    request("counter", "", floats(1, 2, vec![1.0, rounds]))
+}
+
+#[tokio::test]
+async fn concurrent_requests_get_exactly_their_own_rows() {
+    let params = "max_batch_size { value: 8 } batch_timeout_micros { value: 2000 } max_enqueued_batches { value: 100 }";
+    let (server, _dir) = start_server(&["tiny", "echo"], Some(params), &[]).await;
+    let channel = server.channel().await;
+    let mut tasks = Vec::new();
+    for i in 0..96usize {
+        let mut client = PredictionServiceClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            if i % 4 == 3 {
+                // Another model and signature in the mix: never batched with tiny.
+                let x: Vec<f32> = (0..6).map(|k| (i * 10 + k) as f32).collect();
+                let response = client
+                    .predict(request("echo", "float32", floats(2, 3, x.clone())))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(values(&response, "y"), x);
+            } else {
+                let rows = 1 + i % 3;
+                let x: Vec<f32> = (0..rows).map(|r| (i * 100 + r) as f32).collect();
+                let response = client
+                    .predict(request("tiny", "", floats(rows, 1, x.clone())))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let expected: Vec<f32> = x.iter().map(|v| 2.0 * v + 1.0).collect();
+                assert_eq!(values(&response, "y"), expected, "request {i}");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_full_batch_is_one_forward() {
+    // The batch closes when full (16 rows) long before its 10 s timeout.
+    let params = "max_batch_size { value: 16 } batch_timeout_micros { value: 10000000 } num_batch_threads { value: 1 }";
+    let (server, _dir) = start_server(&["counter"], Some(params), &[]).await;
+    let mut client = server.prediction().await;
+    let before = forwards(&mut client).await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let response = client
+                .predict(request("counter", "", floats(1, 2, vec![i as f32, 0.0])))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(values(&response, "y"), vec![2.0 * i as f32]);
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        forwards(&mut client).await - before,
+        1,
+        "16 requests, one forward"
+    );
+}
+
+#[tokio::test]
+async fn padding_to_allowed_sizes_is_dropped_from_outputs() {
+    // 3 one-row requests close on timeout as a batch of 3, padded to 4.
+    let params = "max_batch_size { value: 8 } batch_timeout_micros { value: 300000 } allowed_batch_sizes: 4 allowed_batch_sizes: 8 num_batch_threads { value: 1 }";
+    let (server, _dir) = start_server(&["counter"], Some(params), &[]).await;
+    let mut client = server.prediction().await;
+    let before = forwards(&mut client).await;
+    let mut tasks = Vec::new();
+    for i in 1..=3 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let response = client
+                .predict(request(
+                    "counter",
+                    "",
+                    floats(1, 2, vec![i as f32 * 10.0, 0.0]),
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            let y = &response.outputs["y"];
+            let dims: Vec<i64> = y
+                .tensor_shape
+                .as_ref()
+                .unwrap()
+                .dim
+                .iter()
+                .map(|d| d.size)
+                .collect();
+            assert_eq!(dims, vec![1, 1], "padding rows never reach the client");
+            assert_eq!(values(&response, "y"), vec![i as f32 * 20.0]);
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(forwards(&mut client).await - before, 1);
+}
+
+#[tokio::test]
+async fn large_requests_split_across_batches_or_are_refused() {
+    let split = "max_batch_size { value: 4 } enable_large_batch_splitting { value: true }";
+    let (server, _dir) = start_server(&["tiny"], Some(split), &[]).await;
+    let mut client = server.prediction().await;
+    let x: Vec<f32> = (0..10).map(|v| v as f32).collect();
+    let response = client
+        .predict(request("tiny", "", floats(10, 1, x.clone())))
+        .await
+        .expect("split request")
+        .into_inner();
+    let expected: Vec<f32> = x.iter().map(|v| 2.0 * v + 1.0).collect();
+    assert_eq!(values(&response, "y"), expected);
+
+    let (server, _dir) = start_server(&["tiny"], Some("max_batch_size { value: 4 }"), &[]).await;
+    let mut client = server.prediction().await;
+    let status = client
+        .predict(request("tiny", "", floats(10, 1, x)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("10 rows"), "{}", status.message());
+}
+
+/// Holds the single worker with a slow request, then sends `burst` more at once: the
+/// queue (one batch) overflows, the overflow is refused UNAVAILABLE, and the server
+/// still serves afterwards.
+async fn overflow(server: &Server, burst: usize) {
+    let client = server.prediction().await;
+    let mut slow = client.clone();
+    let blocker = tokio::spawn(async move { slow.predict(busy(8000.0)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut tasks = Vec::new();
+    for _ in 0..burst {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .predict(request("counter", "", floats(1, 2, vec![1.0, 0.0])))
+                .await
+        }));
+    }
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "a queue of one batch took {burst} requests");
+    assert!(refused < burst, "nothing at all was queued");
+    blocker.await.unwrap().expect("the slow request completes");
+    let mut client = client.clone();
+    client
+        .predict(request("counter", "", floats(1, 2, vec![1.0, 0.0])))
+        .await
+        .expect("healthy after overload");
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_unavailable() {
+    let params = "max_batch_size { value: 1 } max_enqueued_batches { value: 1 } num_batch_threads { value: 1 }";
+    let (server, _dir) = start_server(&["counter"], Some(params), &[]).await;
+    overflow(&server, 10).await;
+    // The same without batching, bounded by --max_queued_requests.
+    let (server, _dir) = start_server(
+        &["counter"],
+        None,
+        &["--instances_per_device=1", "--max_queued_requests=2"],
+    )
+    .await;
+    overflow(&server, 10).await;
+}
+
+#[tokio::test]
+async fn expired_and_abandoned_requests_never_reach_the_model() {
+    for params in [
+        None,
+        Some("max_batch_size { value: 4 } num_batch_threads { value: 1 }"),
+    ] {
+        let (server, _dir) =
+            start_server(&["counter"], params, &["--instances_per_device=1"]).await;
+        let mut client = server.prediction().await;
+        let before = forwards(&mut client).await;
+        let mut slow = client.clone();
+        let blocker = tokio::spawn(async move { slow.predict(busy(15000.0)).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // A deadline that passes while the worker is busy: DEADLINE_EXCEEDED, no forward.
+        let mut late = tonic::Request::new(request("counter", "", floats(1, 2, vec![5.0, 0.0])));
+        late.metadata_mut()
+            .insert("grpc-timeout", "100m".parse().unwrap());
+        let status = server.raw_prediction().predict(late).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::DeadlineExceeded,
+            "{}",
+            status.message()
+        );
+
+        // A client that gives up (drops the call): its request is dropped from the queue.
+        let mut quitter = client.clone();
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(100),
+            quitter.predict(request("counter", "", floats(1, 2, vec![6.0, 0.0]))),
+        )
+        .await;
+        assert!(gave_up.is_err());
+
+        blocker.await.unwrap().expect("slow request");
+        assert_eq!(
+            forwards(&mut client).await - before,
+            1,
+            "only the slow request ran (batching: {params:?})"
+        );
+    }
+}
