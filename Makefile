@@ -15,7 +15,7 @@ export NO_COLOR := 1
 MODELS_STAMP := models/mlp/2/model.pt
 FIXTURES_STAMP := target/test-models/fixtures.config
 
-.PHONY: setup run build test unit-test python-test lint models clean
+.PHONY: setup run build test unit-test python-test lint models clean bench
 
 ## setup: create the venv (torch, the official TF Serving client) and the model repositories
 setup: $(VENV)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP)
@@ -61,3 +61,7 @@ python-test:
 clean:
 	cargo clean
 	rm -rf $(VENV) models/mlp
+
+## bench: the serving benchmark (three tables; not part of `make test`)
+bench: setup
+	cargo bench --bench serving

@@ -333,3 +333,50 @@ async fn expired_and_abandoned_requests_never_reach_the_model() {
         );
     }
 }
+
+#[tokio::test]
+async fn per_model_batching_parameters_override_the_global_file() {
+    // The version directory says "batches of 16, wait up to 10 s"; the global file says
+    // batches of 1. With the flag, 16 concurrent requests make one forward.
+    let dir = TempDir::new("per-model");
+    let version = dir.0.join("counter/1");
+    std::fs::create_dir_all(&version).unwrap();
+    for file in ["model.pt", "signature.json"] {
+        std::fs::copy(fixtures().join("counter/1").join(file), version.join(file)).unwrap();
+    }
+    std::fs::write(
+        version.join("batching_params.pbtxt"),
+        "max_batch_size { value: 16 } batch_timeout_micros { value: 10000000 } num_batch_threads { value: 1 }",
+    )
+    .unwrap();
+    let global = dir.0.join("batching.config");
+    std::fs::write(
+        &global,
+        "max_batch_size { value: 1 } max_enqueued_batches { value: 64 }",
+    )
+    .unwrap();
+    let config = write_config(&dir.0, &[("counter", dir.0.join("counter"), "")]);
+    let server = Server::start(&[
+        &format!("--model_config_file={}", config.display()),
+        "--enable_batching",
+        &format!("--batching_parameters_file={}", global.display()),
+        "--enable_per_model_batching_parameters",
+    ]);
+    server.wait_available(&["counter"]).await;
+    let mut client = server.prediction().await;
+    let before = forwards(&mut client).await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .predict(request("counter", "", floats(1, 2, vec![i as f32, 0.0])))
+                .await
+                .map(|r| values(&r.into_inner(), "y"))
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        assert_eq!(task.await.unwrap().unwrap(), vec![2.0 * i as f32]);
+    }
+    assert_eq!(forwards(&mut client).await - before, 1);
+}

@@ -1,0 +1,238 @@
+//! The serving benchmark: `make bench` (or `cargo bench --bench serving`).
+//!
+//! Starts the release binary on 127.0.0.1 and prints three tables, all measured in this one
+//! run on this machine (load generator and server share its cores):
+//! 1. batching gain: `mlp`, 1-row requests, closed loop at concurrency 1, 8, 64, batching
+//!    off and on (plus an open-loop run at a fixed rate);
+//! 2. serving efficiency: served rows/s over raw libtorch forward rows/s at the same batch;
+//! 3. overhead: `tiny` p50 over gRPC at concurrency 1 minus its bare forward time.
+//!
+//! `cargo bench --bench serving -- loadgen ADDR MODEL CONCURRENCY SECONDS` runs the load
+//! generator alone against a running server (MODEL takes one row of its input).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod loadgen;
+
+use common::{demo_models, write_config, Server, TempDir};
+use loadgen::{closed_loop, connect, open_loop, Report};
+use modelgate::proto::serving::{ModelSpec, PredictRequest};
+use modelgate::proto::tensorflow::{tensor_shape_proto, DataType, TensorProto, TensorShapeProto};
+use std::time::{Duration, Instant};
+
+const WARMUP: Duration = Duration::from_secs(1);
+const MEASURE: Duration = Duration::from_secs(5);
+const BATCH: usize = 64;
+
+fn one_row(model: &str, input: &str, cols: usize) -> PredictRequest {
+    let tensor = TensorProto {
+        dtype: DataType::DtFloat as i32,
+        tensor_shape: Some(TensorShapeProto {
+            dim: [1, cols as i64]
+                .iter()
+                .map(|&size| tensor_shape_proto::Dim {
+                    size,
+                    name: String::new(),
+                })
+                .collect(),
+            unknown_rank: false,
+        }),
+        float_val: (0..cols).map(|i| (i % 7) as f32 / 7.0).collect(),
+        ..Default::default()
+    };
+    PredictRequest {
+        model_spec: Some(ModelSpec {
+            name: model.to_string(),
+            ..Default::default()
+        }),
+        inputs: [(input.to_string(), tensor)].into(),
+        ..Default::default()
+    }
+}
+
+fn start(batching: bool, dir: &TempDir) -> Server {
+    let models = demo_models();
+    let config = write_config(
+        &dir.0,
+        &[
+            ("mlp", models.join("mlp"), ""),
+            ("tiny", models.join("tiny"), ""),
+        ],
+    );
+    let mut args = vec![format!("--model_config_file={}", config.display())];
+    if batching {
+        let params = dir.0.join("batching.config");
+        std::fs::write(
+            &params,
+            format!("max_batch_size {{ value: {BATCH} }}\nbatch_timeout_micros {{ value: 500 }}\nmax_enqueued_batches {{ value: 100 }}\n"),
+        )
+        .expect("write batching config");
+        args.push("--enable_batching".into());
+        args.push(format!("--batching_parameters_file={}", params.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start_with_env(&args, &[("MODELGATE_LOG", "warn")])
+}
+
+fn row(label: &str, report: &Report) {
+    println!(
+        "| {label:<28} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>6} |",
+        report.throughput(),
+        report.quantile_ms(0.5),
+        report.quantile_ms(0.99),
+        report.quantile_ms(0.999),
+        report.errors
+    );
+}
+
+fn header(title: &str) {
+    println!("\n{title}\n");
+    println!(
+        "| run                          |     req/s |  p50 ms  |  p99 ms  | p99.9 ms | errors |"
+    );
+    println!(
+        "|------------------------------|-----------|----------|----------|----------|--------|"
+    );
+}
+
+/// Rows per second of a bare libtorch forward of `model` at `batch` rows, in this process.
+fn raw_forward(model: &std::path::Path, cols: i64, batch: i64, seconds: f64) -> (f64, Duration) {
+    let module = tch::CModule::load(model).expect("load model");
+    let _no_grad = tch::no_grad_guard();
+    let input = tch::Tensor::ones([batch, cols], (tch::Kind::Float, tch::Device::Cpu));
+    for _ in 0..20 {
+        let _ = module.forward_is(&[tch::IValue::Tensor(input.shallow_clone())]);
+    }
+    let (started, mut calls) = (Instant::now(), 0u64);
+    while started.elapsed().as_secs_f64() < seconds {
+        let _ = module.forward_is(&[tch::IValue::Tensor(input.shallow_clone())]);
+        calls += 1;
+    }
+    let elapsed = started.elapsed();
+    (
+        calls as f64 * batch as f64 / elapsed.as_secs_f64(),
+        elapsed / calls as u32,
+    )
+}
+
+async fn tables() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("modelgate serving benchmark: {cores} cores, load generator on the same machine");
+    let mlp = one_row("mlp", "images", 784);
+    let tiny = one_row("tiny", "x", 1);
+
+    header("1. batching gain: mlp (784-512-512-10), 1-row requests, closed loop");
+    let mut served = Vec::new();
+    for batching in [false, true] {
+        let dir = TempDir::new("bench");
+        let server = start(batching, &dir);
+        server.wait_available(&["mlp", "tiny"]).await;
+        let clients = connect(server.grpc, 8).await;
+        for concurrency in [1, 8, 64] {
+            let report = closed_loop(&clients, &mlp, concurrency, WARMUP, MEASURE).await;
+            let label = format!(
+                "c={concurrency} batching={}",
+                if batching { "on" } else { "off" }
+            );
+            row(&label, &report);
+            served.push((batching, concurrency, report));
+        }
+        if batching {
+            let best = served
+                .iter()
+                .map(|(_, _, r)| r.throughput())
+                .fold(0.0, f64::max);
+            let rate = (best * 0.7).max(100.0);
+            let report = open_loop(&clients, &mlp, rate, MEASURE).await;
+            row(&format!("open loop {rate:.0}/s batching=on"), &report);
+        }
+    }
+    let find = |batching, concurrency| {
+        served
+            .iter()
+            .find(|(b, c, _)| *b == batching && *c == concurrency)
+            .map(|(_, _, r)| r.throughput())
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "\nbatching on vs off at c=64: {:.2}x",
+        find(true, 64) / find(false, 64)
+    );
+
+    tch::set_num_threads(cores as i32);
+    let mlp_path = demo_models().join("mlp/2/model.pt");
+    let (raw_64, _) = raw_forward(&mlp_path, 784, BATCH as i64, 3.0);
+    let (raw_1, _) = raw_forward(&mlp_path, 784, 1, 3.0);
+    println!("\n2. serving efficiency: served rows/s / raw libtorch forward rows/s (same model, same batch)\n");
+    println!("| batch | raw forward rows/s | served rows/s | efficiency |");
+    println!("|-------|--------------------|---------------|------------|");
+    println!(
+        "| {BATCH:>5} | {raw_64:>18.0} | {:>13.0} | {:>9.1}% |",
+        find(true, 64),
+        100.0 * find(true, 64) / raw_64
+    );
+    println!(
+        "| {:>5} | {raw_1:>18.0} | {:>13.0} | {:>9.1}% |",
+        1,
+        find(false, 1),
+        100.0 * find(false, 1) / raw_1
+    );
+
+    let dir = TempDir::new("bench-tiny");
+    let server = start(false, &dir);
+    server.wait_available(&["tiny"]).await;
+    let clients = connect(server.grpc, 1).await;
+    let report = closed_loop(&clients, &tiny, 1, WARMUP, MEASURE).await;
+    drop(server);
+    let (_, bare) = raw_forward(&demo_models().join("tiny/1/model.pt"), 1, 1, 2.0);
+    let p50 = report.quantile_ms(0.5);
+    println!("\n3. overhead: tiny at concurrency 1 over gRPC\n");
+    println!("| p50 round trip | bare forward | overhead | p99 round trip |");
+    println!("|----------------|--------------|----------|----------------|");
+    println!(
+        "| {:>11.1} us | {:>9.1} us | {:>5.1} us | {:>11.1} us |",
+        p50 * 1000.0,
+        bare.as_secs_f64() * 1e6,
+        p50 * 1000.0 - bare.as_secs_f64() * 1e6,
+        report.quantile_ms(0.99) * 1000.0
+    );
+}
+
+async fn loadgen_only(args: &[String]) {
+    let [addr, model, concurrency, seconds] = args else {
+        eprintln!("usage: loadgen ADDR MODEL CONCURRENCY SECONDS");
+        std::process::exit(2);
+    };
+    let (input, cols) = if model == "mlp" {
+        ("images", 784)
+    } else {
+        ("x", 1)
+    };
+    let clients = connect(addr.parse().expect("ADDR"), 8).await;
+    let report = closed_loop(
+        &clients,
+        &one_row(model, input, cols),
+        concurrency.parse().expect("CONCURRENCY"),
+        WARMUP,
+        Duration::from_secs(seconds.parse().expect("SECONDS")),
+    )
+    .await;
+    header(&format!("{model} c={concurrency}"));
+    row("closed loop", &report);
+}
+
+fn main() {
+    // cargo bench passes `--bench`; anything else is ours.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match args.first().map(String::as_str) {
+        Some("loadgen") => runtime.block_on(loadgen_only(&args[1..])),
+        _ => runtime.block_on(tables()),
+    }
+}
