@@ -137,6 +137,11 @@ pub struct Flags {
     /// Where models run: auto, cpu, cuda, cuda:N.
     #[arg(long = "device", default_value = "auto")]
     pub device: DeviceFlag,
+
+    /// Where versions fetched from S3 are kept (modelgate's own flag); default: a
+    /// `modelgate-cache` directory under the system temp dir. One server per directory.
+    #[arg(long = "model_cache_dir")]
+    pub model_cache_dir: Option<std::path::PathBuf>,
 }
 
 /// Parses the command line, first setting aside (with a warning each) the TF Serving flags

@@ -9,7 +9,7 @@ mod loader;
 mod manager;
 
 pub use loader::VersionLoadError;
-pub use manager::{Manager, ManagerConfig, ManagerHandle};
+pub use manager::{ApplyError, Manager, ManagerConfig, ManagerHandle};
 
 use crate::error::Error;
 use crate::runtime::ModelRunner;
@@ -202,6 +202,24 @@ impl Registry {
         }
     }
 
+    /// Marks a retired version END once its last request has answered, unless its status has
+    /// moved on meanwhile (the model was removed and added again, and the version reloaded).
+    fn finish_unload(&self, model: &str, version: i64) {
+        if let Some(status) = self
+            .lock_status()
+            .get_mut(model)
+            .and_then(|versions| versions.get_mut(&version))
+        {
+            if status.state == VersionState::Unloading {
+                *status = VersionStatus {
+                    state: VersionState::End,
+                    error: None,
+                };
+            }
+        }
+    }
+
+    /// Keeps the status of the models named (adding empty ones) and forgets the others.
     fn configure_models(&self, names: &[String]) {
         let mut status = self.lock_status();
         status.retain(|name, _| names.contains(name));
