@@ -75,8 +75,8 @@ fn check_base_paths(storage: &Storage, specs: &[ModelSpec]) -> Result<(), Config
 }
 
 /// Re-reads the config file every `interval` and applies it when its text changed. A file
-/// that cannot be read or parsed leaves the config in force; each distinct problem is
-/// logged once, not on every poll.
+/// that cannot be read or parsed leaves the config in force; a problem is logged when it
+/// starts (and a refused text once), not on every poll.
 async fn poll_config_file(
     path: String,
     interval: Duration,
@@ -84,38 +84,46 @@ async fn poll_config_file(
     manager: ManagerHandle,
     mut applied_text: String,
 ) {
-    let mut last_problem: Option<String> = None;
+    #[derive(PartialEq)]
+    enum Problem {
+        Unreadable,
+        /// The text that was refused.
+        Refused(String),
+    }
+    let mut last_problem: Option<Problem> = None;
     loop {
         tokio::time::sleep(interval).await;
-        let problem = match storage.read_text(&path).await {
-            Err(e) => Some(format!(
-                "cannot re-read the model config, keeping the one in force: {e}"
-            )),
-            Ok(text) if text == applied_text => None,
-            Ok(text) => match specs_from_text(&path, &text) {
-                Err(e) => Some(format!(
-                    "model config refused, keeping the one in force: {e}"
-                )),
-                Ok(specs) => {
-                    tracing::info!("model config file {path} changed; applying it");
-                    match manager.set_models(specs).await {
-                        Ok(()) => {
-                            tracing::info!("model config applied");
-                            applied_text = text;
-                            None
-                        }
-                        Err(e) => Some(format!(
-                            "model config refused, keeping the one in force: {e}"
-                        )),
+        let (problem, message) = match storage.read_text(&path).await {
+            Err(e) => (
+                Some(Problem::Unreadable),
+                format!("cannot re-read the model config, keeping the one in force: {e}"),
+            ),
+            Ok(text) if text == applied_text => (None, String::new()),
+            Ok(text) => {
+                let applied = match specs_from_text(&path, &text) {
+                    Err(e) => Err(e.to_string()),
+                    Ok(specs) => {
+                        tracing::info!("model config file {path} changed; applying it");
+                        manager.set_models(specs).await.map_err(|e| e.to_string())
                     }
+                };
+                match applied {
+                    Ok(()) => {
+                        tracing::info!("model config applied");
+                        applied_text = text;
+                        (None, String::new())
+                    }
+                    Err(e) => (
+                        Some(Problem::Refused(text)),
+                        format!("model config refused, keeping the one in force: {e}"),
+                    ),
                 }
-            },
+            }
         };
-        match (&problem, &last_problem) {
-            (Some(now), Some(before)) if now == before => {}
-            (Some(now), _) => tracing::error!("{now}"),
-            (None, Some(_)) => tracing::info!("model config file {path} is readable again"),
-            (None, None) => {}
+        if problem.is_some() && problem != last_problem {
+            tracing::error!("{message}");
+        } else if problem.is_none() && last_problem == Some(Problem::Unreadable) {
+            tracing::info!("model config file {path} is readable again");
         }
         last_problem = problem;
     }

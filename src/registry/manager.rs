@@ -278,10 +278,7 @@ impl Manager {
     }
 
     async fn poll_model(&mut self, name: &str) {
-        let storage_error = match self.sync_model(name).await {
-            Ok(()) => None,
-            Err(e) => Some(e),
-        };
+        let storage_error = self.sync_model(name).await.err();
         let base_interval = self.config.poll_interval.unwrap_or(Duration::from_secs(1));
         let Some(model) = self.models.get_mut(name) else {
             return;

@@ -228,3 +228,34 @@ impl Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_unload_does_not_overwrite_a_newer_state() {
+        let registry = Registry::new();
+        registry.configure_models(&["m".to_string()]);
+        registry.set_status("m", 1, VersionState::Unloading, None);
+        registry.finish_unload("m", 1);
+        assert_eq!(
+            registry.model_status("m", Some(1)).unwrap()[0].1.state,
+            VersionState::End
+        );
+        // Removed and added again while an old copy of version 1 was still draining.
+        registry.set_status("m", 1, VersionState::Unloading, None);
+        registry.configure_models(&[]);
+        registry.configure_models(&["m".to_string()]);
+        registry.set_status("m", 1, VersionState::Available, None);
+        registry.finish_unload("m", 1);
+        assert_eq!(
+            registry.model_status("m", Some(1)).unwrap()[0].1.state,
+            VersionState::Available
+        );
+        // A removed model's statuses are gone, not left behind.
+        registry.configure_models(&[]);
+        registry.finish_unload("m", 1);
+        assert!(registry.model_status("m", None).is_err());
+    }
+}

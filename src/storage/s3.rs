@@ -10,11 +10,9 @@
 use super::cache::Cache;
 use super::{layout, parse_version, StorageError, StoredFile, VersionEntry};
 use crate::config::S3Env;
-use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
-use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::Client;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +21,8 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OnceCell, Semaphore};
 
+/// The region when neither the environment nor the profile names one (TF Serving's default).
+const DEFAULT_REGION: &str = "us-east-1";
 /// Objects of one version downloaded at once.
 const PARALLEL_DOWNLOADS: usize = 8;
 /// Attempts per S3 call (the SDK backs off between them); the manager's own backoff takes
@@ -108,12 +108,12 @@ impl S3Store {
             .key(&location.key)
             .send()
             .await
-            .map_err(|e| read_error(DisplayErrorContext(&e).to_string()))?;
+            .map_err(|e| read_error(error_chain(&e)))?;
         let bytes = output
             .body
             .collect()
             .await
-            .map_err(|e| read_error(DisplayErrorContext(&e).to_string()))?;
+            .map_err(|e| read_error(error_chain(&e)))?;
         Ok(bytes.into_bytes().to_vec())
     }
 
@@ -136,7 +136,7 @@ impl S3Store {
                 .await
                 .map_err(|e| StorageError::List {
                     path: location.to_string(),
-                    message: DisplayErrorContext(&e).to_string(),
+                    message: error_chain(&e),
                 })?;
             for object in page.contents() {
                 if let Some(key) = object.key() {
@@ -292,14 +292,14 @@ async fn download(
     let mut body = request
         .send()
         .await
-        .map_err(|e| fetch_error(DisplayErrorContext(&e).to_string()))?
+        .map_err(|e| fetch_error(error_chain(&e)))?
         .body;
     let mut out = tokio::fs::File::create(target)
         .await
         .map_err(|e| fetch_error(e.to_string()))?;
     let mut written = 0u64;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| fetch_error(DisplayErrorContext(&e).to_string()))?;
+        let chunk = chunk.map_err(|e| fetch_error(error_chain(&e)))?;
         written += chunk.len() as u64;
         out.write_all(&chunk)
             .await
@@ -317,13 +317,29 @@ async fn download(
     Ok(())
 }
 
+/// An error and its sources, `outer: inner: ...`, on one line. (The SDK's own
+/// DisplayErrorContext appends a Debug dump too long for a log line or a status message.)
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        source = inner.source();
+    }
+    text
+}
+
 async fn build_client(env: &S3Env) -> Client {
     for warning in &env.warnings {
         tracing::warn!("{warning}");
     }
-    let region = RegionProviderChain::default_provider().or_else(Region::from_static("us-east-1"));
+    // The loader's own region and credential chains share its HTTP client (a chain built
+    // apart, e.g. RegionProviderChain::default_provider(), would have none).
     let sdk = aws_config::defaults(BehaviorVersion::latest())
-        .region(region)
         .http_client(http_client(env.verify_ssl))
         .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
         .timeout_config(
@@ -335,13 +351,16 @@ async fn build_client(env: &S3Env) -> Client {
         .load()
         .await;
     let mut config = aws_sdk_s3::config::Builder::from(&sdk);
+    if sdk.region().is_none() {
+        config = config.region(Region::from_static(DEFAULT_REGION));
+    }
     if let Some(endpoint) = &env.endpoint {
         // MinIO-like servers are addressed by path, as TF Serving's S3 file system did.
         config = config.endpoint_url(endpoint).force_path_style(true);
     }
     tracing::info!(
         endpoint = env.endpoint.as_deref().unwrap_or("AWS"),
-        region = sdk.region().map(|r| r.as_ref()).unwrap_or("?"),
+        region = sdk.region().map_or(DEFAULT_REGION, |r| r.as_ref()),
         verify_ssl = env.verify_ssl,
         "S3 client ready"
     );
