@@ -294,3 +294,45 @@ async fn secrets_never_appear_in_logs() {
     );
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// `S3_VERIFY_SSL=0` reaches an HTTPS endpoint whose certificate cannot be verified (a
+/// self-signed MinIO, typically); without it the certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_verify_ssl_off_accepts_a_self_signed_endpoint() {
+    let moto = Moto::start_tls();
+    let s3 = moto.client();
+    s3.create_bucket(BUCKET).await;
+    upload_scaled(&s3, 1).await;
+    let args = |cache: &std::path::Path| {
+        vec![
+            "--model_name=scaled".to_string(),
+            format!("--model_base_path=s3://{BUCKET}/repo/scaled"),
+            format!("--model_cache_dir={}", cache.display()),
+        ]
+    };
+
+    let cache = scratch("s3-tls-verified");
+    let verified = Server::start(&args(&cache), &moto.server_env("test-secret"));
+    verified
+        .log
+        .wait_for(&["storage unavailable", "model=scaled"])
+        .await;
+    assert_eq!(verified.http_get("/readyz").await.0, 503);
+    let log = verified.log.text();
+    assert!(
+        log.contains("certificate"),
+        "refused for its certificate: {log}"
+    );
+    drop(verified);
+
+    let mut env = moto.server_env("test-secret");
+    env.push(("S3_VERIFY_SSL".into(), "0".into()));
+    let unverified = Server::start(&args(&cache), &env);
+    unverified.wait_ready().await;
+    let mut predictions = unverified.prediction().await;
+    let (version, y) = predict(&mut predictions, spec("scaled", None), &[2.0])
+        .await
+        .unwrap();
+    assert_eq!((version, y), (1, vec![2.0]));
+    let _ = std::fs::remove_dir_all(&cache);
+}

@@ -4,12 +4,15 @@
 //! into the local cache ([`cache`]) and loaded from there.
 
 mod cache;
+mod insecure_tls;
 mod local;
 mod s3;
 
 use crate::config::S3Env;
 use cache::Cache;
 use s3::{S3Location, S3Store};
+
+pub use s3::http_client as s3_http_client;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;

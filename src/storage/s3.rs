@@ -367,12 +367,12 @@ async fn build_client(env: &S3Env) -> Client {
     Client::from_conf(config.build())
 }
 
-fn http_client(verify_ssl: bool) -> aws_sdk_s3::config::SharedHttpClient {
+/// The HTTP client for S3 under `S3_VERIFY_SSL` (rustls on ring; HTTP or HTTPS).
+pub fn http_client(verify_ssl: bool) -> aws_sdk_s3::config::SharedHttpClient {
     use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
     if !verify_ssl {
-        tracing::warn!(
-            "S3_VERIFY_SSL=0 is not supported by this build: certificates are still verified"
-        );
+        tracing::warn!("S3_VERIFY_SSL=0: S3 server certificates are not verified");
+        return super::insecure_tls::http_client(CONNECT_TIMEOUT);
     }
     aws_smithy_http_client::Builder::new()
         .tls_provider(Provider::Rustls(CryptoMode::Ring))

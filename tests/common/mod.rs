@@ -3,7 +3,6 @@
 //! prerequisite fails with a message saying how to install it.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
-use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
 use modelgate::proto::serving::model_version_status::State;
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{
@@ -121,14 +120,26 @@ impl Log {
 /// `.venv/bin/python`, where `pip install -r tests/python/requirements.txt` puts moto).
 pub struct Moto {
     pub port: u16,
+    /// HTTPS with a self-signed certificate (moto's `-s`) instead of HTTP.
+    pub tls: bool,
     child: Option<Child>,
     pub log: Log,
 }
 
 impl Moto {
     pub fn start() -> Moto {
+        Moto::start_with(false)
+    }
+
+    /// moto over HTTPS, with a certificate no one can verify.
+    pub fn start_tls() -> Moto {
+        Moto::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Moto {
         let mut moto = Moto {
             port: free_port(),
+            tls,
             child: None,
             log: Log::default(),
         };
@@ -137,7 +148,8 @@ impl Moto {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Starts the server again on the same port (moto keeps its buckets in memory: they are
@@ -150,6 +162,7 @@ impl Moto {
         let mut child = Command::new(&python)
             .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
+            .args(self.tls.then_some("-s"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -202,11 +215,7 @@ impl Moto {
             ))
             .endpoint_url(self.endpoint())
             .force_path_style(true)
-            .http_client(
-                aws_smithy_http_client::Builder::new()
-                    .tls_provider(Provider::Rustls(CryptoMode::Ring))
-                    .build_https(),
-            )
+            .http_client(modelgate::storage::s3_http_client(!self.tls))
             .build();
         S3(aws_sdk_s3::Client::from_conf(config))
     }
@@ -220,7 +229,7 @@ impl Moto {
             ("AWS_REGION", "us-east-1"),
             ("AWS_EC2_METADATA_DISABLED", "true"),
             ("S3_ENDPOINT", &format!("127.0.0.1:{}", self.port)),
-            ("S3_USE_HTTPS", "0"),
+            ("S3_USE_HTTPS", if self.tls { "1" } else { "0" }),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
