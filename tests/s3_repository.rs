@@ -259,9 +259,6 @@ async fn s3_repository_lifecycle() {
     );
     // Version 2 came back unchanged: it was never fetched twice.
     assert_eq!(server.log.count(&["fetched s3://models/repo/scaled/2 "]), 1);
-    if std::env::var_os("DUMP_LOG").is_some() {
-        eprintln!("{}", server.log.text());
-    }
     let _ = std::fs::remove_dir_all(&cache);
 }
 
