@@ -3,10 +3,12 @@
 
 use crate::api;
 use crate::batching::BatchingOptions;
+use crate::config::S3Env;
 use crate::config::{self, ConfigError, Flags, ModelSpec};
 use crate::inference::Inference;
-use crate::registry::{LoadSettings, Manager, ManagerConfig, Registry};
+use crate::registry::{LoadSettings, Manager, ManagerConfig, ManagerHandle, Registry};
 use crate::runtime::{self, Device, RunnerConfig};
+use crate::storage::Storage;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,32 +30,100 @@ pub enum AppError {
     Rest(std::io::Error),
 }
 
-/// The models the flags ask for: the config file, or single-model mode.
-pub fn model_specs(flags: &Flags) -> Result<Vec<ModelSpec>, ConfigError> {
+/// The models the flags ask for: the config file (local or on S3), or single-model mode;
+/// with the config file's text, against which later changes are measured.
+pub async fn model_specs(
+    flags: &Flags,
+    storage: &Storage,
+) -> Result<(Vec<ModelSpec>, Option<String>), ConfigError> {
     match (&flags.model_config_file, &flags.model_base_path) {
         (Some(_), Some(_)) => Err(ConfigError::Invalid(
             "--model_config_file and --model_base_path cannot be used together".into(),
         )),
         (Some(path), None) => {
-            if path.contains("://") {
-                return Err(ConfigError::Invalid(format!(
-                    "--model_config_file={path}: remote config files are not supported by this build"
-                )));
-            }
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-                what: path.clone(),
-                message: e.to_string(),
-            })?;
-            let config = config::parse_model_server_config(path, &text)?;
-            config::model_specs_from_config(&config)
+            let text = storage
+                .read_text(path)
+                .await
+                .map_err(|e| ConfigError::Invalid(format!("--model_config_file: {e}")))?;
+            Ok((specs_from_text(path, &text)?, Some(text)))
         }
-        (None, Some(base_path)) => Ok(vec![config::single_model_spec(
-            &flags.model_name,
-            base_path,
-        )?]),
+        (None, Some(base_path)) => Ok((
+            vec![config::single_model_spec(&flags.model_name, base_path)?],
+            None,
+        )),
         (None, None) => Err(ConfigError::Invalid(
             "no models: give --model_config_file, or --model_name and --model_base_path".into(),
         )),
+    }
+}
+
+fn specs_from_text(what: &str, text: &str) -> Result<Vec<ModelSpec>, ConfigError> {
+    let config = config::parse_model_server_config(what, text)?;
+    config::model_specs_from_config(&config)
+}
+
+/// Checks every base path before the server starts, so a bad one stops it with a clear error.
+fn check_base_paths(storage: &Storage, specs: &[ModelSpec]) -> Result<(), ConfigError> {
+    for spec in specs {
+        storage
+            .base_path(&spec.base_path)
+            .map_err(|e| ConfigError::Invalid(format!("model '{}': {e}", spec.name)))?;
+    }
+    Ok(())
+}
+
+/// Re-reads the config file every `interval` and applies it when its text changed. A file
+/// that cannot be read or parsed leaves the config in force; a problem is logged when it
+/// starts (and a refused text once), not on every poll.
+async fn poll_config_file(
+    path: String,
+    interval: Duration,
+    storage: Storage,
+    manager: ManagerHandle,
+    mut applied_text: String,
+) {
+    #[derive(PartialEq)]
+    enum Problem {
+        Unreadable,
+        /// The text that was refused.
+        Refused(String),
+    }
+    let mut last_problem: Option<Problem> = None;
+    loop {
+        tokio::time::sleep(interval).await;
+        let (problem, message) = match storage.read_text(&path).await {
+            Err(e) => (
+                Some(Problem::Unreadable),
+                format!("cannot re-read the model config, keeping the one in force: {e}"),
+            ),
+            Ok(text) if text == applied_text => (None, String::new()),
+            Ok(text) => {
+                let applied = match specs_from_text(&path, &text) {
+                    Err(e) => Err(e.to_string()),
+                    Ok(specs) => {
+                        tracing::info!("model config file {path} changed; applying it");
+                        manager.set_models(specs).await.map_err(|e| e.to_string())
+                    }
+                };
+                match applied {
+                    Ok(()) => {
+                        tracing::info!("model config applied");
+                        applied_text = text;
+                        (None, String::new())
+                    }
+                    Err(e) => (
+                        Some(Problem::Refused(text)),
+                        format!("model config refused, keeping the one in force: {e}"),
+                    ),
+                }
+            }
+        };
+        if problem.is_some() && problem != last_problem {
+            tracing::error!("{message}");
+        } else if problem.is_none() && last_problem == Some(Problem::Unreadable) {
+            tracing::info!("model config file {path} is readable again");
+        }
+        last_problem = problem;
     }
 }
 
@@ -105,14 +175,23 @@ fn runner_config(flags: &Flags, devices: Vec<Device>) -> RunnerConfig {
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(flags: Flags) -> Result<(), AppError> {
-    let specs = model_specs(&flags)?;
+    let storage = Storage::new(
+        flags
+            .model_cache_dir
+            .clone()
+            .unwrap_or_else(Storage::default_cache_dir),
+        S3Env::from_env(),
+    );
+    let (specs, config_text) = model_specs(&flags, &storage).await?;
+    check_base_paths(&storage, &specs)?;
     let batching = batching_options(&flags)?;
     let devices = runtime::resolve_devices(flags.device).map_err(AppError::Device)?;
     tracing::info!(models = specs.len(), "starting modelgate");
 
     let registry = Registry::new();
-    let (manager, _manager_handle) = Manager::new(
+    let (manager, manager_handle) = Manager::new(
         Arc::clone(&registry),
+        storage.clone(),
         ManagerConfig {
             load: LoadSettings {
                 runner: runner_config(&flags, devices),
@@ -147,6 +226,19 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     };
 
     tokio::spawn(manager.run(specs));
+    if let (Some(path), Some(text), true) = (
+        &flags.model_config_file,
+        config_text,
+        flags.model_config_file_poll_wait_seconds > 0,
+    ) {
+        tokio::spawn(poll_config_file(
+            path.clone(),
+            Duration::from_secs(flags.model_config_file_poll_wait_seconds),
+            storage.clone(),
+            manager_handle.clone(),
+            text,
+        ));
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let signals_registry = Arc::clone(&registry);
@@ -161,6 +253,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     let grpc = api::grpc::serve(
         grpc_listener,
         inference,
+        manager_handle,
         api::grpc::GrpcOptions {
             tensor_content: flags.enable_serialization_as_tensor_content,
             max_message_bytes: flags.grpc_max_message_bytes,

@@ -152,6 +152,11 @@ pub struct Flags {
     /// answered UNAVAILABLE (modelgate's own).
     #[arg(long = "max_queued_requests", default_value_t = 1024)]
     pub max_queued_requests: usize,
+
+    /// Where versions fetched from S3 are kept (modelgate's own flag); default: a
+    /// `modelgate-cache` directory under the system temp dir. One server per directory.
+    #[arg(long = "model_cache_dir")]
+    pub model_cache_dir: Option<std::path::PathBuf>,
 }
 
 /// Parses the command line, first setting aside (with a warning each) the TF Serving flags

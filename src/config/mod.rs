@@ -1,10 +1,12 @@
 //! Configuration: command-line flags (TF Serving's names), environment, and the protobuf
 //! text-format config files.
 
+pub mod env;
 mod flags;
 mod model_config;
 mod text_format;
 
+pub use env::S3Env;
 pub use flags::{parse_args, DeviceFlag, Flags};
 pub use model_config::{ModelSpec, Platform, VersionPolicy};
 pub use text_format::{parse_text_format, ConfigError};

@@ -6,7 +6,7 @@ use crate::batching::{BatchingOptions, Scheduler, BATCHING_PARAMS_FILE};
 use crate::config::ConfigError;
 use crate::runtime::{ModelRunner, RunnerConfig};
 use crate::signature::{SignatureError, SignatureMap};
-use crate::storage::{MODEL_FILE, SAVED_MODEL_FILES, SIGNATURE_FILE};
+use crate::storage::{EMBEDDED_SIGNATURE_SUFFIX, MODEL_FILE, SAVED_MODEL_FILES, SIGNATURE_FILE};
 use crate::tensor::Tensor;
 use std::io::Read;
 use std::path::Path;
@@ -134,7 +134,7 @@ fn read_signatures(dir: &Path, model_path: &Path) -> Result<SignatureMap, Versio
     let entry_name = archive
         .file_names()
         .filter_map(Result::ok)
-        .find(|name| name.ends_with("/extra/signature.json"))
+        .find(|name| name.ends_with(EMBEDDED_SIGNATURE_SUFFIX))
         .map(|name| name.into_owned())
         .ok_or_else(|| {
             SignatureError(format!(

@@ -2,16 +2,33 @@
 //! path, asks the model's version policy which versions should serve, loads new versions
 //! before it unloads the ones they replace (availability preserving), and publishes a new
 //! [`ServingMap`](super::ServingMap) after every change.
+//!
+//! Storage trouble (an unreachable S3, a failed download) never touches what serves: the
+//! model's polling backs off exponentially, and the outage is logged when it starts and when
+//! it ends. A version whose files are there but do not load is marked failed with its
+//! fingerprint and is not tried again until its files change.
+//!
+//! A `model.pt` without `signature.json` may be an upload in progress, or a module with its
+//! signature embedded. Unless its signature is known to be embedded (local directories are
+//! checked), it counts only once it has stayed unchanged across two consecutive listings;
+//! if it then turns out to have no signature at all, it fails to load with that reason, and
+//! is retried when `signature.json` arrives (its fingerprint changes). With polling off
+//! there is no second listing, so the one listing decides.
 
 use super::loader::load_version;
 use super::LoadSettings;
 use super::{Registry, Servable, ServingMap, ServingModel, VersionState};
 use crate::config::{ModelSpec, Platform};
-use crate::storage::BasePath;
+use crate::storage::{BasePath, Storage, StorageError, VersionEntry};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// The longest wait between two listings of an unreachable base path (unless the poll
+/// interval itself is longer).
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// How the manager runs.
 #[derive(Clone, Debug)]
@@ -21,8 +38,18 @@ pub struct ManagerConfig {
     pub poll_interval: Option<Duration>,
 }
 
+/// Why a new set of models was refused; the models in force stay as they were.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ApplyError {
+    /// A model of the new config cannot be served (e.g. its base path is not supported).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the model manager has stopped")]
+    Stopped,
+}
+
 enum Command {
-    SetModels(Vec<ModelSpec>, oneshot::Sender<Result<(), String>>),
+    SetModels(Vec<ModelSpec>, oneshot::Sender<Result<(), ApplyError>>),
 }
 
 /// Sends the manager a new set of models.
@@ -32,17 +59,48 @@ pub struct ManagerHandle {
 }
 
 impl ManagerHandle {
-    /// Replaces the configured models and waits until the change has been applied (new
-    /// models loaded or failed, removed models unloaded).
-    pub async fn set_models(&self, models: Vec<ModelSpec>) -> Result<(), String> {
+    /// Replaces the configured models and waits until the change has been applied: removed
+    /// models unloaded, new and changed ones listed and their versions loaded (or failed).
+    /// Models that did not change are left alone.
+    pub async fn set_models(&self, models: Vec<ModelSpec>) -> Result<(), ApplyError> {
         let (done, applied) = oneshot::channel();
         self.commands
             .send(Command::SetModels(models, done))
             .await
-            .map_err(|_| "the model manager has stopped".to_string())?;
-        applied
-            .await
-            .map_err(|_| "the model manager has stopped".to_string())?
+            .map_err(|_| ApplyError::Stopped)?;
+        applied.await.map_err(|_| ApplyError::Stopped)?
+    }
+}
+
+/// Exponential backoff for one model's storage: the first retry after one poll interval,
+/// then twice as long each time, up to a cap.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl Backoff {
+    fn ready(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|at| now >= at)
+    }
+
+    /// Records a failure; returns the wait before the next attempt.
+    fn failed(&mut self, now: Instant, base: Duration) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let cap = MAX_BACKOFF.max(base);
+        let factor = 1u32 << (self.failures - 1).min(16);
+        let delay = base.saturating_mul(factor).min(cap);
+        self.retry_at = Some(now + delay);
+        delay
+    }
+
+    fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+
+    fn is_failing(&self) -> bool {
+        self.failures > 0
     }
 }
 
@@ -53,23 +111,41 @@ struct ManagedModel {
     /// Versions that failed to load, with the fingerprint they failed with: retried only
     /// once their files change.
     failed: HashMap<i64, String>,
-    /// Whether the last listing failed, so that an outage is logged once, not every poll.
-    storage_down: bool,
+    /// Fingerprints of the incomplete-looking versions of the last listing (see the module
+    /// docs): one still unchanged in the next listing counts.
+    settling: HashMap<i64, String>,
+    /// Storage errors: when to list again, and whether an outage is under way (logged once).
+    backoff: Backoff,
+}
+
+/// What became of one attempt to load a version.
+enum LoadOutcome {
+    Loaded,
+    /// The files are there but did not load: not retried until they change.
+    Failed,
+    /// Storage could not deliver the files: retried with backoff.
+    Storage(StorageError),
 }
 
 /// Owns every model's load state; see the module docs.
 pub struct Manager {
     registry: Arc<Registry>,
+    storage: Storage,
     config: ManagerConfig,
     models: BTreeMap<String, ManagedModel>,
     commands: mpsc::Receiver<Command>,
 }
 
 impl Manager {
-    pub fn new(registry: Arc<Registry>, config: ManagerConfig) -> (Manager, ManagerHandle) {
+    pub fn new(
+        registry: Arc<Registry>,
+        storage: Storage,
+        config: ManagerConfig,
+    ) -> (Manager, ManagerHandle) {
         let (commands_tx, commands) = mpsc::channel(8);
         let manager = Manager {
             registry,
+            storage,
             config,
             models: BTreeMap::new(),
             commands,
@@ -84,10 +160,10 @@ impl Manager {
 
     /// Serves `initial`, then follows storage and config changes until every handle is gone.
     pub async fn run(mut self, initial: Vec<ModelSpec>) {
-        if let Err(e) = self.set_models(initial) {
-            tracing::error!("model config refused: {e}");
+        match self.set_models(initial) {
+            Ok(changed) => self.poll(&changed).await,
+            Err(e) => tracing::error!("model config refused: {e}"),
         }
-        self.poll_all().await;
         loop {
             let tick = async {
                 match self.config.poll_interval {
@@ -98,26 +174,36 @@ impl Manager {
             tokio::select! {
                 command = self.commands.recv() => match command {
                     Some(Command::SetModels(models, done)) => {
-                        let result = self.set_models(models);
-                        if result.is_ok() {
-                            self.poll_all().await;
-                        }
+                        let result = match self.set_models(models) {
+                            Ok(changed) => {
+                                self.poll(&changed).await;
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        };
                         let _ = done.send(result);
                     }
                     None => break,
                 },
-                () = tick => self.poll_all().await,
+                () = tick => {
+                    let due: Vec<String> = self.models.keys().cloned().collect();
+                    self.poll(&due).await;
+                }
             }
         }
     }
 
-    /// Applies a new model list: removed models unload, new ones are polled next, changed
-    /// ones keep what they have loaded when only their policy or labels changed.
-    fn set_models(&mut self, specs: Vec<ModelSpec>) -> Result<(), String> {
+    /// Applies a new model list and returns the names of the models to list now (new ones
+    /// and those whose policy changed). Removed models unload; a model whose base path
+    /// changed starts afresh; one whose policy or labels changed keeps what it has loaded.
+    /// Checked whole before anything changes, so a refused list leaves the old one in force.
+    fn set_models(&mut self, specs: Vec<ModelSpec>) -> Result<Vec<String>, ApplyError> {
         let mut bases = Vec::with_capacity(specs.len());
         for spec in &specs {
-            let base = BasePath::parse(&spec.base_path)
-                .map_err(|e| format!("model '{}': {e}", spec.name))?;
+            let base = self
+                .storage
+                .base_path(&spec.base_path)
+                .map_err(|e| ApplyError::Invalid(format!("model '{}': {e}", spec.name)))?;
             bases.push(base);
         }
         let wanted: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
@@ -135,6 +221,7 @@ impl Manager {
                 }
             }
         }
+        let mut changed = Vec::new();
         for (spec, base) in specs.into_iter().zip(bases) {
             if spec.platform == Platform::TensorflowName {
                 tracing::warn!(
@@ -143,13 +230,23 @@ impl Manager {
                 );
             }
             match self.models.get_mut(&spec.name) {
-                Some(model) if model.base == base => model.spec = spec,
+                Some(model) if model.base == base => {
+                    if model.spec != spec {
+                        tracing::info!(model = %spec.name, "model config changed");
+                        if model.spec.policy != spec.policy {
+                            changed.push(spec.name.clone());
+                        }
+                        model.spec = spec;
+                    }
+                }
                 _ => {
                     if let Some(old) = self.models.remove(&spec.name) {
                         for (_, servable) in old.loaded {
                             self.retire(servable);
                         }
                     }
+                    tracing::info!(model = %spec.name, base_path = %base, "model added");
+                    changed.push(spec.name.clone());
                     self.models.insert(
                         spec.name.clone(),
                         ManagedModel {
@@ -157,7 +254,8 @@ impl Manager {
                             base,
                             loaded: BTreeMap::new(),
                             failed: HashMap::new(),
-                            storage_down: false,
+                            settling: HashMap::new(),
+                            backoff: Backoff::default(),
                         },
                     );
                 }
@@ -166,42 +264,72 @@ impl Manager {
         let names: Vec<String> = self.models.keys().cloned().collect();
         self.registry.configure_models(&names);
         self.publish();
-        Ok(())
+        Ok(changed)
     }
 
-    async fn poll_all(&mut self) {
-        let names: Vec<String> = self.models.keys().cloned().collect();
+    /// Polls the named models whose backoff allows it.
+    async fn poll(&mut self, names: &[String]) {
+        let now = Instant::now();
         for name in names {
-            self.poll_model(&name).await;
+            if self.models.get(name).is_some_and(|m| m.backoff.ready(now)) {
+                self.poll_model(name).await;
+            }
         }
     }
 
     async fn poll_model(&mut self, name: &str) {
+        let storage_error = self.sync_model(name).await.err();
+        let base_interval = self.config.poll_interval.unwrap_or(Duration::from_secs(1));
         let Some(model) = self.models.get_mut(name) else {
             return;
         };
-        let listing = match model.base.list_versions().await {
-            Ok(listing) => {
-                if model.storage_down {
-                    tracing::info!(model = %name, "base path is reachable again");
-                    model.storage_down = false;
+        match storage_error {
+            None => {
+                if model.backoff.is_failing() {
+                    tracing::info!(model = %name, base_path = %model.base, "storage is reachable again");
                 }
-                listing
+                model.backoff.reset();
             }
-            Err(e) => {
-                if !model.storage_down {
-                    tracing::warn!(model = %name, "cannot list versions, keeping what serves: {e}");
-                    model.storage_down = true;
+            Some(e) => {
+                if !model.backoff.is_failing() {
+                    tracing::warn!(
+                        model = %name,
+                        base_path = %model.base,
+                        "storage unavailable, keeping what serves and retrying with backoff: {e}"
+                    );
                 }
-                return;
+                let delay = model.backoff.failed(Instant::now(), base_interval);
+                tracing::debug!(model = %name, "next attempt in {delay:?}: {e}");
             }
+        }
+    }
+
+    /// Lists the model's base path, loads the versions its policy wants and unloads the
+    /// ones it no longer wants. Stops at the first storage error.
+    async fn sync_model(&mut self, name: &str) -> Result<(), StorageError> {
+        let Some(model) = self.models.get_mut(name) else {
+            return Ok(());
         };
+        let listing = model.base.list_versions().await?;
+        let polling = self.config.poll_interval.is_some();
+        let mut settling = HashMap::new();
+        let mut present = BTreeSet::new();
+        for (&version, entry) in &listing {
+            if !entry.complete {
+                settling.insert(version, entry.fingerprint.clone());
+                if polling && model.settling.get(&version) != Some(&entry.fingerprint) {
+                    tracing::debug!(model = %name, version, "model.pt without signature.json; waiting for the next listing");
+                    continue;
+                }
+            }
+            present.insert(version);
+        }
+        model.settling = settling;
         model.failed.retain(|v, fingerprint| {
             listing
                 .get(v)
                 .is_some_and(|e| &e.fingerprint == fingerprint)
         });
-        let present: BTreeSet<i64> = listing.keys().copied().collect();
         let aspired = model.spec.policy.aspired(&present);
         let to_load: Vec<i64> = aspired
             .iter()
@@ -213,40 +341,54 @@ impl Manager {
             self.registry
                 .set_status(name, version, VersionState::Start, None);
         }
+        let mut result = Ok(());
         for version in to_load {
-            let fingerprint = listing[&version].fingerprint.clone();
-            self.load(name, version, fingerprint).await;
+            match self.load(name, version, &listing[&version]).await {
+                LoadOutcome::Loaded | LoadOutcome::Failed => {}
+                LoadOutcome::Storage(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
         }
         self.unload_unaspired(name, &aspired);
+        result
     }
 
-    async fn load(&mut self, name: &str, version: i64, fingerprint: String) {
+    async fn load(&mut self, name: &str, version: i64, entry: &VersionEntry) -> LoadOutcome {
         let Some(model) = self.models.get(name) else {
-            return;
+            return LoadOutcome::Failed;
         };
         self.registry
             .set_status(name, version, VersionState::Loading, None);
         tracing::info!(model = %name, version, "loading");
         let started = std::time::Instant::now();
-        let result = match model.base.localize(version).await {
-            Ok(dir) => {
-                let (model_name, settings) = (name.to_string(), self.config.load.clone());
-                tokio::task::spawn_blocking(move || {
-                    load_version(&model_name, version, &dir, &settings)
-                })
-                .await
-                .unwrap_or_else(|e| {
-                    Err(super::VersionLoadError::Io {
-                        path: String::new(),
-                        message: format!("load task failed: {e}"),
-                    })
-                })
-                .map_err(|e| e.to_string())
+        let dir = match model.base.localize(version, entry).await {
+            Ok(dir) => dir,
+            Err(e) => {
+                self.registry.set_status(
+                    name,
+                    version,
+                    VersionState::End,
+                    Some(format!("{e} (retrying)")),
+                );
+                return LoadOutcome::Storage(e);
             }
-            Err(e) => Err(e.to_string()),
         };
+        let (model_name, settings) = (name.to_string(), self.config.load.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            load_version(&model_name, version, &dir, &settings)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(super::VersionLoadError::Io {
+                path: String::new(),
+                message: format!("load task failed: {e}"),
+            })
+        })
+        .map_err(|e| e.to_string());
         let Some(model) = self.models.get_mut(name) else {
-            return;
+            return LoadOutcome::Failed;
         };
         match result {
             Ok(servable) => {
@@ -255,12 +397,14 @@ impl Manager {
                 self.registry
                     .set_status(name, version, VersionState::Available, None);
                 self.publish();
+                LoadOutcome::Loaded
             }
             Err(message) => {
                 tracing::warn!(model = %name, version, "failed to load: {message}");
-                model.failed.insert(version, fingerprint);
+                model.failed.insert(version, entry.fingerprint.clone());
                 self.registry
                     .set_status(name, version, VersionState::End, Some(message));
+                LoadOutcome::Failed
             }
         }
     }
@@ -305,7 +449,7 @@ impl Manager {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             drop(servable);
-            registry.set_status(&model, version, VersionState::End, None);
+            registry.finish_unload(&model, version);
             tracing::info!(model = %model, version, "unloaded");
         });
     }
@@ -325,5 +469,30 @@ impl Manager {
             })
             .collect();
         self.registry.publish(ServingMap { models });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_a_cap() {
+        let now = Instant::now();
+        let mut backoff = Backoff::default();
+        assert!(backoff.ready(now) && !backoff.is_failing());
+        let base = Duration::from_secs(1);
+        let delays: Vec<u64> = (0..9)
+            .map(|_| backoff.failed(now, base).as_secs())
+            .collect();
+        assert_eq!(delays, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert!(!backoff.ready(now));
+        assert!(backoff.ready(now + MAX_BACKOFF));
+        backoff.reset();
+        assert!(backoff.ready(now) && !backoff.is_failing());
+        // A poll interval longer than the cap is never shortened.
+        let long = Duration::from_secs(120);
+        assert_eq!(backoff.failed(now, long), long);
+        assert_eq!(backoff.failed(now, long), long);
     }
 }

@@ -9,7 +9,7 @@ mod loader;
 mod manager;
 
 pub use loader::{LoadSettings, VersionLoadError};
-pub use manager::{Manager, ManagerConfig, ManagerHandle};
+pub use manager::{ApplyError, Manager, ManagerConfig, ManagerHandle};
 
 use crate::batching::Scheduler;
 use crate::error::Error;
@@ -202,11 +202,60 @@ impl Registry {
         }
     }
 
+    /// Marks a retired version END once its last request has answered, unless its status has
+    /// moved on meanwhile (the model was removed and added again, and the version reloaded).
+    fn finish_unload(&self, model: &str, version: i64) {
+        if let Some(status) = self
+            .lock_status()
+            .get_mut(model)
+            .and_then(|versions| versions.get_mut(&version))
+        {
+            if status.state == VersionState::Unloading {
+                *status = VersionStatus {
+                    state: VersionState::End,
+                    error: None,
+                };
+            }
+        }
+    }
+
+    /// Keeps the status of the models named (adding empty ones) and forgets the others.
     fn configure_models(&self, names: &[String]) {
         let mut status = self.lock_status();
         status.retain(|name, _| names.contains(name));
         for name in names {
             status.entry(name.clone()).or_default();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_unload_does_not_overwrite_a_newer_state() {
+        let registry = Registry::new();
+        registry.configure_models(&["m".to_string()]);
+        registry.set_status("m", 1, VersionState::Unloading, None);
+        registry.finish_unload("m", 1);
+        assert_eq!(
+            registry.model_status("m", Some(1)).unwrap()[0].1.state,
+            VersionState::End
+        );
+        // Removed and added again while an old copy of version 1 was still draining.
+        registry.set_status("m", 1, VersionState::Unloading, None);
+        registry.configure_models(&[]);
+        registry.configure_models(&["m".to_string()]);
+        registry.set_status("m", 1, VersionState::Available, None);
+        registry.finish_unload("m", 1);
+        assert_eq!(
+            registry.model_status("m", Some(1)).unwrap()[0].1.state,
+            VersionState::Available
+        );
+        // A removed model's statuses are gone, not left behind.
+        registry.configure_models(&[]);
+        registry.finish_unload("m", 1);
+        assert!(registry.model_status("m", None).is_err());
     }
 }

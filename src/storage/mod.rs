@@ -1,8 +1,21 @@
-//! Storage: where model versions live. Lists the version directories under a model's
-//! base path and hands the registry a local directory to load each one from.
+//! Storage: where model versions and config files live, a local directory or S3. Lists the
+//! version directories under a model's base path and hands the registry a local directory to
+//! load each one from: a local version is loaded in place, an S3 version is first fetched
+//! into the local cache ([`cache`]) and loaded from there.
 
+mod cache;
+mod insecure_tls;
+mod local;
+mod s3;
+
+use crate::config::S3Env;
+use cache::Cache;
+use s3::{S3Location, S3Store};
+
+pub use s3::http_client as s3_http_client;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// The TorchScript module of a version directory.
 pub const MODEL_FILE: &str = "model.pt";
@@ -10,112 +23,186 @@ pub const MODEL_FILE: &str = "model.pt";
 pub const SIGNATURE_FILE: &str = "signature.json";
 /// What a TensorFlow SavedModel directory holds; recognised only to refuse it clearly.
 pub const SAVED_MODEL_FILES: &[&str] = &["saved_model.pb", "saved_model.pbtxt"];
+/// Where `torch.jit.save(..., _extra_files=...)` puts an embedded signature in the archive.
+pub const EMBEDDED_SIGNATURE_SUFFIX: &str = "/extra/signature.json";
 
-/// Why storage could not answer.
+/// Why storage could not answer. Every variant is transient from the manager's point of view
+/// (retried with backoff); a version whose files are there but do not load is a load error,
+/// not a storage error.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum StorageError {
     #[error("cannot list {path}: {message}")]
     List { path: String, message: String },
-    #[error("unsupported base path '{0}'")]
-    Unsupported(String),
+    #[error("cannot read {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("cannot fetch {path}: {message}")]
+    Fetch { path: String, message: String },
+    #[error("model cache {path}: {message}")]
+    Cache { path: String, message: String },
+    #[error("invalid storage location '{location}': {message}")]
+    Invalid { location: String, message: String },
+}
+
+/// A file of a version directory, as listed in S3.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredFile {
+    /// Path relative to the version directory (`model.pt`, `assets/vocab.txt`).
+    pub path: String,
+    pub size: u64,
+    /// The object's ETag, quoted as S3 sends it; a download insists on it (If-Match).
+    pub etag: String,
 }
 
 /// A version directory as found in storage.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionEntry {
-    /// Changes whenever a file of the version changes (names, sizes, modification times), so
-    /// a version that failed to load is retried only once it has been rewritten.
+    /// Changes whenever a file of the version changes (names, sizes, and modification times
+    /// or ETags), so a version that failed to load is retried only once it has been
+    /// rewritten, and a cached download is reused only while it is unchanged.
     pub fingerprint: String,
+    /// `false` for a `model.pt` without `signature.json` whose signature is not known to be
+    /// embedded: it may be an upload still in progress. The manager counts such a version
+    /// once it has stayed unchanged across two listings (see `registry::manager`).
+    pub complete: bool,
+    /// The files to fetch (S3 only; a local version is loaded in place).
+    pub files: Vec<StoredFile>,
 }
 
-/// A model's base path: one directory per version, named by a positive integer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BasePath {
-    Local(PathBuf),
+/// What a version directory's top-level file names say about it: `None` while it holds no
+/// model; `Some(true)` when it can be loaded (model and signature, or a SavedModel to be
+/// refused clearly); `Some(false)` for a model without `signature.json`.
+pub(crate) fn layout<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<bool> {
+    let (mut model, mut signature, mut saved_model) = (false, false, false);
+    for name in names {
+        model |= name == MODEL_FILE;
+        signature |= name == SIGNATURE_FILE;
+        saved_model |= SAVED_MODEL_FILES.contains(&name);
+    }
+    match (model, signature, saved_model) {
+        (true, true, _) => Some(true),
+        (true, false, _) => Some(false),
+        (false, _, true) => Some(true),
+        (false, _, false) => None,
+    }
 }
 
-impl BasePath {
-    pub fn parse(base_path: &str) -> Result<BasePath, StorageError> {
-        if base_path.contains("://") {
-            return Err(StorageError::Unsupported(base_path.to_string()));
+/// Storage access shared by every base path: the S3 client (built on first use, from the
+/// environment and the AWS default credential chain) and the download cache. Cheap to clone.
+#[derive(Clone)]
+pub struct Storage {
+    s3: Arc<S3Store>,
+}
+
+impl Storage {
+    /// Storage whose S3 versions are cached under `cache_dir`.
+    pub fn new(cache_dir: PathBuf, env: S3Env) -> Storage {
+        Storage {
+            s3: Arc::new(S3Store::new(env, Cache::new(cache_dir))),
+        }
+    }
+
+    /// The default cache directory: `modelgate-cache` under the system temp dir.
+    pub fn default_cache_dir() -> PathBuf {
+        std::env::temp_dir().join("modelgate-cache")
+    }
+
+    /// A model's base path: `s3://bucket/prefix` or a local directory.
+    pub fn base_path(&self, base_path: &str) -> Result<BasePath, StorageError> {
+        if base_path.starts_with("s3://") {
+            let location = S3Location::parse(base_path)?;
+            return Ok(BasePath::S3 {
+                location,
+                store: Arc::clone(&self.s3),
+            });
+        }
+        if let Some((scheme, _)) = base_path.split_once("://") {
+            return Err(StorageError::Invalid {
+                location: base_path.to_string(),
+                message: format!("'{scheme}://' is not supported; use a local path or s3://"),
+            });
         }
         Ok(BasePath::Local(PathBuf::from(base_path)))
     }
 
+    /// The whole text of a file (the model config): a local path or `s3://bucket/key`.
+    pub async fn read_text(&self, location: &str) -> Result<String, StorageError> {
+        let bytes = if location.starts_with("s3://") {
+            let location = S3Location::parse(location)?;
+            self.s3.read_object(&location).await?
+        } else {
+            tokio::fs::read(location)
+                .await
+                .map_err(|e| StorageError::Read {
+                    path: location.to_string(),
+                    message: e.to_string(),
+                })?
+        };
+        String::from_utf8(bytes).map_err(|_| StorageError::Read {
+            path: location.to_string(),
+            message: "not UTF-8 text".into(),
+        })
+    }
+}
+
+/// A model's base path: one directory per version, named by a positive integer.
+#[derive(Clone)]
+pub enum BasePath {
+    Local(PathBuf),
+    S3 {
+        location: S3Location,
+        store: Arc<S3Store>,
+    },
+}
+
+impl PartialEq for BasePath {
+    fn eq(&self, other: &BasePath) -> bool {
+        match (self, other) {
+            (BasePath::Local(a), BasePath::Local(b)) => a == b,
+            (BasePath::S3 { location: a, .. }, BasePath::S3 { location: b, .. }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for BasePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BasePath::Local(dir) => write!(f, "{}", dir.display()),
+            BasePath::S3 { location, .. } => write!(f, "{location}"),
+        }
+    }
+}
+
+impl BasePath {
     /// The versions present now. A directory counts once it holds a model file (or a
     /// SavedModel, so that it can be refused with a clear error); other entries are ignored.
     pub async fn list_versions(&self) -> Result<BTreeMap<i64, VersionEntry>, StorageError> {
         match self {
             BasePath::Local(dir) => {
                 let dir = dir.clone();
-                tokio::task::spawn_blocking(move || list_local(&dir))
+                let shown = dir.display().to_string();
+                tokio::task::spawn_blocking(move || local::list(&dir))
                     .await
                     .map_err(|e| StorageError::List {
-                        path: String::new(),
+                        path: shown,
                         message: e.to_string(),
                     })?
             }
+            BasePath::S3 { location, store } => store.list_versions(location).await,
         }
     }
 
-    /// A local directory holding the files of `version`.
-    pub async fn localize(&self, version: i64) -> Result<PathBuf, StorageError> {
+    /// A local directory holding the files of `version` as listed in `entry`.
+    pub async fn localize(
+        &self,
+        version: i64,
+        entry: &VersionEntry,
+    ) -> Result<PathBuf, StorageError> {
         match self {
             BasePath::Local(dir) => Ok(dir.join(version.to_string())),
+            BasePath::S3 { location, store } => store.localize(location, version, entry).await,
         }
     }
-}
-
-fn list_local(dir: &Path) -> Result<BTreeMap<i64, VersionEntry>, StorageError> {
-    let list_error = |e: std::io::Error| StorageError::List {
-        path: dir.display().to_string(),
-        message: e.to_string(),
-    };
-    let mut versions = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).map_err(list_error)? {
-        let entry = entry.map_err(list_error)?;
-        let Some(version) = parse_version(&entry.file_name().to_string_lossy()) else {
-            continue;
-        };
-        if !entry.file_type().map_err(list_error)?.is_dir() {
-            continue;
-        }
-        if let Some(fingerprint) = local_fingerprint(&entry.path()) {
-            versions.insert(version, VersionEntry { fingerprint });
-        }
-    }
-    Ok(versions)
-}
-
-/// The fingerprint of a local version directory, or `None` while it holds no model.
-fn local_fingerprint(dir: &Path) -> Option<String> {
-    let mut files: Vec<String> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let meta = entry.metadata().ok()?;
-            let modified = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            Some(format!(
-                "{}:{}:{}",
-                entry.file_name().to_string_lossy(),
-                meta.len(),
-                modified
-            ))
-        })
-        .collect();
-    let has_model = files.iter().any(|f| {
-        let name = f.split(':').next().unwrap_or("");
-        name == MODEL_FILE || SAVED_MODEL_FILES.contains(&name)
-    });
-    if !has_model {
-        return None;
-    }
-    files.sort();
-    Some(files.join(";"))
 }
 
 /// A version directory name: a positive integer, as in TF Serving.
@@ -141,32 +228,26 @@ mod tests {
         assert_eq!(parse_version("99999999999999999999"), None);
     }
 
-    #[tokio::test]
-    async fn lists_only_directories_with_a_model() {
-        let root = std::env::temp_dir().join(format!("modelgate-storage-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        for (dir, file) in [
-            ("1", Some(MODEL_FILE)),
-            ("2", Some(SIGNATURE_FILE)),
-            ("3", Some("saved_model.pb")),
-            ("x", Some(MODEL_FILE)),
-        ] {
-            std::fs::create_dir_all(root.join(dir)).unwrap();
-            if let Some(file) = file {
-                std::fs::write(root.join(dir).join(file), b"x").unwrap();
-            }
-        }
-        std::fs::write(root.join("4"), b"a file, not a directory").unwrap();
-        let versions = BasePath::parse(root.to_str().unwrap())
-            .unwrap()
-            .list_versions()
-            .await
-            .unwrap();
-        assert_eq!(versions.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
-        let before = versions[&1].fingerprint.clone();
-        std::fs::write(root.join("1").join(SIGNATURE_FILE), b"{}").unwrap();
-        let versions = BasePath::Local(root.clone()).list_versions().await.unwrap();
-        assert_ne!(versions[&1].fingerprint, before);
-        std::fs::remove_dir_all(&root).unwrap();
+    #[test]
+    fn layouts() {
+        assert_eq!(layout([MODEL_FILE, SIGNATURE_FILE]), Some(true));
+        assert_eq!(layout([MODEL_FILE]), Some(false));
+        assert_eq!(layout([SIGNATURE_FILE]), None);
+        assert_eq!(layout(["saved_model.pb", "variables"]), Some(true));
+        assert_eq!(layout(["README"]), None);
+    }
+
+    #[test]
+    fn base_paths() {
+        let storage = Storage::new(std::env::temp_dir(), S3Env::from_lookup(|_| None));
+        assert!(matches!(
+            storage.base_path("/models/a").unwrap(),
+            BasePath::Local(_)
+        ));
+        let s3 = storage.base_path("s3://bucket/models/a/").unwrap();
+        assert_eq!(s3.to_string(), "s3://bucket/models/a");
+        assert!(s3 == storage.base_path("s3://bucket/models/a").unwrap());
+        assert!(storage.base_path("gs://bucket/a").is_err());
+        assert!(storage.base_path("s3://").is_err());
     }
 }

@@ -10,7 +10,7 @@ use crate::inference::Inference;
 use crate::proto::serving::model_service_server::ModelServiceServer;
 use crate::proto::serving::prediction_service_server::PredictionServiceServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
-use crate::registry::Registry;
+use crate::registry::{ManagerHandle, Registry};
 use axum::serve::ListenerExt;
 use model_service::ModelServiceApi;
 use prediction::PredictionApi;
@@ -49,6 +49,7 @@ pub struct GrpcOptions {
 pub async fn serve(
     listener: TcpListener,
     inference: Inference,
+    manager: ManagerHandle,
     options: GrpcOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -70,7 +71,7 @@ pub async fn serve(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit)
         .accept_compressed(CompressionEncoding::Gzip);
-    let model_service = ModelServiceServer::new(ModelServiceApi::new(registry))
+    let model_service = ModelServiceServer::new(ModelServiceApi::new(registry, manager))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit)
         .accept_compressed(CompressionEncoding::Gzip);

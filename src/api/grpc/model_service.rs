@@ -1,7 +1,9 @@
 //! `tensorflow.serving.ModelService`.
 
 use super::prediction::model_and_version;
+use crate::config::model_specs_from_config;
 use crate::error::Error;
+use crate::proto::serving::model_server_config::Config;
 use crate::proto::serving::model_service_server::ModelService;
 use crate::proto::serving::model_version_status::State;
 use crate::proto::serving::{
@@ -9,17 +11,27 @@ use crate::proto::serving::{
     ReloadConfigResponse, StatusProto,
 };
 use crate::proto::tensorflow::error::Code;
-use crate::registry::{Registry, VersionSelector, VersionState};
+use crate::registry::{ApplyError, ManagerHandle, Registry, VersionSelector, VersionState};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 pub struct ModelServiceApi {
     registry: Arc<Registry>,
+    manager: ManagerHandle,
 }
 
 impl ModelServiceApi {
-    pub fn new(registry: Arc<Registry>) -> ModelServiceApi {
-        ModelServiceApi { registry }
+    pub fn new(registry: Arc<Registry>, manager: ManagerHandle) -> ModelServiceApi {
+        ModelServiceApi { registry, manager }
+    }
+}
+
+/// Why a reload was refused, as the serving error; the config in force stays.
+fn reload_error(e: impl std::fmt::Display, stopped: bool) -> Error {
+    if stopped {
+        Error::Unavailable(e.to_string())
+    } else {
+        Error::InvalidArgument(e.to_string())
     }
 }
 
@@ -65,13 +77,38 @@ impl ModelService for ModelServiceApi {
         }))
     }
 
+    /// Replaces the model config and answers once it is applied: new models listed and
+    /// their versions loaded (or failed), removed ones unloaded. A config that cannot be
+    /// served is refused whole (INVALID_ARGUMENT, as TF Serving) and the old one stays.
     async fn handle_reload_config_request(
         &self,
-        _request: Request<ReloadConfigRequest>,
+        request: Request<ReloadConfigRequest>,
     ) -> Result<Response<ReloadConfigResponse>, Status> {
-        Err(Error::Unimplemented(
-            "HandleReloadConfigRequest is not implemented by this modelgate release".into(),
-        )
-        .into())
+        let config = request.into_inner().config.unwrap_or_default();
+        if !matches!(config.config, Some(Config::ModelConfigList(_))) {
+            return Err(Error::InvalidArgument(
+                "ServerModelConfig type not supported by HandleReloadConfigRequest. \
+                 Only ModelConfigList is currently supported"
+                    .into(),
+            )
+            .into());
+        }
+        let specs = model_specs_from_config(&config).map_err(|e| {
+            tracing::error!("ReloadConfig refused: {e}");
+            reload_error(e, false)
+        })?;
+        tracing::info!(
+            models = specs.len(),
+            "ReloadConfig: applying a new model config"
+        );
+        self.manager.set_models(specs).await.map_err(|e| {
+            tracing::error!("ReloadConfig refused: {e}");
+            reload_error(&e, e == ApplyError::Stopped)
+        })?;
+        tracing::info!("ReloadConfig: model config applied");
+        Ok(Response::new(ReloadConfigResponse {
+            status: Some(StatusProto::default()),
+            ..Default::default()
+        }))
     }
 }

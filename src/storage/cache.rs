@@ -1,0 +1,205 @@
+//! The local cache of versions fetched from S3.
+//!
+//! Layout: `<root>/<bucket>/<prefix>/<version>/<hash of the version's fingerprint>/<files>`.
+//! A version is downloaded into a temporary sibling directory and renamed into place only
+//! once every file is complete, so a directory at its final name is always whole; the hash
+//! covers every file's name, size and ETag, so an unchanged version is found again (even
+//! after a restart) and never downloaded twice, and a rewritten one gets a new directory.
+//! One server per cache directory: temporary directories left by a crash are removed on the
+//! next download of the same version.
+
+use super::StorageError;
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// The cache root and its naming rules.
+pub struct Cache {
+    root: PathBuf,
+    temp_counter: AtomicU64,
+}
+
+impl Cache {
+    pub fn new(root: PathBuf) -> Cache {
+        Cache {
+            root,
+            temp_counter: AtomicU64::new(0),
+        }
+    }
+
+    /// Where the version with this fingerprint lives once complete.
+    pub fn version_dir(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        version: i64,
+        fingerprint: &str,
+    ) -> PathBuf {
+        let mut dir = self.root.join(safe_component(bucket));
+        for part in prefix.split('/').filter(|p| !p.is_empty()) {
+            dir.push(safe_component(part));
+        }
+        dir.push(version.to_string());
+        dir.push(fingerprint_hash(fingerprint));
+        dir
+    }
+
+    /// Returns `dir`, filling it first with `download` (given a temporary directory to write
+    /// into) unless it is already there.
+    pub async fn fill<F, Fut>(&self, dir: &Path, download: F) -> Result<PathBuf, StorageError>
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: Future<Output = Result<(), StorageError>>,
+    {
+        if tokio::fs::metadata(dir).await.is_ok_and(|m| m.is_dir()) {
+            return Ok(dir.to_path_buf());
+        }
+        let cache_error = |path: &Path, e: std::io::Error| StorageError::Cache {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let parent = dir.parent().ok_or_else(|| StorageError::Cache {
+            path: dir.display().to_string(),
+            message: "no parent directory".into(),
+        })?;
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| cache_error(parent, e))?;
+        remove_entries(parent, |name| name.starts_with(TEMP_PREFIX)).await;
+        let temp = parent.join(format!(
+            "{TEMP_PREFIX}{}-{}",
+            std::process::id(),
+            self.temp_counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        tokio::fs::create_dir_all(&temp)
+            .await
+            .map_err(|e| cache_error(&temp, e))?;
+        if let Err(e) = download(temp.clone()).await {
+            let _ = tokio::fs::remove_dir_all(&temp).await;
+            return Err(e);
+        }
+        if let Err(e) = tokio::fs::rename(&temp, dir).await {
+            let _ = tokio::fs::remove_dir_all(&temp).await;
+            if !tokio::fs::metadata(dir).await.is_ok_and(|m| m.is_dir()) {
+                return Err(cache_error(dir, e));
+            }
+        }
+        // Older contents of this version are not needed again: they changed in storage.
+        let keep = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        remove_entries(parent, |name| Some(name) != keep.as_deref()).await;
+        Ok(dir.to_path_buf())
+    }
+}
+
+/// Removes the entries of `dir` whose names match; failures only cost disk space.
+async fn remove_entries(dir: &Path, matches: impl Fn(&str) -> bool) {
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        if matches(&entry.file_name().to_string_lossy()) {
+            let path = entry.path();
+            if let Err(e) = tokio::fs::remove_dir_all(&path).await {
+                tracing::debug!("cannot remove {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// A bucket or prefix component as a directory name: kept readable, never `.`/`..`.
+fn safe_component(part: &str) -> String {
+    let cleaned: String = part
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if cleaned.chars().all(|c| c == '.') || cleaned.starts_with(TEMP_PREFIX) {
+        format!("_{cleaned}")
+    } else {
+        cleaned
+    }
+}
+
+fn fingerprint_hash(fingerprint: &str) -> String {
+    Sha256::digest(fingerprint.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_stable_and_safe() {
+        let cache = Cache::new(PathBuf::from("/cache"));
+        let a = cache.version_dir("bucket", "models/../mlp/", 3, "model.pt:10:\"e1\"");
+        assert_eq!(
+            a,
+            cache.version_dir("bucket", "models/../mlp", 3, "model.pt:10:\"e1\"")
+        );
+        let text = a.display().to_string();
+        assert!(
+            text.starts_with("/cache/bucket/models/_../mlp/3/"),
+            "{text}"
+        );
+        assert_ne!(
+            a,
+            cache.version_dir("bucket", "models/../mlp", 3, "model.pt:10:\"e2\"")
+        );
+        assert_eq!(safe_component("a b"), "a_b");
+        assert_eq!(safe_component(".tmp-x"), "_.tmp-x");
+    }
+
+    #[tokio::test]
+    async fn fills_once_and_atomically() {
+        let root =
+            std::env::temp_dir().join(format!("modelgate-cache-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let cache = Cache::new(root.clone());
+        let dir = cache.version_dir("b", "m", 1, "fp1");
+        let failed = cache
+            .fill(&dir, |temp| async move {
+                std::fs::write(temp.join("model.pt"), b"half").unwrap();
+                Err(StorageError::Fetch {
+                    path: "x".into(),
+                    message: "connection reset".into(),
+                })
+            })
+            .await;
+        assert!(failed.is_err());
+        assert!(!dir.exists(), "a failed download leaves nothing behind");
+        let filled = cache
+            .fill(&dir, |temp| async move {
+                std::fs::write(temp.join("model.pt"), b"whole").unwrap();
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(filled.join("model.pt")).unwrap(), b"whole");
+        // Found again without downloading.
+        cache
+            .fill(&dir, |_| async { panic!("downloaded twice") })
+            .await
+            .unwrap();
+        // A new fingerprint of the same version replaces the old directory.
+        let newer = cache.version_dir("b", "m", 1, "fp2");
+        cache.fill(&newer, |_| async { Ok(()) }).await.unwrap();
+        assert!(newer.exists() && !dir.exists());
+        let leftovers: Vec<_> = std::fs::read_dir(newer.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,135 @@
+//! Local base paths: versions are listed with `read_dir` and loaded in place. Blocking; run
+//! on a blocking thread.
+
+use super::MODEL_FILE;
+use super::{layout, parse_version, StorageError, VersionEntry, EMBEDDED_SIGNATURE_SUFFIX};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The versions under `dir`.
+pub(super) fn list(dir: &Path) -> Result<BTreeMap<i64, VersionEntry>, StorageError> {
+    let list_error = |e: std::io::Error| StorageError::List {
+        path: dir.display().to_string(),
+        message: e.to_string(),
+    };
+    let mut versions = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(list_error)? {
+        let entry = entry.map_err(list_error)?;
+        let Some(version) = parse_version(&entry.file_name().to_string_lossy()) else {
+            continue;
+        };
+        if !entry.file_type().map_err(list_error)?.is_dir() {
+            continue;
+        }
+        if let Some(found) = version_entry(&entry.path()) {
+            versions.insert(version, found);
+        }
+    }
+    Ok(versions)
+}
+
+/// A local version directory, or `None` while it holds no model.
+fn version_entry(dir: &Path) -> Option<VersionEntry> {
+    let mut names = Vec::new();
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let line = format!("{name}:{}:{modified}", meta.len());
+            names.push(name);
+            Some(line)
+        })
+        .collect();
+    let complete = match layout(names.iter().map(String::as_str))? {
+        true => true,
+        // Reading the archive's directory is cheap here, so a model with an embedded
+        // signature serves at once; one that cannot be opened may still be being written.
+        false => has_embedded_signature(&dir.join(MODEL_FILE)),
+    };
+    files.sort();
+    Some(VersionEntry {
+        fingerprint: files.join(";"),
+        complete,
+        files: Vec::new(),
+    })
+}
+
+/// Whether `model` is a complete TorchScript archive holding `extra/signature.json`.
+pub(crate) fn has_embedded_signature(model: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(model) else {
+        return false;
+    };
+    let Ok(archive) = zip::ZipArchive::new(std::io::BufReader::new(file)) else {
+        return false;
+    };
+    let found = archive
+        .file_names()
+        .filter_map(Result::ok)
+        .any(|name| name.ends_with(EMBEDDED_SIGNATURE_SUFFIX));
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{BasePath, SIGNATURE_FILE};
+    use super::*;
+
+    #[tokio::test]
+    async fn lists_only_directories_with_a_model() {
+        let root = std::env::temp_dir().join(format!("modelgate-storage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (dir, file) in [
+            ("1", Some(MODEL_FILE)),
+            ("2", Some(SIGNATURE_FILE)),
+            ("3", Some("saved_model.pb")),
+            ("x", Some(MODEL_FILE)),
+        ] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+            if let Some(file) = file {
+                std::fs::write(root.join(dir).join(file), b"x").unwrap();
+            }
+        }
+        std::fs::write(root.join("4"), b"a file, not a directory").unwrap();
+        let base = BasePath::Local(root.clone());
+        let versions = base.list_versions().await.unwrap();
+        assert_eq!(versions.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
+        // model.pt alone, not an archive with a signature: maybe still being written.
+        assert!(!versions[&1].complete);
+        assert!(versions[&3].complete);
+        let before = versions[&1].fingerprint.clone();
+        std::fs::write(root.join("1").join(SIGNATURE_FILE), b"{}").unwrap();
+        let versions = base.list_versions().await.unwrap();
+        assert_ne!(versions[&1].fingerprint, before);
+        assert!(versions[&1].complete);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn embedded_signatures_are_found_in_the_archive() {
+        let root = std::env::temp_dir().join(format!("modelgate-embedded-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let path = root.join(MODEL_FILE);
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        zip.start_file(
+            "tiny/extra/signature.json",
+            zip::write::SimpleFileOptions::default(),
+        )
+        .unwrap();
+        std::io::Write::write_all(&mut zip, b"{}").unwrap();
+        zip.finish().unwrap();
+        assert!(has_embedded_signature(&path));
+        // Cut short, as during a copy: the archive's directory is missing.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(!has_embedded_signature(&path));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,122 @@
+//! Versions rolled under load (v1 -> v2 -> v3, policy latest { 1 }) while several clients
+//! call Predict without pause: no request fails, and every answer carries the values of the
+//! version it names.
+
+mod repository;
+
+use modelgate::proto::serving::model_version_status::State;
+use repository::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const CLIENTS: usize = 4;
+
+/// Copies a fixture version into the base path the way an upload tool would: model first,
+/// the signature last (written aside and renamed, so it appears whole).
+fn copy_version(base: &Path, version: i64) {
+    let from = fixtures().join("scaled").join(version.to_string());
+    let to = base.join(version.to_string());
+    std::fs::create_dir_all(&to).unwrap();
+    std::fs::copy(from.join("model.pt"), to.join("model.pt")).unwrap();
+    std::fs::copy(from.join("signature.json"), to.join(".signature.json.part")).unwrap();
+    std::fs::rename(to.join(".signature.json.part"), to.join("signature.json")).unwrap();
+}
+
+#[derive(Default)]
+struct Tally {
+    /// Answers per version.
+    answers: BTreeMap<i64, u64>,
+    failures: Vec<String>,
+    mismatches: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn versions_roll_under_load_without_failed_requests() {
+    let base = scratch("hot-swap");
+    copy_version(&base, 1);
+    let server = Server::start(
+        &[
+            "--model_name=scaled".into(),
+            format!("--model_base_path={}", base.display()),
+            "--file_system_poll_wait_seconds=1".into(),
+        ],
+        &[],
+    );
+    server.wait_ready().await;
+    let models = server.model_service().await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(std::sync::Mutex::new(Tally::default()));
+    let mut clients = Vec::new();
+    for client_id in 0..CLIENTS {
+        let (stop, tally) = (Arc::clone(&stop), Arc::clone(&tally));
+        // One connection per client, as separate processes would have.
+        let mut client = server.prediction().await;
+        clients.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let x = [client_id as f32 + 1.0, n as f32];
+                let result = predict(&mut client, spec("scaled", None), &x).await;
+                let mut tally = tally.lock().unwrap();
+                match result {
+                    Ok((version, y)) => {
+                        *tally.answers.entry(version).or_default() += 1;
+                        let expected: Vec<f32> = x.iter().map(|v| v * version as f32).collect();
+                        if y != expected {
+                            tally
+                                .mismatches
+                                .push(format!("version {version}: {x:?} -> {y:?}"));
+                        }
+                    }
+                    Err(status) => tally.failures.push(format!("{status:?}")),
+                }
+            }
+        }));
+    }
+    let answered = |version: i64, at_least: u64| {
+        let tally = Arc::clone(&tally);
+        move || {
+            let enough = tally
+                .lock()
+                .unwrap()
+                .answers
+                .get(&version)
+                .is_some_and(|&n| n >= at_least);
+            async move { enough.then_some(()) }
+        }
+    };
+
+    wait_for("answers from version 1", answered(1, 20)).await;
+    copy_version(&base, 2);
+    wait_for_state(&models, "scaled", 1, State::End).await;
+    wait_for("answers from version 2", answered(2, 20)).await;
+    copy_version(&base, 3);
+    wait_for_state(&models, "scaled", 2, State::End).await;
+    wait_for("answers from version 3", answered(3, 20)).await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+
+    let tally = tally.lock().unwrap();
+    let total: u64 = tally.answers.values().sum();
+    assert!(
+        tally.failures.is_empty(),
+        "{} of {total} requests failed: {:?}",
+        tally.failures.len(),
+        &tally.failures[..tally.failures.len().min(5)]
+    );
+    assert!(tally.mismatches.is_empty(), "{:?}", tally.mismatches);
+    assert_eq!(
+        tally.answers.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    eprintln!(
+        "hot swap: {total} requests, 0 failed, by version {:?}",
+        tally.answers
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}

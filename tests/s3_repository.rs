@@ -1,0 +1,335 @@
+//! A model repository on a real S3 server (moto, over HTTP on 127.0.0.1): config and models
+//! on S3, new versions picked up and old ones unloaded, config changes, a corrupt version,
+//! incomplete uploads, ReloadConfig, readiness, S3 stopped and restarted while serving, and
+//! secrets kept out of the logs.
+
+mod repository;
+
+use modelgate::proto::serving::model_spec::VersionChoice;
+use modelgate::proto::serving::model_version_status::State;
+use modelgate::proto::serving::ReloadConfigRequest;
+use repository::*;
+use std::time::Duration;
+
+const BUCKET: &str = "models";
+const CONFIG_KEY: &str = "config/models.config";
+
+fn scaled_config(extra: &str) -> String {
+    format!(
+        r#"name: "scaled" base_path: "s3://{BUCKET}/repo/scaled" model_platform: "pytorch" {extra}"#
+    )
+}
+
+fn tiny_config() -> String {
+    format!(r#"name: "tiny" base_path: "s3://{BUCKET}/repo/tiny" model_platform: "pytorch""#)
+}
+
+/// Uploads `scaled` version `version` (y = version * x) from the fixtures, model first.
+async fn upload_scaled(s3: &S3, version: i64) {
+    let dir = fixtures().join("scaled").join(version.to_string());
+    s3.put_files(
+        BUCKET,
+        &format!("repo/scaled/{version}"),
+        &dir,
+        &["model.pt", "signature.json"],
+    )
+    .await;
+}
+
+/// Everything the bucket should hold at the start (and again after moto restarts empty).
+async fn seed(s3: &S3, config: &str) {
+    s3.create_bucket(BUCKET).await;
+    s3.put(BUCKET, CONFIG_KEY, config.as_bytes().to_vec()).await;
+    upload_scaled(s3, 1).await;
+}
+
+/// The factor of each `scaled` version uploaded here: 1 to 3 are the fixtures of the same
+/// number, 4 and 5 are copies of fixture 3.
+fn factor(version: i64) -> f32 {
+    version.min(3) as f32
+}
+
+/// Predict on `scaled` (latest) until it answers from `version`, checking every answer.
+async fn wait_for_served_version(server: &Server, version: i64) {
+    let client = server.prediction().await;
+    let what = format!("scaled to serve version {version}");
+    wait_for(&what, || {
+        let mut client = client.clone();
+        async move {
+            let (served, y) = predict(&mut client, spec("scaled", None), &[1.0, 2.0, 3.0])
+                .await
+                .expect("scaled keeps answering");
+            let expected: Vec<f32> = [1.0, 2.0, 3.0].iter().map(|x| x * factor(served)).collect();
+            assert_eq!(
+                y, expected,
+                "version {served} answered with another version's values"
+            );
+            (served == version).then_some(())
+        }
+    })
+    .await;
+}
+
+fn server_args(cache: &std::path::Path) -> Vec<String> {
+    vec![
+        format!("--model_config_file=s3://{BUCKET}/{CONFIG_KEY}"),
+        "--model_config_file_poll_wait_seconds=1".into(),
+        "--file_system_poll_wait_seconds=1".into(),
+        format!("--model_cache_dir={}", cache.display()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_repository_lifecycle() {
+    let mut moto = Moto::start();
+    let s3 = moto.client();
+    let first_config = config_text(&[scaled_config("")]);
+    seed(&s3, &first_config).await;
+    let cache = scratch("s3-cache");
+    let server = Server::start(&server_args(&cache), &moto.server_env("test-secret"));
+    server.wait_ready().await;
+    let mut models = server.model_service().await;
+    let mut predictions = server.prediction().await;
+
+    // Config and model read from S3.
+    let (version, y) = predict(&mut predictions, spec("scaled", None), &[1.0, 2.0])
+        .await
+        .unwrap();
+    assert_eq!((version, y), (1, vec![1.0, 2.0]));
+
+    // A new version is picked up; the one it replaces is unloaded.
+    upload_scaled(&s3, 2).await;
+    wait_for_served_version(&server, 2).await;
+    wait_for_state(&models, "scaled", 1, State::End).await;
+
+    // A corrupt version fails with its reason, the serving version keeps serving, and the
+    // failure is not retried on every poll.
+    s3.put_files(
+        BUCKET,
+        "repo/scaled/3",
+        &fixtures().join("corrupt/1"),
+        &["model.pt", "signature.json"],
+    )
+    .await;
+    let error = wait_for_state(&models, "scaled", 3, State::End).await;
+    assert!(error.contains("model.pt"), "error names the file: {error}");
+    let polls_before = server.log.count(&["fetched s3://models/repo/scaled"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        server.log.count(&["failed to load", "version=3"]),
+        1,
+        "{}",
+        server.log.text()
+    );
+    assert_eq!(
+        server.log.count(&["fetched s3://models/repo/scaled"]),
+        polls_before
+    );
+    wait_for_served_version(&server, 2).await;
+
+    // A version still being uploaded (signature.json before model.pt) is not loaded until
+    // complete.
+    let v4 = fixtures().join("scaled/3");
+    s3.put_files(BUCKET, "repo/scaled/4", &v4, &["signature.json"])
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let statuses = model_status(&mut models, "scaled").await.unwrap();
+    assert!(statuses.iter().all(|(v, _, _)| *v != 4), "{statuses:?}");
+    s3.put_files(BUCKET, "repo/scaled/4", &v4, &["model.pt"])
+        .await;
+    wait_for_state(&models, "scaled", 4, State::Available).await;
+    wait_for_state(&models, "scaled", 2, State::End).await;
+
+    // A config change on S3 is picked up: a model with its signature embedded in model.pt
+    // is added, and a label is added to the unchanged model without reloading it.
+    let tiny = fixtures().join("tiny/1");
+    s3.put_files(BUCKET, "repo/tiny/1", &tiny, &["model.pt"])
+        .await;
+    let second_config = config_text(&[
+        scaled_config(r#"version_labels { key: "stable" value: 4 }"#),
+        tiny_config(),
+    ]);
+    s3.put(BUCKET, CONFIG_KEY, second_config.as_bytes().to_vec())
+        .await;
+    wait_for_state(&models, "tiny", 1, State::Available).await;
+    let (version, y) = predict(&mut predictions, spec("tiny", None), &[3.0])
+        .await
+        .unwrap();
+    assert_eq!((version, y), (1, vec![7.0]));
+    let stable = spec("scaled", Some(VersionChoice::VersionLabel("stable".into())));
+    wait_for("label stable to bind", || {
+        let (mut client, stable) = (predictions.clone(), stable.clone());
+        async move { predict(&mut client, stable, &[1.0]).await.ok() }
+    })
+    .await;
+    assert_eq!(
+        server.log.count(&["loading", "model=scaled", "version=4"]),
+        1
+    );
+
+    // Bad config text: the old config stays in force and the error is logged.
+    s3.put(
+        BUCKET,
+        CONFIG_KEY,
+        b"model_config_list { config { name: ".to_vec(),
+    )
+    .await;
+    server.log.wait_for(&["model config refused"]).await;
+    predict(&mut predictions, spec("tiny", None), &[1.0])
+        .await
+        .expect("tiny still served");
+    s3.put(BUCKET, CONFIG_KEY, second_config.as_bytes().to_vec())
+        .await;
+
+    // ReloadConfig: a bad config is refused whole, a good one answers once applied.
+    let reload = |models: Vec<String>| ReloadConfigRequest {
+        config: Some(
+            modelgate::config::parse_model_server_config("test", &config_text(&models)).unwrap(),
+        ),
+        ..Default::default()
+    };
+    let refused = models
+        .handle_reload_config_request(reload(vec![
+            scaled_config(""),
+            r#"name: "bad" base_path: "/x" model_platform: "onnx""#.into(),
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(model_status(&mut models, "tiny").await.is_ok());
+    let empty = format!(r#"name: "empty" base_path: "s3://{BUCKET}/repo/empty""#);
+    models
+        .handle_reload_config_request(reload(vec![scaled_config(""), empty.clone()]))
+        .await
+        .expect("reload applied");
+    let gone = model_status(&mut models, "tiny").await.unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    let (code, body) = server.http_get("/readyz").await;
+    assert_eq!(code, 503, "a model without an available version: {body}");
+    assert!(body.contains("empty"), "{body}");
+    models
+        .handle_reload_config_request(reload(vec![scaled_config("")]))
+        .await
+        .expect("reload applied");
+    assert_eq!(server.http_get("/readyz").await.0, 200);
+
+    // S3 stops: everything loaded keeps serving, the outage is logged once, not per poll.
+    moto.stop();
+    for _ in 0..5 {
+        let (version, _) = predict(&mut predictions, spec("scaled", None), &[1.0])
+            .await
+            .expect("served while S3 is down");
+        assert_eq!(version, 4);
+    }
+    server
+        .log
+        .wait_for(&["storage unavailable", "model=scaled"])
+        .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        server.log.count(&["storage unavailable", "model=scaled"]),
+        1,
+        "{}",
+        server.log.text()
+    );
+    assert_eq!(server.log.count(&["cannot re-read the model config"]), 1);
+    assert_eq!(server.http_get("/readyz").await.0, 200);
+
+    // S3 comes back (empty: moto keeps nothing); once refilled, polling resumes and a new
+    // version is picked up.
+    moto.restart();
+    let s3 = moto.client();
+    seed(&s3, &config_text(&[scaled_config("")])).await;
+    upload_scaled(&s3, 2).await;
+    s3.put_files(
+        BUCKET,
+        "repo/scaled/5",
+        &fixtures().join("scaled/3"),
+        &["model.pt", "signature.json"],
+    )
+    .await;
+    server
+        .log
+        .wait_for(&["storage is reachable again", "model=scaled"])
+        .await;
+    wait_for_served_version(&server, 5).await;
+    assert_eq!(
+        server.log.count(&["storage unavailable", "model=scaled"]),
+        1
+    );
+    // Version 2 came back unchanged: it was never fetched twice.
+    assert_eq!(server.log.count(&["fetched s3://models/repo/scaled/2 "]), 1);
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// Credentials given to the server never show in its logs, even at the most verbose level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_logs() {
+    let moto = Moto::start();
+    let s3 = moto.client();
+    seed(&s3, &config_text(&[scaled_config("")])).await;
+    let secret = format!("Secret{}Key{}", std::process::id(), "zQx9");
+    let token = format!("Token{}Session{}", std::process::id(), "pW3r");
+    let mut env = moto.server_env(&secret);
+    env.push(("MODELGATE_LOG".into(), "trace".into()));
+    let cache = scratch("s3-secrets-cache");
+    env.push(("AWS_SESSION_TOKEN".into(), token.clone()));
+    let server = Server::start(&server_args(&cache), &env);
+    server.wait_ready().await;
+    let mut predictions = server.prediction().await;
+    predict(&mut predictions, spec("scaled", None), &[1.0])
+        .await
+        .unwrap();
+    upload_scaled(&s3, 2).await;
+    wait_for_served_version(&server, 2).await;
+    let log = server.log.text();
+    assert!(log.contains("S3 client ready"), "S3 was used");
+    assert!(!log.contains(&secret), "the secret key leaked into the log");
+    assert!(
+        !log.contains(&token),
+        "the session token leaked into the log"
+    );
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// `S3_VERIFY_SSL=0` reaches an HTTPS endpoint whose certificate cannot be verified (a
+/// self-signed MinIO, typically); without it the certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_verify_ssl_off_accepts_a_self_signed_endpoint() {
+    let moto = Moto::start_tls();
+    let s3 = moto.client();
+    s3.create_bucket(BUCKET).await;
+    upload_scaled(&s3, 1).await;
+    let args = |cache: &std::path::Path| {
+        vec![
+            "--model_name=scaled".to_string(),
+            format!("--model_base_path=s3://{BUCKET}/repo/scaled"),
+            format!("--model_cache_dir={}", cache.display()),
+        ]
+    };
+
+    let cache = scratch("s3-tls-verified");
+    let verified = Server::start(&args(&cache), &moto.server_env("test-secret"));
+    verified
+        .log
+        .wait_for(&["storage unavailable", "model=scaled"])
+        .await;
+    assert_eq!(verified.http_get("/readyz").await.0, 503);
+    let log = verified.log.text();
+    assert!(
+        log.contains("certificate"),
+        "refused for its certificate: {log}"
+    );
+    drop(verified);
+
+    let mut env = moto.server_env("test-secret");
+    env.push(("S3_VERIFY_SSL".into(), "0".into()));
+    let unverified = Server::start(&args(&cache), &env);
+    unverified.wait_ready().await;
+    let mut predictions = unverified.prediction().await;
+    let (version, y) = predict(&mut predictions, spec("scaled", None), &[2.0])
+        .await
+        .unwrap();
+    assert_eq!((version, y), (1, vec![2.0]));
+    let _ = std::fs::remove_dir_all(&cache);
+}
