@@ -2,9 +2,11 @@
 //! flags, and runs them until a signal. Nothing else imports it.
 
 use crate::api;
+use crate::api::admin::{AdminConfig, AdminToken, EndpointsSource, Reload};
 use crate::config::{self, ConfigError, Flags, ModelSpec};
+use crate::error::Error;
 use crate::inference::Inference;
-use crate::registry::{Manager, ManagerConfig, Registry};
+use crate::registry::{Manager, ManagerConfig, ManagerHandle, Registry};
 use crate::runtime::{self, RunnerConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +16,10 @@ use tonic::transport::server::TcpIncoming;
 
 /// Jobs that may wait for a model's workers before new requests are refused (UNAVAILABLE).
 const QUEUE_CAPACITY: usize = 1024;
+
+/// Where Kubernetes mounts the pod's namespace with its service-account credentials.
+const SERVICE_ACCOUNT_NAMESPACE_FILE: &str =
+    "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +73,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     tracing::info!(%device, models = specs.len(), "starting modelgate");
 
     let registry = Registry::new();
-    let (manager, _manager_handle) = Manager::new(
+    let (manager, manager_handle) = Manager::new(
         Arc::clone(&registry),
         ManagerConfig {
             runner: RunnerConfig {
@@ -79,6 +85,11 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
                 .then(|| Duration::from_secs(flags.file_system_poll_wait_seconds)),
         },
     );
+
+    let admin = admin_api(&flags, manager_handle)?;
+    if let Some((config, _)) = &admin {
+        tracing::info!(endpoints = %config.peers.url(), "admin API on");
+    }
 
     // Ports open before models load: readiness, not a closed port, says when to send traffic.
     let grpc_addr = socket_addr(&flags.bind_address, flags.port)?;
@@ -124,15 +135,79 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     );
     let rest = async {
         match rest_listener {
-            Some(listener) => api::rest::serve(listener, Arc::clone(&registry), stopped(stop_rx))
-                .await
-                .map_err(AppError::Rest),
+            Some(listener) => {
+                let admin = admin.map(|(config, reload)| {
+                    api::admin::router(config, Arc::clone(&registry), reload)
+                });
+                api::rest::serve(listener, Arc::clone(&registry), admin, stopped(stop_rx))
+                    .await
+                    .map_err(AppError::Rest)
+            }
             None => Ok(()),
         }
     };
     tokio::try_join!(async { grpc.await.map_err(AppError::Grpc) }, rest)?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The admin API's config and its reload, when an admin token is given.
+fn admin_api(
+    flags: &Flags,
+    manager: ManagerHandle,
+) -> Result<Option<(AdminConfig, Reload)>, ConfigError> {
+    let token = match (&flags.admin_token, &flags.admin_token_file) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "give --admin_token or --admin_token_file, not both".into(),
+            ))
+        }
+        (Some(token), None) => AdminToken::new(&token.0)
+            .map_err(|e| ConfigError::Invalid(format!("--admin_token: {e}")))?,
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                what: format!("--admin_token_file={path}"),
+                message: e.to_string(),
+            })?;
+            AdminToken::new(&text)
+                .map_err(|e| ConfigError::Invalid(format!("--admin_token_file={path}: {e}")))?
+        }
+    };
+    if flags.fanout_timeout_seconds == 0 {
+        return Err(ConfigError::Invalid(
+            "--fanout_timeout_seconds must be at least 1".into(),
+        ));
+    }
+    let namespace = match &flags.fanout_namespace {
+        Some(namespace) => namespace.clone(),
+        None => std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE_FILE)
+            .map(|ns| ns.trim().to_string())
+            .unwrap_or_else(|_| "default".to_string()),
+    };
+    let peers = EndpointsSource::new(&flags.kubernetes_api_url, &namespace, &flags.fanout_service)
+        .map_err(ConfigError::Invalid)?;
+    let config = AdminConfig {
+        token,
+        peers,
+        fanout_timeout: Duration::from_secs(flags.fanout_timeout_seconds),
+    };
+    let flags = flags.clone();
+    let reload: Reload = Arc::new(move || {
+        let (flags, manager) = (flags.clone(), manager.clone());
+        Box::pin(async move {
+            // Reading a config file is blocking I/O: off the async threads.
+            let specs = tokio::task::spawn_blocking(move || model_specs(&flags))
+                .await
+                .map_err(|e| Error::Internal(format!("config reload task failed: {e}")))?
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            manager
+                .set_models(specs)
+                .await
+                .map_err(Error::FailedPrecondition)
+        })
+    });
+    Ok(Some((config, reload)))
 }
 
 fn socket_addr(host: &str, port: u16) -> Result<SocketAddr, AppError> {

@@ -5,7 +5,7 @@ mod flags;
 mod model_config;
 mod text_format;
 
-pub use flags::{parse_args, DeviceFlag, Flags};
+pub use flags::{parse_args, DeviceFlag, Flags, Redacted};
 pub use model_config::{ModelSpec, Platform, VersionPolicy};
 pub use text_format::{parse_text_format, ConfigError};
 
