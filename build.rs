@@ -44,7 +44,15 @@ fn compile_protos() -> Result<(), Box<dyn std::error::Error>> {
 /// as an rpath.
 fn embed_libtorch_rpath() {
     match env::var("DEP_TCH_LIBTORCH_LIB") {
-        Ok(dir) => println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}"),
+        Ok(dir) => {
+            println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+            // rustc links with --as-needed, which drops libtorch_cuda.so (nothing calls
+            // into it by name): its CUDA kernels then never register and CUDA is never
+            // found. libtorch.so needs libtorch_cuda.so in a CUDA build (and only
+            // libtorch_cpu.so in a CPU one), so keeping it keeps both.
+            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+            println!("cargo:rustc-link-arg=-ltorch");
+        }
         Err(_) => println!(
             "cargo:warning=torch-sys did not report its libtorch directory; \
              run modelgate with LD_LIBRARY_PATH pointing at libtorch's lib folder"
