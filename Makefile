@@ -15,7 +15,7 @@ export NO_COLOR := 1
 MODELS_STAMP := models/mlp/2/model.pt
 FIXTURES_STAMP := target/test-models/fixtures.config
 
-.PHONY: setup run build test unit-test python-test lint models clean bench
+.PHONY: setup run build test unit-test python-test deploy-check lint models clean bench
 
 ## setup: create the venv (torch, the official TF Serving client) and the model repositories
 setup: $(VENV)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP)
@@ -45,7 +45,7 @@ build: setup
 	cargo build --release
 
 ## test: formatting, lints, Rust unit and integration tests, official-client tests
-test: setup lint unit-test python-test
+test: setup lint unit-test python-test deploy-check
 
 lint:
 	cargo fmt --all -- --check
@@ -57,6 +57,10 @@ unit-test:
 python-test:
 	cargo build
 	MODELGATE_BIN=target/debug/modelgate $(VENV)/bin/python -m pytest -q tests/python
+
+## deploy-check: Kubernetes manifests, Dockerfiles and workflows validated offline
+deploy-check:
+	docker/k8s/validate.sh
 
 clean:
 	cargo clean

@@ -2,11 +2,13 @@
 //! flags, and runs them until a signal. Nothing else imports it.
 
 use crate::api;
+use crate::api::admin::{AdminConfig, AdminToken, EndpointsSource, Reload};
 use crate::batching::BatchingOptions;
 use crate::config::S3Env;
 use crate::config::{self, ConfigError, Flags, ModelSpec};
+use crate::error::Error;
 use crate::inference::Inference;
-use crate::registry::{LoadSettings, Manager, ManagerConfig, ManagerHandle, Registry};
+use crate::registry::{ApplyError, LoadSettings, Manager, ManagerConfig, ManagerHandle, Registry};
 use crate::runtime::{self, Device, RunnerConfig};
 use crate::storage::Storage;
 use std::net::SocketAddr;
@@ -14,6 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// Where Kubernetes mounts the pod's namespace with its service-account credentials.
+const SERVICE_ACCOUNT_NAMESPACE_FILE: &str =
+    "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +210,11 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
         },
     );
 
+    let admin = admin_api(&flags, &storage, manager_handle.clone())?;
+    if let Some((config, _)) = &admin {
+        tracing::info!(endpoints = %config.peers.url(), "admin API on");
+    }
+
     // Ports open before models load: readiness, not a closed port, says when to send traffic.
     let grpc_addr = socket_addr(&flags.bind_address, flags.port)?;
     let grpc_listener = TcpListener::bind(grpc_addr)
@@ -262,15 +273,78 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     );
     let rest = async {
         match rest_listener {
-            Some(listener) => api::rest::serve(listener, Arc::clone(&registry), stopped(stop_rx))
-                .await
-                .map_err(AppError::Rest),
+            Some(listener) => {
+                let admin = admin.map(|(config, reload)| {
+                    api::admin::router(config, Arc::clone(&registry), reload)
+                });
+                api::rest::serve(listener, Arc::clone(&registry), admin, stopped(stop_rx))
+                    .await
+                    .map_err(AppError::Rest)
+            }
             None => Ok(()),
         }
     };
     tokio::try_join!(async { grpc.await.map_err(AppError::Grpc) }, rest)?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The admin API's config and its reload, when an admin token is given.
+fn admin_api(
+    flags: &Flags,
+    storage: &Storage,
+    manager: ManagerHandle,
+) -> Result<Option<(AdminConfig, Reload)>, ConfigError> {
+    let token = match (&flags.admin_token, &flags.admin_token_file) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "give --admin_token or --admin_token_file, not both".into(),
+            ))
+        }
+        (Some(token), None) => AdminToken::new(&token.0)
+            .map_err(|e| ConfigError::Invalid(format!("--admin_token: {e}")))?,
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                what: format!("--admin_token_file={path}"),
+                message: e.to_string(),
+            })?;
+            AdminToken::new(&text)
+                .map_err(|e| ConfigError::Invalid(format!("--admin_token_file={path}: {e}")))?
+        }
+    };
+    if flags.fanout_timeout_seconds == 0 {
+        return Err(ConfigError::Invalid(
+            "--fanout_timeout_seconds must be at least 1".into(),
+        ));
+    }
+    let namespace = match &flags.fanout_namespace {
+        Some(namespace) => namespace.clone(),
+        None => std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE_FILE)
+            .map(|ns| ns.trim().to_string())
+            .unwrap_or_else(|_| "default".to_string()),
+    };
+    let peers = EndpointsSource::new(&flags.kubernetes_api_url, &namespace, &flags.fanout_service)
+        .map_err(ConfigError::Invalid)?;
+    let config = AdminConfig {
+        token,
+        peers,
+        fanout_timeout: Duration::from_secs(flags.fanout_timeout_seconds),
+    };
+    let (flags, storage) = (flags.clone(), storage.clone());
+    let reload: Reload = Arc::new(move || {
+        let (flags, storage, manager) = (flags.clone(), storage.clone(), manager.clone());
+        Box::pin(async move {
+            let (specs, _) = model_specs(&flags, &storage)
+                .await
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            manager.set_models(specs).await.map_err(|e| match e {
+                ApplyError::Invalid(message) => Error::InvalidArgument(message),
+                ApplyError::Stopped => Error::Unavailable(e.to_string()),
+            })
+        })
+    });
+    Ok(Some((config, reload)))
 }
 
 fn socket_addr(host: &str, port: u16) -> Result<SocketAddr, AppError> {

@@ -1,4 +1,6 @@
-//! The protocols: TF Serving's gRPC API and the REST port (probes).
+//! The protocols: TF Serving's gRPC API, the REST port (probes), and the admin API on the
+//! REST port.
 
+pub mod admin;
 pub mod grpc;
 pub mod rest;

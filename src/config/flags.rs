@@ -157,6 +157,51 @@ pub struct Flags {
     /// `modelgate-cache` directory under the system temp dir. One server per directory.
     #[arg(long = "model_cache_dir")]
     pub model_cache_dir: Option<std::path::PathBuf>,
+
+    /// Turns the admin API on (reload, model status, fan-out to every pod): the bearer token
+    /// every admin call must carry. Prefer --admin_token_file: a flag shows in `ps`.
+    #[arg(long = "admin_token")]
+    pub admin_token: Option<Redacted>,
+
+    /// A file holding the admin token (e.g. a mounted Kubernetes Secret); surrounding
+    /// whitespace is ignored.
+    #[arg(long = "admin_token_file")]
+    pub admin_token_file: Option<String>,
+
+    /// Base URL of the Kubernetes API that lists this Deployment's pods for `?fanout=true`:
+    /// the `kubectl proxy` sidecar by default.
+    #[arg(long = "kubernetes_api_url", default_value = "http://localhost:8001")]
+    pub kubernetes_api_url: String,
+
+    /// Namespace of the Endpoints that list the pods to fan out to; defaults to the pod's own
+    /// (downward API `POD_NAMESPACE`, else the service account's namespace file).
+    #[arg(long = "fanout_namespace", env = "POD_NAMESPACE")]
+    pub fanout_namespace: Option<String>,
+
+    /// Name of the Service (and so of its Endpoints) whose pods a fan-out reaches.
+    #[arg(long = "fanout_service", default_value = "modelgate")]
+    pub fanout_service: String,
+
+    /// How long a fan-out waits for each pod to answer before reporting it as failed.
+    #[arg(long = "fanout_timeout_seconds", default_value_t = 60)]
+    pub fanout_timeout_seconds: u64,
+}
+
+/// A flag value that must never reach a log: its `Debug` prints `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(pub String);
+
+impl FromStr for Redacted {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Redacted(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Parses the command line, first setting aside (with a warning each) the TF Serving flags
@@ -213,6 +258,8 @@ mod tests {
         assert!(!flags.enable_batching);
         assert_eq!(flags.grpc_max_message_bytes, 2_147_483_647);
         assert_eq!(flags.device, DeviceFlag::Auto);
+        assert!(flags.admin_token.is_none() && flags.admin_token_file.is_none());
+        assert_eq!(flags.kubernetes_api_url, "http://localhost:8001");
         assert!(warnings.is_empty());
     }
 
@@ -247,6 +294,13 @@ mod tests {
         assert_eq!(flags.port, 1234);
         assert_eq!(warnings.len(), 3, "{warnings:?}");
         assert!(warnings[0].contains("tensorflow_intra_op_parallelism"));
+    }
+
+    #[test]
+    fn admin_token_never_prints() {
+        let (flags, _) = parse(&["--admin_token=s3cr3t"]);
+        assert_eq!(flags.admin_token, Some(Redacted("s3cr3t".into())));
+        assert!(!format!("{flags:?}").contains("s3cr3t"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod model_config;
 mod text_format;
 
 pub use env::S3Env;
-pub use flags::{parse_args, DeviceFlag, Flags};
+pub use flags::{parse_args, DeviceFlag, Flags, Redacted};
 pub use model_config::{ModelSpec, Platform, VersionPolicy};
 pub use text_format::{parse_text_format, ConfigError};
 

@@ -17,13 +17,14 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .with_state(registry)
 }
 
-/// Serves REST on `listener` until `shutdown` resolves.
+/// Serves REST on `listener` until `shutdown` resolves; `admin` adds the admin routes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
+    admin: Option<Router>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(registry))
+    axum::serve(listener, router(registry).merge(admin.unwrap_or_default()))
         .with_graceful_shutdown(shutdown)
         .await
 }
