@@ -71,7 +71,8 @@ fn start(batching: bool, dir: &TempDir) -> Server {
         args.push(format!("--batching_parameters_file={}", params.display()));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Server::start_with_env(&args, &[("MODELGATE_LOG", "warn")])
+    // Quiet, but for the line that says where it listens.
+    Server::start_with_env(&args, &[("MODELGATE_LOG", "warn,modelgate::app=info")])
 }
 
 fn row(label: &str, report: &Report) {
