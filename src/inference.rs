@@ -49,6 +49,17 @@ impl Inference {
     /// Runs a Predict call on the version it selects.
     pub async fn predict(&self, request: PredictRequest) -> Result<PredictResponse, Error> {
         let servable = self.registry.resolve(&request.model, &request.version)?;
+        self.predict_on(servable, request).await
+    }
+
+    /// Runs a Predict call on a version already resolved (`request.model` and
+    /// `request.version` are not looked at again): the REST API reads the signature to
+    /// decode the body, and must run on the version whose signature it read.
+    pub async fn predict_on(
+        &self,
+        servable: Arc<Servable>,
+        request: PredictRequest,
+    ) -> Result<PredictResponse, Error> {
         let (signature_name, signature) = find_signature(&servable, &request.signature)?;
         if signature.kind != SignatureKind::Predict {
             tracing::debug!(
@@ -65,11 +76,9 @@ impl Inference {
             }
         }
         let inputs = order_inputs(signature_name, signature, request.inputs)?;
-        let output = servable
-            .runner
-            .run(Arc::from(signature.method.as_str()), inputs)
-            .await
-            .map_err(|e| run_error(&servable, e))?;
+        let output = self
+            .run_method(&servable, &signature.method, inputs)
+            .await?;
         let mut outputs = name_outputs(signature_name, signature, output)?;
         if !request.output_filter.is_empty() {
             outputs.retain(|(name, _)| request.output_filter.contains(name));
@@ -80,6 +89,23 @@ impl Inference {
             signature: signature_name.to_string(),
             outputs,
         })
+    }
+}
+
+impl Inference {
+    /// Runs `method` of a resolved version on inputs already in its positional order (see
+    /// [`order_inputs`]). Every API's forward pass goes through here.
+    pub async fn run_method(
+        &self,
+        servable: &Servable,
+        method: &str,
+        inputs: Vec<Tensor>,
+    ) -> Result<ModelOutput, Error> {
+        servable
+            .runner
+            .run(Arc::from(method), inputs)
+            .await
+            .map_err(|e| run_error(servable, e))
     }
 }
 

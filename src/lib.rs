@@ -16,4 +16,5 @@ pub mod registry;
 pub mod runtime;
 pub mod signature;
 pub mod storage;
+pub mod telemetry;
 pub mod tensor;

@@ -1,4 +1,7 @@
-//! The protocols: TF Serving's gRPC API and the REST port (probes).
+//! The protocols: TF Serving's gRPC and REST APIs, and what they share (tf.Example inputs
+//! and the Classify / Regress / MultiInference tasks).
 
+pub mod examples;
 pub mod grpc;
 pub mod rest;
+pub mod tasks;

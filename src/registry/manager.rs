@@ -189,6 +189,7 @@ impl Manager {
                 listing
             }
             Err(e) => {
+                crate::telemetry::record_storage_error(name);
                 if !model.storage_down {
                     tracing::warn!(model = %name, "cannot list versions, keeping what serves: {e}");
                     model.storage_down = true;
@@ -245,6 +246,7 @@ impl Manager {
             }
             Err(e) => Err(e.to_string()),
         };
+        crate::telemetry::record_model_load(name, started.elapsed(), result.is_ok());
         let Some(model) = self.models.get_mut(name) else {
             return;
         };

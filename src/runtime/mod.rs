@@ -61,7 +61,8 @@ pub fn resolve_devices(flag: DeviceFlag) -> Result<Vec<Device>, String> {
 }
 
 /// What a TorchScript method returned, before it is matched to a signature's outputs.
-#[derive(Debug)]
+/// Cloning is cheap (tensor payloads are shared `Bytes`).
+#[derive(Clone, Debug)]
 pub enum ModelOutput {
     Tensor(Tensor),
     /// A tuple or list of tensors, in order.
