@@ -318,12 +318,14 @@ impl<'s> Dense<'s> {
         match dtype {
             DType::F64 => self.data.extend_from_slice(&v.to_le_bytes()),
             DType::F32 | DType::F16 | DType::BF16 => {
-                let limit = match dtype {
-                    DType::F16 => f64::from(half::f16::MAX),
-                    DType::BF16 => f64::from(half::bf16::MAX),
-                    _ => f64::from(f32::MAX),
+                // Out of range means rounding to infinity: the text of the largest finite
+                // value (3.4028235e38) is itself a little above it and must still read back.
+                let overflows = match dtype {
+                    DType::F16 => half::f16::from_f64(v).is_infinite(),
+                    DType::BF16 => half::bf16::from_f64(v).is_infinite(),
+                    _ => (v as f32).is_infinite(),
                 };
-                if v.is_finite() && v.abs() > limit {
+                if v.is_finite() && overflows {
                     return Err(format!("{v} is out of range for {dtype}"));
                 }
                 push_float(dtype, v, &mut self.data);
@@ -1144,8 +1146,15 @@ mod tests {
             t.to_values::<i64>().unwrap(),
             vec![9007199254740993, i64::MIN]
         );
-        let t = one(Format::Columnar, "[0.1, 16777216, 2.0]", DType::F32);
-        assert_eq!(t.to_values::<f32>().unwrap(), vec![0.1f32, 16777216., 2.]);
+        let t = one(
+            Format::Columnar,
+            "[0.1, 16777216, 2.0, 3.4028235e38]",
+            DType::F32,
+        );
+        assert_eq!(
+            t.to_values::<f32>().unwrap(),
+            vec![0.1f32, 16777216., 2., f32::MAX]
+        );
         let t = one(Format::Columnar, "[2.0, 1e2]", DType::I32);
         assert_eq!(t.to_values::<i32>().unwrap(), vec![2, 100]);
         for (json, dtype, needle) in [

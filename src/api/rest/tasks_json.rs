@@ -141,7 +141,7 @@ fn add_value(kind: &mut Kind, value: &Value) -> Result<(), String> {
         },
         Value::Number(n) if n.is_f64() => {
             let v = n.as_f64().unwrap_or(f64::NAN);
-            if v.is_finite() && v.abs() > f64::from(f32::MAX) {
+            if v.is_finite() && (v as f32).is_infinite() {
                 return Err(format!("{v} cannot be a float without loss of precision"));
             }
             add_float(kind, v as f32)
