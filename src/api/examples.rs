@@ -71,7 +71,13 @@ impl<'a> Examples<'a> {
     fn tensor_for(&self, signature: &str, spec: &TensorSpec) -> Result<Tensor, Error> {
         let mut row_shape = RowShape::of(signature, spec)?;
         let count = self.len();
-        let mut data = Vec::new();
+        // Sized from the values actually sent, not from the first example times the count:
+        // a large first example followed by many tiny ones must not reserve their product.
+        let present: usize = (0..count)
+            .filter_map(|index| self.feature(index, &spec.name))
+            .map(|feature| Values::of(feature).len())
+            .sum();
+        let mut data = Vec::with_capacity(present.saturating_mul(spec.dtype.size()));
         for index in 0..count {
             let feature = self.feature(index, &spec.name).ok_or_else(|| {
                 Error::InvalidArgument(format!(
@@ -87,9 +93,6 @@ impl<'a> Examples<'a> {
                 ))
             };
             row_shape.accept(values.len()).map_err(invalid)?;
-            if data.capacity() == 0 {
-                data.reserve_exact(count * values.len() * spec.dtype.size());
-            }
             values.write(spec.dtype, &mut data).map_err(invalid)?;
         }
         let mut shape = Vec::with_capacity(row_shape.dims.len() + 1);

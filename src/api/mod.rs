@@ -2,6 +2,8 @@
 //! and the Classify / Regress / MultiInference tasks).
 
 pub mod examples;
+#[cfg(test)]
+mod fuzz;
 pub mod grpc;
 pub mod rest;
 pub mod tasks;

@@ -222,4 +222,15 @@ mod tests {
         assert!(is_api_path("/V1/models"));
         assert!(!is_api_path("/v1"));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn fuzz_rest_paths(path in "(/[vV]1(/[mM]odels(/[a-zé%0-9:/]{0,12})?)?)?[a-zé%0-9:/]{0,8}") {
+            for method in [Method::Get, Method::Post] {
+                if let Ok(route) = parse(method, &path) {
+                    proptest::prop_assert!(!route.model.is_empty());
+                }
+            }
+        }
+    }
 }
