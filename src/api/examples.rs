@@ -209,7 +209,7 @@ impl<'a> Values<'a> {
                     _ => (v as f32) as i128 == i128::from(v),
                 };
                 if !exact {
-                    return Err(format!("int64 value {v} is not exact as {dtype}"));
+                    return Err(format!("an int64 value that {dtype} cannot hold exactly"));
                 }
                 write_float(dtype, v as f64, out);
                 Ok(())
@@ -244,7 +244,7 @@ fn write_float(dtype: DType, v: f64, out: &mut Vec<u8>) {
 }
 
 fn write_int(dtype: DType, v: i64, out: &mut Vec<u8>) -> Result<(), String> {
-    let out_of_range = || format!("int64 value {v} is out of range for {dtype}");
+    let out_of_range = || format!("an int64 value out of range for {dtype}");
     match dtype {
         DType::I64 => out.extend_from_slice(&v.to_le_bytes()),
         DType::I32 => {
@@ -257,7 +257,11 @@ fn write_int(dtype: DType, v: i64, out: &mut Vec<u8>) -> Result<(), String> {
         DType::U8 => out.push(u8::try_from(v).map_err(|_| out_of_range())?),
         DType::Bool => match v {
             0 | 1 => out.push(v as u8),
-            _ => return Err(format!("int64 value {v} is not a DT_BOOL (0 or 1)")),
+            _ => {
+                return Err(
+                    "an int64 value other than 0 or 1, which DT_BOOL cannot take".to_string(),
+                )
+            }
         },
         // Float dtypes are handled by the caller.
         _ => return Err(format!("cannot hold {dtype}")),
@@ -416,7 +420,7 @@ mod tests {
         check(
             list(vec![example(vec![("x", ints(&[(1 << 24) + 1]))])]),
             spec("x", DType::F32, Some(vec![-1])),
-            "not exact",
+            "cannot hold exactly",
         );
         check(
             list(vec![example(vec![("x", floats(&[1.]))])]),

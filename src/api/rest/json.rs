@@ -267,13 +267,13 @@ impl<'s> Dense<'s> {
                 self.data.push(v as u8);
                 Ok(())
             }
-            dtype => Err(format!("{v} is not a value of {dtype}")),
+            dtype => Err(format!("a boolean, which an input of {dtype} cannot take")),
         }
     }
 
     fn push_i128(&mut self, v: i128) -> Result<(), String> {
         let dtype = self.spec.dtype;
-        let out_of_range = || format!("{v} is out of range for {dtype}");
+        let out_of_range = || format!("a number out of range for {dtype}");
         let data = &mut self.data;
         match dtype {
             DType::I64 => {
@@ -287,13 +287,15 @@ impl<'s> Dense<'s> {
             }
             DType::I8 => data.push(i8::try_from(v).map_err(|_| out_of_range())? as u8),
             DType::U8 => data.push(u8::try_from(v).map_err(|_| out_of_range())?),
-            DType::Bool => return Err(format!("{v} is not a value of DT_BOOL (true or false)")),
+            DType::Bool => {
+                return Err("a number, which a DT_BOOL input cannot take (true or false)".into())
+            }
             DType::F64 => {
                 let f = v as f64;
                 if f as i128 != v {
-                    return Err(format!(
-                        "{v} cannot be a DT_DOUBLE without loss of precision"
-                    ));
+                    return Err(
+                        "an integer that DT_DOUBLE cannot hold without loss of precision".into(),
+                    );
                 }
                 data.extend_from_slice(&f.to_le_bytes());
             }
@@ -305,7 +307,9 @@ impl<'s> Dense<'s> {
                     _ => (f as f32) as i128 == v,
                 };
                 if !exact {
-                    return Err(format!("{v} cannot be a {dtype} without loss of precision"));
+                    return Err(format!(
+                        "an integer that {dtype} cannot hold without loss of precision"
+                    ));
                 }
                 push_float(dtype, f, data);
             }
@@ -326,13 +330,13 @@ impl<'s> Dense<'s> {
                     _ => (v as f32).is_infinite(),
                 };
                 if v.is_finite() && overflows {
-                    return Err(format!("{v} is out of range for {dtype}"));
+                    return Err(format!("a number out of range for {dtype}"));
                 }
                 push_float(dtype, v, &mut self.data);
             }
             // A whole number written with a fraction or exponent (2.0, 1e3) is still exact.
             _ if v.fract() == 0.0 && v.abs() < 1.8e19 => return self.push_i128(v as i128),
-            _ => return Err(format!("{v} is not an integer, which {dtype} needs")),
+            _ => return Err(format!("a fractional number, which {dtype} cannot take")),
         }
         Ok(())
     }
@@ -1167,9 +1171,9 @@ mod tests {
             ("[1e39]", DType::F32, "out of range for DT_FLOAT"),
             ("[256]", DType::U8, "out of range for DT_UINT8"),
             ("[9223372036854775808]", DType::I64, "out of range"),
-            ("[1.5]", DType::I32, "not an integer"),
+            ("[1.5]", DType::I32, "a fractional number"),
             ("[1]", DType::Bool, "true or false"),
-            ("[true]", DType::F32, "not a value of DT_FLOAT"),
+            ("[true]", DType::F32, "a boolean"),
             ("[\"a\"]", DType::F32, "a string"),
             ("[null]", DType::F32, "null"),
             ("[{\"a\": 1}]", DType::F32, "an object where a value"),

@@ -9,7 +9,6 @@ mod routes;
 pub mod tasks_json;
 
 use crate::inference::Inference;
-use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -53,10 +52,8 @@ pub fn router(
     }
     // The API's paths (`/v1/models/m:predict`) do not split into axum's path segments, so
     // everything else goes to one handler that parses them as TF Serving does.
-    router
-        .fallback(routes::api)
-        .layer(DefaultBodyLimit::max(options.max_body_bytes))
-        .with_state(state)
+    // The API handler reads bodies itself, against `max_body_bytes`.
+    router.fallback(routes::api).with_state(state)
 }
 
 /// Serves REST on `listener` until `shutdown` resolves, then lets requests in flight finish.

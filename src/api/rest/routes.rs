@@ -11,8 +11,7 @@ use crate::api::tasks::{self, Task, TaskKind, TaskResult};
 use crate::error::Error;
 use crate::inference::{self, find_signature};
 use crate::telemetry::{Api, Protocol, RequestTimer};
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +21,11 @@ use std::sync::Arc;
 /// Bodies (and answers) larger than this are decoded (encoded) on a blocking thread, so
 /// that a large JSON document does not hold up the async executor.
 const OFFLOAD_BYTES: usize = 64 << 10;
+
+/// How much of a body over the limit is still read (and dropped) before answering 413.
+/// Closing a connection with unread bytes makes the kernel reset it, and the client would
+/// then often lose the 413 itself; beyond this, the reset is the lesser evil.
+const DRAIN_BYTES: usize = 16 << 20;
 
 /// Liveness: the process answers.
 pub(super) async fn healthz() -> &'static str {
@@ -65,7 +69,8 @@ pub(super) async fn api(
     State(state): State<Arc<RestState>>,
     method: axum::http::Method,
     uri: Uri,
-    body: Result<Bytes, BytesRejection>,
+    headers: axum::http::HeaderMap,
+    body: Body,
 ) -> Response {
     let path = uri.path();
     if !path::is_api_path(path) {
@@ -96,9 +101,9 @@ pub(super) async fn api(
         Call::Regress => Api::Regress,
     };
     let timer = RequestTimer::start(api, Protocol::Rest);
-    let result = match body {
+    let result = match read_body(body, &headers, state.max_body_bytes).await {
         Ok(body) => call(&state, &route, body).await,
-        Err(rejection) => Err(body_error(rejection, state.max_body_bytes)),
+        Err(error) => Err(error),
     };
     match result {
         Ok((text, version)) => {
@@ -118,18 +123,43 @@ pub(super) async fn api(
     }
 }
 
-fn body_error(rejection: BytesRejection, limit: usize) -> Error {
-    match rejection {
-        BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)) => {
-            Error::PayloadTooLarge(format!(
-                "the request body is larger than {limit} bytes (--rest_api_max_body_bytes)"
-            ))
-        }
-        other => Error::InvalidArgument(format!(
-            "cannot read the request body: {}",
-            other.body_text()
-        )),
+/// Reads the request body, refusing one over `limit` with PAYLOAD_TOO_LARGE (413).
+async fn read_body(
+    body: Body,
+    headers: &axum::http::HeaderMap,
+    limit: usize,
+) -> Result<Bytes, Error> {
+    use tokio_stream::StreamExt;
+    let too_large = || {
+        Error::PayloadTooLarge(format!(
+            "the request body is larger than {limit} bytes (--rest_api_max_body_bytes)"
+        ))
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit.saturating_add(DRAIN_BYTES)) {
+        return Err(too_large());
     }
+    let mut stream = body.into_data_stream();
+    // A declared length is a hint, not a promise: pre-size only modestly.
+    let mut data = Vec::with_capacity(declared.unwrap_or(0).min(limit).min(4 << 20));
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| Error::InvalidArgument(format!("cannot read the request body: {e}")))?;
+        total = total.saturating_add(chunk.len());
+        if total <= limit {
+            data.extend_from_slice(&chunk);
+        } else if total > limit.saturating_add(DRAIN_BYTES) {
+            break;
+        }
+    }
+    if total > limit {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(data))
 }
 
 /// Runs one API call; the answer's JSON and the version that served it.

@@ -142,13 +142,13 @@ fn add_value(kind: &mut Kind, value: &Value) -> Result<(), String> {
         Value::Number(n) if n.is_f64() => {
             let v = n.as_f64().unwrap_or(f64::NAN);
             if v.is_finite() && (v as f32).is_infinite() {
-                return Err(format!("{v} cannot be a float without loss of precision"));
+                return Err("a number out of the float range".to_string());
             }
             add_float(kind, v as f32)
         }
         Value::Number(n) => match n.as_i64() {
             Some(v) => add_int(kind, v),
-            None => Err(format!("{n} is out of range: int64 features only")),
+            None => Err("an integer above the int64 range (features are int64)".to_string()),
         },
     }
 }
@@ -158,9 +158,7 @@ fn exact_float(v: i64) -> Result<f32, String> {
     if f as i128 == i128::from(v) {
         Ok(f)
     } else {
-        Err(format!(
-            "{v} is in a list of floats but is not exact as a float"
-        ))
+        Err("an integer that a float cannot hold exactly, in a list of floats".into())
     }
 }
 
@@ -303,10 +301,13 @@ mod tests {
             (r#"{"examples": [{"x": [[1]]}]}"#, "lists do not nest"),
             (
                 r#"{"examples": [{"x": 18446744073709551615}]}"#,
-                "int64 features only",
+                "int64 range",
             ),
-            (r#"{"examples": [{"x": [16777217, 0.5]}]}"#, "not exact"),
-            (r#"{"examples": [{"x": 1e39}]}"#, "loss of precision"),
+            (
+                r#"{"examples": [{"x": [16777217, 0.5]}]}"#,
+                "cannot hold exactly",
+            ),
+            (r#"{"examples": [{"x": 1e39}]}"#, "float range"),
             (r#"{"examples": [{"x": {"b64": "!"}}]}"#, "invalid base64"),
             (
                 r#"{"examples": [{}], "context": 3}"#,
