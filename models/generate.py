@@ -144,6 +144,22 @@ class Counter(torch.nn.Module):
     @torch.jit.export
     def count(self, x: Tensor) -> Tensor:
         return self.calls.clone()
+
+
+class Regressor(torch.nn.Module):
+    """Two heads over one forward, exact in float32 for small inputs:
+    outputs = x . [1, 2, 3] + 0.5 (regress) and scores = x / 2 (classify)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weights", torch.tensor([1.0, 2.0, 3.0]))
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        return {"outputs": (x * self.weights).sum(dim=1) + 0.5, "scores": x * 0.5}
+
+    @torch.jit.export
+    def by_ids(self, ids: Tensor) -> Tensor:
+        return (ids * 2).to(torch.float32)
 '''
 
 
@@ -168,6 +184,7 @@ defs = _load_model_defs()
 # ---------------------------------------------------------------------------
 PREDICT = "tensorflow/serving/predict"
 CLASSIFY = "tensorflow/serving/classify"
+REGRESS = "tensorflow/serving/regress"
 
 # numpy-style name -> (TF dtype name, torch dtype)
 DTYPES = {
@@ -242,6 +259,31 @@ MULTI_SIGNATURES = {
     "serving_default": signature(
         [tensor("a", shape=[-1, 3]), tensor("b", shape=[-1, 3])],
         [tensor("sum", shape=[-1, 3]), tensor("product", shape=[-1, 3])],
+    ),
+}
+
+# Classify and Regress over tf.Example features: the regress signature is the
+# default; "classify" shares its forward (so MultiInference runs it once);
+# "classify_ids" reads an int64 feature and lists no class labels.
+REGRESSOR_SIGNATURES = {
+    "serving_default": signature(
+        [tensor("x", shape=[-1, 3])], [tensor("outputs", shape=[-1])], method_name=REGRESS
+    ),
+    "classify": signature(
+        [tensor("x", shape=[-1, 3])],
+        [tensor("scores", shape=[-1, 3])],
+        method_name=CLASSIFY,
+        classes=["a", "b", "c"],
+    ),
+    "classify_ids": signature(
+        [tensor("ids", "DT_INT64", shape=[-1, 2])],
+        [tensor("scores", shape=[-1, 2])],
+        method="by_ids",
+        method_name=CLASSIFY,
+    ),
+    "predict": signature(
+        [tensor("x", shape=[-1, 3])],
+        [tensor("outputs", shape=[-1]), tensor("scores", shape=[-1, 3])],
     ),
 }
 
@@ -339,6 +381,7 @@ def generate_fixtures(base):
     save_model(os.path.join(base, "faulty", "1"), defs.Faulty(), FAULTY_SIGNATURES)
     save_model(os.path.join(base, "multi", "1"), defs.Multi(), MULTI_SIGNATURES)
     save_model(os.path.join(base, "counter", "1"), defs.Counter(), COUNTER_SIGNATURES)
+    save_model(os.path.join(base, "regressor", "1"), defs.Regressor(), REGRESSOR_SIGNATURES)
     write_tiny(base)
 
     # Not a zip archive: loading must fail cleanly (model ends up in state END
@@ -363,6 +406,7 @@ def generate_fixtures(base):
         model_config("scaled", os.path.join(base, "scaled"), all_versions=True, labels={"stable": 1}),
         model_config("faulty", os.path.join(base, "faulty")),
         model_config("multi", os.path.join(base, "multi")),
+        model_config("regressor", os.path.join(base, "regressor")),
         model_config("tiny", os.path.join(base, "tiny")),
     ]
     write_text(
@@ -408,8 +452,9 @@ def outputs_by_name(sig, result):
         assert len(result) == len(names), (len(result), names)
         return dict(zip(names, result))
     if isinstance(result, dict):
-        assert sorted(result) == sorted(names), (sorted(result), names)
-        return result
+        # A dict may hold more heads than one signature lists (regressor).
+        assert set(names) <= set(result), (sorted(result), names)
+        return {name: result[name] for name in names}
     raise AssertionError(f"unexpected result type {type(result)}")
 
 
@@ -425,6 +470,12 @@ def expected(model, version, sig_name, inputs, got):
         return {"y": inputs[0] + 1}
     if model == "multi":
         return {"sum": inputs[0] + inputs[1], "product": inputs[0] * inputs[1]}
+    if model == "regressor":
+        if sig_name == "classify_ids":
+            return {"scores": (inputs[0] * 2).to(torch.float32)}
+        x = inputs[0]
+        heads = {"outputs": (x * torch.tensor([1.0, 2.0, 3.0])).sum(dim=1) + 0.5, "scores": x * 0.5}
+        return {name: value for name, value in heads.items() if name in got}
     if model == "mlp":
         if sig_name == "serving_default":
             logits = got["logits"]

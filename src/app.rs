@@ -11,10 +11,12 @@ use crate::inference::Inference;
 use crate::registry::{ApplyError, LoadSettings, Manager, ManagerConfig, ManagerHandle, Registry};
 use crate::runtime::{self, Device, RunnerConfig};
 use crate::storage::Storage;
+use crate::telemetry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
 /// Where Kubernetes mounts the pod's namespace with its service-account credentials.
@@ -34,6 +36,8 @@ pub enum AppError {
     Grpc(#[from] api::grpc::ServeError),
     #[error("REST server failed: {0}")]
     Rest(std::io::Error),
+    #[error("cannot set up metrics: {0}")]
+    Metrics(String),
 }
 
 /// The models the flags ask for: the config file (local or on S3), or single-model mode;
@@ -179,6 +183,21 @@ fn runner_config(flags: &Flags, devices: Vec<Device>) -> RunnerConfig {
     }
 }
 
+/// The Prometheus path `--monitoring_config_file` asks for, if any.
+pub fn monitoring_path(flags: &Flags) -> Result<Option<String>, ConfigError> {
+    let Some(path) = &flags.monitoring_config_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        what: path.clone(),
+        message: e.to_string(),
+    })?;
+    config::prometheus_path(path, &text)
+}
+
+/// How long unloading the models may take at shutdown before the process exits anyway.
+const UNLOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(flags: Flags) -> Result<(), AppError> {
     let storage = Storage::new(
@@ -191,8 +210,13 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     let (specs, config_text) = model_specs(&flags, &storage).await?;
     check_base_paths(&storage, &specs)?;
     let batching = batching_options(&flags)?;
+    let metrics_path = monitoring_path(&flags)?;
     let devices = runtime::resolve_devices(flags.device).map_err(AppError::Device)?;
     tracing::info!(models = specs.len(), "starting modelgate");
+    let metrics = telemetry::install_metrics().map_err(|e| AppError::Metrics(e.to_string()))?;
+    tokio::spawn(telemetry::run_metrics_upkeep(metrics.clone()));
+    // Installed before the servers start, so that a signal during start-up drains too.
+    let signals = Signals::install();
 
     let registry = Registry::new();
     let (manager, manager_handle) = Manager::new(
@@ -251,40 +275,55 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
         ));
     }
 
+    let (draining_tx, draining_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let signals_registry = Arc::clone(&registry);
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("signal received: draining");
-        signals_registry.start_draining();
-        let _ = stop_tx.send(true);
-    });
+    tokio::spawn(shutdown_sequence(
+        signals,
+        Arc::clone(&registry),
+        Duration::from_secs(flags.shutdown_grace_seconds),
+        draining_tx,
+        stop_tx,
+    ));
 
     let inference = Inference::new(Arc::clone(&registry));
+    let mut rest_router = api::rest::router(
+        inference.clone(),
+        Some(metrics),
+        &api::rest::RestOptions {
+            max_body_bytes: flags.rest_api_max_body_bytes,
+            metrics_path,
+        },
+    );
+    if let Some((config, reload)) = admin {
+        rest_router = rest_router.merge(api::admin::router(config, Arc::clone(&registry), reload));
+    }
     let grpc = api::grpc::serve(
         grpc_listener,
         inference,
-        manager_handle,
+        manager_handle.clone(),
         api::grpc::GrpcOptions {
             tensor_content: flags.enable_serialization_as_tensor_content,
             max_message_bytes: flags.grpc_max_message_bytes,
         },
+        draining_rx,
         stopped(stop_rx.clone()),
     );
     let rest = async {
         match rest_listener {
-            Some(listener) => {
-                let admin = admin.map(|(config, reload)| {
-                    api::admin::router(config, Arc::clone(&registry), reload)
-                });
-                api::rest::serve(listener, Arc::clone(&registry), admin, stopped(stop_rx))
-                    .await
-                    .map_err(AppError::Rest)
-            }
+            Some(listener) => api::rest::serve(listener, rest_router, stopped(stop_rx))
+                .await
+                .map_err(AppError::Rest),
             None => Ok(()),
         }
     };
     tokio::try_join!(async { grpc.await.map_err(AppError::Grpc) }, rest)?;
+
+    tracing::info!("requests in flight finished; unloading models");
+    match tokio::time::timeout(UNLOAD_TIMEOUT, manager_handle.set_models(Vec::new())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("unloading models: {e}"),
+        Err(_) => tracing::warn!("models still unloading after {UNLOAD_TIMEOUT:?}; exiting"),
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -347,6 +386,82 @@ fn admin_api(
     Ok(Some((config, reload)))
 }
 
+/// The first signal starts draining; after the grace period the servers stop accepting.
+/// A second signal exits at once.
+async fn shutdown_sequence(
+    mut signals: Signals,
+    registry: Arc<Registry>,
+    grace: Duration,
+    draining: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+) {
+    let first = signals.next().await;
+    tracing::info!(
+        signal = first,
+        grace_seconds = grace.as_secs_f64(),
+        "shutting down: not ready any more; still accepting during the grace period"
+    );
+    registry.start_draining();
+    let _ = draining.send(true);
+    tokio::select! {
+        () = tokio::time::sleep(grace) => {}
+        second = signals.next() => exit_now(second),
+    }
+    tracing::info!("grace period over: refusing new connections, finishing requests in flight");
+    let _ = stop.send(true);
+    let second = signals.next().await;
+    exit_now(second);
+}
+
+fn exit_now(signal: &'static str) -> ! {
+    tracing::warn!(signal, "second signal: exiting without draining");
+    let code = match signal {
+        "SIGINT" => 130,
+        _ => 143,
+    };
+    std::process::exit(code)
+}
+
+/// SIGTERM and SIGINT, as one stream.
+struct Signals {
+    term: Option<Signal>,
+    int: Option<Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        let install = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot handle {name} ({e}); it will not drain the server");
+                None
+            }
+        };
+        Signals {
+            term: install(SignalKind::terminate(), "SIGTERM"),
+            int: install(SignalKind::interrupt(), "SIGINT"),
+        }
+    }
+
+    /// The next signal's name; never resolves when neither could be installed.
+    async fn next(&mut self) -> &'static str {
+        async fn recv(signal: &mut Option<Signal>) {
+            match signal {
+                Some(s) => {
+                    if s.recv().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        tokio::select! {
+            () = recv(&mut self.term) => "SIGTERM",
+            () = recv(&mut self.int) => "SIGINT",
+        }
+    }
+}
+
 fn socket_addr(host: &str, port: u16) -> Result<SocketAddr, AppError> {
     let text = if host.contains(':') {
         format!("[{host}]:{port}")
@@ -369,23 +484,4 @@ fn bind_error(addr: SocketAddr, e: impl std::fmt::Display) -> AppError {
 /// Resolves once `stop` turns true.
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|&stop| stop).await;
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-        }
-        _ => {
-            tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
 }

@@ -31,6 +31,10 @@ pub enum Error {
     /// The model failed (libtorch threw) or the server broke an invariant.
     #[error("{0}")]
     Internal(String),
+    /// A REST request body over the configured limit. Its gRPC code is RESOURCE_EXHAUSTED,
+    /// what gRPC answers for a message over its size limit; over HTTP it is 413.
+    #[error("{0}")]
+    PayloadTooLarge(String),
 }
 
 impl Error {
@@ -45,12 +49,17 @@ impl Error {
             Error::Cancelled(_) => Code::Cancelled,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Internal(_) => Code::Internal,
+            Error::PayloadTooLarge(_) => Code::ResourceExhausted,
         }
     }
 
     /// The HTTP status TF Serving's REST API answers with for this error.
     pub fn http_status(&self) -> u16 {
-        http_status_for(self.code())
+        match self {
+            // HTTP has a status of its own for this; TF Serving's table has no entry.
+            Error::PayloadTooLarge(_) => 413,
+            _ => http_status_for(self.code()),
+        }
     }
 
     /// A short, stable label for logs and metrics.
@@ -120,6 +129,11 @@ mod tests {
         assert_eq!(Error::DeadlineExceeded("d".into()).http_status(), 504);
         assert_eq!(Error::Cancelled("c".into()).http_status(), 499);
         assert_eq!(Error::Internal("i".into()).http_status(), 500);
+        assert_eq!(Error::PayloadTooLarge("b".into()).http_status(), 413);
+        assert_eq!(
+            Error::PayloadTooLarge("b".into()).code(),
+            Code::ResourceExhausted
+        );
         assert_eq!(http_status_for(Code::ResourceExhausted), 429);
         assert_eq!(http_status_for(Code::Aborted), 409);
     }

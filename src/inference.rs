@@ -53,6 +53,17 @@ impl Inference {
     /// Runs a Predict call on the version it selects.
     pub async fn predict(&self, request: PredictRequest) -> Result<PredictResponse, Error> {
         let servable = self.registry.resolve(&request.model, &request.version)?;
+        self.predict_on(servable, request).await
+    }
+
+    /// Runs a Predict call on a version already resolved (`request.model` and
+    /// `request.version` are not looked at again): the REST API reads the signature to
+    /// decode the body, and must run on the version whose signature it read.
+    pub async fn predict_on(
+        &self,
+        servable: Arc<Servable>,
+        request: PredictRequest,
+    ) -> Result<PredictResponse, Error> {
         let (signature_name, signature) = find_signature(&servable, &request.signature)?;
         if signature.kind != SignatureKind::Predict {
             tracing::debug!(
@@ -69,20 +80,9 @@ impl Inference {
             }
         }
         let inputs = order_inputs(signature_name, signature, request.inputs)?;
-        let batchable = signature.inputs.iter().all(|spec| spec.is_batched());
-        let run = servable.scheduler.run(
-            Arc::from(signature.method.as_str()),
-            inputs,
-            batchable,
-            request.deadline,
-        );
-        let result = match request.deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline.into(), run)
-                .await
-                .unwrap_or(Err(RunError::DeadlineExceeded)),
-            None => run.await,
-        };
-        let output = result.map_err(|e| run_error(&servable, e))?;
+        let output = self
+            .run_method(&servable, signature, inputs, request.deadline)
+            .await?;
         let mut outputs = name_outputs(signature_name, signature, output)?;
         if !request.output_filter.is_empty() {
             outputs.retain(|(name, _)| request.output_filter.contains(name));
@@ -93,6 +93,35 @@ impl Inference {
             signature: signature_name.to_string(),
             outputs,
         })
+    }
+}
+
+impl Inference {
+    /// Runs a signature's method on a resolved version, with inputs already in its
+    /// positional order (see [`order_inputs`]). Every API's forward pass goes through here:
+    /// alone or batched with others, and answered DEADLINE_EXCEEDED once `deadline` passes
+    /// (the request is then dropped before it reaches the model if it has not run yet).
+    pub async fn run_method(
+        &self,
+        servable: &Servable,
+        signature: &Signature,
+        inputs: Vec<Tensor>,
+        deadline: Option<Instant>,
+    ) -> Result<ModelOutput, Error> {
+        let batchable = signature.inputs.iter().all(|spec| spec.is_batched());
+        let run = servable.scheduler.run(
+            Arc::from(signature.method.as_str()),
+            inputs,
+            batchable,
+            deadline,
+        );
+        let result = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), run)
+                .await
+                .unwrap_or(Err(RunError::DeadlineExceeded)),
+            None => run.await,
+        };
+        result.map_err(|e| run_error(servable, e))
     }
 }
 

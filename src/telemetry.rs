@@ -1,13 +1,403 @@
-//! Metric names, shared by every module that records them.
+//! Telemetry: the Prometheus metrics (names, descriptions, buckets, the recorder) and the
+//! log output (human text or one JSON object per line).
+//!
+//! Every metric name is a constant here, so the code that records a metric and the README
+//! that documents it cannot drift apart. Recording goes through the `metrics` facade: code
+//! anywhere in the crate calls `metrics::counter!(telemetry::X, ...)`; without an installed
+//! recorder (unit tests) those calls do nothing.
 
-/// Rows per executed batch, padding included (histogram; labels model, version).
+use crate::error::{code_label, Error};
+use metrics::{describe_counter, describe_gauge, describe_histogram, SharedString, Unit};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock, RwLock};
+use std::time::{Duration, Instant};
+
+/// Requests answered, by `model`, `version`, `api`, `protocol` and `code` (gRPC code name).
+pub const REQUESTS_TOTAL: &str = "modelgate_requests_total";
+/// Request latency at the API edge, by `model`, `api` and `protocol`.
+pub const REQUEST_DURATION_SECONDS: &str = "modelgate_request_duration_seconds";
+/// Version loads attempted, by `model` and `outcome` (`success` or `failure`).
+pub const MODEL_LOADS_TOTAL: &str = "modelgate_model_loads_total";
+/// Time to fetch, load and warm up a version, by `model`.
+pub const MODEL_LOAD_DURATION_SECONDS: &str = "modelgate_model_load_duration_seconds";
+/// Bytes fetched from model storage, by `model`.
+pub const STORAGE_FETCH_BYTES_TOTAL: &str = "modelgate_storage_fetch_bytes_total";
+/// Failed storage operations (listing or fetching), by `model`.
+pub const STORAGE_ERRORS_TOTAL: &str = "modelgate_storage_errors_total";
+/// Requests per executed batch, by `model` and `version`.
 pub const BATCH_SIZE: &str = "modelgate_batch_size";
-/// Time from enqueue until a batch is handed to a worker (histogram, seconds).
-pub const QUEUE_DELAY: &str = "modelgate_queue_delay_seconds";
-/// libtorch forward time of one batch (histogram, seconds).
-pub const FORWARD_DURATION: &str = "modelgate_forward_duration_seconds";
-/// Requests waiting in a version's batching queue (gauge).
+/// Time a request waited in the batching queue, by `model` and `version`.
+pub const QUEUE_DELAY_SECONDS: &str = "modelgate_queue_delay_seconds";
+/// Time of one forward pass, by `model` and `version`.
+pub const FORWARD_DURATION_SECONDS: &str = "modelgate_forward_duration_seconds";
+/// Requests waiting in a version's queue, by `model` and `version`.
 pub const QUEUE_DEPTH: &str = "modelgate_queue_depth";
-/// Requests refused or dropped before running (counter; labels model, version, reason:
-/// queue_full, deadline, cancelled).
-pub const REJECTED_REQUESTS: &str = "modelgate_rejected_requests_total";
+/// Requests refused before running (e.g. a full queue), by `model`, `version` and `reason`.
+pub const REJECTED_REQUESTS_TOTAL: &str = "modelgate_rejected_requests_total";
+
+/// `outcome` label values of [`MODEL_LOADS_TOTAL`].
+pub const OUTCOME_SUCCESS: &str = "success";
+pub const OUTCOME_FAILURE: &str = "failure";
+
+/// Latency buckets (seconds) shared by request and forward times: 1 ms to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Queue waits are usually far below a forward pass: 100 µs to 1 s.
+const QUEUE_DELAY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+/// Loads include downloads and warm-up: 100 ms to 10 min.
+const LOAD_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+/// Installs the global Prometheus recorder and describes every metric. Call once, inside
+/// the async runtime; the returned handle renders the scrape payload.
+pub fn install_metrics() -> Result<PrometheusHandle, BuildError> {
+    let histogram = |builder: PrometheusBuilder, name: &str, buckets: &[f64]| {
+        builder.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
+    };
+    let mut builder = PrometheusBuilder::new();
+    builder = histogram(builder, REQUEST_DURATION_SECONDS, LATENCY_BUCKETS)?;
+    builder = histogram(builder, FORWARD_DURATION_SECONDS, LATENCY_BUCKETS)?;
+    builder = histogram(builder, QUEUE_DELAY_SECONDS, QUEUE_DELAY_BUCKETS)?;
+    builder = histogram(builder, MODEL_LOAD_DURATION_SECONDS, LOAD_BUCKETS)?;
+    builder = histogram(builder, BATCH_SIZE, BATCH_SIZE_BUCKETS)?;
+    let handle = builder.install_recorder()?;
+    describe_metrics();
+    Ok(handle)
+}
+
+fn describe_metrics() {
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Requests answered, by model, version, API, protocol and gRPC code"
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Request latency at the API edge"
+    );
+    describe_counter!(
+        MODEL_LOADS_TOTAL,
+        "Model version loads, by outcome (success or failure)"
+    );
+    describe_histogram!(
+        MODEL_LOAD_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to fetch, load and warm up a model version"
+    );
+    describe_counter!(
+        STORAGE_FETCH_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes fetched from model storage"
+    );
+    describe_counter!(
+        STORAGE_ERRORS_TOTAL,
+        "Failed model storage operations (listing or fetching)"
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Requests per executed batch");
+    describe_histogram!(
+        QUEUE_DELAY_SECONDS,
+        Unit::Seconds,
+        "Time a request waited in the batching queue"
+    );
+    describe_histogram!(
+        FORWARD_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time of one forward pass"
+    );
+    describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting in the queue");
+    describe_counter!(
+        REJECTED_REQUESTS_TOTAL,
+        "Requests refused before running, by reason"
+    );
+}
+
+/// Keeps the recorder's memory bounded between scrapes; runs until the process ends.
+pub async fn run_metrics_upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+/// Sets up logging on stderr: `MODELGATE_LOG` (or `RUST_LOG`) filters, default `info`.
+/// `json` writes one JSON object per line with the event's fields at the top level, which
+/// is what log shippers expect; otherwise a human format.
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MODELGATE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder
+            .with_ansi(std::env::var_os("NO_COLOR").is_none())
+            .init();
+    }
+}
+
+/// Which API a request called, as the `api` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    Predict,
+    Classify,
+    Regress,
+    MultiInference,
+    GetModelMetadata,
+    GetModelStatus,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Predict => "predict",
+            Api::Classify => "classify",
+            Api::Regress => "regress",
+            Api::MultiInference => "multi_inference",
+            Api::GetModelMetadata => "get_model_metadata",
+            Api::GetModelStatus => "get_model_status",
+        }
+    }
+}
+
+/// Which protocol a request came in on, as the `protocol` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    Rest,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Rest => "rest",
+        }
+    }
+}
+
+/// Measures one request at the API edge and records it once: the request counter, the
+/// latency histogram, a debug log line, and a warn line when it failed.
+#[must_use = "a request timer records nothing until finish() is called"]
+pub struct RequestTimer {
+    api: Api,
+    protocol: Protocol,
+    started: Instant,
+}
+
+impl RequestTimer {
+    pub fn start(api: Api, protocol: Protocol) -> RequestTimer {
+        RequestTimer {
+            api,
+            protocol,
+            started: Instant::now(),
+        }
+    }
+
+    /// Records the request. `model` is the metrics label: a served or configured model
+    /// name, or "" when the request named a model this server does not know (labels must
+    /// not take arbitrary client text). `version` is the version that answered, if any.
+    /// `requested` is the model name the client sent, for the log line only.
+    pub fn finish(
+        self,
+        model: &str,
+        requested: &str,
+        version: Option<i64>,
+        outcome: Result<(), &Error>,
+    ) {
+        let elapsed = self.started.elapsed();
+        let code = match outcome {
+            Ok(()) => tonic::Code::Ok,
+            Err(e) => e.code(),
+        };
+        let (api, protocol, code) = (self.api.as_str(), self.protocol.as_str(), code_label(code));
+        let model_label = interned_model(model);
+        let version_label = interned_version(version);
+        metrics::counter!(
+            REQUESTS_TOTAL,
+            "model" => model_label.clone(),
+            "version" => version_label,
+            "api" => api,
+            "protocol" => protocol,
+            "code" => code,
+        )
+        .increment(1);
+        metrics::histogram!(
+            REQUEST_DURATION_SECONDS,
+            "model" => model_label,
+            "api" => api,
+            "protocol" => protocol,
+        )
+        .record(elapsed.as_secs_f64());
+        let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        match outcome {
+            Ok(()) => tracing::debug!(
+                model = requested,
+                version,
+                api,
+                protocol,
+                code,
+                latency_ms,
+                "request"
+            ),
+            Err(error) => tracing::warn!(
+                model = requested,
+                version,
+                api,
+                protocol,
+                code,
+                latency_ms,
+                %error,
+                "request failed"
+            ),
+        }
+    }
+}
+
+/// Records a version load attempt (called by the model manager).
+pub fn record_model_load(model: &str, elapsed: Duration, success: bool) {
+    let model = interned_model(model);
+    let outcome = if success {
+        OUTCOME_SUCCESS
+    } else {
+        OUTCOME_FAILURE
+    };
+    metrics::counter!(MODEL_LOADS_TOTAL, "model" => model.clone(), "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(MODEL_LOAD_DURATION_SECONDS, "model" => model)
+        .record(elapsed.as_secs_f64());
+}
+
+/// Records a failed storage operation for a model (listing or fetching its versions).
+pub fn record_storage_error(model: &str) {
+    metrics::counter!(STORAGE_ERRORS_TOTAL, "model" => interned_model(model)).increment(1);
+}
+
+/// Records bytes fetched from storage for a model.
+pub fn record_storage_fetch(model: &str, bytes: u64) {
+    metrics::counter!(STORAGE_FETCH_BYTES_TOTAL, "model" => interned_model(model)).increment(bytes);
+}
+
+// Label values are interned so that a request costs no String allocation for them. Both
+// sets stay small: model names come from the config, versions from storage.
+static MODEL_LABELS: LazyLock<RwLock<HashSet<Arc<str>>>> = LazyLock::new(Default::default);
+static VERSION_LABELS: LazyLock<RwLock<HashMap<i64, Arc<str>>>> = LazyLock::new(Default::default);
+
+fn interned_model(model: &str) -> SharedString {
+    if model.is_empty() {
+        return SharedString::const_str("");
+    }
+    // A poisoned lock only means a panic elsewhere while holding it; the set stays usable.
+    if let Some(found) = MODEL_LABELS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(model)
+    {
+        return SharedString::from(Arc::clone(found));
+    }
+    let mut labels = MODEL_LABELS.write().unwrap_or_else(|e| e.into_inner());
+    let label = labels.get(model).cloned().unwrap_or_else(|| {
+        let label: Arc<str> = Arc::from(model);
+        labels.insert(Arc::clone(&label));
+        label
+    });
+    SharedString::from(label)
+}
+
+fn interned_version(version: Option<i64>) -> SharedString {
+    let Some(version) = version else {
+        return SharedString::const_str("");
+    };
+    if let Some(found) = VERSION_LABELS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&version)
+    {
+        return SharedString::from(Arc::clone(found));
+    }
+    let label = Arc::clone(
+        VERSION_LABELS
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(version)
+            .or_insert_with(|| Arc::from(version.to_string())),
+    );
+    SharedString::from(label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_interned() {
+        let a = interned_model("mlp");
+        let b = interned_model("mlp");
+        assert_eq!(a, b);
+        assert_eq!(&*interned_version(Some(12)), "12");
+        assert_eq!(&*interned_version(None), "");
+        assert_eq!(&*interned_model(""), "");
+    }
+
+    #[test]
+    fn requests_are_counted_with_their_labels() {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(REQUEST_DURATION_SECONDS.into()),
+                LATENCY_BUCKETS,
+            )
+            .unwrap()
+            .build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            RequestTimer::start(Api::Predict, Protocol::Rest).finish("mlp", "mlp", Some(2), Ok(()));
+            let err = Error::NotFound("nope".into());
+            RequestTimer::start(Api::Classify, Protocol::Grpc).finish("", "zzz", None, Err(&err));
+            record_model_load("mlp", Duration::from_millis(30), true);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains(
+                r#"modelgate_requests_total{model="mlp",version="2",api="predict",protocol="rest",code="ok"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"modelgate_requests_total{model="",version="",api="classify",protocol="grpc",code="not_found"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"modelgate_request_duration_seconds_count{model="mlp",api="predict",protocol="rest"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("modelgate_request_duration_seconds_bucket{"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"modelgate_model_loads_total{model="mlp",outcome="success"} 1"#),
+            "{text}"
+        );
+    }
+}

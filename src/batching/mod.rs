@@ -95,7 +95,8 @@ impl Scheduler {
         ];
         let mut full_labels = labels.to_vec();
         full_labels.push(("reason", "queue_full".to_string()));
-        let rejected_full = metrics::counter!(crate::telemetry::REJECTED_REQUESTS, &full_labels);
+        let rejected_full =
+            metrics::counter!(crate::telemetry::REJECTED_REQUESTS_TOTAL, &full_labels);
         let runner = Arc::new(runner);
         let mode = match batching {
             None => Mode::Direct,
@@ -105,7 +106,10 @@ impl Scheduler {
                     queued_rows: AtomicUsize::new(0),
                     queued_jobs: AtomicUsize::new(0),
                     queue_depth: metrics::gauge!(crate::telemetry::QUEUE_DEPTH, &labels),
-                    queue_delay: metrics::histogram!(crate::telemetry::QUEUE_DELAY, &labels),
+                    queue_delay: metrics::histogram!(
+                        crate::telemetry::QUEUE_DELAY_SECONDS,
+                        &labels
+                    ),
                     rejected_full: rejected_full.clone(),
                 });
                 let (jobs, queue) = mpsc::unbounded_channel();

@@ -66,6 +66,13 @@ impl FromStr for DeviceFlag {
     }
 }
 
+/// How log lines are written: `text` for people, `json` (one object per line) for shippers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// Every flag of the server. Booleans take TF Serving's forms: `--flag`, `--flag=true`,
 /// `--flag=false`.
 #[derive(Parser, Debug, Clone)]
@@ -185,6 +192,24 @@ pub struct Flags {
     /// How long a fan-out waits for each pod to answer before reporting it as failed.
     #[arg(long = "fanout_timeout_seconds", default_value_t = 60)]
     pub fanout_timeout_seconds: u64,
+
+    /// Largest REST request body accepted; larger ones are answered 413 (modelgate's own).
+    #[arg(long = "rest_api_max_body_bytes", default_value_t = DEFAULT_REST_MAX_BODY_BYTES)]
+    pub rest_api_max_body_bytes: usize,
+
+    /// After SIGTERM/SIGINT, keep accepting this long while readiness reports draining, so
+    /// that load balancers stop sending traffic first (modelgate's own).
+    #[arg(long = "shutdown_grace_seconds", default_value_t = 5)]
+    pub shutdown_grace_seconds: u64,
+
+    /// Log format: text or json (one JSON object per line).
+    #[arg(
+        long = "log_format",
+        env = "MODELGATE_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
 }
 
 /// A flag value that must never reach a log: its `Debug` prints `<redacted>`.
@@ -203,6 +228,10 @@ impl std::fmt::Debug for Redacted {
         f.write_str("<redacted>")
     }
 }
+
+/// 256 MiB: JSON takes several times the bytes of the tensors it carries, so this admits
+/// requests of tens of MiB of tensor data while bounding what one request can buffer.
+pub const DEFAULT_REST_MAX_BODY_BYTES: usize = 256 << 20;
 
 /// Parses the command line, first setting aside (with a warning each) the TF Serving flags
 /// that do not apply. Returns the flags and the warnings to log once logging is up.
@@ -260,6 +289,8 @@ mod tests {
         assert_eq!(flags.device, DeviceFlag::Auto);
         assert!(flags.admin_token.is_none() && flags.admin_token_file.is_none());
         assert_eq!(flags.kubernetes_api_url, "http://localhost:8001");
+        assert_eq!(flags.rest_api_max_body_bytes, 256 << 20);
+        assert_eq!(flags.shutdown_grace_seconds, 5);
         assert!(warnings.is_empty());
     }
 
@@ -280,6 +311,21 @@ mod tests {
         let (flags, _) = parse(&["--enable_batching=true", "--device", "cpu"]);
         assert!(flags.enable_batching);
         assert_eq!(flags.device, DeviceFlag::Cpu);
+    }
+
+    #[test]
+    fn modelgate_flags() {
+        let (flags, _) = parse(&[
+            "--rest_api_max_body_bytes=1024",
+            "--shutdown_grace_seconds",
+            "0",
+            "--log_format=json",
+        ]);
+        assert_eq!(flags.rest_api_max_body_bytes, 1024);
+        assert_eq!(flags.shutdown_grace_seconds, 0);
+        assert_eq!(flags.log_format, LogFormat::Json);
+        let args = ["modelgate", "--log_format=xml"].map(String::from);
+        assert!(parse_args(args).is_err());
     }
 
     #[test]

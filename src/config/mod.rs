@@ -4,11 +4,13 @@
 pub mod env;
 mod flags;
 mod model_config;
+mod monitoring;
 mod text_format;
 
 pub use env::S3Env;
-pub use flags::{parse_args, DeviceFlag, Flags, Redacted};
+pub use flags::{parse_args, DeviceFlag, Flags, LogFormat, Redacted, DEFAULT_REST_MAX_BODY_BYTES};
 pub use model_config::{ModelSpec, Platform, VersionPolicy};
+pub use monitoring::{prometheus_path, DEFAULT_PROMETHEUS_PATH};
 pub use text_format::{parse_text_format, ConfigError};
 
 pub use model_config::{model_specs_from_config, parse_model_server_config, single_model_spec};

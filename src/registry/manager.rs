@@ -291,6 +291,7 @@ impl Manager {
                 model.backoff.reset();
             }
             Some(e) => {
+                crate::telemetry::record_storage_error(name);
                 if !model.backoff.is_failing() {
                     tracing::warn!(
                         model = %name,
@@ -387,6 +388,7 @@ impl Manager {
             })
         })
         .map_err(|e| e.to_string());
+        crate::telemetry::record_model_load(name, started.elapsed(), result.is_ok());
         let Some(model) = self.models.get_mut(name) else {
             return LoadOutcome::Failed;
         };

@@ -178,7 +178,8 @@ impl Registry {
         self.lock_status().keys().cloned().collect()
     }
 
-    fn is_configured(&self, model: &str) -> bool {
+    /// Whether `model` is in the configuration (loaded or not).
+    pub fn is_configured(&self, model: &str) -> bool {
         self.lock_status().contains_key(model)
     }
 

@@ -66,7 +66,8 @@ pub fn set_intra_op_threads(threads: usize) {
 }
 
 /// What a TorchScript method returned, before it is matched to a signature's outputs.
-#[derive(Debug)]
+/// Cloning is cheap (tensor payloads are shared `Bytes`).
+#[derive(Clone, Debug)]
 pub enum ModelOutput {
     Tensor(Tensor),
     /// A tuple or list of tensors, in order.

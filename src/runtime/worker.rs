@@ -108,11 +108,14 @@ impl WorkerMetrics {
         let rejected = |reason: &'static str| {
             let mut labels = labels.to_vec();
             labels.push(("reason", reason.to_string()));
-            metrics::counter!(crate::telemetry::REJECTED_REQUESTS, &labels)
+            metrics::counter!(crate::telemetry::REJECTED_REQUESTS_TOTAL, &labels)
         };
         WorkerMetrics {
             batch_size: metrics::histogram!(crate::telemetry::BATCH_SIZE, &labels),
-            forward_seconds: metrics::histogram!(crate::telemetry::FORWARD_DURATION, &labels),
+            forward_seconds: metrics::histogram!(
+                crate::telemetry::FORWARD_DURATION_SECONDS,
+                &labels
+            ),
             deadline_dropped: rejected("deadline"),
             cancelled_dropped: rejected("cancelled"),
         }

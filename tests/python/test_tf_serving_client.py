@@ -27,12 +27,15 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
+    classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
     model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
+    regression_pb2,
 )
 
 try:  # grpcio-health-checking; optional, GetModelStatus polling is the fallback
@@ -75,6 +78,7 @@ SERVED_MODELS = {
     ),
     "faulty": (FIXTURE_MODELS / "faulty", ""),
     "multi": (FIXTURE_MODELS / "multi", ""),
+    "regressor": (FIXTURE_MODELS / "regressor", ""),
 }
 
 
@@ -169,7 +173,7 @@ def ensure_models():
     generate = REPO_ROOT / "models" / "generate.py"
     wanted = [
         ("demo", DEMO_MODELS, [DEMO_MODELS / "mlp" / "2" / "model.pt", DEMO_MODELS / "tiny" / "1" / "model.pt"]),
-        ("fixtures", FIXTURE_MODELS, [FIXTURE_MODELS / n / "1" / "model.pt" for n in ("echo", "faulty", "multi")]
+        ("fixtures", FIXTURE_MODELS, [FIXTURE_MODELS / n / "1" / "model.pt" for n in ("echo", "faulty", "multi", "regressor")]
          + [FIXTURE_MODELS / "scaled" / "3" / "model.pt"]),
     ]
     for what, base, files in wanted:
@@ -596,3 +600,159 @@ def test_error_model_exception_is_internal_and_server_survives(predict_stub):
 
     resp = predict_stub.Predict(predict_request("tiny", {"x": TINY_X}), timeout=TIMEOUT)
     np.testing.assert_array_equal(tf.make_ndarray(resp.outputs["y"]), [[3.0], [5.0]])
+
+
+# ---------------------------------------------------------------------------
+# Classify / Regress / MultiInference with tf.train.Example inputs
+# ---------------------------------------------------------------------------
+
+CLASSIFY = "tensorflow/serving/classify"
+REGRESS = "tensorflow/serving/regress"
+
+
+def example(**features):
+    """A tf.train.Example: float lists for floats, int64 lists for ints."""
+    feature = {}
+    for name, values in features.items():
+        values = np.atleast_1d(values)
+        if np.issubdtype(values.dtype, np.integer):
+            feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=values.tolist()))
+        else:
+            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=values.tolist()))
+    return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+def classes_of(result):
+    return [[(c.label, c.score) for c in cl.classes] for cl in result.classifications]
+
+
+def test_classify_examples(predict_stub):
+    req = classification_pb2.ClassificationRequest()
+    req.model_spec.name = "regressor"
+    req.model_spec.signature_name = "classify"
+    req.input.example_list.examples.extend([example(x=[1.0, 2.0, 3.0]), example(x=[0.5, 0.0, -1.0])])
+    resp = predict_stub.Classify(req, timeout=TIMEOUT)
+    assert classes_of(resp.result) == [
+        [("a", 0.5), ("b", 1.0), ("c", 1.5)],
+        [("a", 0.25), ("b", 0.0), ("c", -0.5)],
+    ]
+    assert resp.model_spec.name == "regressor"
+    assert resp.model_spec.version.value == 1
+    assert resp.model_spec.signature_name == "classify"
+
+
+def test_classify_int64_features_without_labels(predict_stub):
+    req = classification_pb2.ClassificationRequest()
+    req.model_spec.name = "regressor"
+    req.model_spec.signature_name = "classify_ids"
+    req.input.example_list.examples.extend([example(ids=np.array([1, 2])), example(ids=np.array([-3, 0]))])
+    resp = predict_stub.Classify(req, timeout=TIMEOUT)
+    assert classes_of(resp.result) == [[("", 2.0), ("", 4.0)], [("", -6.0), ("", 0.0)]]
+
+
+def test_classify_mlp_images_matches_predict(predict_stub, images):
+    req = classification_pb2.ClassificationRequest()
+    req.model_spec.name = "mlp"
+    req.model_spec.signature_name = "classify"
+    req.input.example_list.examples.extend([example(images=row) for row in images])
+    resp = predict_stub.Classify(req, timeout=TIMEOUT)
+    assert resp.model_spec.version.value == 2
+    classes = classes_of(resp.result)
+    assert [[label for label, _ in row] for row in classes] == [[str(i) for i in range(10)]] * 4
+    scores = np.array([[score for _, score in row] for row in classes], dtype=np.float32)
+    probs = outputs(predict_stub.Predict(predict_request("mlp", {"images": images}), timeout=TIMEOUT))
+    np.testing.assert_array_equal(scores, probs["probabilities"])
+
+
+def test_regress_examples(predict_stub):
+    req = regression_pb2.RegressionRequest()
+    req.model_spec.name = "regressor"  # serving_default is the regress signature
+    req.input.example_list.examples.extend([example(x=[1.0, 2.0, 3.0]), example(x=[0.5, 0.0, 1.0])])
+    resp = predict_stub.Regress(req, timeout=TIMEOUT)
+    assert [r.value for r in resp.result.regressions] == [14.5, 4.0]
+    assert resp.model_spec.signature_name == "serving_default"
+    assert resp.model_spec.version.value == 1
+
+
+def test_regress_example_list_with_context(predict_stub):
+    req = regression_pb2.RegressionRequest()
+    req.model_spec.name = "regressor"
+    req.model_spec.version.value = 1
+    ctx = req.input.example_list_with_context
+    ctx.context.CopyFrom(example(x=[1.0, 1.0, 1.0]))
+    ctx.examples.extend([tf.train.Example(), example(x=[0.0, 0.0, 0.0])])
+    resp = predict_stub.Regress(req, timeout=TIMEOUT)
+    assert [r.value for r in resp.result.regressions] == [6.5, 0.5]
+
+
+def test_multi_inference_classify_and_regress(predict_stub):
+    req = inference_pb2.MultiInferenceRequest()
+    task = req.tasks.add()
+    task.model_spec.name = "regressor"
+    task.model_spec.signature_name = "classify"
+    task.method_name = CLASSIFY
+    task = req.tasks.add()
+    task.model_spec.name = "regressor"
+    task.method_name = REGRESS
+    req.input.example_list.examples.extend([example(x=[1.0, 2.0, 3.0]), example(x=[2.0, 0.0, 0.0])])
+    resp = predict_stub.MultiInference(req, timeout=TIMEOUT)
+    assert len(resp.results) == 2
+    first, second = resp.results
+    assert first.model_spec.signature_name == "classify"
+    assert first.model_spec.version.value == 1
+    assert classes_of(first.classification_result) == [
+        [("a", 0.5), ("b", 1.0), ("c", 1.5)],
+        [("a", 1.0), ("b", 0.0), ("c", 0.0)],
+    ]
+    assert second.model_spec.signature_name == "serving_default"
+    assert [r.value for r in second.regression_result.regressions] == [14.5, 2.5]
+
+
+def test_classify_and_regress_errors(predict_stub):
+    # A predict signature cannot classify.
+    req = classification_pb2.ClassificationRequest()
+    req.model_spec.name = "mlp"
+    req.input.example_list.examples.append(example(images=np.zeros(784, dtype=np.float32)))
+    err = expect_error(predict_stub.Classify, req, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "tensorflow/serving/predict" in err.details()
+    # A feature missing, or with the wrong number of values.
+    req = regression_pb2.RegressionRequest()
+    req.model_spec.name = "regressor"
+    req.input.example_list.examples.append(example(y=[1.0, 2.0, 3.0]))
+    err = expect_error(predict_stub.Regress, req, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "no feature 'x'" in err.details()
+    req = regression_pb2.RegressionRequest()
+    req.model_spec.name = "regressor"
+    req.input.example_list.examples.append(example(x=[1.0, 2.0]))
+    expect_error(predict_stub.Regress, req, grpc.StatusCode.INVALID_ARGUMENT)
+    # No examples at all.
+    req = regression_pb2.RegressionRequest()
+    req.model_spec.name = "regressor"
+    expect_error(predict_stub.Regress, req, grpc.StatusCode.INVALID_ARGUMENT)
+    # MultiInference: tasks on different models, or an unknown method.
+    req = inference_pb2.MultiInferenceRequest()
+    for name in ("regressor", "mlp"):
+        task = req.tasks.add()
+        task.model_spec.name = name
+        task.method_name = REGRESS
+    req.input.example_list.examples.append(example(x=[1.0, 2.0, 3.0]))
+    expect_error(predict_stub.MultiInference, req, grpc.StatusCode.INVALID_ARGUMENT)
+    del req.tasks[1]
+    req.tasks[0].method_name = "tensorflow/serving/predict"
+    expect_error(predict_stub.MultiInference, req, grpc.StatusCode.INVALID_ARGUMENT)
+    # Unknown model: NOT_FOUND, as for Predict.
+    req = regression_pb2.RegressionRequest()
+    req.model_spec.name = "no_such_model"
+    req.input.example_list.examples.append(example(x=[1.0, 2.0, 3.0]))
+    expect_error(predict_stub.Regress, req, grpc.StatusCode.NOT_FOUND)
+
+
+@pytest.mark.skipif(health_pb2_grpc is None, reason="grpcio-health-checking not installed")
+def test_health_per_model(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "regressor", "mlp", "tensorflow.serving.PredictionService", "ModelService"):
+        resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING, service
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="no_such_model"), timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND

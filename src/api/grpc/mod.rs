@@ -4,7 +4,8 @@ mod codec;
 mod model_service;
 mod prediction;
 
-pub use codec::{tensor_from_proto, tensor_to_proto};
+pub use codec::{signature_def_map, tensor_from_proto, tensor_to_proto};
+pub use model_service::model_status;
 
 use crate::inference::Inference;
 use crate::proto::serving::model_service_server::ModelServiceServer;
@@ -14,10 +15,12 @@ use crate::registry::{ManagerHandle, Registry};
 use axum::serve::ListenerExt;
 use model_service::ModelServiceApi;
 use prediction::PredictionApi;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::codec::CompressionEncoding;
 use tonic_health::ServingStatus;
 
@@ -46,16 +49,24 @@ pub struct GrpcOptions {
 /// transport enforces `grpc-timeout` itself and answers CANCELLED, while TF Serving (and
 /// DESIGN.md) answer DEADLINE_EXCEEDED and drop the request before it reaches the model,
 /// which the handlers do from the same header.
+///
+/// `draining` turns true when shutdown begins, so that health turns NOT_SERVING at once
+/// rather than at the next readiness poll.
 pub async fn serve(
     listener: TcpListener,
     inference: Inference,
     manager: ManagerHandle,
     options: GrpcOptions,
+    draining: watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let registry = Arc::clone(inference.registry());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(mirror_readiness(health_reporter, Arc::clone(&registry)));
+    tokio::spawn(mirror_readiness(
+        health_reporter,
+        Arc::clone(&registry),
+        draining,
+    ));
 
     // Both reflection versions: grpcurl and most tools still ask v1alpha.
     let reflection = || {
@@ -101,22 +112,50 @@ pub enum ServeError {
     Io(std::io::Error),
 }
 
-/// Keeps grpc.health.v1 in step with readiness: SERVING once every configured model has
-/// an available version and the server is not draining.
-async fn mirror_readiness(reporter: tonic_health::server::HealthReporter, registry: Arc<Registry>) {
-    let mut last: Option<ServingStatus> = None;
+/// Keeps grpc.health.v1 in step with readiness (`/readyz`): the overall and TF Serving
+/// service names are SERVING once every configured model has an available version and the
+/// server is not draining; each model's name is SERVING while that model has an available
+/// version and the server is not draining. A model removed from the config is forgotten
+/// (its checks answer NOT_FOUND again).
+async fn mirror_readiness(
+    mut reporter: tonic_health::server::HealthReporter,
+    registry: Arc<Registry>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let mut last: HashMap<String, ServingStatus> = HashMap::new();
+    let mut watching = true;
     loop {
-        let status = if registry.readiness().is_ready() {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        if last != Some(status) {
-            for name in HEALTH_SERVICE_NAMES {
-                reporter.set_service_status(name, status).await;
+        let readiness = registry.readiness();
+        let serving = |ready: bool| {
+            if ready && !readiness.draining {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
             }
-            last = Some(status);
+        };
+        let mut wanted: HashMap<String, ServingStatus> = HEALTH_SERVICE_NAMES
+            .iter()
+            .map(|name| (name.to_string(), serving(readiness.is_ready())))
+            .collect();
+        for model in registry.model_names() {
+            let ready = !readiness.models_not_ready.contains(&model);
+            wanted.entry(model).or_insert(serving(ready));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        for (name, status) in &wanted {
+            if last.get(name) != Some(status) {
+                reporter.set_service_status(name, *status).await;
+            }
+        }
+        for name in last.keys().filter(|name| !wanted.contains_key(*name)) {
+            reporter.clear_service_status(name).await;
+        }
+        last = wanted;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            changed = draining.changed(), if watching => {
+                // The sender gone means nothing more to wait for: keep polling only.
+                watching = changed.is_ok();
+            }
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! `tensorflow.serving.ModelService`.
 
-use super::prediction::model_and_version;
+use super::prediction::{finish, model_and_version};
 use crate::config::model_specs_from_config;
 use crate::error::Error;
 use crate::proto::serving::model_server_config::Config;
@@ -12,6 +12,7 @@ use crate::proto::serving::{
 };
 use crate::proto::tensorflow::error::Code;
 use crate::registry::{ApplyError, ManagerHandle, Registry, VersionSelector, VersionState};
+use crate::telemetry::{Api, Protocol, RequestTimer};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -45,36 +46,50 @@ fn state_proto(state: VersionState) -> State {
     }
 }
 
+/// GetModelStatus: the status of every version of a model, or of the version a number or
+/// label selects. Shared with the REST API.
+pub fn model_status(
+    registry: &Registry,
+    model: &str,
+    selector: &VersionSelector,
+) -> Result<GetModelStatusResponse, Error> {
+    let version = match selector {
+        VersionSelector::Latest => None,
+        VersionSelector::Number(v) => Some(*v),
+        VersionSelector::Label(_) => Some(registry.resolve(model, selector)?.version),
+    };
+    let statuses = registry.model_status(model, version)?;
+    Ok(GetModelStatusResponse {
+        model_version_status: statuses
+            .into_iter()
+            .map(|(version, status)| ModelVersionStatus {
+                version,
+                state: state_proto(status.state) as i32,
+                status: Some(match status.error {
+                    None => StatusProto::default(),
+                    Some(message) => StatusProto {
+                        error_code: Code::Unknown as i32,
+                        error_message: message,
+                    },
+                }),
+            })
+            .collect(),
+    })
+}
+
 #[tonic::async_trait]
 impl ModelService for ModelServiceApi {
     async fn get_model_status(
         &self,
         request: Request<GetModelStatusRequest>,
     ) -> Result<Response<GetModelStatusResponse>, Status> {
+        let timer = RequestTimer::start(Api::GetModelStatus, Protocol::Grpc);
         let request = request.into_inner();
-        let (model, selector) = model_and_version(request.model_spec.as_ref())?;
-        let version = match selector {
-            VersionSelector::Latest => None,
-            VersionSelector::Number(v) => Some(v),
-            VersionSelector::Label(_) => Some(self.registry.resolve(&model, &selector)?.version),
-        };
-        let statuses = self.registry.model_status(&model, version)?;
-        Ok(Response::new(GetModelStatusResponse {
-            model_version_status: statuses
-                .into_iter()
-                .map(|(version, status)| ModelVersionStatus {
-                    version,
-                    state: state_proto(status.state) as i32,
-                    status: Some(match status.error {
-                        None => StatusProto::default(),
-                        Some(message) => StatusProto {
-                            error_code: Code::Unknown as i32,
-                            error_message: message,
-                        },
-                    }),
-                })
-                .collect(),
-        }))
+        let spec = request.model_spec.as_ref();
+        let result = model_and_version(spec)
+            .and_then(|(model, selector)| model_status(&self.registry, &model, &selector));
+        // The answer names no single version: the request's model is the only label.
+        finish(&self.registry, timer, spec, result, |_| None)
     }
 
     /// Replaces the model config and answers once it is applied: new models listed and

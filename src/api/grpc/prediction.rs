@@ -2,15 +2,18 @@
 
 use super::codec::{signature_def_map, tensor_from_proto, tensor_to_proto};
 use super::GrpcOptions;
+use crate::api::tasks::{self, Task, TaskKind, TaskResult};
 use crate::error::Error;
 use crate::inference::{self, Inference};
 use crate::proto::serving::prediction_service_server::PredictionService;
 use crate::proto::serving::{
-    model_spec, ClassificationRequest, ClassificationResponse, GetModelMetadataRequest,
-    GetModelMetadataResponse, ModelSpec, MultiInferenceRequest, MultiInferenceResponse,
-    PredictRequest, PredictResponse, RegressionRequest, RegressionResponse,
+    inference_result, model_spec, ClassificationRequest, ClassificationResponse,
+    GetModelMetadataRequest, GetModelMetadataResponse, InferenceResult, ModelSpec,
+    MultiInferenceRequest, MultiInferenceResponse, PredictRequest, PredictResponse,
+    RegressionRequest, RegressionResponse,
 };
-use crate::registry::VersionSelector;
+use crate::registry::{Registry, VersionSelector};
+use crate::telemetry::{Api, Protocol, RequestTimer};
 use prost::Message;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
@@ -79,21 +82,54 @@ pub(super) fn deadline<T>(request: &Request<T>) -> Option<Instant> {
     Instant::now().checked_add(timeout)
 }
 
-fn unimplemented(call: &str) -> Status {
-    Error::Unimplemented(format!(
-        "{call} is not implemented by this modelgate release"
-    ))
-    .into()
+/// A signature name as it resolves: empty is `serving_default`.
+fn canonical(signature: &str) -> &str {
+    if signature.is_empty() {
+        crate::signature::DEFAULT_SIGNATURE
+    } else {
+        signature
+    }
 }
 
-#[tonic::async_trait]
-impl PredictionService for PredictionApi {
+/// Records a finished call (metrics and logs) and turns it into what tonic sends. The model
+/// and version labels come from the spec of the answer, or on failure from the request.
+pub(super) fn finish<T>(
+    registry: &Registry,
+    timer: RequestTimer,
+    requested: Option<&ModelSpec>,
+    result: Result<T, Error>,
+    served: impl Fn(&T) -> Option<&ModelSpec>,
+) -> Result<Response<T>, Status> {
+    let requested_name = requested.map_or("", |s| s.name.as_str());
+    match result {
+        Ok(response) => {
+            let spec = served(&response);
+            let version = spec.and_then(|s| match s.version_choice {
+                Some(model_spec::VersionChoice::Version(v)) => Some(v),
+                _ => None,
+            });
+            let model = spec.map_or(requested_name, |s| s.name.as_str());
+            timer.finish(model, requested_name, version, Ok(()));
+            Ok(Response::new(response))
+        }
+        Err(error) => {
+            let label = if registry.is_configured(requested_name) {
+                requested_name
+            } else {
+                ""
+            };
+            timer.finish(label, requested_name, None, Err(&error));
+            Err(error.into())
+        }
+    }
+}
+
+impl PredictionApi {
     async fn predict(
         &self,
-        request: Request<PredictRequest>,
-    ) -> Result<Response<PredictResponse>, Status> {
-        let deadline = deadline(&request);
-        let request = request.into_inner();
+        request: &PredictRequest,
+        deadline: Option<Instant>,
+    ) -> Result<PredictResponse, Error> {
         let (model, version) = model_and_version(request.model_spec.as_ref())?;
         let inputs = request
             .inputs
@@ -115,12 +151,12 @@ impl PredictionService for PredictionApi {
                 version,
                 signature,
                 inputs,
-                output_filter: request.output_filter,
+                output_filter: request.output_filter.clone(),
                 deadline,
             })
             .await?;
         let as_content = self.options.tensor_content;
-        Ok(Response::new(PredictResponse {
+        Ok(PredictResponse {
             model_spec: Some(served_spec(
                 &answer.model,
                 answer.version,
@@ -131,20 +167,18 @@ impl PredictionService for PredictionApi {
                 .iter()
                 .map(|(name, tensor)| (name.clone(), tensor_to_proto(tensor, as_content)))
                 .collect(),
-        }))
+        })
     }
 
-    async fn get_model_metadata(
+    fn get_model_metadata(
         &self,
-        request: Request<GetModelMetadataRequest>,
-    ) -> Result<Response<GetModelMetadataResponse>, Status> {
-        let request = request.into_inner();
+        request: &GetModelMetadataRequest,
+    ) -> Result<GetModelMetadataResponse, Error> {
         let (model, version) = model_and_version(request.model_spec.as_ref())?;
         if request.metadata_field.is_empty() {
             return Err(Error::InvalidArgument(format!(
                 "metadata_field is empty; ask for '{SIGNATURE_DEF_FIELD}'"
-            ))
-            .into());
+            )));
         }
         if let Some(field) = request
             .metadata_field
@@ -153,8 +187,7 @@ impl PredictionService for PredictionApi {
         {
             return Err(Error::InvalidArgument(format!(
                 "metadata field '{field}' is not supported; the supported field is '{SIGNATURE_DEF_FIELD}'"
-            ))
-            .into());
+            )));
         }
         let servable = self.inference.registry().resolve(&model, &version)?;
         let signatures = signature_def_map(&servable.signatures);
@@ -162,30 +195,196 @@ impl PredictionService for PredictionApi {
             type_url: SIGNATURE_DEF_MAP_TYPE_URL.to_string(),
             value: signatures.encode_to_vec(),
         };
-        Ok(Response::new(GetModelMetadataResponse {
+        Ok(GetModelMetadataResponse {
             model_spec: Some(served_spec(&servable.model, servable.version, "")),
             metadata: [(SIGNATURE_DEF_FIELD.to_string(), metadata)].into(),
-        }))
+        })
     }
 
-    async fn classify(
+    /// Classify or Regress: one task on the request's signature.
+    async fn one_task(
         &self,
-        _request: Request<ClassificationRequest>,
-    ) -> Result<Response<ClassificationResponse>, Status> {
-        Err(unimplemented("Classify"))
-    }
-
-    async fn regress(
-        &self,
-        _request: Request<RegressionRequest>,
-    ) -> Result<Response<RegressionResponse>, Status> {
-        Err(unimplemented("Regress"))
+        spec: Option<&ModelSpec>,
+        input: Option<&crate::proto::serving::Input>,
+        kind: TaskKind,
+    ) -> Result<(ModelSpec, TaskResult), Error> {
+        let (model, version) = model_and_version(spec)?;
+        let signature = spec.map_or("", |s| s.signature_name.as_str());
+        let mut answer = tasks::run(
+            &self.inference,
+            &model,
+            &version,
+            &[Task { signature, kind }],
+            input,
+        )
+        .await?;
+        let (signature, result) = answer
+            .results
+            .pop()
+            .ok_or_else(|| Error::Internal("a task returned no result (server bug)".into()))?;
+        Ok((
+            served_spec(&answer.model, answer.version, &signature),
+            result,
+        ))
     }
 
     async fn multi_inference(
         &self,
-        _request: Request<MultiInferenceRequest>,
+        request: &MultiInferenceRequest,
+    ) -> Result<MultiInferenceResponse, Error> {
+        let first = request
+            .tasks
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("MultiInferenceRequest has no tasks".into()))?;
+        let first_spec = first.model_spec.as_ref();
+        let (model, version) = model_and_version(first_spec)?;
+        let mut tasks = Vec::with_capacity(request.tasks.len());
+        for task in &request.tasks {
+            let spec = task.model_spec.as_ref();
+            if spec.map(|s| &s.name) != first_spec.map(|s| &s.name) {
+                return Err(Error::InvalidArgument(
+                    "all tasks of a MultiInferenceRequest must name the same model".into(),
+                ));
+            }
+            if spec.map(|s| &s.version_choice) != first_spec.map(|s| &s.version_choice) {
+                return Err(Error::InvalidArgument(
+                    "all tasks of a MultiInferenceRequest must ask for the same version".into(),
+                ));
+            }
+            let signature = spec.map_or("", |s| s.signature_name.as_str());
+            if tasks
+                .iter()
+                .any(|t: &Task| canonical(t.signature) == canonical(signature))
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "signature '{}' is evaluated twice in one MultiInferenceRequest",
+                    canonical(signature)
+                )));
+            }
+            tasks.push(Task {
+                signature,
+                kind: TaskKind::from_method_name(&task.method_name)?,
+            });
+        }
+        let answer = tasks::run(
+            &self.inference,
+            &model,
+            &version,
+            &tasks,
+            request.input.as_ref(),
+        )
+        .await?;
+        Ok(MultiInferenceResponse {
+            results: answer
+                .results
+                .into_iter()
+                .map(|(signature, result)| InferenceResult {
+                    model_spec: Some(served_spec(&answer.model, answer.version, &signature)),
+                    result: Some(match result {
+                        TaskResult::Classification(r) => {
+                            inference_result::Result::ClassificationResult(r)
+                        }
+                        TaskResult::Regression(r) => inference_result::Result::RegressionResult(r),
+                    }),
+                })
+                .collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl PredictionService for PredictionApi {
+    async fn predict(
+        &self,
+        request: Request<PredictRequest>,
+    ) -> Result<Response<PredictResponse>, Status> {
+        let timer = RequestTimer::start(Api::Predict, Protocol::Grpc);
+        let deadline = deadline(&request);
+        let request = request.into_inner();
+        let result = PredictionApi::predict(self, &request, deadline).await;
+        finish(
+            self.inference.registry(),
+            timer,
+            request.model_spec.as_ref(),
+            result,
+            |r| r.model_spec.as_ref(),
+        )
+    }
+
+    async fn get_model_metadata(
+        &self,
+        request: Request<GetModelMetadataRequest>,
+    ) -> Result<Response<GetModelMetadataResponse>, Status> {
+        let timer = RequestTimer::start(Api::GetModelMetadata, Protocol::Grpc);
+        let request = request.into_inner();
+        let result = PredictionApi::get_model_metadata(self, &request);
+        finish(
+            self.inference.registry(),
+            timer,
+            request.model_spec.as_ref(),
+            result,
+            |r| r.model_spec.as_ref(),
+        )
+    }
+
+    async fn classify(
+        &self,
+        request: Request<ClassificationRequest>,
+    ) -> Result<Response<ClassificationResponse>, Status> {
+        let timer = RequestTimer::start(Api::Classify, Protocol::Grpc);
+        let request = request.into_inner();
+        let spec = request.model_spec.as_ref();
+        let result = self
+            .one_task(spec, request.input.as_ref(), TaskKind::Classify)
+            .await
+            .and_then(|(spec, result)| match result {
+                TaskResult::Classification(result) => Ok(ClassificationResponse {
+                    model_spec: Some(spec),
+                    result: Some(result),
+                }),
+                TaskResult::Regression(_) => Err(Error::Internal(
+                    "a classify task returned a regression (server bug)".into(),
+                )),
+            });
+        finish(self.inference.registry(), timer, spec, result, |r| {
+            r.model_spec.as_ref()
+        })
+    }
+
+    async fn regress(
+        &self,
+        request: Request<RegressionRequest>,
+    ) -> Result<Response<RegressionResponse>, Status> {
+        let timer = RequestTimer::start(Api::Regress, Protocol::Grpc);
+        let request = request.into_inner();
+        let spec = request.model_spec.as_ref();
+        let result = self
+            .one_task(spec, request.input.as_ref(), TaskKind::Regress)
+            .await
+            .and_then(|(spec, result)| match result {
+                TaskResult::Regression(result) => Ok(RegressionResponse {
+                    model_spec: Some(spec),
+                    result: Some(result),
+                }),
+                TaskResult::Classification(_) => Err(Error::Internal(
+                    "a regress task returned a classification (server bug)".into(),
+                )),
+            });
+        finish(self.inference.registry(), timer, spec, result, |r| {
+            r.model_spec.as_ref()
+        })
+    }
+
+    async fn multi_inference(
+        &self,
+        request: Request<MultiInferenceRequest>,
     ) -> Result<Response<MultiInferenceResponse>, Status> {
-        Err(unimplemented("MultiInference"))
+        let timer = RequestTimer::start(Api::MultiInference, Protocol::Grpc);
+        let request = request.into_inner();
+        let result = PredictionApi::multi_inference(self, &request).await;
+        let requested = request.tasks.first().and_then(|t| t.model_spec.as_ref());
+        finish(self.inference.registry(), timer, requested, result, |r| {
+            r.results.first().and_then(|r| r.model_spec.as_ref())
+        })
     }
 }

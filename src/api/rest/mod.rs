@@ -1,52 +1,68 @@
-//! The REST port: liveness and readiness probes.
+//! The REST port: TF Serving's REST API under `/v1/`, the probes (`/healthz`, `/readyz`)
+//! and the Prometheus metrics (`/metrics` and the monitoring config's path).
 
-use crate::registry::Registry;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+mod error;
+pub mod json;
+mod model_json;
+mod path;
+mod routes;
+pub mod tasks_json;
+
+use crate::inference::Inference;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::future::Future;
 use std::sync::Arc;
 
-/// The REST router.
-pub fn router(registry: Arc<Registry>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(registry)
+/// What the REST port serves beyond the API.
+#[derive(Clone, Debug)]
+pub struct RestOptions {
+    /// Largest request body; larger ones are answered 413.
+    pub max_body_bytes: usize,
+    /// The monitoring config's Prometheus path, served besides `/metrics`.
+    pub metrics_path: Option<String>,
 }
 
-/// Serves REST on `listener` until `shutdown` resolves; `admin` adds the admin routes.
+/// Shared by every handler.
+struct RestState {
+    inference: Inference,
+    metrics: Option<PrometheusHandle>,
+    max_body_bytes: usize,
+}
+
+/// The REST router. `metrics` renders the Prometheus payload; without it the metrics
+/// paths answer 404.
+pub fn router(
+    inference: Inference,
+    metrics: Option<PrometheusHandle>,
+    options: &RestOptions,
+) -> Router {
+    let state = Arc::new(RestState {
+        inference,
+        metrics,
+        max_body_bytes: options.max_body_bytes,
+    });
+    let mut router = Router::new()
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics));
+    if let Some(path) = options.metrics_path.as_deref().filter(|p| *p != "/metrics") {
+        router = router.route(path, get(routes::metrics));
+    }
+    // The API's paths (`/v1/models/m:predict`) do not split into axum's path segments, so
+    // everything else goes to one handler that parses them as TF Serving does.
+    // The API handler reads bodies itself, against `max_body_bytes`.
+    router.fallback(routes::api).with_state(state)
+}
+
+/// Serves REST on `listener` until `shutdown` resolves, then lets requests in flight finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    registry: Arc<Registry>,
-    admin: Option<Router>,
+    router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(registry).merge(admin.unwrap_or_default()))
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
-}
-
-/// Liveness: the process answers.
-async fn healthz() -> &'static str {
-    "ok\n"
-}
-
-/// Readiness: every configured model has an AVAILABLE version and the server is not
-/// draining; otherwise 503 with what is missing.
-async fn readyz(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
-    let readiness = registry.readiness();
-    let status = if readiness.is_ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let body = serde_json::json!({
-        "ready": readiness.is_ready(),
-        "draining": readiness.draining,
-        "models_not_ready": readiness.models_not_ready,
-    });
-    (status, Json(body))
 }

@@ -1,0 +1,275 @@
+//! The REST handlers: probes, metrics, and the TF Serving API calls.
+
+use super::error::{error_response, json_response};
+use super::json::{encode_predict, PredictBody};
+use super::model_json::{metadata_json, status_json};
+use super::path::{self, Call, Method, Route};
+use super::tasks_json::{classification_json, parse_request, regression_json};
+use super::RestState;
+use crate::api::grpc::{model_status, signature_def_map};
+use crate::api::tasks::{self, Task, TaskKind, TaskResult};
+use crate::error::Error;
+use crate::inference::{self, find_signature};
+use crate::telemetry::{Api, Protocol, RequestTimer};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use std::sync::Arc;
+
+/// Bodies (and answers) larger than this are decoded (encoded) on a blocking thread, so
+/// that a large JSON document does not hold up the async executor.
+const OFFLOAD_BYTES: usize = 64 << 10;
+
+/// How much of a body over the limit is still read (and dropped) before answering 413.
+/// Closing a connection with unread bytes makes the kernel reset it, and the client would
+/// then often lose the 413 itself; beyond this, the reset is the lesser evil.
+const DRAIN_BYTES: usize = 16 << 20;
+
+/// Liveness: the process answers.
+pub(super) async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Readiness: every configured model has an AVAILABLE version and the server is not
+/// draining; otherwise 503 with what is missing.
+pub(super) async fn readyz(State(state): State<Arc<RestState>>) -> impl IntoResponse {
+    let readiness = state.inference.registry().readiness();
+    let status = if readiness.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "ready": readiness.is_ready(),
+        "draining": readiness.draining,
+        "models_not_ready": readiness.models_not_ready,
+    });
+    (status, Json(body))
+}
+
+/// Prometheus text format.
+pub(super) async fn metrics(State(state): State<Arc<RestState>>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// Everything that is not a probe or metrics: the TF Serving API under `/v1/`, else 404.
+pub(super) async fn api(
+    State(state): State<Arc<RestState>>,
+    method: axum::http::Method,
+    uri: Uri,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Response {
+    let path = uri.path();
+    if !path::is_api_path(path) {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": format!("no such path: {path}") }).to_string(),
+        );
+    }
+    let route = match method {
+        axum::http::Method::GET => path::parse(Method::Get, path),
+        axum::http::Method::POST => path::parse(Method::Post, path),
+        other => Err(Error::InvalidArgument(format!(
+            "Malformed request: {other} {path}"
+        ))),
+    };
+    let route = match route {
+        Ok(route) => route,
+        Err(error) => {
+            tracing::warn!(protocol = "rest", %error, "request failed");
+            return error_response(&error);
+        }
+    };
+    let api = match route.call {
+        Call::Status => Api::GetModelStatus,
+        Call::Metadata => Api::GetModelMetadata,
+        Call::Predict => Api::Predict,
+        Call::Classify => Api::Classify,
+        Call::Regress => Api::Regress,
+    };
+    let timer = RequestTimer::start(api, Protocol::Rest);
+    let result = match read_body(body, &headers, state.max_body_bytes).await {
+        Ok(body) => call(&state, &route, body).await,
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok((text, version)) => {
+            timer.finish(&route.model, &route.model, version, Ok(()));
+            json_response(StatusCode::OK, text)
+        }
+        Err(error) => {
+            let registry = state.inference.registry();
+            let label = if registry.is_configured(&route.model) {
+                route.model.as_str()
+            } else {
+                ""
+            };
+            timer.finish(label, &route.model, None, Err(&error));
+            error_response(&error)
+        }
+    }
+}
+
+/// Reads the request body, refusing one over `limit` with PAYLOAD_TOO_LARGE (413).
+async fn read_body(
+    body: Body,
+    headers: &axum::http::HeaderMap,
+    limit: usize,
+) -> Result<Bytes, Error> {
+    use tokio_stream::StreamExt;
+    let too_large = || {
+        Error::PayloadTooLarge(format!(
+            "the request body is larger than {limit} bytes (--rest_api_max_body_bytes)"
+        ))
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit.saturating_add(DRAIN_BYTES)) {
+        return Err(too_large());
+    }
+    let mut stream = body.into_data_stream();
+    // A declared length is a hint, not a promise: pre-size only modestly.
+    let mut data = Vec::with_capacity(declared.unwrap_or(0).min(limit).min(4 << 20));
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| Error::InvalidArgument(format!("cannot read the request body: {e}")))?;
+        total = total.saturating_add(chunk.len());
+        if total <= limit {
+            data.extend_from_slice(&chunk);
+        } else if total > limit.saturating_add(DRAIN_BYTES) {
+            break;
+        }
+    }
+    if total > limit {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(data))
+}
+
+/// Runs one API call; the answer's JSON and the version that served it.
+async fn call(
+    state: &RestState,
+    route: &Route,
+    body: Bytes,
+) -> Result<(String, Option<i64>), Error> {
+    let registry = state.inference.registry();
+    match route.call {
+        Call::Status => {
+            let response = model_status(registry, &route.model, &route.version)?;
+            Ok((status_json(&response), None))
+        }
+        Call::Metadata => {
+            let servable = registry.resolve(&route.model, &route.version)?;
+            let defs = signature_def_map(&servable.signatures);
+            Ok((
+                metadata_json(&servable.model, servable.version, &defs),
+                Some(servable.version),
+            ))
+        }
+        Call::Predict => predict(state, route, body).await,
+        Call::Classify => run_task(state, route, body, TaskKind::Classify).await,
+        Call::Regress => run_task(state, route, body, TaskKind::Regress).await,
+    }
+}
+
+async fn predict(
+    state: &RestState,
+    route: &Route,
+    body: Bytes,
+) -> Result<(String, Option<i64>), Error> {
+    let servable = state
+        .inference
+        .registry()
+        .resolve(&route.model, &route.version)?;
+    let decoding = Arc::clone(&servable);
+    let (format, signature, inputs) = offload(body.len(), move || {
+        let parsed = PredictBody::parse(&body)?;
+        let (name, signature) = find_signature(&decoding, &parsed.signature_name)?;
+        let inputs = parsed.tensors(name, signature)?;
+        Ok((parsed.format, name.to_string(), inputs))
+    })
+    .await?;
+    let answer = state
+        .inference
+        .predict_on(
+            servable,
+            inference::PredictRequest {
+                model: route.model.clone(),
+                version: route.version.clone(),
+                signature,
+                inputs,
+                output_filter: Vec::new(),
+                // TF Serving's REST API has no per-request deadline.
+                deadline: None,
+            },
+        )
+        .await?;
+    let version = answer.version;
+    let size = answer.outputs.iter().map(|(_, t)| t.data.len()).sum();
+    let text = offload(size, move || encode_predict(format, &answer.outputs)).await?;
+    Ok((text, Some(version)))
+}
+
+async fn run_task(
+    state: &RestState,
+    route: &Route,
+    body: Bytes,
+    kind: TaskKind,
+) -> Result<(String, Option<i64>), Error> {
+    let call = match kind {
+        TaskKind::Classify => "classify",
+        TaskKind::Regress => "regress",
+    };
+    let request = offload(body.len(), move || parse_request(&body, call)).await?;
+    let mut answer = tasks::run(
+        &state.inference,
+        &route.model,
+        &route.version,
+        &[Task {
+            signature: &request.signature_name,
+            kind,
+        }],
+        Some(&request.input),
+    )
+    .await?;
+    let text = match answer.results.pop().map(|(_, result)| result) {
+        Some(TaskResult::Classification(result)) => classification_json(&result),
+        Some(TaskResult::Regression(result)) => regression_json(&result),
+        None => {
+            return Err(Error::Internal(
+                "a task returned no result (server bug)".into(),
+            ))
+        }
+    };
+    Ok((text, Some(answer.version)))
+}
+
+/// Runs `work` here when `size` is small, else on a blocking thread.
+async fn offload<T, F>(size: usize, work: F) -> Result<T, Error>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, Error> + Send + 'static,
+{
+    if size <= OFFLOAD_BYTES {
+        return work();
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Internal(format!("JSON task failed: {e}")))?
+}

@@ -1,0 +1,275 @@
+//! Probes and shutdown against the real binary: `/healthz`, `/readyz` and gRPC health from
+//! start-up (models loading) to ready and through draining; SIGTERM with requests in
+//! flight; a second signal.
+
+mod harness;
+
+use harness::{Server, TempDir, TIMEOUT};
+use modelgate::api::grpc::tensor_to_proto;
+use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
+use modelgate::proto::serving::{ModelSpec, PredictRequest};
+use modelgate::tensor::Tensor;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// The gRPC health of `service`; `None` when the service is unknown (NOT_FOUND).
+async fn health(server: &Server, service: &str) -> Option<ServingStatus> {
+    let channel = tonic::transport::Channel::from_shared(server.grpc_url())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut client = HealthClient::new(channel);
+    let response = client
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(response.into_inner().status).ok()
+}
+
+/// Polls until gRPC health of `service` is `status`.
+async fn wait_health(server: &Server, service: &str, status: ServingStatus) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if health(server, service).await == Some(status) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health of '{service}' never became {status:?}:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn readyz(server: &Server) -> (u16, serde_json::Value) {
+    let response = reqwest::get(server.url("/readyz")).await.unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        serde_json::from_str(&response.text().await.unwrap()).unwrap(),
+    )
+}
+
+/// Copies a version directory under a temporary name, then renames it into place, so
+/// the server never sees it half written.
+fn publish_version(from: &std::path::Path, base: &std::path::Path, version: u32) {
+    let staging = base.join(format!(".staging-{version}"));
+    std::fs::create_dir_all(&staging).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), staging.join(entry.file_name())).unwrap();
+    }
+    std::fs::rename(&staging, base.join(version.to_string())).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_follow_start_up_and_shutdown() {
+    let fixtures = harness::fixtures();
+    // "late" has no version yet: the server is up but not ready until one appears.
+    let late = TempDir::new("late");
+    let config = harness::model_config(&[
+        ("tiny", &fixtures.join("tiny"), ""),
+        ("late", late.path(), ""),
+    ]);
+    let mut server = Server::start(
+        &config,
+        &[
+            "--file_system_poll_wait_seconds=1",
+            "--shutdown_grace_seconds=2",
+        ],
+    );
+
+    // Liveness at once; readiness says what is missing.
+    let healthz = reqwest::get(server.url("/healthz")).await.unwrap();
+    assert_eq!(healthz.status(), 200);
+    wait_health(&server, "tiny", ServingStatus::Serving).await;
+    let (status, body) = readyz(&server).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["models_not_ready"], serde_json::json!(["late"]));
+    assert_eq!(body["draining"], false);
+    for service in [
+        "",
+        "late",
+        "tensorflow.serving.PredictionService",
+        "ModelService",
+    ] {
+        assert_eq!(
+            health(&server, service).await,
+            Some(ServingStatus::NotServing),
+            "'{service}'"
+        );
+    }
+    assert_eq!(health(&server, "no_such_model").await, None);
+
+    // A version appears: ready, everywhere.
+    publish_version(&fixtures.join("tiny/1"), late.path(), 1);
+    server.wait_readyz(200).await;
+    let (_, body) = readyz(&server).await;
+    assert_eq!(body["ready"], true, "{body}");
+    for service in [
+        "",
+        "late",
+        "tiny",
+        "tensorflow.serving.PredictionService",
+        "tensorflow.serving.ModelService",
+        "PredictionService",
+        "ModelService",
+    ] {
+        wait_health(&server, service, ServingStatus::Serving).await;
+    }
+
+    // SIGTERM: not ready at once (the grace period keeps the port open), then exit 0.
+    server.signal("TERM");
+    server.wait_readyz(503).await;
+    let (_, body) = readyz(&server).await;
+    assert_eq!(body["draining"], true, "{body}");
+    for service in ["", "tiny", "late", "PredictionService"] {
+        wait_health(&server, service, ServingStatus::NotServing).await;
+    }
+    let healthz = reqwest::get(server.url("/healthz")).await.unwrap();
+    assert_eq!(healthz.status(), 200, "alive while draining");
+    let status = tokio::task::block_in_place(|| server.wait_exit());
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+}
+
+fn predict_request(images: &Tensor) -> PredictRequest {
+    PredictRequest {
+        model_spec: Some(ModelSpec {
+            name: "mlp".into(),
+            ..Default::default()
+        }),
+        inputs: [("images".to_string(), tensor_to_proto(images, true))].into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_requests_in_flight_finish() {
+    let demo = harness::demo_models();
+    let config = harness::model_config(&[("mlp", &demo.join("mlp"), "")]);
+    let mut server = Server::start_with_env(
+        &config,
+        &["--shutdown_grace_seconds=1"],
+        &[("MODELGATE_LOG", "info,modelgate::telemetry=debug")],
+    );
+    server.wait_readyz(200).await;
+
+    // Large batches on one worker: the queue holds work well past the grace period.
+    let batch = 2048;
+    let values: Vec<f32> = (0..batch * 784).map(|i| (i % 255) as f32 / 255.0).collect();
+    let images = Tensor::from_values(vec![batch as i64, 784], &values).unwrap();
+    let client = PredictionServiceClient::connect(server.grpc_url())
+        .await
+        .unwrap()
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let grpc_call = |client: &PredictionServiceClient<tonic::transport::Channel>| {
+        let mut client = client.clone();
+        let request = predict_request(&images);
+        tokio::spawn(async move {
+            client
+                .predict(request)
+                .await
+                .map(|r| r.into_inner().outputs["probabilities"].float_val.len())
+        })
+    };
+    let rest_body = {
+        let row = format!("[{}]", vec!["0.5"; 784].join(","));
+        format!("{{\"instances\": [{}]}}", vec![row; 64].join(","))
+    };
+    let rest_call = || {
+        let (url, body) = (server.url("/v1/models/mlp:predict"), rest_body.clone());
+        tokio::spawn(async move {
+            let response = reqwest::Client::new().post(url).body(body).send().await?;
+            let status = response.status().as_u16();
+            Ok::<_, reqwest::Error>((status, response.text().await?))
+        })
+    };
+
+    // A request whose body arrives in two halves stays in flight as long as the test
+    // wants: across the end of the grace period, when the servers stop accepting.
+    let mut slow = std::net::TcpStream::connect(server.rest).unwrap();
+    let head = format!(
+        "POST /v1/models/mlp:predict HTTP/1.1\r\nHost: modelgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        rest_body.len()
+    );
+    let half = rest_body.len() / 2;
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.write_all(&rest_body.as_bytes()[..half]).unwrap();
+
+    let mut grpc_calls: Vec<_> = (0..16).map(|_| grpc_call(&client)).collect();
+    let mut rest_calls: Vec<_> = (0..2).map(|_| rest_call()).collect();
+    // Once the first answer is out, the rest are queued or running: in flight.
+    tokio::task::block_in_place(|| server.wait_for_log("telemetry: request "));
+    server.signal("TERM");
+    tokio::task::block_in_place(|| server.wait_for_log("shutting down"));
+    // During the grace period: not ready, yet still accepting.
+    let (status, body) = readyz(&server).await;
+    assert_eq!(status, 503, "{body}");
+    grpc_calls.push(grpc_call(&client));
+    rest_calls.push(rest_call());
+
+    // Past the grace period the slow request is still in flight; it completes.
+    tokio::task::block_in_place(|| {
+        server.wait_for_log("grace period over");
+        slow.write_all(&rest_body.as_bytes()[half..]).unwrap();
+        let mut answer = String::new();
+        slow.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{}",
+            &answer[..80.min(answer.len())]
+        );
+        assert!(answer.contains("{\"predictions\": [{\"probabilities\": ["));
+    });
+
+    for call in grpc_calls {
+        let answer = call.await.unwrap();
+        let values = answer.unwrap_or_else(|e| panic!("a gRPC call failed: {e}\n{}", server.log()));
+        assert_eq!(values, batch * 10);
+    }
+    for call in rest_calls {
+        let (status, text) = call.await.unwrap().unwrap();
+        assert_eq!(status, 200, "{text}");
+        assert!(
+            text.starts_with("{\"predictions\": [{\"probabilities\": ["),
+            "{}",
+            &text[..50.min(text.len())]
+        );
+    }
+    let status = tokio::task::block_in_place(|| server.wait_exit());
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    let log = server.log();
+    let order = [
+        "shutting down",
+        "grace period over",
+        "unloading models",
+        "stopped",
+    ]
+    .map(|step| {
+        log.find(step)
+            .unwrap_or_else(|| panic!("no '{step}' in log:\n{log}"))
+    });
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let fixtures = harness::fixtures();
+    let config = harness::model_config(&[("tiny", &fixtures.join("tiny"), "")]);
+    let mut server = Server::start(&config, &["--shutdown_grace_seconds=600"]);
+    server.wait_readyz(200).await;
+    server.signal("TERM");
+    tokio::task::block_in_place(|| server.wait_for_log("shutting down"));
+    server.signal("INT");
+    let status = tokio::task::block_in_place(|| server.wait_exit());
+    assert_eq!(status.code(), Some(130), "{}", server.log());
+    assert!(server.log().contains("second signal"), "{}", server.log());
+}

@@ -1,0 +1,292 @@
+//! Metrics and logs of the real binary after real traffic: the Prometheus scrape (at
+//! `/metrics` and at the monitoring config's path) has the counters and histograms with
+//! the right labels and counts; JSON logs have one object per line, a debug line per
+//! request, a warn line per error, and no payload.
+
+mod harness;
+
+use harness::{Server, TempDir, TIMEOUT};
+use modelgate::api::grpc::tensor_to_proto;
+use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
+use modelgate::proto::serving::{
+    input, ClassificationRequest, ExampleList, InferenceTask, Input, ModelSpec,
+    MultiInferenceRequest, PredictRequest, RegressionRequest,
+};
+use modelgate::proto::tensorflow::{feature, Example, Feature, Features, FloatList};
+use modelgate::tensor::Tensor;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+fn spec(name: &str, signature: &str) -> Option<ModelSpec> {
+    Some(ModelSpec {
+        name: name.into(),
+        signature_name: signature.into(),
+        ..Default::default()
+    })
+}
+
+fn examples(rows: &[[f32; 3]]) -> Option<Input> {
+    let examples = rows
+        .iter()
+        .map(|row| Example {
+            features: Some(Features {
+                feature: [(
+                    "x".to_string(),
+                    Feature {
+                        kind: Some(feature::Kind::FloatList(FloatList {
+                            value: row.to_vec(),
+                        })),
+                    },
+                )]
+                .into(),
+            }),
+        })
+        .collect();
+    Some(Input {
+        kind: Some(input::Kind::ExampleList(ExampleList { examples })),
+    })
+}
+
+/// Polls the REST status of `model` until its text contains `needle`.
+async fn wait_status(server: &Server, model: &str, needle: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let url = server.url(&format!("/v1/models/{model}"));
+        if let Ok(response) = reqwest::get(url).await {
+            if response.text().await.unwrap_or_default().contains(needle) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{model} never reported {needle}:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of the sample line starting with `series ` (labels included).
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_logs_after_traffic() {
+    let fixtures = harness::fixtures();
+    let dir = TempDir::new("telemetry");
+    let monitoring = dir.path().join("monitoring.config");
+    std::fs::write(
+        &monitoring,
+        "prometheus_config { enable: true, path: \"/monitoring/prometheus/metrics\" }\n",
+    )
+    .unwrap();
+    let config = harness::model_config(&[
+        ("tiny", &fixtures.join("tiny"), ""),
+        ("regressor", &fixtures.join("regressor"), ""),
+        ("corrupt", &fixtures.join("corrupt"), ""),
+        ("missing", &dir.path().join("no-such-dir"), ""),
+    ]);
+    let monitoring_flag = format!("--monitoring_config_file={}", monitoring.display());
+    let server = Server::start_with_env(
+        &config,
+        &[&monitoring_flag, "--log_format=json"],
+        &[("MODELGATE_LOG", "info,modelgate::telemetry=debug")],
+    );
+    wait_status(&server, "tiny", "AVAILABLE").await;
+    wait_status(&server, "regressor", "AVAILABLE").await;
+    wait_status(&server, "corrupt", "\"END\"").await;
+
+    // REST: three answers, an unknown model, a bad input. 123.25 must never reach a log.
+    let http = reqwest::Client::new();
+    let post = |model: &str, body: &str| {
+        http.post(server.url(&format!("/v1/models/{model}:predict")))
+            .body(body.to_string())
+            .send()
+    };
+    for _ in 0..3 {
+        let response = post("tiny", r#"{"instances": [[123.25]]}"#).await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(
+        post("nope", r#"{"instances": [[1]]}"#)
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        post("tiny", r#"{"instances": [[1, 2]]}"#)
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+
+    // gRPC: two predictions, and one each of Classify, Regress, MultiInference.
+    let mut grpc = PredictionServiceClient::connect(server.grpc_url())
+        .await
+        .unwrap();
+    let x = Tensor::from_values(vec![1, 1], &[123.25f32]).unwrap();
+    for _ in 0..2 {
+        grpc.predict(PredictRequest {
+            model_spec: spec("tiny", ""),
+            inputs: [("x".to_string(), tensor_to_proto(&x, false))].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let classified = grpc
+        .classify(ClassificationRequest {
+            model_spec: spec("regressor", "classify"),
+            input: examples(&[[1., 2., 3.]]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let classes = &classified.result.unwrap().classifications[0].classes;
+    let got: Vec<(&str, f32)> = classes
+        .iter()
+        .map(|c| (c.label.as_str(), c.score))
+        .collect();
+    assert_eq!(got, vec![("a", 0.5), ("b", 1.0), ("c", 1.5)]);
+    let regressed = grpc
+        .regress(RegressionRequest {
+            model_spec: spec("regressor", ""),
+            input: examples(&[[1., 2., 3.], [0., 0., 1.]]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let values: Vec<f32> = regressed
+        .result
+        .unwrap()
+        .regressions
+        .iter()
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(values, vec![14.5, 3.5]);
+    let multi = grpc
+        .multi_inference(MultiInferenceRequest {
+            tasks: vec![
+                InferenceTask {
+                    model_spec: spec("regressor", "classify"),
+                    method_name: "tensorflow/serving/classify".into(),
+                },
+                InferenceTask {
+                    model_spec: spec("regressor", ""),
+                    method_name: "tensorflow/serving/regress".into(),
+                },
+            ],
+            input: examples(&[[2., 0., 0.]]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(multi.results.len(), 2);
+
+    // The scrape, at both paths.
+    for path in ["/metrics", "/monitoring/prometheus/metrics"] {
+        let response = reqwest::get(server.url(path)).await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let scrape = response.text().await.unwrap();
+        let expect = |series: &str, value: f64| {
+            assert_eq!(
+                sample(&scrape, series),
+                Some(value),
+                "{series} in {path}:\n{scrape}"
+            );
+        };
+        let requests = |model: &str, version: &str, api: &str, protocol: &str, code: &str| {
+            format!(
+                "modelgate_requests_total{{model=\"{model}\",version=\"{version}\",api=\"{api}\",protocol=\"{protocol}\",code=\"{code}\"}}"
+            )
+        };
+        expect(&requests("tiny", "1", "predict", "rest", "ok"), 3.0);
+        expect(&requests("", "", "predict", "rest", "not_found"), 1.0);
+        expect(
+            &requests("tiny", "", "predict", "rest", "invalid_argument"),
+            1.0,
+        );
+        expect(&requests("tiny", "1", "predict", "grpc", "ok"), 2.0);
+        expect(&requests("regressor", "1", "classify", "grpc", "ok"), 1.0);
+        expect(&requests("regressor", "1", "regress", "grpc", "ok"), 1.0);
+        expect(
+            &requests("regressor", "1", "multi_inference", "grpc", "ok"),
+            1.0,
+        );
+        let latency = r#"{model="tiny",api="predict",protocol="rest"}"#;
+        expect(
+            &format!("modelgate_request_duration_seconds_count{latency}"),
+            4.0,
+        );
+        expect(
+            r#"modelgate_request_duration_seconds_bucket{model="tiny",api="predict",protocol="rest",le="+Inf"}"#,
+            4.0,
+        );
+        expect(
+            r#"modelgate_request_duration_seconds_bucket{model="tiny",api="predict",protocol="rest",le="30"}"#,
+            4.0,
+        );
+        expect(
+            r#"modelgate_model_loads_total{model="tiny",outcome="success"}"#,
+            1.0,
+        );
+        expect(
+            r#"modelgate_model_loads_total{model="corrupt",outcome="failure"}"#,
+            1.0,
+        );
+        expect(
+            r#"modelgate_model_load_duration_seconds_count{model="tiny"}"#,
+            1.0,
+        );
+        let storage_errors = sample(
+            &scrape,
+            r#"modelgate_storage_errors_total{model="missing"}"#,
+        );
+        assert!(storage_errors.is_some_and(|n| n >= 1.0), "{scrape}");
+        for line in [
+            "# TYPE modelgate_requests_total counter",
+            "# TYPE modelgate_request_duration_seconds histogram",
+            "# TYPE modelgate_model_load_duration_seconds histogram",
+            "# HELP modelgate_requests_total ",
+        ] {
+            assert!(scrape.contains(line), "no '{line}' in {path}:\n{scrape}");
+        }
+    }
+
+    // Logs: JSON objects only; a debug line per request, a warn line per error.
+    let log = server.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    let request = lines
+        .iter()
+        .find(|l| {
+            l["message"] == "request"
+                && l["model"] == "tiny"
+                && l["protocol"] == "rest"
+                && l["api"] == "predict"
+        })
+        .unwrap_or_else(|| panic!("no request line:\n{log}"));
+    assert_eq!(request["level"], "DEBUG");
+    assert_eq!(request["version"], 1);
+    assert_eq!(request["code"], "ok");
+    assert!(request["latency_ms"].as_f64().is_some(), "{request}");
+    let failure = lines
+        .iter()
+        .find(|l| l["message"] == "request failed" && l["model"] == "nope")
+        .unwrap_or_else(|| panic!("no error line:\n{log}"));
+    assert_eq!(failure["level"], "WARN");
+    assert_eq!(failure["code"], "not_found");
+    assert!(failure["error"].as_str().unwrap().contains("nope"));
+    assert!(
+        !log.contains("123.25"),
+        "a payload value reached the log:\n{log}"
+    );
+}
