@@ -212,6 +212,15 @@ async fn s3_repository_lifecycle() {
         .await
         .expect("reload applied");
     assert_eq!(server.http_get("/readyz").await.0, 200);
+    // What was downloaded from S3 is counted per model.
+    let (_, metrics) = server.http_get("/metrics").await;
+    let fetched: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("modelgate_storage_fetch_bytes_total{model=\"scaled\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no fetch bytes for scaled:\n{metrics}"));
+    assert!(fetched > 0.0, "{fetched}");
 
     // S3 stops: everything loaded keeps serving, the outage is logged once, not per poll.
     moto.stop();

@@ -365,8 +365,14 @@ impl Manager {
         tracing::info!(model = %name, version, "loading");
         let started = std::time::Instant::now();
         let dir = match model.base.localize(version, entry).await {
-            Ok(dir) => dir,
+            Ok((dir, fetched_bytes)) => {
+                if fetched_bytes > 0 {
+                    crate::telemetry::record_storage_fetch(name, fetched_bytes);
+                }
+                dir
+            }
             Err(e) => {
+                crate::telemetry::record_storage_error(name);
                 self.registry.set_status(
                     name,
                     version,

@@ -192,14 +192,15 @@ impl BasePath {
         }
     }
 
-    /// A local directory holding the files of `version` as listed in `entry`.
+    /// A local directory holding the files of `version` as listed in `entry`, and how many
+    /// bytes were fetched to make it (0 for a local or already cached version).
     pub async fn localize(
         &self,
         version: i64,
         entry: &VersionEntry,
-    ) -> Result<PathBuf, StorageError> {
+    ) -> Result<(PathBuf, u64), StorageError> {
         match self {
-            BasePath::Local(dir) => Ok(dir.join(version.to_string())),
+            BasePath::Local(dir) => Ok((dir.join(version.to_string()), 0)),
             BasePath::S3 { location, store } => store.localize(location, version, entry).await,
         }
     }

@@ -155,23 +155,28 @@ impl S3Store {
         Ok(group_versions(&prefix, objects))
     }
 
-    /// The cached copy of `version`, downloaded first unless the cache already holds it.
+    /// The cached copy of `version`, downloaded first unless the cache already holds it,
+    /// and how many bytes that download fetched (0 from the cache).
     pub async fn localize(
         &self,
         location: &S3Location,
         version: i64,
         entry: &VersionEntry,
-    ) -> Result<PathBuf, StorageError> {
+    ) -> Result<(PathBuf, u64), StorageError> {
         let dir =
             self.cache
                 .version_dir(&location.bucket, &location.key, version, &entry.fingerprint);
         let client = self.client().await.clone();
         let key_prefix = format!("{}{version}/", location.dir_prefix());
-        self.cache
+        let fetched = std::sync::atomic::AtomicU64::new(0);
+        let fetched_by_fill = &fetched;
+        let dir = self
+            .cache
             .fill(&dir, |temp| async move {
                 let started = std::time::Instant::now();
                 let bytes: u64 = entry.files.iter().map(|f| f.size).sum();
                 download_all(&client, &location.bucket, &key_prefix, &entry.files, &temp).await?;
+                fetched_by_fill.store(bytes, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(
                     "fetched {location}/{version} ({} files, {bytes} bytes) in {:.1}s",
                     entry.files.len(),
@@ -179,7 +184,8 @@ impl S3Store {
                 );
                 Ok(())
             })
-            .await
+            .await?;
+        Ok((dir, fetched.into_inner()))
     }
 }
 
