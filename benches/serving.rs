@@ -39,7 +39,11 @@ fn one_row(model: &str, input: &str, cols: usize) -> PredictRequest {
                 .collect(),
             unknown_rank: false,
         }),
-        float_val: (0..cols).map(|i| (i % 7) as f32 / 7.0).collect(),
+        // As tf.make_tensor_proto encodes a numpy array: raw little-endian bytes.
+        tensor_content: (0..cols)
+            .flat_map(|i| ((i % 7) as f32 / 7.0).to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into(),
         ..Default::default()
     };
     PredictRequest {
