@@ -2,167 +2,35 @@
 //! and a small HTTP server answering the Kubernetes Endpoints API with their addresses, in
 //! the API's own JSON shape, as `kubectl proxy` would relay it.
 
+mod common;
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use common::http::call;
+use common::{fixture_config, free_port, run_to_exit, scratch, Server};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::path::{Path as FsPath, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path as FsPath;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 const TOKEN: &str = "test-admin-token";
 const NAMESPACE: &str = "ml";
 const SERVICE: &str = "modelgate";
-/// Generous: three servers start libtorch at once on a small machine.
-const STARTUP: Duration = Duration::from_secs(120);
-
-fn fixtures() -> PathBuf {
-    let dir = FsPath::new(env!("CARGO_MANIFEST_DIR")).join("target/test-models");
-    assert!(
-        dir.join("tiny").is_dir(),
-        "missing test models: run `python models/generate.py fixtures target/test-models`"
-    );
-    dir
-}
-
-/// A port nobody listens on now: bound, then released.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// A scratch directory of this test's own.
-fn scratch(name: &str) -> PathBuf {
-    let dir = FsPath::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("admin-fanout-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
+/// A config of the named fixture models, written to `path`.
 fn write_config(path: &FsPath, models: &[&str]) {
-    let fixtures = fixtures();
-    let entries: Vec<String> = models
-        .iter()
-        .map(|m| {
-            format!(
-                "  config {{ name: '{m}' base_path: '{}' model_platform: 'pytorch' }}\n",
-                fixtures.join(m).display()
-            )
-        })
-        .collect();
-    std::fs::write(
-        path,
-        format!("model_config_list {{\n{}}}\n", entries.concat()),
-    )
-    .unwrap();
+    std::fs::write(path, fixture_config(models)).unwrap();
 }
 
-/// One modelgate process, killed on drop; its log is kept for failure messages.
-struct Server {
-    child: Child,
-    rest_port: u16,
-    log: Arc<Mutex<String>>,
-}
-
-impl Server {
-    fn start(args: &[String]) -> Server {
-        let rest_port = free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_modelgate"))
-            .args([
-                "--port=0".to_string(),
-                format!("--rest_api_port={rest_port}"),
-                "--bind_address=127.0.0.1".to_string(),
-                "--file_system_poll_wait_seconds=0".to_string(),
-                "--device=cpu".to_string(),
-            ])
-            .args(args)
-            .env("MODELGATE_LOG", "info")
-            .env_remove("POD_NAMESPACE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("modelgate starts");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (listening_tx, listening_rx) = std::sync::mpsc::channel();
-        let sink = Arc::clone(&log);
-        // Drained for the process's whole life, so that it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("REST server listening on") {
-                    let _ = listening_tx.send(());
-                }
-                sink.lock().unwrap().push_str(&line);
-                sink.lock().unwrap().push('\n');
-            }
-        });
-        let server = Server {
-            child,
-            rest_port,
-            log,
-        };
-        if listening_rx.recv_timeout(STARTUP).is_err() {
-            panic!("modelgate did not open its REST port:\n{}", server.log());
-        }
-        server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.rest_port)
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            if let Ok((200, _)) = call("GET", &self.url("/readyz"), None).await {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "modelgate never became ready:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Sends one request; answers the status and the JSON body (`null` when not JSON).
-async fn call(method: &str, url: &str, token: Option<&str>) -> Result<(u16, Value), String> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut request = hyper::Request::builder().method(method).uri(url);
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let request = request.body(Full::new(Bytes::new())).unwrap();
-    let response = tokio::time::timeout(STARTUP, client.request(request))
-        .await
-        .map_err(|_| format!("{url}: no answer"))?
-        .map_err(|e| format!("{url}: {e}"))?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+/// One pod: modelgate with REST on, `args`, no file system polling and the CPU.
+fn start_pod(args: &[String]) -> Server {
+    let mut all = args.to_vec();
+    all.extend([
+        "--file_system_poll_wait_seconds=0".to_string(),
+        "--device=cpu".to_string(),
+    ]);
+    Server::start_rest(&all, &[])
 }
 
 /// The fake Kubernetes API: `GET /api/v1/namespaces/{ns}/endpoints/{name}` answers the
@@ -297,16 +165,16 @@ async fn one_fanned_out_reload_reaches_every_pod_and_a_down_pod_fails_alone() {
     write_config(&config, &["tiny"]);
     let kubernetes = FakeKubernetes::start().await;
     let args = admin_args(&config, &kubernetes);
-    let pods: Vec<Server> = (0..3).map(|_| Server::start(&args)).collect();
+    let pods: Vec<Server> = (0..3).map(|_| start_pod(&args)).collect();
     for pod in &pods {
-        pod.wait_ready().await;
+        pod.wait_readyz(200).await;
     }
     let down_port = free_port();
     let names = ["modelgate-a", "modelgate-b", "modelgate-c"];
     let ready: Vec<(&str, u16)> = names
         .iter()
         .zip(&pods)
-        .map(|(n, p)| (*n, p.rest_port))
+        .map(|(n, p)| (*n, p.rest_port()))
         .collect();
     kubernetes.set_pods(&ready, &[]);
 
@@ -424,8 +292,8 @@ async fn admin_calls_need_the_token() {
     let config = dir.join("models.config");
     write_config(&config, &["tiny"]);
     let kubernetes = FakeKubernetes::start().await;
-    let pod = Server::start(&admin_args(&config, &kubernetes));
-    kubernetes.set_pods(&[("modelgate-a", pod.rest_port)], &[]);
+    let pod = start_pod(&admin_args(&config, &kubernetes));
+    kubernetes.set_pods(&[("modelgate-a", pod.rest_port())], &[]);
 
     for path in [
         "/admin/reload?fanout=true",
@@ -467,7 +335,7 @@ async fn admin_api_is_off_without_a_token_and_kubernetes_errors_are_reported() {
     let dir = scratch("off");
     let config = dir.join("models.config");
     write_config(&config, &["tiny"]);
-    let plain = Server::start(&[format!("--model_config_file={}", config.display())]);
+    let plain = start_pod(&[format!("--model_config_file={}", config.display())]);
     let (status, _) = call("GET", &plain.url("/admin/models"), Some(TOKEN))
         .await
         .unwrap();
@@ -480,7 +348,7 @@ async fn admin_api_is_off_without_a_token_and_kubernetes_errors_are_reported() {
     let kubernetes = FakeKubernetes::start().await;
     let token_file = dir.join("admin-token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let pod = Server::start(&[
+    let pod = start_pod(&[
         format!("--model_config_file={}", config.display()),
         format!("--admin_token_file={}", token_file.display()),
         format!("--kubernetes_api_url={}", kubernetes.url),
@@ -540,19 +408,16 @@ fn bad_admin_flags_stop_the_server_with_the_flag_named() {
         ),
     ];
     for (args, expected) in cases {
-        let output = Command::new(env!("CARGO_BIN_EXE_modelgate"))
-            .args([
-                "--port=0",
-                "--rest_api_port=0",
-                "--bind_address=127.0.0.1",
-                &format!("--model_config_file={}", config.display()),
-            ])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{args:?} started:\n{stderr}");
+        let config_arg = format!("--model_config_file={}", config.display());
+        let mut all = vec![
+            "--port=0",
+            "--rest_api_port=0",
+            "--bind_address=127.0.0.1",
+            &config_arg,
+        ];
+        all.extend_from_slice(args);
+        let (ok, stderr) = run_to_exit(&all);
+        assert!(!ok, "{args:?} started:\n{stderr}");
         assert!(stderr.contains(expected), "{args:?}:\n{stderr}");
     }
     let _ = std::fs::remove_dir_all(dir);

@@ -430,15 +430,15 @@ async fn status_reports_states_and_load_errors() {
         .predict(predict(spec("tiny"), vec![("x", floats(&[1, 1], &[1.0]))]))
         .await
         .expect("tiny still serves");
-    let ready = http_get(server.rest.unwrap(), "/readyz").await;
-    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    let (code, ready) = server.http_get("/readyz").await;
+    assert_eq!(code, 503, "{ready}");
     assert!(
         ready.contains("corrupt") && ready.contains("savedmodel"),
         "{ready}"
     );
     assert!(!ready.contains("\"tiny\""), "{ready}");
-    let health = http_get(server.rest.unwrap(), "/healthz").await;
-    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let (code, health) = server.http_get("/healthz").await;
+    assert_eq!(code, 200, "{health}");
 
     // Unknown model / version.
     assert_eq!(
@@ -456,17 +456,6 @@ async fn status_reports_states_and_load_errors() {
         models.get_model_status(one).await.unwrap_err().code(),
         Code::NotFound
     );
-}
-
-/// A minimal HTTP/1.1 GET over a TCP socket; returns the whole response.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }
 
 #[tokio::test]
@@ -644,18 +633,7 @@ async fn single_model_mode_and_tf_serving_flags() {
 
 #[test]
 fn bad_flags_and_configs_fail_at_start_with_a_clear_message() {
-    let run = |args: &[&str]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
-            .args(args)
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
-    let (ok, stderr) = run(&["--prot=1"]);
+    let (ok, stderr) = run_to_exit(&["--prot=1"]);
     assert!(!ok && stderr.contains("--prot"), "{stderr}");
     let dir = TempDir::new("badconfig");
     let config = dir.0.join("bad.config");
@@ -664,7 +642,7 @@ fn bad_flags_and_configs_fail_at_start_with_a_clear_message() {
         "model_config_list { config { name: \"a\" base_pth: \"/x\" } }",
     )
     .unwrap();
-    let (ok, stderr) = run(&[
+    let (ok, stderr) = run_to_exit(&[
         "--port=0",
         "--rest_api_port=0",
         &format!("--model_config_file={}", config.display()),
@@ -674,7 +652,7 @@ fn bad_flags_and_configs_fail_at_start_with_a_clear_message() {
         stderr.contains("line 1") && stderr.contains("base_pth"),
         "{stderr}"
     );
-    let (ok, stderr) = run(&["--port=0"]);
+    let (ok, stderr) = run_to_exit(&["--port=0"]);
     assert!(!ok && stderr.contains("--model_config_file"), "{stderr}");
 }
 

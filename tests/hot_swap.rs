@@ -2,10 +2,10 @@
 //! call Predict without pause: no request fails, and every answer carries the values of the
 //! version it names.
 
-mod repository;
+mod common;
 
+use common::*;
 use modelgate::proto::serving::model_version_status::State;
-use repository::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,16 +36,17 @@ struct Tally {
 async fn versions_roll_under_load_without_failed_requests() {
     let base = scratch("hot-swap");
     copy_version(&base, 1);
-    let server = Server::start(
+    let server = Server::start_rest(
         &[
             "--model_name=scaled".into(),
+            "--device=cpu".into(),
             format!("--model_base_path={}", base.display()),
             "--file_system_poll_wait_seconds=1".into(),
         ],
         &[],
     );
-    server.wait_ready().await;
-    let models = server.model_service().await;
+    server.wait_readyz(200).await;
+    let models = server.models().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(std::sync::Mutex::new(Tally::default()));
@@ -59,7 +60,7 @@ async fn versions_roll_under_load_without_failed_requests() {
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let x = [client_id as f32 + 1.0, n as f32];
-                let result = predict(&mut client, spec("scaled", None), &x).await;
+                let result = predict(&mut client, spec("scaled"), &x).await;
                 let mut tally = tally.lock().unwrap();
                 match result {
                     Ok((version, y)) => {

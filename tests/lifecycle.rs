@@ -2,9 +2,9 @@
 //! start-up (models loading) to ready and through draining; SIGTERM with requests in
 //! flight; a second signal.
 
-mod harness;
+mod common;
 
-use harness::{Server, TempDir, TIMEOUT};
+use common::{Server, TempDir, TIMEOUT};
 use modelgate::api::grpc::tensor_to_proto;
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{ModelSpec, PredictRequest};
@@ -71,14 +71,14 @@ fn publish_version(from: &std::path::Path, base: &std::path::Path, version: u32)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_follow_start_up_and_shutdown() {
-    let fixtures = harness::fixtures();
+    let fixtures = common::fixtures();
     // "late" has no version yet: the server is up but not ready until one appears.
     let late = TempDir::new("late");
-    let config = harness::model_config(&[
+    let config = common::model_config(&[
         ("tiny", &fixtures.join("tiny"), ""),
         ("late", late.path(), ""),
     ]);
-    let mut server = Server::start(
+    let mut server = Server::with_config(
         &config,
         &[
             "--file_system_poll_wait_seconds=1",
@@ -152,9 +152,9 @@ fn predict_request(images: &Tensor) -> PredictRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_requests_in_flight_finish() {
-    let demo = harness::demo_models();
-    let config = harness::model_config(&[("mlp", &demo.join("mlp"), "")]);
-    let mut server = Server::start_with_env(
+    let demo = common::demo_models();
+    let config = common::model_config(&[("mlp", &demo.join("mlp"), "")]);
+    let mut server = Server::with_config_env(
         &config,
         &["--shutdown_grace_seconds=1"],
         &[("MODELGATE_LOG", "info,modelgate::telemetry=debug")],
@@ -195,7 +195,7 @@ async fn sigterm_lets_requests_in_flight_finish() {
 
     // A request whose body arrives in two halves stays in flight as long as the test
     // wants: across the end of the grace period, when the servers stop accepting.
-    let mut slow = std::net::TcpStream::connect(server.rest).unwrap();
+    let mut slow = std::net::TcpStream::connect(server.rest_addr()).unwrap();
     let head = format!(
         "POST /v1/models/mlp:predict HTTP/1.1\r\nHost: modelgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         rest_body.len()
@@ -262,9 +262,9 @@ async fn sigterm_lets_requests_in_flight_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
-    let fixtures = harness::fixtures();
-    let config = harness::model_config(&[("tiny", &fixtures.join("tiny"), "")]);
-    let mut server = Server::start(&config, &["--shutdown_grace_seconds=600"]);
+    let fixtures = common::fixtures();
+    let config = common::model_config(&[("tiny", &fixtures.join("tiny"), "")]);
+    let mut server = Server::with_config(&config, &["--shutdown_grace_seconds=600"]);
     server.wait_readyz(200).await;
     server.signal("TERM");
     tokio::task::block_in_place(|| server.wait_for_log("shutting down"));

@@ -1,9 +1,9 @@
 //! TF Serving's REST API against the real server over HTTP: every endpoint and format,
 //! exact numbers, golden JSON for status and metadata, errors with their HTTP codes.
 
-mod harness;
+mod common;
 
-use harness::Server;
+use common::Server;
 use modelgate::api::grpc::{tensor_from_proto, tensor_to_proto};
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{ModelSpec, PredictRequest};
@@ -15,7 +15,7 @@ use std::path::Path;
 const BODY_LIMIT: usize = 100_000;
 
 fn config(demo: &Path, fixtures: &Path) -> String {
-    harness::model_config(&[
+    common::model_config(&[
         ("tiny", &demo.join("tiny"), ""),
         (
             "mlp",
@@ -99,16 +99,16 @@ impl Rest<'_> {
 }
 
 fn golden(name: &str) -> Value {
-    let path = harness::repo_root().join("tests/golden").join(name);
+    let path = common::repo_root().join("tests/golden").join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_api() {
-    let (demo, fixtures) = (harness::demo_models(), harness::fixtures());
+    let (demo, fixtures) = (common::demo_models(), common::fixtures());
     let limit = format!("--rest_api_max_body_bytes={BODY_LIMIT}");
-    let server = Server::start(&config(&demo, &fixtures), &[&limit]);
+    let server = Server::with_config(&config(&demo, &fixtures), &[&limit]);
     server.wait_readyz(200).await;
     let rest = Rest {
         server: &server,

@@ -3,12 +3,12 @@
 //! incomplete uploads, ReloadConfig, readiness, S3 stopped and restarted while serving, and
 //! secrets kept out of the logs.
 
-mod repository;
+mod common;
 
-use modelgate::proto::serving::model_spec::VersionChoice;
+use common::s3::*;
+use common::*;
 use modelgate::proto::serving::model_version_status::State;
 use modelgate::proto::serving::ReloadConfigRequest;
-use repository::*;
 use std::time::Duration;
 
 const BUCKET: &str = "models";
@@ -56,7 +56,7 @@ async fn wait_for_served_version(server: &Server, version: i64) {
     wait_for(&what, || {
         let mut client = client.clone();
         async move {
-            let (served, y) = predict(&mut client, spec("scaled", None), &[1.0, 2.0, 3.0])
+            let (served, y) = predict(&mut client, spec("scaled"), &[1.0, 2.0, 3.0])
                 .await
                 .expect("scaled keeps answering");
             let expected: Vec<f32> = [1.0, 2.0, 3.0].iter().map(|x| x * factor(served)).collect();
@@ -76,6 +76,7 @@ fn server_args(cache: &std::path::Path) -> Vec<String> {
         "--model_config_file_poll_wait_seconds=1".into(),
         "--file_system_poll_wait_seconds=1".into(),
         format!("--model_cache_dir={}", cache.display()),
+        "--device=cpu".into(),
     ]
 }
 
@@ -86,13 +87,13 @@ async fn s3_repository_lifecycle() {
     let first_config = config_text(&[scaled_config("")]);
     seed(&s3, &first_config).await;
     let cache = scratch("s3-cache");
-    let server = Server::start(&server_args(&cache), &moto.server_env("test-secret"));
-    server.wait_ready().await;
-    let mut models = server.model_service().await;
+    let server = Server::start_rest(&server_args(&cache), &moto.server_env("test-secret"));
+    server.wait_readyz(200).await;
+    let mut models = server.models().await;
     let mut predictions = server.prediction().await;
 
     // Config and model read from S3.
-    let (version, y) = predict(&mut predictions, spec("scaled", None), &[1.0, 2.0])
+    let (version, y) = predict(&mut predictions, spec("scaled"), &[1.0, 2.0])
         .await
         .unwrap();
     assert_eq!((version, y), (1, vec![1.0, 2.0]));
@@ -152,11 +153,11 @@ async fn s3_repository_lifecycle() {
     s3.put(BUCKET, CONFIG_KEY, second_config.as_bytes().to_vec())
         .await;
     wait_for_state(&models, "tiny", 1, State::Available).await;
-    let (version, y) = predict(&mut predictions, spec("tiny", None), &[3.0])
+    let (version, y) = predict(&mut predictions, spec("tiny"), &[3.0])
         .await
         .unwrap();
     assert_eq!((version, y), (1, vec![7.0]));
-    let stable = spec("scaled", Some(VersionChoice::VersionLabel("stable".into())));
+    let stable = spec_label("scaled", "stable");
     wait_for("label stable to bind", || {
         let (mut client, stable) = (predictions.clone(), stable.clone());
         async move { predict(&mut client, stable, &[1.0]).await.ok() }
@@ -175,7 +176,7 @@ async fn s3_repository_lifecycle() {
     )
     .await;
     server.log.wait_for(&["model config refused"]).await;
-    predict(&mut predictions, spec("tiny", None), &[1.0])
+    predict(&mut predictions, spec("tiny"), &[1.0])
         .await
         .expect("tiny still served");
     s3.put(BUCKET, CONFIG_KEY, second_config.as_bytes().to_vec())
@@ -225,7 +226,7 @@ async fn s3_repository_lifecycle() {
     // S3 stops: everything loaded keeps serving, the outage is logged once, not per poll.
     moto.stop();
     for _ in 0..5 {
-        let (version, _) = predict(&mut predictions, spec("scaled", None), &[1.0])
+        let (version, _) = predict(&mut predictions, spec("scaled"), &[1.0])
             .await
             .expect("served while S3 is down");
         assert_eq!(version, 4);
@@ -283,10 +284,10 @@ async fn secrets_never_appear_in_logs() {
     env.push(("MODELGATE_LOG".into(), "trace".into()));
     let cache = scratch("s3-secrets-cache");
     env.push(("AWS_SESSION_TOKEN".into(), token.clone()));
-    let server = Server::start(&server_args(&cache), &env);
-    server.wait_ready().await;
+    let server = Server::start_rest(&server_args(&cache), &env);
+    server.wait_readyz(200).await;
     let mut predictions = server.prediction().await;
-    predict(&mut predictions, spec("scaled", None), &[1.0])
+    predict(&mut predictions, spec("scaled"), &[1.0])
         .await
         .unwrap();
     upload_scaled(&s3, 2).await;
@@ -312,13 +313,14 @@ async fn s3_verify_ssl_off_accepts_a_self_signed_endpoint() {
     let args = |cache: &std::path::Path| {
         vec![
             "--model_name=scaled".to_string(),
+            "--device=cpu".to_string(),
             format!("--model_base_path=s3://{BUCKET}/repo/scaled"),
             format!("--model_cache_dir={}", cache.display()),
         ]
     };
 
     let cache = scratch("s3-tls-verified");
-    let verified = Server::start(&args(&cache), &moto.server_env("test-secret"));
+    let verified = Server::start_rest(&args(&cache), &moto.server_env("test-secret"));
     verified
         .log
         .wait_for(&["storage unavailable", "model=scaled"])
@@ -333,10 +335,10 @@ async fn s3_verify_ssl_off_accepts_a_self_signed_endpoint() {
 
     let mut env = moto.server_env("test-secret");
     env.push(("S3_VERIFY_SSL".into(), "0".into()));
-    let unverified = Server::start(&args(&cache), &env);
-    unverified.wait_ready().await;
+    let unverified = Server::start_rest(&args(&cache), &env);
+    unverified.wait_readyz(200).await;
     let mut predictions = unverified.prediction().await;
-    let (version, y) = predict(&mut predictions, spec("scaled", None), &[2.0])
+    let (version, y) = predict(&mut predictions, spec("scaled"), &[2.0])
         .await
         .unwrap();
     assert_eq!((version, y), (1, vec![2.0]));

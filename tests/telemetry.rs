@@ -3,9 +3,9 @@
 //! the right labels and counts; JSON logs have one object per line, a debug line per
 //! request, a warn line per error, and no payload.
 
-mod harness;
+mod common;
 
-use harness::{Server, TempDir, TIMEOUT};
+use common::{Server, TempDir, TIMEOUT};
 use modelgate::api::grpc::tensor_to_proto;
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{
@@ -76,7 +76,7 @@ fn sample(scrape: &str, series: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_logs_after_traffic() {
-    let fixtures = harness::fixtures();
+    let fixtures = common::fixtures();
     let dir = TempDir::new("telemetry");
     let monitoring = dir.path().join("monitoring.config");
     std::fs::write(
@@ -84,14 +84,14 @@ async fn metrics_and_logs_after_traffic() {
         "prometheus_config { enable: true, path: \"/monitoring/prometheus/metrics\" }\n",
     )
     .unwrap();
-    let config = harness::model_config(&[
+    let config = common::model_config(&[
         ("tiny", &fixtures.join("tiny"), ""),
         ("regressor", &fixtures.join("regressor"), ""),
         ("corrupt", &fixtures.join("corrupt"), ""),
         ("missing", &dir.path().join("no-such-dir"), ""),
     ]);
     let monitoring_flag = format!("--monitoring_config_file={}", monitoring.display());
-    let server = Server::start_with_env(
+    let server = Server::with_config_env(
         &config,
         &[&monitoring_flag, "--log_format=json"],
         &[("MODELGATE_LOG", "info,modelgate::telemetry=debug")],

@@ -1,66 +1,73 @@
-//! Shared test support: start the real `modelgate` binary on 127.0.0.1 and talk to it.
-#![allow(dead_code)]
+//! The one harness of the integration tests (and of `benches/serving.rs`, which includes this
+//! file by path): the real `modelgate` binary on 127.0.0.1 with its log, gRPC and HTTP
+//! clients, the test model repositories and configs over them, and bounded waits. Every wait
+//! is bounded; nothing is skipped: a missing prerequisite fails saying how to get it.
+//! `http` holds the small HTTP client, `s3` a real S3 server (moto) and an S3 client.
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+pub mod http;
+pub mod s3;
 
 use modelgate::proto::serving::model_service_client::ModelServiceClient;
+use modelgate::proto::serving::model_version_status::State;
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
-use modelgate::proto::serving::{model_spec, GetModelStatusRequest, ModelSpec};
+use modelgate::proto::serving::{model_spec, GetModelStatusRequest, ModelSpec, PredictRequest};
+use modelgate::proto::tensorflow::{
+    tensor_shape_proto::Dim, DataType, TensorProto, TensorShapeProto,
+};
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
+
+/// How long any wait (a port, a model version, a log line, an exit) may take before it fails.
+/// Generous: several servers may start libtorch at once on a small machine.
+pub const TIMEOUT: Duration = Duration::from_secs(120);
 
 pub type RawTransport = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     tonic::body::Body,
 >;
 
-pub const START_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The fixture repository written by `models/generate.py fixtures` (`make models`).
+/// The fixture repository written by `models/generate.py fixtures target/test-models`
+/// (`make models`), or the one `MODELGATE_TEST_MODELS` names (relative to the repo root).
 pub fn fixtures() -> PathBuf {
     let dir = std::env::var_os("MODELGATE_TEST_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/test-models"));
+    let dir = if dir.is_absolute() {
+        dir
+    } else {
+        repo_root().join(dir)
+    };
     assert!(
         dir.join("fixtures.config").is_file(),
-        "test models missing in {}: run `make models` (or models/generate.py fixtures {})",
+        "test models missing in {}: run `make models` (or \
+         `python models/generate.py fixtures {}`)",
         dir.display(),
         dir.display()
     );
     dir
 }
 
-/// The demo repository (`models/`), with its generated mlp.
+/// The demo repository (`models/`) written by `models/generate.py demo models`.
 pub fn demo_models() -> PathBuf {
     let dir = repo_root().join("models");
     assert!(
         dir.join("mlp/2/model.pt").is_file(),
-        "demo models missing: run `make models`"
+        "demo models missing: run `make models` (or `python models/generate.py demo models`)"
     );
     dir
-}
-
-/// Writes a ModelServerConfig listing `(name, base_path, extra text)` entries.
-pub fn write_config(dir: &std::path::Path, models: &[(&str, PathBuf, &str)]) -> PathBuf {
-    let mut text = String::from("model_config_list {\n");
-    for (name, base, extra) in models {
-        text.push_str(&format!(
-            "  config {{ name: \"{name}\" base_path: \"{}\" model_platform: \"pytorch\" {extra} }}\n",
-            base.display()
-        ));
-    }
-    text.push_str("}\n");
-    let path = dir.join("models.config");
-    std::fs::write(&path, text).expect("write config");
-    path
 }
 
 /// A fresh temporary directory, removed on drop.
@@ -68,12 +75,16 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("modelgate-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create temp dir");
         TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
     }
 }
 
@@ -83,7 +94,19 @@ impl Drop for TempDir {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
+/// A fresh scratch directory under cargo's target tmp dir, removed first if a run left it
+/// (and left behind after the test, for a look at what the server wrote).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("test-scratch")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// A TCP port free right now on 127.0.0.1 (bound and released; fine for tests). REST needs
+/// a fixed one: port 0 turns REST off.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -91,124 +114,366 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-#[derive(Default)]
-struct Log {
-    text: String,
-    grpc: Option<SocketAddr>,
-    rest: Option<SocketAddr>,
-    exited: bool,
+/// A ModelServerConfig text with one `config { ... }` per entry (the entry's inside).
+pub fn config_text(models: &[String]) -> String {
+    let mut text = String::from("model_config_list {\n");
+    for model in models {
+        text.push_str(&format!("  config {{ {model} }}\n"));
+    }
+    text.push_str("}\n");
+    text
 }
 
-/// The real server process. Killed on drop.
+/// A ModelServerConfig over `(name, base_path, extra config text)` pytorch models.
+pub fn model_config(models: &[(&str, &Path, &str)]) -> String {
+    let entries: Vec<String> = models
+        .iter()
+        .map(|(name, base, extra)| {
+            format!(
+                "name: \"{name}\" base_path: \"{}\" model_platform: \"pytorch\"\n    {extra}",
+                base.display()
+            )
+        })
+        .collect();
+    config_text(&entries)
+}
+
+/// A ModelServerConfig over the named fixture models.
+pub fn fixture_config(names: &[&str]) -> String {
+    let fixtures = fixtures();
+    let paths: Vec<PathBuf> = names.iter().map(|name| fixtures.join(name)).collect();
+    let models: Vec<_> = names
+        .iter()
+        .zip(&paths)
+        .map(|(name, path)| (*name, path.as_path(), ""))
+        .collect();
+    model_config(&models)
+}
+
+/// Writes `model_config(models)` to `dir/models.config` and returns that path.
+pub fn write_config(dir: &Path, models: &[(&str, PathBuf, &str)]) -> PathBuf {
+    let models: Vec<_> = models
+        .iter()
+        .map(|(name, path, extra)| (*name, path.as_path(), *extra))
+        .collect();
+    let path = dir.join("models.config");
+    std::fs::write(&path, model_config(&models)).expect("write config");
+    path
+}
+
+/// Polls `check` until it returns `Some`, for at most `TIMEOUT`.
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Default)]
+struct Lines {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// The lines a child process writes to stderr, collected by a reader thread that drains the
+/// pipe for the process's whole life (so that it never blocks on a full pipe).
+#[derive(Clone, Default)]
+pub struct Log(Arc<(Mutex<Lines>, Condvar)>);
+
+impl Log {
+    pub fn follow(stream: impl std::io::Read + Send + 'static) -> Log {
+        let log = Log::default();
+        let shared = Arc::clone(&log.0);
+        std::thread::spawn(move || {
+            let (lock, changed) = &*shared;
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                lock.lock().unwrap().lines.push(line);
+                changed.notify_all();
+            }
+            lock.lock().unwrap().closed = true;
+            changed.notify_all();
+        });
+        log
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        self.0 .0.lock().unwrap().lines.join("\n")
+    }
+
+    pub fn contains(&self, needle: &str) -> bool {
+        self.count(&[needle]) > 0
+    }
+
+    /// Lines containing every one of `needles`.
+    pub fn count(&self, needles: &[&str]) -> usize {
+        self.0
+             .0
+            .lock()
+            .unwrap()
+            .lines
+            .iter()
+            .filter(|line| needles.iter().all(|n| line.contains(n)))
+            .count()
+    }
+
+    /// Blocks until `find` finds something in the lines, the stream closes, or `timeout`.
+    pub fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        mut find: impl FnMut(&[String]) -> Option<T>,
+    ) -> Option<T> {
+        let (lock, changed) = &*self.0;
+        let deadline = Instant::now() + timeout;
+        let mut state = lock.lock().unwrap();
+        loop {
+            if let Some(found) = find(&state.lines) {
+                return Some(found);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || state.closed {
+                return None;
+            }
+            state = changed.wait_timeout(state, left).unwrap().0;
+        }
+    }
+
+    /// Blocks until a line contains `needle`; false on timeout or when the stream closed.
+    pub fn wait_line(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_until(timeout, |lines| {
+            lines.iter().any(|l| l.contains(needle)).then_some(())
+        })
+        .is_some()
+    }
+
+    /// Waits (asynchronously, at most `TIMEOUT`) for a line containing all of `needles`.
+    pub async fn wait_for(&self, needles: &[&str]) {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.count(needles) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for a log line with {needles:?}:\n{}",
+                self.text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The address after `marker` in a log line (text or JSON log format).
+fn listening_addr(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    rest.split(|c: char| c.is_whitespace() || c == '"')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The real server process, started on an ephemeral gRPC port of 127.0.0.1 and waited for
+/// until its ports are open. Killed on drop if still running.
 pub struct Server {
     child: Child,
     pub grpc: SocketAddr,
+    /// The REST address; `None` when REST is off.
     pub rest: Option<SocketAddr>,
-    log: Arc<(Mutex<Log>, Condvar)>,
+    pub log: Log,
+    _config_dir: Option<TempDir>,
 }
 
 impl Server {
-    /// Starts `modelgate` with `args` plus an ephemeral gRPC port on 127.0.0.1 (REST off
-    /// unless `args` names a --rest_api_port), and waits until its ports are open.
+    /// Starts `modelgate` with `args`; REST is off unless `args` name a --rest_api_port.
     pub fn start(args: &[&str]) -> Server {
         Server::start_with_env(args, &[])
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::spawn(
+            args.iter().map(|a| a.to_string()).collect(),
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            None,
+        )
+    }
+
+    /// Starts `modelgate` with `args` and `env`, and REST on a free port.
+    pub fn start_rest(args: &[String], env: &[(String, String)]) -> Server {
+        let mut all = vec![format!("--rest_api_port={}", free_port())];
+        all.extend_from_slice(args);
+        Server::spawn(all, env.to_vec(), None)
+    }
+
+    /// Starts `modelgate` with `config` as its model config file, REST on a free port, and
+    /// `extra` flags.
+    pub fn with_config(config: &str, extra: &[&str]) -> Server {
+        Server::with_config_env(config, extra, &[])
+    }
+
+    pub fn with_config_env(config: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let dir = TempDir::new("config");
+        let path = dir.path().join("models.config");
+        std::fs::write(&path, config).expect("write config");
+        let mut args = vec![
+            format!("--rest_api_port={}", free_port()),
+            format!("--model_config_file={}", path.display()),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Server::spawn(args, env, Some(dir))
+    }
+
+    fn spawn(args: Vec<String>, env: Vec<(String, String)>, config_dir: Option<TempDir>) -> Server {
+        let names_rest = args.iter().any(|a| a.starts_with("--rest_api_port"));
+        let wants_rest = names_rest && !args.iter().any(|a| a == "--rest_api_port=0");
         let mut command = Command::new(env!("CARGO_BIN_EXE_modelgate"));
         command
             .args(["--port=0", "--bind_address=127.0.0.1"])
-            .args(if args.iter().any(|a| a.starts_with("--rest_api_port")) {
-                &[][..]
-            } else {
-                &["--rest_api_port=0"][..]
-            })
-            .args(args)
+            .args((!names_rest).then_some("--rest_api_port=0"))
+            .args(&args)
             .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
+            // Nothing from the caller's environment reaches the server unless a test says so.
+            .env_remove("MODELGATE_LOG_FORMAT")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_ENDPOINT_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if std::env::var_os("MODELGATE_LOG").is_none() {
+            command.env("MODELGATE_LOG", "info");
+        }
+        command.envs(env);
         let mut child = command.spawn().expect("spawn modelgate");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new((Mutex::new(Log::default()), Condvar::new()));
-        let reader_log = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let (lock, cvar) = &*reader_log;
-                let mut log = lock.lock().unwrap();
-                if let Some(addr) = listening_addr(&line, "gRPC server listening on ") {
-                    log.grpc = Some(addr);
-                }
-                if let Some(addr) = listening_addr(&line, "REST server listening on ") {
-                    log.rest = Some(addr);
-                }
-                log.text.push_str(&line);
-                log.text.push('\n');
-                cvar.notify_all();
-            }
-            let (lock, cvar) = &*reader_log;
-            lock.lock().unwrap().exited = true;
-            cvar.notify_all();
+        let log = Log::follow(child.stderr.take().expect("stderr"));
+        let addrs = log.wait_until(TIMEOUT, |lines| {
+            let find = |marker| lines.iter().find_map(|l| listening_addr(l, marker));
+            let grpc = find("gRPC server listening on ")?;
+            let rest = find("REST server listening on ");
+            (!wants_rest || rest.is_some()).then_some((grpc, rest))
         });
-        let wants_rest = args
-            .iter()
-            .any(|a| a.starts_with("--rest_api_port") && *a != "--rest_api_port=0");
-        let (grpc, rest) = {
-            let (lock, cvar) = &*log;
-            let deadline = Instant::now() + START_TIMEOUT;
-            let mut state = lock.lock().unwrap();
-            while (state.grpc.is_none() || (wants_rest && state.rest.is_none())) && !state.exited {
-                let left = deadline.saturating_duration_since(Instant::now());
-                assert!(
-                    !left.is_zero(),
-                    "server did not open its ports:\n{}",
-                    state.text
-                );
-                state = cvar.wait_timeout(state, left).unwrap().0;
-            }
-            assert!(
-                state.grpc.is_some(),
-                "server exited before listening:\n{}",
-                state.text
+        let Some((grpc, rest)) = addrs else {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            panic!(
+                "modelgate did not open its ports (exit: {status:?}):\n{}",
+                log.text()
             );
-            (state.grpc.unwrap(), state.rest)
         };
         Server {
             child,
             grpc,
             rest,
             log,
+            _config_dir: config_dir,
         }
+    }
+
+    /// The REST address (REST must be on).
+    pub fn rest_addr(&self) -> SocketAddr {
+        self.rest.expect("REST is off for this server")
+    }
+
+    pub fn rest_port(&self) -> u16 {
+        self.rest_addr().port()
+    }
+
+    /// `http://REST_ADDR{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.rest_addr())
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Everything the server logged so far.
     pub fn log(&self) -> String {
-        self.log.0.lock().unwrap().text.clone()
+        self.log.text()
     }
 
-    /// Waits until the log contains `needle`.
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let (lock, cvar) = &*self.log;
-        let deadline = Instant::now() + timeout;
-        let mut state = lock.lock().unwrap();
-        while !state.text.contains(needle) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || state.exited {
-                return false;
+    /// Waits until a log line contains `needle`; fails after `TIMEOUT`.
+    pub fn wait_for_log(&self, needle: &str) {
+        assert!(
+            self.log.wait_line(needle, TIMEOUT),
+            "no log line with '{needle}':\n{}",
+            self.log()
+        );
+    }
+
+    /// Sends a signal (`TERM`, `INT`) with the `kill` command.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit; fails after `TIMEOUT`.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
             }
-            state = cvar.wait_timeout(state, left).unwrap().0;
+            assert!(
+                Instant::now() < deadline,
+                "modelgate did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
-        true
+    }
+
+    /// `GET path` on the REST port: the status code and the body.
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http::request("GET", &self.url(path), None)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.log()))
+    }
+
+    /// Polls `/readyz` until it answers `status`.
+    pub async fn wait_readyz(&self, status: u16) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Ok((code, _)) = http::request("GET", &self.url("/readyz"), None).await {
+                if code == status {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz never answered {status}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.grpc))
+        Channel::from_shared(self.grpc_url())
             .expect("uri")
             .connect()
             .await
-            .expect("connect")
+            .expect("connect gRPC")
     }
 
     pub async fn prediction(&self) -> PredictionServiceClient<Channel> {
@@ -223,7 +488,7 @@ impl Server {
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .http2_only(true)
                 .build_http();
-        let origin = format!("http://{}", self.grpc).parse().expect("uri");
+        let origin = self.grpc_url().parse().expect("uri");
         PredictionServiceClient::with_origin(client, origin)
     }
 
@@ -234,20 +499,12 @@ impl Server {
     /// Waits until every model in `models` has an AVAILABLE version.
     pub async fn wait_available(&self, models: &[&str]) {
         let mut client = self.models().await;
-        let deadline = Instant::now() + START_TIMEOUT;
+        let deadline = Instant::now() + TIMEOUT;
         for model in models {
             loop {
-                let status = client
-                    .get_model_status(GetModelStatusRequest {
-                        model_spec: Some(spec(model)),
-                    })
-                    .await;
-                let available = status.is_ok_and(|s| {
-                    s.into_inner()
-                        .model_version_status
-                        .iter()
-                        .any(|v| v.state == 30)
-                });
+                let available = model_status(&mut client, model)
+                    .await
+                    .is_ok_and(|s| s.iter().any(|(_, state, _)| *state == State::Available));
                 if available {
                     break;
                 }
@@ -260,24 +517,6 @@ impl Server {
             }
         }
     }
-
-    /// Waits for the process to exit, returning its status.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
 }
 
 impl Drop for Server {
@@ -287,9 +526,19 @@ impl Drop for Server {
     }
 }
 
-fn listening_addr(line: &str, marker: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    rest.split_whitespace().next()?.parse().ok()
+/// Runs `modelgate` with `args` to its exit (for flags and configs it refuses): whether it
+/// succeeded, and its stderr.
+pub fn run_to_exit(args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run modelgate");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// A ModelSpec for the latest version.
@@ -322,4 +571,97 @@ pub fn spec_signature(model: &str, signature: &str) -> ModelSpec {
         signature_name: signature.to_string(),
         ..Default::default()
     }
+}
+
+/// A `[1, n]` float tensor.
+pub fn float_row(values: &[f32]) -> TensorProto {
+    let dim = |size| Dim {
+        size,
+        ..Default::default()
+    };
+    TensorProto {
+        dtype: DataType::DtFloat as i32,
+        tensor_shape: Some(TensorShapeProto {
+            dim: vec![dim(1), dim(values.len() as i64)],
+            ..Default::default()
+        }),
+        float_val: values.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Predict on a `scaled`-like model (input `x`, output `y`): the version that answered and
+/// the output values.
+pub async fn predict(
+    client: &mut PredictionServiceClient<Channel>,
+    model: ModelSpec,
+    x: &[f32],
+) -> Result<(i64, Vec<f32>), tonic::Status> {
+    let response = client
+        .predict(PredictRequest {
+            model_spec: Some(model),
+            inputs: [("x".to_string(), float_row(x))].into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let version = match response.model_spec.and_then(|s| s.version_choice) {
+        Some(model_spec::VersionChoice::Version(v)) => v,
+        other => panic!("response without a version: {other:?}"),
+    };
+    let y = response.outputs.get("y").expect("output y");
+    let values = if y.float_val.is_empty() {
+        y.tensor_content
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    } else {
+        y.float_val.clone()
+    };
+    Ok((version, values))
+}
+
+/// GetModelStatus: `(version, state, error message)` of each version, or the error.
+pub async fn model_status(
+    client: &mut ModelServiceClient<Channel>,
+    model: &str,
+) -> Result<Vec<(i64, State, String)>, tonic::Status> {
+    let response = client
+        .get_model_status(GetModelStatusRequest {
+            model_spec: Some(spec(model)),
+        })
+        .await?
+        .into_inner();
+    Ok(response
+        .model_version_status
+        .into_iter()
+        .map(|s| {
+            (
+                s.version,
+                State::try_from(s.state).unwrap_or(State::Unknown),
+                s.status.map(|st| st.error_message).unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
+/// Waits until `model` reports `version` in `state`; returns that version's error message.
+pub async fn wait_for_state(
+    client: &ModelServiceClient<Channel>,
+    model: &str,
+    version: i64,
+    state: State,
+) -> String {
+    let what = format!("{model} version {version} to be {state:?}");
+    wait_for(&what, || {
+        let mut client = client.clone();
+        async move {
+            let statuses = model_status(&mut client, model).await.ok()?;
+            statuses
+                .into_iter()
+                .find(|(v, s, _)| *v == version && *s == state)
+                .map(|(_, _, error)| error)
+        }
+    })
+    .await
 }
