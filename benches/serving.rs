@@ -18,8 +18,9 @@ mod loadgen;
 
 use common::{demo_models, write_config, Server, TempDir};
 use loadgen::{closed_loop, connect, open_loop, Report};
+use modelgate::api::grpc::shape_proto;
 use modelgate::proto::serving::{ModelSpec, PredictRequest};
-use modelgate::proto::tensorflow::{tensor_shape_proto, DataType, TensorProto, TensorShapeProto};
+use modelgate::proto::tensorflow::{DataType, TensorProto};
 use std::time::{Duration, Instant};
 
 const WARMUP: Duration = Duration::from_secs(1);
@@ -29,16 +30,7 @@ const BATCH: usize = 64;
 fn one_row(model: &str, input: &str, cols: usize) -> PredictRequest {
     let tensor = TensorProto {
         dtype: DataType::DtFloat as i32,
-        tensor_shape: Some(TensorShapeProto {
-            dim: [1, cols as i64]
-                .iter()
-                .map(|&size| tensor_shape_proto::Dim {
-                    size,
-                    name: String::new(),
-                })
-                .collect(),
-            unknown_rank: false,
-        }),
+        tensor_shape: Some(shape_proto(Some(&[1, cols as i64]))),
         // As tf.make_tensor_proto encodes a numpy array: raw little-endian bytes.
         tensor_content: (0..cols)
             .flat_map(|i| ((i % 7) as f32 / 7.0).to_le_bytes())

@@ -3,10 +3,10 @@
 mod common;
 
 use common::*;
-use modelgate::api::grpc::tensor_from_proto;
+use modelgate::api::grpc::{shape_proto, tensor_from_proto};
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{PredictRequest, PredictResponse};
-use modelgate::proto::tensorflow::{tensor_shape_proto, DataType, TensorProto, TensorShapeProto};
+use modelgate::proto::tensorflow::{DataType, TensorProto};
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -14,16 +14,7 @@ use tonic::Code;
 fn floats(rows: usize, cols: usize, values: Vec<f32>) -> TensorProto {
     TensorProto {
         dtype: DataType::DtFloat as i32,
-        tensor_shape: Some(TensorShapeProto {
-            dim: [rows as i64, cols as i64]
-                .iter()
-                .map(|&size| tensor_shape_proto::Dim {
-                    size,
-                    name: String::new(),
-                })
-                .collect(),
-            unknown_rank: false,
-        }),
+        tensor_shape: Some(shape_proto(Some(&[rows as i64, cols as i64]))),
         float_val: values,
         ..Default::default()
     }
@@ -90,16 +81,7 @@ trait WithShape {
 
 impl WithShape for TensorProto {
     fn with_shape(mut self, dims: &[i64]) -> Self {
-        self.tensor_shape = Some(TensorShapeProto {
-            dim: dims
-                .iter()
-                .map(|&size| tensor_shape_proto::Dim {
-                    size,
-                    name: String::new(),
-                })
-                .collect(),
-            unknown_rank: false,
-        });
+        self.tensor_shape = Some(shape_proto(Some(dims)));
         self
     }
 }

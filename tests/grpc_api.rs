@@ -5,11 +5,11 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use modelgate::api::grpc::{tensor_from_proto, tensor_to_proto};
+use modelgate::api::grpc::{shape_proto, tensor_from_proto, tensor_to_proto};
 use modelgate::proto::serving::{
     GetModelMetadataRequest, GetModelStatusRequest, PredictRequest, SignatureDefMap,
 };
-use modelgate::proto::tensorflow::{tensor_shape_proto, DataType, TensorProto, TensorShapeProto};
+use modelgate::proto::tensorflow::{DataType, TensorProto, TensorShapeProto};
 use modelgate::tensor::{DType, Tensor};
 use prost::Message;
 use std::time::Duration;
@@ -49,16 +49,7 @@ async fn fixture_server(extra_args: &[&str]) -> (Server, TempDir) {
 }
 
 fn shape(dims: &[i64]) -> Option<TensorShapeProto> {
-    Some(TensorShapeProto {
-        dim: dims
-            .iter()
-            .map(|&size| tensor_shape_proto::Dim {
-                size,
-                name: String::new(),
-            })
-            .collect(),
-        unknown_rank: false,
-    })
+    Some(shape_proto(Some(dims)))
 }
 
 fn floats(dims: &[i64], values: &[f32]) -> TensorProto {
