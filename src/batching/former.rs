@@ -5,7 +5,6 @@ use crate::runtime::{Batch, Job, ModelRunner};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc;
 
 struct OpenBatch {
     key: BatchKey,
@@ -21,11 +20,12 @@ struct OpenBatch {
 
 /// Collects queued requests into batches and hands each closed batch to the workers,
 /// waiting while they are all busy (so a busy device makes batches grow rather than
-/// queues lengthen). Ends, after flushing, when every scheduler handle is gone.
-pub(super) async fn form_batches(
-    mut queue: mpsc::UnboundedReceiver<Queued>,
-    runner: Arc<ModelRunner>,
-    state: Arc<QueueState>,
+/// queues lengthen). Runs on its own thread; ends, after flushing, when every scheduler
+/// handle is gone.
+pub(super) fn form_batches(
+    queue: &flume::Receiver<Queued>,
+    runner: &ModelRunner,
+    state: &QueueState,
 ) {
     let max_rows = state.options.execution_batch_size();
     let timeout = state.options.batch_timeout;
@@ -33,20 +33,24 @@ pub(super) async fn form_batches(
     let mut open: Vec<OpenBatch> = Vec::new();
     let mut draining = false;
     loop {
-        let next_close = open.iter().map(|b| b.oldest + timeout).min();
-        tokio::select! {
-            received = queue.recv(), if !draining => match received {
-                Some(queued) => {
+        if !draining {
+            let received = match open.iter().map(|b| b.oldest + timeout).min() {
+                None => queue
+                    .recv()
+                    .map_err(|_| flume::RecvTimeoutError::Disconnected),
+                Some(close_at) => queue.recv_deadline(close_at),
+            };
+            match received {
+                Ok(queued) => {
                     place(&mut open, queued, max_rows);
                     // Take everything already waiting before deciding what is due.
                     while let Ok(queued) = queue.try_recv() {
                         place(&mut open, queued, max_rows);
                     }
                 }
-                None => draining = true,
-            },
-            () = sleep_until(next_close), if next_close.is_some() => {}
-            else => {}
+                Err(flume::RecvTimeoutError::Timeout) => {}
+                Err(flume::RecvTimeoutError::Disconnected) => draining = true,
+            }
         }
         let now = Instant::now();
         let (mut due, waiting): (Vec<OpenBatch>, Vec<OpenBatch>) = open
@@ -55,18 +59,11 @@ pub(super) async fn form_batches(
         open = waiting;
         due.sort_by_key(|b| b.oldest);
         for batch in due {
-            hand_over(&runner, &state, batch, &allowed_sizes).await;
+            hand_over(runner, state, batch, &allowed_sizes);
         }
         if draining && open.is_empty() {
             return;
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -103,7 +100,7 @@ fn place(open: &mut Vec<OpenBatch>, queued: Queued, max_rows: usize) {
 
 /// Gives a closed batch to the workers, waiting for one to be free, then releases its room
 /// in the queue: a batch waiting for a worker still counts against max_enqueued_batches.
-async fn hand_over(
+fn hand_over(
     runner: &ModelRunner,
     state: &QueueState,
     batch: OpenBatch,
@@ -130,7 +127,7 @@ async fn hand_over(
     };
     // An error means the workers are gone (unloading): the jobs' callers see their
     // channels close and answer UNAVAILABLE.
-    let _ = runner.submit(batch).await;
+    let _ = runner.submit_blocking(batch);
     let delay = oldest.elapsed().as_secs_f64();
     for _ in 0..released {
         state.queue_delay.record(delay);

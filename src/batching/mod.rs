@@ -9,12 +9,11 @@ mod options;
 
 pub use options::{BatchingOptions, BATCHING_PARAMS_FILE};
 
-use crate::runtime::{Batch, Job, JobResult, ModelOutput, ModelRunner, RunError};
+use crate::runtime::{Batch, Job, JobResult, LoadError, ModelOutput, ModelRunner, RunError};
 use crate::tensor::{DType, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc;
 
 /// What makes requests mixable in one batch: the same method and, per input, the same
 /// dtype and the same dims after the batch dim.
@@ -67,7 +66,7 @@ enum Mode {
     /// Each request runs alone, queued for the workers (bounded).
     Direct,
     Batching {
-        jobs: mpsc::UnboundedSender<Queued>,
+        jobs: flume::Sender<Queued>,
         state: Arc<QueueState>,
     },
 }
@@ -81,14 +80,13 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Wraps the workers of one version; with `batching`, starts its batch former on the
-    /// current tokio runtime.
+    /// Wraps the workers of one version; with `batching`, starts its batch former thread.
     pub fn new(
         runner: ModelRunner,
         batching: Option<BatchingOptions>,
         model: &str,
         version: i64,
-    ) -> Scheduler {
+    ) -> Result<Scheduler, LoadError> {
         let labels = [
             ("model", model.to_string()),
             ("version", version.to_string()),
@@ -112,20 +110,22 @@ impl Scheduler {
                     ),
                     rejected_full: rejected_full.clone(),
                 });
-                let (jobs, queue) = mpsc::unbounded_channel();
-                tokio::spawn(former::form_batches(
-                    queue,
-                    Arc::clone(&runner),
-                    Arc::clone(&state),
-                ));
+                // An OS thread rather than a task: its timed waits are precise to tens of
+                // microseconds, where tokio's timer rounds up to a millisecond.
+                let (jobs, queue) = flume::unbounded();
+                let (former_runner, former_state) = (Arc::clone(&runner), Arc::clone(&state));
+                std::thread::Builder::new()
+                    .name(format!("{model}/{version} batcher"))
+                    .spawn(move || former::form_batches(&queue, &former_runner, &former_state))
+                    .map_err(|e| LoadError::Thread(e.to_string()))?;
                 Mode::Batching { jobs, state }
             }
         };
-        Scheduler {
+        Ok(Scheduler {
             runner,
             mode,
             rejected_full,
-        }
+        })
     }
 
     pub fn runner(&self) -> &ModelRunner {
@@ -199,7 +199,7 @@ async fn wait(result: JobResult) -> Result<ModelOutput, RunError> {
 }
 
 fn enqueue(
-    jobs: &mpsc::UnboundedSender<Queued>,
+    jobs: &flume::Sender<Queued>,
     state: &QueueState,
     job: Job,
     key: BatchKey,
@@ -222,7 +222,7 @@ fn reserve(state: &QueueState, rows: usize) -> Result<(), RunError> {
 }
 
 fn send(
-    jobs: &mpsc::UnboundedSender<Queued>,
+    jobs: &flume::Sender<Queued>,
     state: &QueueState,
     job: Job,
     key: BatchKey,

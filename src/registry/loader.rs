@@ -83,7 +83,7 @@ pub fn load_version(
         model: model.to_string(),
         version,
         signatures,
-        scheduler: Scheduler::new(runner, batching, model, version),
+        scheduler: Scheduler::new(runner, batching, model, version)?,
     };
     warm_up(&servable)?;
     Ok(servable)

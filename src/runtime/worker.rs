@@ -170,12 +170,10 @@ impl ModelRunner {
         })
     }
 
-    /// Queues a batch, waiting for room: how the batcher lets busy workers push back.
-    pub async fn submit(&self, batch: Batch) -> Result<(), RunError> {
-        self.batches
-            .send_async(batch)
-            .await
-            .map_err(|_| RunError::Stopped)
+    /// Queues a batch, blocking the calling thread until there is room: how the batch
+    /// former lets busy workers push back.
+    pub fn submit_blocking(&self, batch: Batch) -> Result<(), RunError> {
+        self.batches.send(batch).map_err(|_| RunError::Stopped)
     }
 
     /// Runs one call and blocks the calling thread until it answers (warm-up at load).
