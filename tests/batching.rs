@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use modelgate::api::grpc::{shape_proto, tensor_from_proto};
+use modelgate::api::grpc::{dims, shape_proto, tensor_from_proto};
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{PredictRequest, PredictResponse};
 use modelgate::proto::tensorflow::{DataType, TensorProto};
@@ -86,6 +86,24 @@ impl WithShape for TensorProto {
     }
 }
 
+/// Sends `n` one-row requests to the counter at once; request i must get back 2 * i.
+async fn counter_requests_at_once(client: &PredictionServiceClient<Channel>, n: usize) {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .predict(request("counter", "", floats(1, 2, vec![i as f32, 0.0])))
+                    .await
+                    .map(|r| values(&r.into_inner(), "y"))
+            })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        assert_eq!(task.await.unwrap().unwrap(), vec![2.0 * i as f32]);
+    }
+}
+
 /// A request that keeps the counter's worker busy for `rounds` small matmuls (about 1 s per
 /// 15,000 on one core).
 fn busy(rounds: f32) -> PredictRequest {
@@ -135,21 +153,7 @@ async fn a_full_batch_is_one_forward() {
     let (server, _dir) = start_server(&["counter"], Some(params), &[]).await;
     let mut client = server.prediction().await;
     let before = forwards(&mut client).await;
-    let mut tasks = Vec::new();
-    for i in 0..16 {
-        let mut client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            let response = client
-                .predict(request("counter", "", floats(1, 2, vec![i as f32, 0.0])))
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(values(&response, "y"), vec![2.0 * i as f32]);
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
+    counter_requests_at_once(&client, 16).await;
     assert_eq!(
         forwards(&mut client).await - before,
         1,
@@ -178,15 +182,11 @@ async fn padding_to_allowed_sizes_is_dropped_from_outputs() {
                 .unwrap()
                 .into_inner();
             let y = &response.outputs["y"];
-            let dims: Vec<i64> = y
-                .tensor_shape
-                .as_ref()
-                .unwrap()
-                .dim
-                .iter()
-                .map(|d| d.size)
-                .collect();
-            assert_eq!(dims, vec![1, 1], "padding rows never reach the client");
+            assert_eq!(
+                dims(y.tensor_shape.as_ref().unwrap()),
+                vec![1, 1],
+                "padding rows never reach the client"
+            );
             assert_eq!(values(&response, "y"), vec![i as f32 * 20.0]);
         }));
     }
@@ -347,18 +347,6 @@ async fn per_model_batching_parameters_override_the_global_file() {
     server.wait_available(&["counter"]).await;
     let mut client = server.prediction().await;
     let before = forwards(&mut client).await;
-    let mut tasks = Vec::new();
-    for i in 0..16 {
-        let mut client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            client
-                .predict(request("counter", "", floats(1, 2, vec![i as f32, 0.0])))
-                .await
-                .map(|r| values(&r.into_inner(), "y"))
-        }));
-    }
-    for (i, task) in tasks.into_iter().enumerate() {
-        assert_eq!(task.await.unwrap().unwrap(), vec![2.0 * i as f32]);
-    }
+    counter_requests_at_once(&client, 16).await;
     assert_eq!(forwards(&mut client).await - before, 1);
 }

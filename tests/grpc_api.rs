@@ -5,7 +5,7 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use modelgate::api::grpc::{shape_proto, tensor_from_proto, tensor_to_proto};
+use modelgate::api::grpc::{dims, shape_proto, tensor_from_proto, tensor_to_proto};
 use modelgate::proto::serving::{
     GetModelMetadataRequest, GetModelStatusRequest, PredictRequest, SignatureDefMap,
 };
@@ -312,15 +312,7 @@ async fn metadata_returns_the_signature_defs() {
     assert_eq!(default.method_name, "tensorflow/serving/predict");
     let images = &default.inputs["images"];
     assert_eq!(images.dtype, DataType::DtFloat as i32);
-    let dims: Vec<i64> = images
-        .tensor_shape
-        .as_ref()
-        .unwrap()
-        .dim
-        .iter()
-        .map(|d| d.size)
-        .collect();
-    assert_eq!(dims, vec![-1, 784]);
+    assert_eq!(dims(images.tensor_shape.as_ref().unwrap()), vec![-1, 784]);
     let mut outputs: Vec<_> = default.outputs.keys().cloned().collect();
     outputs.sort();
     assert_eq!(outputs, vec!["logits", "probabilities"]);

@@ -167,7 +167,8 @@ impl Scheduler {
                 if !batchable || rows <= limit {
                     let (job, result) = Job::new(method, inputs, deadline);
                     let key = BatchKey::of(&job, batchable);
-                    enqueue(jobs, state, job, key, rows)?;
+                    reserve(state, rows.max(1))?;
+                    send(jobs, state, job, key, rows)?;
                     return wait(result).await;
                 }
                 if !state.options.enable_large_batch_splitting {
@@ -196,17 +197,6 @@ impl Scheduler {
 
 async fn wait(result: JobResult) -> Result<ModelOutput, RunError> {
     result.await.map_err(|_| RunError::Stopped)?
-}
-
-fn enqueue(
-    jobs: &flume::Sender<Queued>,
-    state: &QueueState,
-    job: Job,
-    key: BatchKey,
-    rows: usize,
-) -> Result<(), RunError> {
-    reserve(state, rows.max(1))?;
-    send(jobs, state, job, key, rows)
 }
 
 /// Takes room for `rows` in the queue, or refuses: memory stays bounded under any load.

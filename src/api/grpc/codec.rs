@@ -54,7 +54,7 @@ pub fn tensor_from_proto(
     let shape: Vec<i64> = match &proto.tensor_shape {
         None => Vec::new(),
         Some(shape) if shape.unknown_rank => return Err(invalid("shape has unknown rank".into())),
-        Some(shape) => shape.dim.iter().map(|d| d.size).collect(),
+        Some(shape) => dims(shape),
     };
     let count = num_elements(&shape).map_err(|e| invalid(e.to_string()))?;
     let byte_len = count
@@ -175,6 +175,11 @@ pub fn tensor_to_proto(tensor: &Tensor, as_content: bool) -> TensorProto {
         }
     }
     proto
+}
+
+/// The dimension sizes of a TensorShapeProto.
+pub fn dims(shape: &TensorShapeProto) -> Vec<i64> {
+    shape.dim.iter().map(|d| d.size).collect()
 }
 
 /// A TensorShapeProto; `None` is an unknown rank, `-1` an unknown dimension.
@@ -347,15 +352,7 @@ mod tests {
         assert_eq!(def.method_name, "tensorflow/serving/predict");
         let x = &def.inputs["x"];
         assert_eq!(x.dtype, DataType::DtFloat as i32);
-        let dims: Vec<i64> = x
-            .tensor_shape
-            .as_ref()
-            .unwrap()
-            .dim
-            .iter()
-            .map(|d| d.size)
-            .collect();
-        assert_eq!(dims, vec![-1, 4]);
+        assert_eq!(dims(x.tensor_shape.as_ref().unwrap()), vec![-1, 4]);
         assert!(def.outputs["y"].tensor_shape.as_ref().unwrap().unknown_rank);
     }
 }

@@ -4,7 +4,7 @@ mod codec;
 mod model_service;
 mod prediction;
 
-pub use codec::{shape_proto, signature_def_map, tensor_from_proto, tensor_to_proto};
+pub use codec::{dims, shape_proto, signature_def_map, tensor_from_proto, tensor_to_proto};
 pub use model_service::model_status;
 
 use crate::inference::Inference;

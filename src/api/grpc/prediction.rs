@@ -228,6 +228,32 @@ impl PredictionApi {
         ))
     }
 
+    /// Classify or Regress: one task, its result wrapped by `respond` (None: the task
+    /// answered with the other kind, a server bug), recorded and answered.
+    async fn single_task<T>(
+        &self,
+        api: Api,
+        spec: Option<&ModelSpec>,
+        input: Option<&crate::proto::serving::Input>,
+        kind: TaskKind,
+        respond: impl FnOnce(ModelSpec, TaskResult) -> Option<T>,
+        served: impl Fn(&T) -> Option<&ModelSpec>,
+    ) -> Result<Response<T>, Status> {
+        let timer = RequestTimer::start(api, Protocol::Grpc);
+        let result = self
+            .one_task(spec, input, kind)
+            .await
+            .and_then(|(spec, result)| {
+                respond(spec, result).ok_or_else(|| {
+                    Error::Internal(format!(
+                        "a {} task returned another kind of result (server bug)",
+                        api.as_str()
+                    ))
+                })
+            });
+        finish(self.inference.registry(), timer, spec, result, served)
+    }
+
     async fn multi_inference(
         &self,
         request: &MultiInferenceRequest,
@@ -331,48 +357,44 @@ impl PredictionService for PredictionApi {
         &self,
         request: Request<ClassificationRequest>,
     ) -> Result<Response<ClassificationResponse>, Status> {
-        let timer = RequestTimer::start(Api::Classify, Protocol::Grpc);
         let request = request.into_inner();
-        let spec = request.model_spec.as_ref();
-        let result = self
-            .one_task(spec, request.input.as_ref(), TaskKind::Classify)
-            .await
-            .and_then(|(spec, result)| match result {
-                TaskResult::Classification(result) => Ok(ClassificationResponse {
+        self.single_task(
+            Api::Classify,
+            request.model_spec.as_ref(),
+            request.input.as_ref(),
+            TaskKind::Classify,
+            |spec, result| match result {
+                TaskResult::Classification(result) => Some(ClassificationResponse {
                     model_spec: Some(spec),
                     result: Some(result),
                 }),
-                TaskResult::Regression(_) => Err(Error::Internal(
-                    "a classify task returned a regression (server bug)".into(),
-                )),
-            });
-        finish(self.inference.registry(), timer, spec, result, |r| {
-            r.model_spec.as_ref()
-        })
+                TaskResult::Regression(_) => None,
+            },
+            |r| r.model_spec.as_ref(),
+        )
+        .await
     }
 
     async fn regress(
         &self,
         request: Request<RegressionRequest>,
     ) -> Result<Response<RegressionResponse>, Status> {
-        let timer = RequestTimer::start(Api::Regress, Protocol::Grpc);
         let request = request.into_inner();
-        let spec = request.model_spec.as_ref();
-        let result = self
-            .one_task(spec, request.input.as_ref(), TaskKind::Regress)
-            .await
-            .and_then(|(spec, result)| match result {
-                TaskResult::Regression(result) => Ok(RegressionResponse {
+        self.single_task(
+            Api::Regress,
+            request.model_spec.as_ref(),
+            request.input.as_ref(),
+            TaskKind::Regress,
+            |spec, result| match result {
+                TaskResult::Regression(result) => Some(RegressionResponse {
                     model_spec: Some(spec),
                     result: Some(result),
                 }),
-                TaskResult::Classification(_) => Err(Error::Internal(
-                    "a regress task returned a classification (server bug)".into(),
-                )),
-            });
-        finish(self.inference.registry(), timer, spec, result, |r| {
-            r.model_spec.as_ref()
-        })
+                TaskResult::Classification(_) => None,
+            },
+            |r| r.model_spec.as_ref(),
+        )
+        .await
     }
 
     async fn multi_inference(
