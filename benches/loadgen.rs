@@ -2,13 +2,20 @@
 //! sending its next request when the last one answered) or open loop (requests started at
 //! a fixed rate whatever the answers do, latency counted from the scheduled start so a
 //! stalled server cannot hide its queueing).
+//!
+//! It drives HTTP/2 directly (as h2load does) rather than through a generated client: the
+//! request is encoded once, and a call's HEADERS and DATA frames leave in one write. The
+//! load generator shares the machine with the server, so every microsecond it spends is
+//! taken from the server; the server still receives, decodes and answers each call in
+//! full, and every answer's gRPC status and message are checked.
 
-use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
-use modelgate::proto::serving::PredictRequest;
+use bytes::{Buf, Bytes};
+use h2::client::SendRequest;
+use http::{HeaderMap, Method, Request};
+use prost::Message;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
+use tokio::net::TcpStream;
 
 /// What a run measured.
 #[derive(Clone, Debug)]
@@ -16,6 +23,8 @@ pub struct Report {
     pub requests: usize,
     pub errors: usize,
     pub seconds: f64,
+    /// Why the first failed call failed.
+    pub first_error: Option<String>,
     /// Sorted successful latencies, in microseconds.
     latencies_us: Vec<u64>,
 }
@@ -34,111 +43,220 @@ impl Report {
         self.latencies_us[index] as f64 / 1000.0
     }
 
-    fn from(mut latencies_us: Vec<u64>, errors: usize, seconds: f64) -> Report {
+    fn from(
+        mut latencies_us: Vec<u64>,
+        errors: usize,
+        first_error: Option<String>,
+        seconds: f64,
+    ) -> Report {
         latencies_us.sort_unstable();
         Report {
             requests: latencies_us.len(),
             errors,
             seconds,
+            first_error,
             latencies_us,
         }
     }
 }
 
-/// Connections shared round-robin by the clients (one HTTP/2 connection serialises on
-/// one server task; a few spread the load like a client pool would).
-pub async fn connect(
-    addr: SocketAddr,
-    connections: usize,
-) -> Vec<PredictionServiceClient<Channel>> {
-    let mut clients = Vec::with_capacity(connections);
+/// One unary call, encoded once and sent many times.
+#[derive(Clone)]
+pub struct Call {
+    uri: http::Uri,
+    /// The gRPC frame: compression flag, big-endian length, the encoded message.
+    body: Bytes,
+}
+
+impl Call {
+    pub fn new(addr: SocketAddr, path: &str, message: &impl Message) -> Call {
+        let encoded = message.encode_to_vec();
+        let mut body = Vec::with_capacity(5 + encoded.len());
+        body.push(0);
+        body.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        body.extend_from_slice(&encoded);
+        Call {
+            uri: format!("http://{addr}{path}").parse().expect("uri"),
+            body: body.into(),
+        }
+    }
+
+    fn request(&self) -> Request<()> {
+        Request::builder()
+            .method(Method::POST)
+            .uri(self.uri.clone())
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("request")
+    }
+}
+
+/// HTTP/2 connections shared round-robin by the clients, like a client's channel pool.
+pub async fn connect(addr: SocketAddr, connections: usize) -> Vec<SendRequest<Bytes>> {
+    let mut senders = Vec::with_capacity(connections);
     for _ in 0..connections.max(1) {
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .tcp_nodelay(true)
-            .connect()
+        let tcp = TcpStream::connect(addr)
             .await
             .expect("connect to modelgate");
-        clients.push(
-            PredictionServiceClient::new(channel)
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
-        );
+        tcp.set_nodelay(true).expect("nodelay");
+        let (sender, connection) = h2::client::Builder::new()
+            // Large windows: answers never wait for WINDOW_UPDATE round trips.
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(1 << 24)
+            .handshake(tcp)
+            .await
+            .expect("HTTP/2 handshake");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        senders.push(sender);
     }
-    clients
+    senders
+}
+
+/// Why a call failed; a closed connection ends its clients rather than failing in a spin.
+enum Failure {
+    Call(String),
+    ConnectionClosed(String),
+}
+
+/// Sends one call and waits for its answer: Ok when the status is OK and a message came back.
+async fn call(sender: &mut SendRequest<Bytes>, call: &Call) -> Result<(), Failure> {
+    *sender = sender
+        .clone()
+        .ready()
+        .await
+        .map_err(|e| Failure::ConnectionClosed(e.to_string()))?;
+    answer(sender, call).await.map_err(Failure::Call)
+}
+
+async fn answer(sender: &mut SendRequest<Bytes>, call: &Call) -> Result<(), String> {
+    let (response, mut stream) = sender
+        .send_request(call.request(), false)
+        .map_err(|e| e.to_string())?;
+    stream
+        .send_data(call.body.clone(), true)
+        .map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| e.to_string())?;
+    if response.status() != http::StatusCode::OK {
+        return Err(format!("HTTP status {}", response.status()));
+    }
+    // A trailers-only answer carries its status in the headers.
+    if let Some(status) = grpc_status(response.headers()) {
+        return Err(format!("grpc-status {status}"));
+    }
+    let mut body = response.into_body();
+    let mut received = 0;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        received += chunk.remaining();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = body
+        .trailers()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no trailers")?;
+    match grpc_status(&trailers) {
+        Some(status) => Err(format!("grpc-status {status}")),
+        None if received <= 5 => Err("empty answer".into()),
+        None => Ok(()),
+    }
+}
+
+/// The gRPC status if it is present and not OK.
+fn grpc_status(headers: &HeaderMap) -> Option<String> {
+    let status = headers.get("grpc-status")?.to_str().unwrap_or("?");
+    (status != "0").then(|| status.to_string())
 }
 
 /// `concurrency` clients send `request` back to back for `duration` (after `warmup`).
 pub async fn closed_loop(
-    clients: &[PredictionServiceClient<Channel>],
-    request: &PredictRequest,
+    senders: &[SendRequest<Bytes>],
+    request: &Call,
     concurrency: usize,
     warmup: Duration,
     duration: Duration,
 ) -> Report {
     let start = Instant::now() + warmup;
     let end = start + duration;
-    let request = Arc::new(request.clone());
     let mut tasks = Vec::with_capacity(concurrency);
     for i in 0..concurrency {
-        let mut client = clients[i % clients.len()].clone();
-        let request = Arc::clone(&request);
+        let mut sender = senders[i % senders.len()].clone();
+        let request = request.clone();
         tasks.push(tokio::spawn(async move {
-            let (mut latencies, mut errors) = (Vec::new(), 0usize);
+            let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0usize, None);
             loop {
                 let sent = Instant::now();
                 if sent >= end {
                     break;
                 }
-                let ok = client.predict((*request).clone()).await.is_ok();
-                if sent >= start {
-                    if ok {
-                        latencies.push(sent.elapsed().as_micros() as u64);
-                    } else {
+                let outcome = call(&mut sender, &request).await;
+                match outcome {
+                    Ok(()) if sent >= start => latencies.push(sent.elapsed().as_micros() as u64),
+                    Ok(()) => {}
+                    Err(Failure::Call(e)) => {
+                        errors += usize::from(sent >= start);
+                        first_error.get_or_insert(e);
+                    }
+                    Err(Failure::ConnectionClosed(e)) => {
                         errors += 1;
+                        first_error.get_or_insert(e);
+                        break;
                     }
                 }
             }
-            (latencies, errors)
+            (latencies, errors, first_error)
         }));
     }
-    let (mut latencies, mut errors) = (Vec::new(), 0);
+    let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0, None);
     for task in tasks {
-        let (l, e) = task.await.expect("client task");
+        let (l, e, first) = task.await.expect("client task");
         latencies.extend(l);
         errors += e;
+        first_error = first_error.or(first);
     }
-    Report::from(latencies, errors, duration.as_secs_f64())
+    Report::from(latencies, errors, first_error, duration.as_secs_f64())
 }
 
 /// Requests started at `rate` per second for `duration`.
 pub async fn open_loop(
-    clients: &[PredictionServiceClient<Channel>],
-    request: &PredictRequest,
+    senders: &[SendRequest<Bytes>],
+    request: &Call,
     rate: f64,
     duration: Duration,
 ) -> Report {
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
     let total = (rate * duration.as_secs_f64()) as usize;
-    let request = Arc::new(request.clone());
     let mut tasks = Vec::with_capacity(total);
     for i in 0..total {
         let scheduled = start + interval * i as u32;
         tokio::time::sleep_until(scheduled.into()).await;
-        let mut client = clients[i % clients.len()].clone();
-        let request = Arc::clone(&request);
+        let mut sender = senders[i % senders.len()].clone();
+        let request = request.clone();
         tasks.push(tokio::spawn(async move {
-            let ok = client.predict((*request).clone()).await.is_ok();
-            (ok, scheduled.elapsed().as_micros() as u64)
+            let outcome = call(&mut sender, &request).await.map_err(|e| match e {
+                Failure::Call(e) | Failure::ConnectionClosed(e) => e,
+            });
+            (outcome, scheduled.elapsed().as_micros() as u64)
         }));
     }
-    let (mut latencies, mut errors) = (Vec::new(), 0);
+    let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0, None);
     for task in tasks {
         match task.await.expect("request task") {
-            (true, latency) => latencies.push(latency),
-            (false, _) => errors += 1,
+            (Ok(()), latency) => latencies.push(latency),
+            (Err(e), _) => {
+                errors += 1;
+                first_error.get_or_insert(e);
+            }
         }
     }
-    Report::from(latencies, errors, start.elapsed().as_secs_f64())
+    Report::from(
+        latencies,
+        errors,
+        first_error,
+        start.elapsed().as_secs_f64(),
+    )
 }

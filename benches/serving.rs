@@ -9,15 +9,15 @@
 //! 2. serving efficiency: served rows/s over raw libtorch forward rows/s at the same batch;
 //! 3. overhead: `tiny` p50 over gRPC at concurrency 1 minus its bare forward time.
 //!
-//! `cargo bench --bench serving -- loadgen ADDR MODEL CONCURRENCY SECONDS` runs the load
-//! generator alone against a running server (MODEL takes one row of its input).
+//! `cargo bench --bench serving -- loadgen ADDR MODEL CONCURRENCY SECONDS [CONNECTIONS]`
+//! runs the load generator alone against a running server (MODEL takes one row of its input).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod loadgen;
 
 use common::{demo_models, write_config, Server, TempDir};
-use loadgen::{closed_loop, connect, open_loop, Report};
+use loadgen::{closed_loop, connect, open_loop, Call, Report};
 use modelgate::api::grpc::shape_proto;
 use modelgate::proto::serving::{ModelSpec, PredictRequest};
 use modelgate::proto::tensorflow::{DataType, TensorProto};
@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 const WARMUP: Duration = Duration::from_secs(1);
 const MEASURE: Duration = Duration::from_secs(5);
 const BATCH: usize = 64;
+/// HTTP/2 connections the clients share (a client's channel pool).
+const CONNECTIONS: usize = 2;
+
+const PREDICT: &str = "/tensorflow.serving.PredictionService/Predict";
 
 fn one_row(model: &str, input: &str, cols: usize) -> PredictRequest {
     let tensor = TensorProto {
@@ -82,6 +86,9 @@ fn row(label: &str, report: &Report) {
         report.quantile_ms(0.999),
         report.errors
     );
+    if let Some(error) = &report.first_error {
+        println!("  (first error: {error})");
+    }
 }
 
 fn header(title: &str) {
@@ -126,7 +133,8 @@ async fn tables() {
         let dir = TempDir::new("bench");
         let server = start(batching, &dir);
         server.wait_available(&["mlp", "tiny"]).await;
-        let clients = connect(server.grpc, 8).await;
+        let clients = connect(server.grpc, CONNECTIONS).await;
+        let mlp = Call::new(server.grpc, PREDICT, &mlp);
         for concurrency in [1, 8, 64] {
             let report = closed_loop(&clients, &mlp, concurrency, WARMUP, MEASURE).await;
             let label = format!(
@@ -181,6 +189,7 @@ async fn tables() {
     let server = start(false, &dir);
     server.wait_available(&["tiny"]).await;
     let clients = connect(server.grpc, 1).await;
+    let tiny = Call::new(server.grpc, PREDICT, &tiny);
     let report = closed_loop(&clients, &tiny, 1, WARMUP, MEASURE).await;
     drop(server);
     let (_, bare) = raw_forward(&demo_models().join("tiny/1/model.pt"), 1, 1, 2.0);
@@ -198,19 +207,24 @@ async fn tables() {
 }
 
 async fn loadgen_only(args: &[String]) {
-    let [addr, model, concurrency, seconds] = args else {
-        eprintln!("usage: loadgen ADDR MODEL CONCURRENCY SECONDS");
-        std::process::exit(2);
+    let (addr, model, concurrency, seconds, connections) = match args {
+        [a, m, c, s] => (a, m, c, s, CONNECTIONS),
+        [a, m, c, s, n] => (a, m, c, s, n.parse().expect("CONNECTIONS")),
+        _ => {
+            eprintln!("usage: loadgen ADDR MODEL CONCURRENCY SECONDS [CONNECTIONS]");
+            std::process::exit(2);
+        }
     };
     let (input, cols) = if model == "mlp" {
         ("images", 784)
     } else {
         ("x", 1)
     };
-    let clients = connect(addr.parse().expect("ADDR"), 8).await;
+    let addr = addr.parse().expect("ADDR");
+    let clients = connect(addr, connections).await;
     let report = closed_loop(
         &clients,
-        &one_row(model, input, cols),
+        &Call::new(addr, PREDICT, &one_row(model, input, cols)),
         concurrency.parse().expect("CONCURRENCY"),
         WARMUP,
         Duration::from_secs(seconds.parse().expect("SECONDS")),
