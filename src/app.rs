@@ -396,13 +396,14 @@ async fn shutdown_sequence(
     stop: watch::Sender<bool>,
 ) {
     let first = signals.next().await;
+    registry.start_draining();
+    let _ = draining.send(true);
+    // Logged once it is true: not ready any more.
     tracing::info!(
         signal = first,
         grace_seconds = grace.as_secs_f64(),
         "shutting down: not ready any more; still accepting during the grace period"
     );
-    registry.start_draining();
-    let _ = draining.send(true);
     tokio::select! {
         () = tokio::time::sleep(grace) => {}
         second = signals.next() => exit_now(second),
