@@ -1,16 +1,21 @@
-//! The batch former: one task per batched model version that owns the open batches.
+//! The batch former of a batched model version. Its workers pull from it: a free worker
+//! takes the former's lock, collects queued requests into batches, and leaves with the first
+//! batch that is due (full, or its oldest request has waited `batch_timeout_micros`). So a
+//! batch closes the moment a worker can run it, takes everything that queued while the
+//! workers were busy, and no thread stands between the queue and the device.
 
 use super::{BatchKey, QueueState, Queued};
-use crate::runtime::{Batch, Job, ModelRunner};
+use crate::runtime::{Batch, BatchFormer, Job};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 struct OpenBatch {
     key: BatchKey,
     jobs: Vec<Job>,
     rows: usize,
-    /// Queue room its jobs hold (at least one row each), released when handed over.
+    /// Queue room its jobs hold (at least one row each), released when a worker takes it.
     reserved: usize,
     /// When its first request was queued: the batch closes `batch_timeout` after.
     oldest: Instant,
@@ -18,51 +23,104 @@ struct OpenBatch {
     closed: bool,
 }
 
-/// Collects queued requests into batches and hands each closed batch to the workers,
-/// waiting while they are all busy (so a busy device makes batches grow rather than
-/// queues lengthen). Runs on its own thread; ends, after flushing, when every scheduler
-/// handle is gone.
-pub(super) fn form_batches(
-    queue: &flume::Receiver<Queued>,
-    runner: &ModelRunner,
-    state: &QueueState,
-) {
-    let max_rows = state.options.execution_batch_size();
-    let timeout = state.options.batch_timeout;
-    let allowed_sizes: Arc<[usize]> = Arc::from(state.options.allowed_batch_sizes.as_slice());
-    let mut open: Vec<OpenBatch> = Vec::new();
-    let mut draining = false;
-    loop {
-        if !draining {
-            let received = match open.iter().map(|b| b.oldest + timeout).min() {
-                None => queue
+/// Batches being formed, owned by whichever worker holds the lock.
+#[derive(Default)]
+struct Forming {
+    open: Vec<OpenBatch>,
+    /// Closed batches no worker has taken yet, oldest first.
+    due: VecDeque<OpenBatch>,
+    /// Every scheduler handle is gone: flush what is open, then stop.
+    draining: bool,
+}
+
+pub(super) struct Former {
+    queue: flume::Receiver<Queued>,
+    state: Arc<QueueState>,
+    allowed_sizes: Arc<[usize]>,
+    forming: Mutex<Forming>,
+}
+
+impl Former {
+    pub(super) fn new(queue: flume::Receiver<Queued>, state: Arc<QueueState>) -> Former {
+        let allowed_sizes = Arc::from(state.options.allowed_batch_sizes.as_slice());
+        Former {
+            queue,
+            state,
+            allowed_sizes,
+            forming: Mutex::new(Forming::default()),
+        }
+    }
+
+    /// Gives a closed batch to the calling worker and releases its room in the queue: until
+    /// a worker takes it, a batch counts against max_enqueued_batches.
+    fn hand_over(&self, batch: OpenBatch) -> Batch {
+        let OpenBatch {
+            key,
+            jobs,
+            reserved,
+            oldest,
+            ..
+        } = batch;
+        let released = jobs.len();
+        let delay = oldest.elapsed().as_secs_f64();
+        for _ in 0..released {
+            self.state.queue_delay.record(delay);
+        }
+        self.state.queued_rows.fetch_sub(reserved, Ordering::SeqCst);
+        let depth = self.state.queued_jobs.fetch_sub(released, Ordering::SeqCst) - released;
+        self.state.queue_depth.set(depth as f64);
+        Batch {
+            jobs,
+            // A request that runs alone has no batch dimension to pad.
+            allowed_sizes: match key {
+                BatchKey::Alone => Arc::from([]),
+                BatchKey::Shape { .. } => Arc::clone(&self.allowed_sizes),
+            },
+        }
+    }
+}
+
+impl BatchFormer for Former {
+    fn next_batch(&self) -> Option<Batch> {
+        // Only the worker holding the lock forms; the others wait their turn. Nothing in
+        // here panics, but a poisoned lock must not stop the version's other workers.
+        let mut forming = self.forming.lock().unwrap_or_else(|e| e.into_inner());
+        let timeout = self.state.options.batch_timeout;
+        let max_rows = self.state.options.execution_batch_size();
+        loop {
+            if let Some(batch) = forming.due.pop_front() {
+                return Some(self.hand_over(batch));
+            }
+            if forming.draining {
+                let batch = forming.open.pop()?;
+                return Some(self.hand_over(batch));
+            }
+            let received = match forming.open.iter().map(|b| b.oldest + timeout).min() {
+                None => self
+                    .queue
                     .recv()
                     .map_err(|_| flume::RecvTimeoutError::Disconnected),
-                Some(close_at) => queue.recv_deadline(close_at),
+                Some(close_at) => self.queue.recv_deadline(close_at),
             };
             match received {
                 Ok(queued) => {
-                    place(&mut open, queued, max_rows);
+                    place(&mut forming.open, queued, max_rows);
                     // Take everything already waiting before deciding what is due.
-                    while let Ok(queued) = queue.try_recv() {
-                        place(&mut open, queued, max_rows);
+                    while let Ok(queued) = self.queue.try_recv() {
+                        place(&mut forming.open, queued, max_rows);
                     }
                 }
                 Err(flume::RecvTimeoutError::Timeout) => {}
-                Err(flume::RecvTimeoutError::Disconnected) => draining = true,
+                Err(flume::RecvTimeoutError::Disconnected) => forming.draining = true,
             }
-        }
-        let now = Instant::now();
-        let (mut due, waiting): (Vec<OpenBatch>, Vec<OpenBatch>) = open
-            .into_iter()
-            .partition(|b| draining || b.closed || b.oldest + timeout <= now);
-        open = waiting;
-        due.sort_by_key(|b| b.oldest);
-        for batch in due {
-            hand_over(runner, state, batch, &allowed_sizes);
-        }
-        if draining && open.is_empty() {
-            return;
+            let now = Instant::now();
+            let (mut due, open): (Vec<OpenBatch>, Vec<OpenBatch>) =
+                std::mem::take(&mut forming.open)
+                    .into_iter()
+                    .partition(|b| b.closed || b.oldest + timeout <= now);
+            forming.open = open;
+            due.sort_by_key(|b| b.oldest);
+            forming.due.extend(due);
         }
     }
 }
@@ -96,43 +154,4 @@ fn place(open: &mut Vec<OpenBatch>, queued: Queued, max_rows: usize) {
         reserved: rows.max(1),
         oldest: enqueued,
     });
-}
-
-/// Gives a closed batch to the workers, waiting for one to be free, then releases its room
-/// in the queue: a batch waiting for a worker still counts against max_enqueued_batches.
-fn hand_over(
-    runner: &ModelRunner,
-    state: &QueueState,
-    batch: OpenBatch,
-    allowed_sizes: &Arc<[usize]>,
-) {
-    let OpenBatch {
-        key,
-        jobs,
-        reserved,
-        oldest,
-        ..
-    } = batch;
-    let released = jobs.len();
-    let batch = match key {
-        // Its inputs have no batch dimension to pad.
-        BatchKey::Alone => Batch {
-            jobs,
-            allowed_sizes: Arc::from([]),
-        },
-        BatchKey::Shape { .. } => Batch {
-            jobs,
-            allowed_sizes: Arc::clone(allowed_sizes),
-        },
-    };
-    // An error means the workers are gone (unloading): the jobs' callers see their
-    // channels close and answer UNAVAILABLE.
-    let _ = runner.submit_blocking(batch);
-    let delay = oldest.elapsed().as_secs_f64();
-    for _ in 0..released {
-        state.queue_delay.record(delay);
-    }
-    state.queued_rows.fetch_sub(reserved, Ordering::SeqCst);
-    let depth = state.queued_jobs.fetch_sub(released, Ordering::SeqCst) - released;
-    state.queue_depth.set(depth as f64);
 }

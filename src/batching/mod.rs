@@ -1,6 +1,6 @@
 //! Server-side batching (TF Serving's BatchingParameters): per model version, a bounded
 //! queue and a batch former that closes a batch when it is full or when its oldest request
-//! has waited `batch_timeout_micros`, then hands it to the version's workers.
+//! has waited `batch_timeout_micros`; the version's workers pull their batches from it.
 //!
 //! Without batching, the [`Scheduler`] hands each request to the workers on its own.
 
@@ -9,8 +9,13 @@ mod options;
 
 pub use options::{BatchingOptions, BATCHING_PARAMS_FILE};
 
-use crate::runtime::{Batch, Job, JobResult, LoadError, ModelOutput, ModelRunner, RunError};
+use crate::runtime::{
+    start_workers, Batch, BatchSource, Job, JobResult, LoadError, ModelOutput, RunError,
+    RunnerConfig,
+};
 use crate::tensor::{DType, Tensor};
+use former::Former;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -64,28 +69,30 @@ pub(crate) struct QueueState {
 
 enum Mode {
     /// Each request runs alone, queued for the workers (bounded).
-    Direct,
+    Direct { batches: flume::Sender<Batch> },
     Batching {
         jobs: flume::Sender<Queued>,
         state: Arc<QueueState>,
     },
 }
 
-/// Runs a version's requests, alone or in batches. Dropping it stops the batch former
-/// once the queue is empty, and with it the workers.
+/// Runs a version's requests on its workers, alone or in batches. Dropping it lets the
+/// workers finish what is queued, then stop and free the model.
 pub struct Scheduler {
-    runner: Arc<ModelRunner>,
     mode: Mode,
     rejected_full: metrics::Counter,
 }
 
 impl Scheduler {
-    /// Wraps the workers of one version; with `batching`, starts its batch former thread.
-    pub fn new(
-        runner: ModelRunner,
-        batching: Option<BatchingOptions>,
+    /// Loads the TorchScript module at `path` and starts its workers: with `batching`, they
+    /// take their batches from a batch former; without, from a queue of single requests.
+    /// Blocking: call it from a blocking thread, never from the async executor.
+    pub fn load(
+        path: &Path,
         model: &str,
         version: i64,
+        runner: &RunnerConfig,
+        batching: Option<BatchingOptions>,
     ) -> Result<Scheduler, LoadError> {
         let labels = [
             ("model", model.to_string()),
@@ -95,9 +102,11 @@ impl Scheduler {
         full_labels.push(("reason", "queue_full".to_string()));
         let rejected_full =
             metrics::counter!(crate::telemetry::REJECTED_REQUESTS_TOTAL, &full_labels);
-        let runner = Arc::new(runner);
-        let mode = match batching {
-            None => Mode::Direct,
+        let (mode, source) = match batching {
+            None => {
+                let (batches, queue) = flume::bounded(runner.queue_capacity.max(1));
+                (Mode::Direct { batches }, BatchSource::Queue(queue))
+            }
             Some(options) => {
                 let state = Arc::new(QueueState {
                     options,
@@ -110,34 +119,47 @@ impl Scheduler {
                     ),
                     rejected_full: rejected_full.clone(),
                 });
-                // An OS thread rather than a task: its timed waits are precise to tens of
-                // microseconds, where tokio's timer rounds up to a millisecond.
                 let (jobs, queue) = flume::unbounded();
-                let (former_runner, former_state) = (Arc::clone(&runner), Arc::clone(&state));
-                std::thread::Builder::new()
-                    .name(format!("{model}/{version} batcher"))
-                    .spawn(move || former::form_batches(&queue, &former_runner, &former_state))
-                    .map_err(|e| LoadError::Thread(e.to_string()))?;
-                Mode::Batching { jobs, state }
+                let former = Former::new(queue, Arc::clone(&state));
+                (
+                    Mode::Batching { jobs, state },
+                    BatchSource::Former(Arc::new(former)),
+                )
             }
         };
+        start_workers(path, model, version, runner, &source)?;
         Ok(Scheduler {
-            runner,
             mode,
             rejected_full,
         })
     }
 
-    pub fn runner(&self) -> &ModelRunner {
-        &self.runner
-    }
-
     /// Whether requests are batched.
     pub fn batching(&self) -> Option<&BatchingOptions> {
         match &self.mode {
-            Mode::Direct => None,
+            Mode::Direct { .. } => None,
             Mode::Batching { state, .. } => Some(&state.options),
         }
+    }
+
+    /// Runs one call alone and blocks the calling thread until it answers (warm-up at load).
+    pub fn run_blocking(
+        &self,
+        method: Arc<str>,
+        inputs: Vec<Tensor>,
+    ) -> Result<ModelOutput, RunError> {
+        let (job, result) = Job::new(method, inputs, None);
+        match &self.mode {
+            Mode::Direct { batches } => batches
+                .send(Batch::single(job))
+                .map_err(|_| RunError::Stopped)?,
+            Mode::Batching { jobs, state } => {
+                let rows = job.rows();
+                reserve(state, rows.max(1))?;
+                send(jobs, state, job, BatchKey::Alone, rows)?;
+            }
+        }
+        result.blocking_recv().map_err(|_| RunError::Stopped)?
     }
 
     /// Runs `method` on `inputs` (positional) and returns this request's own result.
@@ -151,14 +173,15 @@ impl Scheduler {
         deadline: Option<Instant>,
     ) -> Result<ModelOutput, RunError> {
         match &self.mode {
-            Mode::Direct => {
+            Mode::Direct { batches } => {
                 let (job, result) = Job::new(method, inputs, deadline);
-                if let Err(e) = self.runner.try_submit(Batch::single(job)) {
-                    if e == RunError::QueueFull {
+                batches.try_send(Batch::single(job)).map_err(|e| match e {
+                    flume::TrySendError::Full(_) => {
                         self.rejected_full.increment(1);
+                        RunError::QueueFull
                     }
-                    return Err(e);
-                }
+                    flume::TrySendError::Disconnected(_) => RunError::Stopped,
+                })?;
                 wait(result).await
             }
             Mode::Batching { jobs, state } => {

@@ -4,7 +4,7 @@
 use super::Servable;
 use crate::batching::{BatchingOptions, Scheduler, BATCHING_PARAMS_FILE};
 use crate::config::ConfigError;
-use crate::runtime::{ModelRunner, RunnerConfig};
+use crate::runtime::RunnerConfig;
 use crate::signature::{SignatureError, SignatureMap};
 use crate::storage::{EMBEDDED_SIGNATURE_SUFFIX, MODEL_FILE, SAVED_MODEL_FILES, SIGNATURE_FILE};
 use crate::tensor::Tensor;
@@ -68,9 +68,6 @@ pub fn load_version(
     let mut runner_config = settings.runner.clone();
     match &batching {
         Some(options) => {
-            // A batch waits for a free worker in a channel of one, so that a busy device
-            // pushes back on the former and batches grow instead of queues.
-            runner_config.queue_capacity = 1;
             if let Some(threads) = options.num_batch_threads {
                 runner_config.instances_per_device = threads;
             }
@@ -78,12 +75,11 @@ pub fn load_version(
         }
         None => runner_config.queue_capacity = settings.direct_queue_capacity,
     }
-    let runner = ModelRunner::load(&model_path, model, version, &runner_config)?;
     let servable = Servable {
         model: model.to_string(),
         version,
         signatures,
-        scheduler: Scheduler::new(runner, batching, model, version)?,
+        scheduler: Scheduler::load(&model_path, model, version, &runner_config, batching)?,
     };
     warm_up(&servable)?;
     Ok(servable)
@@ -182,7 +178,6 @@ fn warm_up(servable: &Servable) -> Result<(), VersionLoadError> {
         };
         let result = servable
             .scheduler
-            .runner()
             .run_blocking(Arc::from(signature.method.as_str()), inputs);
         match result {
             Ok(_) => {}

@@ -7,7 +7,7 @@
 mod convert;
 mod worker;
 
-pub use worker::{Batch, Job, JobResult, ModelRunner, RunnerConfig};
+pub use worker::{start_workers, Batch, BatchFormer, BatchSource, Job, JobResult, RunnerConfig};
 
 use crate::config::DeviceFlag;
 use crate::tensor::Tensor;

@@ -20,7 +20,8 @@ pub struct RunnerConfig {
     /// Worker threads per device sharing that device's module (libtorch modules are safe
     /// to run concurrently).
     pub instances_per_device: usize,
-    /// Batches that may wait for a worker before new ones are refused.
+    /// Without server-side batching, batches that may wait for a worker before new ones
+    /// are refused.
     pub queue_capacity: usize,
 }
 
@@ -122,72 +123,58 @@ impl WorkerMetrics {
     }
 }
 
-/// A loaded TorchScript module (one copy per device) and the worker threads that run it.
-/// Dropping it lets the workers finish the batches already queued, then stop and free
-/// the module.
-pub struct ModelRunner {
-    batches: flume::Sender<Batch>,
-    devices: Vec<Device>,
+/// Forms batches on demand: with server-side batching, each free worker asks it for the
+/// next batch, so a batch closes the moment a worker can run it and grows while every
+/// worker is busy.
+pub trait BatchFormer: Send + Sync {
+    /// Blocks until a batch is ready; `None` once no more will come (the version unloads).
+    fn next_batch(&self) -> Option<Batch>;
 }
 
-impl ModelRunner {
-    /// Loads `path` onto every device and starts the workers. Blocking: call it from a
-    /// blocking thread, never from the async executor.
-    pub fn load(
-        path: &Path,
-        model: &str,
-        version: i64,
-        config: &RunnerConfig,
-    ) -> Result<ModelRunner, LoadError> {
-        let (batches, queue) = flume::bounded(config.queue_capacity.max(1));
-        let metrics = WorkerMetrics::new(model, version);
-        for &device in &config.devices {
-            let module = Arc::new(load_module(path, device)?);
-            for instance in 0..config.instances_per_device.max(1) {
-                let (module, queue, metrics) =
-                    (Arc::clone(&module), queue.clone(), metrics.clone());
-                std::thread::Builder::new()
-                    .name(format!("{model}/{version}@{device}#{instance}"))
-                    .spawn(move || work(&module, device.to_tch(), &queue, &metrics))
-                    .map_err(|e| LoadError::Thread(e.to_string()))?;
-            }
+/// Where a version's workers take their batches from.
+#[derive(Clone)]
+pub enum BatchSource {
+    /// Whole batches in a bounded queue (no server-side batching): a busy device pushes
+    /// back on the senders.
+    Queue(flume::Receiver<Batch>),
+    Former(Arc<dyn BatchFormer>),
+}
+
+impl BatchSource {
+    fn next(&self) -> Option<Batch> {
+        match self {
+            BatchSource::Queue(queue) => queue.recv().ok(),
+            BatchSource::Former(former) => former.next_batch(),
         }
-        Ok(ModelRunner {
-            batches,
-            devices: config.devices.clone(),
-        })
     }
+}
 
-    pub fn devices(&self) -> &[Device] {
-        &self.devices
+/// Loads the TorchScript module at `path` onto every device (one copy per device) and
+/// starts its workers, which run what `source` gives them until it closes, then free the
+/// module. Blocking: call it from a blocking thread, never from the async executor.
+pub fn start_workers(
+    path: &Path,
+    model: &str,
+    version: i64,
+    config: &RunnerConfig,
+    source: &BatchSource,
+) -> Result<(), LoadError> {
+    let metrics = WorkerMetrics::new(model, version);
+    for &device in &config.devices {
+        let module = Arc::new(load_module(path, device)?);
+        for instance in 0..config.instances_per_device.max(1) {
+            let (module, source, metrics) = (Arc::clone(&module), source.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name(format!("{model}/{version}@{device}#{instance}"))
+                .spawn(move || {
+                    while let Some(batch) = source.next() {
+                        execute(&module, device.to_tch(), batch, &metrics);
+                    }
+                })
+                .map_err(|e| LoadError::Thread(e.to_string()))?;
+        }
     }
-
-    /// Queues a batch, refusing at once with [`RunError::QueueFull`] when the queue is full.
-    pub fn try_submit(&self, batch: Batch) -> Result<(), RunError> {
-        self.batches.try_send(batch).map_err(|e| match e {
-            flume::TrySendError::Full(_) => RunError::QueueFull,
-            flume::TrySendError::Disconnected(_) => RunError::Stopped,
-        })
-    }
-
-    /// Queues a batch, blocking the calling thread until there is room: how the batch
-    /// former lets busy workers push back.
-    pub fn submit_blocking(&self, batch: Batch) -> Result<(), RunError> {
-        self.batches.send(batch).map_err(|_| RunError::Stopped)
-    }
-
-    /// Runs one call and blocks the calling thread until it answers (warm-up at load).
-    pub fn run_blocking(
-        &self,
-        method: Arc<str>,
-        inputs: Vec<Tensor>,
-    ) -> Result<ModelOutput, RunError> {
-        let (job, result) = Job::new(method, inputs, None);
-        self.batches
-            .send(Batch::single(job))
-            .map_err(|_| RunError::Stopped)?;
-        result.blocking_recv().map_err(|_| RunError::Stopped)?
-    }
+    Ok(())
 }
 
 fn load_module(path: &Path, device: Device) -> Result<CModule, LoadError> {
@@ -198,17 +185,6 @@ fn load_module(path: &Path, device: Device) -> Result<CModule, LoadError> {
     let mut module = CModule::load_on_device(path, device.to_tch()).map_err(torch_error)?;
     module.f_set_eval().map_err(torch_error)?;
     Ok(module)
-}
-
-fn work(
-    module: &CModule,
-    device: tch::Device,
-    queue: &flume::Receiver<Batch>,
-    metrics: &WorkerMetrics,
-) {
-    while let Ok(batch) = queue.recv() {
-        execute(module, device, batch, metrics);
-    }
 }
 
 /// Runs one batch: drops jobs whose caller left or whose deadline passed, runs the rest in
