@@ -171,15 +171,15 @@ fn grpc_status(headers: &HeaderMap) -> Option<String> {
     (status != "0").then(|| status.to_string())
 }
 
-/// `concurrency` clients send `request` back to back for `duration` (after `warmup`).
+/// `concurrency` clients send `request` back to back until `start + duration`; calls sent
+/// before `start` warm up and are not counted.
 pub async fn closed_loop(
     senders: &[SendRequest<Bytes>],
     request: &Call,
     concurrency: usize,
-    warmup: Duration,
+    start: Instant,
     duration: Duration,
 ) -> Report {
-    let start = Instant::now() + warmup;
     let end = start + duration;
     let mut tasks = Vec::with_capacity(concurrency);
     for i in 0..concurrency {

@@ -16,7 +16,9 @@
 mod common;
 mod loadgen;
 
+use bytes::Bytes;
 use common::{demo_models, write_config, Server, TempDir};
+use h2::client::SendRequest;
 use loadgen::{closed_loop, connect, open_loop, Call, Report};
 use modelgate::api::grpc::shape_proto;
 use modelgate::proto::serving::{ModelSpec, PredictRequest};
@@ -77,14 +79,92 @@ fn start(batching: bool, dir: &TempDir) -> Server {
     Server::start_with_env(&args, &[("MODELGATE_LOG", "warn,modelgate::app=info")])
 }
 
-fn row(label: &str, report: &Report) {
+/// CPU seconds (user + system) process `pid` has used so far, from /proc/PID/stat (Linux,
+/// which counts them in USER_HZ = 100 ticks per second).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which may hold spaces: utime and stime are the
+    // 14th and 15th of the line, the 12th and 13th after it.
+    let Some((_, fields)) = stat.rsplit_once(')') else {
+        return f64::NAN;
+    };
+    let ticks: Vec<f64> = fields
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if ticks.len() == 2 {
+        (ticks[0] + ticks[1]) / 100.0
+    } else {
+        f64::NAN
+    }
+}
+
+/// What a run measured, with the CPU the server and this load generator spent per answer.
+struct Run {
+    report: Report,
+    server_us: f64,
+    loadgen_us: f64,
+}
+
+/// CPU seconds `server` (if known) and this process use between `from` and `to`.
+fn cpu_between(
+    server: Option<u32>,
+    from: Instant,
+    to: Instant,
+) -> tokio::task::JoinHandle<(f64, f64)> {
+    let read = move || {
+        (
+            server.map_or(f64::NAN, cpu_seconds),
+            cpu_seconds(std::process::id()),
+        )
+    };
+    tokio::spawn(async move {
+        tokio::time::sleep_until(from.into()).await;
+        let before = read();
+        tokio::time::sleep_until(to.into()).await;
+        let after = read();
+        (after.0 - before.0, after.1 - before.1)
+    })
+}
+
+impl Run {
+    fn new(report: Report, (server_s, loadgen_s): (f64, f64)) -> Run {
+        let per_answer = |seconds: f64| seconds * 1e6 / report.requests as f64;
+        Run {
+            server_us: per_answer(server_s),
+            loadgen_us: per_answer(loadgen_s),
+            report,
+        }
+    }
+}
+
+/// A closed loop after a warm-up, with its CPU accounting.
+async fn closed(
+    server: Option<u32>,
+    senders: &[SendRequest<Bytes>],
+    call: &Call,
+    concurrency: usize,
+    measure: Duration,
+) -> Run {
+    let start = Instant::now() + WARMUP;
+    let cpu = cpu_between(server, start, start + measure);
+    let report = closed_loop(senders, call, concurrency, start, measure).await;
+    Run::new(report, cpu.await.expect("cpu accounting"))
+}
+
+fn row(label: &str, run: &Run) {
+    let report = &run.report;
     println!(
-        "| {label:<28} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>6} |",
+        "| {label:<28} | {:>9.0} | {:>8.3} | {:>8.3} | {:>8.3} | {:>6} | {:>10.1} | {:>11.1} |",
         report.throughput(),
         report.quantile_ms(0.5),
         report.quantile_ms(0.99),
         report.quantile_ms(0.999),
-        report.errors
+        report.errors,
+        run.server_us,
+        run.loadgen_us,
     );
     if let Some(error) = &report.first_error {
         println!("  (first error: {error})");
@@ -93,11 +173,12 @@ fn row(label: &str, report: &Report) {
 
 fn header(title: &str) {
     println!("\n{title}\n");
+    println!("(CPU columns: microseconds of CPU, user + system, per answered request)\n");
     println!(
-        "| run                          |     req/s |  p50 ms  |  p99 ms  | p99.9 ms | errors |"
+        "| run                          |     req/s |  p50 ms  |  p99 ms  | p99.9 ms | errors | server CPU | loadgen CPU |"
     );
     println!(
-        "|------------------------------|-----------|----------|----------|----------|--------|"
+        "|------------------------------|-----------|----------|----------|----------|--------|------------|-------------|"
     );
 }
 
@@ -136,13 +217,13 @@ async fn tables() {
         let clients = connect(server.grpc, CONNECTIONS).await;
         let mlp = Call::new(server.grpc, PREDICT, &mlp);
         for concurrency in [1, 8, 64] {
-            let report = closed_loop(&clients, &mlp, concurrency, WARMUP, MEASURE).await;
+            let run = closed(Some(server.pid()), &clients, &mlp, concurrency, MEASURE).await;
             let label = format!(
                 "c={concurrency} batching={}",
                 if batching { "on" } else { "off" }
             );
-            row(&label, &report);
-            served.push((batching, concurrency, report));
+            row(&label, &run);
+            served.push((batching, concurrency, run.report));
         }
         if batching {
             let best = served
@@ -150,8 +231,11 @@ async fn tables() {
                 .map(|(_, _, r)| r.throughput())
                 .fold(0.0, f64::max);
             let rate = (best * 0.7).max(100.0);
+            let now = Instant::now();
+            let cpu = cpu_between(Some(server.pid()), now, now + MEASURE);
             let report = open_loop(&clients, &mlp, rate, MEASURE).await;
-            row(&format!("open loop {rate:.0}/s batching=on"), &report);
+            let run = Run::new(report, cpu.await.expect("cpu accounting"));
+            row(&format!("open loop {rate:.0}/s batching=on"), &run);
         }
     }
     let find = |batching, concurrency| {
@@ -190,7 +274,9 @@ async fn tables() {
     server.wait_available(&["tiny"]).await;
     let clients = connect(server.grpc, 1).await;
     let tiny = Call::new(server.grpc, PREDICT, &tiny);
-    let report = closed_loop(&clients, &tiny, 1, WARMUP, MEASURE).await;
+    let report = closed(Some(server.pid()), &clients, &tiny, 1, MEASURE)
+        .await
+        .report;
     drop(server);
     let (_, bare) = raw_forward(&demo_models().join("tiny/1/model.pt"), 1, 1, 2.0);
     let p50 = report.quantile_ms(0.5);
@@ -222,16 +308,16 @@ async fn loadgen_only(args: &[String]) {
     };
     let addr = addr.parse().expect("ADDR");
     let clients = connect(addr, connections).await;
-    let report = closed_loop(
+    let run = closed(
+        None,
         &clients,
         &Call::new(addr, PREDICT, &one_row(model, input, cols)),
         concurrency.parse().expect("CONCURRENCY"),
-        WARMUP,
         Duration::from_secs(seconds.parse().expect("SECONDS")),
     )
     .await;
     header(&format!("{model} c={concurrency}"));
-    row("closed loop", &report);
+    row("closed loop", &run);
 }
 
 fn main() {
