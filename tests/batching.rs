@@ -283,7 +283,9 @@ async fn expired_and_abandoned_requests_never_reach_the_model() {
         let mut client = server.prediction().await;
         let before = forwards(&mut client).await;
         let mut slow = client.clone();
-        let blocker = tokio::spawn(async move { slow.predict(busy(15000.0)).await });
+        // About 2 s of work on two cores: it must outlast the 400 ms of waits below with
+        // room to spare on a loaded machine, or the quitter's request would still run.
+        let blocker = tokio::spawn(async move { slow.predict(busy(60000.0)).await });
         tokio::time::sleep(Duration::from_millis(200)).await;
 
         // A deadline that passes while the worker is busy: DEADLINE_EXCEEDED, no forward.
