@@ -352,3 +352,23 @@ async fn per_model_batching_parameters_override_the_global_file() {
     counter_requests_at_once(&client, 16).await;
     assert_eq!(forwards(&mut client).await - before, 1);
 }
+
+#[tokio::test]
+async fn requests_queued_behind_a_busy_worker_run_in_one_batch() {
+    // Timeout 0: a batch is whatever has queued when a worker is free. While the only
+    // worker is held, eight requests queue; once it is free they make a single forward.
+    let params = "max_batch_size { value: 16 } batch_timeout_micros { value: 0 } num_batch_threads { value: 1 }";
+    let (server, _dir) = start_server(&["counter"], Some(params), &[]).await;
+    let mut client = server.prediction().await;
+    let before = forwards(&mut client).await;
+    let mut slow = client.clone();
+    let blocker = tokio::spawn(async move { slow.predict(busy(60000.0)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    counter_requests_at_once(&client, 8).await;
+    blocker.await.unwrap().expect("slow request");
+    assert_eq!(
+        forwards(&mut client).await - before,
+        2,
+        "the slow request, then one batch of the eight queued behind it"
+    );
+}
