@@ -1,10 +1,14 @@
 //! The batch former of a batched model version. Its workers pull from it: a free worker
-//! takes the former's lock, collects queued requests into batches, and leaves with the first
-//! batch that is due (full, or its oldest request has waited `batch_timeout_micros`). So a
-//! batch closes the moment a worker can run it, takes everything that queued while the
-//! workers were busy, and no thread stands between the queue and the device.
+//! collects the queued requests into batches and leaves with the first batch that is due
+//! (full, or its oldest request has waited `batch_timeout_micros`). So a batch closes the
+//! moment a worker can run it, takes everything that queued while the workers were busy,
+//! and no thread stands between the queue and the device.
+//!
+//! Idle workers wait on the queue itself, each woken by one arrival; the lock is held only
+//! to sort arrivals into batches, never while waiting, so an idle worker costs nothing until
+//! there is work for it.
 
-use super::{BatchKey, QueueState, Queued};
+use super::{Arrival, BatchKey, QueueState, Queued};
 use crate::runtime::{Batch, BatchFormer, Job};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -23,7 +27,7 @@ struct OpenBatch {
     closed: bool,
 }
 
-/// Batches being formed, owned by whichever worker holds the lock.
+/// Batches being formed, sorted by whichever worker holds the lock.
 #[derive(Default)]
 struct Forming {
     open: Vec<OpenBatch>,
@@ -34,17 +38,25 @@ struct Forming {
 }
 
 pub(super) struct Former {
-    queue: flume::Receiver<Queued>,
+    queue: flume::Receiver<Arrival>,
+    /// To nudge an idle worker; weak, so that the queue still closes when the last
+    /// scheduler handle goes.
+    nudge: flume::WeakSender<Arrival>,
     state: Arc<QueueState>,
     allowed_sizes: Arc<[usize]>,
     forming: Mutex<Forming>,
 }
 
 impl Former {
-    pub(super) fn new(queue: flume::Receiver<Queued>, state: Arc<QueueState>) -> Former {
+    pub(super) fn new(
+        queue: flume::Receiver<Arrival>,
+        nudge: flume::WeakSender<Arrival>,
+        state: Arc<QueueState>,
+    ) -> Former {
         let allowed_sizes = Arc::from(state.options.allowed_batch_sizes.as_slice());
         Former {
             queue,
+            nudge,
             state,
             allowed_sizes,
             forming: Mutex::new(Forming::default()),
@@ -82,45 +94,57 @@ impl Former {
 
 impl BatchFormer for Former {
     fn next_batch(&self) -> Option<Batch> {
-        // Only the worker holding the lock forms; the others wait their turn. Nothing in
-        // here panics, but a poisoned lock must not stop the version's other workers.
-        let mut forming = self.forming.lock().unwrap_or_else(|e| e.into_inner());
         let timeout = self.state.options.batch_timeout;
         let max_rows = self.state.options.execution_batch_size();
+        let mut arrived = None;
         loop {
-            if let Some(batch) = forming.due.pop_front() {
-                return Some(self.hand_over(batch));
-            }
-            if forming.draining {
-                let batch = forming.open.pop()?;
-                return Some(self.hand_over(batch));
-            }
-            let received = match forming.open.iter().map(|b| b.oldest + timeout).min() {
-                None => self
-                    .queue
-                    .recv()
-                    .map_err(|_| flume::RecvTimeoutError::Disconnected),
-                Some(close_at) => self.queue.recv_deadline(close_at),
-            };
-            match received {
-                Ok(queued) => {
+            let wait_until = {
+                // Nothing in here panics, but a poisoned lock must not stop the version's
+                // other workers.
+                let mut forming = self.forming.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(Arrival::Job(queued)) = arrived.take() {
                     place(&mut forming.open, queued, max_rows);
-                    // Take everything already waiting before deciding what is due.
-                    while let Ok(queued) = self.queue.try_recv() {
-                        place(&mut forming.open, queued, max_rows);
+                }
+                // Take everything already waiting before deciding what is due.
+                loop {
+                    match self.queue.try_recv() {
+                        Ok(Arrival::Job(queued)) => place(&mut forming.open, queued, max_rows),
+                        Ok(Arrival::Nudge) => {}
+                        Err(flume::TryRecvError::Empty) => break,
+                        Err(flume::TryRecvError::Disconnected) => {
+                            forming.draining = true;
+                            break;
+                        }
                     }
                 }
-                Err(flume::RecvTimeoutError::Timeout) => {}
-                Err(flume::RecvTimeoutError::Disconnected) => forming.draining = true,
-            }
-            let now = Instant::now();
-            let (mut due, open): (Vec<OpenBatch>, Vec<OpenBatch>) =
-                std::mem::take(&mut forming.open)
-                    .into_iter()
-                    .partition(|b| b.closed || b.oldest + timeout <= now);
-            forming.open = open;
-            due.sort_by_key(|b| b.oldest);
-            forming.due.extend(due);
+                let (now, draining) = (Instant::now(), forming.draining);
+                let (mut due, open): (Vec<OpenBatch>, Vec<OpenBatch>) =
+                    std::mem::take(&mut forming.open)
+                        .into_iter()
+                        .partition(|b| draining || b.closed || b.oldest + timeout <= now);
+                forming.open = open;
+                due.sort_by_key(|b| b.oldest);
+                forming.due.extend(due);
+                if let Some(batch) = forming.due.pop_front() {
+                    // Idle workers wait on the queue and would not see what this one leaves
+                    // behind: a due batch, or an open one whose deadline needs watching.
+                    if !forming.due.is_empty() || !forming.open.is_empty() {
+                        if let Some(queue) = self.nudge.upgrade() {
+                            let _ = queue.send(Arrival::Nudge);
+                        }
+                    }
+                    return Some(self.hand_over(batch));
+                }
+                if draining {
+                    return None;
+                }
+                forming.open.iter().map(|b| b.oldest + timeout).min()
+            };
+            // Timeouts and a closed queue are seen under the lock on the next round.
+            arrived = match wait_until {
+                None => self.queue.recv().ok(),
+                Some(close_at) => self.queue.recv_deadline(close_at).ok(),
+            };
         }
     }
 }

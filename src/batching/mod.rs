@@ -56,6 +56,13 @@ pub(crate) struct Queued {
     enqueued: Instant,
 }
 
+/// What the queue carries: requests, and a nudge that sends an idle worker back to the
+/// former (a batch is due, or an open batch's deadline needs watching).
+pub(crate) enum Arrival {
+    Job(Queued),
+    Nudge,
+}
+
 /// State shared by the schedulers of one version and its batch former.
 pub(crate) struct QueueState {
     options: BatchingOptions,
@@ -71,7 +78,7 @@ enum Mode {
     /// Each request runs alone, queued for the workers (bounded).
     Direct { batches: flume::Sender<Batch> },
     Batching {
-        jobs: flume::Sender<Queued>,
+        jobs: flume::Sender<Arrival>,
         state: Arc<QueueState>,
     },
 }
@@ -120,7 +127,7 @@ impl Scheduler {
                     rejected_full: rejected_full.clone(),
                 });
                 let (jobs, queue) = flume::unbounded();
-                let former = Former::new(queue, Arc::clone(&state));
+                let former = Former::new(queue, jobs.downgrade(), Arc::clone(&state));
                 (
                     Mode::Batching { jobs, state },
                     BatchSource::Former(Arc::new(former)),
@@ -235,7 +242,7 @@ fn reserve(state: &QueueState, rows: usize) -> Result<(), RunError> {
 }
 
 fn send(
-    jobs: &flume::Sender<Queued>,
+    jobs: &flume::Sender<Arrival>,
     state: &QueueState,
     job: Job,
     key: BatchKey,
@@ -243,12 +250,12 @@ fn send(
 ) -> Result<(), RunError> {
     let depth = state.queued_jobs.fetch_add(1, Ordering::SeqCst) + 1;
     state.queue_depth.set(depth as f64);
-    jobs.send(Queued {
+    jobs.send(Arrival::Job(Queued {
         job,
         key,
         rows,
         enqueued: Instant::now(),
-    })
+    }))
     .map_err(|_| RunError::Stopped)
 }
 
@@ -356,5 +363,67 @@ mod tests {
             BatchKey::of(&job("classify", 3), true)
         );
         assert_eq!(BatchKey::of(&job("forward", 3), false), BatchKey::Alone);
+    }
+
+    /// Two workers idle on an empty queue; three 1-row requests land at once with batches
+    /// of two. The full batch leaves at once; the request left open must still close on its
+    /// timeout while the first worker is busy, without waiting for another arrival.
+    #[test]
+    fn a_batch_left_open_closes_on_time_while_its_former_is_busy() {
+        use crate::runtime::BatchFormer;
+        use std::time::Duration;
+        let options = BatchingOptions::parse(
+            "test",
+            "max_batch_size { value: 2 } batch_timeout_micros { value: 100000 }",
+        )
+        .unwrap();
+        let state = Arc::new(QueueState {
+            options,
+            queued_rows: AtomicUsize::new(0),
+            queued_jobs: AtomicUsize::new(0),
+            queue_depth: metrics::gauge!("test_queue_depth"),
+            queue_delay: metrics::histogram!("test_queue_delay"),
+            rejected_full: metrics::counter!("test_rejected"),
+        });
+        let (jobs, queue) = flume::unbounded();
+        let former = Arc::new(Former::new(queue, jobs.downgrade(), Arc::clone(&state)));
+        let (batches, taken) = std::sync::mpsc::channel();
+        for _ in 0..2 {
+            let (former, batches) = (Arc::clone(&former), batches.clone());
+            // A worker that takes one batch and then stays busy with it.
+            std::thread::spawn(move || {
+                let batch = former.next_batch().expect("a batch");
+                batches.send(batch.jobs.len()).unwrap();
+                std::thread::sleep(Duration::from_secs(5));
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100)); // both workers wait on the queue
+        let started = Instant::now();
+        let mut results = Vec::new();
+        for _ in 0..3 {
+            let tensor = Tensor::zeros(DType::F32, vec![1, 1]).unwrap();
+            let (job, result) = Job::new(Arc::from("forward"), vec![tensor], None);
+            let key = BatchKey::of(&job, true);
+            reserve(&state, 1).unwrap();
+            send(&jobs, &state, job, key, 1).unwrap();
+            results.push(result);
+        }
+        let mut sizes = vec![
+            taken
+                .recv_timeout(Duration::from_secs(2))
+                .expect("first batch"),
+            taken
+                .recv_timeout(Duration::from_secs(2))
+                .expect("second batch"),
+        ];
+        let elapsed = started.elapsed();
+        sizes.sort_unstable();
+        assert_eq!(sizes, [1, 2]);
+        assert!(
+            elapsed >= Duration::from_millis(100),
+            "the open batch closed before its timeout: {elapsed:?}"
+        );
+        assert_eq!(state.queued_rows.load(Ordering::SeqCst), 0);
+        drop(results);
     }
 }
