@@ -179,7 +179,6 @@ fn runner_config(flags: &Flags, devices: Vec<Device>) -> RunnerConfig {
     RunnerConfig {
         devices,
         instances_per_device,
-        queue_capacity: 1,
     }
 }
 

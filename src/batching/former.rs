@@ -21,10 +21,17 @@ struct OpenBatch {
     rows: usize,
     /// Queue room its jobs hold (at least one row each), released when a worker takes it.
     reserved: usize,
-    /// When its first request was queued: the batch closes `batch_timeout` after.
-    oldest: Instant,
+    /// When each of its jobs was queued, oldest first (never empty).
+    enqueued: Vec<Instant>,
     /// Closed early: full, or the next request of its key did not fit.
     closed: bool,
+}
+
+impl OpenBatch {
+    /// When its first request was queued: the batch closes `batch_timeout` after.
+    fn oldest(&self) -> Instant {
+        self.enqueued[0]
+    }
 }
 
 /// Batches being formed, sorted by whichever worker holds the lock.
@@ -70,13 +77,15 @@ impl Former {
             key,
             jobs,
             reserved,
-            oldest,
+            enqueued,
             ..
         } = batch;
         let released = jobs.len();
-        let delay = oldest.elapsed().as_secs_f64();
-        for _ in 0..released {
-            self.state.queue_delay.record(delay);
+        let now = Instant::now();
+        for queued_at in enqueued {
+            self.state
+                .queue_delay
+                .record(now.duration_since(queued_at).as_secs_f64());
         }
         self.state.queued_rows.fetch_sub(reserved, Ordering::SeqCst);
         let depth = self.state.queued_jobs.fetch_sub(released, Ordering::SeqCst) - released;
@@ -121,9 +130,9 @@ impl BatchFormer for Former {
                 let (mut due, open): (Vec<OpenBatch>, Vec<OpenBatch>) =
                     std::mem::take(&mut forming.open)
                         .into_iter()
-                        .partition(|b| draining || b.closed || b.oldest + timeout <= now);
+                        .partition(|b| draining || b.closed || b.oldest() + timeout <= now);
                 forming.open = open;
-                due.sort_by_key(|b| b.oldest);
+                due.sort_by_key(OpenBatch::oldest);
                 forming.due.extend(due);
                 if let Some(batch) = forming.due.pop_front() {
                     // Idle workers wait on the queue and would not see what this one leaves
@@ -138,7 +147,7 @@ impl BatchFormer for Former {
                 if draining {
                     return None;
                 }
-                forming.open.iter().map(|b| b.oldest + timeout).min()
+                forming.open.iter().map(|b| b.oldest() + timeout).min()
             };
             // Timeouts and a closed queue are seen under the lock on the next round.
             arrived = match wait_until {
@@ -162,6 +171,7 @@ fn place(open: &mut Vec<OpenBatch>, queued: Queued, max_rows: usize) {
         if let Some(batch) = open.iter_mut().find(|b| b.key == key && !b.closed) {
             if batch.rows + rows <= max_rows {
                 batch.jobs.push(job);
+                batch.enqueued.push(enqueued);
                 batch.rows += rows;
                 batch.reserved += rows.max(1);
                 batch.closed = batch.rows >= max_rows;
@@ -176,6 +186,6 @@ fn place(open: &mut Vec<OpenBatch>, queued: Queued, max_rows: usize) {
         jobs: vec![job],
         rows,
         reserved: rows.max(1),
-        oldest: enqueued,
+        enqueued: vec![enqueued],
     });
 }

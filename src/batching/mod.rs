@@ -92,7 +92,8 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Loads the TorchScript module at `path` and starts its workers: with `batching`, they
-    /// take their batches from a batch former; without, from a queue of single requests.
+    /// take their batches from a batch former; without, from a queue of single requests
+    /// that refuses new ones beyond `direct_capacity`.
     /// Blocking: call it from a blocking thread, never from the async executor.
     pub fn load(
         path: &Path,
@@ -100,6 +101,7 @@ impl Scheduler {
         version: i64,
         runner: &RunnerConfig,
         batching: Option<BatchingOptions>,
+        direct_capacity: usize,
     ) -> Result<Scheduler, LoadError> {
         let labels = [
             ("model", model.to_string()),
@@ -111,7 +113,7 @@ impl Scheduler {
             metrics::counter!(crate::telemetry::REJECTED_REQUESTS_TOTAL, &full_labels);
         let (mode, source) = match batching {
             None => {
-                let (batches, queue) = flume::bounded(runner.queue_capacity.max(1));
+                let (batches, queue) = flume::bounded(direct_capacity.max(1));
                 (Mode::Direct { batches }, BatchSource::Queue(queue))
             }
             Some(options) => {

@@ -66,20 +66,25 @@ pub fn load_version(
     let signatures = read_signatures(dir, &model_path)?;
     let batching = batching_options(dir, settings)?;
     let mut runner_config = settings.runner.clone();
-    match &batching {
-        Some(options) => {
-            if let Some(threads) = options.num_batch_threads {
-                runner_config.instances_per_device = threads;
-            }
-            tracing::info!(model, version, ?options, "batching");
+    if let Some(options) = &batching {
+        if let Some(threads) = options.num_batch_threads {
+            runner_config.instances_per_device = threads;
         }
-        None => runner_config.queue_capacity = settings.direct_queue_capacity,
+        tracing::info!(model, version, ?options, "batching");
     }
+    let scheduler = Scheduler::load(
+        &model_path,
+        model,
+        version,
+        &runner_config,
+        batching,
+        settings.direct_queue_capacity,
+    )?;
     let servable = Servable {
         model: model.to_string(),
         version,
         signatures,
-        scheduler: Scheduler::load(&model_path, model, version, &runner_config, batching)?,
+        scheduler,
     };
     warm_up(&servable)?;
     Ok(servable)

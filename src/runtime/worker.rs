@@ -12,7 +12,7 @@ use std::time::Instant;
 use tch::{CModule, IValue};
 use tokio::sync::oneshot;
 
-/// How a model runs: where, on how many threads, behind how long a queue.
+/// How a model runs: where, and on how many threads.
 #[derive(Clone, Debug)]
 pub struct RunnerConfig {
     /// Every device gets its own copy of the module and its own workers.
@@ -20,9 +20,6 @@ pub struct RunnerConfig {
     /// Worker threads per device sharing that device's module (libtorch modules are safe
     /// to run concurrently).
     pub instances_per_device: usize,
-    /// Without server-side batching, batches that may wait for a worker before new ones
-    /// are refused.
-    pub queue_capacity: usize,
 }
 
 /// One call of a method, waiting to run alone or as part of a batch.
