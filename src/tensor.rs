@@ -192,12 +192,20 @@ impl Tensor {
 
     /// Concatenates tensors along dim 0. All must share dtype and the other dims.
     pub fn concat_rows(parts: &[&Tensor]) -> Result<Tensor, String> {
+        Tensor::concat_rows_padded(parts, 0)
+    }
+
+    /// Concatenates tensors along dim 0 and grows the result to `rows` rows (if it has
+    /// fewer) by repeating its first row: a real input, so padding cannot make a model
+    /// divide by zero where real data would not. One copy of the data.
+    pub fn concat_rows_padded(parts: &[&Tensor], rows: usize) -> Result<Tensor, String> {
         let first = parts.first().ok_or("nothing to concatenate")?;
         if first.shape.is_empty() {
             return Err("cannot concatenate scalars".into());
         }
-        let mut rows = 0i64;
-        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        let mut joined = 0usize;
+        let bytes: usize = parts.iter().map(|p| p.data.len()).sum();
+        let mut data = Vec::with_capacity(bytes.max(rows * first.row_bytes()));
         for part in parts {
             if part.dtype != first.dtype || part.shape.get(1..) != first.shape.get(1..) {
                 return Err(format!(
@@ -205,38 +213,23 @@ impl Tensor {
                     first.dtype, first.shape, part.dtype, part.shape
                 ));
             }
-            rows += part.shape[0];
+            joined += part.rows().unwrap_or(0);
             data.extend_from_slice(&part.data);
         }
+        if joined > 0 && rows > joined {
+            let row = data.len() / joined;
+            for _ in joined..rows {
+                data.extend_from_within(..row);
+            }
+            joined = rows;
+        }
         let mut shape = first.shape.clone();
-        shape[0] = rows;
+        shape[0] = joined as i64;
         Ok(Tensor {
             dtype: first.dtype,
             shape,
             data: Bytes::from(data),
         })
-    }
-
-    /// Grows dim 0 to `rows` by repeating the first row (a real input, so padding cannot
-    /// make a model divide by zero where real data would not).
-    pub fn pad_rows(&self, rows: usize) -> Tensor {
-        let current = self.rows().unwrap_or(0);
-        if rows <= current || current == 0 {
-            return self.clone();
-        }
-        let row = self.row_bytes();
-        let mut data = Vec::with_capacity(rows * row);
-        data.extend_from_slice(&self.data);
-        for _ in current..rows {
-            data.extend_from_slice(&self.data[..row]);
-        }
-        let mut shape = self.shape.clone();
-        shape[0] = rows as i64;
-        Tensor {
-            dtype: self.dtype,
-            shape,
-            data: Bytes::from(data),
-        }
     }
 
     /// Builds a tensor from typed values (test and client helper).
@@ -339,7 +332,7 @@ mod tests {
         let ab = Tensor::concat_rows(&[&a, &b]).unwrap();
         assert_eq!(ab.shape, vec![3, 2]);
         assert_eq!(ab.to_values::<i32>().unwrap(), vec![1, 2, 3, 4, 5, 6]);
-        let padded = ab.pad_rows(5);
+        let padded = Tensor::concat_rows_padded(&[&a, &b], 5).unwrap();
         assert_eq!(padded.shape, vec![5, 2]);
         assert_eq!(
             padded.to_values::<i32>().unwrap(),

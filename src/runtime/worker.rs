@@ -255,8 +255,7 @@ fn concat_inputs(jobs: &[Job], padded: usize) -> Result<Vec<Tensor>, RunError> {
     (0..jobs[0].inputs.len())
         .map(|position| {
             let parts: Vec<&Tensor> = jobs.iter().map(|job| &job.inputs[position]).collect();
-            let joined = Tensor::concat_rows(&parts).map_err(RunError::BadOutput)?;
-            Ok(joined.pad_rows(padded))
+            Tensor::concat_rows_padded(&parts, padded).map_err(RunError::BadOutput)
         })
         .collect()
 }
