@@ -183,6 +183,16 @@ impl Registry {
         self.lock_status().contains_key(model)
     }
 
+    /// The metrics label of a request that named `model`: the name when it is configured,
+    /// else "" (metric labels must not take arbitrary client text).
+    pub fn metrics_label<'a>(&self, model: &'a str) -> &'a str {
+        if self.is_configured(model) {
+            model
+        } else {
+            ""
+        }
+    }
+
     fn lock_status(
         &self,
     ) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<i64, VersionStatus>>> {

@@ -113,11 +113,7 @@ pub(super) fn finish<T>(
             Ok(Response::new(response))
         }
         Err(error) => {
-            let label = if registry.is_configured(requested_name) {
-                requested_name
-            } else {
-                ""
-            };
+            let label = registry.metrics_label(requested_name);
             timer.finish(label, requested_name, None, Err(&error));
             Err(error.into())
         }

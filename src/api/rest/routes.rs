@@ -111,12 +111,7 @@ pub(super) async fn api(
             json_response(StatusCode::OK, text)
         }
         Err(error) => {
-            let registry = state.inference.registry();
-            let label = if registry.is_configured(&route.model) {
-                route.model.as_str()
-            } else {
-                ""
-            };
+            let label = state.inference.registry().metrics_label(&route.model);
             timer.finish(label, &route.model, None, Err(&error));
             error_response(&error)
         }
