@@ -68,6 +68,24 @@ impl Error {
     }
 }
 
+/// An error and its sources on one line, `outer: inner: ...`, skipping a source whose text
+/// the outer ones already carry. (Client libraries' outermost message, e.g. hyper's "client
+/// error (Connect)", rarely says what went wrong; their own context dumps are too long for
+/// a log line or a status message.)
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        source = inner.source();
+    }
+    text
+}
+
 /// TF Serving's mapping of a gRPC code to an HTTP status (`ToHTTPStatusCode`).
 pub fn http_status_for(code: Code) -> u16 {
     match code {

@@ -10,6 +10,7 @@
 use super::cache::Cache;
 use super::{layout, parse_version, StorageError, StoredFile, VersionEntry};
 use crate::config::S3Env;
+use crate::error::error_chain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
@@ -321,22 +322,6 @@ async fn download(
         )));
     }
     Ok(())
-}
-
-/// An error and its sources, `outer: inner: ...`, on one line. (The SDK's own
-/// DisplayErrorContext appends a Debug dump too long for a log line or a status message.)
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        source = inner.source();
-    }
-    text
 }
 
 async fn build_client(env: &S3Env) -> Client {

@@ -3,6 +3,7 @@
 //! results stand.
 
 use super::kubernetes::Peer;
+use crate::error::error_chain;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -51,19 +52,6 @@ pub async fn send(
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| format!("no answer within {} s", timeout.as_secs_f64()))?
-}
-
-/// "client error (Connect): tcp connect error: Connection refused" rather than hyper's
-/// outermost "client error (Connect)".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The call every pod receives.
