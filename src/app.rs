@@ -8,7 +8,7 @@ use crate::config::S3Env;
 use crate::config::{self, ConfigError, Flags, ModelSpec};
 use crate::error::Error;
 use crate::inference::Inference;
-use crate::registry::{ApplyError, LoadSettings, Manager, ManagerConfig, ManagerHandle, Registry};
+use crate::registry::{LoadSettings, Manager, ManagerConfig, ManagerHandle, Registry};
 use crate::runtime::{self, Device, RunnerConfig};
 use crate::storage::Storage;
 use crate::telemetry;
@@ -376,10 +376,7 @@ fn admin_api(
             let (specs, _) = model_specs(&flags, &storage)
                 .await
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            manager.set_models(specs).await.map_err(|e| match e {
-                ApplyError::Invalid(message) => Error::InvalidArgument(message),
-                ApplyError::Stopped => Error::Unavailable(e.to_string()),
-            })
+            Ok(manager.set_models(specs).await?)
         })
     });
     Ok(Some((config, reload)))

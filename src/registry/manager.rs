@@ -48,6 +48,17 @@ pub enum ApplyError {
     Stopped,
 }
 
+/// A refused reload as the serving error: a bad config is the caller's, a stopped manager
+/// is a server going away (retry elsewhere).
+impl From<ApplyError> for crate::error::Error {
+    fn from(error: ApplyError) -> Self {
+        match error {
+            ApplyError::Invalid(message) => crate::error::Error::InvalidArgument(message),
+            ApplyError::Stopped => crate::error::Error::Unavailable(error.to_string()),
+        }
+    }
+}
+
 enum Command {
     SetModels(Vec<ModelSpec>, oneshot::Sender<Result<(), ApplyError>>),
 }

@@ -11,7 +11,7 @@ use crate::proto::serving::{
     ReloadConfigResponse, StatusProto,
 };
 use crate::proto::tensorflow::error::Code;
-use crate::registry::{ApplyError, ManagerHandle, Registry, VersionSelector, VersionState};
+use crate::registry::{ManagerHandle, Registry, VersionSelector, VersionState};
 use crate::telemetry::{Api, Protocol, RequestTimer};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -24,15 +24,6 @@ pub struct ModelServiceApi {
 impl ModelServiceApi {
     pub fn new(registry: Arc<Registry>, manager: ManagerHandle) -> ModelServiceApi {
         ModelServiceApi { registry, manager }
-    }
-}
-
-/// Why a reload was refused, as the serving error; the config in force stays.
-fn reload_error(e: impl std::fmt::Display, stopped: bool) -> Error {
-    if stopped {
-        Error::Unavailable(e.to_string())
-    } else {
-        Error::InvalidArgument(e.to_string())
     }
 }
 
@@ -110,7 +101,7 @@ impl ModelService for ModelServiceApi {
         }
         let specs = model_specs_from_config(&config).map_err(|e| {
             tracing::error!("ReloadConfig refused: {e}");
-            reload_error(e, false)
+            Error::InvalidArgument(e.to_string())
         })?;
         tracing::info!(
             models = specs.len(),
@@ -118,7 +109,7 @@ impl ModelService for ModelServiceApi {
         );
         self.manager.set_models(specs).await.map_err(|e| {
             tracing::error!("ReloadConfig refused: {e}");
-            reload_error(&e, e == ApplyError::Stopped)
+            Error::from(e)
         })?;
         tracing::info!("ReloadConfig: model config applied");
         Ok(Response::new(ReloadConfigResponse {
