@@ -20,8 +20,10 @@ mod kubernetes;
 pub use fanout::PodResult;
 pub use kubernetes::{EndpointsSource, Peer, PeersError};
 
-use crate::error::{code_label, http_status_for, Error};
-use crate::registry::{Registry, VersionState};
+use crate::api::grpc::model_status;
+use crate::api::rest::model_json::status_value;
+use crate::error::{http_status_for, Error};
+use crate::registry::{Registry, VersionSelector};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
@@ -289,25 +291,11 @@ fn status_document(registry: &Registry) -> Value {
         .into_iter()
         .map(|name| {
             // A model with no version yet has an empty list, not an error.
-            let versions = registry.model_status(&name, None).unwrap_or_default();
-            let versions: Vec<Value> = versions
-                .into_iter()
-                .map(|(version, status)| {
-                    let (code, message) = match status.error {
-                        Some(message) => (Code::Unknown, message),
-                        None => (Code::Ok, String::new()),
-                    };
-                    json!({
-                        "version": version.to_string(),
-                        "state": state_name(status.state),
-                        "status": {
-                            "error_code": code_label(code).to_ascii_uppercase(),
-                            "error_message": message,
-                        },
-                    })
-                })
-                .collect();
-            json!({ "name": name, "model_version_status": versions })
+            let status =
+                model_status(registry, &name, &VersionSelector::Latest).unwrap_or_default();
+            let mut entry = status_value(&status);
+            entry["name"] = Value::String(name);
+            entry
         })
         .collect();
     json!({
@@ -315,16 +303,6 @@ fn status_document(registry: &Registry) -> Value {
         "draining": readiness.draining,
         "models": models,
     })
-}
-
-fn state_name(state: VersionState) -> &'static str {
-    match state {
-        VersionState::Start => "START",
-        VersionState::Loading => "LOADING",
-        VersionState::Available => "AVAILABLE",
-        VersionState::Unloading => "UNLOADING",
-        VersionState::End => "END",
-    }
 }
 
 #[cfg(test)]

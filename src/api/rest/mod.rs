@@ -3,7 +3,7 @@
 
 mod error;
 pub mod json;
-mod model_json;
+pub mod model_json;
 mod path;
 mod routes;
 pub mod tasks_json;

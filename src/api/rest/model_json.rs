@@ -12,6 +12,11 @@ use std::collections::HashMap;
 
 /// `GET /v1/models/{m}[/versions/{v}|/labels/{l}]`.
 pub fn status_json(response: &GetModelStatusResponse) -> String {
+    pretty(&status_value(response))
+}
+
+/// The status answer as a JSON value (also one model's entry in the admin status).
+pub fn status_value(response: &GetModelStatusResponse) -> Value {
     let versions: Vec<Value> = response
         .model_version_status
         .iter()
@@ -29,7 +34,7 @@ pub fn status_json(response: &GetModelStatusResponse) -> String {
             })
         })
         .collect();
-    pretty(&json!({ "model_version_status": versions }))
+    json!({ "model_version_status": versions })
 }
 
 /// `GET /v1/models/{m}[/versions/{v}|/labels/{l}]/metadata`.
