@@ -20,20 +20,9 @@ fn kind_of(dtype: DType) -> Kind {
     }
 }
 
+/// The inverse of [`kind_of`]; `None` for the kinds modelgate does not serve.
 fn dtype_of(kind: Kind) -> Option<DType> {
-    Some(match kind {
-        Kind::Half => DType::F16,
-        Kind::BFloat16 => DType::BF16,
-        Kind::Float => DType::F32,
-        Kind::Double => DType::F64,
-        Kind::Int8 => DType::I8,
-        Kind::Int16 => DType::I16,
-        Kind::Int => DType::I32,
-        Kind::Int64 => DType::I64,
-        Kind::Uint8 => DType::U8,
-        Kind::Bool => DType::Bool,
-        _ => return None,
-    })
+    DType::ALL.into_iter().find(|&dtype| kind_of(dtype) == kind)
 }
 
 /// Copies a tensor into libtorch, on `device`.
