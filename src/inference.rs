@@ -110,7 +110,7 @@ impl Inference {
     ) -> Result<ModelOutput, Error> {
         let batchable = signature.inputs.iter().all(|spec| spec.is_batched());
         let run = servable.scheduler.run(
-            Arc::from(signature.method.as_str()),
+            Arc::clone(&signature.method),
             inputs,
             batchable,
             deadline,

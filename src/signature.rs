@@ -3,6 +3,7 @@
 use crate::tensor::DType;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 /// TF Serving's signature name when a request names none.
 pub const DEFAULT_SIGNATURE: &str = "serving_default";
@@ -57,8 +58,8 @@ pub struct Signature {
     /// TF's method name, e.g. `tensorflow/serving/predict`; returned in metadata.
     pub method_name: String,
     pub kind: SignatureKind,
-    /// The TorchScript method to call.
-    pub method: String,
+    /// The TorchScript method to call (shared with every job that calls it).
+    pub method: Arc<str>,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
     /// Class labels of a classify signature.
@@ -157,7 +158,7 @@ fn parse_signature(sig: SignatureJson) -> Result<Signature, String> {
     Ok(Signature {
         method_name,
         kind,
-        method: sig.method.unwrap_or_else(|| "forward".to_string()),
+        method: Arc::from(sig.method.as_deref().unwrap_or("forward")),
         inputs,
         outputs,
         classes: sig.classes,

@@ -183,7 +183,7 @@ fn warm_up(servable: &Servable) -> Result<(), VersionLoadError> {
         };
         let result = servable
             .scheduler
-            .run_blocking(Arc::from(signature.method.as_str()), inputs);
+            .run_blocking(Arc::clone(&signature.method), inputs);
         match result {
             Ok(_) => {}
             Err(e) if guessed => tracing::warn!(
