@@ -151,7 +151,9 @@ impl Tensor {
 
     /// A tensor of zeros (all-zero bytes are zero, `false` or `+0.0` in every dtype).
     pub fn zeros(dtype: DType, shape: Vec<i64>) -> Result<Tensor, TensorError> {
-        let len = num_elements(&shape)? * dtype.size();
+        let len = num_elements(&shape)?
+            .checked_mul(dtype.size())
+            .ok_or_else(|| TensorError::TooLarge(shape.clone()))?;
         Tensor::new(dtype, shape, Bytes::from(vec![0u8; len]))
     }
 
