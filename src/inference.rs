@@ -109,12 +109,10 @@ impl Inference {
         deadline: Option<Instant>,
     ) -> Result<ModelOutput, Error> {
         let batchable = signature.inputs.iter().all(|spec| spec.is_batched());
-        let run = servable.scheduler.run(
-            Arc::clone(&signature.method),
-            inputs,
-            batchable,
-            deadline,
-        );
+        let run =
+            servable
+                .scheduler
+                .run(Arc::clone(&signature.method), inputs, batchable, deadline);
         let result = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), run)
                 .await

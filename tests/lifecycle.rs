@@ -165,11 +165,7 @@ async fn sigterm_lets_requests_in_flight_finish() {
     let batch = 2048;
     let values: Vec<f32> = (0..batch * 784).map(|i| (i % 255) as f32 / 255.0).collect();
     let images = Tensor::from_values(vec![batch as i64, 784], &values).unwrap();
-    let client = PredictionServiceClient::connect(server.grpc_url())
-        .await
-        .unwrap()
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
+    let client = server.prediction().await;
     let grpc_call = |client: &PredictionServiceClient<tonic::transport::Channel>| {
         let mut client = client.clone();
         let request = predict_request(&images);

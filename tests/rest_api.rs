@@ -5,7 +5,6 @@ mod common;
 
 use common::Server;
 use modelgate::api::grpc::{tensor_from_proto, tensor_to_proto};
-use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{ModelSpec, PredictRequest};
 use modelgate::tensor::Tensor;
 use serde_json::{json, Value};
@@ -285,9 +284,7 @@ async fn predict_float32_matches_grpc(rest: &Rest<'_>) {
         .collect();
     let images = Tensor::from_values(vec![4, 784], &values).unwrap();
 
-    let mut client = PredictionServiceClient::connect(rest.server.grpc_url())
-        .await
-        .unwrap();
+    let mut client = rest.server.prediction().await;
     let response = client
         .predict(PredictRequest {
             model_spec: Some(ModelSpec {

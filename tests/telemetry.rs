@@ -5,25 +5,16 @@
 
 mod common;
 
-use common::{Server, TempDir, TIMEOUT};
+use common::{spec_signature, Server, TempDir, TIMEOUT};
 use modelgate::api::grpc::tensor_to_proto;
-use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{
-    input, ClassificationRequest, ExampleList, InferenceTask, Input, ModelSpec,
-    MultiInferenceRequest, PredictRequest, RegressionRequest,
+    input, ClassificationRequest, ExampleList, InferenceTask, Input, MultiInferenceRequest,
+    PredictRequest, RegressionRequest,
 };
 use modelgate::proto::tensorflow::{feature, Example, Feature, Features, FloatList};
 use modelgate::tensor::Tensor;
 use serde_json::Value;
 use std::time::{Duration, Instant};
-
-fn spec(name: &str, signature: &str) -> Option<ModelSpec> {
-    Some(ModelSpec {
-        name: name.into(),
-        signature_name: signature.into(),
-        ..Default::default()
-    })
-}
 
 fn examples(rows: &[[f32; 3]]) -> Option<Input> {
     let examples = rows
@@ -127,13 +118,11 @@ async fn metrics_and_logs_after_traffic() {
     );
 
     // gRPC: two predictions, and one each of Classify, Regress, MultiInference.
-    let mut grpc = PredictionServiceClient::connect(server.grpc_url())
-        .await
-        .unwrap();
+    let mut grpc = server.prediction().await;
     let x = Tensor::from_values(vec![1, 1], &[123.25f32]).unwrap();
     for _ in 0..2 {
         grpc.predict(PredictRequest {
-            model_spec: spec("tiny", ""),
+            model_spec: Some(spec_signature("tiny", "")),
             inputs: [("x".to_string(), tensor_to_proto(&x, false))].into(),
             ..Default::default()
         })
@@ -142,7 +131,7 @@ async fn metrics_and_logs_after_traffic() {
     }
     let classified = grpc
         .classify(ClassificationRequest {
-            model_spec: spec("regressor", "classify"),
+            model_spec: Some(spec_signature("regressor", "classify")),
             input: examples(&[[1., 2., 3.]]),
         })
         .await
@@ -156,7 +145,7 @@ async fn metrics_and_logs_after_traffic() {
     assert_eq!(got, vec![("a", 0.5), ("b", 1.0), ("c", 1.5)]);
     let regressed = grpc
         .regress(RegressionRequest {
-            model_spec: spec("regressor", ""),
+            model_spec: Some(spec_signature("regressor", "")),
             input: examples(&[[1., 2., 3.], [0., 0., 1.]]),
         })
         .await
@@ -174,11 +163,11 @@ async fn metrics_and_logs_after_traffic() {
         .multi_inference(MultiInferenceRequest {
             tasks: vec![
                 InferenceTask {
-                    model_spec: spec("regressor", "classify"),
+                    model_spec: Some(spec_signature("regressor", "classify")),
                     method_name: "tensorflow/serving/classify".into(),
                 },
                 InferenceTask {
-                    model_spec: spec("regressor", ""),
+                    model_spec: Some(spec_signature("regressor", "")),
                     method_name: "tensorflow/serving/regress".into(),
                 },
             ],

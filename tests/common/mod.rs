@@ -8,13 +8,12 @@
 pub mod http;
 pub mod s3;
 
+use modelgate::api::grpc::{shape_proto, tensor_from_proto};
 use modelgate::proto::serving::model_service_client::ModelServiceClient;
 use modelgate::proto::serving::model_version_status::State;
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{model_spec, GetModelStatusRequest, ModelSpec, PredictRequest};
-use modelgate::proto::tensorflow::{
-    tensor_shape_proto::Dim, DataType, TensorProto, TensorShapeProto,
-};
+use modelgate::proto::tensorflow::{DataType, TensorProto};
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -575,16 +574,9 @@ pub fn spec_signature(model: &str, signature: &str) -> ModelSpec {
 
 /// A `[1, n]` float tensor.
 pub fn float_row(values: &[f32]) -> TensorProto {
-    let dim = |size| Dim {
-        size,
-        ..Default::default()
-    };
     TensorProto {
         dtype: DataType::DtFloat as i32,
-        tensor_shape: Some(TensorShapeProto {
-            dim: vec![dim(1), dim(values.len() as i64)],
-            ..Default::default()
-        }),
+        tensor_shape: Some(shape_proto(Some(&[1, values.len() as i64]))),
         float_val: values.to_vec(),
         ..Default::default()
     }
@@ -610,14 +602,10 @@ pub async fn predict(
         other => panic!("response without a version: {other:?}"),
     };
     let y = response.outputs.get("y").expect("output y");
-    let values = if y.float_val.is_empty() {
-        y.tensor_content
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
-    } else {
-        y.float_val.clone()
-    };
+    let values = tensor_from_proto("y", y, usize::MAX)
+        .ok()
+        .and_then(|t| t.to_values::<f32>())
+        .expect("output y is float");
     Ok((version, values))
 }
 
