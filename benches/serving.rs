@@ -17,12 +17,12 @@ mod common;
 mod loadgen;
 
 use bytes::Bytes;
-use common::{demo_models, write_config, Server, TempDir};
+use common::{demo_models, spec, write_config, Server, TempDir};
 use h2::client::SendRequest;
 use loadgen::{closed_loop, connect, open_loop, Call, Report};
-use modelgate::api::grpc::shape_proto;
-use modelgate::proto::serving::{ModelSpec, PredictRequest};
-use modelgate::proto::tensorflow::{DataType, TensorProto};
+use modelgate::api::grpc::tensor_to_proto;
+use modelgate::proto::serving::PredictRequest;
+use modelgate::tensor::Tensor;
 use std::time::{Duration, Instant};
 
 const WARMUP: Duration = Duration::from_secs(1);
@@ -34,22 +34,12 @@ const CONNECTIONS: usize = 2;
 const PREDICT: &str = "/tensorflow.serving.PredictionService/Predict";
 
 fn one_row(model: &str, input: &str, cols: usize) -> PredictRequest {
-    let tensor = TensorProto {
-        dtype: DataType::DtFloat as i32,
-        tensor_shape: Some(shape_proto(Some(&[1, cols as i64]))),
-        // As tf.make_tensor_proto encodes a numpy array: raw little-endian bytes.
-        tensor_content: (0..cols)
-            .flat_map(|i| ((i % 7) as f32 / 7.0).to_le_bytes())
-            .collect::<Vec<u8>>()
-            .into(),
-        ..Default::default()
-    };
+    let values: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 / 7.0).collect();
+    let row = Tensor::from_values(vec![1, cols as i64], &values).expect("one row");
     PredictRequest {
-        model_spec: Some(ModelSpec {
-            name: model.to_string(),
-            ..Default::default()
-        }),
-        inputs: [(input.to_string(), tensor)].into(),
+        model_spec: Some(spec(model)),
+        // As tf.make_tensor_proto encodes a numpy array: raw bytes in tensor_content.
+        inputs: [(input.to_string(), tensor_to_proto(&row, true))].into(),
         ..Default::default()
     }
 }
