@@ -284,7 +284,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
         stop_tx,
     ));
 
-    let inference = Inference::new(Arc::clone(&registry));
+    let inference = Inference::new(Arc::clone(&registry), flags.max_request_tensor_bytes);
     let mut rest_router = api::rest::router(
         inference.clone(),
         Some(metrics),

@@ -2,10 +2,11 @@
 //! signature, run it, and name the outputs.
 
 use crate::error::Error;
+use crate::limits::DecodeBudget;
 use crate::registry::{Registry, Servable, VersionSelector};
 use crate::runtime::{ModelOutput, RunError};
-use crate::signature::{Signature, SignatureKind};
-use crate::tensor::Tensor;
+use crate::signature::{Signature, SignatureKind, TensorSpec};
+use crate::tensor::{DType, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,15 +40,25 @@ pub struct PredictResponse {
 #[derive(Clone)]
 pub struct Inference {
     registry: Arc<Registry>,
+    /// `--max_request_tensor_bytes`: see [`DecodeBudget`].
+    max_request_tensor_bytes: usize,
 }
 
 impl Inference {
-    pub fn new(registry: Arc<Registry>) -> Inference {
-        Inference { registry }
+    pub fn new(registry: Arc<Registry>, max_request_tensor_bytes: usize) -> Inference {
+        Inference {
+            registry,
+            max_request_tensor_bytes,
+        }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// What the tensors of a request of `request_bytes` (as received) may decode to.
+    pub fn decode_budget(&self, request_bytes: usize) -> DecodeBudget {
+        DecodeBudget::new(self.max_request_tensor_bytes, request_bytes)
     }
 
     /// Runs a Predict call on the version it selects.
@@ -71,7 +82,12 @@ impl Inference {
                 "predict on a non-predict signature"
             );
         }
-        for name in &request.output_filter {
+        for (i, name) in request.output_filter.iter().enumerate() {
+            if request.output_filter[..i].contains(name) {
+                return Err(Error::InvalidArgument(format!(
+                    "output_filter names '{name}' more than once"
+                )));
+            }
             if !signature.outputs.iter().any(|o| &o.name == name) {
                 return Err(Error::InvalidArgument(format!(
                     "output_filter names '{name}', which is not an output of signature '{signature_name}' (outputs: {})",
@@ -109,6 +125,9 @@ impl Inference {
         deadline: Option<Instant>,
     ) -> Result<ModelOutput, Error> {
         let batchable = signature.inputs.iter().all(|spec| spec.is_batched());
+        if batchable {
+            self.check_padding(servable, &inputs)?;
+        }
         let run =
             servable
                 .scheduler
@@ -121,6 +140,64 @@ impl Inference {
         };
         result.map_err(|e| run_error(servable, e))
     }
+}
+
+impl Inference {
+    /// A batched request is padded up to an allowed batch size (`allowed_batch_sizes`):
+    /// its rows are copied up to that many times, so its padded size must fit what one
+    /// request may take, like its decoded size. Checked here, before it is queued, so that
+    /// a request of huge rows cannot make a worker build a huge batch.
+    fn check_padding(&self, servable: &Servable, inputs: &[Tensor]) -> Result<(), Error> {
+        let Some(options) = servable.scheduler.batching() else {
+            return Ok(());
+        };
+        let rows = inputs.first().and_then(Tensor::rows).unwrap_or(0);
+        let padded = options.padded_size(rows);
+        if padded <= rows {
+            return Ok(());
+        }
+        let mut budget = self.decode_budget(0);
+        for (position, tensor) in inputs.iter().enumerate() {
+            let bytes = tensor
+                .row_bytes()
+                .ok()
+                .and_then(|row| row.checked_mul(padded));
+            budget.charge(
+                &format!("input {position} padded to the allowed batch size {padded}"),
+                bytes.unwrap_or(usize::MAX),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks an input a request declares against its signature, before any of its values is
+/// decoded: the name, the dtype and the shape. Returns the input's spec.
+pub fn check_input<'s>(
+    signature_name: &str,
+    signature: &'s Signature,
+    name: &str,
+    dtype: DType,
+    shape: &[i64],
+) -> Result<&'s TensorSpec, Error> {
+    let spec = signature
+        .inputs
+        .iter()
+        .find(|spec| spec.name == name)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "input '{name}' is not an input of signature '{signature_name}' (inputs: {})",
+                names(signature.inputs.iter().map(|i| i.name.as_str()))
+            ))
+        })?;
+    if dtype != spec.dtype {
+        return Err(Error::InvalidArgument(format!(
+            "input '{name}' has dtype {dtype} but signature '{signature_name}' expects {}",
+            spec.dtype
+        )));
+    }
+    spec.check_shape(shape).map_err(Error::InvalidArgument)?;
+    Ok(spec)
 }
 
 /// Looks up a signature; an unknown one is FAILED_PRECONDITION, as in TF Serving.
@@ -160,14 +237,13 @@ pub fn order_inputs(
                 names(signature.inputs.iter().map(|i| i.name.as_str()))
             ))
         })?;
-        if tensor.dtype != spec.dtype {
-            return Err(Error::InvalidArgument(format!(
-                "input '{}' has dtype {} but signature '{signature_name}' expects {}",
-                spec.name, tensor.dtype, spec.dtype
-            )));
-        }
-        spec.check_shape(&tensor.shape)
-            .map_err(Error::InvalidArgument)?;
+        check_input(
+            signature_name,
+            signature,
+            &spec.name,
+            tensor.dtype,
+            &tensor.shape,
+        )?;
         if spec.is_batched() {
             let size = tensor.shape[0];
             match batch {
@@ -248,11 +324,14 @@ fn run_error(servable: &Servable, err: RunError) -> Error {
             Error::Internal(format!("model '{}' failed: {message}", servable.model))
         }
         RunError::BadOutput(message) => Error::Internal(message.clone()),
+        RunError::Crashed(_) => Error::Internal(format!("model '{}': {err}", servable.model)),
         RunError::DeadlineExceeded => Error::DeadlineExceeded(format!(
             "the deadline passed before model '{}' answered",
             servable.model
         )),
-        RunError::BatchTooLarge { .. } => Error::InvalidArgument(err.to_string()),
+        RunError::BatchTooLarge { .. } | RunError::TooManyRows { .. } => {
+            Error::InvalidArgument(err.to_string())
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod batching;
 pub mod config;
 pub mod error;
 pub mod inference;
+pub mod limits;
 pub mod proto;
 pub mod registry;
 pub mod runtime;

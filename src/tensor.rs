@@ -132,12 +132,17 @@ pub fn num_elements(shape: &[i64]) -> Result<usize, TensorError> {
     })
 }
 
+/// The bytes of a `dtype` tensor of `shape`, checked for negative dims and overflow.
+pub fn byte_size(dtype: DType, shape: &[i64]) -> Result<usize, TensorError> {
+    num_elements(shape)?
+        .checked_mul(dtype.size())
+        .ok_or_else(|| TensorError::TooLarge(shape.to_vec()))
+}
+
 impl Tensor {
     /// A tensor from raw little-endian bytes, checking that their length fits the shape.
     pub fn new(dtype: DType, shape: Vec<i64>, data: Bytes) -> Result<Tensor, TensorError> {
-        let expected = num_elements(&shape)?
-            .checked_mul(dtype.size())
-            .ok_or_else(|| TensorError::TooLarge(shape.clone()))?;
+        let expected = byte_size(dtype, &shape)?;
         if expected != data.len() {
             return Err(TensorError::ByteLength {
                 dtype,
@@ -151,9 +156,7 @@ impl Tensor {
 
     /// A tensor of zeros (all-zero bytes are zero, `false` or `+0.0` in every dtype).
     pub fn zeros(dtype: DType, shape: Vec<i64>) -> Result<Tensor, TensorError> {
-        let len = num_elements(&shape)?
-            .checked_mul(dtype.size())
-            .ok_or_else(|| TensorError::TooLarge(shape.clone()))?;
+        let len = byte_size(dtype, &shape)?;
         Tensor::new(dtype, shape, Bytes::from(vec![0u8; len]))
     }
 
@@ -166,30 +169,32 @@ impl Tensor {
         self.shape.first().and_then(|&d| usize::try_from(d).ok())
     }
 
-    /// Bytes per row along dim 0.
-    fn row_bytes(&self) -> usize {
+    /// Bytes per row along dim 0. Checked: with no rows, the other dims are free to
+    /// multiply to more than memory (a `[0, 2^58]` tensor holds no bytes at all).
+    pub fn row_bytes(&self) -> Result<usize, TensorError> {
         match self.rows() {
-            Some(rows) if rows > 0 => self.data.len() / rows,
-            _ => {
-                self.shape[1..]
-                    .iter()
-                    .map(|&d| d.max(0) as usize)
-                    .product::<usize>()
-                    * self.dtype.size()
-            }
+            Some(rows) if rows > 0 => Ok(self.data.len() / rows),
+            _ => byte_size(self.dtype, self.shape.get(1..).unwrap_or_default()),
         }
     }
 
-    /// Rows `start..start + len` along dim 0, sharing this tensor's bytes.
-    pub fn slice_rows(&self, start: usize, len: usize) -> Tensor {
-        let row = self.row_bytes();
+    /// Rows `start..start + len` along dim 0, sharing this tensor's bytes; `None` when
+    /// they are not all there.
+    pub fn slice_rows(&self, start: usize, len: usize) -> Option<Tensor> {
+        let rows = self.rows()?;
+        let end = start.checked_add(len).filter(|&end| end <= rows)?;
+        if self.shape.is_empty() {
+            return None;
+        }
+        let row = self.row_bytes().ok()?;
         let mut shape = self.shape.clone();
-        shape[0] = len as i64;
-        Tensor {
+        shape[0] = i64::try_from(len).ok()?;
+        Some(Tensor {
             dtype: self.dtype,
             shape,
-            data: self.data.slice(start * row..(start + len) * row),
-        }
+            // In bounds: row * rows == data.len() and end <= rows.
+            data: self.data.slice(start * row..end * row),
+        })
     }
 
     /// Concatenates tensors along dim 0. All must share dtype and the other dims.
@@ -199,15 +204,15 @@ impl Tensor {
 
     /// Concatenates tensors along dim 0 and grows the result to `rows` rows (if it has
     /// fewer) by repeating its first row: a real input, so padding cannot make a model
-    /// divide by zero where real data would not. One copy of the data.
+    /// divide by zero where real data would not. Parts without rows are not padded. One
+    /// copy of the data; every size is checked, so no shape can make it overflow.
     pub fn concat_rows_padded(parts: &[&Tensor], rows: usize) -> Result<Tensor, String> {
         let first = parts.first().ok_or("nothing to concatenate")?;
         if first.shape.is_empty() {
             return Err("cannot concatenate scalars".into());
         }
         let mut joined = 0usize;
-        let bytes: usize = parts.iter().map(|p| p.data.len()).sum();
-        let mut data = Vec::with_capacity(bytes.max(rows * first.row_bytes()));
+        let mut bytes = 0usize;
         for part in parts {
             if part.dtype != first.dtype || part.shape.get(1..) != first.shape.get(1..) {
                 return Err(format!(
@@ -215,18 +220,32 @@ impl Tensor {
                     first.dtype, first.shape, part.dtype, part.shape
                 ));
             }
-            joined += part.rows().unwrap_or(0);
+            joined = joined
+                .checked_add(part.rows().unwrap_or(0))
+                .ok_or("too many rows to concatenate")?;
+            bytes = bytes
+                .checked_add(part.data.len())
+                .ok_or("too many bytes to concatenate")?;
+        }
+        let target = if joined > 0 { rows.max(joined) } else { 0 };
+        let capacity = match joined {
+            0 => 0,
+            _ => (bytes / joined)
+                .checked_mul(target)
+                .ok_or_else(|| format!("{target} rows of {:?} overflow", first.shape))?,
+        };
+        let mut data = Vec::with_capacity(capacity);
+        for part in parts {
             data.extend_from_slice(&part.data);
         }
-        if joined > 0 && rows > joined {
-            let row = data.len() / joined;
-            for _ in joined..rows {
+        if target > joined {
+            let row = bytes / joined;
+            for _ in joined..target {
                 data.extend_from_within(..row);
             }
-            joined = rows;
         }
         let mut shape = first.shape.clone();
-        shape[0] = joined as i64;
+        shape[0] = i64::try_from(target).map_err(|_| "too many rows to concatenate")?;
         Ok(Tensor {
             dtype: first.dtype,
             shape,
@@ -340,13 +359,32 @@ mod tests {
             padded.to_values::<i32>().unwrap(),
             vec![1, 2, 3, 4, 5, 6, 1, 2, 1, 2]
         );
-        assert_eq!(padded.slice_rows(2, 1), b);
-        assert_eq!(padded.slice_rows(0, 2), a);
+        assert_eq!(padded.slice_rows(2, 1), Some(b.clone()));
+        assert_eq!(padded.slice_rows(0, 2), Some(a.clone()));
+        assert_eq!(padded.slice_rows(4, 2), None);
+        assert_eq!(padded.slice_rows(usize::MAX, 2), None);
         let other = Tensor::from_values(vec![1, 3], &[0i32, 0, 0]).unwrap();
         assert!(Tensor::concat_rows(&[&a, &other]).is_err());
         let empty = Tensor::from_values(vec![0, 2], &[] as &[i32]).unwrap();
         assert_eq!(Tensor::concat_rows(&[&empty, &b]).unwrap(), b);
-        assert_eq!(empty.slice_rows(0, 0).shape, vec![0, 2]);
+        assert_eq!(empty.slice_rows(0, 0).unwrap().shape, vec![0, 2]);
+    }
+
+    #[test]
+    fn rows_without_bytes_never_overflow() {
+        // Zero rows of a huge free dimension: no bytes, and padding must not ask for
+        // 2^58 x 4 bytes per row (issue 10, bug 1).
+        let huge = (1i64 << 58) - 1;
+        let empty = Tensor::new(DType::F32, vec![0, huge], Bytes::new()).unwrap();
+        let padded = Tensor::concat_rows_padded(&[&empty, &empty], 16).unwrap();
+        assert_eq!(padded.shape, vec![0, huge]);
+        assert!(padded.data.is_empty());
+        let wider = Tensor::new(DType::F64, vec![0, i64::MAX], Bytes::new()).unwrap();
+        assert!(matches!(wider.row_bytes(), Err(TensorError::TooLarge(_))));
+        assert_eq!(wider.slice_rows(0, 0), None);
+        // Padding that would overflow is refused, not attempted.
+        let row = Tensor::from_values(vec![1, 2], &[1i32, 2]).unwrap();
+        assert!(Tensor::concat_rows_padded(&[&row], usize::MAX).is_err());
     }
 
     #[test]

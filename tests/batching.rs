@@ -31,10 +31,14 @@ fn request(model: &str, signature: &str, x: TensorProto) -> PredictRequest {
 }
 
 fn values(response: &PredictResponse, name: &str) -> Vec<f32> {
-    tensor_from_proto(name, &response.outputs[name], usize::MAX)
-        .unwrap()
-        .to_values::<f32>()
-        .unwrap()
+    tensor_from_proto(
+        name,
+        &response.outputs[name],
+        &mut modelgate::limits::DecodeBudget::unlimited(),
+    )
+    .unwrap()
+    .to_values::<f32>()
+    .unwrap()
 }
 
 /// Starts a server on `models` with the batching parameters `params` (None = batching off).
@@ -69,10 +73,14 @@ async fn forwards(client: &mut PredictionServiceClient<Channel>) -> i64 {
         .await
         .expect("count")
         .into_inner();
-    tensor_from_proto("calls", &response.outputs["calls"], usize::MAX)
-        .unwrap()
-        .to_values::<i64>()
-        .unwrap()[0]
+    tensor_from_proto(
+        "calls",
+        &response.outputs["calls"],
+        &mut modelgate::limits::DecodeBudget::unlimited(),
+    )
+    .unwrap()
+    .to_values::<i64>()
+    .unwrap()[0]
 }
 
 trait WithShape {

@@ -80,7 +80,12 @@ fn output(response: &modelgate::proto::serving::PredictResponse, name: &str) -> 
         .outputs
         .get(name)
         .unwrap_or_else(|| panic!("no output {name}"));
-    tensor_from_proto(name, proto, usize::MAX).expect("decodable output")
+    tensor_from_proto(
+        name,
+        proto,
+        &mut modelgate::limits::DecodeBudget::unlimited(),
+    )
+    .expect("decodable output")
 }
 
 fn served_version(response: &modelgate::proto::serving::PredictResponse) -> i64 {

@@ -298,10 +298,14 @@ async fn predict_float32_matches_grpc(rest: &Rest<'_>) {
         .unwrap()
         .into_inner();
     let grpc = |name: &str| {
-        tensor_from_proto(name, &response.outputs[name], usize::MAX)
-            .unwrap()
-            .to_values::<f32>()
-            .unwrap()
+        tensor_from_proto(
+            name,
+            &response.outputs[name],
+            &mut modelgate::limits::DecodeBudget::unlimited(),
+        )
+        .unwrap()
+        .to_values::<f32>()
+        .unwrap()
     };
 
     // The request carries each float32 as its shortest text, which must read back exactly.

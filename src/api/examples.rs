@@ -3,6 +3,7 @@
 //! name, one row per example, so the examples of a request make one batch.
 
 use crate::error::Error;
+use crate::limits::DecodeBudget;
 use crate::proto::serving::{input, Input};
 use crate::proto::tensorflow::{feature, Example, Feature};
 use crate::signature::TensorSpec;
@@ -60,24 +61,44 @@ impl<'a> Examples<'a> {
     }
 
     /// The tensors of `specs` (a signature's inputs, in order), each of shape
-    /// `[examples, per-example shape...]`. `signature` names the signature in errors.
-    pub fn tensors_for(&self, signature: &str, specs: &[TensorSpec]) -> Result<Vec<Tensor>, Error> {
+    /// `[examples, per-example shape...]`. `signature` names the signature in errors. Each
+    /// tensor's bytes are charged to `budget` before they are allocated: the context's
+    /// features are copied into every example, so a small context and many empty examples
+    /// could otherwise ask for their product.
+    pub fn tensors_for(
+        &self,
+        signature: &str,
+        specs: &[TensorSpec],
+        budget: &mut DecodeBudget,
+    ) -> Result<Vec<Tensor>, Error> {
         specs
             .iter()
-            .map(|spec| self.tensor_for(signature, spec))
+            .map(|spec| self.tensor_for(signature, spec, budget))
             .collect()
     }
 
-    fn tensor_for(&self, signature: &str, spec: &TensorSpec) -> Result<Tensor, Error> {
+    fn tensor_for(
+        &self,
+        signature: &str,
+        spec: &TensorSpec,
+        budget: &mut DecodeBudget,
+    ) -> Result<Tensor, Error> {
         let mut row_shape = RowShape::of(signature, spec)?;
         let count = self.len();
-        // Sized from the values actually sent, not from the first example times the count:
-        // a large first example followed by many tiny ones must not reserve their product.
-        let present: usize = (0..count)
+        // Sized from the values actually sent (a context's once per example that uses it),
+        // not from the first example times the count: a large first example followed by
+        // many tiny ones must not reserve their product.
+        let present = (0..count)
             .filter_map(|index| self.feature(index, &spec.name))
-            .map(|feature| Values::of(feature).len())
-            .sum();
-        let mut data = Vec::with_capacity(present.saturating_mul(spec.dtype.size()));
+            .try_fold(0usize, |sum, feature| {
+                sum.checked_add(Values::of(feature).len())
+            })
+            .and_then(|elements| elements.checked_mul(spec.dtype.size()));
+        budget.charge(
+            &format!("input '{}' from {count} example(s)", spec.name),
+            present.unwrap_or(usize::MAX),
+        )?;
+        let mut data = Vec::with_capacity(present.unwrap_or(0));
         for index in 0..count {
             let feature = self.feature(index, &spec.name).ok_or_else(|| {
                 Error::InvalidArgument(format!(
@@ -326,6 +347,7 @@ mod tests {
                     spec("x", DType::F32, Some(vec![-1, 3])),
                     spec("n", DType::I64, Some(vec![-1])),
                 ],
+                &mut DecodeBudget::unlimited(),
             )
             .unwrap();
         assert_eq!(tensors[0].shape, vec![2, 3]);
@@ -355,9 +377,44 @@ mod tests {
             spec("a", DType::F64, Some(vec![-1, 1])),
             spec("b", DType::F32, Some(vec![-1])),
         ];
-        let tensors = examples.tensors_for("s", &specs).unwrap();
+        let tensors = examples
+            .tensors_for("s", &specs, &mut DecodeBudget::unlimited())
+            .unwrap();
         assert_eq!(tensors[0].to_values::<f64>().unwrap(), vec![1., 2.]);
         assert_eq!(tensors[1].to_values::<f32>().unwrap(), vec![5., 9.]);
+    }
+
+    #[test]
+    fn a_context_copied_into_many_examples_is_charged_before_it_is_built() {
+        // 200,000 empty examples and a 40 KB context ask for 8 GB (issue 10, bug 3).
+        let input = Input {
+            kind: Some(input::Kind::ExampleListWithContext(
+                ExampleListWithContext {
+                    examples: vec![Example::default(); 200_000],
+                    context: Some(example(vec![("x", floats(&[0.5; 10_000]))])),
+                },
+            )),
+        };
+        let examples = Examples::from_input(Some(&input)).unwrap();
+        let x = [spec("x", DType::F32, Some(vec![-1, -1]))];
+        let mut budget = DecodeBudget::new(1 << 30, 0);
+        let err = examples.tensors_for("s", &x, &mut budget).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains("8000000000 bytes")),
+            "{err}"
+        );
+        // Within the budget, the context does fill every example.
+        let few = Input {
+            kind: Some(input::Kind::ExampleListWithContext(
+                ExampleListWithContext {
+                    examples: vec![Example::default(); 3],
+                    context: Some(example(vec![("x", floats(&[0.5; 2]))])),
+                },
+            )),
+        };
+        let examples = Examples::from_input(Some(&few)).unwrap();
+        let t = &examples.tensors_for("s", &x, &mut budget).unwrap()[0];
+        assert_eq!(t.shape, vec![3, 2]);
     }
 
     #[test]
@@ -373,12 +430,20 @@ mod tests {
         ]);
         let examples = Examples::from_input(Some(&input)).unwrap();
         let t = &examples
-            .tensors_for("s", &[spec("img", DType::U8, Some(vec![-1, 2, -1]))])
+            .tensors_for(
+                "s",
+                &[spec("img", DType::U8, Some(vec![-1, 2, -1]))],
+                &mut DecodeBudget::unlimited(),
+            )
             .unwrap()[0];
         assert_eq!(t.shape, vec![2, 2, 2]);
         assert_eq!(&t.data[..], &[1, 2, 3, 4, 5, 6, 7, 8]);
         let t = &examples
-            .tensors_for("s", &[spec("img", DType::U8, None)])
+            .tensors_for(
+                "s",
+                &[spec("img", DType::U8, None)],
+                &mut DecodeBudget::unlimited(),
+            )
             .unwrap()[0];
         assert_eq!(t.shape, vec![2, 4]);
     }
@@ -387,7 +452,9 @@ mod tests {
     fn bad_examples_say_which_and_why() {
         let check = |input: Input, spec: TensorSpec, needle: &str| {
             let examples = Examples::from_input(Some(&input)).unwrap();
-            let err = examples.tensors_for("sig", &[spec]).unwrap_err();
+            let err = examples
+                .tensors_for("sig", &[spec], &mut DecodeBudget::unlimited())
+                .unwrap_err();
             assert!(
                 err.to_string().contains(needle),
                 "{err} should say {needle}"

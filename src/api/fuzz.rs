@@ -18,11 +18,13 @@ use crate::api::examples::Examples;
 use crate::api::grpc::{tensor_from_proto, tensor_to_proto};
 use crate::api::rest::json::{decode_tensors, encode_predict, Format, PredictBody};
 use crate::api::rest::tasks_json::parse_request;
+use crate::limits::DecodeBudget;
 use crate::proto::serving::{input, ExampleList, ExampleListWithContext, Input};
 use crate::proto::tensorflow::{
     feature, tensor_shape_proto, BytesList, DataType, Example, Feature, Features, FloatList,
     Int64List, TensorProto, TensorShapeProto,
 };
+use crate::runtime::padded_size;
 use crate::signature::{Signature, SignatureKind, TensorSpec};
 use crate::tensor::{num_elements, DType, Tensor};
 use bytes::Bytes;
@@ -337,7 +339,7 @@ proptest! {
 
     #[test]
     fn fuzz_tensor_proto(proto in tensor_proto()) {
-        if let Ok(tensor) = tensor_from_proto("x", &proto, MAX_BYTES) {
+        if let Ok(tensor) = tensor_from_proto("x", &proto, &mut DecodeBudget::new(MAX_BYTES, 0)) {
             let elements = num_elements(&tensor.shape).unwrap();
             prop_assert_eq!(tensor.data.len(), elements * tensor.dtype.size());
             prop_assert!(tensor.data.len() <= MAX_BYTES);
@@ -348,7 +350,7 @@ proptest! {
     fn fuzz_tensor_proto_bytes(bytes in prop::collection::vec(any::<u8>(), 0..128)) {
         use prost::Message;
         if let Ok(proto) = TensorProto::decode(bytes.as_slice()) {
-            if let Ok(tensor) = tensor_from_proto("x", &proto, MAX_BYTES) {
+            if let Ok(tensor) = tensor_from_proto("x", &proto, &mut DecodeBudget::new(MAX_BYTES, 0)) {
                 let elements = num_elements(&tensor.shape).unwrap();
                 prop_assert_eq!(tensor.data.len(), elements * tensor.dtype.size());
             }
@@ -358,7 +360,7 @@ proptest! {
     #[test]
     fn fuzz_tensor_proto_round_trip(tensor in json_tensor(0), as_content in any::<bool>()) {
         let proto = tensor_to_proto(&tensor, as_content);
-        prop_assert_eq!(tensor_from_proto("x", &proto, usize::MAX).unwrap(), tensor);
+        prop_assert_eq!(tensor_from_proto("x", &proto, &mut DecodeBudget::unlimited()).unwrap(), tensor);
     }
 
     #[test]
@@ -379,11 +381,112 @@ proptest! {
             spec("ids", DType::I8, Some(vec![-1, -1])),
         ];
         for spec in &specs {
-            if let Ok(tensors) = examples.tensors_for("s", std::slice::from_ref(spec)) {
+            if let Ok(tensors) = examples.tensors_for("s", std::slice::from_ref(spec), &mut DecodeBudget::new(MAX_BYTES, 0)) {
                 let tensor = &tensors[0];
                 prop_assert_eq!(tensor.shape[0] as usize, examples.len());
                 let elements = num_elements(&tensor.shape).unwrap();
                 prop_assert_eq!(tensor.data.len(), elements * tensor.dtype.size());
+            }
+        }
+    }
+}
+
+/// Shapes as an attacker writes them: huge declared dimensions (up to 2^62) beside zeros and
+/// ones, so that element counts overflow, or are zero with a huge dimension beside them.
+fn hostile_shape() -> impl Strategy<Value = Vec<i64>> {
+    prop::collection::vec(
+        prop_oneof![
+            Just(0i64),
+            Just(1i64),
+            1i64..8,
+            (40u32..63).prop_map(|bits| 1i64 << bits),
+            (40u32..63).prop_map(|bits| (1i64 << bits) - 1),
+        ],
+        0..4,
+    )
+}
+
+proptest! {
+    /// Huge declared shapes with a payload of one broadcast value or none: the decoder
+    /// refuses before allocating, or builds at most the budget.
+    #[test]
+    fn fuzz_tensor_proto_hostile_shapes(
+        shape in hostile_shape(),
+        dtype in prop::sample::select(vec![DataType::DtFloat, DataType::DtInt8, DataType::DtUint8, DataType::DtInt64, DataType::DtHalf]),
+        broadcast in any::<bool>(),
+    ) {
+        let proto = TensorProto {
+            dtype: dtype as i32,
+            tensor_shape: Some(crate::api::grpc::shape_proto(Some(&shape))),
+            float_val: if broadcast { vec![1.0] } else { Vec::new() },
+            int_val: if broadcast { vec![1] } else { Vec::new() },
+            int64_val: if broadcast { vec![1] } else { Vec::new() },
+            half_val: if broadcast { vec![1] } else { Vec::new() },
+            ..Default::default()
+        };
+        if let Ok(tensor) = tensor_from_proto("x", &proto, &mut DecodeBudget::new(MAX_BYTES, 0)) {
+            prop_assert!(tensor.data.len() <= MAX_BYTES);
+            prop_assert_eq!(tensor.data.len(), num_elements(&tensor.shape).unwrap() * tensor.dtype.size());
+        }
+    }
+
+    /// Many empty examples and a context: whatever their counts, the tensors built fit the
+    /// budget (the context is charged once per example that takes it).
+    #[test]
+    fn fuzz_examples_context_amplification(
+        empty in 1usize..5_000,
+        context_values in 0usize..2_000,
+    ) {
+        let input = Input {
+            kind: Some(input::Kind::ExampleListWithContext(ExampleListWithContext {
+                examples: vec![Example::default(); empty],
+                context: Some(Example {
+                    features: Some(Features {
+                        feature: [("x".to_string(), Feature {
+                            kind: Some(feature::Kind::FloatList(FloatList { value: vec![0.5; context_values] })),
+                        })].into(),
+                    }),
+                }),
+            })),
+        };
+        let examples = Examples::from_input(Some(&input)).unwrap();
+        let mut budget = DecodeBudget::new(MAX_BYTES, 0);
+        match examples.tensors_for("s", &[spec("x", DType::F64, Some(vec![-1, -1]))], &mut budget) {
+            Ok(tensors) => prop_assert!(tensors[0].data.len() <= MAX_BYTES),
+            Err(_) => prop_assert!(empty * context_values * 8 > MAX_BYTES || context_values == 0),
+        }
+    }
+
+    /// Concatenating and padding tensors of any shape, zero rows and huge dims included,
+    /// never panics and never allocates past what its rows hold.
+    #[test]
+    fn fuzz_concat_and_pad_hostile_shapes(
+        rest in hostile_shape(),
+        rows in prop::collection::vec(0i64..3, 1..4),
+        allowed in prop::collection::vec(1usize..64, 0..3),
+    ) {
+        let tensors: Vec<Tensor> = rows
+            .iter()
+            .filter_map(|&r| {
+                let shape: Vec<i64> = std::iter::once(r).chain(rest.iter().copied()).collect();
+                let bytes = crate::tensor::byte_size(DType::F32, &shape).ok().filter(|&b| b <= MAX_BYTES)?;
+                Tensor::new(DType::F32, shape, Bytes::from(vec![0u8; bytes])).ok()
+            })
+            .collect();
+        let parts: Vec<&Tensor> = tensors.iter().collect();
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let mut allowed = allowed;
+        allowed.sort_unstable();
+        allowed.dedup();
+        let total: usize = parts.iter().map(|t| t.rows().unwrap_or(0)).sum();
+        let padded = padded_size(&allowed, total);
+        if let Ok(joined) = Tensor::concat_rows_padded(&parts, padded) {
+            prop_assert_eq!(joined.rows(), Some(padded));
+            prop_assert!(joined.data.len() <= MAX_BYTES * 64 * parts.len());
+            for start in 0..padded {
+                prop_assert!(joined.slice_rows(start, 1).is_some());
             }
         }
     }
@@ -431,7 +534,11 @@ mod regressions {
         };
         let examples = Examples::from_input(Some(&input)).unwrap();
         let err = examples
-            .tensors_for("s", &[spec("x", DType::F64, Some(vec![-1, -1]))])
+            .tensors_for(
+                "s",
+                &[spec("x", DType::F64, Some(vec![-1, -1]))],
+                &mut DecodeBudget::unlimited(),
+            )
             .unwrap_err();
         assert!(err.to_string().contains("example 1"), "{err}");
     }

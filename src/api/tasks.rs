@@ -70,15 +70,19 @@ pub struct TasksAnswer {
 }
 
 /// Runs `tasks` on the examples of `input`, all on the one version `version` selects.
+/// `request_bytes` is the request's size as received: what its tensors may decode to
+/// depends on it (see [`crate::limits`]).
 pub async fn run(
     inference: &Inference,
     model: &str,
     version: &VersionSelector,
     tasks: &[Task<'_>],
     input: Option<&Input>,
+    request_bytes: usize,
 ) -> Result<TasksAnswer, Error> {
     let servable = inference.registry().resolve(model, version)?;
     let examples = Examples::from_input(input)?;
+    let mut budget = inference.decode_budget(request_bytes);
     let mut resolved = Vec::with_capacity(tasks.len());
     for task in tasks {
         let (name, signature) = find_signature(&servable, task.signature)?;
@@ -93,7 +97,7 @@ pub async fn run(
             continue;
         }
         let (name, signature, _) = resolved[i];
-        let tensors = examples.tensors_for(name, &signature.inputs)?;
+        let tensors = examples.tensors_for(name, &signature.inputs, &mut budget)?;
         let output = inference
             .run_method(&servable, signature, tensors, None)
             .await?;

@@ -11,7 +11,7 @@ pub use options::{BatchingOptions, BATCHING_PARAMS_FILE};
 
 use crate::runtime::{
     start_workers, Batch, BatchSource, Job, JobResult, LoadError, ModelOutput, RunError,
-    RunnerConfig,
+    RunnerConfig, Workers,
 };
 use crate::tensor::{DType, Tensor};
 use former::Former;
@@ -87,6 +87,7 @@ enum Mode {
 /// workers finish what is queued, then stop and free the model.
 pub struct Scheduler {
     mode: Mode,
+    workers: Workers,
     rejected_full: metrics::Counter,
 }
 
@@ -136,11 +137,24 @@ impl Scheduler {
                 )
             }
         };
-        start_workers(path, model, version, runner, &source)?;
+        let workers = start_workers(path, model, version, runner, &source)?;
         Ok(Scheduler {
             mode,
+            workers,
             rejected_full,
         })
+    }
+
+    /// The devices on which every worker of this version has died (see [`Workers`]).
+    pub fn lost_devices(&self) -> Vec<crate::runtime::Device> {
+        self.workers.lost_devices()
+    }
+
+    /// Closes the queue and blocks until the workers have answered what was queued and
+    /// exited, freeing the module. Blocking: call it from a blocking thread.
+    pub fn shut_down(self) {
+        drop(self.mode);
+        self.workers.join();
     }
 
     /// Whether requests are batched.
@@ -207,11 +221,23 @@ impl Scheduler {
                     return Err(RunError::BatchTooLarge { rows, limit });
                 }
                 // Split into chunks of at most `limit` rows, queue them all, reassemble.
-                let mut results = Vec::with_capacity(rows.div_ceil(limit));
                 reserve(state, rows)?; // chunks have at least one row each: they give back exactly `rows`
-                for start in (0..rows).step_by(limit) {
-                    let len = limit.min(rows - start);
-                    let chunk = inputs.iter().map(|t| t.slice_rows(start, len)).collect();
+                let chunks: Option<Vec<Vec<Tensor>>> = (0..rows)
+                    .step_by(limit)
+                    .map(|start| {
+                        let len = limit.min(rows - start);
+                        inputs.iter().map(|t| t.slice_rows(start, len)).collect()
+                    })
+                    .collect();
+                let Some(chunks) = chunks else {
+                    state.queued_rows.fetch_sub(rows, Ordering::SeqCst);
+                    return Err(RunError::BadOutput(
+                        "the inputs of a split request differ in rows".into(),
+                    ));
+                };
+                let mut results = Vec::with_capacity(chunks.len());
+                for chunk in chunks {
+                    let len = chunk.first().and_then(Tensor::rows).unwrap_or(0);
                     let (job, result) = Job::new(Arc::clone(&method), chunk, deadline);
                     let key = BatchKey::of(&job, true);
                     send(jobs, state, job, key, len)?;
@@ -232,10 +258,17 @@ async fn wait(result: JobResult) -> Result<ModelOutput, RunError> {
 }
 
 /// Takes room for `rows` in the queue, or refuses: memory stays bounded under any load.
+/// A request larger than the whole queue could ever hold is the request's fault, not load.
 fn reserve(state: &QueueState, rows: usize) -> Result<(), RunError> {
     let limit = state.options.queue_capacity_rows();
+    if rows > limit {
+        return Err(RunError::TooManyRows {
+            rows,
+            capacity: limit,
+        });
+    }
     let before = state.queued_rows.fetch_add(rows, Ordering::SeqCst);
-    if before + rows > limit {
+    if before.saturating_add(rows) > limit {
         state.queued_rows.fetch_sub(rows, Ordering::SeqCst);
         state.rejected_full.increment(1);
         return Err(RunError::QueueFull);

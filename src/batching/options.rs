@@ -114,6 +114,11 @@ impl BatchingOptions {
         }
     }
 
+    /// The rows a batch of `rows` rows runs with, padding included.
+    pub fn padded_size(&self, rows: usize) -> usize {
+        crate::runtime::padded_size(&self.allowed_batch_sizes, rows)
+    }
+
     /// How many rows may wait in the queue.
     pub fn queue_capacity_rows(&self) -> usize {
         self.max_enqueued_batches

@@ -193,6 +193,13 @@ pub struct Flags {
     #[arg(long = "fanout_timeout_seconds", default_value_t = 60)]
     pub fanout_timeout_seconds: u64,
 
+    /// The most bytes the tensors of one request may decode to (broadcast typed values,
+    /// tf.Example contexts copied into every example, batch padding); a request that carried
+    /// more than this in place may decode to its own size. Beyond it: INVALID_ARGUMENT
+    /// (modelgate's own).
+    #[arg(long = "max_request_tensor_bytes", default_value_t = crate::limits::DEFAULT_MAX_REQUEST_TENSOR_BYTES)]
+    pub max_request_tensor_bytes: usize,
+
     /// Largest REST request body accepted; larger ones are answered 413 (modelgate's own).
     #[arg(long = "rest_api_max_body_bytes", default_value_t = DEFAULT_REST_MAX_BODY_BYTES)]
     pub rest_api_max_body_bytes: usize,

@@ -94,6 +94,28 @@ impl Registry {
         Arc::new(Registry::default())
     }
 
+    /// Versions that serve with a device on which all their workers died: the process can
+    /// no longer run them there, and liveness (`/healthz`) says so, so that Kubernetes
+    /// restarts the pod.
+    pub fn lost_workers(&self) -> Vec<String> {
+        let serving = self.serving.load();
+        let mut lost: Vec<String> = serving
+            .models
+            .values()
+            .flat_map(|model| model.versions.values())
+            .flat_map(|servable| {
+                servable.scheduler.lost_devices().into_iter().map(|device| {
+                    format!(
+                        "model '{}' version {} has no worker left on {device}",
+                        servable.model, servable.version
+                    )
+                })
+            })
+            .collect();
+        lost.sort();
+        lost
+    }
+
     /// The version a request should run on; errors are NOT_FOUND with what was missing.
     pub fn resolve(&self, model: &str, selector: &VersionSelector) -> Result<Arc<Servable>, Error> {
         let serving = self.serving.load();

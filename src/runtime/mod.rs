@@ -7,7 +7,10 @@
 mod convert;
 mod worker;
 
-pub use worker::{start_workers, Batch, BatchFormer, BatchSource, Job, JobResult, RunnerConfig};
+pub use worker::{
+    padded_size, start_workers, Batch, BatchFormer, BatchSource, Job, JobResult, RunnerConfig,
+    Workers,
+};
 
 use crate::config::DeviceFlag;
 use crate::tensor::Tensor;
@@ -103,6 +106,13 @@ pub enum RunError {
     /// A request larger than the batch size while large-batch splitting is off.
     #[error("the request has {rows} rows, more than the batch size {limit} (enable_large_batch_splitting splits such requests)")]
     BatchTooLarge { rows: usize, limit: usize },
+    /// Running the batch panicked (a server bug): the batch is answered with this and the
+    /// worker carries on.
+    #[error("the server failed while running this request: {0}")]
+    Crashed(String),
+    /// A request with more rows than the batching queue can ever hold.
+    #[error("the request has {rows} rows, more than the batching queue holds ({capacity} rows: max_enqueued_batches x max_batch_size)")]
+    TooManyRows { rows: usize, capacity: usize },
     /// The job's deadline passed before a worker reached it; it did not run.
     #[error("the deadline passed before the model ran")]
     DeadlineExceeded,

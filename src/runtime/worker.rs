@@ -7,6 +7,7 @@ use super::{Device, LoadError, ModelOutput, RunError};
 use crate::tensor::Tensor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{CModule, IValue};
@@ -146,6 +147,65 @@ impl BatchSource {
     }
 }
 
+/// The worker threads of one version: unloading waits for them to finish (so that "unloaded"
+/// means the module is freed), and liveness asks whether a device still has any.
+pub struct Workers {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    health: Arc<WorkerHealth>,
+}
+
+/// Per device, how many of its workers died: a worker only ever exits on its own when its
+/// source closes (the version unloads); anything else is a panic outside a batch's work.
+struct WorkerHealth {
+    instances: usize,
+    died: Vec<(Device, AtomicUsize)>,
+}
+
+impl Workers {
+    /// The devices every one of whose workers has died: nothing runs this version there any
+    /// more, and only a restart brings them back (liveness fails on it).
+    pub fn lost_devices(&self) -> Vec<Device> {
+        self.health
+            .died
+            .iter()
+            .filter(|(_, died)| died.load(Ordering::SeqCst) >= self.health.instances)
+            .map(|(device, _)| *device)
+            .collect()
+    }
+
+    /// Blocks until every worker has exited: call it once their source is closed.
+    pub fn join(self) {
+        for thread in self.threads {
+            // A worker that died has been logged and counted already.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Counts a worker's death if its thread unwinds (drops this while panicking).
+struct DeathWatch {
+    health: Arc<WorkerHealth>,
+    device: usize,
+    name: String,
+}
+
+impl Drop for DeathWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let died = self.health.died[self.device]
+                .1
+                .fetch_add(1, Ordering::SeqCst)
+                + 1;
+            tracing::error!(
+                worker = %self.name,
+                died,
+                instances = self.health.instances,
+                "a worker thread died; its device runs this model on the workers left"
+            );
+        }
+    }
+}
+
 /// Loads the TorchScript module at `path` onto every device (one copy per device) and
 /// starts its workers, which run what `source` gives them until it closes, then free the
 /// module. Blocking: call it from a blocking thread, never from the async executor.
@@ -155,23 +215,41 @@ pub fn start_workers(
     version: i64,
     config: &RunnerConfig,
     source: &BatchSource,
-) -> Result<(), LoadError> {
+) -> Result<Workers, LoadError> {
     let metrics = WorkerMetrics::new(model, version);
-    for &device in &config.devices {
+    let instances = config.instances_per_device.max(1);
+    let health = Arc::new(WorkerHealth {
+        instances,
+        died: config
+            .devices
+            .iter()
+            .map(|&device| (device, AtomicUsize::new(0)))
+            .collect(),
+    });
+    let mut threads = Vec::with_capacity(config.devices.len() * instances);
+    for (index, &device) in config.devices.iter().enumerate() {
         let module = Arc::new(load_module(path, device)?);
-        for instance in 0..config.instances_per_device.max(1) {
+        for instance in 0..instances {
             let (module, source, metrics) = (Arc::clone(&module), source.clone(), metrics.clone());
-            std::thread::Builder::new()
-                .name(format!("{model}/{version}@{device}#{instance}"))
+            let name = format!("{model}/{version}@{device}#{instance}");
+            let watch = DeathWatch {
+                health: Arc::clone(&health),
+                device: index,
+                name: name.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(name)
                 .spawn(move || {
+                    let _watch = watch;
                     while let Some(batch) = source.next() {
                         execute(&module, device.to_tch(), batch, &metrics);
                     }
                 })
                 .map_err(|e| LoadError::Thread(e.to_string()))?;
+            threads.push(thread);
         }
     }
-    Ok(())
+    Ok(Workers { threads, health })
 }
 
 fn load_module(path: &Path, device: Device) -> Result<CModule, LoadError> {
@@ -185,7 +263,9 @@ fn load_module(path: &Path, device: Device) -> Result<CModule, LoadError> {
 }
 
 /// Runs one batch: drops jobs whose caller left or whose deadline passed, runs the rest in
-/// one forward, and answers each job with its own rows.
+/// one forward, and answers each job with its own rows. Everything between taking the jobs
+/// and answering them is caught: a panic anywhere in a batch's work (concatenating,
+/// libtorch, splitting) answers that batch INTERNAL and the worker goes on.
 fn execute(module: &CModule, device: tch::Device, batch: Batch, metrics: &WorkerMetrics) {
     let now = Instant::now();
     let mut jobs = Vec::with_capacity(batch.jobs.len());
@@ -202,51 +282,86 @@ fn execute(module: &CModule, device: tch::Device, batch: Batch, metrics: &Worker
     if jobs.is_empty() {
         return;
     }
-    let rows: usize = jobs.iter().map(Job::rows).sum();
-    let padded = batch
-        .allowed_sizes
-        .iter()
-        .copied()
-        .find(|&size| size >= rows)
-        .unwrap_or(rows);
-    metrics.batch_size.record(padded as f64);
-    let started = Instant::now();
-
-    if jobs.len() == 1 && padded == rows {
-        let job = jobs.pop().expect("one job");
-        let result = guarded_forward(module, device, &job.method, &job.inputs);
-        metrics
-            .forward_seconds
-            .record(started.elapsed().as_secs_f64());
+    let work = || run_jobs(module, device, &jobs, &batch.allowed_sizes, metrics);
+    let results = catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let message = panic_message(panic.as_ref());
+        tracing::error!(
+            jobs = jobs.len(),
+            "running a batch panicked ({message}); its requests are answered INTERNAL"
+        );
+        vec![Err(RunError::Crashed(message)); jobs.len()]
+    });
+    for (job, result) in jobs.into_iter().zip(results) {
         job.answer(result);
-        return;
-    }
-
-    let inputs = match concat_inputs(&jobs, padded) {
-        Ok(inputs) => inputs,
-        Err(e) => return fail_all(jobs, e),
-    };
-    let result = guarded_forward(module, device, &jobs[0].method, &inputs);
-    metrics
-        .forward_seconds
-        .record(started.elapsed().as_secs_f64());
-    match result {
-        Ok(output) => {
-            let mut start = 0;
-            for job in jobs {
-                let rows = job.rows();
-                let own = split_output(&output, start, rows, padded);
-                start += rows;
-                job.answer(own);
-            }
-        }
-        Err(e) => fail_all(jobs, e),
     }
 }
 
-fn fail_all(jobs: Vec<Job>, error: RunError) {
-    for job in jobs {
-        job.answer(Err(error.clone()));
+/// The results of `jobs` run as one batch, one per job, in order.
+fn run_jobs(
+    module: &CModule,
+    device: tch::Device,
+    jobs: &[Job],
+    allowed_sizes: &[usize],
+    metrics: &WorkerMetrics,
+) -> Vec<Result<ModelOutput, RunError>> {
+    let rows = jobs
+        .iter()
+        .try_fold(0usize, |sum, job| sum.checked_add(job.rows()));
+    let Some(rows) = rows else {
+        let error = RunError::BadOutput("a batch has more rows than can be counted".into());
+        return vec![Err(error); jobs.len()];
+    };
+    let padded = padded_size(allowed_sizes, rows);
+    metrics.batch_size.record(padded as f64);
+    let started = Instant::now();
+    let record = |started: Instant| {
+        metrics
+            .forward_seconds
+            .record(started.elapsed().as_secs_f64())
+    };
+
+    if let ([job], true) = (jobs, padded == rows) {
+        let result = forward(module, device, &job.method, &job.inputs);
+        record(started);
+        return vec![result];
+    }
+    let result = concat_inputs(jobs, padded)
+        .and_then(|inputs| forward(module, device, &jobs[0].method, &inputs));
+    record(started);
+    match result {
+        Ok(output) => {
+            let mut start = 0;
+            jobs.iter()
+                .map(|job| {
+                    let own = split_output(&output, start, job.rows(), padded);
+                    start += job.rows();
+                    own
+                })
+                .collect()
+        }
+        Err(e) => vec![Err(e); jobs.len()],
+    }
+}
+
+/// The rows a batch of `rows` rows runs with: the smallest allowed size that holds them
+/// (none allowed, or none large enough: as they are). A batch without rows is not padded.
+pub fn padded_size(allowed_sizes: &[usize], rows: usize) -> usize {
+    if rows == 0 {
+        return 0;
+    }
+    allowed_sizes
+        .iter()
+        .copied()
+        .find(|&size| size >= rows)
+        .unwrap_or(rows)
+}
+
+/// What a panic carried, for the log and the client's message.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => (*message).to_string(),
+        (_, Some(message)) => message.clone(),
+        _ => "a panic without a message".to_string(),
     }
 }
 
@@ -275,7 +390,12 @@ fn split_output(
                 tensor.shape
             )));
         }
-        Ok(tensor.slice_rows(start, rows))
+        tensor.slice_rows(start, rows).ok_or_else(|| {
+            RunError::BadOutput(format!(
+                "rows {start}..{start}+{rows} of a batched output of shape {:?}",
+                tensor.shape
+            ))
+        })
     };
     Ok(match output {
         ModelOutput::Tensor(t) => ModelOutput::Tensor(slice(t)?),
@@ -291,17 +411,6 @@ fn split_output(
     })
 }
 
-/// A forward that cannot take the worker down: a panic in the binding costs one batch.
-fn guarded_forward(
-    module: &CModule,
-    device: tch::Device,
-    method: &str,
-    inputs: &[Tensor],
-) -> Result<ModelOutput, RunError> {
-    catch_unwind(AssertUnwindSafe(|| forward(module, device, method, inputs)))
-        .unwrap_or_else(|_| Err(RunError::Torch("libtorch call panicked".into())))
-}
-
 fn forward(
     module: &CModule,
     device: tch::Device,
@@ -315,4 +424,122 @@ fn forward(
         .collect::<Result<Vec<_>, _>>()?;
     let result = module.method_is(method, &args).map_err(torch_error)?;
     model_output(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A TorchScript module computing `2 * x`, saved where `start_workers` can load it.
+    fn doubling_module(tag: &str) -> std::path::PathBuf {
+        let example = tch::Tensor::zeros([2, 1], (tch::Kind::Float, tch::Device::Cpu));
+        let module =
+            CModule::create_by_tracing("double", "forward", &[example], &mut |xs| vec![&xs[0] * 2])
+                .unwrap();
+        let path = std::env::temp_dir().join(format!("modelgate-{tag}-{}.pt", std::process::id()));
+        module.save(&path).unwrap();
+        path
+    }
+
+    fn cpu(instances: usize) -> RunnerConfig {
+        RunnerConfig {
+            devices: vec![Device::Cpu],
+            instances_per_device: instances,
+        }
+    }
+
+    fn job(values: &[f32]) -> (Job, JobResult) {
+        let rows = values.len() as i64;
+        let input = Tensor::from_values(vec![rows, 1], values).unwrap();
+        Job::new(Arc::from("forward"), vec![input], None)
+    }
+
+    /// Waits a bounded time for a job's answer.
+    fn answer(mut result: JobResult) -> Result<ModelOutput, RunError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match result.try_recv() {
+                Ok(answer) => return answer,
+                Err(oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("no answer: {e}"),
+            }
+        }
+    }
+
+    /// Before, only the forward was guarded: a panic while concatenating a batch killed the
+    /// worker thread, and with one worker nothing was answered again (issue 10, bug 4).
+    #[test]
+    fn a_panic_in_a_batch_answers_it_internal_and_the_worker_goes_on() {
+        let path = doubling_module("panic");
+        let (batches, queue) = flume::bounded(4);
+        let workers = start_workers(&path, "m", 1, &cpu(1), &BatchSource::Queue(queue)).unwrap();
+
+        // Jobs whose inputs do not line up (a batch key would never group them): indexing
+        // the second job's missing input panics in the middle of the batch's work.
+        let (first, first_result) = job(&[1.0]);
+        let (mut second, second_result) = job(&[2.0]);
+        second.inputs.clear();
+        let allowed_sizes = Arc::from([]);
+        batches
+            .send(Batch {
+                jobs: vec![first, second],
+                allowed_sizes,
+            })
+            .unwrap();
+        for result in [first_result, second_result] {
+            let error = answer(result).unwrap_err();
+            assert!(
+                matches!(&error, RunError::Crashed(m) if m.contains("index")),
+                "{error:?}"
+            );
+        }
+
+        let (good, good_result) = job(&[1.5, -3.0]);
+        batches.send(Batch::single(good)).unwrap();
+        let Ok(ModelOutput::Tensor(doubled)) = answer(good_result) else {
+            panic!("the worker did not answer after the panic");
+        };
+        assert_eq!(doubled.to_values::<f32>().unwrap(), vec![3.0, -6.0]);
+        assert!(workers.lost_devices().is_empty());
+
+        drop(batches);
+        workers.join();
+        let _ = std::fs::remove_file(path);
+    }
+
+    struct PanickingFormer;
+
+    impl BatchFormer for PanickingFormer {
+        fn next_batch(&self) -> Option<Batch> {
+            panic!("the former broke");
+        }
+    }
+
+    /// A worker that dies outside a batch is counted; once a device has none left it is
+    /// reported lost (liveness fails on it), and joining still returns.
+    #[test]
+    fn a_device_whose_workers_all_died_is_lost() {
+        let path = doubling_module("lost");
+        let source = BatchSource::Former(Arc::new(PanickingFormer));
+        let workers = start_workers(&path, "m", 1, &cpu(2), &source).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while workers.lost_devices().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(workers.lost_devices(), vec![Device::Cpu]);
+        workers.join();
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn padding_takes_the_smallest_allowed_size_and_never_pads_nothing() {
+        assert_eq!(padded_size(&[4, 8], 0), 0);
+        assert_eq!(padded_size(&[4, 8], 3), 4);
+        assert_eq!(padded_size(&[4, 8], 5), 8);
+        assert_eq!(padded_size(&[4, 8], 9), 9);
+        assert_eq!(padded_size(&[], 3), 3);
+    }
 }

@@ -602,7 +602,7 @@ pub async fn predict(
         other => panic!("response without a version: {other:?}"),
     };
     let y = response.outputs.get("y").expect("output y");
-    let values = tensor_from_proto("y", y, usize::MAX)
+    let values = tensor_from_proto("y", y, &mut modelgate::limits::DecodeBudget::unlimited())
         .ok()
         .and_then(|t| t.to_values::<f32>())
         .expect("output y is float");

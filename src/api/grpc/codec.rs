@@ -1,13 +1,14 @@
 //! TensorProto, DataType and SignatureDef <-> modelgate's own types.
 
 use crate::error::Error;
+use crate::limits::DecodeBudget;
 use crate::proto::serving::SignatureDefMap;
 use crate::proto::tensorflow::{
     tensor_info, tensor_shape_proto, DataType, SignatureDef, TensorInfo, TensorProto,
     TensorShapeProto,
 };
 use crate::signature::{SignatureMap, TensorSpec};
-use crate::tensor::{num_elements, DType, Tensor};
+use crate::tensor::{byte_size, DType, Tensor};
 use bytes::Bytes;
 
 pub fn dtype_to_proto(dtype: DType) -> DataType {
@@ -40,31 +41,48 @@ fn dtype_from_proto(input: &str, code: i32) -> Result<DType, Error> {
         })
 }
 
-/// Decodes a request tensor. Values come from `tensor_content` or from the typed field of
-/// the dtype; as in TensorFlow, a single typed value is broadcast to the whole shape.
-/// `max_bytes` bounds what one tensor may expand to, so a tiny request cannot ask for a
-/// huge broadcast.
+/// The dtype and shape a request tensor declares, read without touching its values, so
+/// that they can be checked against the signature before anything is decoded.
+pub fn declared_type(input: &str, proto: &TensorProto) -> Result<(DType, Vec<i64>), Error> {
+    let dtype = dtype_from_proto(input, proto.dtype)?;
+    let shape = match &proto.tensor_shape {
+        None => Vec::new(),
+        Some(shape) if shape.unknown_rank => {
+            return Err(Error::InvalidArgument(format!(
+                "input '{input}': shape has unknown rank"
+            )))
+        }
+        Some(shape) => dims(shape),
+    };
+    Ok((dtype, shape))
+}
+
+/// Decodes a request tensor: [`declared_type`], then [`tensor_values`].
 pub fn tensor_from_proto(
     input: &str,
     proto: &TensorProto,
-    max_bytes: usize,
+    budget: &mut DecodeBudget,
 ) -> Result<Tensor, Error> {
-    let dtype = dtype_from_proto(input, proto.dtype)?;
+    let (dtype, shape) = declared_type(input, proto)?;
+    tensor_values(input, proto, dtype, shape, budget)
+}
+
+/// Decodes the values of a request tensor whose declared type is `dtype` and `shape`.
+/// Values come from `tensor_content` or from the typed field of the dtype; as in
+/// TensorFlow, a single typed value is broadcast to the whole shape. The tensor's bytes are
+/// charged to `budget` before they are allocated, so a tiny request cannot ask for a huge
+/// broadcast.
+pub fn tensor_values(
+    input: &str,
+    proto: &TensorProto,
+    dtype: DType,
+    shape: Vec<i64>,
+    budget: &mut DecodeBudget,
+) -> Result<Tensor, Error> {
     let invalid = |message: String| Error::InvalidArgument(format!("input '{input}': {message}"));
-    let shape: Vec<i64> = match &proto.tensor_shape {
-        None => Vec::new(),
-        Some(shape) if shape.unknown_rank => return Err(invalid("shape has unknown rank".into())),
-        Some(shape) => dims(shape),
-    };
-    let count = num_elements(&shape).map_err(|e| invalid(e.to_string()))?;
-    let byte_len = count
-        .checked_mul(dtype.size())
-        .filter(|&len| len <= max_bytes)
-        .ok_or_else(|| {
-            invalid(format!(
-                "shape {shape:?} is larger than the {max_bytes}-byte limit"
-            ))
-        })?;
+    let byte_len = byte_size(dtype, &shape).map_err(|e| invalid(e.to_string()))?;
+    let count = byte_len / dtype.size();
+    budget.charge(&format!("input '{input}' of shape {shape:?}"), byte_len)?;
 
     if !proto.tensor_content.is_empty() {
         if proto.tensor_content.len() != byte_len {
@@ -78,27 +96,29 @@ pub fn tensor_from_proto(
     }
 
     let data = match dtype {
-        DType::F32 => pack(&proto.float_val, count, |v, out| {
+        DType::F32 => pack(&proto.float_val, count, byte_len, |v, out| {
             out.extend_from_slice(&v.to_le_bytes())
         }),
-        DType::F64 => pack(&proto.double_val, count, |v, out| {
+        DType::F64 => pack(&proto.double_val, count, byte_len, |v, out| {
             out.extend_from_slice(&v.to_le_bytes())
         }),
-        DType::I64 => pack(&proto.int64_val, count, |v, out| {
+        DType::I64 => pack(&proto.int64_val, count, byte_len, |v, out| {
             out.extend_from_slice(&v.to_le_bytes())
         }),
         // TensorFlow keeps the narrow integer types in int_val and casts on decode.
-        DType::I32 => pack(&proto.int_val, count, |v, out| {
+        DType::I32 => pack(&proto.int_val, count, byte_len, |v, out| {
             out.extend_from_slice(&v.to_le_bytes())
         }),
-        DType::I16 => pack(&proto.int_val, count, |v, out| {
+        DType::I16 => pack(&proto.int_val, count, byte_len, |v, out| {
             out.extend_from_slice(&(v as i16).to_le_bytes())
         }),
-        DType::I8 => pack(&proto.int_val, count, |v, out| out.push(v as i8 as u8)),
-        DType::U8 => pack(&proto.int_val, count, |v, out| out.push(v as u8)),
-        DType::Bool => pack(&proto.bool_val, count, |v, out| out.push(v as u8)),
+        DType::I8 => pack(&proto.int_val, count, byte_len, |v, out| {
+            out.push(v as i8 as u8)
+        }),
+        DType::U8 => pack(&proto.int_val, count, byte_len, |v, out| out.push(v as u8)),
+        DType::Bool => pack(&proto.bool_val, count, byte_len, |v, out| out.push(v as u8)),
         // half_val holds the 16-bit pattern of each half or bfloat16 value.
-        DType::F16 | DType::BF16 => pack(&proto.half_val, count, |v, out| {
+        DType::F16 | DType::BF16 => pack(&proto.half_val, count, byte_len, |v, out| {
             out.extend_from_slice(&(v as u16).to_le_bytes())
         }),
     }
@@ -111,18 +131,23 @@ pub fn tensor_from_proto(
     Tensor::new(dtype, shape, data).map_err(|e| invalid(e.to_string()))
 }
 
-/// Packs `count` elements from typed values: all of them, or one value repeated.
-/// On a count mismatch returns how many values were found.
+/// Packs `count` elements (`byte_len` bytes once written) from typed values: all of them,
+/// or one value repeated. The count is checked before anything is reserved, and what is
+/// reserved is the output's size, not the wider protobuf field's. On a count mismatch
+/// returns how many values were found.
 fn pack<T: Copy>(
     values: &[T],
     count: usize,
+    byte_len: usize,
     write: impl Fn(T, &mut Vec<u8>),
 ) -> Result<Bytes, usize> {
-    let mut out = Vec::with_capacity(count * std::mem::size_of::<T>());
+    if values.len() != count && values.len() != 1 {
+        return Err(values.len());
+    }
+    let mut out = Vec::with_capacity(byte_len);
     match values {
-        _ if values.len() == count => values.iter().for_each(|&v| write(v, &mut out)),
-        [single] => (0..count).for_each(|_| write(*single, &mut out)),
-        _ => return Err(values.len()),
+        [single] if count != 1 => (0..count).for_each(|_| write(*single, &mut out)),
+        _ => values.iter().for_each(|&v| write(v, &mut out)),
     }
     Ok(Bytes::from(out))
 }
@@ -244,6 +269,10 @@ mod tests {
 
     const LIMIT: usize = 1 << 20;
 
+    fn tensor_from_proto(input: &str, proto: &TensorProto, limit: usize) -> Result<Tensor, Error> {
+        super::tensor_from_proto(input, proto, &mut DecodeBudget::new(limit, 0))
+    }
+
     fn proto(dtype: DataType, shape: &[i64]) -> TensorProto {
         TensorProto {
             dtype: dtype as i32,
@@ -331,7 +360,18 @@ mod tests {
         check(proto(DataType::DtFloat, &[-1, 2]), "negative");
         let mut huge = proto(DataType::DtFloat, &[1 << 20, 1 << 20]);
         huge.float_val = vec![1.0];
-        check(huge, "limit");
+        check(huge, "max_request_tensor_bytes");
+        // Narrow types are charged their own size: 2^20 int8 values fit a 1 MiB budget,
+        // 2^20 + 1 do not (nothing is reserved at the int_val width before refusing).
+        let mut bytes = proto(DataType::DtInt8, &[1 << 20]);
+        bytes.int_val = vec![3];
+        assert_eq!(
+            tensor_from_proto("b", &bytes, LIMIT).unwrap().data.len(),
+            LIMIT
+        );
+        let mut over = proto(DataType::DtInt8, &[(1 << 20) + 1]);
+        over.int_val = vec![3];
+        check(over, "max_request_tensor_bytes");
         let unknown = TensorProto {
             dtype: DataType::DtFloat as i32,
             tensor_shape: Some(shape_proto(None)),

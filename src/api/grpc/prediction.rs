@@ -1,10 +1,10 @@
 //! `tensorflow.serving.PredictionService`.
 
-use super::codec::{signature_def_map, tensor_from_proto, tensor_to_proto};
+use super::codec::{declared_type, signature_def_map, tensor_to_proto, tensor_values};
 use super::GrpcOptions;
 use crate::api::tasks::{self, Task, TaskKind, TaskResult};
 use crate::error::Error;
-use crate::inference::{self, Inference};
+use crate::inference::{self, check_input, find_signature, Inference};
 use crate::proto::serving::prediction_service_server::PredictionService;
 use crate::proto::serving::{
     inference_result, model_spec, ClassificationRequest, ClassificationResponse,
@@ -15,6 +15,7 @@ use crate::proto::serving::{
 use crate::registry::{Registry, VersionSelector};
 use crate::telemetry::{Api, Protocol, RequestTimer};
 use prost::Message;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 
@@ -50,6 +51,15 @@ pub(super) fn model_and_version(
         }
     };
     Ok((spec.name.clone(), version))
+}
+
+/// What a Classify or Regress request asks: its spec, its examples, and its size as
+/// received (what its tensors may decode to depends on it).
+#[derive(Clone, Copy)]
+struct TaskRequest<'a> {
+    spec: Option<&'a ModelSpec>,
+    input: Option<&'a crate::proto::serving::Input>,
+    bytes: usize,
 }
 
 /// The ModelSpec of a response: the version that actually served.
@@ -127,29 +137,36 @@ impl PredictionApi {
         deadline: Option<Instant>,
     ) -> Result<PredictResponse, Error> {
         let (model, version) = model_and_version(request.model_spec.as_ref())?;
-        let inputs = request
-            .inputs
-            .iter()
-            .map(|(name, proto)| {
-                tensor_from_proto(name, proto, self.options.max_message_bytes)
-                    .map(|t| (name.clone(), t))
-            })
-            .collect::<Result<_, _>>()?;
         let signature = request
             .model_spec
             .as_ref()
             .map(|s| s.signature_name.clone())
             .unwrap_or_default();
+        // Names, dtypes and shapes are checked against the signature, and sizes against
+        // the request's budget, before any value is decoded or broadcast.
+        let servable = self.inference.registry().resolve(&model, &version)?;
+        let (signature_name, signature_def) = find_signature(&servable, &signature)?;
+        let mut budget = self.inference.decode_budget(request.encoded_len());
+        let mut inputs = HashMap::with_capacity(request.inputs.len());
+        for (name, proto) in &request.inputs {
+            let (dtype, shape) = declared_type(name, proto)?;
+            check_input(signature_name, signature_def, name, dtype, &shape)?;
+            let tensor = tensor_values(name, proto, dtype, shape, &mut budget)?;
+            inputs.insert(name.clone(), tensor);
+        }
         let answer = self
             .inference
-            .predict(inference::PredictRequest {
-                model,
-                version,
-                signature,
-                inputs,
-                output_filter: request.output_filter.clone(),
-                deadline,
-            })
+            .predict_on(
+                servable,
+                inference::PredictRequest {
+                    model,
+                    version,
+                    signature,
+                    inputs,
+                    output_filter: request.output_filter.clone(),
+                    deadline,
+                },
+            )
             .await?;
         let as_content = self.options.tensor_content;
         Ok(PredictResponse {
@@ -200,10 +217,10 @@ impl PredictionApi {
     /// Classify or Regress: one task on the request's signature.
     async fn one_task(
         &self,
-        spec: Option<&ModelSpec>,
-        input: Option<&crate::proto::serving::Input>,
+        request: TaskRequest<'_>,
         kind: TaskKind,
     ) -> Result<(ModelSpec, TaskResult), Error> {
+        let TaskRequest { spec, input, bytes } = request;
         let (model, version) = model_and_version(spec)?;
         let signature = spec.map_or("", |s| s.signature_name.as_str());
         let mut answer = tasks::run(
@@ -212,6 +229,7 @@ impl PredictionApi {
             &version,
             &[Task { signature, kind }],
             input,
+            bytes,
         )
         .await?;
         let (signature, result) = answer
@@ -229,15 +247,14 @@ impl PredictionApi {
     async fn single_task<T>(
         &self,
         api: Api,
-        spec: Option<&ModelSpec>,
-        input: Option<&crate::proto::serving::Input>,
+        request: TaskRequest<'_>,
         kind: TaskKind,
         respond: impl FnOnce(ModelSpec, TaskResult) -> Option<T>,
         served: impl Fn(&T) -> Option<&ModelSpec>,
     ) -> Result<Response<T>, Status> {
         let timer = RequestTimer::start(api, Protocol::Grpc);
         let result = self
-            .one_task(spec, input, kind)
+            .one_task(request, kind)
             .await
             .and_then(|(spec, result)| {
                 respond(spec, result).ok_or_else(|| {
@@ -247,7 +264,13 @@ impl PredictionApi {
                     ))
                 })
             });
-        finish(self.inference.registry(), timer, spec, result, served)
+        finish(
+            self.inference.registry(),
+            timer,
+            request.spec,
+            result,
+            served,
+        )
     }
 
     async fn multi_inference(
@@ -294,6 +317,7 @@ impl PredictionApi {
             &version,
             &tasks,
             request.input.as_ref(),
+            request.encoded_len(),
         )
         .await?;
         Ok(MultiInferenceResponse {
@@ -356,8 +380,11 @@ impl PredictionService for PredictionApi {
         let request = request.into_inner();
         self.single_task(
             Api::Classify,
-            request.model_spec.as_ref(),
-            request.input.as_ref(),
+            TaskRequest {
+                spec: request.model_spec.as_ref(),
+                input: request.input.as_ref(),
+                bytes: request.encoded_len(),
+            },
             TaskKind::Classify,
             |spec, result| match result {
                 TaskResult::Classification(result) => Some(ClassificationResponse {
@@ -378,8 +405,11 @@ impl PredictionService for PredictionApi {
         let request = request.into_inner();
         self.single_task(
             Api::Regress,
-            request.model_spec.as_ref(),
-            request.input.as_ref(),
+            TaskRequest {
+                spec: request.model_spec.as_ref(),
+                input: request.input.as_ref(),
+                bytes: request.encoded_len(),
+            },
             TaskKind::Regress,
             |spec, result| match result {
                 TaskResult::Regression(result) => Some(RegressionResponse {

@@ -27,9 +27,15 @@ const OFFLOAD_BYTES: usize = 64 << 10;
 /// then often lose the 413 itself; beyond this, the reset is the lesser evil.
 const DRAIN_BYTES: usize = 16 << 20;
 
-/// Liveness: the process answers.
-pub(super) async fn healthz() -> &'static str {
-    "ok\n"
+/// Liveness: 200 while the process can answer, 503 once a serving version has lost every
+/// worker of a device (only a restart brings them back).
+pub(super) async fn healthz(State(state): State<Arc<RestState>>) -> Response {
+    let lost = state.inference.registry().lost_workers();
+    if lost.is_empty() {
+        return "ok\n".into_response();
+    }
+    let body = serde_json::json!({ "live": false, "lost_workers": lost });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 /// Readiness: every configured model has an AVAILABLE version and the server is not
@@ -231,7 +237,8 @@ async fn run_task(
         TaskKind::Classify => "classify",
         TaskKind::Regress => "regress",
     };
-    let request = offload(body.len(), move || parse_request(&body, call)).await?;
+    let body_bytes = body.len();
+    let request = offload(body_bytes, move || parse_request(&body, call)).await?;
     let mut answer = tasks::run(
         &state.inference,
         &route.model,
@@ -241,6 +248,7 @@ async fn run_task(
             kind,
         }],
         Some(&request.input),
+        body_bytes,
     )
     .await?;
     let text = match answer.results.pop().map(|(_, result)| result) {
