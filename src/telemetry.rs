@@ -132,6 +132,7 @@ pub async fn run_metrics_upkeep(handle: PrometheusHandle) {
 /// `json` writes one JSON object per line with the event's fields at the top level, which
 /// is what log shippers expect; otherwise a human format.
 pub fn init_logging(json: bool) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("MODELGATE_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
@@ -147,9 +148,10 @@ pub fn init_logging(json: bool) {
             .with_span_list(false)
             .init();
     } else {
-        builder
-            .with_ansi(std::env::var_os("NO_COLOR").is_none())
-            .init();
+        // Colour only for a person at a terminal: kubectl logs and log shippers read a
+        // pipe or a file, where escape codes are noise.
+        let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        builder.with_ansi(ansi).init();
     }
 }
 

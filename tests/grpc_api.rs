@@ -556,6 +556,15 @@ async fn errors_carry_tf_serving_codes() {
             "'nope'",
         ),
         (
+            "duplicate output filter",
+            PredictRequest {
+                output_filter: vec!["y".into(), "y".into()],
+                ..predict(spec("tiny"), vec![("x", x())])
+            },
+            Code::InvalidArgument,
+            "'y' more than once",
+        ),
+        (
             "model throws",
             predict(spec("faulty"), vec![("x", floats(&[1, 2], &[1.0, -1.0]))]),
             Code::Internal,

@@ -178,6 +178,23 @@ async fn predict_formats(rest: &Rest<'_>) {
     )
     .await;
 
+    // NaN and the infinities as bare tokens, as TF Serving's parser reads and writes them;
+    // the same words in strings are still strings, and integers cannot take them.
+    let (status, text) = rest
+        .post(tiny, r#"{"instances": [[NaN], [Infinity], [-Infinity]]}"#)
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(text, r#"{"predictions": [[NaN], [Infinity], [-Infinity]]}"#);
+    rest.expect_error(tiny, r#"{"instances": [["NaN"]]}"#, 400, "a string")
+        .await;
+    rest.expect_error(
+        "/v1/models/echo:predict",
+        r#"{"signature_name": "int64", "instances": [NaN]}"#,
+        400,
+        "NaN, which DT_INT64 cannot take",
+    )
+    .await;
+
     // Several inputs and outputs: objects per batch element, or an object of tensors.
     let multi = "/v1/models/multi:predict";
     rest.expect_text(

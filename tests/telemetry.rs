@@ -279,3 +279,26 @@ async fn metrics_and_logs_after_traffic() {
         "a payload value reached the log:\n{log}"
     );
 }
+
+/// Logs written to a pipe (kubectl logs, a log shipper) carry no ANSI colour codes, even
+/// without NO_COLOR.
+#[test]
+fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .args([
+            "--port=0",
+            "--rest_api_port=0",
+            "--model_config_file=/nonexistent/models.config",
+        ])
+        .env_remove("NO_COLOR")
+        .env("MODELGATE_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run modelgate");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("ERROR") || log.contains("error"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a piped log: {log:?}"
+    );
+}

@@ -407,6 +407,21 @@ fn hostile_shape() -> impl Strategy<Value = Vec<i64>> {
 }
 
 proptest! {
+    /// Marking NaN/Infinity tokens never panics, and leaves a body without them as it was.
+    #[test]
+    fn fuzz_mark_nonfinite(body in prop::collection::vec(prop::sample::select(b"[]{},:\" \\NaIfinty-1".to_vec()), 0..64)) {
+        let marked = crate::api::rest::json::mark_nonfinite(&body);
+        if !body.windows(3).any(|w| w == b"NaN") && !body.windows(8).any(|w| w == b"Infinity") {
+            prop_assert_eq!(marked.as_ref(), body.as_slice());
+        }
+        if let Ok(parsed) = PredictBody::parse(&marked) {
+            let specs = vec![spec("x", DType::F32, None)];
+            if let Ok(tensors) = parsed.tensors("s", &signature(specs.clone())) {
+                check_tensors(&specs, &tensors);
+            }
+        }
+    }
+
     /// Huge declared shapes with a payload of one broadcast value or none: the decoder
     /// refuses before allocating, or builds at most the budget.
     #[test]

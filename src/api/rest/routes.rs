@@ -1,7 +1,7 @@
 //! The REST handlers: probes, metrics, and the TF Serving API calls.
 
 use super::error::{error_response, json_response};
-use super::json::{encode_predict, PredictBody};
+use super::json::{encode_predict, mark_nonfinite, PredictBody};
 use super::model_json::{metadata_json, status_json};
 use super::path::{self, Call, Method, Route};
 use super::tasks_json::{classification_json, parse_request, regression_json};
@@ -200,6 +200,7 @@ async fn predict(
         .resolve(&route.model, &route.version)?;
     let decoding = Arc::clone(&servable);
     let (format, signature, inputs) = offload(body.len(), move || {
+        let body = mark_nonfinite(&body);
         let parsed = PredictBody::parse(&body)?;
         let (name, signature) = find_signature(&decoding, &parsed.signature_name)?;
         let inputs = parsed.tensors(name, signature)?;

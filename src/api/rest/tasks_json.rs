@@ -7,7 +7,7 @@
 //! bytes_list. Unlike TF Serving, a list mixing whole and fractional numbers is taken as a
 //! float_list (when every whole number is exact as a float) instead of being refused.
 
-use super::json::{parse_object, write_f32};
+use super::json::{mark_nonfinite, nonfinite_value, parse_object, write_f32};
 use crate::error::Error;
 use crate::proto::serving::{
     input, ClassificationResult, ExampleList, ExampleListWithContext, Input, RegressionResult,
@@ -39,7 +39,7 @@ struct Body {
 
 /// Decodes the body of a `:classify` or `:regress` call (`call` names it in errors).
 pub fn parse_request(body: &[u8], call: &str) -> Result<TasksRequest, Error> {
-    let body: Body = parse_object(body)?;
+    let body: Body = parse_object(&mark_nonfinite(body))?;
     let invalid = |m: String| Error::InvalidArgument(m);
     let examples = match body.examples {
         None | Some(Value::Null) => {
@@ -129,7 +129,10 @@ fn add_value(kind: &mut Kind, value: &Value) -> Result<(), String> {
         Value::Null => Err("null is not a feature value".into()),
         Value::Array(_) => Err("a feature value cannot be a list (lists do not nest)".into()),
         Value::Bool(b) => add_int(kind, i64::from(*b)),
-        Value::String(s) => add_bytes(kind, s.as_bytes().to_vec()),
+        Value::String(s) => match nonfinite_value(s) {
+            Some(v) => add_float(kind, v as f32),
+            None => add_bytes(kind, s.as_bytes().to_vec()),
+        },
         Value::Object(map) => match map.get("b64") {
             Some(Value::String(text)) if map.len() == 1 => {
                 let bytes = base64::engine::general_purpose::STANDARD

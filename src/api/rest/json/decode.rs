@@ -296,6 +296,7 @@ impl<'s> Dense<'s> {
                 }
                 push_float(dtype, v, &mut self.data);
             }
+            _ if !v.is_finite() => return Err(format!("{v}, which {dtype} cannot take")),
             // A whole number written with a fraction or exponent (2.0, 1e3) is still exact.
             _ if v.fract() == 0.0 && v.abs() < 1.8e19 => return self.push_i128(v as i128),
             _ => return Err(format!("a fractional number, which {dtype} cannot take")),
@@ -455,7 +456,10 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_> {
         self.leaf(|d| d.push_f64(v))
     }
 
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<(), E> {
+        if let Some(v) = super::nonfinite_value(text) {
+            return self.leaf(|d| d.push_f64(v));
+        }
         let dtype = self.state.inputs[self.input].spec.dtype;
         Err(self.state.fail(format!(
             "a string, which an input of {dtype} cannot take (bytes for a DT_UINT8 input go \

@@ -17,7 +17,8 @@
 //! Numbers stay exact: an integer is refused where the dtype cannot hold it exactly, and
 //! a float is printed as the shortest text that reads back as the same value of its own
 //! width (a float32 is not widened to float64 first). NaN and infinities are written as
-//! `NaN`, `Infinity` and `-Infinity`, as TF Serving writes them.
+//! `NaN`, `Infinity` and `-Infinity`, as TF Serving writes them, and read back the same way
+//! (see `nonfinite`).
 //!
 //! Bytes: there are no string tensors in modelgate, so `{"b64": "..."}` stands for the
 //! bytes of a DT_UINT8 (or DT_INT8) input along its innermost dimension, and a DT_UINT8
@@ -26,9 +27,11 @@
 
 mod decode;
 mod encode;
+mod nonfinite;
 
 pub use decode::{decode_tensors, parse_object, PredictBody};
 pub use encode::{encode_predict, write_f32, write_f64};
+pub use nonfinite::{mark_nonfinite, nonfinite_value};
 
 /// The key of a base64 value.
 const B64: &str = "b64";
