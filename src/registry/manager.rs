@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// The longest wait between two listings of an unreachable base path (unless the poll
@@ -172,7 +173,7 @@ impl Manager {
     /// Serves `initial`, then follows storage and config changes until every handle is gone.
     pub async fn run(mut self, initial: Vec<ModelSpec>) {
         match self.set_models(initial) {
-            Ok(changed) => self.poll(&changed).await,
+            Ok((changed, _)) => self.poll(&changed).await,
             Err(e) => tracing::error!("model config refused: {e}"),
         }
         loop {
@@ -184,16 +185,22 @@ impl Manager {
             };
             tokio::select! {
                 command = self.commands.recv() => match command {
-                    Some(Command::SetModels(models, done)) => {
-                        let result = match self.set_models(models) {
-                            Ok(changed) => {
-                                self.poll(&changed).await;
-                                Ok(())
-                            }
-                            Err(e) => Err(e),
-                        };
-                        let _ = done.send(result);
-                    }
+                    Some(Command::SetModels(models, done)) => match self.set_models(models) {
+                        Ok((changed, unloads)) => {
+                            self.poll(&changed).await;
+                            // Answered once the removed versions are freed, without holding
+                            // up the manager while their last requests finish.
+                            tokio::spawn(async move {
+                                for unload in unloads {
+                                    let _ = unload.await;
+                                }
+                                let _ = done.send(Ok(()));
+                            });
+                        }
+                        Err(e) => {
+                            let _ = done.send(Err(e));
+                        }
+                    },
                     None => break,
                 },
                 () = tick => {
@@ -208,7 +215,11 @@ impl Manager {
     /// and those whose policy changed). Removed models unload; a model whose base path
     /// changed starts afresh; one whose policy or labels changed keeps what it has loaded.
     /// Checked whole before anything changes, so a refused list leaves the old one in force.
-    fn set_models(&mut self, specs: Vec<ModelSpec>) -> Result<Vec<String>, ApplyError> {
+    /// Also returns the unloads it started, which resolve once those versions are freed.
+    fn set_models(
+        &mut self,
+        specs: Vec<ModelSpec>,
+    ) -> Result<(Vec<String>, Vec<JoinHandle<()>>), ApplyError> {
         let mut bases = Vec::with_capacity(specs.len());
         for spec in &specs {
             let base = self
@@ -218,6 +229,7 @@ impl Manager {
             bases.push(base);
         }
         let wanted: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        let mut unloads = Vec::new();
         let removed: Vec<String> = self
             .models
             .keys()
@@ -228,7 +240,7 @@ impl Manager {
             if let Some(model) = self.models.remove(&name) {
                 tracing::info!(model = %name, "model removed from the config; unloading");
                 for (_, servable) in model.loaded {
-                    self.retire(servable);
+                    unloads.push(self.retire(servable));
                 }
             }
         }
@@ -253,7 +265,7 @@ impl Manager {
                 _ => {
                     if let Some(old) = self.models.remove(&spec.name) {
                         for (_, servable) in old.loaded {
-                            self.retire(servable);
+                            unloads.push(self.retire(servable));
                         }
                     }
                     tracing::info!(model = %spec.name, base_path = %base, "model added");
@@ -275,7 +287,7 @@ impl Manager {
         let names: Vec<String> = self.models.keys().cloned().collect();
         self.registry.configure_models(&names);
         self.publish();
-        Ok(changed)
+        Ok((changed, unloads))
     }
 
     /// Polls the named models whose backoff allows it.
@@ -452,13 +464,15 @@ impl Manager {
             .collect();
         self.publish();
         for servable in retired {
-            self.retire(servable);
+            // Unloads that polling starts are not waited for: nobody asked for them.
+            drop(self.retire(servable));
         }
     }
 
     /// Takes a version out of service: UNLOADING while requests still hold it, END once the
-    /// last one has answered and it is freed.
-    fn retire(&self, servable: Arc<Servable>) {
+    /// last one has answered and its workers have exited, freeing the module. The handle
+    /// resolves then.
+    fn retire(&self, servable: Arc<Servable>) -> JoinHandle<()> {
         let registry = Arc::clone(&self.registry);
         let (model, version) = (servable.model.clone(), servable.version);
         registry.set_status(&model, version, VersionState::Unloading, None);
@@ -467,10 +481,17 @@ impl Manager {
             while Arc::strong_count(&servable) > 1 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            drop(servable);
+            // The last holder closes the queue and waits for the workers (blocking, so on a
+            // blocking thread); a request that resolved it meanwhile drops it instead.
+            if let Some(servable) = Arc::into_inner(servable) {
+                let shut_down = tokio::task::spawn_blocking(move || servable.scheduler.shut_down());
+                if shut_down.await.is_err() {
+                    tracing::error!(model = %model, version, "a worker panicked while unloading");
+                }
+            }
             registry.finish_unload(&model, version);
             tracing::info!(model = %model, version, "unloaded");
-        });
+        })
     }
 
     fn publish(&self) {
