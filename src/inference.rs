@@ -6,7 +6,7 @@ use crate::limits::DecodeBudget;
 use crate::registry::{Registry, Servable, VersionSelector};
 use crate::runtime::{ModelOutput, RunError};
 use crate::signature::{Signature, SignatureKind, TensorSpec};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{byte_size, DType, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -126,7 +126,10 @@ impl Inference {
     ) -> Result<ModelOutput, Error> {
         let batchable = signature.inputs.iter().all(|spec| spec.is_batched());
         if batchable {
-            self.check_padding(servable, &inputs)?;
+            self.check_padding(
+                servable,
+                inputs.iter().map(|t| (t.dtype, t.shape.as_slice())),
+            )?;
         }
         let run =
             servable
@@ -147,19 +150,28 @@ impl Inference {
     /// its rows are copied up to that many times, so its padded size must fit what one
     /// request may take, like its decoded size. Checked here, before it is queued, so that
     /// a request of huge rows cannot make a worker build a huge batch.
-    fn check_padding(&self, servable: &Servable, inputs: &[Tensor]) -> Result<(), Error> {
+    /// `inputs`: the dtype and shape of each input, decoded or only declared, so that the
+    /// gRPC API can check before it decodes.
+    pub fn check_padding<'s>(
+        &self,
+        servable: &Servable,
+        inputs: impl IntoIterator<Item = (DType, &'s [i64])>,
+    ) -> Result<(), Error> {
         let Some(options) = servable.scheduler.batching() else {
             return Ok(());
         };
-        let rows = inputs.first().and_then(Tensor::rows).unwrap_or(0);
-        let padded = options.padded_size(rows);
-        if padded <= rows {
-            return Ok(());
-        }
         let mut budget = self.decode_budget(0);
-        for (position, tensor) in inputs.iter().enumerate() {
-            let bytes = tensor
-                .row_bytes()
+        for (position, (dtype, shape)) in inputs.into_iter().enumerate() {
+            // Batched inputs agree on their rows (checked with the signature).
+            let Some((&rows, row)) = shape.split_first() else {
+                return Ok(());
+            };
+            let rows = usize::try_from(rows).unwrap_or(0);
+            let padded = options.padded_size(rows);
+            if padded <= rows {
+                return Ok(());
+            }
+            let bytes = byte_size(dtype, row)
                 .ok()
                 .and_then(|row| row.checked_mul(padded));
             budget.charge(

@@ -2,13 +2,17 @@
 //! (shapes, counts, the examples a context is copied into) are charged to a per-request
 //! budget *before* anything is allocated, so a request of a hundred bytes cannot make the
 //! server build gigabytes: the tensors of one request decode to at most
-//! max(`--max_request_tensor_bytes`, the request's own size) bytes.
+//! max(`--max_request_tensor_bytes`, 8 x the request's own size) bytes.
 
 use crate::error::Error;
 
 /// 1 GiB: far above any real request's tensors (a batch of 64 224x224 RGB float images is
 /// 38 MiB), far below what would hurt a server.
 pub const DEFAULT_MAX_REQUEST_TENSOR_BYTES: usize = 1 << 30;
+
+/// What a value sent in full may grow by when decoded: a one-byte varint in `int64_val`
+/// becomes an 8-byte int64.
+pub const SENT_MULTIPLE: usize = 8;
 
 /// The bytes the tensors of one request may still take.
 #[derive(Debug)]
@@ -19,11 +23,12 @@ pub struct DecodeBudget {
 
 impl DecodeBudget {
     /// A request of `request_bytes` (as received) may decode to `max_tensor_bytes`, or to
-    /// its own size when it carried more than that in place (`tensor_content`): a client
-    /// that sends its tensors as they are never hits the bound.
+    /// [`SENT_MULTIPLE`] times its own size when that is more: a client that sends every
+    /// value (in `tensor_content` or the typed fields) never hits the bound, only broadcasts
+    /// and contexts copied into many examples do.
     pub fn new(max_tensor_bytes: usize, request_bytes: usize) -> DecodeBudget {
         DecodeBudget {
-            limit: max_tensor_bytes.max(request_bytes),
+            limit: max_tensor_bytes.max(request_bytes.saturating_mul(SENT_MULTIPLE)),
             used: 0,
         }
     }
@@ -66,9 +71,9 @@ mod tests {
         );
         budget.charge("input 'b'", 40).unwrap();
         assert!(budget.charge("x", usize::MAX).is_err());
-        // A request that carried more than the limit may decode to its own size.
+        // A request that carried more than the limit may decode to 8 times its own size.
         let mut large = DecodeBudget::new(100, 1000);
-        large.charge("input 'a'", 1000).unwrap();
+        large.charge("input 'a'", 8000).unwrap();
         assert!(large.charge("input 'b'", 1).is_err());
     }
 }

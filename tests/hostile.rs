@@ -10,7 +10,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{fixture_config, spec, spec_signature, Server, TempDir};
+use common::{spec, spec_signature, Server, TempDir};
 use modelgate::api::grpc::{dims, shape_proto};
 use modelgate::proto::serving::{
     input, ClassificationRequest, ExampleListWithContext, Input, PredictRequest, RegressionRequest,
@@ -45,12 +45,35 @@ impl Battery {
         let path = params.path().join("batching.pbtxt");
         std::fs::write(
             &path,
-            "max_batch_size { value: 8 } batch_timeout_micros { value: 0 } \
-             allowed_batch_sizes: 4 allowed_batch_sizes: 8",
+            "max_batch_size { value: 16 } batch_timeout_micros { value: 0 } \
+             allowed_batch_sizes: 16",
         )
         .expect("write batching parameters");
+        // A regress signature whose examples may have any width: the kind a context can be
+        // copied into a million times (scaled's module, y = 3x, under another signature).
+        let wide = params.path().join("wide");
+        std::fs::create_dir_all(wide.join("1")).expect("version directory");
+        std::fs::copy(
+            common::fixtures().join("scaled/3/model.pt"),
+            wide.join("1/model.pt"),
+        )
+        .expect("copy the scaled module");
+        std::fs::write(
+            wide.join("1/signature.json"),
+            r#"{"signatures": {"serving_default": {"method_name": "tensorflow/serving/regress",
+                "inputs": [{"name": "x", "dtype": "DT_FLOAT", "shape": [-1, -1]}],
+                "outputs": [{"name": "outputs", "dtype": "DT_FLOAT", "shape": [-1, -1]}]}}}"#,
+        )
+        .expect("write signature.json");
+        let fixtures = common::fixtures();
+        let models = ["tiny", "scaled", "regressor"].map(|name| fixtures.join(name));
         let server = Server::with_config(
-            &fixture_config(&["tiny", "scaled", "regressor"]),
+            &common::model_config(&[
+                ("tiny", &models[0], ""),
+                ("scaled", &models[1], ""),
+                ("regressor", &models[2], ""),
+                ("wide", &wide, ""),
+            ]),
             &[
                 "--enable_batching",
                 &format!("--batching_parameters_file={}", path.display()),
@@ -59,7 +82,7 @@ impl Battery {
             ],
         );
         server
-            .wait_available(&["tiny", "scaled", "regressor"])
+            .wait_available(&["tiny", "scaled", "regressor", "wide"])
             .await;
         let mut battery = Battery {
             baseline_rss: 0,
@@ -349,14 +372,15 @@ async fn the_server_survives_the_hostile_battery() {
     expect_refused(server, int8_bomb, Code::InvalidArgument, "DT_INT8").await;
     battery.check_alive("broadcast bombs").await;
 
-    // Padding up to an allowed batch size counts against the budget: one 4 MB row would
-    // be padded to 4 rows (16 MB); four such rows are not padded and run.
-    let row = |rows: usize| {
-        let values = vec![0.5f32; rows * 1_000_000];
+    // Padding up to an allowed batch size counts against the budget: one 1 MB row would
+    // be padded to 16 rows (16 MB, more than 8 MiB and than 8 x what it sent); sixteen
+    // such rows need no padding and run.
+    let rows = |rows: usize| {
+        let values = vec![0.5f32; rows * 250_000];
         let content: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         predict_request(
             "scaled",
-            &[rows as i64, 1_000_000],
+            &[rows as i64, 250_000],
             TensorProto {
                 tensor_content: Bytes::from(content),
                 ..Default::default()
@@ -365,31 +389,25 @@ async fn the_server_survives_the_hostile_battery() {
     };
     expect_refused(
         server,
-        row(1),
+        rows(1),
         Code::InvalidArgument,
-        "padded to the allowed batch size 4",
+        "padded to the allowed batch size 16",
     )
     .await;
-    let answer = client.predict(row(2).clone()).await;
-    assert!(answer.is_err(), "two rows pad to four as well");
     let answer = client
-        .predict(row(4))
+        .predict(rows(16))
         .await
-        .expect("four rows need no padding");
+        .expect("sixteen rows need no padding");
+    let y = &answer.into_inner().outputs["y"];
     assert_eq!(
-        dims(
-            answer.into_inner().outputs["y"]
-                .tensor_shape
-                .as_ref()
-                .expect("shape")
-        ),
-        vec![4, 1_000_000]
+        dims(y.tensor_shape.as_ref().expect("shape")),
+        vec![16, 250_000]
     );
     battery.check_alive("padding").await;
 
     // tf.Example context amplification: a million empty examples (2 MB) and a context of
-    // three floats ask for 12 MB; and the same through MultiInference's Classify.
-    let context_bomb = |examples: usize| Input {
+    // 10,000 floats (40 KB) ask for 40 GB; over Regress, Classify's tasks, and REST.
+    let context_bomb = |examples: usize, width: usize| Input {
         kind: Some(input::Kind::ExampleListWithContext(
             ExampleListWithContext {
                 examples: vec![Example::default(); examples],
@@ -399,7 +417,7 @@ async fn the_server_survives_the_hostile_battery() {
                             "x".to_string(),
                             Feature {
                                 kind: Some(feature::Kind::FloatList(FloatList {
-                                    value: vec![1.0, 2.0, 3.0],
+                                    value: vec![1.0; width],
                                 })),
                             },
                         )]
@@ -409,23 +427,29 @@ async fn the_server_survives_the_hostile_battery() {
             },
         )),
     };
-    let status = client
-        .regress(RegressionRequest {
-            model_spec: Some(spec("regressor")),
-            input: Some(context_bomb(1_000_000)),
-        })
-        .await
-        .expect_err("context bomb refused");
-    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
-    assert!(
-        status.message().contains("max_request_tensor_bytes"),
-        "{}",
-        status.message()
-    );
+    for model in ["wide", "regressor"] {
+        let status = client
+            .regress(RegressionRequest {
+                model_spec: Some(spec(model)),
+                input: Some(context_bomb(
+                    1_000_000,
+                    if model == "wide" { 10_000 } else { 3 },
+                )),
+            })
+            .await
+            .expect_err("context bomb refused");
+        // The fixed-width regressor takes 12 bytes per 2-byte example, within 8 x what was
+        // sent: refused for its rows, not its bytes.
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        if model == "wide" {
+            let message = status.message();
+            assert!(message.contains("max_request_tensor_bytes"), "{message}");
+        }
+    }
     let status = client
         .classify(ClassificationRequest {
             model_spec: Some(spec_signature("regressor", "classify")),
-            input: Some(context_bomb(1_000_000)),
+            input: Some(context_bomb(1_000_000, 3)),
         })
         .await
         .expect_err("context bomb refused");
@@ -433,7 +457,7 @@ async fn the_server_survives_the_hostile_battery() {
     let small = client
         .regress(RegressionRequest {
             model_spec: Some(spec("regressor")),
-            input: Some(context_bomb(3)),
+            input: Some(context_bomb(3, 3)),
         })
         .await
         .expect("a small context serves");
@@ -464,10 +488,11 @@ async fn the_server_survives_the_hostile_battery() {
         .expect("big body");
     assert_eq!(status, 413);
     let examples = format!(
-        "{{\"context\": {{\"x\": [1.0, 2.0, 3.0]}}, \"examples\": [{}]}}",
+        "{{\"context\": {{\"x\": [{}]}}, \"examples\": [{}]}}",
+        vec!["1.5"; 10_000].join(","),
         vec!["{}"; 900_000].join(",")
     );
-    let (status, body) = rest(server, "/v1/models/regressor:regress", examples)
+    let (status, body) = rest(server, "/v1/models/wide:regress", examples)
         .await
         .expect("REST context bomb");
     assert_eq!(status, 400, "{body}");

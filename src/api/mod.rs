@@ -8,3 +8,23 @@ mod fuzz;
 pub mod grpc;
 pub mod rest;
 pub mod tasks;
+
+use crate::error::Error;
+
+/// Requests (and answers) larger than this are decoded (encoded) on a blocking thread, so
+/// that a large tensor or JSON document does not hold up the async executor.
+const OFFLOAD_BYTES: usize = 64 << 10;
+
+/// Runs `work` here when `size` is small, else on a blocking thread.
+pub(crate) async fn offload<T, F>(size: usize, work: F) -> Result<T, Error>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, Error> + Send + 'static,
+{
+    if size <= OFFLOAD_BYTES {
+        return work();
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Internal(format!("decoding task failed: {e}")))?
+}

@@ -2,6 +2,7 @@
 
 use super::codec::{declared_type, signature_def_map, tensor_to_proto, tensor_values};
 use super::GrpcOptions;
+use crate::api::offload;
 use crate::api::tasks::{self, Task, TaskKind, TaskResult};
 use crate::error::Error;
 use crate::inference::{self, check_input, find_signature, Inference};
@@ -14,8 +15,10 @@ use crate::proto::serving::{
 };
 use crate::registry::{Registry, VersionSelector};
 use crate::telemetry::{Api, Protocol, RequestTimer};
+use crate::tensor::byte_size;
 use prost::Message;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 
@@ -133,7 +136,7 @@ pub(super) fn finish<T>(
 impl PredictionApi {
     async fn predict(
         &self,
-        request: &PredictRequest,
+        request: &Arc<PredictRequest>,
         deadline: Option<Instant>,
     ) -> Result<PredictResponse, Error> {
         let (model, version) = model_and_version(request.model_spec.as_ref())?;
@@ -142,18 +145,35 @@ impl PredictionApi {
             .as_ref()
             .map(|s| s.signature_name.clone())
             .unwrap_or_default();
-        // Names, dtypes and shapes are checked against the signature, and sizes against
-        // the request's budget, before any value is decoded or broadcast.
+        // Names, dtypes and shapes are checked against the signature, and sizes (padding
+        // included) against the request's budget, before any value is decoded or broadcast.
         let servable = self.inference.registry().resolve(&model, &version)?;
         let (signature_name, signature_def) = find_signature(&servable, &signature)?;
-        let mut budget = self.inference.decode_budget(request.encoded_len());
-        let mut inputs = HashMap::with_capacity(request.inputs.len());
+        let mut declared = Vec::with_capacity(request.inputs.len());
         for (name, proto) in &request.inputs {
             let (dtype, shape) = declared_type(name, proto)?;
             check_input(signature_name, signature_def, name, dtype, &shape)?;
-            let tensor = tensor_values(name, proto, dtype, shape, &mut budget)?;
-            inputs.insert(name.clone(), tensor);
+            declared.push((name.clone(), dtype, shape));
         }
+        if signature_def.inputs.iter().all(|spec| spec.is_batched()) {
+            let shapes = declared.iter().map(|(_, d, s)| (*d, s.as_slice()));
+            self.inference.check_padding(&servable, shapes)?;
+        }
+        let size = declared.iter().fold(0usize, |sum, (_, dtype, shape)| {
+            sum.saturating_add(byte_size(*dtype, shape).unwrap_or(usize::MAX))
+        });
+        let mut budget = self.inference.decode_budget(request.encoded_len());
+        let decoding = Arc::clone(request);
+        let inputs = offload(size, move || {
+            let mut inputs = HashMap::with_capacity(declared.len());
+            for (name, dtype, shape) in declared {
+                let proto = &decoding.inputs[&name];
+                let tensor = tensor_values(&name, proto, dtype, shape, &mut budget)?;
+                inputs.insert(name, tensor);
+            }
+            Ok(inputs)
+        })
+        .await?;
         let answer = self
             .inference
             .predict_on(
@@ -346,7 +366,7 @@ impl PredictionService for PredictionApi {
     ) -> Result<Response<PredictResponse>, Status> {
         let timer = RequestTimer::start(Api::Predict, Protocol::Grpc);
         let deadline = deadline(&request);
-        let request = request.into_inner();
+        let request = Arc::new(request.into_inner());
         let result = PredictionApi::predict(self, &request, deadline).await;
         finish(
             self.inference.registry(),

@@ -7,6 +7,7 @@ use super::path::{self, Call, Method, Route};
 use super::tasks_json::{classification_json, parse_request, regression_json};
 use super::RestState;
 use crate::api::grpc::{model_status, signature_def_map};
+use crate::api::offload;
 use crate::api::tasks::{self, Task, TaskKind, TaskResult};
 use crate::error::Error;
 use crate::inference::{self, find_signature};
@@ -17,10 +18,6 @@ use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::sync::Arc;
-
-/// Bodies (and answers) larger than this are decoded (encoded) on a blocking thread, so
-/// that a large JSON document does not hold up the async executor.
-const OFFLOAD_BYTES: usize = 64 << 10;
 
 /// How much of a body over the limit is still read (and dropped) before answering 413.
 /// Closing a connection with unread bytes makes the kernel reset it, and the client would
@@ -262,18 +259,4 @@ async fn run_task(
         }
     };
     Ok((text, Some(answer.version)))
-}
-
-/// Runs `work` here when `size` is small, else on a blocking thread.
-async fn offload<T, F>(size: usize, work: F) -> Result<T, Error>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, Error> + Send + 'static,
-{
-    if size <= OFFLOAD_BYTES {
-        return work();
-    }
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| Error::Internal(format!("JSON task failed: {e}")))?
 }
