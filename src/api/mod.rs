@@ -6,5 +6,6 @@ pub mod examples;
 #[cfg(test)]
 mod fuzz;
 pub mod grpc;
+pub mod model_status;
 pub mod rest;
 pub mod tasks;
