@@ -189,6 +189,8 @@ struct ManagedModel {
     spec: ModelSpec,
     base: BasePath,
     loaded: BTreeMap<i64, Arc<Servable>>,
+    /// The versions the policy wanted at the last listing.
+    wanted: BTreeSet<i64>,
     /// Wanted versions that failed to load, and when each is tried again.
     failed: HashMap<i64, FailedLoad>,
     /// Fingerprints of the incomplete-looking versions of the last listing (see the module
@@ -222,6 +224,8 @@ pub struct Manager {
     storage: Storage,
     config: ManagerConfig,
     models: BTreeMap<String, ManagedModel>,
+    /// Base paths of models removed from the config, whose cached versions may go.
+    released: Vec<BasePath>,
     commands: mpsc::Receiver<Command>,
 }
 
@@ -237,6 +241,7 @@ impl Manager {
             storage,
             config,
             models: BTreeMap::new(),
+            released: Vec::new(),
             commands,
         };
         (
@@ -279,6 +284,9 @@ impl Manager {
                     Some(Command::SetModels(models, done)) => match self.set_models(models) {
                         Ok((changed, unloads)) => {
                             self.poll(&changed).await;
+                            for base in std::mem::take(&mut self.released) {
+                                self.retain_cached(&base).await;
+                            }
                             // Answered once the removed versions are freed, without holding
                             // up the manager while their last requests finish.
                             tokio::spawn(async move {
@@ -344,6 +352,7 @@ impl Manager {
                 for (_, servable) in model.loaded {
                     unloads.push(self.retire(servable));
                 }
+                self.released.push(model.base);
             }
         }
         let mut changed = Vec::new();
@@ -369,6 +378,7 @@ impl Manager {
                         for (_, servable) in old.loaded {
                             unloads.push(self.retire(servable));
                         }
+                        self.released.push(old.base);
                     }
                     tracing::info!(model = %spec.name, base_path = %base, "model added");
                     changed.push(spec.name.clone());
@@ -378,6 +388,7 @@ impl Manager {
                             spec,
                             base,
                             loaded: BTreeMap::new(),
+                            wanted: BTreeSet::new(),
                             failed: HashMap::new(),
                             settling: HashMap::new(),
                             backoff: Backoff::default(),
@@ -452,6 +463,8 @@ impl Manager {
         }
         model.settling = settling;
         let aspired = model.spec.policy.aspired(&present);
+        model.wanted.clone_from(&aspired);
+        let base = model.base.clone();
         // A failure counts for the files that failed, and only while the version is wanted:
         // rewritten or wanted again, it starts afresh.
         model.failed.retain(|v, failed| {
@@ -485,7 +498,21 @@ impl Manager {
             }
         }
         self.unload_unaspired(name, &aspired);
+        self.retain_cached(&base).await;
         result
+    }
+
+    /// Drops from the S3 cache the versions of `base` that no model reading it serves or
+    /// wants. Runs on this task, between loads, so no download of them is under way.
+    async fn retain_cached(&self, base: &BasePath) {
+        let keep: BTreeSet<i64> = self
+            .models
+            .values()
+            .filter(|m| m.base == *base)
+            .flat_map(|m| m.loaded.keys().chain(&m.wanted))
+            .copied()
+            .collect();
+        base.retain_cached(&keep).await;
     }
 
     async fn load(&mut self, name: &str, version: i64, entry: &VersionEntry) -> LoadOutcome {

@@ -13,7 +13,7 @@ use cache::Cache;
 use s3::{S3Location, S3Store};
 
 pub use s3::http_client as s3_http_client;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -190,6 +190,14 @@ impl BasePath {
                     })?
             }
             BasePath::S3 { location, store } => store.list_versions(location).await,
+        }
+    }
+
+    /// Drops the local copies of the versions other than `keep` (S3 only: a local version is
+    /// loaded in place). Call it only between downloads of this base path.
+    pub async fn retain_cached(&self, keep: &BTreeSet<i64>) {
+        if let BasePath::S3 { location, store } = self {
+            store.retain_cached(location, keep).await;
         }
     }
 
