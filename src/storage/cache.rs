@@ -185,12 +185,16 @@ mod tests {
         assert_eq!(safe_component(".tmp-x"), "_.tmp-x");
     }
 
+    /// An empty cache in a directory of its own, and that directory.
+    fn empty_cache(tag: &str) -> (Cache, PathBuf) {
+        let root = std::env::temp_dir().join(format!("modelgate-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        (Cache::new(root.clone()), root)
+    }
+
     #[tokio::test]
     async fn fills_once_and_atomically() {
-        let root =
-            std::env::temp_dir().join(format!("modelgate-cache-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let cache = Cache::new(root.clone());
+        let (cache, root) = empty_cache("cache-test");
         let dir = cache.version_dir("b", "m", 1, "fp1");
         let failed = cache
             .fill(&dir, |temp| async move {
@@ -230,10 +234,7 @@ mod tests {
 
     #[tokio::test]
     async fn retains_only_the_versions_kept() {
-        let root =
-            std::env::temp_dir().join(format!("modelgate-cache-retain-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let cache = Cache::new(root.clone());
+        let (cache, root) = empty_cache("cache-retain");
         for version in [1, 2, 3] {
             let dir = cache.version_dir("b", "m", version, "fp");
             cache.fill(&dir, |_| async { Ok(()) }).await.unwrap();
