@@ -230,6 +230,10 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
             },
             poll_interval: (flags.file_system_poll_wait_seconds > 0)
                 .then(|| Duration::from_secs(flags.file_system_poll_wait_seconds)),
+            load_retries: crate::registry::LoadRetries {
+                max_retries: flags.max_num_load_retries,
+                interval: Duration::from_micros(flags.load_retry_interval_micros),
+            },
         },
     );
 

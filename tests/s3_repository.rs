@@ -1,7 +1,7 @@
 //! A model repository on a real S3 server (moto, over HTTP on 127.0.0.1): config and models
 //! on S3, new versions picked up and old ones unloaded, config changes, a corrupt version,
-//! incomplete uploads, ReloadConfig, readiness, S3 stopped and restarted while serving, and
-//! secrets kept out of the logs.
+//! incomplete uploads, ReloadConfig, readiness, S3 stopped and restarted while serving, the
+//! cache keeping only what serves or is wanted, and secrets kept out of the logs.
 
 mod common;
 
@@ -98,13 +98,28 @@ async fn s3_repository_lifecycle() {
         .unwrap();
     assert_eq!((version, y), (1, vec![1.0, 2.0]));
 
-    // A new version is picked up; the one it replaces is unloaded.
+    // A new version is picked up; the one it replaces is unloaded, and its copy leaves
+    // the cache while the serving one stays.
+    let cached = |version: i64| {
+        cache
+            .join(BUCKET)
+            .join("repo/scaled")
+            .join(version.to_string())
+    };
+    assert!(cached(1).is_dir());
     upload_scaled(&s3, 2).await;
     wait_for_served_version(&server, 2).await;
     wait_for_state(&models, "scaled", 1, State::End).await;
+    wait_for("version 1 to leave the cache", || {
+        let gone = !cached(1).exists();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    assert!(cached(2).is_dir(), "the serving version left the cache");
 
     // A corrupt version fails with its reason, the serving version keeps serving, and the
-    // failure is not retried on every poll.
+    // failure is retried only a minute later (the default --load_retry_interval_micros),
+    // not on every poll.
     s3.put_files(
         BUCKET,
         "repo/scaled/3",

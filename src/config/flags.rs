@@ -14,8 +14,6 @@ const IGNORED_TF_SERVING_FLAGS: &[&str] = &[
     "flush_filesystem_caches",
     "grpc_channel_arguments",
     "grpc_socket_path",
-    "load_retry_interval_micros",
-    "max_num_load_retries",
     "mixed_precision",
     "model_config_file_poll_wait_seconds_jitter",
     "num_load_threads",
@@ -159,6 +157,15 @@ pub struct Flags {
     /// answered UNAVAILABLE (modelgate's own).
     #[arg(long = "max_queued_requests", default_value_t = 1024)]
     pub max_queued_requests: usize,
+
+    /// Times a version that failed to load is tried again, load_retry_interval_micros
+    /// apart, before it stays failed until its files change (TF Serving's flag and default).
+    #[arg(long = "max_num_load_retries", default_value_t = 5)]
+    pub max_num_load_retries: u32,
+
+    /// Wait between those tries, in microseconds (TF Serving's flag; default one minute).
+    #[arg(long = "load_retry_interval_micros", default_value_t = 60_000_000)]
+    pub load_retry_interval_micros: u64,
 
     /// Where versions fetched from S3 are kept (modelgate's own flag); default: a
     /// `modelgate-cache` directory under the system temp dir. One server per directory.
@@ -354,6 +361,21 @@ mod tests {
         let (flags, _) = parse(&["--admin_token=s3cr3t"]);
         assert_eq!(flags.admin_token, Some(Redacted("s3cr3t".into())));
         assert!(!format!("{flags:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn load_retries_default_to_tf_serving() {
+        let (flags, _) = parse(&[]);
+        assert_eq!(flags.max_num_load_retries, 5);
+        assert_eq!(flags.load_retry_interval_micros, 60_000_000);
+        let (flags, warnings) = parse(&[
+            "--max_num_load_retries=0",
+            "--load_retry_interval_micros",
+            "1000",
+        ]);
+        assert_eq!(flags.max_num_load_retries, 0);
+        assert_eq!(flags.load_retry_interval_micros, 1000);
+        assert!(warnings.is_empty(), "{warnings:?}");
     }
 
     #[test]

@@ -6,9 +6,10 @@ use crate::batching::{BatchingOptions, Scheduler, BATCHING_PARAMS_FILE};
 use crate::config::ConfigError;
 use crate::runtime::RunnerConfig;
 use crate::signature::{SignatureError, SignatureMap};
-use crate::storage::{EMBEDDED_SIGNATURE_SUFFIX, MODEL_FILE, SAVED_MODEL_FILES, SIGNATURE_FILE};
+use crate::storage::{
+    embedded_signature, EmbeddedSignature, MODEL_FILE, SAVED_MODEL_FILES, SIGNATURE_FILE,
+};
 use crate::tensor::Tensor;
-use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -124,32 +125,18 @@ fn read_signatures(dir: &Path, model_path: &Path) -> Result<SignatureMap, Versio
             std::fs::read_to_string(&signature_path).map_err(|e| io_error(&signature_path, &e))?;
         return Ok(SignatureMap::from_json(&text)?);
     }
-    let file = std::fs::File::open(model_path).map_err(|e| io_error(model_path, &e))?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| {
-        VersionLoadError::NotTorchScript(format!(
-            "{} is not a TorchScript archive ({e})",
-            model_path.display()
+    match embedded_signature(model_path).map_err(|e| io_error(model_path, &e))? {
+        EmbeddedSignature::Found(text) => Ok(SignatureMap::from_json(&text)?),
+        EmbeddedSignature::Missing => Err(SignatureError(format!(
+            "no {SIGNATURE_FILE} next to {MODEL_FILE} and none embedded in it \
+             (torch.jit.save(..., _extra_files={{\"signature.json\": ...}}))"
         ))
-    })?;
-    // torch.jit.save puts `_extra_files` under `<archive name>/extra/`.
-    let entry_name = archive
-        .file_names()
-        .filter_map(Result::ok)
-        .find(|name| name.ends_with(EMBEDDED_SIGNATURE_SUFFIX))
-        .map(|name| name.into_owned())
-        .ok_or_else(|| {
-            SignatureError(format!(
-                "no {SIGNATURE_FILE} next to {MODEL_FILE} and none embedded in it \
-                 (torch.jit.save(..., _extra_files={{\"signature.json\": ...}}))"
-            ))
-        })?;
-    let mut text = String::new();
-    archive
-        .by_name(&entry_name)
-        .map_err(|e| io_error(model_path, &e))?
-        .read_to_string(&mut text)
-        .map_err(|e| io_error(model_path, &e))?;
-    Ok(SignatureMap::from_json(&text)?)
+        .into()),
+        EmbeddedSignature::NotAnArchive(reason) => Err(VersionLoadError::NotTorchScript(format!(
+            "{} is not a TorchScript archive ({reason})",
+            model_path.display()
+        ))),
+    }
 }
 
 /// Runs every signature once on a zero batch built from its declared shapes (batch 1),

@@ -5,8 +5,11 @@
 //!
 //! Storage trouble (an unreachable S3, a failed download) never touches what serves: the
 //! model's polling backs off exponentially, and the outage is logged when it starts and when
-//! it ends. A version whose files are there but do not load is marked failed with its
-//! fingerprint and is not tried again until its files change.
+//! it ends. A version whose files are there but do not load (a transient GPU out-of-memory,
+//! a mount not up yet) is tried again up to `--max_num_load_retries` times,
+//! `--load_retry_interval_micros` apart, as TF Serving does; the manager does not wait for a
+//! retry but schedules it, so other models keep loading and polling meanwhile. Once the
+//! retries are spent the version stays failed, with its error, until its files change.
 //!
 //! A `model.pt` without `signature.json` may be an upload in progress, or a module with its
 //! signature embedded. Unless its signature is known to be embedded (local directories are
@@ -37,6 +40,72 @@ pub struct ManagerConfig {
     pub load: LoadSettings,
     /// How often to look for new and removed versions; `None` = only when the config changes.
     pub poll_interval: Option<Duration>,
+    pub load_retries: LoadRetries,
+}
+
+/// How often a version that failed to load is tried again with the same files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadRetries {
+    /// Tries after the first failure (`--max_num_load_retries`).
+    pub max_retries: u32,
+    /// Wait before each of them (`--load_retry_interval_micros`).
+    pub interval: Duration,
+}
+
+impl LoadRetries {
+    /// Records a failed load of files with `fingerprint`, after `previous` failures of the
+    /// same version: the next try is one interval away until the retries are spent. Other
+    /// files start the count afresh.
+    fn after_failure(
+        &self,
+        previous: Option<FailedLoad>,
+        fingerprint: &str,
+        now: Instant,
+    ) -> FailedLoad {
+        let attempts = match previous {
+            Some(failed) if failed.fingerprint == fingerprint => failed.attempts.saturating_add(1),
+            _ => 1,
+        };
+        FailedLoad {
+            fingerprint: fingerprint.to_string(),
+            attempts,
+            retry_at: (attempts <= self.max_retries).then(|| now + self.interval),
+        }
+    }
+
+    /// What GetModelStatus adds to the error of a failed load.
+    fn note(&self, failed: &FailedLoad) -> String {
+        match failed.retry_at {
+            Some(_) => format!(
+                "retry {} of {} in {:?}",
+                failed.attempts, self.max_retries, self.interval
+            ),
+            None if self.max_retries > 0 => format!(
+                "failed {} times; tried again when its files change",
+                failed.attempts
+            ),
+            None => "tried again when its files change".to_string(),
+        }
+    }
+}
+
+/// A version whose files are there but did not load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FailedLoad {
+    /// The files that failed; other files are tried afresh.
+    fingerprint: String,
+    /// Failed loads of these files so far.
+    attempts: u32,
+    /// When to try again; `None` once the retries are spent.
+    retry_at: Option<Instant>,
+}
+
+impl FailedLoad {
+    /// Whether the version must not be loaded at `now`: it waits for its next try, or has
+    /// no try left.
+    fn waiting(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|at| now < at)
+    }
 }
 
 /// Why a new set of models was refused; the models in force stay as they were.
@@ -120,9 +189,10 @@ struct ManagedModel {
     spec: ModelSpec,
     base: BasePath,
     loaded: BTreeMap<i64, Arc<Servable>>,
-    /// Versions that failed to load, with the fingerprint they failed with: retried only
-    /// once their files change.
-    failed: HashMap<i64, String>,
+    /// The versions the policy wanted at the last listing.
+    wanted: BTreeSet<i64>,
+    /// Wanted versions that failed to load, and when each is tried again.
+    failed: HashMap<i64, FailedLoad>,
     /// Fingerprints of the incomplete-looking versions of the last listing (see the module
     /// docs): one still unchanged in the next listing counts.
     settling: HashMap<i64, String>,
@@ -130,10 +200,19 @@ struct ManagedModel {
     backoff: Backoff,
 }
 
+impl ManagedModel {
+    /// When a failed version is next due for a try: its retry time, or later while the
+    /// storage backoff forbids listing (the try starts with a listing).
+    fn next_retry(&self) -> Option<Instant> {
+        let retry = self.failed.values().filter_map(|f| f.retry_at).min()?;
+        Some(self.backoff.retry_at.map_or(retry, |at| at.max(retry)))
+    }
+}
+
 /// What became of one attempt to load a version.
 enum LoadOutcome {
     Loaded,
-    /// The files are there but did not load: not retried until they change.
+    /// The files are there but did not load: retried as `LoadRetries` says.
     Failed,
     /// Storage could not deliver the files: retried with backoff.
     Storage(StorageError),
@@ -145,6 +224,8 @@ pub struct Manager {
     storage: Storage,
     config: ManagerConfig,
     models: BTreeMap<String, ManagedModel>,
+    /// Base paths of models removed from the config, whose cached versions may go.
+    released: Vec<BasePath>,
     commands: mpsc::Receiver<Command>,
 }
 
@@ -160,6 +241,7 @@ impl Manager {
             storage,
             config,
             models: BTreeMap::new(),
+            released: Vec::new(),
             commands,
         };
         (
@@ -176,10 +258,24 @@ impl Manager {
             Ok((changed, _)) => self.poll(&changed).await,
             Err(e) => tracing::error!("model config refused: {e}"),
         }
+        // A deadline rather than a fresh sleep per turn, so that frequent retries do not
+        // keep postponing the poll of every other model.
+        let mut next_poll = self.config.poll_interval.map(|i| Instant::now() + i);
         loop {
-            let tick = async {
-                match self.config.poll_interval {
-                    Some(interval) => tokio::time::sleep(interval).await,
+            let tick = async move {
+                match next_poll {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let next_retry = self
+                .models
+                .values()
+                .filter_map(ManagedModel::next_retry)
+                .min();
+            let retry = async move {
+                match next_retry {
+                    Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
@@ -188,6 +284,9 @@ impl Manager {
                     Some(Command::SetModels(models, done)) => match self.set_models(models) {
                         Ok((changed, unloads)) => {
                             self.poll(&changed).await;
+                            for base in std::mem::take(&mut self.released) {
+                                self.retain_cached(&base).await;
+                            }
                             // Answered once the removed versions are freed, without holding
                             // up the manager while their last requests finish.
                             tokio::spawn(async move {
@@ -205,6 +304,17 @@ impl Manager {
                 },
                 () = tick => {
                     let due: Vec<String> = self.models.keys().cloned().collect();
+                    self.poll(&due).await;
+                    next_poll = self.config.poll_interval.map(|i| Instant::now() + i);
+                }
+                () = retry => {
+                    let now = Instant::now();
+                    let due: Vec<String> = self
+                        .models
+                        .iter()
+                        .filter(|(_, m)| m.next_retry().is_some_and(|at| at <= now))
+                        .map(|(name, _)| name.clone())
+                        .collect();
                     self.poll(&due).await;
                 }
             }
@@ -242,6 +352,7 @@ impl Manager {
                 for (_, servable) in model.loaded {
                     unloads.push(self.retire(servable));
                 }
+                self.released.push(model.base);
             }
         }
         let mut changed = Vec::new();
@@ -267,6 +378,7 @@ impl Manager {
                         for (_, servable) in old.loaded {
                             unloads.push(self.retire(servable));
                         }
+                        self.released.push(old.base);
                     }
                     tracing::info!(model = %spec.name, base_path = %base, "model added");
                     changed.push(spec.name.clone());
@@ -276,6 +388,7 @@ impl Manager {
                             spec,
                             base,
                             loaded: BTreeMap::new(),
+                            wanted: BTreeSet::new(),
                             failed: HashMap::new(),
                             settling: HashMap::new(),
                             backoff: Backoff::default(),
@@ -349,16 +462,25 @@ impl Manager {
             present.insert(version);
         }
         model.settling = settling;
-        model.failed.retain(|v, fingerprint| {
-            listing
-                .get(v)
-                .is_some_and(|e| &e.fingerprint == fingerprint)
-        });
         let aspired = model.spec.policy.aspired(&present);
+        model.wanted.clone_from(&aspired);
+        let base = model.base.clone();
+        // A failure counts for the files that failed, and only while the version is wanted:
+        // rewritten or wanted again, it starts afresh.
+        model.failed.retain(|v, failed| {
+            aspired.contains(v)
+                && listing
+                    .get(v)
+                    .is_some_and(|e| e.fingerprint == failed.fingerprint)
+        });
+        let now = Instant::now();
         let to_load: Vec<i64> = aspired
             .iter()
             .rev()
-            .filter(|v| !model.loaded.contains_key(v) && !model.failed.contains_key(v))
+            .filter(|v| {
+                !model.loaded.contains_key(v)
+                    && !model.failed.get(v).is_some_and(|f| f.waiting(now))
+            })
             .copied()
             .collect();
         for &version in &to_load {
@@ -376,7 +498,21 @@ impl Manager {
             }
         }
         self.unload_unaspired(name, &aspired);
+        self.retain_cached(&base).await;
         result
+    }
+
+    /// Drops from the S3 cache the versions of `base` that no model reading it serves or
+    /// wants. Runs on this task, between loads, so no download of them is under way.
+    async fn retain_cached(&self, base: &BasePath) {
+        let keep: BTreeSet<i64> = self
+            .models
+            .values()
+            .filter(|m| m.base == *base)
+            .flat_map(|m| m.loaded.keys().chain(&m.wanted))
+            .copied()
+            .collect();
+        base.retain_cached(&keep).await;
     }
 
     async fn load(&mut self, name: &str, version: i64, entry: &VersionEntry) -> LoadOutcome {
@@ -424,6 +560,7 @@ impl Manager {
         match result {
             Ok(servable) => {
                 tracing::info!(model = %name, version, seconds = started.elapsed().as_secs_f64(), "available");
+                model.failed.remove(&version);
                 model.loaded.insert(version, Arc::new(servable));
                 self.registry
                     .set_status(name, version, VersionState::Available, None);
@@ -431,10 +568,21 @@ impl Manager {
                 LoadOutcome::Loaded
             }
             Err(message) => {
-                tracing::warn!(model = %name, version, "failed to load: {message}");
-                model.failed.insert(version, entry.fingerprint.clone());
-                self.registry
-                    .set_status(name, version, VersionState::End, Some(message));
+                let retries = self.config.load_retries;
+                let failed = retries.after_failure(
+                    model.failed.remove(&version),
+                    &entry.fingerprint,
+                    Instant::now(),
+                );
+                let note = retries.note(&failed);
+                tracing::warn!(model = %name, version, "failed to load ({note}): {message}");
+                model.failed.insert(version, failed);
+                self.registry.set_status(
+                    name,
+                    version,
+                    VersionState::End,
+                    Some(format!("{message} ({note})")),
+                );
                 LoadOutcome::Failed
             }
         }
@@ -534,5 +682,47 @@ mod tests {
         let long = Duration::from_secs(120);
         assert_eq!(backoff.failed(now, long), long);
         assert_eq!(backoff.failed(now, long), long);
+    }
+
+    #[test]
+    fn failed_loads_are_retried_an_interval_apart_until_the_retries_are_spent() {
+        let retries = LoadRetries {
+            max_retries: 2,
+            interval: Duration::from_secs(60),
+        };
+        let now = Instant::now();
+        let first = retries.after_failure(None, "fp", now);
+        assert_eq!(
+            (first.attempts, first.retry_at),
+            (1, Some(now + retries.interval))
+        );
+        assert!(first.waiting(now) && !first.waiting(now + retries.interval));
+        assert_eq!(retries.note(&first), "retry 1 of 2 in 60s");
+        let later = now + retries.interval;
+        let second = retries.after_failure(Some(first), "fp", later);
+        assert_eq!(
+            (second.attempts, second.retry_at),
+            (2, Some(later + retries.interval))
+        );
+        // The last retry fails too: no more tries for these files, however long it waits.
+        let third = retries.after_failure(Some(second.clone()), "fp", later);
+        assert_eq!((third.attempts, third.retry_at), (3, None));
+        assert!(third.waiting(later + Duration::from_secs(86_400)));
+        assert_eq!(
+            retries.note(&third),
+            "failed 3 times; tried again when its files change"
+        );
+        // Rewritten files start the count afresh.
+        let rewritten = retries.after_failure(Some(third), "fp2", later);
+        assert_eq!(rewritten.attempts, 1);
+        assert!(rewritten.retry_at.is_some());
+        // Without retries, the first failure is final.
+        let none = LoadRetries {
+            max_retries: 0,
+            ..retries
+        };
+        let once = none.after_failure(None, "fp", now);
+        assert_eq!(once.retry_at, None);
+        assert_eq!(none.note(&once), "tried again when its files change");
     }
 }

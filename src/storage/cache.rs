@@ -7,9 +7,15 @@
 //! after a restart) and never downloaded twice, and a rewritten one gets a new directory.
 //! One server per cache directory: temporary directories left by a crash are removed on the
 //! next download of the same version.
+//!
+//! The manager evicts the versions no model serves or wants any more ([`Cache::retain`]).
+//! That is safe even while requests still run on an unloading version: libtorch reads the
+//! whole module at load and keeps nothing open, and an unlinked file stays readable to
+//! whoever had it open anyway.
 
-use super::StorageError;
+use super::{parse_version, StorageError};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +36,15 @@ impl Cache {
         }
     }
 
+    /// Where the versions under `s3://bucket/prefix` are kept.
+    fn base_dir(&self, bucket: &str, prefix: &str) -> PathBuf {
+        let mut dir = self.root.join(safe_component(bucket));
+        for part in prefix.split('/').filter(|p| !p.is_empty()) {
+            dir.push(safe_component(part));
+        }
+        dir
+    }
+
     /// Where the version with this fingerprint lives once complete.
     pub fn version_dir(
         &self,
@@ -38,13 +53,22 @@ impl Cache {
         version: i64,
         fingerprint: &str,
     ) -> PathBuf {
-        let mut dir = self.root.join(safe_component(bucket));
-        for part in prefix.split('/').filter(|p| !p.is_empty()) {
-            dir.push(safe_component(part));
-        }
+        let mut dir = self.base_dir(bucket, prefix);
         dir.push(version.to_string());
         dir.push(fingerprint_hash(fingerprint));
         dir
+    }
+
+    /// Removes the cached versions under `s3://bucket/prefix` other than `keep`. The caller
+    /// runs no download of that prefix meanwhile.
+    pub async fn retain(&self, bucket: &str, prefix: &str, keep: &BTreeSet<i64>) {
+        let dir = self.base_dir(bucket, prefix);
+        remove_entries(&dir, |name| {
+            // Only the directories this cache names after versions; anything else (a nested
+            // prefix of another model) is not this prefix's to remove.
+            parse_version(name).is_some_and(|v| v.to_string() == name && !keep.contains(&v))
+        })
+        .await;
     }
 
     /// Returns `dir`, filling it first with `download` (given a temporary directory to write
@@ -102,8 +126,9 @@ async fn remove_entries(dir: &Path, matches: impl Fn(&str) -> bool) {
     while let Ok(Some(entry)) = entries.next_entry().await {
         if matches(&entry.file_name().to_string_lossy()) {
             let path = entry.path();
-            if let Err(e) = tokio::fs::remove_dir_all(&path).await {
-                tracing::debug!("cannot remove {}: {e}", path.display());
+            match tokio::fs::remove_dir_all(&path).await {
+                Ok(()) => tracing::debug!("removed {} from the model cache", path.display()),
+                Err(e) => tracing::debug!("cannot remove {}: {e}", path.display()),
             }
         }
     }
@@ -160,12 +185,16 @@ mod tests {
         assert_eq!(safe_component(".tmp-x"), "_.tmp-x");
     }
 
+    /// An empty cache in a directory of its own, and that directory.
+    fn empty_cache(tag: &str) -> (Cache, PathBuf) {
+        let root = std::env::temp_dir().join(format!("modelgate-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        (Cache::new(root.clone()), root)
+    }
+
     #[tokio::test]
     async fn fills_once_and_atomically() {
-        let root =
-            std::env::temp_dir().join(format!("modelgate-cache-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let cache = Cache::new(root.clone());
+        let (cache, root) = empty_cache("cache-test");
         let dir = cache.version_dir("b", "m", 1, "fp1");
         let failed = cache
             .fill(&dir, |temp| async move {
@@ -200,6 +229,30 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn retains_only_the_versions_kept() {
+        let (cache, root) = empty_cache("cache-retain");
+        for version in [1, 2, 3] {
+            let dir = cache.version_dir("b", "m", version, "fp");
+            cache.fill(&dir, |_| async { Ok(()) }).await.unwrap();
+        }
+        // Another model's prefix nested under this one is not this prefix's to remove.
+        let nested = cache.version_dir("b", "m/sub", 1, "fp");
+        cache.fill(&nested, |_| async { Ok(()) }).await.unwrap();
+        cache.retain("b", "m", &BTreeSet::from([2])).await;
+        let base = root.join("b").join("m");
+        let mut left: Vec<_> = std::fs::read_dir(&base)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["2", "sub"]);
+        assert!(nested.exists());
+        // A prefix never cached is no error.
+        cache.retain("b", "absent", &BTreeSet::new()).await;
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

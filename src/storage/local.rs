@@ -2,7 +2,9 @@
 //! on a blocking thread.
 
 use super::MODEL_FILE;
-use super::{layout, parse_version, StorageError, VersionEntry, EMBEDDED_SIGNATURE_SUFFIX};
+use super::{
+    embedded_signature, layout, parse_version, EmbeddedSignature, StorageError, VersionEntry,
+};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -62,18 +64,8 @@ fn version_entry(dir: &Path) -> Option<VersionEntry> {
 }
 
 /// Whether `model` is a complete TorchScript archive holding `extra/signature.json`.
-pub(crate) fn has_embedded_signature(model: &Path) -> bool {
-    let Ok(file) = std::fs::File::open(model) else {
-        return false;
-    };
-    let Ok(archive) = zip::ZipArchive::new(std::io::BufReader::new(file)) else {
-        return false;
-    };
-    let found = archive
-        .file_names()
-        .filter_map(Result::ok)
-        .any(|name| name.ends_with(EMBEDDED_SIGNATURE_SUFFIX));
-    found
+fn has_embedded_signature(model: &Path) -> bool {
+    matches!(embedded_signature(model), Ok(EmbeddedSignature::Found(_)))
 }
 
 #[cfg(test)]

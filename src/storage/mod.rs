@@ -13,7 +13,7 @@ use cache::Cache;
 use s3::{S3Location, S3Store};
 
 pub use s3::http_client as s3_http_client;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -23,8 +23,9 @@ pub const MODEL_FILE: &str = "model.pt";
 pub const SIGNATURE_FILE: &str = "signature.json";
 /// What a TensorFlow SavedModel directory holds; recognised only to refuse it clearly.
 pub const SAVED_MODEL_FILES: &[&str] = &["saved_model.pb", "saved_model.pbtxt"];
-/// Where `torch.jit.save(..., _extra_files=...)` puts an embedded signature in the archive.
-pub const EMBEDDED_SIGNATURE_SUFFIX: &str = "/extra/signature.json";
+/// Where `torch.jit.save(..., _extra_files=...)` puts an embedded signature in the archive
+/// (`<archive name>/extra/`).
+const EMBEDDED_SIGNATURE_SUFFIX: &str = "/extra/signature.json";
 
 /// Why storage could not answer. Every variant is transient from the manager's point of view
 /// (retried with backoff); a version whose files are there but do not load is a load error,
@@ -192,6 +193,14 @@ impl BasePath {
         }
     }
 
+    /// Drops the local copies of the versions other than `keep` (S3 only: a local version is
+    /// loaded in place). Call it only between downloads of this base path.
+    pub async fn retain_cached(&self, keep: &BTreeSet<i64>) {
+        if let BasePath::S3 { location, store } = self {
+            store.retain_cached(location, keep).await;
+        }
+    }
+
     /// A local directory holding the files of `version` as listed in `entry`, and how many
     /// bytes were fetched to make it (0 for a local or already cached version).
     pub async fn localize(
@@ -204,6 +213,43 @@ impl BasePath {
             BasePath::S3 { location, store } => store.localize(location, version, entry).await,
         }
     }
+}
+
+/// What a `model.pt` holds in place of a `signature.json` beside it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EmbeddedSignature {
+    /// The text of its `extra/signature.json`.
+    Found(String),
+    /// A TorchScript archive without one.
+    Missing,
+    /// Not a (complete) zip archive, with the reason: not TorchScript, or still being written.
+    NotAnArchive(String),
+}
+
+/// Reads the signature embedded in the TorchScript archive `model` (only the archive's
+/// directory and that one entry are read). Blocking.
+pub fn embedded_signature(model: &std::path::Path) -> std::io::Result<EmbeddedSignature> {
+    use std::io::Read;
+    let file = std::io::BufReader::new(std::fs::File::open(model)?);
+    let mut archive = match zip::ZipArchive::new(file) {
+        Ok(archive) => archive,
+        Err(zip::result::ZipError::Io(e)) => return Err(e),
+        Err(e) => return Ok(EmbeddedSignature::NotAnArchive(e.to_string())),
+    };
+    let entry = archive
+        .file_names()
+        .filter_map(Result::ok)
+        .find(|name| name.ends_with(EMBEDDED_SIGNATURE_SUFFIX))
+        .map(|name| name.into_owned());
+    let Some(entry) = entry else {
+        return Ok(EmbeddedSignature::Missing);
+    };
+    let mut text = String::new();
+    archive
+        .by_name(&entry)
+        .map_err(std::io::Error::other)?
+        .read_to_string(&mut text)?;
+    Ok(EmbeddedSignature::Found(text))
 }
 
 /// A version directory name: a positive integer, as in TF Serving.

@@ -15,7 +15,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::Client;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,6 +154,13 @@ impl S3Store {
             }
         }
         Ok(group_versions(&prefix, objects))
+    }
+
+    /// Removes from the cache the versions under `location` other than `keep`.
+    pub async fn retain_cached(&self, location: &S3Location, keep: &BTreeSet<i64>) {
+        self.cache
+            .retain(&location.bucket, &location.key, keep)
+            .await;
     }
 
     /// The cached copy of `version`, downloaded first unless the cache already holds it,

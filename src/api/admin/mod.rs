@@ -20,7 +20,7 @@ mod kubernetes;
 pub use fanout::PodResult;
 pub use kubernetes::{EndpointsSource, Peer, PeersError};
 
-use crate::api::grpc::model_status;
+use crate::api::model_status::model_status;
 use crate::api::rest::model_json::status_value;
 use crate::error::{http_status_for, Error};
 use crate::registry::{Registry, VersionSelector};

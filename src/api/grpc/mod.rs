@@ -5,7 +5,6 @@ mod model_service;
 mod prediction;
 
 pub use codec::{dims, shape_proto, signature_def_map, tensor_from_proto, tensor_to_proto};
-pub use model_service::model_status;
 
 use crate::inference::Inference;
 use crate::proto::serving::model_service_server::ModelServiceServer;

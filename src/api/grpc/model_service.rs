@@ -1,17 +1,16 @@
 //! `tensorflow.serving.ModelService`.
 
 use super::prediction::{finish, model_and_version};
+use crate::api::model_status::model_status;
 use crate::config::model_specs_from_config;
 use crate::error::Error;
 use crate::proto::serving::model_server_config::Config;
 use crate::proto::serving::model_service_server::ModelService;
-use crate::proto::serving::model_version_status::State;
 use crate::proto::serving::{
-    GetModelStatusRequest, GetModelStatusResponse, ModelVersionStatus, ReloadConfigRequest,
-    ReloadConfigResponse, StatusProto,
+    GetModelStatusRequest, GetModelStatusResponse, ReloadConfigRequest, ReloadConfigResponse,
+    StatusProto,
 };
-use crate::proto::tensorflow::error::Code;
-use crate::registry::{ManagerHandle, Registry, VersionSelector, VersionState};
+use crate::registry::{ManagerHandle, Registry};
 use crate::telemetry::{Api, Protocol, RequestTimer};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -25,47 +24,6 @@ impl ModelServiceApi {
     pub fn new(registry: Arc<Registry>, manager: ManagerHandle) -> ModelServiceApi {
         ModelServiceApi { registry, manager }
     }
-}
-
-fn state_proto(state: VersionState) -> State {
-    match state {
-        VersionState::Start => State::Start,
-        VersionState::Loading => State::Loading,
-        VersionState::Available => State::Available,
-        VersionState::Unloading => State::Unloading,
-        VersionState::End => State::End,
-    }
-}
-
-/// GetModelStatus: the status of every version of a model, or of the version a number or
-/// label selects. Shared with the REST API.
-pub fn model_status(
-    registry: &Registry,
-    model: &str,
-    selector: &VersionSelector,
-) -> Result<GetModelStatusResponse, Error> {
-    let version = match selector {
-        VersionSelector::Latest => None,
-        VersionSelector::Number(v) => Some(*v),
-        VersionSelector::Label(_) => Some(registry.resolve(model, selector)?.version),
-    };
-    let statuses = registry.model_status(model, version)?;
-    Ok(GetModelStatusResponse {
-        model_version_status: statuses
-            .into_iter()
-            .map(|(version, status)| ModelVersionStatus {
-                version,
-                state: state_proto(status.state) as i32,
-                status: Some(match status.error {
-                    None => StatusProto::default(),
-                    Some(message) => StatusProto {
-                        error_code: Code::Unknown as i32,
-                        error_message: message,
-                    },
-                }),
-            })
-            .collect(),
-    })
 }
 
 #[tonic::async_trait]
