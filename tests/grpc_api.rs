@@ -591,8 +591,8 @@ async fn single_model_mode_and_tf_serving_flags() {
         "--model_name=tiny",
         &format!("--model_base_path={}", base.display()),
         "--tensorflow_intra_op_parallelism=2",
-        "--rest_api_timeout_in_ms",
-        "5000",
+        "--grpc_max_threads",
+        "16",
         "--device=cpu",
     ]);
     server.wait_available(&["tiny"]).await;
@@ -601,7 +601,7 @@ async fn single_model_mode_and_tf_serving_flags() {
         .contains("ignoring TF Serving flag --tensorflow_intra_op_parallelism"));
     assert!(server
         .log()
-        .contains("ignoring TF Serving flag --rest_api_timeout_in_ms"));
+        .contains("ignoring TF Serving flag --grpc_max_threads"));
     let mut client = server.prediction().await;
     let response = client
         .predict(predict(spec("tiny"), vec![("x", floats(&[1, 1], &[10.0]))]))
