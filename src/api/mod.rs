@@ -7,4 +7,5 @@ pub mod examples;
 mod fuzz;
 pub mod grpc;
 pub mod rest;
+pub mod serve;
 pub mod tasks;

@@ -17,6 +17,8 @@ use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Bodies (and answers) larger than this are decoded (encoded) on a blocking thread, so
 /// that a large JSON document does not hold up the async executor.
@@ -101,9 +103,24 @@ pub(super) async fn api(
         Call::Regress => Api::Regress,
     };
     let timer = RequestTimer::start(api, Protocol::Rest);
-    let result = match read_body(body, &headers, state.max_body_bytes).await {
-        Ok(body) => call(&state, &route, body).await,
-        Err(error) => Err(error),
+    // As TF Serving's --rest_api_timeout_in_ms; here the body's upload counts too, so that a
+    // slow client cannot hold its share of the body budget for long.
+    let deadline = state.timeout.map(|timeout| Instant::now() + timeout);
+    let work = async {
+        let (body, _held) = read_body(body, &headers, state.max_body_bytes, &state.bytes_in_flight)
+            .await?;
+        call(&state, &route, body, deadline).await
+    };
+    let result = match state.timeout {
+        Some(timeout) => tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::DeadlineExceeded(format!(
+                    "the request took longer than {} ms (--rest_api_timeout_in_ms)",
+                    timeout.as_millis()
+                )))
+            }),
+        None => work.await,
     };
     match result {
         Ok((text, version)) => {
@@ -118,43 +135,72 @@ pub(super) async fn api(
     }
 }
 
-/// Reads the request body, refusing one over `limit` with PAYLOAD_TOO_LARGE (413).
+/// Reads the request body, refusing one over `limit` with PAYLOAD_TOO_LARGE (413), and one
+/// that the bodies in flight leave no room for with UNAVAILABLE (503). The permit keeps the
+/// body's bytes counted in `in_flight` until it is dropped.
 async fn read_body(
     body: Body,
     headers: &axum::http::HeaderMap,
     limit: usize,
-) -> Result<Bytes, Error> {
+    in_flight: &Arc<Semaphore>,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Error> {
     use tokio_stream::StreamExt;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     let too_large = || {
         Error::PayloadTooLarge(format!(
             "the request body is larger than {limit} bytes (--rest_api_max_body_bytes)"
         ))
     };
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > limit.saturating_add(DRAIN_BYTES)) {
         return Err(too_large());
     }
     let mut stream = body.into_data_stream();
     // A declared length is a hint, not a promise: pre-size only modestly.
     let mut data = Vec::with_capacity(declared.unwrap_or(0).min(limit).min(4 << 20));
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut no_room = false;
     let mut total = 0usize;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk
             .map_err(|e| Error::InvalidArgument(format!("cannot read the request body: {e}")))?;
         total = total.saturating_add(chunk.len());
-        if total <= limit {
-            data.extend_from_slice(&chunk);
-        } else if total > limit.saturating_add(DRAIN_BYTES) {
+        if total > limit.saturating_add(DRAIN_BYTES) {
             break;
         }
+        if total > limit || no_room {
+            // Refused already: what still comes is read (see DRAIN_BYTES) but not kept.
+            (data, held) = (Vec::new(), None);
+            continue;
+        }
+        let permit = u32::try_from(chunk.len())
+            .ok()
+            .and_then(|n| Arc::clone(in_flight).try_acquire_many_owned(n).ok());
+        let Some(permit) = permit else {
+            no_room = true;
+            (data, held) = (Vec::new(), None);
+            continue;
+        };
+        if let Some(held) = held.as_mut() {
+            held.merge(permit);
+        } else {
+            held = Some(permit);
+        }
+        data.extend_from_slice(&chunk);
     }
     if total > limit {
         return Err(too_large());
     }
-    Ok(Bytes::from(data))
+    if no_room {
+        return Err(Error::Unavailable(
+            "the server holds as many request bodies as it may \
+             (--rest_api_max_bytes_in_flight); retry later"
+                .into(),
+        ));
+    }
+    Ok((Bytes::from(data), held))
 }
 
 /// Runs one API call; the answer's JSON and the version that served it.
@@ -162,6 +208,7 @@ async fn call(
     state: &RestState,
     route: &Route,
     body: Bytes,
+    deadline: Option<Instant>,
 ) -> Result<(String, Option<i64>), Error> {
     let registry = state.inference.registry();
     match route.call {
@@ -177,7 +224,7 @@ async fn call(
                 Some(servable.version),
             ))
         }
-        Call::Predict => predict(state, route, body).await,
+        Call::Predict => predict(state, route, body, deadline).await,
         Call::Classify => run_task(state, route, body, TaskKind::Classify).await,
         Call::Regress => run_task(state, route, body, TaskKind::Regress).await,
     }
@@ -187,6 +234,7 @@ async fn predict(
     state: &RestState,
     route: &Route,
     body: Bytes,
+    deadline: Option<Instant>,
 ) -> Result<(String, Option<i64>), Error> {
     let servable = state
         .inference
@@ -210,8 +258,8 @@ async fn predict(
                 signature,
                 inputs,
                 output_filter: Vec::new(),
-                // TF Serving's REST API has no per-request deadline.
-                deadline: None,
+                // Dropped before the forward once the REST timeout has passed.
+                deadline,
             },
         )
         .await?;
