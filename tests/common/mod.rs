@@ -2,11 +2,13 @@
 //! file by path): the real `modelgate` binary on 127.0.0.1 with its log, gRPC and HTTP
 //! clients, the test model repositories and configs over them, and bounded waits. Every wait
 //! is bounded; nothing is skipped: a missing prerequisite fails saying how to get it.
-//! `http` holds the small HTTP client, `s3` a real S3 server (moto) and an S3 client.
+//! `http` holds the small HTTP client, `s3` a real S3 server (moto) and an S3 client, `tls`
+//! certificates made for a test and TLS clients.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 pub mod http;
 pub mod s3;
+pub mod tls;
 
 use modelgate::api::grpc::{shape_proto, tensor_from_proto};
 use modelgate::proto::serving::model_service_client::ModelServiceClient;
