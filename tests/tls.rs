@@ -33,7 +33,11 @@ fn https_url(server: &Server, path: &str) -> String {
 }
 
 /// Predict on `tiny` (y = 2x + 1) over gRPC with TLS: y for x = 10, or the error.
-async fn grpc_predict(server: &Server, ca: &Ca, identity: Option<&Identity>) -> Result<f32, String> {
+async fn grpc_predict(
+    server: &Server,
+    ca: &Ca,
+    identity: Option<&Identity>,
+) -> Result<f32, String> {
     let origin = format!("https://{}", server.grpc).parse().unwrap();
     let mut client = PredictionServiceClient::with_origin(grpc_client(ca, identity), origin);
     predict_ten(&mut client).await
@@ -78,7 +82,10 @@ async fn both_ports_serve_tls_and_refuse_plaintext() {
 
     assert_eq!(grpc_predict(&server, &ca, None).await, Ok(21.0));
     let (status, body) = rest_predict(&server, &ca, None).await.unwrap();
-    assert_eq!((status, body.as_str()), (200, r#"{"predictions": [[21.0]]}"#));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"predictions": [[21.0]]}"#)
+    );
 
     // Plaintext gets no answer on either port.
     let mut plaintext = server.raw_prediction();
@@ -102,19 +109,30 @@ async fn client_verify_requires_a_certificate_signed_by_custom_ca() {
     let ssl = ssl_config(&server_ca.server_identity(), Some(&client_ca));
     let (server, _dir) = start(&ssl, &server_ca, Some(&client)).await;
 
-    assert_eq!(grpc_predict(&server, &server_ca, Some(&client)).await, Ok(21.0));
-    let (status, _) = rest_predict(&server, &server_ca, Some(&client)).await.unwrap();
+    assert_eq!(
+        grpc_predict(&server, &server_ca, Some(&client)).await,
+        Ok(21.0)
+    );
+    let (status, _) = rest_predict(&server, &server_ca, Some(&client))
+        .await
+        .unwrap();
     assert_eq!(status, 200);
 
     // Without a certificate, or with one the client CA did not sign: refused on both ports.
     let stranger = Ca::new("stranger CA").issue(&["client.example"]);
-    for (identity, alert) in [(None, "CertificateRequired"), (Some(&stranger), "UnknownCA")] {
+    for (identity, alert) in [
+        (None, "CertificateRequired"),
+        (Some(&stranger), "UnknownCA"),
+    ] {
         let grpc = grpc_predict(&server, &server_ca, identity).await;
         assert!(grpc.is_err(), "{grpc:?}");
         let rest = rest_predict(&server, &server_ca, identity).await;
         assert!(rest.as_ref().is_err_and(|e| e.contains(alert)), "{rest:?}");
     }
-    assert_eq!(grpc_predict(&server, &server_ca, Some(&client)).await, Ok(21.0));
+    assert_eq!(
+        grpc_predict(&server, &server_ca, Some(&client)).await,
+        Ok(21.0)
+    );
 }
 
 #[test]
@@ -127,11 +145,22 @@ fn an_unusable_ssl_config_stops_the_start() {
     let base = format!("--model_base_path={}", tiny.display());
     let cases = [
         ("missing", None, "cannot read --ssl_config_file="),
-        ("syntax", Some("server_key: 1 bogus: 2".to_string()), "line 1"),
-        ("no key", Some(format!("server_cert: {:?}", server.cert_pem)), "server_key"),
+        (
+            "syntax",
+            Some("server_key: 1 bogus: 2".to_string()),
+            "line 1",
+        ),
+        (
+            "no key",
+            Some(format!("server_cert: {:?}", server.cert_pem)),
+            "server_key",
+        ),
         (
             "not a certificate",
-            Some(format!("server_key: {:?} server_cert: \"junk\"", server.key_pem)),
+            Some(format!(
+                "server_key: {:?} server_cert: \"junk\"",
+                server.key_pem
+            )),
             "server_cert",
         ),
         (

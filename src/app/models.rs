@@ -25,24 +25,23 @@ enum SourceKind {
 
 impl ModelSource {
     pub(super) fn from_flags(flags: &Flags, storage: Storage) -> Result<Self, ConfigError> {
-        let kind = match (&flags.model_config_file, &flags.model_base_path) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "--model_config_file and --model_base_path cannot be used together".into(),
-                ))
-            }
-            (Some(path), None) => SourceKind::ConfigFile(path.clone()),
-            (None, Some(base_path)) => SourceKind::Single {
-                name: flags.model_name.clone(),
-                base_path: base_path.clone(),
-            },
-            (None, None) => {
-                return Err(ConfigError::Invalid(
+        let kind =
+            match (&flags.model_config_file, &flags.model_base_path) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::Invalid(
+                        "--model_config_file and --model_base_path cannot be used together".into(),
+                    ))
+                }
+                (Some(path), None) => SourceKind::ConfigFile(path.clone()),
+                (None, Some(base_path)) => SourceKind::Single {
+                    name: flags.model_name.clone(),
+                    base_path: base_path.clone(),
+                },
+                (None, None) => return Err(ConfigError::Invalid(
                     "no models: give --model_config_file, or --model_name and --model_base_path"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         Ok(ModelSource { kind, storage })
     }
 

@@ -60,11 +60,12 @@ impl ConnectionSettings {
             let (key, value) = (key.trim(), value.trim());
             match key {
                 "grpc.max_concurrent_streams" => {
-                    settings.max_concurrent_streams = value
-                        .parse()
-                        .ok()
-                        .filter(|&n: &u32| n > 0)
-                        .ok_or_else(|| invalid(argument, "expected a positive integer"))?;
+                    settings.max_concurrent_streams =
+                        value
+                            .parse()
+                            .ok()
+                            .filter(|&n: &u32| n > 0)
+                            .ok_or_else(|| invalid(argument, "expected a positive integer"))?;
                 }
                 "grpc.keepalive_time_ms" => settings.keepalive_time = millis(argument, value)?,
                 "grpc.keepalive_timeout_ms" => {
@@ -95,7 +96,10 @@ fn millis(argument: &str, value: &str) -> Result<Option<Duration>, ConfigError> 
     match value.parse::<u64>() {
         Ok(ms) if ms >= i32::MAX as u64 => Ok(None),
         Ok(ms) if ms > 0 => Ok(Some(Duration::from_millis(ms))),
-        _ => Err(invalid(argument, "expected a positive number of milliseconds")),
+        _ => Err(invalid(
+            argument,
+            "expected a positive number of milliseconds",
+        )),
     }
 }
 

@@ -13,27 +13,51 @@ const IGNORED_TF_SERVING_FLAGS: &[(&str, &str)] = &[
         "allow_version_labels_for_unavailable_models",
         "a label binds once its version is AVAILABLE",
     ),
-    ("enable_grpc_healthcheck_service", "grpc.health.v1 is always served"),
+    (
+        "enable_grpc_healthcheck_service",
+        "grpc.health.v1 is always served",
+    ),
     ("enable_model_warmup", "every version is always warmed up"),
     ("enable_profiler", "there is no TensorFlow profiler"),
     (
         "enable_signature_method_name_check",
         "method names are always checked",
     ),
-    ("flush_filesystem_caches", "there are no TensorFlow file system caches"),
+    (
+        "flush_filesystem_caches",
+        "there are no TensorFlow file system caches",
+    ),
     (
         "grpc_max_threads",
         "gRPC runs on the async runtime, not on a thread per call",
     ),
     ("grpc_socket_path", "gRPC listens on --port only"),
-    ("load_retry_interval_micros", "failed loads are retried when their files change"),
-    ("max_num_load_retries", "failed loads are retried when their files change"),
+    (
+        "load_retry_interval_micros",
+        "failed loads are retried when their files change",
+    ),
+    (
+        "max_num_load_retries",
+        "failed loads are retried when their files change",
+    ),
     ("mixed_precision", "a TensorFlow graph option"),
-    ("num_load_threads", "versions load on blocking threads of their own"),
-    ("num_request_iterations_for_warmup", "warm-up runs each signature once"),
-    ("num_tflite_interpreters_per_pool", "there is no TensorFlow Lite"),
+    (
+        "num_load_threads",
+        "versions load on blocking threads of their own",
+    ),
+    (
+        "num_request_iterations_for_warmup",
+        "warm-up runs each signature once",
+    ),
+    (
+        "num_tflite_interpreters_per_pool",
+        "there is no TensorFlow Lite",
+    ),
     ("num_tflite_pools", "there is no TensorFlow Lite"),
-    ("num_unload_threads", "versions unload on blocking threads of their own"),
+    (
+        "num_unload_threads",
+        "versions unload on blocking threads of their own",
+    ),
     (
         "per_process_gpu_memory_fraction",
         "libtorch allocates GPU memory as it needs it",
@@ -53,10 +77,19 @@ const IGNORED_TF_SERVING_FLAGS: &[(&str, &str)] = &[
     ("skip_initialize_tpu", "there is no TPU"),
     ("tensorflow_inter_op_parallelism", "see --intra_op_threads"),
     ("tensorflow_intra_op_parallelism", "see --intra_op_threads"),
-    ("tensorflow_session_config_file", "there is no TensorFlow session"),
+    (
+        "tensorflow_session_config_file",
+        "there is no TensorFlow session",
+    ),
     ("tensorflow_session_parallelism", "see --intra_op_threads"),
-    ("thread_pool_factory_config_file", "there is no TensorFlow thread pool"),
-    ("use_alts_credentials", "ALTS exists only on Google Cloud; see --ssl_config_file"),
+    (
+        "thread_pool_factory_config_file",
+        "there is no TensorFlow thread pool",
+    ),
+    (
+        "use_alts_credentials",
+        "ALTS exists only on Google Cloud; see --ssl_config_file",
+    ),
     ("use_tflite_model", "there is no TensorFlow Lite"),
     ("xla_cpu_compilation_enabled", "there is no XLA"),
     ("xla_gpu_compilation_enabled", "there is no XLA"),
@@ -230,7 +263,11 @@ pub struct Flags {
 
     /// How long a REST request may take, body included, before it is answered 504; 0 or
     /// less: no limit (TF Serving's meaning).
-    #[arg(long = "rest_api_timeout_in_ms", default_value_t = 30_000, allow_negative_numbers = true)]
+    #[arg(
+        long = "rest_api_timeout_in_ms",
+        default_value_t = 30_000,
+        allow_negative_numbers = true
+    )]
     pub rest_api_timeout_in_ms: i64,
 
     /// REST request bodies all requests together may hold at once; a request that would go
@@ -457,7 +494,11 @@ mod tests {
         let args: Vec<String> = TF_SERVING_FLAGS.iter().map(|f| format!("--{f}")).collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (flags, warnings) = parse(&args);
-        assert_eq!(warnings.len(), IGNORED_TF_SERVING_FLAGS.len(), "{warnings:?}");
+        assert_eq!(
+            warnings.len(),
+            IGNORED_TF_SERVING_FLAGS.len(),
+            "{warnings:?}"
+        );
         assert_eq!(flags.rest_api_timeout_in_ms, -1);
         assert_eq!(flags.ssl_config_file.as_deref(), Some("s.config"));
         // `--version` is clap's: it prints the version and exits.

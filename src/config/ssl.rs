@@ -33,7 +33,8 @@ pub fn tls_server_config(path: &str) -> Result<Tls, ConfigError> {
 
 fn server_config(what: &str, text: &str) -> Result<Tls, ConfigError> {
     let config: SslConfig = parse_text_format("tensorflow.serving.SSLConfig", what, text)?;
-    let invalid = |field: &str, why: String| ConfigError::Invalid(format!("{what}: {field}: {why}"));
+    let invalid =
+        |field: &str, why: String| ConfigError::Invalid(format!("{what}: {field}: {why}"));
     let certs = certificates(&config.server_cert).map_err(|e| invalid("server_cert", e))?;
     let key = PrivateKeyDer::from_pem_slice(config.server_key.as_bytes())
         .map_err(|e| invalid("server_key", format!("no PEM private key ({e})")))?;
@@ -152,15 +153,16 @@ mod tests {
         assert!(error(&text("", &p.cert, "", false)).contains("server_key: no PEM private key"));
         // A certificate where the key belongs.
         assert!(error(&text(&p.cert, &p.cert, "", false)).contains("server_key"));
-        assert!(error(&text(&other.key, &p.cert, "", false))
-            .contains("server_key and server_cert"));
+        assert!(error(&text(&other.key, &p.cert, "", false)).contains("server_key and server_cert"));
         assert!(error(&text(&p.key, &p.cert, "", true)).contains("custom_ca: no PEM certificate"));
         assert!(error(&text(&p.key, &p.cert, "garbage", true)).contains("custom_ca"));
     }
 
     #[test]
     fn an_unreadable_file_is_named() {
-        let err = tls_server_config("/no/such/ssl.config").unwrap_err().to_string();
+        let err = tls_server_config("/no/such/ssl.config")
+            .unwrap_err()
+            .to_string();
         assert!(
             err.starts_with("cannot read --ssl_config_file=/no/such/ssl.config"),
             "{err}"

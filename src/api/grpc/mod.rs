@@ -135,9 +135,8 @@ impl Health for StoppingHealth {
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<HealthStream>, Status> {
         let updates = Box::pin(self.inner.watch(request).await?.into_inner());
-        let stream = futures_util::stream::unfold(
-            Some((updates, self.stop.clone())),
-            |state| async move {
+        let stream =
+            futures_util::stream::unfold(Some((updates, self.stop.clone())), |state| async move {
                 let (mut updates, mut stop) = state?;
                 let update = tokio::select! {
                     update = updates.next() => Some(update),
@@ -150,8 +149,7 @@ impl Health for StoppingHealth {
                         None,
                     )),
                 }
-            },
-        );
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -107,8 +107,8 @@ pub(super) async fn api(
     // slow client cannot hold its share of the body budget for long.
     let deadline = state.timeout.map(|timeout| Instant::now() + timeout);
     let work = async {
-        let (body, _held) = read_body(body, &headers, state.max_body_bytes, &state.bytes_in_flight)
-            .await?;
+        let (body, _held) =
+            read_body(body, &headers, state.max_body_bytes, &state.bytes_in_flight).await?;
         call(&state, &route, body, deadline).await
     };
     let result = match state.timeout {

@@ -1,0 +1,185 @@
+//! The bounds on what one connection or request may hold, against the real binary: the
+//! REST timeout and the bytes of REST bodies in flight, and the HTTP/2 settings that
+//! `--grpc_channel_arguments` applies (max concurrent streams, maximum connection age).
+
+mod common;
+
+use common::{fixture_config, Server, TIMEOUT};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+/// The head of a `tiny` predict whose body is `length` bytes.
+fn predict_head(length: usize) -> String {
+    format!(
+        "POST /v1/models/tiny:predict HTTP/1.1\r\nHost: modelgate\r\n\
+         Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+}
+
+/// A valid `tiny` predict body padded with spaces to `length` bytes.
+fn predict_body(length: usize) -> String {
+    let body = r#"{"instances": [[1.0]]}"#;
+    format!("{body}{}", " ".repeat(length - body.len()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_call_past_its_timeout_is_answered_504() {
+    let server = Server::with_config(
+        &fixture_config(&["tiny"]),
+        &["--rest_api_timeout_in_ms=200"],
+    );
+    server.wait_readyz(200).await;
+    // A body that stops half way: only the timeout answers it.
+    let answer = tokio::task::block_in_place(|| {
+        let mut slow = TcpStream::connect(server.rest_addr()).unwrap();
+        slow.write_all(predict_head(100).as_bytes()).unwrap();
+        slow.write_all(b"{\"instances\": ").unwrap();
+        let mut answer = String::new();
+        slow.read_to_string(&mut answer).unwrap();
+        answer
+    });
+    assert!(answer.starts_with("HTTP/1.1 504 "), "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let error: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--rest_api_timeout_in_ms")),
+        "{body}"
+    );
+    // A call that fits is answered as before.
+    let (status, body) = common::http::post(
+        &server.url("/v1/models/tiny:predict"),
+        r#"{"instances": [[1.0]]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"predictions": [[3.0]]}"#)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_bodies_in_flight_are_bounded() {
+    let limit = 64 << 10;
+    let server = Server::with_config(
+        &fixture_config(&["tiny"]),
+        &[
+            &format!("--rest_api_max_body_bytes={limit}"),
+            &format!("--rest_api_max_bytes_in_flight={limit}"),
+        ],
+    );
+    server.wait_readyz(200).await;
+
+    // One request holds most of the budget with a body that has not finished arriving.
+    let first_length = 60 << 10;
+    let first_body = predict_body(first_length);
+    let held = first_length - 100;
+    let mut first = TcpStream::connect(server.rest_addr()).unwrap();
+    first
+        .write_all(predict_head(first_length).as_bytes())
+        .unwrap();
+    first.write_all(&first_body.as_bytes()[..held]).unwrap();
+
+    // Another that needs more than what is left is turned away, once the server has read
+    // the first one's bytes.
+    let url = server.url("/v1/models/tiny:predict");
+    let second_body = predict_body(16 << 10);
+    let refused = common::wait_for("a request refused for want of room", || async {
+        let (status, body) = common::http::post(&url, &second_body).await.unwrap();
+        (status == 503).then_some(body)
+    })
+    .await;
+    let error: serde_json::Value = serde_json::from_str(&refused).unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--rest_api_max_bytes_in_flight")),
+        "{refused}"
+    );
+
+    // The first completes, and its bytes are free again.
+    let answer = tokio::task::block_in_place(|| {
+        first.write_all(&first_body.as_bytes()[held..]).unwrap();
+        let mut answer = vec![0u8; 512];
+        let n = first.read(&mut answer).unwrap();
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    });
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    let (status, body) = common::http::post(&url, &second_body).await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"predictions": [[3.0]]}"#)
+    );
+}
+
+#[test]
+fn bytes_in_flight_below_the_body_limit_stop_the_start() {
+    let base = format!(
+        "--model_base_path={}",
+        common::fixtures().join("tiny").display()
+    );
+    let (ok, stderr) = common::run_to_exit(&[
+        "--port=0",
+        &base,
+        "--rest_api_max_body_bytes=1000",
+        "--rest_api_max_bytes_in_flight=999",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--rest_api_max_bytes_in_flight (999) must be at least"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_channel_arguments_reach_http2() {
+    let server = Server::with_config(
+        &fixture_config(&["tiny"]),
+        &["--grpc_channel_arguments=grpc.max_concurrent_streams=3,\
+             grpc.max_connection_age_ms=300,grpc.max_connection_age_grace_ms=300,\
+             grpc.http2.max_pings_without_data=0"],
+    );
+    assert!(
+        server
+            .log()
+            .contains("ignoring gRPC channel argument grpc.http2.max_pings_without_data"),
+        "{}",
+        server.log()
+    );
+    let tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
+    let (_send, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    // The server's SETTINGS come before its answer to a ping.
+    let mut ping = connection.ping_pong().unwrap();
+    tokio::select! {
+        pong = ping.ping(h2::Ping::opaque()) => {
+            pong.unwrap();
+        }
+        ended = &mut connection => panic!("connection ended: {ended:?}"),
+    }
+    assert_eq!(connection.max_concurrent_send_streams(), 3);
+    // Past its maximum age (and grace) the server sends GOAWAY and closes: the connection
+    // ends cleanly.
+    let ended = tokio::time::timeout(TIMEOUT, connection).await;
+    assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+}
+
+#[test]
+fn bad_grpc_channel_arguments_stop_the_start() {
+    let base = format!(
+        "--model_base_path={}",
+        common::fixtures().join("tiny").display()
+    );
+    let (ok, stderr) = common::run_to_exit(&[
+        "--port=0",
+        "--rest_api_port=0",
+        &base,
+        "--grpc_channel_arguments=grpc.max_concurrent_streams=lots",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--grpc_channel_arguments: 'grpc.max_concurrent_streams=lots'"),
+        "{stderr}"
+    );
+}
