@@ -272,8 +272,7 @@ async fn a_second_signal_exits_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_health_watch_does_not_hold_the_process_up() {
-    let fixtures = common::fixtures();
-    let config = common::model_config(&[("tiny", &fixtures.join("tiny"), "")]);
+    let config = common::fixture_config(&["tiny"]);
     // A drain limit far past the harness's patience: the process can exit in time only if
     // the watch stream ends.
     let mut server = Server::with_config(
@@ -310,8 +309,7 @@ async fn a_health_watch_does_not_hold_the_process_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_never_finishes_is_cut_at_the_drain_limit() {
-    let fixtures = common::fixtures();
-    let config = common::model_config(&[("tiny", &fixtures.join("tiny"), "")]);
+    let config = common::fixture_config(&["tiny"]);
     let mut server = Server::with_config(
         &config,
         &[

@@ -74,7 +74,7 @@ pub(super) fn tls(flags: &Flags) -> Result<Option<Arc<rustls::ServerConfig>>, Co
     if let Some(warning) = &tls.warning {
         tracing::warn!("{warning}");
     }
-    tracing::info!(client_verify = tls.client_verify, "TLS on both ports");
+    tracing::info!(client_verify = tls.client_verify, "TLS on");
     Ok(Some(tls.server))
 }
 

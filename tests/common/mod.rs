@@ -542,6 +542,17 @@ pub fn run_to_exit(args: &[&str]) -> (bool, String) {
     )
 }
 
+/// Runs `modelgate` on the `tiny` fixture with `flags` to its exit, which must be a refusal
+/// to start: its stderr.
+pub fn refused_start(flags: &[&str]) -> String {
+    let base = format!("--model_base_path={}", fixtures().join("tiny").display());
+    let mut args = vec!["--port=0", "--rest_api_port=0", base.as_str()];
+    args.extend_from_slice(flags);
+    let (ok, stderr) = run_to_exit(&args);
+    assert!(!ok, "modelgate {flags:?} started:\n{stderr}");
+    stderr
+}
+
 /// A ModelSpec for the latest version.
 pub fn spec(model: &str) -> ModelSpec {
     ModelSpec {
