@@ -60,6 +60,29 @@ async fn a_rest_call_past_its_timeout_is_answered_504() {
     );
 }
 
+/// Posts `body` to `url` until the server refuses it for want of room (it must first read
+/// what the other requests hold); the error's text.
+async fn wait_refused(url: &str, body: &str) -> String {
+    let refused = common::wait_for("a request refused for want of room", || async {
+        let (status, body) = common::http::post(url, body).await.unwrap();
+        (status == 503).then_some(body)
+    })
+    .await;
+    let error: serde_json::Value = serde_json::from_str(&refused).unwrap();
+    error["error"].as_str().unwrap_or_default().to_string()
+}
+
+/// Sends the rest of a request on `stream` and reads its answer's status line.
+fn finish(stream: &mut TcpStream, rest: &[u8]) -> String {
+    tokio::task::block_in_place(|| {
+        stream.write_all(rest).unwrap();
+        let mut answer = vec![0u8; 512];
+        let n = stream.read(&mut answer).unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+        answer.lines().next().unwrap_or_default().to_string()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_bodies_in_flight_are_bounded() {
     let limit = 64 << 10;
@@ -71,47 +94,39 @@ async fn rest_bodies_in_flight_are_bounded() {
         ],
     );
     server.wait_readyz(200).await;
-
-    // One request holds most of the budget with a body that has not finished arriving.
-    let first_length = 60 << 10;
-    let first_body = predict_body(first_length);
-    let held = first_length - 100;
-    let mut first = TcpStream::connect(server.rest_addr()).unwrap();
-    first
-        .write_all(predict_head(first_length).as_bytes())
-        .unwrap();
-    first.write_all(&first_body.as_bytes()[..held]).unwrap();
-
-    // Another that needs more than what is left is turned away, once the server has read
-    // the first one's bytes.
     let url = server.url("/v1/models/tiny:predict");
-    let second_body = predict_body(16 << 10);
-    let refused = common::wait_for("a request refused for want of room", || async {
-        let (status, body) = common::http::post(&url, &second_body).await.unwrap();
-        (status == 503).then_some(body)
-    })
-    .await;
-    let error: serde_json::Value = serde_json::from_str(&refused).unwrap();
-    assert!(
-        error["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("--rest_api_max_bytes_in_flight")),
-        "{refused}"
-    );
+    let small = predict_body(16 << 10);
+    let large = predict_body(60 << 10);
 
-    // The first completes, and its bytes are free again.
-    let answer = tokio::task::block_in_place(|| {
-        first.write_all(&first_body.as_bytes()[held..]).unwrap();
-        let mut answer = vec![0u8; 512];
-        let n = first.read(&mut answer).unwrap();
-        String::from_utf8_lossy(&answer[..n]).into_owned()
-    });
-    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-    let (status, body) = common::http::post(&url, &second_body).await.unwrap();
+    // A head that declares most of the budget holds it before any of its body arrives
+    // (the buffer is set aside for it): another request that needs more is turned away.
+    let mut declared = TcpStream::connect(server.rest_addr()).unwrap();
+    declared
+        .write_all(predict_head(large.len()).as_bytes())
+        .unwrap();
+    let error = wait_refused(&url, &small).await;
+    assert!(error.contains("--rest_api_max_bytes_in_flight"), "{error}");
+    assert_eq!(finish(&mut declared, large.as_bytes()), "HTTP/1.1 200 OK");
+    // Its bytes are free again.
+    let (status, body) = common::http::post(&url, &small).await.unwrap();
     assert_eq!(
         (status, body.as_str()),
         (200, r#"{"predictions": [[3.0]]}"#)
     );
+
+    // Without a declared length, what has arrived is held.
+    let mut chunked = TcpStream::connect(server.rest_addr()).unwrap();
+    let head = "POST /v1/models/tiny:predict HTTP/1.1\r\nHost: modelgate\r\n\
+                Transfer-Encoding: chunked\r\n\r\n";
+    let chunk = format!("{:x}\r\n{large}\r\n", large.len());
+    chunked
+        .write_all(format!("{head}{chunk}").as_bytes())
+        .unwrap();
+    let error = wait_refused(&url, &small).await;
+    assert!(error.contains("--rest_api_max_bytes_in_flight"), "{error}");
+    assert_eq!(finish(&mut chunked, b"0\r\n\r\n"), "HTTP/1.1 200 OK");
+    let (status, _) = common::http::post(&url, &small).await.unwrap();
+    assert_eq!(status, 200);
 }
 
 #[test]

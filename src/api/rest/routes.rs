@@ -145,23 +145,25 @@ async fn read_body(
     in_flight: &Arc<Semaphore>,
 ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Error> {
     use tokio_stream::StreamExt;
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
     let too_large = || {
         Error::PayloadTooLarge(format!(
             "the request body is larger than {limit} bytes (--rest_api_max_body_bytes)"
         ))
     };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > limit.saturating_add(DRAIN_BYTES)) {
         return Err(too_large());
     }
     let mut stream = body.into_data_stream();
-    // A declared length is a hint, not a promise: pre-size only modestly.
-    let mut data = Vec::with_capacity(declared.unwrap_or(0).min(limit).min(4 << 20));
-    let mut held: Option<OwnedSemaphorePermit> = None;
-    let mut no_room = false;
+    // A declared length is a hint, not a promise: pre-size only modestly, and count what
+    // is set aside as held.
+    let presize = declared.unwrap_or(0).min(limit).min(4 << 20);
+    let mut held = None;
+    let mut no_room = !hold(in_flight, &mut held, presize);
+    let mut data = Vec::with_capacity(if no_room { 0 } else { presize });
     let mut total = 0usize;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk
@@ -170,23 +172,13 @@ async fn read_body(
         if total > limit.saturating_add(DRAIN_BYTES) {
             break;
         }
-        if total > limit || no_room {
-            // Refused already: what still comes is read (see DRAIN_BYTES) but not kept.
-            (data, held) = (Vec::new(), None);
-            continue;
+        if total <= limit && !no_room {
+            no_room = !hold(in_flight, &mut held, total);
         }
-        let permit = u32::try_from(chunk.len())
-            .ok()
-            .and_then(|n| Arc::clone(in_flight).try_acquire_many_owned(n).ok());
-        let Some(permit) = permit else {
-            no_room = true;
+        if total > limit || no_room {
+            // Refused: what still comes is read (see DRAIN_BYTES) but not kept.
             (data, held) = (Vec::new(), None);
             continue;
-        };
-        if let Some(held) = held.as_mut() {
-            held.merge(permit);
-        } else {
-            held = Some(permit);
         }
         data.extend_from_slice(&chunk);
     }
@@ -201,6 +193,26 @@ async fn read_body(
         ));
     }
     Ok((Bytes::from(data), held))
+}
+
+/// Grows what `held` counts in `in_flight` to `bytes`; false when there is no room.
+fn hold(in_flight: &Arc<Semaphore>, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> bool {
+    let counted = held.as_ref().map_or(0, |permit| permit.num_permits());
+    let Some(more) = bytes.checked_sub(counted).filter(|&more| more > 0) else {
+        return true;
+    };
+    let Some(permit) = u32::try_from(more)
+        .ok()
+        .and_then(|more| Arc::clone(in_flight).try_acquire_many_owned(more).ok())
+    else {
+        return false;
+    };
+    if let Some(held) = held.as_mut() {
+        held.merge(permit);
+    } else {
+        *held = Some(permit);
+    }
+    true
 }
 
 /// Runs one API call; the answer's JSON and the version that served it.
