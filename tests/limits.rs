@@ -141,6 +141,27 @@ fn bytes_in_flight_below_the_body_limit_stop_the_start() {
     );
 }
 
+type Http2 = (
+    h2::client::SendRequest<bytes::Bytes>,
+    h2::client::Connection<tokio::net::TcpStream, bytes::Bytes>,
+);
+
+/// An HTTP/2 connection to `addr` once the server's SETTINGS are in, and the streams they
+/// allow. (Dropping the `SendRequest` would close the connection from this side.)
+async fn http2_connection(addr: std::net::SocketAddr) -> (usize, Http2) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    // The server's SETTINGS come before its answer to a ping.
+    let mut ping = connection.ping_pong().unwrap();
+    tokio::select! {
+        pong = ping.ping(h2::Ping::opaque()) => {
+            pong.unwrap();
+        }
+        ended = &mut connection => panic!("connection ended: {ended:?}"),
+    }
+    (connection.max_concurrent_send_streams(), (send, connection))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_channel_arguments_reach_http2() {
     let server = Server::with_config(
@@ -156,17 +177,11 @@ async fn grpc_channel_arguments_reach_http2() {
         "{}",
         server.log()
     );
-    let tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
-    let (_send, mut connection) = h2::client::handshake(tcp).await.unwrap();
-    // The server's SETTINGS come before its answer to a ping.
-    let mut ping = connection.ping_pong().unwrap();
-    tokio::select! {
-        pong = ping.ping(h2::Ping::opaque()) => {
-            pong.unwrap();
-        }
-        ended = &mut connection => panic!("connection ended: {ended:?}"),
-    }
-    assert_eq!(connection.max_concurrent_send_streams(), 3);
+    let (grpc_streams, (_send, connection)) = http2_connection(server.grpc).await;
+    assert_eq!(grpc_streams, 3);
+    // The REST port keeps the default, which bounds what one connection may open.
+    let (rest_streams, _) = http2_connection(server.rest_addr()).await;
+    assert_eq!(rest_streams, 100);
     // Past its maximum age (and grace) the server sends GOAWAY and closes: the connection
     // ends cleanly.
     let ended = tokio::time::timeout(TIMEOUT, connection).await;
