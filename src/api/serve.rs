@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 /// How long a client may take over its TLS handshake before the connection is closed.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// After an accept error other than a failed connection (e.g. out of file descriptors),
 /// wait this long before accepting again rather than spinning.
@@ -189,4 +189,18 @@ async fn sleep_or_never(duration: Option<Duration>) {
 /// all reconnect together.
 fn jitter(age: Duration) -> Duration {
     age.mul_f64(0.9 + 0.2 * fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_a_tenth() {
+        let age = Duration::from_secs(100);
+        for _ in 0..1000 {
+            let jittered = jitter(age);
+            assert!(jittered >= Duration::from_secs(90) && jittered <= Duration::from_secs(110));
+        }
+    }
 }

@@ -36,7 +36,7 @@ pub enum AppError {
     #[error("cannot listen on {addr}: {message}")]
     Bind { addr: String, message: String },
     #[error("cannot build the gRPC services: {0}")]
-    Grpc(#[from] api::grpc::ServeError),
+    Grpc(#[from] api::grpc::BuildError),
     #[error("cannot set up metrics: {0}")]
     Metrics(String),
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 /// `grpc.max_concurrent_streams` says otherwise. The RFC's recommended minimum: enough for a
 /// client's whole pool of calls on a few connections, while a client that opens thousands of
 /// streams on one connection waits for its own streams instead of crowding out others.
-pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
+const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
 
 /// gRPC's server defaults: a keepalive ping every two hours, answered within 20 s.
 const DEFAULT_KEEPALIVE_TIME: Duration = Duration::from_secs(2 * 60 * 60);

@@ -318,7 +318,7 @@ pub const DEFAULT_REST_MAX_BODY_BYTES: usize = 256 << 20;
 
 /// 1 GiB: four bodies of the largest size at once, or many small ones; past it a request is
 /// turned away (503) rather than buffered.
-pub const DEFAULT_REST_MAX_BYTES_IN_FLIGHT: usize = 1 << 30;
+const DEFAULT_REST_MAX_BYTES_IN_FLIGHT: usize = 1 << 30;
 
 /// Parses the command line, first setting aside (with a warning each) the TF Serving flags
 /// that do not apply. Returns the flags and the warnings to log once logging is up.

@@ -9,7 +9,7 @@ mod monitoring;
 mod ssl;
 mod text_format;
 
-pub use connection::{ConnectionSettings, DEFAULT_MAX_CONCURRENT_STREAMS};
+pub use connection::ConnectionSettings;
 pub use env::S3Env;
 pub use flags::{parse_args, DeviceFlag, Flags, LogFormat, Redacted, DEFAULT_REST_MAX_BODY_BYTES};
 pub use model_config::{ModelSpec, Platform, VersionPolicy};

@@ -63,7 +63,7 @@ pub fn router(
     options: GrpcOptions,
     draining: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
-) -> Result<axum::Router, ServeError> {
+) -> Result<axum::Router, BuildError> {
     let registry = Arc::clone(inference.registry());
     let health_reporter = HealthReporter::new();
     let health_service = HealthServer::new(StoppingHealth {
@@ -105,7 +105,7 @@ pub fn router(
 
 /// Why the gRPC services could not be built.
 #[derive(Debug, thiserror::Error)]
-pub enum ServeError {
+pub enum BuildError {
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
