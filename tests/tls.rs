@@ -190,3 +190,14 @@ fn an_unusable_ssl_config_stops_the_start() {
         assert!(!stderr.contains("listening on"), "{case}: {stderr}");
     }
 }
+
+#[test]
+fn alts_is_refused_rather_than_ignored() {
+    for flag in ["--use_alts_credentials", "--use_alts_credentials=true"] {
+        let stderr = common::refused_start(&[flag]);
+        assert!(
+            stderr.contains("--use_alts_credentials: ALTS is not supported"),
+            "{stderr}"
+        );
+    }
+}

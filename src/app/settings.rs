@@ -67,6 +67,12 @@ pub(super) fn monitoring_path(flags: &Flags) -> Result<Option<String>, ConfigErr
 
 /// The TLS config of both ports (`--ssl_config_file`); `None`: plaintext.
 pub(super) fn tls(flags: &Flags) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+    if flags.use_alts_credentials {
+        // A transport security that cannot be had must not become none at all.
+        return Err(ConfigError::Invalid(
+            "--use_alts_credentials: ALTS is not supported; use --ssl_config_file".into(),
+        ));
+    }
     let Some(path) = &flags.ssl_config_file else {
         return Ok(None);
     };

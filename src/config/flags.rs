@@ -86,10 +86,6 @@ const IGNORED_TF_SERVING_FLAGS: &[(&str, &str)] = &[
         "thread_pool_factory_config_file",
         "there is no TensorFlow thread pool",
     ),
-    (
-        "use_alts_credentials",
-        "ALTS exists only on Google Cloud; see --ssl_config_file",
-    ),
     ("use_tflite_model", "there is no TensorFlow Lite"),
     ("xla_cpu_compilation_enabled", "there is no XLA"),
     ("xla_gpu_compilation_enabled", "there is no XLA"),
@@ -199,6 +195,12 @@ pub struct Flags {
     /// the start.
     #[arg(long = "ssl_config_file")]
     pub ssl_config_file: Option<String>,
+
+    /// Google's ALTS transport security, which modelgate does not have: true stops the start
+    /// rather than serving without it (use --ssl_config_file).
+    #[arg(long = "use_alts_credentials", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub use_alts_credentials: bool,
 
     /// gRPC channel arguments, `key=value,key=value`: max concurrent streams, keepalive and
     /// maximum connection age apply; others are warned about.
