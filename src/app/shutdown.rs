@@ -41,7 +41,7 @@ pub(super) async fn sequence(
 
 /// Once the servers have stopped: unloads every model.
 pub(super) async fn unload(manager: &ManagerHandle) {
-    tracing::info!("servers stopped; unloading models");
+    tracing::info!("servers shut down; unloading models");
     match tokio::time::timeout(UNLOAD_TIMEOUT, manager.set_models(Vec::new())).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("unloading models: {e}"),
