@@ -1,6 +1,7 @@
 //! The bounds on what one connection or request may hold, against the real binary: the
-//! REST timeout and the bytes of REST bodies in flight, and the HTTP/2 settings that
-//! `--grpc_channel_arguments` applies (max concurrent streams, maximum connection age).
+//! REST timeout and the bytes of REST bodies in flight, and the HTTP/2 settings: the
+//! default stream limit and what `--grpc_channel_arguments` applies (max concurrent
+//! streams, maximum connection age).
 
 mod common;
 
@@ -134,25 +135,35 @@ fn bytes_in_flight_below_the_body_limit_stop_the_start() {
     );
 }
 
-type Http2 = (
-    h2::client::SendRequest<bytes::Bytes>,
-    h2::client::Connection<tokio::net::TcpStream, bytes::Bytes>,
-);
+/// An HTTP/2 client connection, driven until the server has answered a ping (its SETTINGS
+/// come before that answer) or has closed the connection.
+struct Http2Client {
+    /// Held: dropping it would close the connection from this side.
+    _send: h2::client::SendRequest<bytes::Bytes>,
+    connection: h2::client::Connection<tokio::net::TcpStream, bytes::Bytes>,
+    /// How the connection ended meanwhile, if it did.
+    ended: Option<Result<(), h2::Error>>,
+    /// The server's SETTINGS_MAX_CONCURRENT_STREAMS.
+    streams: usize,
+}
 
-/// An HTTP/2 connection to `addr` once the server's SETTINGS are in, and the streams they
-/// allow. (Dropping the `SendRequest` would close the connection from this side.)
-async fn http2_connection(addr: std::net::SocketAddr) -> (usize, Http2) {
+async fn http2_client(addr: std::net::SocketAddr) -> Http2Client {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (send, mut connection) = h2::client::handshake(tcp).await.unwrap();
-    // The server's SETTINGS come before its answer to a ping.
     let mut ping = connection.ping_pong().unwrap();
-    tokio::select! {
+    let ended = tokio::select! {
         pong = ping.ping(h2::Ping::opaque()) => {
             pong.unwrap();
+            None
         }
-        ended = &mut connection => panic!("connection ended: {ended:?}"),
+        ended = &mut connection => Some(ended),
+    };
+    Http2Client {
+        _send: send,
+        streams: connection.max_concurrent_send_streams(),
+        connection,
+        ended,
     }
-    (connection.max_concurrent_send_streams(), (send, connection))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,15 +181,27 @@ async fn grpc_channel_arguments_reach_http2() {
         "{}",
         server.log()
     );
-    let (grpc_streams, (_send, connection)) = http2_connection(server.grpc).await;
-    assert_eq!(grpc_streams, 3);
-    // The REST port keeps the default, which bounds what one connection may open.
-    let (rest_streams, _) = http2_connection(server.rest_addr()).await;
-    assert_eq!(rest_streams, 100);
+    let client = http2_client(server.grpc).await;
+    assert_eq!(client.streams, 3);
     // Past its maximum age (and grace) the server sends GOAWAY and closes: the connection
-    // ends cleanly.
-    let ended = tokio::time::timeout(TIMEOUT, connection).await;
-    assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+    // ends cleanly (without a maximum age, it would stay open).
+    let ended = match client.ended {
+        Some(ended) => ended,
+        None => tokio::time::timeout(TIMEOUT, client.connection)
+            .await
+            .expect("the server closes the connection"),
+    };
+    assert!(ended.is_ok(), "{ended:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_per_connection_are_bounded_by_default() {
+    let server = Server::with_config(&fixture_config(&["tiny"]), &[]);
+    for addr in [server.grpc, server.rest_addr()] {
+        let client = http2_client(addr).await;
+        assert!(client.ended.is_none(), "{addr}: {:?}", client.ended);
+        assert_eq!(client.streams, 100, "{addr}");
+    }
 }
 
 #[test]
