@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "tensorflow_serving/apis/model_service.proto",
     "tensorflow_serving/config/model_server_config.proto",
     "tensorflow_serving/config/monitoring_config.proto",
+    "tensorflow_serving/config/ssl_config.proto",
     "tensorflow_serving/servables/tensorflow/session_bundle_config.proto",
 ];
 

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use modelgate::api::grpc::{dims, shape_proto, tensor_from_proto};
+use modelgate::api::grpc::{dims, shape_proto};
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{PredictRequest, PredictResponse};
 use modelgate::proto::tensorflow::{DataType, TensorProto};
@@ -31,14 +31,10 @@ fn request(model: &str, signature: &str, x: TensorProto) -> PredictRequest {
 }
 
 fn values(response: &PredictResponse, name: &str) -> Vec<f32> {
-    tensor_from_proto(
-        name,
-        &response.outputs[name],
-        &mut modelgate::limits::DecodeBudget::unlimited(),
-    )
-    .unwrap()
-    .to_values::<f32>()
-    .unwrap()
+    common::decode_tensor(name, &response.outputs[name])
+        .unwrap()
+        .to_values::<f32>()
+        .unwrap()
 }
 
 /// Starts a server on `models` with the batching parameters `params` (None = batching off).
@@ -73,14 +69,10 @@ async fn forwards(client: &mut PredictionServiceClient<Channel>) -> i64 {
         .await
         .expect("count")
         .into_inner();
-    tensor_from_proto(
-        "calls",
-        &response.outputs["calls"],
-        &mut modelgate::limits::DecodeBudget::unlimited(),
-    )
-    .unwrap()
-    .to_values::<i64>()
-    .unwrap()[0]
+    common::decode_tensor("calls", &response.outputs["calls"])
+        .unwrap()
+        .to_values::<i64>()
+        .unwrap()[0]
 }
 
 trait WithShape {

@@ -5,7 +5,7 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use modelgate::api::grpc::{dims, shape_proto, tensor_from_proto, tensor_to_proto};
+use modelgate::api::grpc::{dims, shape_proto, tensor_to_proto};
 use modelgate::proto::serving::{
     GetModelMetadataRequest, GetModelStatusRequest, PredictRequest, SignatureDefMap,
 };
@@ -80,12 +80,7 @@ fn output(response: &modelgate::proto::serving::PredictResponse, name: &str) -> 
         .outputs
         .get(name)
         .unwrap_or_else(|| panic!("no output {name}"));
-    tensor_from_proto(
-        name,
-        proto,
-        &mut modelgate::limits::DecodeBudget::unlimited(),
-    )
-    .expect("decodable output")
+    common::decode_tensor(name, proto).expect("decodable output")
 }
 
 fn served_version(response: &modelgate::proto::serving::PredictResponse) -> i64 {
@@ -605,8 +600,8 @@ async fn single_model_mode_and_tf_serving_flags() {
         "--model_name=tiny",
         &format!("--model_base_path={}", base.display()),
         "--tensorflow_intra_op_parallelism=2",
-        "--rest_api_timeout_in_ms",
-        "5000",
+        "--grpc_max_threads",
+        "16",
         "--device=cpu",
     ]);
     server.wait_available(&["tiny"]).await;
@@ -615,7 +610,7 @@ async fn single_model_mode_and_tf_serving_flags() {
         .contains("ignoring TF Serving flag --tensorflow_intra_op_parallelism"));
     assert!(server
         .log()
-        .contains("ignoring TF Serving flag --rest_api_timeout_in_ms"));
+        .contains("ignoring TF Serving flag --grpc_max_threads"));
     let mut client = server.prediction().await;
     let response = client
         .predict(predict(spec("tiny"), vec![("x", floats(&[1, 1], &[10.0]))]))

@@ -1,6 +1,6 @@
 //! Probes and shutdown against the real binary: `/healthz`, `/readyz` and gRPC health from
 //! start-up (models loading) to ready and through draining; SIGTERM with requests in
-//! flight; a second signal.
+//! flight; a second signal; the drain's bound (a health watch, a request that never ends).
 
 mod common;
 
@@ -270,4 +270,89 @@ async fn a_second_signal_exits_at_once() {
     let status = tokio::task::block_in_place(|| server.wait_exit());
     assert_eq!(status.code(), Some(130), "{}", server.log());
     assert!(server.log().contains("second signal"), "{}", server.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_watch_does_not_hold_the_process_up() {
+    let config = common::fixture_config(&["tiny"]);
+    // A drain limit far past the harness's patience: the process can exit in time only if
+    // the watch stream ends.
+    let mut server = Server::with_config(
+        &config,
+        &[
+            "--shutdown_grace_seconds=1",
+            "--shutdown_drain_seconds=3600",
+        ],
+    );
+    wait_health(&server, "", ServingStatus::Serving).await;
+    let channel = server.channel().await;
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_status = async || {
+        let message = watch.message().await?.expect("the stream goes on");
+        Ok::<_, tonic::Status>(ServingStatus::try_from(message.status).unwrap())
+    };
+    assert_eq!(next_status().await.unwrap(), ServingStatus::Serving);
+
+    server.signal("TERM");
+    // NOT_SERVING while draining; once the server stops accepting, the watch ends:
+    // UNAVAILABLE, retry elsewhere.
+    let end = loop {
+        match next_status().await {
+            Ok(status) => assert_eq!(status, ServingStatus::NotServing),
+            Err(end) => break end,
+        }
+    };
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    let status = tokio::task::block_in_place(|| server.wait_exit());
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    drop(channel);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_never_finishes_is_cut_at_the_drain_limit() {
+    let config = common::fixture_config(&["tiny"]);
+    let mut server = Server::with_config(
+        &config,
+        &[
+            "--shutdown_grace_seconds=0",
+            "--shutdown_drain_seconds=1",
+            // No REST timeout: only the drain limit ends the request below.
+            "--rest_api_timeout_in_ms=0",
+        ],
+    );
+    server.wait_readyz(200).await;
+
+    // A body that never arrives in full. The server's "100 Continue" says the handler is
+    // reading it: the request is in flight.
+    let mut stuck = std::net::TcpStream::connect(server.rest_addr()).unwrap();
+    stuck
+        .write_all(
+            b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: modelgate\r\n\
+              Content-Type: application/json\r\nContent-Length: 1000\r\n\
+              Expect: 100-continue\r\n\r\n",
+        )
+        .unwrap();
+    let mut continued = [0u8; 25];
+    stuck.read_exact(&mut continued).unwrap();
+    assert_eq!(&continued, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stuck.write_all(b"{\"instances\": ").unwrap();
+
+    server.signal("TERM");
+    let status = tokio::task::block_in_place(|| server.wait_exit());
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    assert!(
+        server.log().contains("still open after the drain limit"),
+        "{}",
+        server.log()
+    );
+    // The connection was closed, not answered.
+    let mut rest = Vec::new();
+    let _ = stuck.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
 }

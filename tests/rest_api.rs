@@ -4,7 +4,7 @@
 mod common;
 
 use common::Server;
-use modelgate::api::grpc::{tensor_from_proto, tensor_to_proto};
+use modelgate::api::grpc::tensor_to_proto;
 use modelgate::proto::serving::{ModelSpec, PredictRequest};
 use modelgate::tensor::Tensor;
 use serde_json::{json, Value};
@@ -315,14 +315,10 @@ async fn predict_float32_matches_grpc(rest: &Rest<'_>) {
         .unwrap()
         .into_inner();
     let grpc = |name: &str| {
-        tensor_from_proto(
-            name,
-            &response.outputs[name],
-            &mut modelgate::limits::DecodeBudget::unlimited(),
-        )
-        .unwrap()
-        .to_values::<f32>()
-        .unwrap()
+        common::decode_tensor(name, &response.outputs[name])
+            .unwrap()
+            .to_values::<f32>()
+            .unwrap()
     };
 
     // The request carries each float32 as its shortest text, which must read back exactly.

@@ -8,6 +8,7 @@ mod fuzz;
 pub mod grpc;
 pub mod model_status;
 pub mod rest;
+pub mod serve;
 pub mod tasks;
 
 use crate::error::Error;

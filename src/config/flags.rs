@@ -4,40 +4,83 @@
 use clap::{ArgAction, Parser};
 use std::str::FromStr;
 
-/// TF Serving flags that have no meaning for modelgate. They are accepted and ignored with a
-/// warning, so existing manifests keep working; any other unknown flag is still an error.
-const IGNORED_TF_SERVING_FLAGS: &[&str] = &[
-    "allow_version_labels_for_unavailable_models",
-    "enable_model_warmup",
-    "enable_profiler",
-    "enable_signature_method_name_check",
-    "flush_filesystem_caches",
-    "grpc_channel_arguments",
-    "grpc_socket_path",
-    "mixed_precision",
-    "model_config_file_poll_wait_seconds_jitter",
-    "num_load_threads",
-    "num_unload_threads",
-    "num_request_iterations_for_warmup",
-    "per_process_gpu_memory_fraction",
-    "platform_config_file",
-    "prefer_tflite_model",
-    "remove_unused_fields_from_bundle_metagraph",
-    "rest_api_enable_cors_support",
-    "rest_api_num_threads",
-    "rest_api_timeout_in_ms",
-    "saved_model_tags",
-    "skip_initialize_tpu",
-    "ssl_config_file",
-    "tensorflow_inter_op_parallelism",
-    "tensorflow_intra_op_parallelism",
-    "tensorflow_session_parallelism",
-    "tensorflow_session_config_file",
-    "thread_pool_factory_config_file",
-    "use_alts_credentials",
-    "use_tflite_model",
-    "xla_cpu_compilation_enabled",
-    "enable_grpc_healthcheck_service",
+/// The flags of `tensorflow_model_server` 2.x (`model_servers/main.cc`) that have no meaning
+/// for modelgate, each with why. They are accepted and ignored with a warning, so existing
+/// manifests keep working; any other unknown flag is still an error. Every other TF Serving
+/// flag is one of `Flags` below.
+const IGNORED_TF_SERVING_FLAGS: &[(&str, &str)] = &[
+    (
+        "allow_version_labels_for_unavailable_models",
+        "a label binds once its version is AVAILABLE",
+    ),
+    (
+        "enable_grpc_healthcheck_service",
+        "grpc.health.v1 is always served",
+    ),
+    ("enable_model_warmup", "every version is always warmed up"),
+    ("enable_profiler", "there is no TensorFlow profiler"),
+    (
+        "enable_signature_method_name_check",
+        "method names are always checked",
+    ),
+    (
+        "flush_filesystem_caches",
+        "there are no TensorFlow file system caches",
+    ),
+    (
+        "grpc_max_threads",
+        "gRPC runs on the async runtime, not on a thread per call",
+    ),
+    ("grpc_socket_path", "gRPC listens on --port only"),
+    ("mixed_precision", "a TensorFlow graph option"),
+    (
+        "num_load_threads",
+        "versions load on blocking threads of their own",
+    ),
+    (
+        "num_request_iterations_for_warmup",
+        "warm-up runs each signature once",
+    ),
+    (
+        "num_tflite_interpreters_per_pool",
+        "there is no TensorFlow Lite",
+    ),
+    ("num_tflite_pools", "there is no TensorFlow Lite"),
+    (
+        "num_unload_threads",
+        "versions unload on blocking threads of their own",
+    ),
+    (
+        "per_process_gpu_memory_fraction",
+        "libtorch allocates GPU memory as it needs it",
+    ),
+    ("platform_config_file", "the platform is always TorchScript"),
+    ("prefer_tflite_model", "there is no TensorFlow Lite"),
+    (
+        "remove_unused_fields_from_bundle_metagraph",
+        "there is no SavedModel MetaGraph",
+    ),
+    ("rest_api_enable_cors_support", "CORS headers are not sent"),
+    (
+        "rest_api_num_threads",
+        "REST runs on the async runtime, not on a thread pool of its own",
+    ),
+    ("saved_model_tags", "there is no SavedModel"),
+    ("skip_initialize_tpu", "there is no TPU"),
+    ("tensorflow_inter_op_parallelism", "see --intra_op_threads"),
+    ("tensorflow_intra_op_parallelism", "see --intra_op_threads"),
+    (
+        "tensorflow_session_config_file",
+        "there is no TensorFlow session",
+    ),
+    ("tensorflow_session_parallelism", "see --intra_op_threads"),
+    (
+        "thread_pool_factory_config_file",
+        "there is no TensorFlow thread pool",
+    ),
+    ("use_tflite_model", "there is no TensorFlow Lite"),
+    ("xla_cpu_compilation_enabled", "there is no XLA"),
+    ("xla_gpu_compilation_enabled", "there is no XLA"),
 ];
 
 /// Where models run: `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.
@@ -139,6 +182,23 @@ pub struct Flags {
     #[arg(long = "grpc_max_message_bytes", default_value_t = i32::MAX as usize)]
     pub grpc_max_message_bytes: usize,
 
+    /// SSLConfig in protobuf text format (server_key, server_cert, custom_ca, client_verify):
+    /// TLS, and with client_verify mTLS, on both ports. A config that cannot be used stops
+    /// the start.
+    #[arg(long = "ssl_config_file")]
+    pub ssl_config_file: Option<String>,
+
+    /// Google's ALTS transport security, which modelgate does not have: true stops the start
+    /// rather than serving without it (use --ssl_config_file).
+    #[arg(long = "use_alts_credentials", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub use_alts_credentials: bool,
+
+    /// gRPC channel arguments, `key=value,key=value`: max concurrent streams, keepalive and
+    /// maximum connection age apply; others are warned about.
+    #[arg(long = "grpc_channel_arguments", default_value = "")]
+    pub grpc_channel_arguments: String,
+
     /// Where models run: auto, cpu, cuda, cuda:N.
     #[arg(long = "device", default_value = "auto")]
     pub device: DeviceFlag,
@@ -211,10 +271,29 @@ pub struct Flags {
     #[arg(long = "rest_api_max_body_bytes", default_value_t = DEFAULT_REST_MAX_BODY_BYTES)]
     pub rest_api_max_body_bytes: usize,
 
+    /// How long a REST request may take, body included, before it is answered 504; 0 or
+    /// less: no limit (TF Serving's meaning).
+    #[arg(
+        long = "rest_api_timeout_in_ms",
+        default_value_t = 30_000,
+        allow_negative_numbers = true
+    )]
+    pub rest_api_timeout_in_ms: i64,
+
+    /// REST request bodies all requests together may hold at once; a request that would go
+    /// over is answered 503 (modelgate's own). At least --rest_api_max_body_bytes.
+    #[arg(long = "rest_api_max_bytes_in_flight", default_value_t = DEFAULT_REST_MAX_BYTES_IN_FLIGHT)]
+    pub rest_api_max_bytes_in_flight: usize,
+
     /// After SIGTERM/SIGINT, keep accepting this long while readiness reports draining, so
     /// that load balancers stop sending traffic first (modelgate's own).
     #[arg(long = "shutdown_grace_seconds", default_value_t = 5)]
     pub shutdown_grace_seconds: u64,
+
+    /// After the grace period, how long requests in flight (and health watch streams) may
+    /// take before their connections are closed and the process exits (modelgate's own).
+    #[arg(long = "shutdown_drain_seconds", default_value_t = 10)]
+    pub shutdown_drain_seconds: u64,
 
     /// Log format: text or json (one JSON object per line).
     #[arg(
@@ -247,6 +326,10 @@ impl std::fmt::Debug for Redacted {
 /// requests of tens of MiB of tensor data while bounding what one request can buffer.
 pub const DEFAULT_REST_MAX_BODY_BYTES: usize = 256 << 20;
 
+/// 1 GiB: four bodies of the largest size at once, or many small ones; past it a request is
+/// turned away (503) rather than buffered.
+const DEFAULT_REST_MAX_BYTES_IN_FLIGHT: usize = 1 << 30;
+
 /// Parses the command line, first setting aside (with a warning each) the TF Serving flags
 /// that do not apply. Returns the flags and the warnings to log once logging is up.
 pub fn parse_args<I>(args: I) -> Result<(Flags, Vec<String>), clap::Error>
@@ -263,17 +346,20 @@ where
         let name = arg
             .strip_prefix("--")
             .map(|rest| rest.split('=').next().unwrap_or(rest));
-        match name {
-            Some(name) if IGNORED_TF_SERVING_FLAGS.contains(&name) => {
+        let ignored = name.and_then(|name| {
+            IGNORED_TF_SERVING_FLAGS
+                .iter()
+                .find(|(flag, _)| *flag == name)
+        });
+        match ignored {
+            Some((name, why)) => {
                 // `--flag value`: the value goes too (modelgate takes no positional arguments).
                 if !arg.contains('=') && args.peek().is_some_and(|next| !next.starts_with("--")) {
                     args.next();
                 }
-                warnings.push(format!(
-                    "ignoring TF Serving flag --{name}: it has no effect in modelgate"
-                ));
+                warnings.push(format!("ignoring TF Serving flag --{name}: {why}"));
             }
-            _ => kept.push(arg),
+            None => kept.push(arg),
         }
     }
     let flags = Flags::try_parse_from(kept)?;
@@ -305,6 +391,11 @@ mod tests {
         assert_eq!(flags.kubernetes_api_url, "http://localhost:8001");
         assert_eq!(flags.rest_api_max_body_bytes, 256 << 20);
         assert_eq!(flags.shutdown_grace_seconds, 5);
+        assert_eq!(flags.shutdown_drain_seconds, 10);
+        assert_eq!(flags.rest_api_timeout_in_ms, 30_000);
+        assert_eq!(flags.rest_api_max_bytes_in_flight, 1 << 30);
+        assert!(flags.ssl_config_file.is_none());
+        assert_eq!(flags.grpc_channel_arguments, "");
         assert!(warnings.is_empty());
     }
 
@@ -346,14 +437,86 @@ mod tests {
     fn inapplicable_tf_serving_flags_warn() {
         let (flags, warnings) = parse(&[
             "--tensorflow_intra_op_parallelism=4",
-            "--rest_api_timeout_in_ms",
-            "5000",
+            "--grpc_max_threads",
+            "16",
             "--enable_model_warmup",
             "--port=1234",
         ]);
         assert_eq!(flags.port, 1234);
         assert_eq!(warnings.len(), 3, "{warnings:?}");
         assert!(warnings[0].contains("tensorflow_intra_op_parallelism"));
+        assert!(warnings[1].contains("--grpc_max_threads: gRPC runs on the async runtime"));
+    }
+
+    /// Every flag of `tensorflow_model_server` 2.0 to 2.20 (`model_servers/main.cc`) is
+    /// accepted: applied, or ignored with a warning.
+    #[test]
+    fn every_tf_serving_flag_is_accepted() {
+        const TF_SERVING_FLAGS: &[&str] = &[
+            "allow_version_labels_for_unavailable_models=true",
+            "batching_parameters_file=b.config",
+            "enable_batching=true",
+            "enable_grpc_healthcheck_service=true",
+            "enable_model_warmup=true",
+            "enable_per_model_batching_parameters=true",
+            "enable_profiler=true",
+            "enable_serialization_as_tensor_content=true",
+            "enable_signature_method_name_check=true",
+            "file_system_poll_wait_seconds=1",
+            "flush_filesystem_caches=true",
+            "grpc_channel_arguments=grpc.max_connection_age_ms=1000",
+            "grpc_max_threads=8",
+            "grpc_socket_path=/tmp/s",
+            "load_retry_interval_micros=1",
+            "max_num_load_retries=1",
+            "mixed_precision=bfloat16",
+            "model_base_path=/m",
+            "model_config_file_poll_wait_seconds=1",
+            "model_name=m",
+            "monitoring_config_file=m.config",
+            "num_load_threads=1",
+            "num_request_iterations_for_warmup=1",
+            "num_tflite_interpreters_per_pool=1",
+            "num_tflite_pools=1",
+            "num_unload_threads=1",
+            "per_process_gpu_memory_fraction=0.5",
+            "platform_config_file=p.config",
+            "port=1",
+            "prefer_tflite_model=true",
+            "remove_unused_fields_from_bundle_metagraph=true",
+            "rest_api_enable_cors_support=true",
+            "rest_api_num_threads=4",
+            "rest_api_port=2",
+            "rest_api_timeout_in_ms=-1",
+            "saved_model_tags=serve",
+            "skip_initialize_tpu=true",
+            "ssl_config_file=s.config",
+            "tensorflow_inter_op_parallelism=1",
+            "tensorflow_intra_op_parallelism=1",
+            "tensorflow_session_config_file=t.config",
+            "tensorflow_session_parallelism=1",
+            "thread_pool_factory_config_file=t.config",
+            "use_alts_credentials=false",
+            "use_tflite_model=false",
+            "xla_cpu_compilation_enabled=false",
+            "xla_gpu_compilation_enabled=false",
+        ];
+        let args: Vec<String> = TF_SERVING_FLAGS.iter().map(|f| format!("--{f}")).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (flags, warnings) = parse(&args);
+        assert_eq!(
+            warnings.len(),
+            IGNORED_TF_SERVING_FLAGS.len(),
+            "{warnings:?}"
+        );
+        assert_eq!(flags.rest_api_timeout_in_ms, -1);
+        assert_eq!(flags.ssl_config_file.as_deref(), Some("s.config"));
+        // `--version` is clap's: it prints the version and exits.
+        let args = ["modelgate", "--version"].map(String::from);
+        assert_eq!(
+            parse_args(args).unwrap_err().kind(),
+            clap::error::ErrorKind::DisplayVersion
+        );
     }
 
     #[test]

@@ -27,3 +27,17 @@ pub async fn call(method: &str, url: &str, token: Option<&str>) -> Result<(u16, 
     let (status, body) = request(method, url, token).await?;
     Ok((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
 }
+
+/// `POST url` with `body`: the status code and the body.
+pub async fn post(url: &str, body: &str) -> Result<(u16, String), String> {
+    let response = reqwest::Client::new()
+        .post(url)
+        .timeout(super::TIMEOUT)
+        .body(body.to_string())
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status().as_u16();
+    let body = response.text().await.map_err(|e| format!("{url}: {e}"))?;
+    Ok((status, body))
+}

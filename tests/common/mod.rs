@@ -2,11 +2,13 @@
 //! file by path): the real `modelgate` binary on 127.0.0.1 with its log, gRPC and HTTP
 //! clients, the test model repositories and configs over them, and bounded waits. Every wait
 //! is bounded; nothing is skipped: a missing prerequisite fails saying how to get it.
-//! `http` holds the small HTTP client, `s3` a real S3 server (moto) and an S3 client.
+//! `http` holds the small HTTP client, `s3` a real S3 server (moto) and an S3 client, `tls`
+//! certificates made for a test and TLS clients.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 pub mod http;
 pub mod s3;
+pub mod tls;
 
 use modelgate::api::grpc::{shape_proto, tensor_from_proto};
 use modelgate::proto::serving::model_service_client::ModelServiceClient;
@@ -540,6 +542,17 @@ pub fn run_to_exit(args: &[&str]) -> (bool, String) {
     )
 }
 
+/// Runs `modelgate` on the `tiny` fixture with `flags` to its exit, which must be a refusal
+/// to start: its stderr.
+pub fn refused_start(flags: &[&str]) -> String {
+    let base = format!("--model_base_path={}", fixtures().join("tiny").display());
+    let mut args = vec!["--port=0", "--rest_api_port=0", base.as_str()];
+    args.extend_from_slice(flags);
+    let (ok, stderr) = run_to_exit(&args);
+    assert!(!ok, "modelgate {flags:?} started:\n{stderr}");
+    stderr
+}
+
 /// A ModelSpec for the latest version.
 pub fn spec(model: &str) -> ModelSpec {
     ModelSpec {
@@ -572,6 +585,18 @@ pub fn spec_signature(model: &str, signature: &str) -> ModelSpec {
     }
 }
 
+/// Decodes a tensor the server answered with (without a budget: the server made it).
+pub fn decode_tensor(
+    name: &str,
+    proto: &TensorProto,
+) -> Result<modelgate::tensor::Tensor, modelgate::error::Error> {
+    tensor_from_proto(
+        name,
+        proto,
+        &mut modelgate::limits::DecodeBudget::unlimited(),
+    )
+}
+
 /// A `[1, n]` float tensor.
 pub fn float_row(values: &[f32]) -> TensorProto {
     TensorProto {
@@ -602,7 +627,7 @@ pub async fn predict(
         other => panic!("response without a version: {other:?}"),
     };
     let y = response.outputs.get("y").expect("output y");
-    let values = tensor_from_proto("y", y, &mut modelgate::limits::DecodeBudget::unlimited())
+    let values = decode_tensor("y", y)
         .ok()
         .and_then(|t| t.to_values::<f32>())
         .expect("output y is float");

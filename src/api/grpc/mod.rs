@@ -1,4 +1,4 @@
-//! The gRPC server: PredictionService, ModelService, grpc.health.v1 and reflection.
+//! The gRPC services: PredictionService, ModelService, grpc.health.v1 and reflection.
 
 mod codec;
 mod model_service;
@@ -11,16 +11,19 @@ use crate::proto::serving::model_service_server::ModelServiceServer;
 use crate::proto::serving::prediction_service_server::PredictionServiceServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::registry::{ManagerHandle, Registry};
-use axum::serve::ListenerExt;
 use model_service::ModelServiceApi;
 use prediction::PredictionApi;
 use std::collections::HashMap;
-use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::{Stream, StreamExt};
 use tonic::codec::CompressionEncoding;
+use tonic::{Request, Response, Status};
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
 /// The service names gRPC health answers for: overall (""), then TF Serving's full and
@@ -42,25 +45,30 @@ pub struct GrpcOptions {
     pub max_message_bytes: usize,
 }
 
-/// Serves gRPC on `listener` until `shutdown` resolves, then lets calls in flight finish.
+/// The gRPC services as one router, to be served by `api::serve`.
 ///
-/// The services are served through axum rather than tonic's own transport: tonic's
-/// transport enforces `grpc-timeout` itself and answers CANCELLED, while TF Serving (and
-/// DESIGN.md) answer DEADLINE_EXCEEDED and drop the request before it reaches the model,
-/// which the handlers do from the same header.
+/// The services are served through axum and hyper rather than tonic's own transport:
+/// tonic's transport enforces `grpc-timeout` itself and answers CANCELLED, while TF Serving
+/// answers DEADLINE_EXCEEDED and drops the request before it reaches the model, which the
+/// handlers do from the same header.
 ///
 /// `draining` turns true when shutdown begins, so that health turns NOT_SERVING at once
-/// rather than at the next readiness poll.
-pub async fn serve(
-    listener: TcpListener,
+/// rather than at the next readiness poll; `stop` turns true when the server stops
+/// accepting, and ends the health watch streams, which would otherwise hold their
+/// connections open to the end of the drain.
+pub fn router(
     inference: Inference,
     manager: ManagerHandle,
     options: GrpcOptions,
     draining: watch::Receiver<bool>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
+    stop: watch::Receiver<bool>,
+) -> Result<axum::Router, BuildError> {
     let registry = Arc::clone(inference.registry());
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let health_reporter = HealthReporter::new();
+    let health_service = HealthServer::new(StoppingHealth {
+        inner: HealthService::from_health_reporter(health_reporter.clone()),
+        stop,
+    });
     tokio::spawn(mirror_readiness(
         health_reporter,
         Arc::clone(&registry),
@@ -86,29 +94,63 @@ pub async fn serve(
         .max_encoding_message_size(limit)
         .accept_compressed(CompressionEncoding::Gzip);
 
-    let router = tonic::service::Routes::new(prediction)
+    Ok(tonic::service::Routes::new(prediction)
         .add_service(model_service)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .into_axum_router();
-    let listener = listener.tap_io(|tcp| {
-        // Small unary calls: do not let Nagle hold back the response.
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Io)
+        .into_axum_router())
 }
 
-/// Why the gRPC server stopped with an error.
+/// Why the gRPC services could not be built.
 #[derive(Debug, thiserror::Error)]
-pub enum ServeError {
+pub enum BuildError {
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error(transparent)]
-    Io(std::io::Error),
+}
+
+/// grpc.health.v1 whose watch streams end with UNAVAILABLE once the server stops accepting,
+/// so that a watching client learns the server is going and the drain does not wait for it.
+struct StoppingHealth {
+    inner: HealthService,
+    stop: watch::Receiver<bool>,
+}
+
+type HealthStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Health for StoppingHealth {
+    type WatchStream = HealthStream;
+
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthStream>, Status> {
+        let updates = Box::pin(self.inner.watch(request).await?.into_inner());
+        let stream =
+            futures_util::stream::unfold(Some((updates, self.stop.clone())), |state| async move {
+                let (mut updates, mut stop) = state?;
+                let update = tokio::select! {
+                    update = updates.next() => Some(update),
+                    _ = stop.wait_for(|&stop| stop) => None,
+                };
+                match update {
+                    Some(update) => update.map(|u| (u, Some((updates, stop)))),
+                    None => Some((
+                        Err(Status::unavailable("the server is shutting down")),
+                        None,
+                    )),
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
 }
 
 /// Keeps grpc.health.v1 in step with readiness (`/readyz`): the overall and TF Serving

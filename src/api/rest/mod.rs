@@ -12,14 +12,19 @@ use crate::inference::Inference;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
 
 /// What the REST port serves beyond the API.
 #[derive(Clone, Debug)]
 pub struct RestOptions {
     /// Largest request body; larger ones are answered 413.
     pub max_body_bytes: usize,
+    /// The bytes of request bodies all requests together may hold; past it, 503.
+    pub max_bytes_in_flight: usize,
+    /// How long an API call may take, its body included, before it is answered 504.
+    pub timeout: Option<Duration>,
     /// The monitoring config's Prometheus path, served besides `/metrics`.
     pub metrics_path: Option<String>,
 }
@@ -29,6 +34,9 @@ struct RestState {
     inference: Inference,
     metrics: Option<PrometheusHandle>,
     max_body_bytes: usize,
+    /// One permit per byte of request body held.
+    bytes_in_flight: Arc<Semaphore>,
+    timeout: Option<Duration>,
 }
 
 /// The REST router. `metrics` renders the Prometheus payload; without it the metrics
@@ -42,6 +50,10 @@ pub fn router(
         inference,
         metrics,
         max_body_bytes: options.max_body_bytes,
+        bytes_in_flight: Arc::new(Semaphore::new(
+            options.max_bytes_in_flight.min(Semaphore::MAX_PERMITS),
+        )),
+        timeout: options.timeout,
     });
     let mut router = Router::new()
         .route("/healthz", get(routes::healthz))
@@ -54,15 +66,4 @@ pub fn router(
     // everything else goes to one handler that parses them as TF Serving does.
     // The API handler reads bodies itself, against `max_body_bytes`.
     router.fallback(routes::api).with_state(state)
-}
-
-/// Serves REST on `listener` until `shutdown` resolves, then lets requests in flight finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
 }

@@ -19,6 +19,8 @@ use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How much of a body over the limit is still read (and dropped) before answering 413.
 /// Closing a connection with unread bytes makes the kernel reset it, and the client would
@@ -105,9 +107,24 @@ pub(super) async fn api(
         Call::Regress => Api::Regress,
     };
     let timer = RequestTimer::start(api, Protocol::Rest);
-    let result = match read_body(body, &headers, state.max_body_bytes).await {
-        Ok(body) => call(&state, &route, body).await,
-        Err(error) => Err(error),
+    // As TF Serving's --rest_api_timeout_in_ms; here the body's upload counts too, so that a
+    // slow client cannot hold its share of the body budget for long.
+    let deadline = state.timeout.map(|timeout| Instant::now() + timeout);
+    let work = async {
+        let (body, _held) =
+            read_body(body, &headers, state.max_body_bytes, &state.bytes_in_flight).await?;
+        call(&state, &route, body, deadline).await
+    };
+    let result = match state.timeout {
+        Some(timeout) => tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::DeadlineExceeded(format!(
+                    "the request took longer than {} ms (--rest_api_timeout_in_ms)",
+                    timeout.as_millis()
+                )))
+            }),
+        None => work.await,
     };
     match result {
         Ok((text, version)) => {
@@ -122,12 +139,15 @@ pub(super) async fn api(
     }
 }
 
-/// Reads the request body, refusing one over `limit` with PAYLOAD_TOO_LARGE (413).
+/// Reads the request body, refusing one over `limit` with PAYLOAD_TOO_LARGE (413), and one
+/// that the bodies in flight leave no room for with UNAVAILABLE (503). The permit keeps the
+/// body's bytes counted in `in_flight` until it is dropped.
 async fn read_body(
     body: Body,
     headers: &axum::http::HeaderMap,
     limit: usize,
-) -> Result<Bytes, Error> {
+    in_flight: &Arc<Semaphore>,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Error> {
     use tokio_stream::StreamExt;
     let too_large = || {
         Error::PayloadTooLarge(format!(
@@ -142,23 +162,61 @@ async fn read_body(
         return Err(too_large());
     }
     let mut stream = body.into_data_stream();
-    // A declared length is a hint, not a promise: pre-size only modestly.
-    let mut data = Vec::with_capacity(declared.unwrap_or(0).min(limit).min(4 << 20));
+    // A declared length is a hint, not a promise: pre-size only modestly, and count what
+    // is set aside as held.
+    let presize = declared.unwrap_or(0).min(limit).min(4 << 20);
+    let mut held = None;
+    let mut no_room = !hold(in_flight, &mut held, presize);
+    let mut data = Vec::with_capacity(if no_room { 0 } else { presize });
     let mut total = 0usize;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk
             .map_err(|e| Error::InvalidArgument(format!("cannot read the request body: {e}")))?;
         total = total.saturating_add(chunk.len());
-        if total <= limit {
-            data.extend_from_slice(&chunk);
-        } else if total > limit.saturating_add(DRAIN_BYTES) {
+        if total > limit.saturating_add(DRAIN_BYTES) {
             break;
         }
+        if total <= limit && !no_room {
+            no_room = !hold(in_flight, &mut held, total);
+        }
+        if total > limit || no_room {
+            // Refused: what still comes is read (see DRAIN_BYTES) but not kept.
+            (data, held) = (Vec::new(), None);
+            continue;
+        }
+        data.extend_from_slice(&chunk);
     }
     if total > limit {
         return Err(too_large());
     }
-    Ok(Bytes::from(data))
+    if no_room {
+        return Err(Error::Unavailable(
+            "the server holds as many request bodies as it may \
+             (--rest_api_max_bytes_in_flight); retry later"
+                .into(),
+        ));
+    }
+    Ok((Bytes::from(data), held))
+}
+
+/// Grows what `held` counts in `in_flight` to `bytes`; false when there is no room.
+fn hold(in_flight: &Arc<Semaphore>, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> bool {
+    let counted = held.as_ref().map_or(0, |permit| permit.num_permits());
+    let Some(more) = bytes.checked_sub(counted).filter(|&more| more > 0) else {
+        return true;
+    };
+    let Some(permit) = u32::try_from(more)
+        .ok()
+        .and_then(|more| Arc::clone(in_flight).try_acquire_many_owned(more).ok())
+    else {
+        return false;
+    };
+    if let Some(held) = held.as_mut() {
+        held.merge(permit);
+    } else {
+        *held = Some(permit);
+    }
+    true
 }
 
 /// Runs one API call; the answer's JSON and the version that served it.
@@ -166,6 +224,7 @@ async fn call(
     state: &RestState,
     route: &Route,
     body: Bytes,
+    deadline: Option<Instant>,
 ) -> Result<(String, Option<i64>), Error> {
     let registry = state.inference.registry();
     match route.call {
@@ -181,7 +240,7 @@ async fn call(
                 Some(servable.version),
             ))
         }
-        Call::Predict => predict(state, route, body).await,
+        Call::Predict => predict(state, route, body, deadline).await,
         Call::Classify => run_task(state, route, body, TaskKind::Classify).await,
         Call::Regress => run_task(state, route, body, TaskKind::Regress).await,
     }
@@ -191,6 +250,7 @@ async fn predict(
     state: &RestState,
     route: &Route,
     body: Bytes,
+    deadline: Option<Instant>,
 ) -> Result<(String, Option<i64>), Error> {
     let servable = state
         .inference
@@ -215,8 +275,8 @@ async fn predict(
                 signature,
                 inputs,
                 output_filter: Vec::new(),
-                // TF Serving's REST API has no per-request deadline.
-                deadline: None,
+                // Dropped before the forward once the REST timeout has passed.
+                deadline,
             },
         )
         .await?;

@@ -1,0 +1,186 @@
+//! The composition root: builds the registry, the model manager and both servers from the
+//! flags, and runs them until a signal. Nothing else imports it.
+//!
+//! `models`: where the models come from and how a config reaches the manager; `settings`:
+//! the subsystems' options from the flags; `admin`: the admin API's set-up; `shutdown`:
+//! signals, the grace period and unloading.
+
+mod admin;
+mod models;
+mod settings;
+mod shutdown;
+
+use crate::api;
+use crate::api::serve::Port;
+use crate::config::{ConfigError, ConnectionSettings, Flags, S3Env};
+use crate::inference::Inference;
+use crate::registry::{LoadRetries, LoadSettings, Manager, ManagerConfig, Registry};
+use crate::runtime;
+use crate::storage::Storage;
+use crate::telemetry;
+use models::ModelSource;
+use shutdown::Signals;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Device(String),
+    #[error("cannot listen on {addr}: {message}")]
+    Bind { addr: String, message: String },
+    #[error("cannot build the gRPC services: {0}")]
+    Grpc(#[from] api::grpc::BuildError),
+    #[error("cannot set up metrics: {0}")]
+    Metrics(String),
+}
+
+/// Runs the server until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(flags: Flags) -> Result<(), AppError> {
+    let storage = Storage::new(
+        flags
+            .model_cache_dir
+            .clone()
+            .unwrap_or_else(Storage::default_cache_dir),
+        S3Env::from_env(),
+    );
+    let models = ModelSource::from_flags(&flags, storage.clone())?;
+    let (specs, config_text) = models.initial().await?;
+    let batching = settings::batching_options(&flags)?;
+    let rest_options = settings::rest_options(&flags, settings::monitoring_path(&flags)?)?;
+    let tls = settings::tls(&flags)?;
+    let grpc_connections = settings::grpc_connections(&flags)?;
+    let devices = runtime::resolve_devices(flags.device).map_err(AppError::Device)?;
+    tracing::info!(models = specs.len(), "starting modelgate");
+    let metrics = telemetry::install_metrics().map_err(|e| AppError::Metrics(e.to_string()))?;
+    tokio::spawn(telemetry::run_metrics_upkeep(metrics.clone()));
+    // Installed before the servers start, so that a signal during start-up drains too.
+    let signals = Signals::install();
+
+    let registry = Registry::new();
+    let (manager, manager_handle) = Manager::new(
+        Arc::clone(&registry),
+        storage,
+        ManagerConfig {
+            load: LoadSettings {
+                runner: settings::runner_config(&flags, devices),
+                batching,
+                per_model_batching: flags.enable_per_model_batching_parameters,
+                direct_queue_capacity: flags.max_queued_requests,
+            },
+            poll_interval: (flags.file_system_poll_wait_seconds > 0)
+                .then(|| Duration::from_secs(flags.file_system_poll_wait_seconds)),
+            load_retries: LoadRetries {
+                max_retries: flags.max_num_load_retries,
+                interval: Duration::from_micros(flags.load_retry_interval_micros),
+            },
+        },
+    );
+
+    let admin = admin::admin_api(&flags, &models, manager_handle.clone())?;
+    if let Some((config, _)) = &admin {
+        tracing::info!(endpoints = %config.peers.url(), "admin API on");
+    }
+
+    // Ports open before models load: readiness, not a closed port, says when to send traffic.
+    let grpc_listener = listen("gRPC", &flags.bind_address, flags.port).await?;
+    let rest_listener = match flags.rest_api_port {
+        0 => None,
+        port => Some(listen("REST", &flags.bind_address, port).await?),
+    };
+
+    tokio::spawn(manager.run(specs));
+    if flags.model_config_file_poll_wait_seconds > 0 {
+        tokio::spawn(models.poll(
+            Duration::from_secs(flags.model_config_file_poll_wait_seconds),
+            manager_handle.clone(),
+            config_text,
+        ));
+    }
+
+    let (draining_tx, draining_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(shutdown::sequence(
+        signals,
+        Arc::clone(&registry),
+        Duration::from_secs(flags.shutdown_grace_seconds),
+        draining_tx,
+        stop_tx,
+    ));
+
+    let inference = Inference::new(Arc::clone(&registry), flags.max_request_tensor_bytes);
+    let mut rest_router = api::rest::router(inference.clone(), Some(metrics), &rest_options);
+    if let Some((config, reload)) = admin {
+        rest_router = rest_router.merge(api::admin::router(config, Arc::clone(&registry), reload));
+    }
+    let grpc_router = api::grpc::router(
+        inference,
+        manager_handle.clone(),
+        api::grpc::GrpcOptions {
+            tensor_content: flags.enable_serialization_as_tensor_content,
+            max_message_bytes: flags.grpc_max_message_bytes,
+        },
+        draining_rx,
+        stop_rx.clone(),
+    )?;
+
+    let drain = Duration::from_secs(flags.shutdown_drain_seconds);
+    let grpc = api::serve::serve(
+        Port {
+            name: "gRPC",
+            listener: grpc_listener,
+            router: grpc_router,
+            tls: tls.clone(),
+            settings: grpc_connections,
+        },
+        stop_rx.clone(),
+        drain,
+    );
+    let rest = async {
+        if let Some(listener) = rest_listener {
+            let port = Port {
+                name: "REST",
+                listener,
+                router: rest_router,
+                tls,
+                settings: ConnectionSettings::default(),
+            };
+            api::serve::serve(port, stop_rx, drain).await;
+        }
+    };
+    tokio::join!(grpc, rest);
+
+    shutdown::unload(&manager_handle).await;
+    Ok(())
+}
+
+/// Binds `host:port` and logs the address (the port may have been 0).
+async fn listen(name: &str, host: &str, port: u16) -> Result<TcpListener, AppError> {
+    let addr = socket_addr(host, port)?;
+    let bind_error = |e: std::io::Error| AppError::Bind {
+        addr: addr.to_string(),
+        message: e.to_string(),
+    };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    tracing::info!("{name} server listening on {local}");
+    Ok(listener)
+}
+
+fn socket_addr(host: &str, port: u16) -> Result<SocketAddr, AppError> {
+    let text = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    text.parse().map_err(|e| AppError::Bind {
+        addr: text,
+        message: format!("--bind_address: {e}"),
+    })
+}
