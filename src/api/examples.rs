@@ -386,32 +386,27 @@ mod tests {
 
     #[test]
     fn a_context_copied_into_many_examples_is_charged_before_it_is_built() {
-        // 200,000 empty examples and a 40 KB context ask for 8 GB (issue 10, bug 3).
-        let input = Input {
+        // `count` empty examples and a context of `width` floats.
+        let with_context = |count: usize, width: usize| Input {
             kind: Some(input::Kind::ExampleListWithContext(
                 ExampleListWithContext {
-                    examples: vec![Example::default(); 200_000],
-                    context: Some(example(vec![("x", floats(&[0.5; 10_000]))])),
+                    examples: vec![Example::default(); count],
+                    context: Some(example(vec![("x", floats(&vec![0.5; width]))])),
                 },
             )),
         };
-        let examples = Examples::from_input(Some(&input)).unwrap();
         let x = [spec("x", DType::F32, Some(vec![-1, -1]))];
         let mut budget = DecodeBudget::new(1 << 30, 0);
+        // 200,000 empty examples and a 40 KB context ask for 8 GB (issue 10, bug 3).
+        let bomb = with_context(200_000, 10_000);
+        let examples = Examples::from_input(Some(&bomb)).unwrap();
         let err = examples.tensors_for("s", &x, &mut budget).unwrap_err();
         assert!(
             matches!(&err, Error::InvalidArgument(m) if m.contains("8000000000 bytes")),
             "{err}"
         );
         // Within the budget, the context does fill every example.
-        let few = Input {
-            kind: Some(input::Kind::ExampleListWithContext(
-                ExampleListWithContext {
-                    examples: vec![Example::default(); 3],
-                    context: Some(example(vec![("x", floats(&[0.5; 2]))])),
-                },
-            )),
-        };
+        let few = with_context(3, 2);
         let examples = Examples::from_input(Some(&few)).unwrap();
         let t = &examples.tensors_for("s", &x, &mut budget).unwrap()[0];
         assert_eq!(t.shape, vec![3, 2]);
