@@ -355,6 +355,16 @@ async fn status_reports_states_and_load_errors() {
     ]);
     server.wait_available(&["tiny", "scaled"]).await;
     let mut models = server.models().await;
+    // Available means one version is; the policy serves all three, loaded one by one.
+    for version in 1..=3 {
+        wait_for_state(
+            &models,
+            "scaled",
+            version,
+            modelgate::proto::serving::model_version_status::State::Available,
+        )
+        .await;
+    }
     let status = |model: &str| GetModelStatusRequest {
         model_spec: Some(spec(model)),
     };
