@@ -302,3 +302,59 @@ fn text_logs_to_a_pipe_have_no_colour_codes() {
         "colour codes in a piped log: {log:?}"
     );
 }
+
+/// A version's own series (forward and queue times, batch sizes, queue depth, refusals)
+/// leave `/metrics` once the version is unloaded, so the scrape does not grow with every
+/// version ever served; the version that replaced it keeps its own. (Request counts keep
+/// their `version` label: `modelgate_requests_total` is the API edge's history.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_versions_series_leave_the_scrape_when_it_unloads() {
+    let fixtures = common::fixtures();
+    let dir = TempDir::new("series");
+    let base = dir.path().join("scaled");
+    let publish = |version: &str| {
+        let target = base.join(version);
+        std::fs::create_dir_all(&target).expect("version directory");
+        // signature.json last: a version counts once it is there.
+        for file in ["model.pt", "signature.json"] {
+            std::fs::copy(
+                fixtures.join("scaled").join(version).join(file),
+                target.join(file),
+            )
+            .expect("copy the version");
+        }
+    };
+    publish("1");
+    let server = Server::with_config(
+        &common::model_config(&[("scaled", &base, "")]),
+        &["--enable_batching", "--file_system_poll_wait_seconds=1"],
+    );
+    server.wait_available(&["scaled"]).await;
+    let mut client = server.prediction().await;
+    let series = |version: i64| {
+        format!(r#"modelgate_forward_duration_seconds_count{{model="scaled",version="{version}"}}"#)
+    };
+    common::predict(&mut client, common::spec("scaled"), &[1.0, 2.0])
+        .await
+        .expect("version 1 answers");
+    let (_, text) = server.http_get("/metrics").await;
+    assert!(text.contains(&series(1)), "{text}");
+    assert!(
+        text.contains(r#"modelgate_queue_depth{model="scaled",version="1"}"#),
+        "{text}"
+    );
+
+    publish("2");
+    let models = server.models().await;
+    let state = modelgate::proto::serving::model_version_status::State::End;
+    common::wait_for_state(&models, "scaled", 1, state).await;
+    common::predict(&mut client, common::spec("scaled"), &[1.0, 2.0])
+        .await
+        .expect("version 2 answers");
+    let (_, text) = server.http_get("/metrics").await;
+    assert!(
+        !text.contains(r#"version="1""#),
+        "version 1 still scraped:\n{text}"
+    );
+    assert!(text.contains(&series(2)), "{text}");
+}

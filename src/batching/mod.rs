@@ -13,6 +13,7 @@ use crate::runtime::{
     start_workers, Batch, BatchSource, Job, JobResult, LoadError, ModelOutput, RunError,
     RunnerConfig, Workers,
 };
+use crate::telemetry::{self, VersionMetrics};
 use crate::tensor::{DType, Tensor};
 use former::Former;
 use std::path::Path;
@@ -89,6 +90,8 @@ pub struct Scheduler {
     mode: Mode,
     workers: Workers,
     rejected_full: metrics::Counter,
+    /// The version's series stay exposed while it is loaded (see [`VersionMetrics`]).
+    _series: VersionMetrics,
 }
 
 impl Scheduler {
@@ -104,14 +107,11 @@ impl Scheduler {
         batching: Option<BatchingOptions>,
         direct_capacity: usize,
     ) -> Result<Scheduler, LoadError> {
-        let labels = [
-            ("model", model.to_string()),
-            ("version", version.to_string()),
-        ];
-        let mut full_labels = labels.to_vec();
-        full_labels.push(("reason", "queue_full".to_string()));
-        let rejected_full =
-            metrics::counter!(crate::telemetry::REJECTED_REQUESTS_TOTAL, &full_labels);
+        let series = VersionMetrics::new(model, version);
+        let rejected_full = series.counter(
+            telemetry::REJECTED_REQUESTS_TOTAL,
+            &[("reason", "queue_full")],
+        );
         let (mode, source) = match batching {
             None => {
                 let (batches, queue) = flume::bounded(direct_capacity.max(1));
@@ -122,11 +122,8 @@ impl Scheduler {
                     options,
                     queued_rows: AtomicUsize::new(0),
                     queued_jobs: AtomicUsize::new(0),
-                    queue_depth: metrics::gauge!(crate::telemetry::QUEUE_DEPTH, &labels),
-                    queue_delay: metrics::histogram!(
-                        crate::telemetry::QUEUE_DELAY_SECONDS,
-                        &labels
-                    ),
+                    queue_depth: series.gauge(telemetry::QUEUE_DEPTH),
+                    queue_delay: series.histogram(telemetry::QUEUE_DELAY_SECONDS),
                     rejected_full: rejected_full.clone(),
                 });
                 let (jobs, queue) = flume::unbounded();
@@ -137,11 +134,12 @@ impl Scheduler {
                 )
             }
         };
-        let workers = start_workers(path, model, version, runner, &source)?;
+        let workers = start_workers(path, &series, runner, &source)?;
         Ok(Scheduler {
             mode,
             workers,
             rejected_full,
+            _series: series,
         })
     }
 

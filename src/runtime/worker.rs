@@ -4,6 +4,7 @@
 
 use super::convert::{model_output, to_torch, torch_error};
 use super::{Device, LoadError, ModelOutput, RunError};
+use crate::telemetry::{self, VersionMetrics};
 use crate::tensor::Tensor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -89,34 +90,27 @@ impl Batch {
     }
 }
 
-/// Per-version metric handles, created once so the hot path does not build labels.
+/// Per-version metric handles, created once so the hot path does not build labels. They
+/// keep the version's series exposed while a worker runs.
 #[derive(Clone)]
 struct WorkerMetrics {
     batch_size: metrics::Histogram,
     forward_seconds: metrics::Histogram,
     deadline_dropped: metrics::Counter,
     cancelled_dropped: metrics::Counter,
+    _series: VersionMetrics,
 }
 
 impl WorkerMetrics {
-    fn new(model: &str, version: i64) -> WorkerMetrics {
-        let labels = [
-            ("model", model.to_string()),
-            ("version", version.to_string()),
-        ];
-        let rejected = |reason: &'static str| {
-            let mut labels = labels.to_vec();
-            labels.push(("reason", reason.to_string()));
-            metrics::counter!(crate::telemetry::REJECTED_REQUESTS_TOTAL, &labels)
-        };
+    fn new(series: &VersionMetrics) -> WorkerMetrics {
+        let rejected =
+            |reason| series.counter(telemetry::REJECTED_REQUESTS_TOTAL, &[("reason", reason)]);
         WorkerMetrics {
-            batch_size: metrics::histogram!(crate::telemetry::BATCH_SIZE, &labels),
-            forward_seconds: metrics::histogram!(
-                crate::telemetry::FORWARD_DURATION_SECONDS,
-                &labels
-            ),
+            batch_size: series.histogram(telemetry::BATCH_SIZE),
+            forward_seconds: series.histogram(telemetry::FORWARD_DURATION_SECONDS),
             deadline_dropped: rejected("deadline"),
             cancelled_dropped: rejected("cancelled"),
+            _series: series.clone(),
         }
     }
 }
@@ -208,15 +202,16 @@ impl Drop for DeathWatch {
 
 /// Loads the TorchScript module at `path` onto every device (one copy per device) and
 /// starts its workers, which run what `source` gives them until it closes, then free the
-/// module. Blocking: call it from a blocking thread, never from the async executor.
+/// module. `series` is the version's (it names the threads too). Blocking: call it from a
+/// blocking thread, never from the async executor.
 pub fn start_workers(
     path: &Path,
-    model: &str,
-    version: i64,
+    series: &VersionMetrics,
     config: &RunnerConfig,
     source: &BatchSource,
 ) -> Result<Workers, LoadError> {
-    let metrics = WorkerMetrics::new(model, version);
+    let metrics = WorkerMetrics::new(series);
+    let (model, version) = (series.model(), series.version());
     let instances = config.instances_per_device.max(1);
     let health = Arc::new(WorkerHealth {
         instances,
@@ -475,7 +470,13 @@ mod tests {
     fn a_panic_in_a_batch_answers_it_internal_and_the_worker_goes_on() {
         let path = doubling_module("panic");
         let (batches, queue) = flume::bounded(4);
-        let workers = start_workers(&path, "m", 1, &cpu(1), &BatchSource::Queue(queue)).unwrap();
+        let workers = start_workers(
+            &path,
+            &VersionMetrics::new("m", 1),
+            &cpu(1),
+            &BatchSource::Queue(queue),
+        )
+        .unwrap();
 
         // Jobs whose inputs do not line up (a batch key would never group them): indexing
         // the second job's missing input panics in the middle of the batch's work.
@@ -524,7 +525,7 @@ mod tests {
     fn a_device_whose_workers_all_died_is_lost() {
         let path = doubling_module("lost");
         let source = BatchSource::Former(Arc::new(PanickingFormer));
-        let workers = start_workers(&path, "m", 1, &cpu(2), &source).unwrap();
+        let workers = start_workers(&path, &VersionMetrics::new("m", 1), &cpu(2), &source).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         while workers.lost_devices().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));

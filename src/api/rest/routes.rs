@@ -63,7 +63,11 @@ pub(super) async fn metrics(State(state): State<Arc<RestState>>) -> Response {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4"),
             )],
-            handle.render(),
+            {
+                let mut text = handle.render();
+                crate::telemetry::render_versions(&mut text);
+                text
+            },
         )
             .into_response(),
         None => StatusCode::NOT_FOUND.into_response(),

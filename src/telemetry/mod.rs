@@ -6,8 +6,12 @@
 //! anywhere in the crate calls `metrics::counter!(telemetry::X, ...)`; without an installed
 //! recorder (unit tests) those calls do nothing.
 
+mod versions;
+
+pub use versions::{render_versions, VersionMetrics};
+
 use crate::error::{code_label, Error};
-use metrics::{describe_counter, describe_gauge, describe_histogram, SharedString, Unit};
+use metrics::{describe_counter, describe_histogram, SharedString, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, RwLock};
@@ -64,20 +68,13 @@ pub fn install_metrics() -> Result<PrometheusHandle, BuildError> {
     };
     let mut builder = PrometheusBuilder::new();
     builder = histogram(builder, REQUEST_DURATION_SECONDS, LATENCY_BUCKETS)?;
-    builder = histogram(builder, FORWARD_DURATION_SECONDS, LATENCY_BUCKETS)?;
-    builder = histogram(builder, QUEUE_DELAY_SECONDS, QUEUE_DELAY_BUCKETS)?;
     builder = histogram(builder, MODEL_LOAD_DURATION_SECONDS, LOAD_BUCKETS)?;
-    builder = histogram(builder, BATCH_SIZE, BATCH_SIZE_BUCKETS)?;
     let handle = builder.install_recorder()?;
     describe_metrics();
     Ok(handle)
 }
 
 fn describe_metrics() {
-    describe_counter!(
-        REQUESTS_TOTAL,
-        "Requests answered, by model, version, API, protocol and gRPC code"
-    );
     describe_histogram!(
         REQUEST_DURATION_SECONDS,
         Unit::Seconds,
@@ -100,22 +97,6 @@ fn describe_metrics() {
     describe_counter!(
         STORAGE_ERRORS_TOTAL,
         "Failed model storage operations (listing or fetching)"
-    );
-    describe_histogram!(BATCH_SIZE, Unit::Count, "Requests per executed batch");
-    describe_histogram!(
-        QUEUE_DELAY_SECONDS,
-        Unit::Seconds,
-        "Time a request waited in the batching queue"
-    );
-    describe_histogram!(
-        FORWARD_DURATION_SECONDS,
-        Unit::Seconds,
-        "Time of one forward pass"
-    );
-    describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting in the queue");
-    describe_counter!(
-        REJECTED_REQUESTS_TOTAL,
-        "Requests refused before running, by reason"
     );
 }
 
@@ -231,16 +212,7 @@ impl RequestTimer {
         };
         let (api, protocol, code) = (self.api.as_str(), self.protocol.as_str(), code_label(code));
         let model_label = interned_model(model);
-        let version_label = interned_version(version);
-        metrics::counter!(
-            REQUESTS_TOTAL,
-            "model" => model_label.clone(),
-            "version" => version_label,
-            "api" => api,
-            "protocol" => protocol,
-            "code" => code,
-        )
-        .increment(1);
+        versions::count_request(&model_label, version, (api, protocol, code));
         metrics::histogram!(
             REQUEST_DURATION_SECONDS,
             "model" => model_label,
@@ -374,7 +346,9 @@ mod tests {
             RequestTimer::start(Api::Classify, Protocol::Grpc).finish("", "zzz", None, Err(&err));
             record_model_load("mlp", Duration::from_millis(30), true);
         });
-        let text = handle.render();
+        // Request counts are rendered beside the recorder's metrics (see `versions`).
+        let mut text = handle.render();
+        render_versions(&mut text);
         assert!(
             text.contains(
                 r#"modelgate_requests_total{model="mlp",version="2",api="predict",protocol="rest",code="ok"} 1"#

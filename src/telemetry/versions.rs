@@ -1,0 +1,356 @@
+//! The series of one model version (batch sizes, forward and queue times, queue depth,
+//! refusals), kept apart from the global recorder so that they leave `/metrics` when their
+//! version is freed: the Prometheus exporter cannot delete a series, and with versions
+//! coming and going the scrape would otherwise grow with every version ever served.
+//!
+//! A version's [`VersionMetrics`] is held by its scheduler and workers; the list of live
+//! versions holds it weakly, so the series go when the last of them does. The request
+//! counts ([`REQUESTS_TOTAL`]) that carry a version go with it too; those without one (a
+//! request refused before a version was chosen) stay, one series per configured model,
+//! API, protocol and code.
+
+use super::{
+    BATCH_SIZE, BATCH_SIZE_BUCKETS, FORWARD_DURATION_SECONDS, LATENCY_BUCKETS, QUEUE_DELAY_BUCKETS,
+    QUEUE_DELAY_SECONDS, QUEUE_DEPTH, REJECTED_REQUESTS_TOTAL, REQUESTS_TOTAL,
+};
+use metrics::SharedString;
+use metrics::{Counter, Gauge, Histogram, HistogramFn};
+use metrics_exporter_prometheus::formatting::{
+    sanitize_label_key, sanitize_label_value, write_help_line, write_type_line,
+};
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, RwLock, Weak};
+
+/// What a request count is kept by within a version: API, protocol and gRPC code labels.
+pub(super) type RequestKey = (&'static str, &'static str, &'static str);
+
+/// Request counts that no live version holds: by model, version ("" for none), and the key.
+type OtherRequests = HashMap<(SharedString, SharedString, RequestKey), u64>;
+static OTHER_REQUESTS: LazyLock<Mutex<OtherRequests>> = LazyLock::new(Mutex::default);
+
+/// How each per-version metric is exposed.
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram(&'static [f64]),
+}
+
+/// Every per-version metric: name, kind and description, in the order rendered (the names
+/// carry their units).
+const FAMILIES: &[(&str, Kind, &str)] = &[
+    (
+        BATCH_SIZE,
+        Kind::Histogram(BATCH_SIZE_BUCKETS),
+        "Requests per executed batch",
+    ),
+    (
+        QUEUE_DELAY_SECONDS,
+        Kind::Histogram(QUEUE_DELAY_BUCKETS),
+        "Time a request waited in the batching queue",
+    ),
+    (
+        FORWARD_DURATION_SECONDS,
+        Kind::Histogram(LATENCY_BUCKETS),
+        "Time of one forward pass",
+    ),
+    (QUEUE_DEPTH, Kind::Gauge, "Requests waiting in the queue"),
+    (
+        REJECTED_REQUESTS_TOTAL,
+        Kind::Counter,
+        "Requests refused before running, by reason",
+    ),
+];
+
+/// The versions whose series are exposed.
+static LIVE: LazyLock<RwLock<Vec<Weak<Series>>>> = LazyLock::new(RwLock::default);
+
+/// One series: its metric, extra labels (beyond model and version) and value.
+struct Entry {
+    name: &'static str,
+    labels: Vec<(&'static str, String)>,
+    value: Value,
+}
+
+enum Value {
+    /// A counter's count, or a gauge's f64 bits.
+    Atomic(Arc<AtomicU64>),
+    Histogram(Arc<FixedHistogram>),
+}
+
+struct Series {
+    model: String,
+    version: i64,
+    entries: Mutex<Vec<Entry>>,
+    requests: Mutex<HashMap<RequestKey, u64>>,
+}
+
+/// The series of one version; cheap to clone. See the module docs.
+#[derive(Clone)]
+pub struct VersionMetrics(Arc<Series>);
+
+impl VersionMetrics {
+    pub fn new(model: &str, version: i64) -> VersionMetrics {
+        let series = Arc::new(Series {
+            model: model.to_string(),
+            version,
+            entries: Mutex::default(),
+            requests: Mutex::default(),
+        });
+        let mut live = LIVE.write().unwrap_or_else(PoisonError::into_inner);
+        live.retain(|weak| weak.strong_count() > 0);
+        live.push(Arc::downgrade(&series));
+        VersionMetrics(series)
+    }
+
+    pub fn model(&self) -> &str {
+        &self.0.model
+    }
+
+    pub fn version(&self) -> i64 {
+        self.0.version
+    }
+
+    /// A counter of this version, e.g. `REJECTED_REQUESTS_TOTAL` with `reason`.
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        let value = Arc::new(AtomicU64::new(0));
+        self.add(name, labels, Value::Atomic(Arc::clone(&value)));
+        Counter::from_arc(value)
+    }
+
+    pub fn gauge(&self, name: &'static str) -> Gauge {
+        let value = Arc::new(AtomicU64::new(0f64.to_bits()));
+        self.add(name, &[], Value::Atomic(Arc::clone(&value)));
+        Gauge::from_arc(value)
+    }
+
+    /// A histogram with the buckets its family has.
+    pub fn histogram(&self, name: &'static str) -> Histogram {
+        let bounds = FAMILIES
+            .iter()
+            .find_map(|(family, kind, _)| match kind {
+                Kind::Histogram(bounds) if *family == name => Some(*bounds),
+                _ => None,
+            })
+            .unwrap_or(LATENCY_BUCKETS);
+        let histogram = Arc::new(FixedHistogram::new(bounds));
+        self.add(name, &[], Value::Histogram(Arc::clone(&histogram)));
+        Histogram::from_arc(histogram)
+    }
+
+    fn add(&self, name: &'static str, labels: &[(&'static str, &str)], value: Value) {
+        let labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        lock(&self.0.entries).push(Entry {
+            name,
+            labels,
+            value,
+        });
+    }
+}
+
+/// Counts an answered request: on the live version that answered it, else (no version, or
+/// one freed in the instant since it answered) among the counts that stay.
+pub(super) fn count_request(model: &SharedString, version: Option<i64>, key: RequestKey) {
+    if let Some(version) = version {
+        let live = LIVE.read().unwrap_or_else(PoisonError::into_inner);
+        let series = live
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|s| s.version == version && s.model == model.as_ref());
+        if let Some(series) = series {
+            *lock(&series.requests).entry(key).or_default() += 1;
+            return;
+        }
+    }
+    let version = super::interned_version(version);
+    *lock(&OTHER_REQUESTS)
+        .entry((model.clone(), version, key))
+        .or_default() += 1;
+}
+
+fn write_requests(out: &mut String, live: &[Arc<Series>]) {
+    let mut samples = String::new();
+    let mut line = |model: &str, version: &str, (api, protocol, code): RequestKey, n: u64| {
+        let _ = writeln!(
+            samples,
+            "{REQUESTS_TOTAL}{{model=\"{}\",version=\"{version}\",api=\"{api}\",protocol=\"{protocol}\",code=\"{code}\"}} {n}",
+            sanitize_label_value(model)
+        );
+    };
+    for ((model, version, key), n) in lock(&OTHER_REQUESTS).iter() {
+        line(model, version, *key, *n);
+    }
+    for series in live {
+        let version = series.version.to_string();
+        for (key, n) in lock(&series.requests).iter() {
+            line(&series.model, &version, *key, *n);
+        }
+    }
+    if samples.is_empty() {
+        return;
+    }
+    write_help_line(
+        out,
+        REQUESTS_TOTAL,
+        None,
+        None,
+        "Requests answered, by model, version, API, protocol and gRPC code",
+    );
+    write_type_line(out, REQUESTS_TOTAL, None, None, "counter");
+    out.push_str(&samples);
+    out.push('\n');
+}
+
+/// Appends the series of every live version, and the request counts, to a Prometheus
+/// text payload.
+pub fn render_versions(out: &mut String) {
+    let live: Vec<Arc<Series>> = LIVE
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    write_requests(out, &live);
+    for (name, kind, help) in FAMILIES {
+        let mut samples = String::new();
+        for series in &live {
+            for entry in lock(&series.entries).iter().filter(|e| e.name == *name) {
+                let mut labels = format!(
+                    "model=\"{}\",version=\"{}\"",
+                    sanitize_label_value(&series.model),
+                    series.version
+                );
+                for (key, value) in &entry.labels {
+                    let _ = write!(
+                        labels,
+                        ",{}=\"{}\"",
+                        sanitize_label_key(key),
+                        sanitize_label_value(value)
+                    );
+                }
+                write_samples(&mut samples, name, &labels, &entry.value, kind);
+            }
+        }
+        if samples.is_empty() {
+            continue;
+        }
+        write_help_line(out, name, None, None, help);
+        let kind_name = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram(_) => "histogram",
+        };
+        write_type_line(out, name, None, None, kind_name);
+        out.push_str(&samples);
+        out.push('\n');
+    }
+}
+
+fn write_samples(out: &mut String, name: &str, labels: &str, value: &Value, kind: &Kind) {
+    match (value, kind) {
+        (Value::Atomic(v), Kind::Gauge) => {
+            let value = f64::from_bits(v.load(Ordering::Relaxed));
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+        (Value::Atomic(v), _) => {
+            let _ = writeln!(out, "{name}{{{labels}}} {}", v.load(Ordering::Relaxed));
+        }
+        (Value::Histogram(h), _) => {
+            let (counts, count, sum) = h.snapshot();
+            let mut cumulative = 0;
+            for (bound, n) in h.bounds.iter().zip(counts) {
+                cumulative += n;
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+            let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        }
+    }
+}
+
+/// A histogram over fixed bucket bounds, as Prometheus exposes it.
+struct FixedHistogram {
+    bounds: &'static [f64],
+    /// Per bucket (not cumulative), then the total count and sum.
+    state: Mutex<(Vec<u64>, u64, f64)>,
+}
+
+impl FixedHistogram {
+    fn new(bounds: &'static [f64]) -> FixedHistogram {
+        FixedHistogram {
+            bounds,
+            state: Mutex::new((vec![0; bounds.len()], 0, 0.0)),
+        }
+    }
+
+    fn snapshot(&self) -> (Vec<u64>, u64, f64) {
+        lock(&self.state).clone()
+    }
+}
+
+impl HistogramFn for FixedHistogram {
+    fn record(&self, value: f64) {
+        let mut state = lock(&self.state);
+        if let Some(bucket) = self.bounds.iter().position(|&bound| value <= bound) {
+            state.0[bucket] += 1;
+        }
+        state.1 += 1;
+        state.2 += value;
+    }
+}
+
+/// Metrics must never take the server down: a panic while a lock was held leaves data
+/// that is still fine to count with.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered() -> String {
+        let mut out = String::new();
+        render_versions(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_versions_series_leave_with_it() {
+        let metrics = VersionMetrics::new("m\"x", 7);
+        let batch = metrics.histogram(BATCH_SIZE);
+        batch.record(3.0);
+        batch.record(100.0);
+        metrics
+            .counter(REJECTED_REQUESTS_TOTAL, &[("reason", "queue_full")])
+            .increment(2);
+        metrics.gauge(QUEUE_DEPTH).set(4.0);
+        let model = SharedString::from(String::from("m\"x"));
+        count_request(&model, Some(7), ("predict", "grpc", "ok"));
+        count_request(&model, None, ("predict", "grpc", "not_found"));
+        let text = rendered();
+        let labels = r#"model="m\"x",version="7""#;
+        for line in [
+            "# TYPE modelgate_batch_size histogram".to_string(),
+            format!("modelgate_batch_size_bucket{{{labels},le=\"2\"}} 0"),
+            format!("modelgate_batch_size_bucket{{{labels},le=\"4\"}} 1"),
+            format!("modelgate_batch_size_bucket{{{labels},le=\"+Inf\"}} 2"),
+            format!("modelgate_batch_size_sum{{{labels}}} 103"),
+            format!("modelgate_batch_size_count{{{labels}}} 2"),
+            format!("modelgate_rejected_requests_total{{{labels},reason=\"queue_full\"}} 2"),
+            format!("modelgate_queue_depth{{{labels}}} 4"),
+            format!(
+                "modelgate_requests_total{{{labels},api=\"predict\",protocol=\"grpc\",code=\"ok\"}} 1"
+            ),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no '{line}' in:\n{text}");
+        }
+        drop(metrics);
+        let text = rendered();
+        assert!(!text.contains(r#"version="7""#), "{text}");
+        // A count without a version stays.
+        assert!(text.contains(r#"modelgate_requests_total{model="m\"x",version="",api="predict",protocol="grpc",code="not_found"} 1"#), "{text}");
+    }
+}
