@@ -3,7 +3,7 @@
 
 use crate::error::Error;
 use crate::limits::DecodeBudget;
-use crate::registry::{Registry, Servable, VersionSelector};
+use crate::registry::{Registry, Servable};
 use crate::runtime::{ModelOutput, RunError};
 use crate::signature::{Signature, SignatureKind, TensorSpec};
 use crate::tensor::{byte_size, DType, Tensor};
@@ -11,11 +11,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// A Predict call, decoded from either protocol.
+/// A Predict call, decoded from either protocol, for a version already resolved.
 #[derive(Debug)]
 pub struct PredictRequest {
-    pub model: String,
-    pub version: VersionSelector,
     /// Empty means `serving_default`.
     pub signature: String,
     pub inputs: HashMap<String, Tensor>,
@@ -61,15 +59,8 @@ impl Inference {
         DecodeBudget::new(self.max_request_tensor_bytes, request_bytes)
     }
 
-    /// Runs a Predict call on the version it selects.
-    pub async fn predict(&self, request: PredictRequest) -> Result<PredictResponse, Error> {
-        let servable = self.registry.resolve(&request.model, &request.version)?;
-        self.predict_on(servable, request).await
-    }
-
-    /// Runs a Predict call on a version already resolved (`request.model` and
-    /// `request.version` are not looked at again): the REST API reads the signature to
-    /// decode the body, and must run on the version whose signature it read.
+    /// Runs a Predict call on a version already resolved: both APIs read the signature to
+    /// check (gRPC) or decode (REST) the inputs, and must run on the version they read.
     pub async fn predict_on(
         &self,
         servable: Arc<Servable>,

@@ -179,8 +179,6 @@ impl PredictionApi {
             .predict_on(
                 servable,
                 inference::PredictRequest {
-                    model,
-                    version,
                     signature,
                     inputs,
                     output_filter: request.output_filter.clone(),

@@ -274,8 +274,6 @@ async fn predict(
         .predict_on(
             servable,
             inference::PredictRequest {
-                model: route.model.clone(),
-                version: route.version.clone(),
                 signature,
                 inputs,
                 output_filter: Vec::new(),
