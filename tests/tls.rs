@@ -126,7 +126,11 @@ async fn client_verify_requires_a_certificate_signed_by_custom_ca() {
         let grpc = grpc_predict(&server, &server_ca, identity).await;
         assert!(grpc.is_err(), "{grpc:?}");
         let rest = rest_predict(&server, &server_ca, identity).await;
-        assert!(rest.as_ref().is_err_and(|e| e.contains(alert)), "{rest:?}");
+        assert!(rest.is_err(), "{rest:?}");
+        for addr in [server.grpc, server.rest_addr()] {
+            let refusal = common::tls::refusal(&server_ca, identity, addr).await;
+            assert!(refusal.contains(alert), "{addr}: {refusal}");
+        }
     }
     assert_eq!(
         grpc_predict(&server, &server_ca, Some(&client)).await,

@@ -146,3 +146,28 @@ pub async fn https_request(
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// Completes a TLS handshake with `addr` as `identity` and reads: the error that ends the
+/// connection. Under TLS 1.3 a client finishes its side of the handshake before the server
+/// has judged its certificate, so the server's refusal arrives as an alert on the first
+/// read; an HTTP client may see only a closed connection, depending on timing.
+pub async fn refusal(ca: &Ca, identity: Option<&Identity>, addr: std::net::SocketAddr) -> String {
+    use tokio::io::AsyncReadExt;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca, identity)));
+    let name = rustls::pki_types::ServerName::from(addr.ip());
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let mut tls = connector.connect(name, tcp).await?;
+        let mut buf = [0u8; 64];
+        loop {
+            if tls.read(&mut buf).await? == 0 {
+                return Ok::<_, std::io::Error>("closed without an alert".to_string());
+            }
+        }
+    };
+    match tokio::time::timeout(super::TIMEOUT, exchange).await {
+        Err(_) => format!("{addr}: no refusal"),
+        Ok(Ok(closed)) => closed,
+        Ok(Err(e)) => e.to_string(),
+    }
+}
