@@ -1,4 +1,5 @@
-//! Build script: compiles the TF Serving protos and embeds an rpath to libtorch.
+//! Build script: compiles the TF Serving protos, the runtime's CUDA shim, and embeds an
+//! rpath to libtorch.
 
 use std::env;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ const PROTOS: &[&str] = &[
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     compile_protos()?;
     embed_libtorch_rpath();
+    compile_cuda_shim();
     Ok(())
 }
 
@@ -59,4 +61,35 @@ fn embed_libtorch_rpath() {
              run modelgate with LD_LIBRARY_PATH pointing at libtorch's lib folder"
         ),
     }
+}
+
+/// The few libtorch calls tch does not expose (a worker thread's CUDA device and stream; see
+/// src/runtime/cuda.rs), compiled against the headers of the libtorch torch-sys links:
+/// its `lib` folder's sibling `include`, in a libtorch download and a PyTorch wheel alike.
+/// Device-generic c10 interfaces only, so no CUDA toolkit is needed to build it.
+fn compile_cuda_shim() {
+    const SHIM: &str = "src/runtime/cuda_shim.cpp";
+    println!("cargo:rerun-if-changed={SHIM}");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let Ok(lib) = env::var("DEP_TCH_LIBTORCH_LIB") else {
+        panic!("torch-sys did not report its libtorch directory: cannot build {SHIM}");
+    };
+    let include = PathBuf::from(lib)
+        .parent()
+        .map(|root| root.join("include"))
+        .filter(|dir| dir.join("c10").is_dir())
+        .unwrap_or_else(|| {
+            panic!("no libtorch headers (include/c10) next to torch-sys's lib folder")
+        });
+    // Every libtorch 2.x release build uses the C++11 string ABI; the shim must match it.
+    let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
+    cc::Build::new()
+        .cpp(true)
+        .file(SHIM)
+        .include(include)
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .warnings(false)
+        .compile("modelgate_cuda_shim");
+    println!("cargo:rustc-link-lib=c10");
 }

@@ -31,6 +31,10 @@ pub enum Error {
     /// The model failed (libtorch threw) or the server broke an invariant.
     #[error("{0}")]
     Internal(String),
+    /// The server lacked the memory for this request (e.g. CUDA out of memory); it keeps
+    /// serving, and a smaller or later request may succeed.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A REST request body over the configured limit. Its gRPC code is RESOURCE_EXHAUSTED,
     /// what gRPC answers for a message over its size limit; over HTTP it is 413.
     #[error("{0}")]
@@ -49,7 +53,7 @@ impl Error {
             Error::Cancelled(_) => Code::Cancelled,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Internal(_) => Code::Internal,
-            Error::PayloadTooLarge(_) => Code::ResourceExhausted,
+            Error::ResourceExhausted(_) | Error::PayloadTooLarge(_) => Code::ResourceExhausted,
         }
     }
 

@@ -326,6 +326,17 @@ fn run_error(servable: &Servable, err: RunError) -> Error {
             tracing::warn!(model = %servable.model, version = servable.version, "model failed: {message}");
             Error::Internal(format!("model '{}' failed: {message}", servable.model))
         }
+        RunError::OutOfMemory(message) => {
+            tracing::warn!(model = %servable.model, version = servable.version, "out of memory: {message}");
+            Error::ResourceExhausted(format!(
+                "model '{}' ran out of memory: {message}",
+                servable.model
+            ))
+        }
+        RunError::DeviceFailed(message) => Error::Internal(format!(
+            "model '{}' failed its device: {message}",
+            servable.model
+        )),
         RunError::BadOutput(message) => Error::Internal(message.clone()),
         RunError::Crashed(_) => Error::Internal(format!("model '{}': {err}", servable.model)),
         RunError::DeadlineExceeded => Error::DeadlineExceeded(format!(

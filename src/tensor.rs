@@ -203,52 +203,14 @@ impl Tensor {
     }
 
     /// Concatenates tensors along dim 0 and grows the result to `rows` rows (if it has
-    /// fewer) by repeating its first row: a real input, so padding cannot make a model
-    /// divide by zero where real data would not. Parts without rows are not padded. One
-    /// copy of the data; every size is checked, so no shape can make it overflow.
+    /// fewer) by repeating its first row (see [`RowConcat`]). One copy of the data.
     pub fn concat_rows_padded(parts: &[&Tensor], rows: usize) -> Result<Tensor, String> {
-        let first = parts.first().ok_or("nothing to concatenate")?;
-        if first.shape.is_empty() {
-            return Err("cannot concatenate scalars".into());
-        }
-        let mut joined = 0usize;
-        let mut bytes = 0usize;
-        for part in parts {
-            if part.dtype != first.dtype || part.shape.get(1..) != first.shape.get(1..) {
-                return Err(format!(
-                    "cannot concatenate {} {:?} with {} {:?}",
-                    first.dtype, first.shape, part.dtype, part.shape
-                ));
-            }
-            joined = joined
-                .checked_add(part.rows().unwrap_or(0))
-                .ok_or("too many rows to concatenate")?;
-            bytes = bytes
-                .checked_add(part.data.len())
-                .ok_or("too many bytes to concatenate")?;
-        }
-        let target = if joined > 0 { rows.max(joined) } else { 0 };
-        let capacity = match joined {
-            0 => 0,
-            _ => (bytes / joined)
-                .checked_mul(target)
-                .ok_or_else(|| format!("{target} rows of {:?} overflow", first.shape))?,
-        };
-        let mut data = Vec::with_capacity(capacity);
-        for part in parts {
-            data.extend_from_slice(&part.data);
-        }
-        if target > joined {
-            let row = bytes / joined;
-            for _ in joined..target {
-                data.extend_from_within(..row);
-            }
-        }
-        let mut shape = first.shape.clone();
-        shape[0] = i64::try_from(target).map_err(|_| "too many rows to concatenate")?;
+        let plan = RowConcat::plan(parts, rows)?;
+        let mut data = vec![0u8; plan.bytes];
+        plan.write(&mut data);
         Ok(Tensor {
-            dtype: first.dtype,
-            shape,
+            dtype: plan.dtype,
+            shape: plan.shape,
             data: Bytes::from(data),
         })
     }
@@ -270,6 +232,98 @@ impl Tensor {
                 .map(T::read_le)
                 .collect()
         })
+    }
+}
+
+/// Tensors concatenated along dim 0 and padded to a number of rows by repeating the first
+/// row: a real input, so padding cannot make a model divide by zero where real data would
+/// not. Parts without rows are not padded. Every size is checked, so no shape can make it
+/// overflow; [`RowConcat::write`] then copies each part once, into whatever memory the
+/// caller provides (a `Vec`, or the libtorch tensor a batch runs on).
+pub struct RowConcat<'a> {
+    parts: &'a [&'a Tensor],
+    pub dtype: DType,
+    /// The result's shape: the parts' rows (or the padded rows) and their other dims.
+    pub shape: Vec<i64>,
+    /// The result's bytes.
+    pub bytes: usize,
+    /// Bytes of one row (0 when there are no rows).
+    row: usize,
+    /// Bytes the parts hold together.
+    joined: usize,
+}
+
+impl<'a> RowConcat<'a> {
+    /// Checks that `parts` share dtype and trailing dims, and sizes their concatenation
+    /// grown to `rows` rows.
+    pub fn plan(parts: &'a [&'a Tensor], rows: usize) -> Result<RowConcat<'a>, String> {
+        let first = parts.first().ok_or("nothing to concatenate")?;
+        if let ([scalar], true) = (parts, first.shape.is_empty()) {
+            // A lone scalar (an unbatched input) is its own concatenation.
+            return Ok(RowConcat {
+                parts,
+                dtype: scalar.dtype,
+                shape: Vec::new(),
+                bytes: scalar.data.len(),
+                row: 0,
+                joined: scalar.data.len(),
+            });
+        }
+        if first.shape.is_empty() {
+            return Err("cannot concatenate scalars".into());
+        }
+        let mut joined_rows = 0usize;
+        let mut joined = 0usize;
+        for part in parts {
+            if part.dtype != first.dtype || part.shape.get(1..) != first.shape.get(1..) {
+                return Err(format!(
+                    "cannot concatenate {} {:?} with {} {:?}",
+                    first.dtype, first.shape, part.dtype, part.shape
+                ));
+            }
+            joined_rows = joined_rows
+                .checked_add(part.rows().unwrap_or(0))
+                .ok_or("too many rows to concatenate")?;
+            joined = joined
+                .checked_add(part.data.len())
+                .ok_or("too many bytes to concatenate")?;
+        }
+        let (target, row) = match joined_rows {
+            0 => (0, 0),
+            n => (rows.max(n), joined / n),
+        };
+        let bytes = row
+            .checked_mul(target)
+            .ok_or_else(|| format!("{target} rows of {:?} overflow", first.shape))?;
+        let mut shape = first.shape.clone();
+        shape[0] = i64::try_from(target).map_err(|_| "too many rows to concatenate")?;
+        Ok(RowConcat {
+            parts,
+            dtype: first.dtype,
+            shape,
+            bytes,
+            row,
+            joined,
+        })
+    }
+
+    /// Writes the concatenation into `out`, which must be exactly [`RowConcat::bytes`] long.
+    pub fn write(&self, out: &mut [u8]) {
+        assert_eq!(
+            out.len(),
+            self.bytes,
+            "a RowConcat writes exactly its bytes"
+        );
+        let mut at = 0;
+        for part in self.parts {
+            out[at..at + part.data.len()].copy_from_slice(&part.data);
+            at += part.data.len();
+        }
+        let mut filled = self.joined;
+        while filled < self.bytes {
+            out.copy_within(..self.row, filled);
+            filled += self.row;
+        }
     }
 }
 

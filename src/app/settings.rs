@@ -46,6 +46,7 @@ pub(super) fn runner_config(flags: &Flags, devices: Vec<Device>) -> RunnerConfig
         n => n,
     };
     runtime::set_intra_op_threads(intra_op_threads);
+    runtime::configure_executor();
     tracing::info!(?devices, instances_per_device, intra_op_threads, "workers");
     RunnerConfig {
         devices,

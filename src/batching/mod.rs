@@ -11,7 +11,7 @@ pub use options::{BatchingOptions, BATCHING_PARAMS_FILE};
 
 use crate::runtime::{
     start_workers, Batch, BatchSource, Job, JobResult, LoadError, ModelOutput, RunError,
-    RunnerConfig, Workers,
+    RunnerConfig, WarmUpCall, Workers,
 };
 use crate::telemetry::{self, VersionMetrics};
 use crate::tensor::{DType, Tensor};
@@ -95,10 +95,11 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Loads the TorchScript module at `path` and starts its workers: with `batching`, they
-    /// take their batches from a batch former; without, from a queue of single requests
-    /// that refuses new ones beyond `direct_capacity`.
-    /// Blocking: call it from a blocking thread, never from the async executor.
+    /// Loads the TorchScript module at `path` and starts its workers, each of which runs
+    /// `warm_up` first: with `batching`, they take their batches from a batch former;
+    /// without, from a queue of single requests that refuses new ones beyond
+    /// `direct_capacity`. Blocking: call it from a blocking thread, never from the async
+    /// executor.
     pub fn load(
         path: &Path,
         model: &str,
@@ -106,6 +107,7 @@ impl Scheduler {
         runner: &RunnerConfig,
         batching: Option<BatchingOptions>,
         direct_capacity: usize,
+        warm_up: &[WarmUpCall],
     ) -> Result<Scheduler, LoadError> {
         let series = VersionMetrics::new(model, version);
         let rejected_full = series.counter(
@@ -134,7 +136,7 @@ impl Scheduler {
                 )
             }
         };
-        let workers = start_workers(path, &series, runner, &source)?;
+        let workers = start_workers(path, &series, runner, &source, warm_up)?;
         Ok(Scheduler {
             mode,
             workers,
@@ -161,26 +163,6 @@ impl Scheduler {
             Mode::Direct { .. } => None,
             Mode::Batching { state, .. } => Some(&state.options),
         }
-    }
-
-    /// Runs one call alone and blocks the calling thread until it answers (warm-up at load).
-    pub fn run_blocking(
-        &self,
-        method: Arc<str>,
-        inputs: Vec<Tensor>,
-    ) -> Result<ModelOutput, RunError> {
-        let (job, result) = Job::new(method, inputs, None);
-        match &self.mode {
-            Mode::Direct { batches } => batches
-                .send(Batch::single(job))
-                .map_err(|_| RunError::Stopped)?,
-            Mode::Batching { jobs, state } => {
-                let rows = job.rows();
-                reserve(state, rows.max(1))?;
-                send(jobs, state, job, BatchKey::Alone, rows)?;
-            }
-        }
-        result.blocking_recv().map_err(|_| RunError::Stopped)?
     }
 
     /// Runs `method` on `inputs` (positional) and returns this request's own result.

@@ -23,8 +23,8 @@ pub struct BatchingOptions {
     pub batch_timeout: Duration,
     /// Queue bound, in batches of `max_batch_size` rows; a full queue refuses requests.
     pub max_enqueued_batches: usize,
-    /// Worker threads per device for this model (TF's batch threads); `None` = the server's
-    /// `--instances_per_device`.
+    /// Threads that run this model's batches, spread over the devices (TF's batch
+    /// threads); `None` = the server's `--instances_per_device` on every device.
     pub num_batch_threads: Option<usize>,
     /// Ascending sizes a batch is padded up to; the last equals the execution batch size.
     pub allowed_batch_sizes: Vec<usize>,
@@ -35,6 +35,26 @@ pub struct BatchingOptions {
 }
 
 impl BatchingOptions {
+    /// The batch sizes every worker runs once before the version serves: the allowed sizes
+    /// when they are set (no batch runs at any other), else the smallest and the largest
+    /// batch. With the profiling executor off (see `runtime::configure_executor`) sizes in
+    /// between need no set-up of their own.
+    pub fn warm_up_batch_sizes(&self) -> Vec<usize> {
+        if !self.allowed_batch_sizes.is_empty() {
+            return self.allowed_batch_sizes.clone();
+        }
+        let largest = match (
+            self.enable_large_batch_splitting,
+            self.max_execution_batch_size,
+        ) {
+            (true, Some(execution)) => execution,
+            _ => self.max_batch_size,
+        };
+        let mut sizes = vec![1, largest];
+        sizes.dedup();
+        sizes
+    }
+
     /// Parses BatchingParameters text; `what` names the file in errors.
     pub fn parse(what: &str, text: &str) -> Result<BatchingOptions, ConfigError> {
         let params: BatchingParameters =

@@ -4,8 +4,8 @@
 use super::Servable;
 use crate::batching::{BatchingOptions, Scheduler, BATCHING_PARAMS_FILE};
 use crate::config::ConfigError;
-use crate::runtime::RunnerConfig;
-use crate::signature::{SignatureError, SignatureMap};
+use crate::runtime::{RunnerConfig, WarmUpCall};
+use crate::signature::{Signature, SignatureError, SignatureMap};
 use crate::storage::{
     embedded_signature, EmbeddedSignature, MODEL_FILE, SAVED_MODEL_FILES, SIGNATURE_FILE,
 };
@@ -22,8 +22,6 @@ pub enum VersionLoadError {
     Signature(#[from] SignatureError),
     #[error(transparent)]
     Runtime(#[from] crate::runtime::LoadError),
-    #[error("warm-up of signature '{signature}' failed: {message}")]
-    WarmUp { signature: String, message: String },
     #[error("cannot read {path}: {message}")]
     Io { path: String, message: String },
     #[error(transparent)]
@@ -69,10 +67,11 @@ pub fn load_version(
     let mut runner_config = settings.runner.clone();
     if let Some(options) = &batching {
         if let Some(threads) = options.num_batch_threads {
-            runner_config.instances_per_device = threads;
+            runner_config = runner_config.with_batch_threads(threads);
         }
         tracing::info!(model, version, ?options, "batching");
     }
+    let warm_up = warm_up_calls(&signatures, batching.as_ref());
     let scheduler = Scheduler::load(
         &model_path,
         model,
@@ -80,15 +79,14 @@ pub fn load_version(
         &runner_config,
         batching,
         settings.direct_queue_capacity,
+        &warm_up,
     )?;
-    let servable = Servable {
+    Ok(Servable {
         model: model.to_string(),
         version,
         signatures,
         scheduler,
-    };
-    warm_up(&servable)?;
-    Ok(servable)
+    })
 }
 
 /// The version's own batching_params.pbtxt when per-model parameters are on and it has one,
@@ -139,53 +137,72 @@ fn read_signatures(dir: &Path, model_path: &Path) -> Result<SignatureMap, Versio
     }
 }
 
-/// Runs every signature once on a zero batch built from its declared shapes (batch 1),
-/// so that the first request does not pay for libtorch's lazy initialisation and a model
-/// that cannot run its own signature is refused before it serves. Where the shape leaves
-/// other dimensions free, the guess of 1 may not suit the model: that failure is only
-/// logged.
-fn warm_up(servable: &Servable) -> Result<(), VersionLoadError> {
-    for (name, signature) in &servable.signatures.signatures {
-        let mut guessed = false;
-        let inputs: Option<Vec<Tensor>> = signature
-            .inputs
-            .iter()
-            .map(|spec| {
-                let shape = spec.shape.as_ref()?;
-                let concrete = shape
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| {
-                        if d == -1 && i > 0 {
-                            guessed = true;
-                        }
-                        d.max(1)
-                    })
-                    .collect();
-                Tensor::zeros(spec.dtype, concrete).ok()
-            })
-            .collect();
-        let Some(inputs) = inputs else {
-            continue; // an input of unknown rank: nothing sensible to build
+/// Warm-up inputs larger than this are not built (a signature may declare shapes no
+/// request will ever fill); such calls are skipped with a warning.
+const WARM_UP_MAX_BYTES: usize = 1 << 30;
+
+/// What every worker runs before the version serves: each signature on zeros of its
+/// declared shapes, at every batch size a batch may run at (see
+/// [`BatchingOptions::warm_up_batch_sizes`]; batch 1 without batching or for a signature
+/// that is not batched). Where the shapes leave other dimensions free, they are set to 1,
+/// a guess that may not suit the model: such calls may fail without failing the load.
+fn warm_up_calls(signatures: &SignatureMap, batching: Option<&BatchingOptions>) -> Vec<WarmUpCall> {
+    let mut calls = Vec::new();
+    for (name, signature) in &signatures.signatures {
+        let batched = signature.inputs.iter().all(|spec| spec.is_batched());
+        let sizes = match batching {
+            Some(options) if batched => options.warm_up_batch_sizes(),
+            _ => vec![1],
         };
-        let result = servable
-            .scheduler
-            .run_blocking(Arc::clone(&signature.method), inputs);
-        match result {
-            Ok(_) => {}
-            Err(e) if guessed => tracing::warn!(
-                model = %servable.model,
-                version = servable.version,
-                signature = %name,
-                "warm-up with free dimensions set to 1 failed: {e}"
-            ),
-            Err(e) => {
-                return Err(VersionLoadError::WarmUp {
-                    signature: name.clone(),
-                    message: e.to_string(),
-                })
+        for size in sizes {
+            let label = format!("signature '{name}' at batch size {size}");
+            match warm_up_call(signature, size, label) {
+                Ok(Some(call)) => calls.push(call),
+                Ok(None) => {} // an input of unknown rank: nothing sensible to build
+                Err(label) => tracing::warn!(
+                    "no warm-up of {label}: its inputs would take over {WARM_UP_MAX_BYTES} bytes"
+                ),
             }
         }
     }
-    Ok(())
+    calls
+}
+
+fn warm_up_call(
+    signature: &Signature,
+    batch: usize,
+    label: String,
+) -> Result<Option<WarmUpCall>, String> {
+    let mut guessed = false;
+    let mut bytes = 0usize;
+    let mut inputs = Vec::with_capacity(signature.inputs.len());
+    for spec in &signature.inputs {
+        let Some(shape) = &spec.shape else {
+            return Ok(None);
+        };
+        let concrete: Vec<i64> = shape
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| match (i, d) {
+                (0, -1) => i64::try_from(batch).unwrap_or(i64::MAX),
+                (_, -1) => {
+                    guessed = true;
+                    1
+                }
+                (_, d) => d,
+            })
+            .collect();
+        let size = crate::tensor::byte_size(spec.dtype, &concrete).ok();
+        bytes = match size.and_then(|size| bytes.checked_add(size)) {
+            Some(total) if total <= WARM_UP_MAX_BYTES => total,
+            _ => return Err(label),
+        };
+        inputs.push(Tensor::zeros(spec.dtype, concrete).map_err(|_| label.clone())?);
+    }
+    Ok(Some(WarmUpCall {
+        label,
+        method: Arc::clone(&signature.method),
+        inputs,
+        required: !guessed,
+    }))
 }

@@ -1,11 +1,11 @@
 //! Conversions between [`Tensor`] and libtorch tensors.
 
+use super::staging::Staging;
 use super::{ModelOutput, RunError};
 use crate::tensor::{DType, Tensor};
-use bytes::Bytes;
 use tch::{IValue, Kind};
 
-fn kind_of(dtype: DType) -> Kind {
+pub(super) fn kind_of(dtype: DType) -> Kind {
     match dtype {
         DType::F16 => Kind::Half,
         DType::BF16 => Kind::BFloat16,
@@ -25,68 +25,103 @@ fn dtype_of(kind: Kind) -> Option<DType> {
     DType::ALL.into_iter().find(|&dtype| kind_of(dtype) == kind)
 }
 
-/// Copies a tensor into libtorch, on `device`.
-pub(super) fn to_torch(tensor: &Tensor, device: tch::Device) -> Result<tch::Tensor, RunError> {
-    let torch = tch::Tensor::f_from_data_size(&tensor.data, &tensor.shape, kind_of(tensor.dtype))
-        .map_err(torch_error)?;
-    if device == tch::Device::Cpu {
-        Ok(torch)
-    } else {
-        torch.f_to_device(device).map_err(torch_error)
+/// What a method returned, still libtorch tensors (on the model's device).
+enum Returned {
+    Tensor(tch::Tensor),
+    Sequence(Vec<tch::Tensor>),
+    Dict(Vec<(String, tch::Tensor)>),
+}
+
+impl Returned {
+    /// Maps a method's result onto tensors, refusing what modelgate cannot serve.
+    fn of(value: IValue) -> Result<Returned, RunError> {
+        let returned = match value {
+            IValue::Tensor(t) => Returned::Tensor(t),
+            IValue::TensorList(list) => Returned::Sequence(list),
+            IValue::Tuple(items) | IValue::GenericList(items) => Returned::Sequence(
+                items
+                    .into_iter()
+                    .map(|item| match item {
+                        IValue::Tensor(t) => Ok(t),
+                        other => Err(not_a_tensor("a tuple element", &other)),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            IValue::GenericDict(entries) => Returned::Dict(
+                entries
+                    .into_iter()
+                    .map(|(key, value)| match (key, value) {
+                        (IValue::String(key), IValue::Tensor(t)) => Ok((key, t)),
+                        (IValue::String(key), other) => {
+                            Err(not_a_tensor(&format!("dict entry '{key}'"), &other))
+                        }
+                        _ => Err(RunError::BadOutput(
+                            "the model returned a dict whose keys are not strings".into(),
+                        )),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            other => return Err(not_a_tensor("the method's result", &other)),
+        };
+        for tensor in returned.tensors() {
+            servable_dtype(tensor)?;
+        }
+        Ok(returned)
+    }
+
+    fn tensors(&self) -> Vec<&tch::Tensor> {
+        match self {
+            Returned::Tensor(t) => vec![t],
+            Returned::Sequence(ts) => ts.iter().collect(),
+            Returned::Dict(entries) => entries.iter().map(|(_, t)| t).collect(),
+        }
     }
 }
 
-/// Copies a libtorch tensor (on any device, any layout) back into a [`Tensor`].
-pub(super) fn from_torch(torch: &tch::Tensor) -> Result<Tensor, RunError> {
-    let dtype = dtype_of(torch.f_kind().map_err(torch_error)?).ok_or_else(|| {
+fn servable_dtype(torch: &tch::Tensor) -> Result<DType, RunError> {
+    let kind = torch.f_kind().map_err(torch_error)?;
+    dtype_of(kind).ok_or_else(|| {
         RunError::BadOutput(format!(
-            "the model returned a {:?} tensor, which modelgate cannot serve",
-            torch.kind()
+            "the model returned a {kind:?} tensor, which modelgate cannot serve"
         ))
-    })?;
-    let cpu = torch
-        .f_to_device(tch::Device::Cpu)
-        .and_then(|t| t.f_contiguous())
-        .map_err(torch_error)?;
-    let numel = cpu.numel();
-    let mut data = vec![0u8; numel * dtype.size()];
-    cpu.f_copy_data_u8(&mut data, numel).map_err(torch_error)?;
-    Tensor::new(dtype, cpu.size(), Bytes::from(data))
-        .map_err(|e| RunError::BadOutput(e.to_string()))
+    })
 }
 
-/// Maps what a method returned onto [`ModelOutput`].
-pub(super) fn model_output(value: IValue) -> Result<ModelOutput, RunError> {
-    match value {
-        IValue::Tensor(t) => Ok(ModelOutput::Tensor(from_torch(&t)?)),
-        IValue::TensorList(list) => Ok(ModelOutput::Sequence(
-            list.iter().map(from_torch).collect::<Result<_, _>>()?,
-        )),
-        IValue::Tuple(items) | IValue::GenericList(items) => Ok(ModelOutput::Sequence(
-            items
-                .into_iter()
-                .map(|item| match item {
-                    IValue::Tensor(t) => from_torch(&t),
-                    other => Err(not_a_tensor("a tuple element", &other)),
-                })
-                .collect::<Result<_, _>>()?,
-        )),
-        IValue::GenericDict(entries) => Ok(ModelOutput::Dict(
+/// Brings what a method returned back to the host as [`ModelOutput`], through the worker's
+/// staging (one copy; on a GPU all outputs come back together, asynchronously).
+pub(super) fn model_output(value: IValue, staging: &Staging) -> Result<ModelOutput, RunError> {
+    let returned = Returned::of(value)?;
+    let on_device: Vec<tch::Tensor> = returned
+        .tensors()
+        .into_iter()
+        .map(tch::Tensor::shallow_clone)
+        .collect();
+    let mut host = staging
+        .finish_outputs(on_device)?
+        .into_iter()
+        .map(|torch| {
+            let dtype = servable_dtype(&torch)?;
+            let (shape, data) = staging.output(&torch)?;
+            Tensor::new(dtype, shape, data).map_err(|e| RunError::BadOutput(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter();
+    let mut next = || {
+        host.next()
+            .ok_or_else(|| RunError::BadOutput("an output went missing".into()))
+    };
+    Ok(match returned {
+        Returned::Tensor(_) => ModelOutput::Tensor(next()?),
+        Returned::Sequence(ts) => {
+            ModelOutput::Sequence(ts.iter().map(|_| next()).collect::<Result<_, _>>()?)
+        }
+        Returned::Dict(entries) => ModelOutput::Dict(
             entries
                 .into_iter()
-                .map(|(key, value)| match (key, value) {
-                    (IValue::String(key), IValue::Tensor(t)) => Ok((key, from_torch(&t)?)),
-                    (IValue::String(key), other) => {
-                        Err(not_a_tensor(&format!("dict entry '{key}'"), &other))
-                    }
-                    _ => Err(RunError::BadOutput(
-                        "the model returned a dict whose keys are not strings".into(),
-                    )),
-                })
-                .collect::<Result<_, _>>()?,
-        )),
-        other => Err(not_a_tensor("the method's result", &other)),
-    }
+                .map(|(name, _)| Ok((name, next()?)))
+                .collect::<Result<_, RunError>>()?,
+        ),
+    })
 }
 
 fn not_a_tensor(what: &str, value: &IValue) -> RunError {
@@ -106,30 +141,134 @@ fn not_a_tensor(what: &str, value: &IValue) -> RunError {
 }
 
 pub(super) fn torch_error(err: tch::TchError) -> RunError {
-    RunError::Torch(super::trim_torch_message(&err.to_string()))
+    classify_torch_error(&err.to_string())
+}
+
+/// CUDA errors after which the device's context is unusable ("sticky" errors).
+const DEVICE_FAILURES: &[&str] = &[
+    "device-side assert triggered",
+    "an illegal memory access was encountered",
+    "an illegal instruction was encountered",
+    "misaligned address",
+    "unspecified launch failure",
+    "uncorrectable ECC error",
+    "hardware stack error",
+];
+
+/// Sorts what libtorch threw: out of memory (CUDA's caching allocator or the CPU's), a
+/// device that can no longer run anything, or the model's own failure.
+fn classify_torch_error(message: &str) -> RunError {
+    let trimmed = super::trim_torch_message(message);
+    if message.contains("CUDA out of memory")
+        || message.contains("DefaultCPUAllocator: can't allocate memory")
+    {
+        RunError::OutOfMemory(trimmed)
+    } else if DEVICE_FAILURES
+        .iter()
+        .any(|failure| message.contains(failure))
+    {
+        RunError::DeviceFailed(trimmed)
+    } else {
+        RunError::Torch(trimmed)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    fn round_trip(value: IValue) -> ModelOutput {
+        model_output(value, &Staging::new(tch::Device::Cpu)).unwrap()
+    }
 
     #[test]
     fn every_dtype_round_trips_through_libtorch() {
+        let mut staging = Staging::new(tch::Device::Cpu);
         for dtype in DType::ALL {
             let data: Vec<u8> = (0..6 * dtype.size()).map(|i| (i % 2) as u8).collect();
             let tensor = Tensor::new(dtype, vec![2, 3], Bytes::from(data)).unwrap();
-            let torch = to_torch(&tensor, tch::Device::Cpu).unwrap();
+            let torch = staging.input(0, &[&tensor], 2).unwrap();
             assert_eq!(torch.size(), vec![2, 3]);
-            assert_eq!(from_torch(&torch).unwrap(), tensor, "{dtype}");
+            let ModelOutput::Tensor(back) = round_trip(IValue::Tensor(torch)) else {
+                panic!("one tensor in, one out");
+            };
+            assert_eq!(back, tensor, "{dtype}");
         }
+    }
+
+    #[test]
+    fn a_batch_is_staged_in_order_and_padded_with_its_first_row() {
+        let mut staging = Staging::new(tch::Device::Cpu);
+        let a = Tensor::from_values(vec![1, 2], &[1i32, 2]).unwrap();
+        let b = Tensor::from_values(vec![2, 2], &[3i32, 4, 5, 6]).unwrap();
+        let torch = staging.input(0, &[&a, &b], 4).unwrap();
+        let ModelOutput::Tensor(back) = round_trip(IValue::Tensor(torch)) else {
+            panic!("one tensor in, one out");
+        };
+        assert_eq!(back.shape, vec![4, 2]);
+        assert_eq!(
+            back.to_values::<i32>().unwrap(),
+            vec![1, 2, 3, 4, 5, 6, 1, 2]
+        );
+        // Without rows there is nothing to pad, whatever the other dims.
+        let empty = Tensor::new(DType::F32, vec![0, 1 << 58], Bytes::new()).unwrap();
+        assert_eq!(
+            staging.input(0, &[&empty], 8).unwrap().size(),
+            vec![0, 1 << 58]
+        );
     }
 
     #[test]
     fn non_contiguous_results_are_copied_in_order() {
         let t = Tensor::from_values(vec![2, 3], &[1i64, 2, 3, 4, 5, 6]).unwrap();
-        let transposed = to_torch(&t, tch::Device::Cpu).unwrap().tr();
-        let back = from_torch(&transposed).unwrap();
+        let transposed = Staging::new(tch::Device::Cpu)
+            .input(0, &[&t], 2)
+            .unwrap()
+            .tr();
+        let ModelOutput::Tensor(back) = round_trip(IValue::Tensor(transposed)) else {
+            panic!("one tensor in, one out");
+        };
         assert_eq!(back.shape, vec![3, 2]);
         assert_eq!(back.to_values::<i64>().unwrap(), vec![1, 4, 2, 5, 3, 6]);
+    }
+
+    #[test]
+    fn torch_errors_are_sorted_by_what_they_leave_behind() {
+        let oom = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)";
+        assert!(
+            matches!(classify_torch_error(oom), RunError::OutOfMemory(m) if m.starts_with("CUDA out of memory"))
+        );
+        let cpu = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes.";
+        assert!(matches!(
+            classify_torch_error(cpu),
+            RunError::OutOfMemory(_)
+        ));
+        let assert = "CUDA error: device-side assert triggered\nCompile with `TORCH_USE_CUDA_DSA`";
+        assert!(matches!(
+            classify_torch_error(assert),
+            RunError::DeviceFailed(_)
+        ));
+        let shape = "mat1 and mat2 shapes cannot be multiplied (1x3 and 4x5)";
+        assert_eq!(classify_torch_error(shape), RunError::Torch(shape.into()));
+    }
+
+    /// A real allocation libtorch cannot make is RESOURCE_EXHAUSTED material, not a crash.
+    #[test]
+    fn a_failed_cpu_allocation_is_out_of_memory() {
+        let error = tch::Tensor::f_empty([1i64 << 50], (Kind::Uint8, tch::Device::Cpu))
+            .map(|_| ())
+            .map_err(torch_error);
+        assert!(matches!(error, Err(RunError::OutOfMemory(_))), "{error:?}");
+    }
+
+    #[test]
+    fn results_that_are_not_tensors_are_refused() {
+        let staging = Staging::new(tch::Device::Cpu);
+        let error = model_output(IValue::Int(3), &staging).unwrap_err();
+        assert!(error.to_string().contains("is an int"), "{error}");
+        let complex = tch::Tensor::zeros([1], (Kind::ComplexFloat, tch::Device::Cpu));
+        let error = model_output(IValue::Tuple(vec![IValue::Tensor(complex)]), &staging);
+        assert!(error.unwrap_err().to_string().contains("cannot serve"));
     }
 }

@@ -2,13 +2,14 @@
 //! every worker of a model version, so a busy device pushes back instead of piling work up
 //! in memory.
 
-use super::convert::{model_output, to_torch, torch_error};
-use super::{Device, LoadError, ModelOutput, RunError};
+use super::convert::{model_output, torch_error};
+use super::staging::Staging;
+use super::{cuda, Device, LoadError, ModelOutput, RunError};
 use crate::telemetry::{self, VersionMetrics};
 use crate::tensor::Tensor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{CModule, IValue};
@@ -22,6 +23,29 @@ pub struct RunnerConfig {
     /// Worker threads per device sharing that device's module (libtorch modules are safe
     /// to run concurrently).
     pub instances_per_device: usize,
+}
+
+impl RunnerConfig {
+    /// TF Serving's `num_batch_threads`: threads that run the model's batches in all,
+    /// spread over the devices (rounded up to the same number on each, at least one).
+    pub fn with_batch_threads(mut self, threads: usize) -> RunnerConfig {
+        self.instances_per_device = threads.div_ceil(self.devices.len().max(1)).max(1);
+        self
+    }
+}
+
+/// A call every worker runs on its own module before it serves, so that no request pays
+/// for libtorch's lazy set-up (allocations, kernels chosen per shape, the staging buffers)
+/// and a model that cannot run its own signature is refused before it serves.
+#[derive(Clone, Debug)]
+pub struct WarmUpCall {
+    /// What the call is, for errors and logs ("signature 'x' at batch size 8").
+    pub label: String,
+    pub method: Arc<str>,
+    pub inputs: Vec<Tensor>,
+    /// Whether a failure fails the load; otherwise it is only logged (the inputs were a
+    /// guess, e.g. free dimensions set to 1).
+    pub required: bool,
 }
 
 /// One call of a method, waiting to run alone or as part of a batch.
@@ -150,20 +174,28 @@ pub struct Workers {
 
 /// Per device, how many of its workers died: a worker only ever exits on its own when its
 /// source closes (the version unloads); anything else is a panic outside a batch's work.
+/// And whether the device failed under this model (a CUDA error that leaves its context
+/// unusable: nothing runs there again until the process restarts).
 struct WorkerHealth {
     instances: usize,
     died: Vec<(Device, AtomicUsize)>,
+    failed: Vec<AtomicBool>,
 }
 
 impl Workers {
-    /// The devices every one of whose workers has died: nothing runs this version there any
-    /// more, and only a restart brings them back (liveness fails on it).
+    /// The devices every one of whose workers has died, or that failed under this version:
+    /// nothing runs it there any more, and only a restart brings them back (liveness fails
+    /// on it).
     pub fn lost_devices(&self) -> Vec<Device> {
         self.health
             .died
             .iter()
-            .filter(|(_, died)| died.load(Ordering::SeqCst) >= self.health.instances)
-            .map(|(device, _)| *device)
+            .zip(&self.health.failed)
+            .filter(|((_, died), failed)| {
+                died.load(Ordering::SeqCst) >= self.health.instances
+                    || failed.load(Ordering::SeqCst)
+            })
+            .map(|((device, _), _)| *device)
             .collect()
     }
 
@@ -201,14 +233,16 @@ impl Drop for DeathWatch {
 }
 
 /// Loads the TorchScript module at `path` onto every device (one copy per device) and
-/// starts its workers, which run what `source` gives them until it closes, then free the
-/// module. `series` is the version's (it names the threads too). Blocking: call it from a
-/// blocking thread, never from the async executor.
+/// starts its workers. Each binds its thread to its device, runs every `warm_up` call, then
+/// runs what `source` gives it until it closes, and frees the module. Returns once every
+/// worker has warmed up. `series` is the version's (it names the threads too). Blocking:
+/// call it from a blocking thread, never from the async executor.
 pub fn start_workers(
     path: &Path,
     series: &VersionMetrics,
     config: &RunnerConfig,
     source: &BatchSource,
+    warm_up: &[WarmUpCall],
 ) -> Result<Workers, LoadError> {
     let metrics = WorkerMetrics::new(series);
     let (model, version) = (series.model(), series.version());
@@ -220,29 +254,58 @@ pub fn start_workers(
             .iter()
             .map(|&device| (device, AtomicUsize::new(0)))
             .collect(),
+        failed: config
+            .devices
+            .iter()
+            .map(|_| AtomicBool::new(false))
+            .collect(),
     });
+    let warm_up: Arc<[WarmUpCall]> = Arc::from(warm_up);
+    let (warmed, warm_ups) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(config.devices.len() * instances);
     for (index, &device) in config.devices.iter().enumerate() {
         let module = Arc::new(load_module(path, device)?);
         for instance in 0..instances {
-            let (module, source, metrics) = (Arc::clone(&module), source.clone(), metrics.clone());
             let name = format!("{model}/{version}@{device}#{instance}");
+            let mut worker = Worker {
+                module: Arc::clone(&module),
+                device,
+                staging: Staging::new(device.to_tch()),
+                metrics: metrics.clone(),
+                health: Arc::clone(&health),
+                device_index: index,
+                name: name.clone(),
+            };
             let watch = DeathWatch {
                 health: Arc::clone(&health),
                 device: index,
                 name: name.clone(),
             };
+            let (source, warm_up, warmed) = (source.clone(), Arc::clone(&warm_up), warmed.clone());
             let thread = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || {
                     let _watch = watch;
-                    while let Some(batch) = source.next() {
-                        execute(&module, device.to_tch(), batch, &metrics);
+                    let ready = worker.prepare(&warm_up);
+                    let serve = ready.is_ok();
+                    let _ = warmed.send(ready);
+                    if serve {
+                        while let Some(batch) = source.next() {
+                            worker.execute(batch);
+                        }
                     }
                 })
                 .map_err(|e| LoadError::Thread(e.to_string()))?;
             threads.push(thread);
         }
+    }
+    drop(warmed);
+    for _ in 0..threads.len() {
+        // A worker that panicked while warming up dropped its sender unanswered.
+        let ready = warm_ups
+            .recv()
+            .unwrap_or_else(|_| Err(LoadError::Thread("a worker died while warming up".into())));
+        ready?;
     }
     Ok(Workers { threads, health })
 }
@@ -257,84 +320,176 @@ fn load_module(path: &Path, device: Device) -> Result<CModule, LoadError> {
     Ok(module)
 }
 
-/// Runs one batch: drops jobs whose caller left or whose deadline passed, runs the rest in
-/// one forward, and answers each job with its own rows. Everything between taking the jobs
-/// and answering them is caught: a panic anywhere in a batch's work (concatenating,
-/// libtorch, splitting) answers that batch INTERNAL and the worker goes on.
-fn execute(module: &CModule, device: tch::Device, batch: Batch, metrics: &WorkerMetrics) {
-    let now = Instant::now();
-    let mut jobs = Vec::with_capacity(batch.jobs.len());
-    for job in batch.jobs {
-        if job.is_abandoned() {
-            metrics.cancelled_dropped.increment(1);
-        } else if job.is_expired(now) {
-            metrics.deadline_dropped.increment(1);
-            job.answer(Err(RunError::DeadlineExceeded));
-        } else {
-            jobs.push(job);
-        }
-    }
-    if jobs.is_empty() {
-        return;
-    }
-    let work = || run_jobs(module, device, &jobs, &batch.allowed_sizes, metrics);
-    let results = catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
-        let message = panic_message(panic.as_ref());
-        tracing::error!(
-            jobs = jobs.len(),
-            "running a batch panicked ({message}); its requests are answered INTERNAL"
-        );
-        vec![Err(RunError::Crashed(message)); jobs.len()]
-    });
-    for (job, result) in jobs.into_iter().zip(results) {
-        job.answer(result);
-    }
+/// One worker thread's state: its device's module, and the host memory it stages batches
+/// in.
+struct Worker {
+    module: Arc<CModule>,
+    device: Device,
+    staging: Staging,
+    metrics: WorkerMetrics,
+    health: Arc<WorkerHealth>,
+    device_index: usize,
+    name: String,
 }
 
-/// The results of `jobs` run as one batch, one per job, in order.
-fn run_jobs(
-    module: &CModule,
-    device: tch::Device,
-    jobs: &[Job],
-    allowed_sizes: &[usize],
-    metrics: &WorkerMetrics,
-) -> Vec<Result<ModelOutput, RunError>> {
-    let rows = jobs
-        .iter()
-        .try_fold(0usize, |sum, job| sum.checked_add(job.rows()));
-    let Some(rows) = rows else {
-        let error = RunError::BadOutput("a batch has more rows than can be counted".into());
-        return vec![Err(error); jobs.len()];
-    };
-    let padded = padded_size(allowed_sizes, rows);
-    metrics.batch_size.record(padded as f64);
-    let started = Instant::now();
-    let record = |started: Instant| {
-        metrics
-            .forward_seconds
-            .record(started.elapsed().as_secs_f64())
-    };
-
-    if let ([job], true) = (jobs, padded == rows) {
-        let result = forward(module, device, &job.method, &job.inputs);
-        record(started);
-        return vec![result];
-    }
-    let result = concat_inputs(jobs, padded)
-        .and_then(|inputs| forward(module, device, &jobs[0].method, &inputs));
-    record(started);
-    match result {
-        Ok(output) => {
-            let mut start = 0;
-            jobs.iter()
-                .map(|job| {
-                    let own = split_output(&output, start, job.rows(), padded);
-                    start += job.rows();
-                    own
-                })
-                .collect()
+impl Worker {
+    /// Binds the thread to its GPU (current device, own stream) and runs the warm-up calls.
+    fn prepare(&mut self, warm_up: &[WarmUpCall]) -> Result<(), LoadError> {
+        if let Device::Cuda(gpu) = self.device {
+            cuda::bind_thread(gpu).map_err(|message| LoadError::Device {
+                device: self.device.to_string(),
+                message,
+            })?;
         }
-        Err(e) => vec![Err(e); jobs.len()],
+        for call in warm_up {
+            let (job, _answer) = Job::new(Arc::clone(&call.method), call.inputs.clone(), None);
+            let rows = job.rows();
+            let started = Instant::now();
+            let result = catch_unwind(AssertUnwindSafe(|| self.run_jobs(&[job], rows)));
+            let error = match result {
+                Ok(mut results) => match results.pop() {
+                    Some(Err(e)) => Some(e),
+                    _ => None,
+                },
+                Err(panic) => Some(RunError::Crashed(panic_message(panic.as_ref()))),
+            };
+            match error {
+                None => tracing::debug!(
+                    worker = %self.name,
+                    call = %call.label,
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "warmed up"
+                ),
+                Some(e) if call.required => {
+                    return Err(LoadError::WarmUp {
+                        call: call.label.clone(),
+                        message: e.to_string(),
+                    })
+                }
+                Some(e) => tracing::warn!(
+                    worker = %self.name,
+                    call = %call.label,
+                    "warm-up with guessed inputs failed: {e}"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one batch: drops jobs whose caller left or whose deadline passed, runs the rest
+    /// in one forward, and answers each job with its own rows. Everything between taking
+    /// the jobs and answering them is caught: a panic anywhere in a batch's work
+    /// (staging, libtorch, splitting) answers that batch INTERNAL and the worker goes on.
+    fn execute(&mut self, batch: Batch) {
+        let now = Instant::now();
+        let mut jobs = Vec::with_capacity(batch.jobs.len());
+        for job in batch.jobs {
+            if job.is_abandoned() {
+                self.metrics.cancelled_dropped.increment(1);
+            } else if job.is_expired(now) {
+                self.metrics.deadline_dropped.increment(1);
+                job.answer(Err(RunError::DeadlineExceeded));
+            } else {
+                jobs.push(job);
+            }
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        let rows = jobs
+            .iter()
+            .try_fold(0usize, |sum, job| sum.checked_add(job.rows()));
+        let results = match rows {
+            None => {
+                let error = RunError::BadOutput("a batch has more rows than can be counted".into());
+                vec![Err(error); jobs.len()]
+            }
+            Some(rows) => {
+                let padded = padded_size(&batch.allowed_sizes, rows);
+                self.metrics.batch_size.record(padded as f64);
+                let started = Instant::now();
+                let work = || self.run_jobs(&jobs, padded);
+                let results = catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+                    let message = panic_message(panic.as_ref());
+                    tracing::error!(
+                        jobs = jobs.len(),
+                        "running a batch panicked ({message}); its requests are answered INTERNAL"
+                    );
+                    vec![Err(RunError::Crashed(message)); jobs.len()]
+                });
+                self.metrics
+                    .forward_seconds
+                    .record(started.elapsed().as_secs_f64());
+                results
+            }
+        };
+        if let Some(Err(RunError::DeviceFailed(message))) = results
+            .iter()
+            .find(|r| matches!(r, Err(RunError::DeviceFailed(_))))
+        {
+            self.device_failed(message);
+        }
+        for (job, result) in jobs.into_iter().zip(results) {
+            job.answer(result);
+        }
+    }
+
+    /// Marks this worker's device failed under this version (liveness then fails) and logs
+    /// it once, naming the model.
+    fn device_failed(&self, message: &str) {
+        let failed = &self.health.failed[self.device_index];
+        if !failed.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                worker = %self.name,
+                device = %self.device,
+                "the device failed while running this model and cannot run anything until \
+                 the process restarts (liveness now fails): {message}"
+            );
+        }
+    }
+
+    /// The results of `jobs` run as one batch of `padded` rows, one per job, in order.
+    fn run_jobs(&mut self, jobs: &[Job], padded: usize) -> Vec<Result<ModelOutput, RunError>> {
+        let output = self.forward(jobs, padded);
+        match output {
+            Ok(output) if jobs.len() == 1 && padded == jobs[0].rows() => vec![Ok(output)],
+            Ok(output) => {
+                let mut start = 0;
+                jobs.iter()
+                    .map(|job| {
+                        let own = split_output(&output, start, job.rows(), padded);
+                        start += job.rows();
+                        own
+                    })
+                    .collect()
+            }
+            Err(e) => vec![Err(e); jobs.len()],
+        }
+    }
+
+    /// Stages the jobs' inputs (concatenated, padded) and runs their method once.
+    fn forward(&mut self, jobs: &[Job], padded: usize) -> Result<ModelOutput, RunError> {
+        let _no_grad = tch::no_grad_guard();
+        self.staging.begin_batch()?;
+        // A job alone at its own size runs on its inputs as they are (they may differ in
+        // rows, or be scalars, when its signature is not batched).
+        let rows = match jobs {
+            [job] if job.rows() == padded => 0,
+            _ => padded,
+        };
+        let args = (0..jobs[0].inputs.len())
+            .map(|position| {
+                let parts: Vec<&Tensor> = jobs.iter().map(|job| &job.inputs[position]).collect();
+                self.staging
+                    .input(position, &parts, rows)
+                    .map(IValue::Tensor)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let result = self
+            .module
+            .method_is(&jobs[0].method, &args)
+            .map_err(torch_error)?;
+        model_output(result, &self.staging)
     }
 }
 
@@ -358,16 +513,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         (_, Some(message)) => message.clone(),
         _ => "a panic without a message".to_string(),
     }
-}
-
-/// One tensor per input position: the jobs' rows concatenated, padded to `padded` rows.
-fn concat_inputs(jobs: &[Job], padded: usize) -> Result<Vec<Tensor>, RunError> {
-    (0..jobs[0].inputs.len())
-        .map(|position| {
-            let parts: Vec<&Tensor> = jobs.iter().map(|job| &job.inputs[position]).collect();
-            Tensor::concat_rows_padded(&parts, padded).map_err(RunError::BadOutput)
-        })
-        .collect()
 }
 
 /// Rows `start..start + rows` of every output tensor; each must have `padded` rows.
@@ -404,21 +549,6 @@ fn split_output(
                 .collect::<Result<_, RunError>>()?,
         ),
     })
-}
-
-fn forward(
-    module: &CModule,
-    device: tch::Device,
-    method: &str,
-    inputs: &[Tensor],
-) -> Result<ModelOutput, RunError> {
-    let _no_grad = tch::no_grad_guard();
-    let args = inputs
-        .iter()
-        .map(|t| to_torch(t, device).map(IValue::Tensor))
-        .collect::<Result<Vec<_>, _>>()?;
-    let result = module.method_is(method, &args).map_err(torch_error)?;
-    model_output(result)
 }
 
 #[cfg(test)]
@@ -475,6 +605,7 @@ mod tests {
             &VersionMetrics::new("m", 1),
             &cpu(1),
             &BatchSource::Queue(queue),
+            &[],
         )
         .unwrap();
 
@@ -525,7 +656,8 @@ mod tests {
     fn a_device_whose_workers_all_died_is_lost() {
         let path = doubling_module("lost");
         let source = BatchSource::Former(Arc::new(PanickingFormer));
-        let workers = start_workers(&path, &VersionMetrics::new("m", 1), &cpu(2), &source).unwrap();
+        let workers =
+            start_workers(&path, &VersionMetrics::new("m", 1), &cpu(2), &source, &[]).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         while workers.lost_devices().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -533,6 +665,87 @@ mod tests {
         assert_eq!(workers.lost_devices(), vec![Device::Cpu]);
         workers.join();
         let _ = std::fs::remove_file(path);
+    }
+
+    /// A module that runs only on an even number of elements (it views its input as pairs).
+    fn pairing_module(tag: &str) -> std::path::PathBuf {
+        let example = tch::Tensor::zeros([2, 1], (tch::Kind::Float, tch::Device::Cpu));
+        let module = CModule::create_by_tracing("pairs", "forward", &[example], &mut |xs| {
+            vec![xs[0].view([-1, 2]) * 2]
+        })
+        .unwrap();
+        let path = std::env::temp_dir().join(format!("modelgate-{tag}-{}.pt", std::process::id()));
+        module.save(&path).unwrap();
+        path
+    }
+
+    fn warm_up_at(rows: i64, required: bool) -> WarmUpCall {
+        WarmUpCall {
+            label: format!("batch size {rows}"),
+            method: Arc::from("forward"),
+            inputs: vec![Tensor::zeros(crate::tensor::DType::F32, vec![rows, 1]).unwrap()],
+            required,
+        }
+    }
+
+    /// Every worker runs every warm-up call before the version serves; one that fails
+    /// fails the load, naming the call, unless its inputs were only a guess.
+    #[test]
+    fn warm_up_runs_on_every_worker_and_a_required_failure_fails_the_load() {
+        let path = pairing_module("warm");
+        let series = VersionMetrics::new("m", 1);
+        let (batches, queue) = flume::bounded::<Batch>(4);
+        let source = BatchSource::Queue(queue);
+        let fine = [
+            warm_up_at(2, true),
+            warm_up_at(4, true),
+            warm_up_at(3, false),
+        ];
+        let workers = start_workers(&path, &series, &cpu(2), &source, &fine).unwrap();
+
+        let (good, result) = job(&[1.0, 2.0]);
+        batches.send(Batch::single(good)).unwrap();
+        let Ok(ModelOutput::Tensor(doubled)) = answer(result) else {
+            panic!("no answer after warm-up");
+        };
+        assert_eq!(doubled.to_values::<f32>().unwrap(), vec![2.0, 4.0]);
+        drop(batches);
+        workers.join();
+
+        let failing = [warm_up_at(2, true), warm_up_at(3, true)];
+        let (_batches, queue) = flume::bounded::<Batch>(4);
+        let error = start_workers(
+            &path,
+            &series,
+            &cpu(2),
+            &BatchSource::Queue(queue),
+            &failing,
+        )
+        .err()
+        .expect("a warm-up that cannot run fails the load");
+        assert!(
+            matches!(&error, LoadError::WarmUp { call, .. } if call == "batch size 3"),
+            "{error}"
+        );
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn batch_threads_are_spread_over_the_devices() {
+        let two_gpus = RunnerConfig {
+            devices: vec![Device::Cuda(0), Device::Cuda(1)],
+            instances_per_device: 2,
+        };
+        assert_eq!(
+            two_gpus.clone().with_batch_threads(4).instances_per_device,
+            2
+        );
+        assert_eq!(
+            two_gpus.clone().with_batch_threads(3).instances_per_device,
+            2
+        );
+        assert_eq!(two_gpus.with_batch_threads(1).instances_per_device, 1);
+        assert_eq!(cpu(2).with_batch_threads(3).instances_per_device, 3);
     }
 
     #[test]
