@@ -7,6 +7,7 @@ extra/signature.json).
 
     python models/generate.py demo models                      # demo repo (make run)
     python models/generate.py fixtures target/test-models      # test-suite models
+    python models/generate.py bench target/bench-models         # make bench's models
     python models/generate.py verify models target/test-models # load + check
 
 Deterministic (fixed seeds; the TorchScript debug info names a fixed source
@@ -117,6 +118,25 @@ class Faulty(torch.nn.Module):
         return x + 1
 
 
+class Hungry(torch.nn.Module):
+    """y = x + 0, after allocating x[0, 0] MiFloats: 2**30 of them (4 PiB) runs the host
+    out of memory (libtorch's allocator fails; the server must answer, not die)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scratch = torch.zeros([int(x[0, 0].item()), 1 << 20])
+        return x + scratch.sum()
+
+
+class Poisoned(torch.nn.Module):
+    """y = x, but a negative input raises what CUDA raises after a device-side assert, so
+    the CPU tests can drive the server's handling of a device that failed."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool((x < 0).any()):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return x
+
+
 class Multi(torch.nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Dict[str, Tensor]:
         return {"sum": a + b, "product": a * b}
@@ -160,6 +180,70 @@ class Regressor(torch.nn.Module):
     @torch.jit.export
     def by_ids(self, ids: Tensor) -> Tensor:
         return (ids * 2).to(torch.float32)
+
+
+class Bottleneck(torch.nn.Module):
+    """ResNet's bottleneck block: 1x1 reduce, 3x3, 1x1 expand, plus the shortcut."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int):
+        super().__init__()
+        width = planes * 4
+        self.conv1 = torch.nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(planes)
+        self.conv2 = torch.nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(planes)
+        self.conv3 = torch.nn.Conv2d(planes, width, 1, bias=False)
+        self.bn3 = torch.nn.BatchNorm2d(width)
+        self.shortcut = torch.nn.Sequential()
+        if stride != 1 or inplanes != width:
+            self.shortcut = torch.nn.Sequential(
+                torch.nn.Conv2d(inplanes, width, 1, stride=stride, bias=False),
+                torch.nn.BatchNorm2d(width),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet50(torch.nn.Module):
+    """ResNet-50 (3x224x224 images -> 1000 logits), random weights: the bench's image
+    model, the size and shape of what GPU servers run."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+            torch.nn.BatchNorm2d(64),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        blocks = []
+        inplanes = 64
+        for planes, count, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
+            for i in range(count):
+                blocks.append(Bottleneck(inplanes, planes, stride if i == 0 else 1))
+                inplanes = planes * 4
+        self.blocks = torch.nn.Sequential(*blocks)
+        self.fc = torch.nn.Linear(2048, 1000)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.blocks(self.stem(images))
+        return self.fc(torch.flatten(torch.mean(x, dim=[2, 3]), 1))
+
+
+class ImageProbe(torch.nn.Module):
+    """ResNet-50's signature (3x224x224 -> 1000) with next to no forward: it reads one
+    pixel per channel. Serving it measures the host's work per image, all but the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(3, 1000))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return torch.matmul(images[:, :, 0, 0], self.weight)
 '''
 
 
@@ -370,6 +454,20 @@ def generate_demo(base):
     )
 
 
+IMAGE_SIGNATURES = {
+    "serving_default": signature(
+        [tensor("images", shape=[-1, 3, 224, 224])], [tensor("logits", shape=[-1, 1000])]
+    ),
+}
+
+
+def generate_bench(base):
+    """make bench's image models: a ResNet-50 and a probe with its signature."""
+    torch.manual_seed(50)
+    save_model(os.path.join(base, "resnet50", "1"), defs.ResNet50(), IMAGE_SIGNATURES)
+    save_model(os.path.join(base, "imageprobe", "1"), defs.ImageProbe(), IMAGE_SIGNATURES)
+
+
 def generate_fixtures(base):
     torch.manual_seed(0)
     base = os.path.abspath(base)
@@ -379,6 +477,8 @@ def generate_fixtures(base):
     for version in (1, 2, 3):
         save_model(os.path.join(base, "scaled", str(version)), defs.Scaled(float(version)), SCALED_SIGNATURES)
     save_model(os.path.join(base, "faulty", "1"), defs.Faulty(), FAULTY_SIGNATURES)
+    save_model(os.path.join(base, "hungry", "1"), defs.Hungry(), TINY_SIGNATURES)
+    save_model(os.path.join(base, "poisoned", "1"), defs.Poisoned(), TINY_SIGNATURES)
     save_model(os.path.join(base, "multi", "1"), defs.Multi(), MULTI_SIGNATURES)
     save_model(os.path.join(base, "counter", "1"), defs.Counter(), COUNTER_SIGNATURES)
     save_model(os.path.join(base, "regressor", "1"), defs.Regressor(), REGRESSOR_SIGNATURES)
@@ -468,6 +568,8 @@ def expected(model, version, sig_name, inputs, got):
         return {"y": version * inputs[0]}
     if model == "faulty":
         return {"y": inputs[0] + 1}
+    if model in ("hungry", "poisoned"):
+        return {"y": inputs[0]}
     if model == "multi":
         return {"sum": inputs[0] + inputs[1], "product": inputs[0] * inputs[1]}
     if model == "regressor":
@@ -512,7 +614,7 @@ def verify(bases):
                 m = torch.jit.load(pt)
                 for sig_name, sig in sigs.items():
                     inputs = [sample_input(spec, gen=gen) for spec in sig["inputs"]]
-                    if model == "faulty":
+                    if model in ("faulty", "hungry", "poisoned"):
                         inputs = [t.abs() for t in inputs]
                     result = getattr(m, sig["method"])(*inputs)
                     got = outputs_by_name(sig, result)
@@ -554,7 +656,7 @@ def verify(bases):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["demo", "fixtures", "verify"])
+    parser.add_argument("what", choices=["demo", "fixtures", "bench", "verify"])
     parser.add_argument("dirs", nargs="+", metavar="DIR")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -564,10 +666,8 @@ def main(argv=None):
         return
     if len(args.dirs) != 1:
         parser.error(f"{args.what} takes exactly one DIR")
-    if args.what == "demo":
-        generate_demo(args.dirs[0])
-    else:
-        generate_fixtures(args.dirs[0])
+    generate = {"demo": generate_demo, "fixtures": generate_fixtures, "bench": generate_bench}
+    generate[args.what](args.dirs[0])
     print(f"wrote {args.what} models to {args.dirs[0]}")
 
 

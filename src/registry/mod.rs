@@ -94,9 +94,9 @@ impl Registry {
         Arc::new(Registry::default())
     }
 
-    /// Versions that serve with a device on which all their workers died: the process can
-    /// no longer run them there, and liveness (`/healthz`) says so, so that Kubernetes
-    /// restarts the pod.
+    /// Versions that serve with a device on which all their workers died, or which failed
+    /// under them (a sticky CUDA error): the process can no longer run them there, and
+    /// liveness (`/healthz`) says so, so that Kubernetes restarts the pod.
     pub fn lost_workers(&self) -> Vec<String> {
         let serving = self.serving.load();
         let mut lost: Vec<String> = serving
@@ -106,7 +106,7 @@ impl Registry {
             .flat_map(|servable| {
                 servable.scheduler.lost_devices().into_iter().map(|device| {
                     format!(
-                        "model '{}' version {} has no worker left on {device}",
+                        "model '{}' version {} can no longer run on {device} (its workers died or the device failed)",
                         servable.model, servable.version
                     )
                 })
