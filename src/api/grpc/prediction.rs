@@ -159,9 +159,15 @@ impl PredictionApi {
             let shapes = declared.iter().map(|(_, d, s)| (*d, s.as_slice()));
             self.inference.check_padding(&servable, shapes)?;
         }
-        let size = declared.iter().fold(0usize, |sum, (_, dtype, shape)| {
-            sum.saturating_add(byte_size(*dtype, shape).unwrap_or(usize::MAX))
-        });
+        // What decoding costs: `tensor_content` is taken as it is (a slice of the frame),
+        // so only typed values, which are converted or broadcast, count towards offloading
+        // the work to a blocking thread.
+        let size = declared
+            .iter()
+            .filter(|(name, _, _)| request.inputs[name].tensor_content.is_empty())
+            .fold(0usize, |sum, (_, dtype, shape)| {
+                sum.saturating_add(byte_size(*dtype, shape).unwrap_or(usize::MAX))
+            });
         let mut budget = self.inference.decode_budget(request.encoded_len());
         let decoding = Arc::clone(request);
         let inputs = offload(size, move || {
