@@ -14,6 +14,7 @@ export NO_COLOR := 1
 
 MODELS_STAMP := models/mlp/2/model.pt
 FIXTURES_STAMP := target/test-models/fixtures.config
+BENCH_MODELS_STAMP := target/bench-models/resnet50/1/model.pt
 
 .PHONY: setup run build test unit-test python-test deploy-check lint models clean bench
 
@@ -33,6 +34,10 @@ $(MODELS_STAMP): models/generate.py $(VENV)/.installed
 
 $(FIXTURES_STAMP): models/generate.py $(VENV)/.installed
 	$(VENV)/bin/python models/generate.py fixtures target/test-models
+
+# make bench's image models (a 100 MB ResNet-50 among them): not needed by the tests.
+$(BENCH_MODELS_STAMP): models/generate.py $(VENV)/.installed
+	$(VENV)/bin/python models/generate.py bench target/bench-models
 
 models: $(MODELS_STAMP) $(FIXTURES_STAMP)
 
@@ -66,6 +71,6 @@ clean:
 	cargo clean
 	rm -rf $(VENV) models/mlp
 
-## bench: the serving benchmark (three tables; not part of `make test`)
-bench: setup
+## bench: the serving benchmark (five tables, the image ones on a GPU when there is one; not part of `make test`)
+bench: setup $(BENCH_MODELS_STAMP)
 	cargo bench --bench serving

@@ -12,6 +12,13 @@
 use bytes::{Buf, Bytes};
 use h2::client::SendRequest;
 use http::{HeaderMap, Method, Request};
+use modelgate::api::grpc::{declared_type, tensor_to_proto};
+use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
+use modelgate::proto::serving::{
+    GetModelMetadataRequest, ModelSpec, PredictRequest, SignatureDefMap,
+};
+use modelgate::proto::tensorflow::TensorProto;
+use modelgate::tensor::{DType, Tensor};
 use prost::Message;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -259,4 +266,73 @@ pub async fn open_loop(
         first_error,
         start.elapsed().as_secs_f64(),
     )
+}
+
+/// A Predict request for any served model, built from its GetModelMetadata: every input
+/// of `signature` with `rows` rows, free dimensions set to 1, floats in a fixed pattern
+/// (other dtypes zeros), in `tensor_content` as `tf.make_tensor_proto` sends a numpy array.
+pub async fn request_from_metadata(
+    addr: SocketAddr,
+    model: &str,
+    signature: &str,
+    rows: usize,
+) -> Result<PredictRequest, String> {
+    let spec = ModelSpec {
+        name: model.to_string(),
+        signature_name: signature.to_string(),
+        ..Default::default()
+    };
+    let mut client = PredictionServiceClient::connect(format!("http://{addr}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let metadata = client
+        .get_model_metadata(GetModelMetadataRequest {
+            model_spec: Some(spec.clone()),
+            metadata_field: vec!["signature_def".into()],
+        })
+        .await
+        .map_err(|status| status.message().to_string())?
+        .into_inner();
+    let any = metadata
+        .metadata
+        .get("signature_def")
+        .ok_or("GetModelMetadata answered no signature_def")?;
+    let map = SignatureDefMap::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
+    let def = map
+        .signature_def
+        .get(signature)
+        .ok_or_else(|| format!("model '{model}' has no signature '{signature}'"))?;
+    let mut inputs = std::collections::HashMap::new();
+    for (name, info) in &def.inputs {
+        let declared = TensorProto {
+            dtype: info.dtype,
+            tensor_shape: info.tensor_shape.clone(),
+            ..Default::default()
+        };
+        let (dtype, shape) = declared_type(name, &declared).map_err(|e| e.to_string())?;
+        let shape: Vec<i64> = shape
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| match (i, d) {
+                (0, -1) => rows as i64,
+                (_, -1) => 1,
+                (_, d) => d,
+            })
+            .collect();
+        let tensor = match dtype {
+            DType::F32 => {
+                let count = modelgate::tensor::num_elements(&shape).map_err(|e| e.to_string())?;
+                let values: Vec<f32> = (0..count).map(|i| (i % 7) as f32 / 7.0).collect();
+                Tensor::from_values(shape, &values)
+            }
+            _ => Tensor::zeros(dtype, shape),
+        }
+        .map_err(|e| e.to_string())?;
+        inputs.insert(name.clone(), tensor_to_proto(&tensor, true));
+    }
+    Ok(PredictRequest {
+        model_spec: Some(spec),
+        inputs,
+        ..Default::default()
+    })
 }

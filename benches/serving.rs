@@ -7,19 +7,24 @@
 //!    TF Serving's default batch_timeout_micros 0: a batch takes whatever queued while the
 //!    workers were busy, so it grows with load and adds no wait at low load;
 //! 2. serving efficiency: served rows/s over raw libtorch forward rows/s at the same batch;
-//! 3. overhead: `tiny` p50 over gRPC at concurrency 1 minus its bare forward time.
+//! 3. overhead: `tiny` p50 over gRPC at concurrency 1 minus its bare forward time;
+//! 4. and 5. image requests on this machine's device (a GPU when libtorch sees one):
+//!    ResNet-50 served vs its raw forward, and the host's CPU per image (`images.rs`).
 //!
-//! `cargo bench --bench serving -- loadgen ADDR MODEL CONCURRENCY SECONDS [CONNECTIONS]`
-//! runs the load generator alone against a running server (MODEL takes one row of its input).
+//! `cargo bench --bench serving -- images` prints tables 4 and 5 alone.
+//! `cargo bench --bench serving -- loadgen ADDR MODEL CONCURRENCY SECONDS [CONNECTIONS [ROWS]]`
+//! runs the load generator alone against a running server: any model, its request built
+//! from GetModelMetadata (ROWS rows, default 1).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod images;
 mod loadgen;
 
 use bytes::Bytes;
 use common::{demo_models, spec, write_config, Server, TempDir};
 use h2::client::SendRequest;
-use loadgen::{closed_loop, connect, open_loop, Call, Report};
+use loadgen::{closed_loop, connect, open_loop, request_from_metadata, Call, Report};
 use modelgate::api::grpc::tensor_to_proto;
 use modelgate::proto::serving::PredictRequest;
 use modelgate::tensor::Tensor;
@@ -283,30 +288,35 @@ async fn tables() {
 }
 
 async fn loadgen_only(args: &[String]) {
-    let (addr, model, concurrency, seconds, connections) = match args {
-        [a, m, c, s] => (a, m, c, s, CONNECTIONS),
-        [a, m, c, s, n] => (a, m, c, s, n.parse().expect("CONNECTIONS")),
-        _ => {
-            eprintln!("usage: loadgen ADDR MODEL CONCURRENCY SECONDS [CONNECTIONS]");
-            std::process::exit(2);
-        }
+    let usage = "usage: loadgen ADDR MODEL CONCURRENCY SECONDS [CONNECTIONS [ROWS]]";
+    let [addr, model, concurrency, seconds, rest @ ..] = args else {
+        eprintln!("{usage}");
+        std::process::exit(2);
     };
-    let (input, cols) = if model == "mlp" {
-        ("images", 784)
-    } else {
-        ("x", 1)
+    let number = |text: Option<&String>, default: usize| {
+        text.map_or(Ok(default), |t| t.parse::<usize>())
+            .unwrap_or_else(|_| {
+                eprintln!("{usage}");
+                std::process::exit(2)
+            })
     };
+    let (connections, rows) = (number(rest.first(), CONNECTIONS), number(rest.get(1), 1));
     let addr = addr.parse().expect("ADDR");
+    let request = request_from_metadata(addr, model, "serving_default", rows)
+        .await
+        .unwrap_or_else(|e| panic!("GetModelMetadata of '{model}': {e}"));
     let clients = connect(addr, connections).await;
     let run = closed(
         None,
         &clients,
-        &Call::new(addr, PREDICT, &one_row(model, input, cols)),
+        &Call::new(addr, PREDICT, &request),
         concurrency.parse().expect("CONCURRENCY"),
         Duration::from_secs(seconds.parse().expect("SECONDS")),
     )
     .await;
-    header(&format!("{model} c={concurrency}"));
+    header(&format!(
+        "{model} c={concurrency}, {rows} row(s) per request"
+    ));
     row("closed loop", &run);
 }
 
@@ -322,6 +332,10 @@ fn main() {
         .expect("tokio runtime");
     match args.first().map(String::as_str) {
         Some("loadgen") => runtime.block_on(loadgen_only(&args[1..])),
-        _ => runtime.block_on(tables()),
+        Some("images") => runtime.block_on(images::tables()),
+        _ => runtime.block_on(async {
+            tables().await;
+            images::tables().await;
+        }),
     }
 }

@@ -4,7 +4,9 @@ mod codec;
 mod model_service;
 mod prediction;
 
-pub use codec::{dims, shape_proto, signature_def_map, tensor_from_proto, tensor_to_proto};
+pub use codec::{
+    declared_type, dims, shape_proto, signature_def_map, tensor_from_proto, tensor_to_proto,
+};
 
 use crate::inference::Inference;
 use crate::proto::serving::model_service_server::ModelServiceServer;

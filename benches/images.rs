@@ -1,0 +1,240 @@
+//! Tables 4 and 5 of the serving benchmark: image requests (one 3x224x224 float image,
+//! 602,112 bytes, per request) on this machine's device, CUDA when libtorch sees one.
+//!
+//! 4. ResNet-50, 1-row requests, batching: served images/s next to the raw libtorch forward
+//!    at the largest batch on the same device in this run, p50/p99, the server's mean
+//!    batch and (on a GPU) the GPU memory it holds.
+//! 5. Host CPU per image: the same requests to `imageprobe`, which has ResNet-50's signature
+//!    and next to no forward, so the server's CPU per image is everything but the model,
+//!    next to one memcpy of the image measured here.
+//!
+//! The requests are built from each model's GetModelMetadata, as `loadgen` builds them.
+
+use super::loadgen::{connect, request_from_metadata, Call};
+use super::{closed, header, row, PREDICT};
+use crate::common::{write_config, Server, TempDir};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// One image, as the requests carry it.
+const IMAGE_BYTES: usize = 3 * 224 * 224 * 4;
+
+/// How hard to push this machine's device.
+struct Plan {
+    device: tch::Device,
+    /// max_batch_size, and the raw forward's batch.
+    batch: usize,
+    concurrency: usize,
+    measure: Duration,
+}
+
+impl Plan {
+    /// An H100/H200 takes 1-row requests from 128 clients into batches of 64; two CPU
+    /// cores need about a second for a ResNet-50 batch of 4.
+    fn for_this_machine() -> Plan {
+        if tch::Cuda::is_available() {
+            Plan {
+                device: tch::Device::Cuda(0),
+                batch: 64,
+                concurrency: 128,
+                measure: Duration::from_secs(10),
+            }
+        } else {
+            Plan {
+                device: tch::Device::Cpu,
+                batch: 4,
+                concurrency: 8,
+                measure: Duration::from_secs(10),
+            }
+        }
+    }
+}
+
+/// `make bench` writes these (`python models/generate.py bench target/bench-models`).
+fn bench_models() -> PathBuf {
+    let dir = crate::common::repo_root().join("target/bench-models");
+    assert!(
+        dir.join("resnet50/1/model.pt").is_file(),
+        "bench models missing: run `make bench` (or `python models/generate.py bench target/bench-models`)"
+    );
+    dir
+}
+
+fn start(plan: &Plan, dir: &TempDir) -> Server {
+    let models = bench_models();
+    let config = write_config(
+        &dir.0,
+        &[
+            ("resnet50", models.join("resnet50"), ""),
+            ("imageprobe", models.join("imageprobe"), ""),
+        ],
+    );
+    let params = dir.0.join("batching.config");
+    std::fs::write(
+        &params,
+        format!(
+            "max_batch_size {{ value: {} }}\nbatch_timeout_micros {{ value: 0 }}\nmax_enqueued_batches {{ value: 100 }}\n",
+            plan.batch
+        ),
+    )
+    .expect("write batching config");
+    Server::start_with_env(
+        &[
+            // REST for the server's own histograms (/metrics).
+            &format!("--rest_api_port={}", crate::common::free_port()),
+            &format!("--model_config_file={}", config.display()),
+            "--enable_batching",
+            &format!("--batching_parameters_file={}", params.display()),
+        ],
+        &[("MODELGATE_LOG", "warn,modelgate::app=info")],
+    )
+}
+
+/// The mean executed batch of `model`, from the server's own histogram.
+async fn mean_batch(server: &Server, model: &str) -> f64 {
+    let (_, text) = crate::common::http::request("GET", &server.url("/metrics"), None)
+        .await
+        .unwrap_or_default();
+    let series = |name: &str| -> f64 {
+        text.lines()
+            .filter(|line| line.starts_with(name) && line.contains(&format!("model=\"{model}\"")))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    series("modelgate_batch_size_sum") / series("modelgate_batch_size_count")
+}
+
+/// GPU memory process `pid` holds, in MiB, as nvidia-smi reports it.
+fn gpu_memory_mib(pid: u32) -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let (p, mib) = line.split_once(',')?;
+            (p.trim().parse::<u32>().ok()? == pid)
+                .then(|| mib.trim().parse().ok())
+                .flatten()
+        })
+}
+
+/// Images per second of a bare forward of `model` at `batch` on `device`, input already
+/// there, waiting for each forward to finish.
+fn raw_forward(model: &std::path::Path, batch: usize, device: tch::Device, seconds: f64) -> f64 {
+    let module = tch::CModule::load_on_device(model, device).expect("load model");
+    let _no_grad = tch::no_grad_guard();
+    let input = tch::Tensor::ones([batch as i64, 3, 224, 224], (tch::Kind::Float, device));
+    let run = || {
+        let _ = module.forward_is(&[tch::IValue::Tensor(input.shallow_clone())]);
+        if let tch::Device::Cuda(gpu) = device {
+            tch::Cuda::synchronize(gpu as i64);
+        }
+    };
+    for _ in 0..3 {
+        run();
+    }
+    let (started, mut calls) = (Instant::now(), 0u64);
+    while calls < 2 || started.elapsed().as_secs_f64() < seconds {
+        run();
+        calls += 1;
+    }
+    calls as f64 * batch as f64 / started.elapsed().as_secs_f64()
+}
+
+/// CPU microseconds of one copy of an image, the median of many.
+fn memcpy_image_us() -> f64 {
+    let source = vec![7u8; IMAGE_BYTES];
+    let mut target = vec![0u8; IMAGE_BYTES];
+    let mut samples: Vec<f64> = (0..200)
+        .map(|_| {
+            let started = Instant::now();
+            target.copy_from_slice(std::hint::black_box(&source));
+            std::hint::black_box(&target);
+            started.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+pub async fn tables() {
+    let plan = Plan::for_this_machine();
+    modelgate::runtime::configure_executor();
+    let dir = TempDir::new("bench-images");
+    let server = start(&plan, &dir);
+    server.wait_available(&["resnet50", "imageprobe"]).await;
+    let clients = connect(server.grpc, 4).await;
+    let request = |model: &'static str| {
+        let addr = server.grpc;
+        async move {
+            let predict = request_from_metadata(addr, model, "serving_default", 1)
+                .await
+                .expect("request from metadata");
+            Call::new(addr, PREDICT, &predict)
+        }
+    };
+
+    let title = format!(
+        "4. ResNet-50 on {:?}, 1-row requests, batching max {}, c={}",
+        plan.device, plan.batch, plan.concurrency
+    );
+    header(&title);
+    let resnet = request("resnet50").await;
+    let served = closed(
+        Some(server.pid()),
+        &clients,
+        &resnet,
+        plan.concurrency,
+        plan.measure,
+    )
+    .await;
+    row(&format!("resnet50 c={}", plan.concurrency), &served);
+    let batch = mean_batch(&server, "resnet50").await;
+    let gpu_mib = gpu_memory_mib(server.pid());
+
+    header(&format!(
+        "5. host CPU per image: imageprobe (ResNet-50's signature, next to no forward), c={}",
+        plan.concurrency
+    ));
+    let probe = request("imageprobe").await;
+    let host = closed(
+        Some(server.pid()),
+        &clients,
+        &probe,
+        plan.concurrency,
+        plan.measure,
+    )
+    .await;
+    row(&format!("imageprobe c={}", plan.concurrency), &host);
+    drop(clients);
+    drop(server);
+
+    tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
+    let raw = raw_forward(
+        &bench_models().join("resnet50/1/model.pt"),
+        plan.batch,
+        plan.device,
+        plan.measure.as_secs_f64() / 2.0,
+    );
+    let served_rate = served.report.throughput();
+    println!("\n| ResNet-50 on {:?} | images/s |", plan.device);
+    println!("|---|---|");
+    println!("| served, 1-row requests (mean batch {batch:.1}) | {served_rate:.1} |");
+    println!("| raw forward at batch {} | {raw:.1} |", plan.batch);
+    println!("| served / raw | {:.2} |", served_rate / raw);
+    match gpu_mib {
+        Some(mib) => println!("| server's GPU memory | {mib:.0} MiB |"),
+        None => println!("| server's GPU memory | n/a (no nvidia-smi or no GPU) |"),
+    }
+    let memcpy = memcpy_image_us();
+    println!(
+        "\nhost CPU per image (imageprobe, server): {:.1} us = {:.2} x one memcpy of the 602 KB image ({memcpy:.1} us)",
+        host.server_us,
+        host.server_us / memcpy
+    );
+}
