@@ -3,6 +3,8 @@
 
 PYTHON ?= python3
 VENV := .venv
+# tritonclient (V2 tests) needs protobuf < 7; the TF Serving client's venv holds protobuf 7.
+VENV_V2 := .venv-v2
 # libtorch comes from this PyPI wheel; it must match tch's pin in Cargo.toml (tch 0.24.0 <-> torch 2.11.0).
 TORCH_VERSION := 2.11.0
 
@@ -16,10 +18,10 @@ MODELS_STAMP := models/mlp/2/model.pt
 FIXTURES_STAMP := target/test-models/fixtures.config
 BENCH_MODELS_STAMP := target/bench-models/resnet50/1/model.pt
 
-.PHONY: setup run build test unit-test python-test deploy-check lint models clean bench
+.PHONY: setup run build test unit-test python-test v2-test deploy-check lint models clean bench
 
-## setup: create the venv (torch, the official TF Serving client) and the model repositories
-setup: $(VENV)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP)
+## setup: create the venvs (torch and the official TF Serving client; the Triton client) and the model repositories
+setup: $(VENV)/.installed $(VENV_V2)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP)
 
 $(VENV)/.installed: tests/python/requirements.txt tests/python/requirements-nodeps.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +29,12 @@ $(VENV)/.installed: tests/python/requirements.txt tests/python/requirements-node
 	$(VENV)/bin/pip install --quiet torch==$(TORCH_VERSION)
 	$(VENV)/bin/pip install --quiet -r tests/python/requirements.txt
 	$(VENV)/bin/pip install --quiet --no-deps -r tests/python/requirements-nodeps.txt
+	touch $@
+
+$(VENV_V2)/.installed: tests/python_v2/requirements.txt Makefile
+	$(PYTHON) -m venv $(VENV_V2)
+	$(VENV_V2)/bin/pip install --quiet --upgrade pip
+	$(VENV_V2)/bin/pip install --quiet -r tests/python_v2/requirements.txt
 	touch $@
 
 $(MODELS_STAMP): models/generate.py $(VENV)/.installed
@@ -49,8 +57,8 @@ run: setup
 build: setup
 	cargo build --release
 
-## test: formatting, lints, Rust unit and integration tests, official-client tests
-test: setup lint unit-test python-test deploy-check
+## test: formatting, lints, Rust unit and integration tests, official-client tests (TF Serving and Triton)
+test: setup lint unit-test python-test v2-test deploy-check
 
 lint:
 	cargo fmt --all -- --check
@@ -63,13 +71,17 @@ python-test:
 	cargo build
 	MODELGATE_BIN=target/debug/modelgate $(VENV)/bin/python -m pytest -q tests/python
 
+v2-test:
+	cargo build
+	MODELGATE_BIN=target/debug/modelgate $(VENV_V2)/bin/python -m pytest -q tests/python_v2
+
 ## deploy-check: Kubernetes manifests, Dockerfiles and workflows validated offline
 deploy-check:
 	docker/k8s/validate.sh
 
 clean:
 	cargo clean
-	rm -rf $(VENV) models/mlp
+	rm -rf $(VENV) $(VENV_V2) models/mlp
 
 ## bench: the serving benchmark (five tables, the image ones on a GPU when there is one; not part of `make test`)
 bench: setup $(BENCH_MODELS_STAMP)

@@ -12,6 +12,8 @@ const PROTOS: &[&str] = &[
     "tensorflow_serving/config/monitoring_config.proto",
     "tensorflow_serving/config/ssl_config.proto",
     "tensorflow_serving/servables/tensorflow/session_bundle_config.proto",
+    // The Open Inference Protocol (KServe V2) as Triton defines it.
+    "inference/grpc_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,6 +35,8 @@ fn compile_protos() -> Result<(), Box<dyn std::error::Error>> {
         .include_file("protos.rs")
         // Tensor payloads stay `Bytes` so they are sliced, not copied.
         .bytes(".tensorflow.TensorProto")
+        .bytes(".inference.ModelInferRequest.raw_input_contents")
+        .bytes(".inference.ModelInferResponse.raw_output_contents")
         .compile_protos(
             &PROTOS.iter().map(PathBuf::from).collect::<Vec<_>>(),
             &[PathBuf::from("proto"), include],

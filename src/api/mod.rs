@@ -10,6 +10,7 @@ pub mod model_status;
 pub mod rest;
 pub mod serve;
 pub mod tasks;
+pub mod v2;
 
 use crate::error::Error;
 

@@ -148,6 +148,16 @@ impl Registry {
         })
     }
 
+    /// The versions of `model` that serve now, oldest first.
+    pub fn serving_versions(&self, model: &str) -> Vec<i64> {
+        let serving = self.serving.load();
+        serving
+            .models
+            .get(model)
+            .map(|m| m.versions.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// The status of every version of `model` (or of one version), oldest first.
     pub fn model_status(
         &self,

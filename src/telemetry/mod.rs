@@ -165,6 +165,10 @@ impl Api {
 pub enum Protocol {
     Grpc,
     Rest,
+    /// The Open Inference Protocol (KServe V2) on the gRPC port.
+    V2Grpc,
+    /// The Open Inference Protocol under `/v2` on the REST port.
+    V2Rest,
 }
 
 impl Protocol {
@@ -172,6 +176,8 @@ impl Protocol {
         match self {
             Protocol::Grpc => "grpc",
             Protocol::Rest => "rest",
+            Protocol::V2Grpc => "v2-grpc",
+            Protocol::V2Rest => "v2-rest",
         }
     }
 }

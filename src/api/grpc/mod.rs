@@ -3,12 +3,15 @@
 mod codec;
 mod model_service;
 mod prediction;
+pub(crate) mod v2;
 
 pub use codec::{
     declared_type, dims, shape_proto, signature_def_map, tensor_from_proto, tensor_to_proto,
 };
+pub(crate) use prediction::deadline;
 
 use crate::inference::Inference;
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::serving::model_service_server::ModelServiceServer;
 use crate::proto::serving::prediction_service_server::PredictionServiceServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -27,6 +30,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
+use v2::V2GrpcApi;
 
 /// The service names gRPC health answers for: overall (""), then TF Serving's full and
 /// short service names.
@@ -87,6 +91,7 @@ pub fn router(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let limit = options.max_message_bytes;
+    let v2_inference = inference.clone();
     let prediction = PredictionServiceServer::new(PredictionApi::new(inference, options))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit)
@@ -95,9 +100,14 @@ pub fn router(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit)
         .accept_compressed(CompressionEncoding::Gzip);
+    let v2 = GrpcInferenceServiceServer::new(V2GrpcApi::new(v2_inference))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit)
+        .accept_compressed(CompressionEncoding::Gzip);
 
     Ok(tonic::service::Routes::new(prediction)
         .add_service(model_service)
+        .add_service(v2)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -76,7 +76,7 @@ pub(super) fn served_spec(model: &str, version: i64, signature: &str) -> ModelSp
 
 /// The deadline a client set with the `grpc-timeout` header (gRPC over HTTP/2: up to eight
 /// digits and a unit, H M S m u n), counted from now.
-pub(super) fn deadline<T>(request: &Request<T>) -> Option<Instant> {
+pub(crate) fn deadline<T>(request: &Request<T>) -> Option<Instant> {
     let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 {

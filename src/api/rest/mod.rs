@@ -7,6 +7,7 @@ pub mod model_json;
 mod path;
 mod routes;
 pub mod tasks_json;
+mod v2;
 
 use crate::inference::Inference;
 use axum::routing::get;

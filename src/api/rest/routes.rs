@@ -5,6 +5,7 @@ use super::json::{encode_predict, mark_nonfinite, PredictBody};
 use super::model_json::{metadata_json, status_json};
 use super::path::{self, Call, Method, Route};
 use super::tasks_json::{classification_json, parse_request, regression_json};
+use super::v2::{self, V2Call};
 use super::RestState;
 use crate::api::grpc::signature_def_map;
 use crate::api::model_status::model_status;
@@ -83,6 +84,9 @@ pub(super) async fn api(
     body: Body,
 ) -> Response {
     let path = uri.path();
+    if let Some(call) = v2::parse(&method, path) {
+        return v2_api(&state, call, &headers, body).await;
+    }
     if !path::is_api_path(path) {
         return json_response(
             StatusCode::NOT_FOUND,
@@ -111,25 +115,13 @@ pub(super) async fn api(
         Call::Regress => Api::Regress,
     };
     let timer = RequestTimer::start(api, Protocol::Rest);
-    // As TF Serving's --rest_api_timeout_in_ms; here the body's upload counts too, so that a
-    // slow client cannot hold its share of the body budget for long.
-    let deadline = state.timeout.map(|timeout| Instant::now() + timeout);
-    let work = async {
+    let (shared, asked, head) = (&*state, &route, &headers);
+    let result = within_timeout(shared, |deadline| async move {
         let (body, _held) =
-            read_body(body, &headers, state.max_body_bytes, &state.bytes_in_flight).await?;
-        call(&state, &route, body, deadline).await
-    };
-    let result = match state.timeout {
-        Some(timeout) => tokio::time::timeout(timeout, work)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::DeadlineExceeded(format!(
-                    "the request took longer than {} ms (--rest_api_timeout_in_ms)",
-                    timeout.as_millis()
-                )))
-            }),
-        None => work.await,
-    };
+            read_body(body, head, shared.max_body_bytes, &shared.bytes_in_flight).await?;
+        call(shared, asked, body, deadline).await
+    })
+    .await;
     match result {
         Ok((text, version)) => {
             timer.finish(&route.model, &route.model, version, Ok(()));
@@ -141,6 +133,72 @@ pub(super) async fn api(
             error_response(&error)
         }
     }
+}
+
+/// Runs an API call, its body's upload included, within `--rest_api_timeout_in_ms` (as TF
+/// Serving's; the upload counts too, so that a slow client cannot hold its share of the
+/// body budget for long). `work` gets the deadline, past which a queued request is dropped.
+async fn within_timeout<T, F, Fut>(state: &RestState, work: F) -> Result<T, Error>
+where
+    F: FnOnce(Option<Instant>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let deadline = state.timeout.map(|timeout| Instant::now() + timeout);
+    let work = work(deadline);
+    match state.timeout {
+        Some(timeout) => tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::DeadlineExceeded(format!(
+                    "the request took longer than {} ms (--rest_api_timeout_in_ms)",
+                    timeout.as_millis()
+                )))
+            }),
+        None => work.await,
+    }
+}
+
+/// A `/v2` call (see [`v2`]): infer and model metadata are timed like the TF Serving API's
+/// calls, with the `v2-rest` protocol label; health and the rest answer at once.
+async fn v2_api(
+    state: &Arc<RestState>,
+    call: Result<V2Call, Error>,
+    headers: &axum::http::HeaderMap,
+    body: Body,
+) -> Response {
+    let call = match call {
+        Ok(call) => call,
+        Err(error) => return error_response(&error),
+    };
+    let registry = state.inference.registry();
+    let model = call.model().to_string();
+    let result = match &call {
+        V2Call::Infer { model, version } => {
+            let timer = RequestTimer::start(Api::Predict, Protocol::V2Rest);
+            let result = within_timeout(state, |deadline| async move {
+                let (body, _held) =
+                    read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight).await?;
+                v2::infer(state, model, version, headers, body, deadline).await
+            })
+            .await;
+            match &result {
+                Ok((_, version)) => timer.finish(model, model, Some(*version), Ok(())),
+                Err(e) => timer.finish(registry.metrics_label(model), model, None, Err(e)),
+            }
+            result.map(|(response, _)| response)
+        }
+        V2Call::ModelMetadata { .. } => {
+            let timer = RequestTimer::start(Api::GetModelMetadata, Protocol::V2Rest);
+            let result = v2::answer_without_body(state, &call);
+            match &result {
+                Ok(_) => timer.finish(&model, &model, None, Ok(())),
+                Err(e) => timer.finish(registry.metrics_label(&model), &model, None, Err(e)),
+            }
+            result
+        }
+        _ => v2::answer_without_body(state, &call),
+    };
+    result.unwrap_or_else(|error| error_response(&error))
 }
 
 /// Reads the request body, refusing one over `limit` with PAYLOAD_TOO_LARGE (413), and one

@@ -1,0 +1,533 @@
+//! `inference.GRPCInferenceService` (Triton's `grpc_service.proto`) on the gRPC port.
+
+use super::deadline;
+use crate::api::v2::{
+    self, check_declared, infer, model_metadata, resolve, DeclaredInput, PLATFORM,
+};
+use crate::batching::BatchingOptions;
+use crate::error::Error;
+use crate::inference::Inference;
+use crate::limits::DecodeBudget;
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use crate::proto::inference::model_infer_request::InferInputTensor;
+use crate::proto::inference::model_infer_response::InferOutputTensor;
+use crate::proto::inference::model_metadata_response::TensorMetadata;
+use crate::proto::inference::{self as pb, InferTensorContents};
+use crate::registry::Servable;
+use crate::signature::DEFAULT_SIGNATURE;
+use crate::telemetry::{Api, Protocol, RequestTimer};
+use crate::tensor::{DType, Element, Tensor};
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct V2GrpcApi {
+    inference: Inference,
+}
+
+impl V2GrpcApi {
+    pub fn new(inference: Inference) -> V2GrpcApi {
+        V2GrpcApi { inference }
+    }
+}
+
+/// The RPCs modelgate does not serve, with why.
+fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!("{what} is not implemented by modelgate"))
+}
+
+fn no_shared_memory() -> Status {
+    Status::unimplemented(
+        "shared-memory tensors are not supported by modelgate: send tensors in the request \
+         (raw_input_contents or contents)",
+    )
+}
+
+type Answer<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for V2GrpcApi {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Answer<pb::ServerLiveResponse> {
+        let live = self.inference.registry().lost_workers().is_empty();
+        Ok(Response::new(pb::ServerLiveResponse { live }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Answer<pb::ServerReadyResponse> {
+        let ready = self.inference.registry().readiness().is_ready();
+        Ok(Response::new(pb::ServerReadyResponse { ready }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<pb::ModelReadyRequest>,
+    ) -> Answer<pb::ModelReadyResponse> {
+        let request = request.into_inner();
+        let registry = self.inference.registry();
+        let ready = match resolve(registry, &request.name, &request.version) {
+            Ok(_) => true,
+            // A model that is configured but not (yet) available is not ready; one that
+            // is not served here at all is NOT_FOUND, as in Triton.
+            Err(_) if registry.is_configured(&request.name) => false,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Answer<pb::ServerMetadataResponse> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: "modelgate".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: v2::EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<pb::ModelMetadataRequest>,
+    ) -> Answer<pb::ModelMetadataResponse> {
+        let timer = RequestTimer::start(Api::GetModelMetadata, Protocol::V2Grpc);
+        let request = request.into_inner();
+        let registry = self.inference.registry();
+        let result = resolve(registry, &request.name, &request.version)
+            .and_then(|servable| Ok((servable.version, model_metadata(registry, &servable)?)));
+        let result = result.map(|(version, metadata)| {
+            let tensors = |list: Vec<v2::TensorMetadata>| {
+                list.into_iter()
+                    .map(|t| TensorMetadata {
+                        name: t.name,
+                        datatype: t.datatype.to_string(),
+                        shape: t.shape,
+                    })
+                    .collect()
+            };
+            (
+                version,
+                pb::ModelMetadataResponse {
+                    name: metadata.name,
+                    versions: metadata.versions,
+                    platform: PLATFORM.into(),
+                    inputs: tensors(metadata.inputs),
+                    outputs: tensors(metadata.outputs),
+                },
+            )
+        });
+        finish(registry, timer, &request.name, result)
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+    ) -> Answer<pb::ModelInferResponse> {
+        let timer = RequestTimer::start(Api::Predict, Protocol::V2Grpc);
+        let deadline = deadline(&request);
+        let request = request.into_inner();
+        let model = request.model_name.clone();
+        let result = self.infer(request, deadline).await;
+        finish(self.inference.registry(), timer, &model, result)
+    }
+
+    type ModelStreamInferStream =
+        futures_util::stream::Empty<Result<pb::ModelStreamInferResponse, Status>>;
+
+    async fn model_stream_infer(
+        &self,
+        _: Request<tonic::Streaming<pb::ModelInferRequest>>,
+    ) -> Answer<Self::ModelStreamInferStream> {
+        Err(unimplemented(
+            "ModelStreamInfer (decoupled and streaming models)",
+        ))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> Answer<pb::ModelConfigResponse> {
+        let request = request.into_inner();
+        let servable = resolve(self.inference.registry(), &request.name, &request.version)?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(model_config(&servable)?),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        _: Request<pb::ModelStatisticsRequest>,
+    ) -> Answer<pb::ModelStatisticsResponse> {
+        Err(unimplemented(
+            "ModelStatistics (the same figures are on /metrics, per model and version)",
+        ))
+    }
+
+    async fn repository_index(
+        &self,
+        _: Request<pb::RepositoryIndexRequest>,
+    ) -> Answer<pb::RepositoryIndexResponse> {
+        Err(unimplemented(
+            "RepositoryIndex (use ModelService.GetModelStatus)",
+        ))
+    }
+
+    async fn repository_model_load(
+        &self,
+        _: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Answer<pb::RepositoryModelLoadResponse> {
+        Err(unimplemented(
+            "RepositoryModelLoad (use ModelService.HandleReloadConfigRequest)",
+        ))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        _: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Answer<pb::RepositoryModelUnloadResponse> {
+        Err(unimplemented(
+            "RepositoryModelUnload (use ModelService.HandleReloadConfigRequest)",
+        ))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> Answer<pb::SystemSharedMemoryStatusResponse> {
+        Err(no_shared_memory())
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> Answer<pb::SystemSharedMemoryRegisterResponse> {
+        Err(no_shared_memory())
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Answer<pb::SystemSharedMemoryUnregisterResponse> {
+        Err(no_shared_memory())
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<pb::CudaSharedMemoryStatusRequest>,
+    ) -> Answer<pb::CudaSharedMemoryStatusResponse> {
+        Err(no_shared_memory())
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<pb::CudaSharedMemoryRegisterRequest>,
+    ) -> Answer<pb::CudaSharedMemoryRegisterResponse> {
+        Err(no_shared_memory())
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
+    ) -> Answer<pb::CudaSharedMemoryUnregisterResponse> {
+        Err(no_shared_memory())
+    }
+
+    async fn trace_setting(
+        &self,
+        _: Request<pb::TraceSettingRequest>,
+    ) -> Answer<pb::TraceSettingResponse> {
+        Err(unimplemented("TraceSetting"))
+    }
+
+    async fn log_settings(
+        &self,
+        _: Request<pb::LogSettingsRequest>,
+    ) -> Answer<pb::LogSettingsResponse> {
+        Err(unimplemented(
+            "LogSettings (set the log level with MODELGATE_LOG at start-up)",
+        ))
+    }
+}
+
+/// Records a finished call and turns it into what tonic sends.
+fn finish<T>(
+    registry: &crate::registry::Registry,
+    timer: RequestTimer,
+    requested: &str,
+    result: Result<(i64, T), Error>,
+) -> Answer<T> {
+    match result {
+        Ok((version, response)) => {
+            timer.finish(requested, requested, Some(version), Ok(()));
+            Ok(Response::new(response))
+        }
+        Err(error) => {
+            timer.finish(
+                registry.metrics_label(requested),
+                requested,
+                None,
+                Err(&error),
+            );
+            Err(error.into())
+        }
+    }
+}
+
+impl V2GrpcApi {
+    /// A ModelInfer call: the served version and the response.
+    async fn infer(
+        &self,
+        request: pb::ModelInferRequest,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(i64, pb::ModelInferResponse), Error> {
+        let servable = resolve(
+            self.inference.registry(),
+            &request.model_name,
+            &request.model_version,
+        )?;
+        let declared = request
+            .inputs
+            .iter()
+            .map(|input| DeclaredInput::new(&input.name, &input.datatype, &input.shape))
+            .collect::<Result<Vec<_>, _>>()?;
+        let signature =
+            v2::signature_or_default(request.parameters.get(v2::SIGNATURE_PARAMETER).and_then(
+                |p| match &p.parameter_choice {
+                    Some(pb::infer_parameter::ParameterChoice::StringParam(s)) => Some(s.as_str()),
+                    _ => None,
+                },
+            ))
+            .to_string();
+        check_declared(&self.inference, &servable, &signature, &declared)?;
+        let mut budget = self.inference.decode_budget(request.encoded_len());
+        let inputs = decode_inputs(&request, &declared, &mut budget)?;
+        let requested = request.outputs.iter().map(|o| o.name.clone()).collect();
+        let answer = infer(
+            &self.inference,
+            Arc::clone(&servable),
+            &signature,
+            inputs,
+            requested,
+            deadline,
+        )
+        .await?;
+        let mut outputs = Vec::with_capacity(answer.outputs.len());
+        let mut raw = Vec::with_capacity(answer.outputs.len());
+        for (name, tensor) in answer.outputs {
+            outputs.push(InferOutputTensor {
+                name,
+                datatype: v2::datatype(tensor.dtype).to_string(),
+                shape: tensor.shape.clone(),
+                ..Default::default()
+            });
+            raw.push(tensor.data);
+        }
+        Ok((
+            answer.version,
+            pb::ModelInferResponse {
+                model_name: answer.model,
+                model_version: answer.version.to_string(),
+                id: request.id,
+                outputs,
+                raw_output_contents: raw,
+                ..Default::default()
+            },
+        ))
+    }
+}
+
+/// The request's tensors: in `raw_input_contents` (one per input, in order; then no input
+/// may carry `contents`) or each in its typed `contents`.
+fn decode_inputs(
+    request: &pb::ModelInferRequest,
+    declared: &[DeclaredInput],
+    budget: &mut DecodeBudget,
+) -> Result<HashMap<String, Tensor>, Error> {
+    let raw = &request.raw_input_contents;
+    if !raw.is_empty() && raw.len() != request.inputs.len() {
+        return Err(Error::InvalidArgument(format!(
+            "raw_input_contents has {} entries for {} inputs: send one per input, in order",
+            raw.len(),
+            request.inputs.len()
+        )));
+    }
+    let mut inputs = HashMap::with_capacity(declared.len());
+    for (i, (input, declared)) in request.inputs.iter().zip(declared).enumerate() {
+        let tensor = match raw.get(i) {
+            Some(bytes) => {
+                if input.contents.is_some() {
+                    return Err(Error::InvalidArgument(format!(
+                        "input '{}' has contents while the request uses raw_input_contents",
+                        input.name
+                    )));
+                }
+                let expected = declared.byte_size()?;
+                if bytes.len() != expected {
+                    return Err(Error::InvalidArgument(format!(
+                        "input '{}': raw_input_contents has {} bytes but a {} tensor of shape {:?} needs {expected}",
+                        input.name,
+                        bytes.len(),
+                        v2::datatype(declared.dtype),
+                        declared.shape
+                    )));
+                }
+                Tensor::new(declared.dtype, declared.shape.clone(), bytes.clone())
+                    .map_err(|e| Error::InvalidArgument(format!("input '{}': {e}", input.name)))?
+            }
+            None => typed_tensor(input, declared, budget)?,
+        };
+        inputs.insert(declared.name.clone(), tensor);
+    }
+    Ok(inputs)
+}
+
+/// A tensor from the typed `contents` of its datatype: exactly one value per element.
+/// FP16 and BF16 have no typed field; they come as raw bytes only.
+fn typed_tensor(
+    input: &InferInputTensor,
+    declared: &DeclaredInput,
+    budget: &mut DecodeBudget,
+) -> Result<Tensor, Error> {
+    let empty = InferTensorContents::default();
+    let contents = input.contents.as_ref().unwrap_or(&empty);
+    let name = &input.name;
+    let count = declared.num_elements()?;
+    budget.charge(name, declared.byte_size()?)?;
+    let shape = declared.shape.clone();
+    fn build<T: Element>(
+        name: &str,
+        shape: Vec<i64>,
+        count: usize,
+        values: &[T],
+        field: &str,
+    ) -> Result<Tensor, Error> {
+        if values.len() != count {
+            return Err(Error::InvalidArgument(format!(
+                "input '{name}' has shape {shape:?} ({count} values) but {field} holds {}",
+                values.len()
+            )));
+        }
+        Tensor::from_values(shape, values)
+            .map_err(|e| Error::InvalidArgument(format!("input '{name}': {e}")))
+    }
+    fn narrow<T: TryFrom<W>, W: Copy + std::fmt::Display>(
+        name: &str,
+        values: &[W],
+        datatype: &str,
+    ) -> Result<Vec<T>, Error> {
+        values
+            .iter()
+            .map(|&v| {
+                T::try_from(v).map_err(|_| {
+                    Error::InvalidArgument(format!("input '{name}': {v} does not fit {datatype}"))
+                })
+            })
+            .collect()
+    }
+    match declared.dtype {
+        DType::Bool => build(name, shape, count, &contents.bool_contents, "bool_contents"),
+        DType::I8 => {
+            let values: Vec<i8> = narrow(name, &contents.int_contents, "INT8")?;
+            build(name, shape, count, &values, "int_contents")
+        }
+        DType::I16 => {
+            let values: Vec<i16> = narrow(name, &contents.int_contents, "INT16")?;
+            build(name, shape, count, &values, "int_contents")
+        }
+        DType::I32 => build(name, shape, count, &contents.int_contents, "int_contents"),
+        DType::I64 => build(
+            name,
+            shape,
+            count,
+            &contents.int64_contents,
+            "int64_contents",
+        ),
+        DType::U8 => {
+            let values: Vec<u8> = narrow(name, &contents.uint_contents, "UINT8")?;
+            build(name, shape, count, &values, "uint_contents")
+        }
+        DType::F32 => build(name, shape, count, &contents.fp32_contents, "fp32_contents"),
+        DType::F64 => build(name, shape, count, &contents.fp64_contents, "fp64_contents"),
+        DType::F16 | DType::BF16 => Err(Error::InvalidArgument(format!(
+            "input '{name}' is {}: send it in raw_input_contents (V2 has no typed field for it)",
+            v2::datatype(declared.dtype)
+        ))),
+    }
+}
+
+/// Triton's ModelConfig for a version: its `serving_default` inputs and outputs and, with
+/// batching, `max_batch_size` (dims then leave out the batch dimension, as in Triton) and
+/// `dynamic_batching`.
+pub(crate) fn model_config(servable: &Servable) -> Result<pb::ModelConfig, Error> {
+    let (_, signature) = crate::inference::find_signature(servable, DEFAULT_SIGNATURE)?;
+    let batching: Option<&BatchingOptions> = servable
+        .scheduler
+        .batching()
+        .filter(|_| signature.inputs.iter().all(|spec| spec.is_batched()));
+    let dims = |shape: &Option<Vec<i64>>| -> Vec<i64> {
+        let shape = shape.clone().unwrap_or_default();
+        match batching {
+            Some(_) => shape.get(1..).unwrap_or_default().to_vec(),
+            None => shape,
+        }
+    };
+    Ok(pb::ModelConfig {
+        name: servable.model.clone(),
+        platform: PLATFORM.into(),
+        max_batch_size: batching.map_or(0, |b| i32::try_from(b.max_batch_size).unwrap_or(i32::MAX)),
+        input: signature
+            .inputs
+            .iter()
+            .map(|spec| pb::ModelInput {
+                name: spec.name.clone(),
+                data_type: config_type(spec.dtype) as i32,
+                dims: dims(&spec.shape),
+                ..Default::default()
+            })
+            .collect(),
+        output: signature
+            .outputs
+            .iter()
+            .map(|spec| pb::ModelOutput {
+                name: spec.name.clone(),
+                data_type: config_type(spec.dtype) as i32,
+                dims: dims(&spec.shape),
+                ..Default::default()
+            })
+            .collect(),
+        scheduling_choice: batching.map(|b| {
+            pb::model_config::SchedulingChoice::DynamicBatching(pb::ModelDynamicBatching {
+                preferred_batch_size: b
+                    .allowed_batch_sizes
+                    .iter()
+                    .map(|&s| i32::try_from(s).unwrap_or(i32::MAX))
+                    .collect(),
+                max_queue_delay_microseconds: u64::try_from(b.batch_timeout.as_micros())
+                    .unwrap_or(u64::MAX),
+                ..Default::default()
+            })
+        }),
+        ..Default::default()
+    })
+}
+
+/// Triton's model-config data type of a dtype.
+fn config_type(dtype: DType) -> pb::DataType {
+    match dtype {
+        DType::Bool => pb::DataType::TypeBool,
+        DType::U8 => pb::DataType::TypeUint8,
+        DType::I8 => pb::DataType::TypeInt8,
+        DType::I16 => pb::DataType::TypeInt16,
+        DType::I32 => pb::DataType::TypeInt32,
+        DType::I64 => pb::DataType::TypeInt64,
+        DType::F16 => pb::DataType::TypeFp16,
+        DType::BF16 => pb::DataType::TypeBf16,
+        DType::F32 => pb::DataType::TypeFp32,
+        DType::F64 => pb::DataType::TypeFp64,
+    }
+}

@@ -1,0 +1,761 @@
+//! The Open Inference Protocol under `/v2` on the REST port: health, server and model
+//! metadata, readiness, config, and infer with JSON tensors and the binary tensor
+//! extension (`Inference-Header-Content-Length`), which `tritonclient.http` uses.
+
+use super::error::json_response;
+use super::RestState;
+use crate::api::grpc::v2::model_config;
+use crate::api::v2::{self, check_declared, model_metadata, resolve, DeclaredInput, PLATFORM};
+use crate::error::Error;
+use crate::limits::DecodeBudget;
+use crate::tensor::{DType, Tensor};
+use axum::body::Bytes;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Instant;
+
+/// The header that splits a binary-extension body: the JSON's length in bytes.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// A `/v2` call, from its method and path.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum V2Call {
+    ServerMetadata,
+    Live,
+    Ready,
+    ModelMetadata {
+        model: String,
+        version: String,
+    },
+    ModelReady {
+        model: String,
+        version: String,
+    },
+    ModelConfig {
+        model: String,
+        version: String,
+    },
+    Infer {
+        model: String,
+        version: String,
+    },
+    /// Part of V2 that modelgate does not serve (statistics, the repository extension).
+    Unimplemented(String),
+}
+
+impl V2Call {
+    pub fn model(&self) -> &str {
+        match self {
+            V2Call::ModelMetadata { model, .. }
+            | V2Call::ModelReady { model, .. }
+            | V2Call::ModelConfig { model, .. }
+            | V2Call::Infer { model, .. } => model,
+            _ => "",
+        }
+    }
+}
+
+fn decode_segment(segment: &str) -> Result<String, Error> {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| Error::InvalidArgument(format!("path segment '{segment}' is not UTF-8")))
+}
+
+/// Parses `/v2...`; `None` for a path that is not under `/v2`.
+pub(super) fn parse(method: &Method, path: &str) -> Option<Result<V2Call, Error>> {
+    let rest = path.strip_prefix("/v2")?;
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None;
+    }
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let get = *method == Method::GET;
+    let post = *method == Method::POST;
+    let not_found = || Err(Error::NotFound(format!("no such V2 path: {method} {path}")));
+    Some((|| {
+        let call = match segments.as_slice() {
+            [] if get => V2Call::ServerMetadata,
+            ["health", "live"] if get => V2Call::Live,
+            ["health", "ready"] if get => V2Call::Ready,
+            ["repository", ..] => V2Call::Unimplemented(
+                "the model repository extension (use /v1/models/{m} and the admin API)".into(),
+            ),
+            ["models", "stats"] | ["models", .., "stats"] if get => {
+                V2Call::Unimplemented("statistics (see /metrics)".into())
+            }
+            ["models", model, tail @ ..] => {
+                let model = decode_segment(model)?;
+                let (version, tail) = match tail {
+                    ["versions", version, tail @ ..] => (decode_segment(version)?, tail),
+                    tail => (String::new(), tail),
+                };
+                match tail {
+                    [] if get => V2Call::ModelMetadata { model, version },
+                    ["ready"] if get => V2Call::ModelReady { model, version },
+                    ["config"] if get => V2Call::ModelConfig { model, version },
+                    ["infer"] if post => V2Call::Infer { model, version },
+                    _ => return not_found(),
+                }
+            }
+            _ => return not_found(),
+        };
+        Ok(call)
+    })())
+}
+
+/// A small JSON answer.
+fn json(status: StatusCode, value: serde_json::Value) -> Response {
+    json_response(status, value.to_string())
+}
+
+/// Answers the calls that read no body.
+pub(super) fn answer_without_body(state: &RestState, call: &V2Call) -> Result<Response, Error> {
+    let registry = state.inference.registry();
+    Ok(match call {
+        V2Call::ServerMetadata => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "name": "modelgate",
+                "version": env!("CARGO_PKG_VERSION"),
+                "extensions": v2::EXTENSIONS,
+            }),
+        ),
+        V2Call::Live => {
+            let live = registry.lost_workers().is_empty();
+            json(health_status(live), serde_json::json!({ "live": live }))
+        }
+        V2Call::Ready => {
+            let ready = registry.readiness().is_ready();
+            json(health_status(ready), serde_json::json!({ "ready": ready }))
+        }
+        V2Call::ModelReady { model, version } => {
+            let ready = match resolve(registry, model, version) {
+                Ok(_) => true,
+                Err(_) if registry.is_configured(model) => false,
+                Err(e) => return Err(e),
+            };
+            json(
+                health_status(ready),
+                serde_json::json!({ "name": model, "ready": ready }),
+            )
+        }
+        V2Call::ModelMetadata { model, version } => {
+            let servable = resolve(registry, model, version)?;
+            let metadata = model_metadata(registry, &servable)?;
+            let tensors = |list: &[v2::TensorMetadata]| -> Vec<serde_json::Value> {
+                list.iter()
+                    .map(|t| serde_json::json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
+                    .collect()
+            };
+            json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "name": metadata.name,
+                    "versions": metadata.versions,
+                    "platform": PLATFORM,
+                    "inputs": tensors(&metadata.inputs),
+                    "outputs": tensors(&metadata.outputs),
+                }),
+            )
+        }
+        V2Call::ModelConfig { model, version } => {
+            let servable = resolve(registry, model, version)?;
+            json(StatusCode::OK, config_json(&model_config(&servable)?))
+        }
+        V2Call::Unimplemented(what) => {
+            return Err(Error::Unimplemented(format!(
+                "{what} is not implemented by modelgate"
+            )))
+        }
+        V2Call::Infer { .. } => {
+            return Err(Error::Internal("infer reads a body (server bug)".into()))
+        }
+    })
+}
+
+/// 200 when true; 400 when not, as Triton answers V2 health (Kubernetes probes fail on it).
+fn health_status(ok: bool) -> StatusCode {
+    if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    }
+}
+
+/// Triton's ModelConfig JSON (field names as in the proto, enums by name).
+fn config_json(config: &crate::proto::inference::ModelConfig) -> serde_json::Value {
+    let tensors = |list: Vec<(String, i32, Vec<i64>)>| -> Vec<serde_json::Value> {
+        list.into_iter()
+            .map(|(name, data_type, dims)| {
+                let data_type = crate::proto::inference::DataType::try_from(data_type)
+                    .map_or("TYPE_INVALID", |t| t.as_str_name());
+                serde_json::json!({"name": name, "data_type": data_type, "dims": dims})
+            })
+            .collect()
+    };
+    let mut value = serde_json::json!({
+        "name": config.name,
+        "platform": config.platform,
+        "max_batch_size": config.max_batch_size,
+        "input": tensors(config.input.iter().map(|i| (i.name.clone(), i.data_type, i.dims.clone())).collect()),
+        "output": tensors(config.output.iter().map(|o| (o.name.clone(), o.data_type, o.dims.clone())).collect()),
+    });
+    if let Some(crate::proto::inference::model_config::SchedulingChoice::DynamicBatching(b)) =
+        &config.scheduling_choice
+    {
+        value["dynamic_batching"] = serde_json::json!({
+            "preferred_batch_size": b.preferred_batch_size,
+            "max_queue_delay_microseconds": b.max_queue_delay_microseconds,
+        });
+    }
+    value
+}
+
+/// An infer request's JSON (the inputs' `data` stays raw until its shape is checked).
+#[derive(Deserialize)]
+struct InferJson<'a> {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Parameters,
+    #[serde(borrow)]
+    inputs: Vec<InputJson<'a>>,
+    #[serde(default)]
+    outputs: Vec<RequestedOutput>,
+}
+
+#[derive(Deserialize, Default)]
+struct Parameters {
+    #[serde(default)]
+    signature_name: Option<String>,
+    #[serde(default)]
+    binary_data_output: Option<bool>,
+    #[serde(default)]
+    binary_data_size: Option<usize>,
+    #[serde(default)]
+    binary_data: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct InputJson<'a> {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Parameters,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RequestedOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Parameters,
+}
+
+/// An infer call: the response, and the version that served it.
+pub(super) async fn infer(
+    state: &RestState,
+    model: &str,
+    version: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+    deadline: Option<Instant>,
+) -> Result<(Response, i64), Error> {
+    let servable = resolve(state.inference.registry(), model, version)?;
+    let header_length = headers
+        .get(HEADER_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|&n| n <= body.len())
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "{HEADER_LENGTH} must be a number of bytes no larger than the body ({})",
+                        body.len()
+                    ))
+                })
+        })
+        .transpose()?;
+    let json_end = header_length.unwrap_or(body.len());
+    let budget = state.inference.decode_budget(body.len());
+    let inference = state.inference.clone();
+    let decoding = std::sync::Arc::clone(&servable);
+    let (request, inputs) = crate::api::offload(body.len(), move || {
+        decode_request(&inference, &decoding, &body, json_end, budget)
+    })
+    .await?;
+    let answer = v2::infer(
+        &state.inference,
+        servable,
+        &request.signature,
+        inputs,
+        request
+            .outputs
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect(),
+        deadline,
+    )
+    .await?;
+    let version = answer.version;
+    let size = answer.outputs.iter().map(|(_, t)| t.data.len()).sum();
+    let response = crate::api::offload(size, move || encode_response(&request, answer)).await?;
+    Ok((response, version))
+}
+
+/// What the response needs to know of the request.
+struct Requested {
+    /// The signature it runs (`parameters.signature_name`, else `serving_default`).
+    signature: String,
+    id: Option<String>,
+    /// `binary_data_output`: outputs not listed with their own choice come as binary.
+    binary_by_default: bool,
+    /// The requested outputs (all when empty), and whether each asked for binary data.
+    outputs: Vec<(String, Option<bool>)>,
+}
+
+/// Parses the JSON header, checks every input against the signature before reading its
+/// values, and reads them from JSON `data` or the binary part.
+fn decode_request(
+    inference: &crate::inference::Inference,
+    servable: &crate::registry::Servable,
+    body: &Bytes,
+    json_end: usize,
+    mut budget: DecodeBudget,
+) -> Result<(Requested, HashMap<String, Tensor>), Error> {
+    let parsed: InferJson = serde_json::from_slice(&body[..json_end])
+        .map_err(|e| Error::InvalidArgument(format!("the infer request is not valid JSON: {e}")))?;
+    let declared = parsed
+        .inputs
+        .iter()
+        .map(|input| DeclaredInput::new(&input.name, &input.datatype, &input.shape))
+        .collect::<Result<Vec<_>, _>>()?;
+    let signature =
+        v2::signature_or_default(parsed.parameters.signature_name.as_deref()).to_string();
+    check_declared(inference, servable, &signature, &declared)?;
+    let mut binary = body.slice(json_end..);
+    let mut inputs = HashMap::with_capacity(declared.len());
+    for (input, declared) in parsed.inputs.iter().zip(&declared) {
+        let expected = declared.byte_size()?;
+        let tensor = match (input.parameters.binary_data_size, input.data) {
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "input '{}' has both data and binary_data_size",
+                    input.name
+                )))
+            }
+            (Some(size), None) => {
+                if size != expected || size > binary.len() {
+                    return Err(Error::InvalidArgument(format!(
+                        "input '{}': binary_data_size {size} but a {} tensor of shape {:?} needs {expected} bytes ({} binary bytes left in the body)",
+                        input.name,
+                        v2::datatype(declared.dtype),
+                        declared.shape,
+                        binary.len()
+                    )));
+                }
+                let data = binary.split_to(size);
+                Tensor::new(declared.dtype, declared.shape.clone(), data)
+                    .map_err(|e| Error::InvalidArgument(format!("input '{}': {e}", input.name)))?
+            }
+            (None, Some(data)) => {
+                budget.charge(&input.name, expected)?;
+                json_tensor(declared, data)?
+            }
+            (None, None) => {
+                return Err(Error::InvalidArgument(format!(
+                    "input '{}' has neither data nor binary_data_size",
+                    input.name
+                )))
+            }
+        };
+        inputs.insert(declared.name.clone(), tensor);
+    }
+    if !binary.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{} bytes of the body follow the inputs' binary data",
+            binary.len()
+        )));
+    }
+    let requested = Requested {
+        signature,
+        id: parsed.id,
+        binary_by_default: parsed.parameters.binary_data_output.unwrap_or(false),
+        outputs: parsed
+            .outputs
+            .into_iter()
+            .map(|o| (o.name, o.parameters.binary_data))
+            .collect(),
+    };
+    Ok((requested, inputs))
+}
+
+/// A tensor from JSON `data`: nested or flat arrays, exactly one value per element, each
+/// checked against the datatype (FP16 and BF16 travel as binary data only).
+fn json_tensor(declared: &DeclaredInput, data: &RawValue) -> Result<Tensor, Error> {
+    let name = &declared.name;
+    if matches!(declared.dtype, DType::F16 | DType::BF16) {
+        return Err(Error::InvalidArgument(format!(
+            "input '{name}' is {}: send it as binary data (binary_data_size)",
+            v2::datatype(declared.dtype)
+        )));
+    }
+    let count = declared.num_elements()?;
+    let mut out = Vec::with_capacity(declared.byte_size()?);
+    let mut seed = Flatten {
+        dtype: declared.dtype,
+        remaining: count,
+        out: &mut out,
+    };
+    let mut deserializer = serde_json::Deserializer::from_str(data.get());
+    (&mut seed)
+        .deserialize(&mut deserializer)
+        .map_err(|e| Error::InvalidArgument(format!("input '{name}' data: {e}")))?;
+    if seed.remaining != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "input '{name}' has shape {:?} ({count} values) but data holds {}",
+            declared.shape,
+            count - seed.remaining
+        )));
+    }
+    Tensor::new(declared.dtype, declared.shape.clone(), Bytes::from(out))
+        .map_err(|e| Error::InvalidArgument(format!("input '{name}': {e}")))
+}
+
+/// Walks nested JSON arrays and writes each scalar as a little-endian element of `dtype`,
+/// refusing more than `remaining` values.
+struct Flatten<'a> {
+    dtype: DType,
+    remaining: usize,
+    out: &'a mut Vec<u8>,
+}
+
+impl Flatten<'_> {
+    fn push<E: de::Error>(&mut self, value: Scalar) -> Result<(), E> {
+        if self.remaining == 0 {
+            return Err(E::custom("more values than the shape holds"));
+        }
+        self.remaining -= 1;
+        let out = &mut *self.out;
+        let out_of_range =
+            || E::custom(format!("{value} does not fit {}", v2::datatype(self.dtype)));
+        match (self.dtype, value) {
+            (DType::Bool, Scalar::Bool(b)) => out.push(u8::from(b)),
+            (DType::F32, v) if !v.is_bool() => {
+                out.extend_from_slice(&(v.as_f64() as f32).to_le_bytes())
+            }
+            (DType::F64, v) if !v.is_bool() => out.extend_from_slice(&v.as_f64().to_le_bytes()),
+            (DType::U8, Scalar::Int(i)) => out.push(u8::try_from(i).map_err(|_| out_of_range())?),
+            (DType::I8, Scalar::Int(i)) => {
+                out.extend_from_slice(&i8::try_from(i).map_err(|_| out_of_range())?.to_le_bytes())
+            }
+            (DType::I16, Scalar::Int(i)) => {
+                out.extend_from_slice(&i16::try_from(i).map_err(|_| out_of_range())?.to_le_bytes())
+            }
+            (DType::I32, Scalar::Int(i)) => {
+                out.extend_from_slice(&i32::try_from(i).map_err(|_| out_of_range())?.to_le_bytes())
+            }
+            (DType::I64, Scalar::Int(i)) => {
+                out.extend_from_slice(&i64::try_from(i).map_err(|_| out_of_range())?.to_le_bytes())
+            }
+            (dtype, value) => {
+                return Err(E::custom(format!(
+                    "{value} is not a {} value",
+                    v2::datatype(dtype)
+                )))
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Scalar {
+    Bool(bool),
+    Int(i128),
+    Float(f64),
+}
+
+impl Scalar {
+    fn is_bool(self) -> bool {
+        matches!(self, Scalar::Bool(_))
+    }
+
+    fn as_f64(self) -> f64 {
+        match self {
+            Scalar::Bool(b) => f64::from(u8::from(b)),
+            Scalar::Int(i) => i as f64,
+            Scalar::Float(f) => f,
+        }
+    }
+}
+
+impl fmt::Display for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scalar::Bool(b) => write!(f, "{b}"),
+            Scalar::Int(i) => write!(f, "{i}"),
+            Scalar::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for &mut Flatten<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for &mut Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a value or a (nested) array of values")
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.push(Scalar::Bool(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(Scalar::Int(i128::from(v)))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(Scalar::Int(i128::from(v)))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(Scalar::Float(v))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(&mut *self)?.is_some() {}
+        Ok(())
+    }
+}
+
+/// An output in the response JSON: values in `data`, or `binary_data_size` and its bytes
+/// after the JSON.
+#[derive(Serialize)]
+struct OutputJson<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [i64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinarySize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Values>,
+}
+
+#[derive(Serialize)]
+struct BinarySize {
+    binary_data_size: usize,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Values {
+    Bool(Vec<bool>),
+    I64(Vec<i64>),
+    U8(Vec<u8>),
+    F64(Vec<f64>),
+    F32(Vec<f32>),
+}
+
+fn values(tensor: &Tensor) -> Option<Values> {
+    Some(match tensor.dtype {
+        DType::Bool => Values::Bool(tensor.to_values()?),
+        DType::U8 => Values::U8(tensor.to_values()?),
+        DType::I8 => Values::I64(
+            tensor
+                .to_values::<i8>()?
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+        ),
+        DType::I16 => Values::I64(
+            tensor
+                .to_values::<i16>()?
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+        ),
+        DType::I32 => Values::I64(
+            tensor
+                .to_values::<i32>()?
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+        ),
+        DType::I64 => Values::I64(tensor.to_values()?),
+        DType::F32 => Values::F32(tensor.to_values()?),
+        DType::F64 => Values::F64(tensor.to_values()?),
+        DType::F16 | DType::BF16 => return None,
+    })
+}
+
+#[derive(Serialize)]
+struct InferResponseJson<'a> {
+    model_name: &'a str,
+    model_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    outputs: Vec<OutputJson<'a>>,
+}
+
+/// The response: JSON alone, or JSON then the binary outputs with
+/// `Inference-Header-Content-Length` (FP16 and BF16 outputs are always binary).
+fn encode_response(
+    requested: &Requested,
+    answer: crate::inference::PredictResponse,
+) -> Result<Response, Error> {
+    let mut binary: Vec<Bytes> = Vec::new();
+    let mut outputs = Vec::with_capacity(answer.outputs.len());
+    for (name, tensor) in &answer.outputs {
+        let asked = requested
+            .outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, b)| *b);
+        let data = values(tensor).filter(|_| !asked.unwrap_or(requested.binary_by_default));
+        let parameters = match data {
+            Some(_) => None,
+            None => {
+                binary.push(tensor.data.clone());
+                Some(BinarySize {
+                    binary_data_size: tensor.data.len(),
+                })
+            }
+        };
+        outputs.push(OutputJson {
+            name,
+            datatype: v2::datatype(tensor.dtype),
+            shape: &tensor.shape,
+            parameters,
+            data,
+        });
+    }
+    let header = serde_json::to_vec(&InferResponseJson {
+        model_name: &answer.model,
+        model_version: answer.version.to_string(),
+        id: requested.id.as_deref(),
+        outputs,
+    })
+    .map_err(|e| Error::Internal(format!("cannot encode the response: {e}")))?;
+    if binary.is_empty() {
+        return Ok(json_response(
+            StatusCode::OK,
+            String::from_utf8(header).unwrap_or_default(),
+        ));
+    }
+    let header_length = header.len();
+    let total = binary.iter().map(Bytes::len).sum::<usize>() + header_length;
+    let mut body = Vec::with_capacity(total);
+    body.extend_from_slice(&header);
+    for part in &binary {
+        body.extend_from_slice(part);
+    }
+    Ok((
+        StatusCode::OK,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (
+                header::HeaderName::from_static(HEADER_LENGTH),
+                HeaderValue::from(header_length),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(path: &str) -> Option<Result<V2Call, Error>> {
+        parse(&Method::GET, path)
+    }
+
+    #[test]
+    fn paths_parse_as_v2_defines_them() {
+        assert_eq!(get("/v1/models/m"), None);
+        assert_eq!(get("/v2x"), None);
+        assert_eq!(get("/v2"), Some(Ok(V2Call::ServerMetadata)));
+        assert_eq!(get("/v2/health/live"), Some(Ok(V2Call::Live)));
+        assert_eq!(
+            get("/v2/models/my%20model/versions/2/ready"),
+            Some(Ok(V2Call::ModelReady {
+                model: "my model".into(),
+                version: "2".into()
+            }))
+        );
+        assert_eq!(
+            parse(&Method::POST, "/v2/models/m/infer"),
+            Some(Ok(V2Call::Infer {
+                model: "m".into(),
+                version: String::new()
+            }))
+        );
+        assert!(matches!(
+            get("/v2/models/m/infer"),
+            Some(Err(Error::NotFound(_)))
+        ));
+        assert!(matches!(
+            get("/v2/models/m/stats"),
+            Some(Ok(V2Call::Unimplemented(_)))
+        ));
+    }
+
+    fn declared(datatype: &str, shape: &[i64]) -> DeclaredInput {
+        DeclaredInput::new("x", datatype, shape).unwrap()
+    }
+
+    fn data(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_string()).unwrap()
+    }
+
+    #[test]
+    fn json_data_is_nested_or_flat_and_checked_per_value() {
+        let nested = json_tensor(&declared("FP32", &[2, 2]), &data("[[1, 2.5], [3, 4]]")).unwrap();
+        assert_eq!(nested.to_values::<f32>().unwrap(), vec![1.0, 2.5, 3.0, 4.0]);
+        let flat = json_tensor(&declared("INT64", &[2, 2]), &data("[1, 2, 3, 4]")).unwrap();
+        assert_eq!(flat.to_values::<i64>().unwrap(), vec![1, 2, 3, 4]);
+        let bools = json_tensor(&declared("BOOL", &[2]), &data("[true, false]")).unwrap();
+        assert_eq!(bools.to_values::<bool>().unwrap(), vec![true, false]);
+
+        for (datatype, shape, json, expected) in [
+            (
+                "FP32",
+                &[2][..],
+                "[1, 2, 3]",
+                "more values than the shape holds",
+            ),
+            ("FP32", &[3][..], "[1, 2]", "holds 2"),
+            ("UINT8", &[1][..], "[256]", "does not fit UINT8"),
+            ("INT32", &[1][..], "[1.5]", "is not a INT32 value"),
+            ("BOOL", &[1][..], "[1]", "is not a BOOL value"),
+            ("FP32", &[1][..], "[\"1\"]", "invalid type"),
+            ("FP16", &[1][..], "[1]", "binary data"),
+        ] {
+            let error = json_tensor(&declared(datatype, shape), &data(json))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{datatype} {json}: {error}");
+        }
+    }
+}

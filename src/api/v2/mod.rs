@@ -1,0 +1,257 @@
+//! The Open Inference Protocol (KServe V2, as Triton serves it) over the same registry,
+//! versions, batching queues and workers as TF Serving's API: a V2 request and a TF
+//! Serving request for the same model share one queue. This module is the part both V2
+//! transports share: datatypes, versions, metadata, checking and running an infer call.
+//! The transports are `api::grpc::v2` (`inference.GRPCInferenceService` on the gRPC port)
+//! and `api::rest::v2` (the `/v2` paths on the REST port).
+
+use crate::error::Error;
+use crate::inference::{self, check_input, find_signature, Inference, PredictResponse};
+use crate::registry::{Registry, Servable, VersionSelector};
+use crate::signature::{TensorSpec, DEFAULT_SIGNATURE};
+use crate::tensor::{byte_size, DType, Tensor};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The V2 extensions served, as ServerMetadata lists them.
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_configuration"];
+
+/// What modelgate reports as a model's platform (Triton's name for TorchScript models).
+pub const PLATFORM: &str = "pytorch_libtorch";
+
+/// The V2 name of a dtype.
+pub fn datatype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::Bool => "BOOL",
+        DType::U8 => "UINT8",
+        DType::I8 => "INT8",
+        DType::I16 => "INT16",
+        DType::I32 => "INT32",
+        DType::I64 => "INT64",
+        DType::F16 => "FP16",
+        DType::BF16 => "BF16",
+        DType::F32 => "FP32",
+        DType::F64 => "FP64",
+    }
+}
+
+/// The dtype of a V2 datatype name; the ones modelgate cannot serve are refused naming
+/// the input.
+pub fn parse_datatype(input: &str, name: &str) -> Result<DType, Error> {
+    DType::ALL
+        .into_iter()
+        .find(|&dtype| datatype(dtype) == name)
+        .ok_or_else(|| {
+            let why = match name {
+                "BYTES" => "BYTES (strings) is not served: modelgate's models take numeric tensors",
+                "UINT16" | "UINT32" | "UINT64" => "libtorch has no such tensor type",
+                _ => "it is not a V2 datatype",
+            };
+            Error::InvalidArgument(format!(
+                "input '{input}' has datatype '{name}': {why} (served: {})",
+                DType::ALL.map(datatype).join(", ")
+            ))
+        })
+}
+
+/// A V2 model version: empty means the policy's latest, a number that version, anything
+/// else a version label.
+pub fn version_selector(version: &str) -> VersionSelector {
+    if version.is_empty() {
+        VersionSelector::Latest
+    } else if let Ok(number) = version.parse::<i64>() {
+        VersionSelector::Number(number)
+    } else {
+        VersionSelector::Label(version.to_string())
+    }
+}
+
+/// Resolves a V2 model name and version.
+pub fn resolve(registry: &Registry, model: &str, version: &str) -> Result<Arc<Servable>, Error> {
+    if model.is_empty() {
+        return Err(Error::InvalidArgument("the request names no model".into()));
+    }
+    registry.resolve(model, &version_selector(version))
+}
+
+/// A tensor's name, datatype and shape, as V2 metadata lists them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorMetadata {
+    pub name: String,
+    pub datatype: &'static str,
+    /// `-1` for a free dimension; empty for an unknown rank.
+    pub shape: Vec<i64>,
+}
+
+impl TensorMetadata {
+    fn of(spec: &TensorSpec) -> TensorMetadata {
+        TensorMetadata {
+            name: spec.name.clone(),
+            datatype: datatype(spec.dtype),
+            shape: spec.shape.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// What ModelMetadata answers for a version: the serving versions of its model, and the
+/// inputs and outputs of the signature V2 requests run (`serving_default`).
+#[derive(Clone, Debug)]
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub inputs: Vec<TensorMetadata>,
+    pub outputs: Vec<TensorMetadata>,
+}
+
+pub fn model_metadata(registry: &Registry, servable: &Servable) -> Result<ModelMetadata, Error> {
+    let (_, signature) = find_signature(servable, DEFAULT_SIGNATURE)?;
+    Ok(ModelMetadata {
+        name: servable.model.clone(),
+        versions: registry
+            .serving_versions(&servable.model)
+            .iter()
+            .map(i64::to_string)
+            .collect(),
+        inputs: signature.inputs.iter().map(TensorMetadata::of).collect(),
+        outputs: signature.outputs.iter().map(TensorMetadata::of).collect(),
+    })
+}
+
+/// An input as the client declared it, before any of its values is read.
+#[derive(Clone, Debug)]
+pub struct DeclaredInput {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<i64>,
+}
+
+impl DeclaredInput {
+    /// Parses a V2 input's datatype and checks its shape's dims.
+    pub fn new(name: &str, datatype: &str, shape: &[i64]) -> Result<DeclaredInput, Error> {
+        let dtype = parse_datatype(name, datatype)?;
+        if let Some(d) = shape.iter().find(|&&d| d < 0) {
+            return Err(Error::InvalidArgument(format!(
+                "input '{name}' has shape {shape:?}: dimension {d} is negative"
+            )));
+        }
+        Ok(DeclaredInput {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// The bytes its values take (checked: a shape's dims may multiply past memory).
+    pub fn byte_size(&self) -> Result<usize, Error> {
+        byte_size(self.dtype, &self.shape)
+            .map_err(|e| Error::InvalidArgument(format!("input '{}': {e}", self.name)))
+    }
+
+    pub fn num_elements(&self) -> Result<usize, Error> {
+        crate::tensor::num_elements(&self.shape)
+            .map_err(|e| Error::InvalidArgument(format!("input '{}': {e}", self.name)))
+    }
+}
+
+/// The request parameter that picks a signature other than `serving_default` (modelgate's
+/// own: V2 knows one entry point per model, a TF Serving model may have several).
+pub const SIGNATURE_PARAMETER: &str = "signature_name";
+
+/// The signature a V2 request runs: its `signature_name` parameter, else `serving_default`.
+pub fn signature_or_default(parameter: Option<&str>) -> &str {
+    parameter
+        .filter(|s| !s.is_empty())
+        .unwrap_or(DEFAULT_SIGNATURE)
+}
+
+/// Checks every declared input against `signature`, and the padding a batch would add,
+/// before any value is decoded (as the TF Serving gRPC API does).
+pub fn check_declared(
+    inference: &Inference,
+    servable: &Servable,
+    signature: &str,
+    inputs: &[DeclaredInput],
+) -> Result<(), Error> {
+    let (signature_name, signature) = find_signature(servable, signature)?;
+    for (i, input) in inputs.iter().enumerate() {
+        if inputs[..i].iter().any(|other| other.name == input.name) {
+            return Err(Error::InvalidArgument(format!(
+                "input '{}' is given more than once",
+                input.name
+            )));
+        }
+        check_input(
+            signature_name,
+            signature,
+            &input.name,
+            input.dtype,
+            &input.shape,
+        )?;
+        input.byte_size()?;
+    }
+    if signature.inputs.iter().all(|spec| spec.is_batched()) {
+        let shapes = inputs.iter().map(|i| (i.dtype, i.shape.as_slice()));
+        inference.check_padding(servable, shapes)?;
+    }
+    Ok(())
+}
+
+/// Runs a V2 infer call on a resolved version: `signature` with the named inputs,
+/// returning the `requested` outputs (all when empty).
+pub async fn infer(
+    inference: &Inference,
+    servable: Arc<Servable>,
+    signature: &str,
+    inputs: HashMap<String, Tensor>,
+    requested: Vec<String>,
+    deadline: Option<Instant>,
+) -> Result<PredictResponse, Error> {
+    inference
+        .predict_on(
+            servable,
+            inference::PredictRequest {
+                signature: signature.to_string(),
+                inputs,
+                output_filter: requested,
+                deadline,
+            },
+        )
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_served_dtype_has_a_v2_name_and_back() {
+        for dtype in DType::ALL {
+            assert_eq!(parse_datatype("x", datatype(dtype)), Ok(dtype));
+        }
+        let bytes = parse_datatype("text", "BYTES").unwrap_err().to_string();
+        assert!(
+            bytes.contains("input 'text'") && bytes.contains("BYTES"),
+            "{bytes}"
+        );
+        assert!(parse_datatype("x", "UINT32").is_err());
+        assert!(parse_datatype("x", "fp32").is_err());
+    }
+
+    #[test]
+    fn versions_are_latest_numbers_or_labels() {
+        assert_eq!(version_selector(""), VersionSelector::Latest);
+        assert_eq!(version_selector("3"), VersionSelector::Number(3));
+        assert_eq!(
+            version_selector("stable"),
+            VersionSelector::Label("stable".into())
+        );
+    }
+
+    #[test]
+    fn declared_shapes_are_checked() {
+        assert!(DeclaredInput::new("x", "FP32", &[-1, 2]).is_err());
+        let huge = DeclaredInput::new("x", "FP32", &[1 << 40, 1 << 40]).unwrap();
+        assert!(huge.byte_size().is_err());
+    }
+}

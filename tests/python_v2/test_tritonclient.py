@@ -1,0 +1,208 @@
+"""The official Triton clients (tritonclient.grpc and tritonclient.http, the V2 / Open
+Inference Protocol) against the real modelgate binary, serving the test fixtures that the
+TF Serving client's tests use.
+
+    MODELGATE_BIN          server binary (default: target/debug/modelgate)
+    MODELGATE_TEST_MODELS  fixture repository (default: target/test-models)
+"""
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODELGATE_BIN = Path(os.environ.get("MODELGATE_BIN", REPO_ROOT / "target" / "debug" / "modelgate"))
+if not MODELGATE_BIN.is_absolute():
+    MODELGATE_BIN = REPO_ROOT / MODELGATE_BIN
+MODELS = Path(os.environ.get("MODELGATE_TEST_MODELS", REPO_ROOT / "target" / "test-models"))
+READY_WAIT = 120
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    config = MODELS / "fixtures.config"
+    if not MODELGATE_BIN.exists() or not config.exists():
+        pytest.fail(f"need {MODELGATE_BIN} (cargo build) and {config} (make setup)", pytrace=False)
+    grpc_port, rest_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("modelgate") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(MODELGATE_BIN), f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+             "--bind_address=127.0.0.1", f"--model_config_file={config}"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env=dict(os.environ, NO_COLOR="1"),
+        )
+    grpc_url, http_url = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{rest_port}"
+    deadline = time.monotonic() + READY_WAIT
+    client = grpcclient.InferenceServerClient(grpc_url)
+    while True:
+        try:
+            if client.is_server_ready():
+                break
+        except InferenceServerException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"modelgate did not become ready:\n{log.read_text()}", pytrace=False)
+        time.sleep(0.2)
+    yield {"grpc": grpc_url, "http": http_url, "log": log}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    return grpcclient.InferenceServerClient(server["grpc"])
+
+
+@pytest.fixture(scope="module")
+def http_client(server):
+    return httpclient.InferenceServerClient(server["http"])
+
+
+def both(server):
+    return [(grpcclient, grpcclient.InferenceServerClient(server["grpc"])),
+            (httpclient, httpclient.InferenceServerClient(server["http"]))]
+
+
+def test_health_and_server_metadata(server):
+    for _, client in both(server):
+        assert client.is_server_live()
+        assert client.is_server_ready()
+        assert client.is_model_ready("tiny")
+        assert client.is_model_ready("scaled", "2")
+        assert not client.is_model_ready("scaled", "9")
+    metadata = grpcclient.InferenceServerClient(server["grpc"]).get_server_metadata()
+    assert metadata.name == "modelgate"
+    assert "binary_tensor_data" in metadata.extensions
+    rest = httpclient.InferenceServerClient(server["http"]).get_server_metadata()
+    assert rest["name"] == "modelgate"
+    with urllib.request.urlopen(f"http://{server['http']}/v2/health/live") as answer:
+        assert answer.status == 200 and answer.read() == b'{"live":true}'
+
+
+def test_model_metadata_and_config(grpc_client, http_client):
+    metadata = grpc_client.get_model_metadata("scaled", as_json=True)
+    assert metadata["name"] == "scaled"
+    assert metadata["versions"] == ["1", "2", "3"]
+    assert metadata["platform"] == "pytorch_libtorch"
+    assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "-1"]}]
+    rest = http_client.get_model_metadata("multi")
+    assert [i["name"] for i in rest["inputs"]] == ["a", "b"]
+    assert rest["outputs"][0] == {"name": "sum", "datatype": "FP32", "shape": [-1, 3]}
+
+    config = grpc_client.get_model_config("multi", as_json=True)["config"]
+    assert config["name"] == "multi"
+    assert config["input"][0]["data_type"] == "TYPE_FP32"
+    # No batching: max_batch_size 0 and the full shape, batch dimension included.
+    assert config["input"][0]["dims"] == ["-1", "3"]
+    assert http_client.get_model_config("multi")["input"][1]["name"] == "b"
+
+
+def tiny_input(module, values):
+    x = module.InferInput("x", list(values.shape), "FP32")
+    x.set_data_from_numpy(values)
+    return x
+
+
+def test_infer_on_both_protocols(server):
+    x = np.array([[1.0], [2.5], [-4.0]], dtype=np.float32)
+    for module, client in both(server):
+        result = client.infer("tiny", [tiny_input(module, x)], request_id="req-7")
+        np.testing.assert_array_equal(result.as_numpy("y"), 2 * x + 1)
+        assert result.get_response(as_json=True)["id"] == "req-7" if module is grpcclient \
+            else result.get_response()["id"] == "req-7"
+
+
+def test_http_json_and_binary_tensors(http_client):
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.full((2, 3), 0.5, dtype=np.float32)
+    for binary in (True, False):
+        inputs = [httpclient.InferInput("a", [2, 3], "FP32"), httpclient.InferInput("b", [2, 3], "FP32")]
+        inputs[0].set_data_from_numpy(a, binary_data=binary)
+        inputs[1].set_data_from_numpy(b, binary_data=not binary)
+        outputs = [httpclient.InferRequestedOutput("product", binary_data=binary)]
+        result = http_client.infer("multi", inputs, outputs=outputs)
+        np.testing.assert_array_equal(result.as_numpy("product"), a * b)
+        assert result.as_numpy("sum") is None  # only what was asked for
+
+
+def test_versions_and_labels(grpc_client):
+    x = np.ones((1, 2), dtype=np.float32)
+    for version, factor in (("", 3), ("1", 1), ("2", 2), ("stable", 1)):
+        result = grpc_client.infer("scaled", [tiny_input(grpcclient, x)], model_version=version)
+        np.testing.assert_array_equal(result.as_numpy("y"), factor * x)
+        response = result.get_response()
+        assert response.model_version == str(factor)
+
+
+def test_every_served_datatype_round_trips(server):
+    """echo has one signature per dtype; the signature_name parameter picks it."""
+    cases = [("float32", "FP32", np.float32), ("float64", "FP64", np.float64),
+             ("int8", "INT8", np.int8), ("int16", "INT16", np.int16), ("int32", "INT32", np.int32),
+             ("int64", "INT64", np.int64), ("uint8", "UINT8", np.uint8), ("bool", "BOOL", np.bool_),
+             ("float16", "FP16", np.float16)]
+    for module, client in both(server):
+        for signature, datatype, dtype in cases:
+            values = np.array([[1, 0, 3], [4, 5, 1]]).astype(dtype)
+            x = module.InferInput("x", [2, 3], datatype)
+            x.set_data_from_numpy(values)
+            result = client.infer("echo", [x], parameters={"signature_name": signature})
+            got = result.as_numpy("y")
+            assert got.dtype == dtype, (module.__name__, datatype, got.dtype)
+            np.testing.assert_array_equal(got, values)
+
+
+def test_errors_are_clear_and_coded(server):
+    x = np.ones((1, 1), dtype=np.float32)
+    for module, client in both(server):
+        with pytest.raises(InferenceServerException) as unknown:
+            client.infer("nope", [tiny_input(module, x)])
+        assert "not served here" in unknown.value.message()
+        wrong = module.InferInput("x", [1, 1], "INT32")
+        wrong.set_data_from_numpy(np.ones((1, 1), dtype=np.int32))
+        with pytest.raises(InferenceServerException) as mistyped:
+            client.infer("tiny", [wrong])
+        assert "dtype" in mistyped.value.message()
+        with pytest.raises(InferenceServerException) as missing:
+            client.infer("tiny", [tiny_input(module, x)], model_version="7")
+        assert "no available version 7" in missing.value.message()
+    grpc = grpcclient.InferenceServerClient(server["grpc"])
+    with pytest.raises(InferenceServerException) as status:
+        grpc.infer("nope", [tiny_input(grpcclient, x)])
+    assert status.value.status() == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException) as shm:
+        grpc.get_system_shared_memory_status()
+    assert shm.value.status() == "StatusCode.UNIMPLEMENTED"
+    text = grpcclient.InferInput("x", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"hi"], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as strings:
+        grpc.infer("tiny", [text])
+    assert "BYTES" in strings.value.message()
+    assert strings.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_v2_requests_are_counted_under_their_protocol(server, grpc_client, http_client):
+    x = np.ones((1, 1), dtype=np.float32)
+    grpc_client.infer("tiny", [tiny_input(grpcclient, x)])
+    http_client.infer("tiny", [tiny_input(httpclient, x)])
+    with urllib.request.urlopen(f"http://{server['http']}/metrics") as answer:
+        metrics = answer.read().decode()
+    for protocol in ("v2-grpc", "v2-rest"):
+        assert any(f'protocol="{protocol}"' in line and 'model="tiny"' in line
+                   for line in metrics.splitlines()), protocol
