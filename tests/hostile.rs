@@ -12,6 +12,9 @@ mod common;
 use bytes::Bytes;
 use common::{spec, spec_signature, Server, TempDir};
 use modelgate::api::grpc::{dims, shape_proto};
+use modelgate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use modelgate::proto::inference::model_infer_request::InferInputTensor;
+use modelgate::proto::inference::{InferTensorContents, ModelInferRequest};
 use modelgate::proto::serving::{
     input, ClassificationRequest, ExampleListWithContext, Input, PredictRequest, RegressionRequest,
 };
@@ -579,4 +582,144 @@ fn slow_writer(addr: SocketAddr, bytes: &'static [u8]) -> tokio::task::JoinHandl
         }
         std::future::pending::<()>().await;
     })
+}
+
+/// A V2 ModelInfer with one FP32 input `x` of `shape`.
+fn v2_request(
+    model: &str,
+    shape: &[i64],
+    contents: Option<InferTensorContents>,
+    raw: Vec<Bytes>,
+) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: model.to_string(),
+        inputs: vec![InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: shape.to_vec(),
+            contents,
+            ..Default::default()
+        }],
+        raw_input_contents: raw,
+        ..Default::default()
+    }
+}
+
+/// The V2 protocol on both ports under the same kind of attacks: every lie about shapes
+/// and sizes is refused before anything is built, and the server stays alive and correct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_v2_protocol_survives_the_hostile_battery() {
+    let battery = Battery::start().await;
+    let server = &battery.server;
+    let mut client = GrpcInferenceServiceClient::new(server.channel().await);
+    let refused = |request: ModelInferRequest, needle: &'static str| {
+        let mut client = client.clone();
+        async move {
+            let status = client.model_infer(request).await.expect_err("refused");
+            assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+            assert!(
+                status.message().contains(needle),
+                "{} should say {needle}",
+                status.message()
+            );
+        }
+    };
+
+    // gRPC: dims that overflow, a typed tensor declared far past the budget, raw bytes
+    // that do not match the shape, too few typed values, raw entries that do not match
+    // the inputs.
+    refused(
+        v2_request("scaled", &[1 << 40, 1 << 40], None, vec![Bytes::new()]),
+        "too many elements",
+    )
+    .await;
+    refused(
+        v2_request(
+            "scaled",
+            &[1, 1 << 28],
+            Some(InferTensorContents::default()),
+            vec![],
+        ),
+        "",
+    )
+    .await;
+    refused(
+        v2_request("tiny", &[4, 1], None, vec![Bytes::from_static(&[0; 12])]),
+        "raw_input_contents has 12 bytes",
+    )
+    .await;
+    let too_few = InferTensorContents {
+        fp32_contents: vec![1.0, 2.0],
+        ..Default::default()
+    };
+    refused(
+        v2_request("tiny", &[3, 1], Some(too_few), vec![]),
+        "fp32_contents holds 2",
+    )
+    .await;
+    refused(
+        v2_request("tiny", &[1, 1], None, vec![Bytes::new(), Bytes::new()]),
+        "2 entries for 1 inputs",
+    )
+    .await;
+    // Zero rows with a huge free dimension: nothing to pad, nothing to build.
+    let empty = client
+        .model_infer(v2_request(
+            "scaled",
+            &[0, (1 << 58) - 1],
+            None,
+            vec![Bytes::new()],
+        ))
+        .await;
+    assert!(
+        empty.as_ref().map_or_else(
+            |s| s.code() == Code::InvalidArgument,
+            |r| r.get_ref().outputs[0].shape == [0, (1 << 58) - 1]
+        ),
+        "{empty:?}"
+    );
+    battery.check_alive("V2 gRPC lies").await;
+
+    // REST: a header length past the body, binary sizes that lie, more values than the
+    // shape, nesting deeper than the parser allows, dims that overflow.
+    let infer = |model: &str, json: String, binary: &'static [u8], header_length: Option<usize>| {
+        let url = server.url(&format!("/v2/models/{model}/infer"));
+        async move {
+            let mut body = json.clone().into_bytes();
+            body.extend_from_slice(binary);
+            let mut request = reqwest::Client::new()
+                .post(url)
+                .body(body)
+                .timeout(common::TIMEOUT);
+            if let Some(length) = header_length.or((!binary.is_empty()).then_some(json.len())) {
+                request = request.header("Inference-Header-Content-Length", length.to_string());
+            }
+            let response = request.send().await.expect("an answer");
+            (
+                response.status().as_u16(),
+                response.text().await.unwrap_or_default(),
+            )
+        }
+    };
+    let input = |extra: &str| {
+        format!(r#"{{"inputs": [{{"name": "x", "shape": [1, 1], "datatype": "FP32"{extra}}}]}}"#)
+    };
+    for (json, binary, header_length, needle) in [
+        (input(r#", "data": [1]"#), &b""[..], Some(1 << 20), "no larger than the body"),
+        (input(r#", "parameters": {"binary_data_size": 400}"#), &[0u8; 4][..], None, "binary_data_size 400"),
+        (input(r#", "parameters": {"binary_data_size": 4}"#), &[0u8; 8][..], None, "follow the inputs"),
+        (input(&format!(r#", "data": [{}]"#, vec!["1"; 100_000].join(","))), &b""[..], None, "more values than the shape holds"),
+        (input(&format!(r#", "data": {}{}"#, "[".repeat(100_000), "]".repeat(100_000))), &b""[..], None, "recursion limit"),
+        (r#"{"inputs": [{"name": "x", "shape": [1099511627776, 1099511627776], "datatype": "FP32", "data": []}]}"#.to_string(), &b""[..], None, "too many elements"),
+    ] {
+        // scaled's [-1, -1] lets any dims through to the size check.
+        let (status, body) = infer("scaled", json, binary, header_length).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains(needle), "{body} should say {needle}");
+    }
+    let (status, _) = rest(server, "/v2/models/tiny/nothing", "")
+        .await
+        .expect("an answer");
+    assert_eq!(status, 404);
+    battery.check_alive("V2 REST lies").await;
 }
