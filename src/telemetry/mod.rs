@@ -8,7 +8,9 @@
 
 mod versions;
 
-pub use versions::{render_versions, VersionMetrics};
+pub use versions::{
+    render_versions, statistics, Answered, Timed, VersionMetrics, VersionStatistics,
+};
 
 use crate::error::{code_label, Error};
 use metrics::{describe_counter, describe_histogram, SharedString, Unit};
@@ -218,7 +220,13 @@ impl RequestTimer {
         };
         let (api, protocol, code) = (self.api.as_str(), self.protocol.as_str(), code_label(code));
         let model_label = interned_model(model);
-        versions::count_request(&model_label, version, (api, protocol, code));
+        versions::count_request(
+            &model_label,
+            version,
+            (api, protocol, code),
+            elapsed,
+            outcome.is_ok(),
+        );
         metrics::histogram!(
             REQUEST_DURATION_SECONDS,
             "model" => model_label,

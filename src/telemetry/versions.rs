@@ -84,6 +84,94 @@ struct Series {
     version: i64,
     entries: Mutex<Vec<Entry>>,
     requests: Mutex<HashMap<RequestKey, u64>>,
+    answered: Mutex<Answered>,
+}
+
+/// The requests a version answered, for V2's statistics: counts and total time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Answered {
+    pub success: Timed,
+    pub fail: Timed,
+    /// When the last request was answered, in milliseconds since the Unix epoch.
+    pub last_ms: u64,
+}
+
+/// A count and the total time it took, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timed {
+    pub count: u64,
+    pub ns: u64,
+}
+
+impl Timed {
+    fn add(&mut self, elapsed: std::time::Duration) {
+        self.count += 1;
+        self.ns = self
+            .ns
+            .saturating_add(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    fn of_histogram(histogram: Option<(u64, f64)>) -> Timed {
+        let (count, seconds) = histogram.unwrap_or_default();
+        Timed {
+            count,
+            ns: (seconds * 1e9) as u64,
+        }
+    }
+}
+
+/// What Triton's ModelStatistics reports for a version, from the series it keeps here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionStatistics {
+    pub model: String,
+    pub version: i64,
+    pub answered: Answered,
+    /// Rows run, padding included (the executed batches' sizes summed).
+    pub inference_count: u64,
+    /// Batches run (forward passes).
+    pub execution_count: u64,
+    /// Time requests waited in the batching queue.
+    pub queue: Timed,
+    /// Time of the forward passes (a batch's staging and outputs included).
+    pub compute: Timed,
+}
+
+/// The statistics of the live versions of `model` (every model when `None`), by model
+/// and version.
+pub fn statistics(model: Option<&str>) -> Vec<VersionStatistics> {
+    let live: Vec<Arc<Series>> = LIVE
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .filter_map(Weak::upgrade)
+        .filter(|s| model.is_none_or(|m| s.model == m))
+        .collect();
+    let mut stats: Vec<VersionStatistics> = live
+        .iter()
+        .map(|series| {
+            let entries = lock(&series.entries);
+            let histogram = |name: &str| {
+                entries.iter().find_map(|e| match &e.value {
+                    Value::Histogram(h) if e.name == name => {
+                        let (_, count, sum) = h.snapshot();
+                        Some((count, sum))
+                    }
+                    _ => None,
+                })
+            };
+            VersionStatistics {
+                model: series.model.clone(),
+                version: series.version,
+                answered: *lock(&series.answered),
+                inference_count: histogram(BATCH_SIZE).map_or(0, |(_, rows)| rows as u64),
+                execution_count: histogram(FORWARD_DURATION_SECONDS).map_or(0, |(n, _)| n),
+                queue: Timed::of_histogram(histogram(QUEUE_DELAY_SECONDS)),
+                compute: Timed::of_histogram(histogram(FORWARD_DURATION_SECONDS)),
+            }
+        })
+        .collect();
+    stats.sort_by(|a, b| (&a.model, a.version).cmp(&(&b.model, b.version)));
+    stats
 }
 
 /// The series of one version; cheap to clone. See the module docs.
@@ -97,6 +185,7 @@ impl VersionMetrics {
             version,
             entries: Mutex::default(),
             requests: Mutex::default(),
+            answered: Mutex::default(),
         });
         let mut live = LIVE.write().unwrap_or_else(PoisonError::into_inner);
         live.retain(|weak| weak.strong_count() > 0);
@@ -151,7 +240,14 @@ impl VersionMetrics {
 
 /// Counts an answered request: on the live version that answered it, else (no version, or
 /// one freed in the instant since it answered) among the counts that stay.
-pub(super) fn count_request(model: &SharedString, version: Option<i64>, key: RequestKey) {
+/// A version's answers also add to its statistics (`elapsed`, success or not).
+pub(super) fn count_request(
+    model: &SharedString,
+    version: Option<i64>,
+    key: RequestKey,
+    elapsed: std::time::Duration,
+    success: bool,
+) {
     if let Some(version) = version {
         let live = LIVE.read().unwrap_or_else(PoisonError::into_inner);
         let series = live
@@ -160,6 +256,17 @@ pub(super) fn count_request(model: &SharedString, version: Option<i64>, key: Req
             .find(|s| s.version == version && s.model == model.as_ref());
         if let Some(series) = series {
             *lock(&series.requests).entry(key).or_default() += 1;
+            let mut answered = lock(&series.answered);
+            if success {
+                answered.success.add(elapsed);
+            } else {
+                answered.fail.add(elapsed);
+            }
+            answered.last_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| {
+                    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+                });
             return;
         }
     }
@@ -328,8 +435,15 @@ mod tests {
             .increment(2);
         metrics.gauge(QUEUE_DEPTH).set(4.0);
         let model = SharedString::from(String::from("m\"x"));
-        count_request(&model, Some(7), ("predict", "grpc", "ok"));
-        count_request(&model, None, ("predict", "grpc", "not_found"));
+        let elapsed = std::time::Duration::from_millis(2);
+        count_request(&model, Some(7), ("predict", "grpc", "ok"), elapsed, true);
+        count_request(
+            &model,
+            None,
+            ("predict", "grpc", "not_found"),
+            elapsed,
+            false,
+        );
         let text = rendered();
         let labels = r#"model="m\"x",version="7""#;
         for line in [
@@ -347,9 +461,22 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no '{line}' in:\n{text}");
         }
+        let stats = statistics(Some("m\"x"));
+        assert_eq!(stats.len(), 1);
+        assert_eq!((stats[0].version, stats[0].inference_count), (7, 103));
+        assert_eq!(
+            stats[0].answered.success,
+            Timed {
+                count: 1,
+                ns: 2_000_000
+            }
+        );
+        assert_eq!(stats[0].answered.fail.count, 0);
+        assert!(stats[0].answered.last_ms > 0);
         drop(metrics);
         let text = rendered();
         assert!(!text.contains(r#"version="7""#), "{text}");
+        assert!(statistics(Some("m\"x")).is_empty());
         // A count without a version stays.
         assert!(text.contains(r#"modelgate_requests_total{model="m\"x",version="",api="predict",protocol="grpc",code="not_found"} 1"#), "{text}");
     }

@@ -206,3 +206,37 @@ def test_v2_requests_are_counted_under_their_protocol(server, grpc_client, http_
     for protocol in ("v2-grpc", "v2-rest"):
         assert any(f'protocol="{protocol}"' in line and 'model="tiny"' in line
                    for line in metrics.splitlines()), protocol
+
+
+def test_statistics_count_what_each_version_answered(server):
+    x = np.ones((1, 2), dtype=np.float32)
+    grpc = grpcclient.InferenceServerClient(server["grpc"])
+    rest = httpclient.InferenceServerClient(server["http"])
+    before = grpc.get_inference_statistics("scaled", "2", as_json=True)["model_stats"][0]
+    for _ in range(3):
+        grpc.infer("scaled", [tiny_input(grpcclient, x)], model_version="2")
+    after = grpc.get_inference_statistics("scaled", "2", as_json=True)["model_stats"]
+    assert [(s["name"], s["version"]) for s in after] == [("scaled", "2")]
+    success = lambda stats: int(stats["inference_stats"]["success"].get("count", 0))
+    assert success(after[0]) == success(before) + 3
+    assert int(after[0]["execution_count"]) >= 3
+    assert int(after[0]["inference_stats"]["compute_infer"]["ns"]) > 0
+    assert int(after[0]["last_inference"]) > 0
+    every = rest.get_inference_statistics("scaled")["model_stats"]
+    assert [s["version"] for s in every] == ["1", "2", "3"]
+    assert success(every[1]) == success(after[0])
+    with pytest.raises(InferenceServerException) as unknown:
+        rest.get_inference_statistics("nope")
+    assert "not served here" in unknown.value.message()
+
+
+def test_repository_index_lists_configured_versions(server):
+    grpc = grpcclient.InferenceServerClient(server["grpc"])
+    index = grpc.get_model_repository_index(as_json=True)["models"]
+    assert {"name": "scaled", "version": "2", "state": "READY"} in index
+    rest = httpclient.InferenceServerClient(server["http"]).get_model_repository_index()
+    assert {"name": "tiny", "version": "1", "state": "READY"} in rest
+    for client in (grpc, httpclient.InferenceServerClient(server["http"])):
+        with pytest.raises(InferenceServerException) as load:
+            client.load_model("tiny")
+        assert "not implemented" in load.value.message()

@@ -15,7 +15,7 @@ use crate::proto::inference::model_metadata_response::TensorMetadata;
 use crate::proto::inference::{self as pb, InferTensorContents};
 use crate::registry::Servable;
 use crate::signature::DEFAULT_SIGNATURE;
-use crate::telemetry::{Api, Protocol, RequestTimer};
+use crate::telemetry::{Api, Protocol, RequestTimer, Timed};
 use crate::tensor::{DType, Element, Tensor};
 use prost::Message;
 use std::collections::HashMap;
@@ -161,20 +161,50 @@ impl GrpcInferenceService for V2GrpcApi {
 
     async fn model_statistics(
         &self,
-        _: Request<pb::ModelStatisticsRequest>,
+        request: Request<pb::ModelStatisticsRequest>,
     ) -> Answer<pb::ModelStatisticsResponse> {
-        Err(unimplemented(
-            "ModelStatistics (the same figures are on /metrics, per model and version)",
-        ))
+        let request = request.into_inner();
+        let stats = v2::statistics(self.inference.registry(), &request.name, &request.version)?;
+        let duration = |timed: Timed| pb::StatisticDuration {
+            count: timed.count,
+            ns: timed.ns,
+        };
+        let model_stats = stats
+            .into_iter()
+            .map(|s| pb::ModelStatistics {
+                name: s.model,
+                version: s.version.to_string(),
+                last_inference: s.answered.last_ms,
+                inference_count: s.inference_count,
+                execution_count: s.execution_count,
+                inference_stats: Some(pb::InferStatistics {
+                    success: Some(duration(s.answered.success)),
+                    fail: Some(duration(s.answered.fail)),
+                    queue: Some(duration(s.queue)),
+                    compute_infer: Some(duration(s.compute)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
 
     async fn repository_index(
         &self,
-        _: Request<pb::RepositoryIndexRequest>,
+        request: Request<pb::RepositoryIndexRequest>,
     ) -> Answer<pb::RepositoryIndexResponse> {
-        Err(unimplemented(
-            "RepositoryIndex (use ModelService.GetModelStatus)",
-        ))
+        let ready = request.into_inner().ready;
+        let models = v2::repository_index(self.inference.registry(), ready)
+            .into_iter()
+            .map(|entry| pb::repository_index_response::ModelIndex {
+                name: entry.name,
+                version: entry.version,
+                state: entry.state.into(),
+                reason: entry.reason,
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
     }
 
     async fn repository_model_load(

@@ -187,6 +187,11 @@ async fn v2_api(
             }
             result.map(|(response, _)| response)
         }
+        V2Call::RepositoryIndex => {
+            read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight)
+                .await
+                .and_then(|(body, _held)| v2::repository_index(state, &body))
+        }
         V2Call::ModelMetadata { .. } => {
             let timer = RequestTimer::start(Api::GetModelMetadata, Protocol::V2Rest);
             let result = v2::answer_without_body(state, &call);

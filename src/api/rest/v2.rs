@@ -44,7 +44,14 @@ pub(super) enum V2Call {
         model: String,
         version: String,
     },
-    /// Part of V2 that modelgate does not serve (statistics, the repository extension).
+    /// `model` empty: every model.
+    Statistics {
+        model: String,
+        version: String,
+    },
+    RepositoryIndex,
+    /// Part of V2 that modelgate does not serve (loading and unloading through the
+    /// repository extension).
     Unimplemented(String),
 }
 
@@ -54,7 +61,8 @@ impl V2Call {
             V2Call::ModelMetadata { model, .. }
             | V2Call::ModelReady { model, .. }
             | V2Call::ModelConfig { model, .. }
-            | V2Call::Infer { model, .. } => model,
+            | V2Call::Infer { model, .. }
+            | V2Call::Statistics { model, .. } => model,
             _ => "",
         }
     }
@@ -82,12 +90,16 @@ pub(super) fn parse(method: &Method, path: &str) -> Option<Result<V2Call, Error>
             [] if get => V2Call::ServerMetadata,
             ["health", "live"] if get => V2Call::Live,
             ["health", "ready"] if get => V2Call::Ready,
-            ["repository", ..] => V2Call::Unimplemented(
-                "the model repository extension (use /v1/models/{m} and the admin API)".into(),
+            ["repository", "index"] if post => V2Call::RepositoryIndex,
+            ["repository", "models", _, "load" | "unload"] if post => V2Call::Unimplemented(
+                "loading and unloading through the model repository extension (change the \
+                 model config file, or POST /admin/reload)"
+                    .into(),
             ),
-            ["models", "stats"] | ["models", .., "stats"] if get => {
-                V2Call::Unimplemented("statistics (see /metrics)".into())
-            }
+            ["models", "stats"] if get => V2Call::Statistics {
+                model: String::new(),
+                version: String::new(),
+            },
             ["models", model, tail @ ..] => {
                 let model = decode_segment(model)?;
                 let (version, tail) = match tail {
@@ -96,6 +108,7 @@ pub(super) fn parse(method: &Method, path: &str) -> Option<Result<V2Call, Error>
                 };
                 match tail {
                     [] if get => V2Call::ModelMetadata { model, version },
+                    ["stats"] if get => V2Call::Statistics { model, version },
                     ["ready"] if get => V2Call::ModelReady { model, version },
                     ["config"] if get => V2Call::ModelConfig { model, version },
                     ["infer"] if post => V2Call::Infer { model, version },
@@ -167,15 +180,78 @@ pub(super) fn answer_without_body(state: &RestState, call: &V2Call) -> Result<Re
             let servable = resolve(registry, model, version)?;
             json(StatusCode::OK, config_json(&model_config(&servable)?))
         }
+        V2Call::Statistics { model, version } => {
+            let stats = v2::statistics(registry, model, version)?;
+            let duration =
+                |t: crate::telemetry::Timed| serde_json::json!({"count": t.count, "ns": t.ns});
+            let model_stats: Vec<serde_json::Value> = stats
+                .into_iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "name": s.model,
+                        "version": s.version.to_string(),
+                        "last_inference": s.answered.last_ms,
+                        "inference_count": s.inference_count,
+                        "execution_count": s.execution_count,
+                        "inference_stats": {
+                            "success": duration(s.answered.success),
+                            "fail": duration(s.answered.fail),
+                            "queue": duration(s.queue),
+                            "compute_input": duration(Default::default()),
+                            "compute_infer": duration(s.compute),
+                            "compute_output": duration(Default::default()),
+                        },
+                        "batch_stats": [],
+                    })
+                })
+                .collect();
+            json(
+                StatusCode::OK,
+                serde_json::json!({ "model_stats": model_stats }),
+            )
+        }
         V2Call::Unimplemented(what) => {
             return Err(Error::Unimplemented(format!(
                 "{what} is not implemented by modelgate"
             )))
         }
-        V2Call::Infer { .. } => {
-            return Err(Error::Internal("infer reads a body (server bug)".into()))
+        V2Call::Infer { .. } | V2Call::RepositoryIndex => {
+            return Err(Error::Internal(
+                "this call reads a body (server bug)".into(),
+            ))
         }
     })
+}
+
+/// POST /v2/repository/index: `{"ready": bool}` (optional) in, the index out.
+pub(super) fn repository_index(state: &RestState, body: &[u8]) -> Result<Response, Error> {
+    #[derive(Deserialize, Default)]
+    struct IndexRequest {
+        #[serde(default)]
+        ready: bool,
+    }
+    let request: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        IndexRequest::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            Error::InvalidArgument(format!("the index request is not valid JSON: {e}"))
+        })?
+    };
+    let entries: Vec<serde_json::Value> =
+        v2::repository_index(state.inference.registry(), request.ready)
+            .into_iter()
+            .map(|e| {
+                let mut entry = serde_json::json!({"name": e.name, "state": e.state});
+                if !e.version.is_empty() {
+                    entry["version"] = e.version.into();
+                }
+                if !e.reason.is_empty() {
+                    entry["reason"] = e.reason.into();
+                }
+                entry
+            })
+            .collect();
+    Ok(json(StatusCode::OK, serde_json::Value::Array(entries)))
 }
 
 /// 200 when true; 400 when not, as Triton answers V2 health (Kubernetes probes fail on it).
@@ -715,8 +791,19 @@ mod tests {
             get("/v2/models/m/infer"),
             Some(Err(Error::NotFound(_)))
         ));
+        assert_eq!(
+            get("/v2/models/m/versions/3/stats"),
+            Some(Ok(V2Call::Statistics {
+                model: "m".into(),
+                version: "3".into()
+            }))
+        );
+        assert_eq!(
+            parse(&Method::POST, "/v2/repository/index"),
+            Some(Ok(V2Call::RepositoryIndex))
+        );
         assert!(matches!(
-            get("/v2/models/m/stats"),
+            parse(&Method::POST, "/v2/repository/models/m/load"),
             Some(Ok(V2Call::Unimplemented(_)))
         ));
     }

@@ -7,15 +7,21 @@
 
 use crate::error::Error;
 use crate::inference::{self, check_input, find_signature, Inference, PredictResponse};
-use crate::registry::{Registry, Servable, VersionSelector};
+use crate::registry::{Registry, Servable, VersionSelector, VersionState};
 use crate::signature::{TensorSpec, DEFAULT_SIGNATURE};
+use crate::telemetry::VersionStatistics;
 use crate::tensor::{byte_size, DType, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 /// The V2 extensions served, as ServerMetadata lists them.
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_configuration"];
+pub const EXTENSIONS: &[&str] = &[
+    "binary_tensor_data",
+    "model_configuration",
+    "statistics",
+    "model_repository",
+];
 
 /// What modelgate reports as a model's platform (Triton's name for TorchScript models).
 pub const PLATFORM: &str = "pytorch_libtorch";
@@ -73,6 +79,75 @@ pub fn resolve(registry: &Registry, model: &str, version: &str) -> Result<Arc<Se
         return Err(Error::InvalidArgument("the request names no model".into()));
     }
     registry.resolve(model, &version_selector(version))
+}
+
+/// The statistics of `model`'s serving versions (every model's when it is empty; one
+/// version when `version` names it).
+pub fn statistics(
+    registry: &Registry,
+    model: &str,
+    version: &str,
+) -> Result<Vec<VersionStatistics>, Error> {
+    if model.is_empty() {
+        return Ok(crate::telemetry::statistics(None));
+    }
+    if !registry.is_configured(model) {
+        return Err(Error::NotFound(format!(
+            "model '{model}' is not served here"
+        )));
+    }
+    let only = match version {
+        "" => None,
+        version => Some(resolve(registry, model, version)?.version),
+    };
+    let mut stats = crate::telemetry::statistics(Some(model));
+    stats.retain(|s| only.is_none_or(|v| s.version == v));
+    Ok(stats)
+}
+
+/// One entry of RepositoryIndex: a version of a configured model and its state, in
+/// Triton's words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub name: String,
+    pub version: String,
+    pub state: &'static str,
+    pub reason: String,
+}
+
+/// Every configured model's versions (a model with none yet has one entry without a
+/// version); with `ready_only`, the versions that serve.
+pub fn repository_index(registry: &Registry, ready_only: bool) -> Vec<IndexEntry> {
+    let mut entries = Vec::new();
+    for name in registry.model_names() {
+        let versions = registry.model_status(&name, None).unwrap_or_default();
+        if versions.is_empty() && !ready_only {
+            entries.push(IndexEntry {
+                name: name.clone(),
+                version: String::new(),
+                state: "UNAVAILABLE",
+                reason: "no version found yet".into(),
+            });
+        }
+        for (version, status) in versions {
+            let state = match status.state {
+                VersionState::Start | VersionState::Loading => "LOADING",
+                VersionState::Available => "READY",
+                VersionState::Unloading => "UNLOADING",
+                VersionState::End => "UNAVAILABLE",
+            };
+            if ready_only && state != "READY" {
+                continue;
+            }
+            entries.push(IndexEntry {
+                name: name.clone(),
+                version: version.to_string(),
+                state,
+                reason: status.error.unwrap_or_default(),
+            });
+        }
+    }
+    entries
 }
 
 /// A tensor's name, datatype and shape, as V2 metadata lists them.
