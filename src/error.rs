@@ -25,6 +25,9 @@ pub enum Error {
     /// The client went away.
     #[error("{0}")]
     Cancelled(String),
+    /// The call needs a credential the request did not carry (the admin token).
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The call exists in TF Serving's API but this server does not do it.
     #[error("{0}")]
     Unimplemented(String),
@@ -52,6 +55,7 @@ impl Error {
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Cancelled(_) => Code::Cancelled,
             Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Internal(_) => Code::Internal,
             Error::ResourceExhausted(_) | Error::PayloadTooLarge(_) => Code::ResourceExhausted,
         }

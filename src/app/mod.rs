@@ -97,7 +97,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
 
     tokio::spawn(manager.run(specs));
     if flags.model_config_file_poll_wait_seconds > 0 {
-        tokio::spawn(models.poll(
+        tokio::spawn(models.clone().poll(
             Duration::from_secs(flags.model_config_file_poll_wait_seconds),
             manager_handle.clone(),
             config_text,
@@ -115,13 +115,28 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     ));
 
     let inference = Inference::new(Arc::clone(&registry), flags.max_request_tensor_bytes);
-    let mut rest_router = api::rest::router(inference.clone(), Some(metrics), &rest_options);
+    let source = models.clone();
+    let repository = api::v2::Repository::new(
+        Arc::new(move |name| {
+            let source = source.clone();
+            Box::pin(async move { source.entry(&name).await })
+        }),
+        manager_handle.clone(),
+        admin.as_ref().map(|(config, _)| config.token.clone()),
+    );
+    let mut rest_router = api::rest::router(
+        inference.clone(),
+        repository.clone(),
+        Some(metrics),
+        &rest_options,
+    );
     if let Some((config, reload)) = admin {
         rest_router = rest_router.merge(api::admin::router(config, Arc::clone(&registry), reload));
     }
     let grpc_router = api::grpc::router(
         inference,
         manager_handle.clone(),
+        repository,
         api::grpc::GrpcOptions {
             tensor_content: flags.enable_serialization_as_tensor_content,
             max_message_bytes: flags.grpc_max_message_bytes,

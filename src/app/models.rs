@@ -67,6 +67,23 @@ impl ModelSource {
         self.apply(&text, manager).await
     }
 
+    /// `name`'s entry in the source as it reads now (V2's repository load), or NOT_FOUND.
+    pub(super) async fn entry(&self, name: &str) -> Result<ModelSpec, Error> {
+        let text = self
+            .read()
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        self.specs(&text)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?
+            .into_iter()
+            .find(|spec| spec.name == name)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "model '{name}' is not in the model config, so there is nothing to load"
+                ))
+            })
+    }
+
     /// The config file's text; empty in single-model mode, whose model is in the flags.
     async fn read(&self) -> Result<String, ConfigError> {
         match &self.kind {

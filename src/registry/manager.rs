@@ -116,6 +116,9 @@ pub enum ApplyError {
     Invalid(String),
     #[error("the model manager has stopped")]
     Stopped,
+    /// A change names a model that is not in the running config.
+    #[error("model '{0}' is not in the running config")]
+    NotConfigured(String),
 }
 
 /// A refused reload as the serving error: a bad config is the caller's, a stopped manager
@@ -125,12 +128,24 @@ impl From<ApplyError> for crate::error::Error {
         match error {
             ApplyError::Invalid(message) => crate::error::Error::InvalidArgument(message),
             ApplyError::Stopped => crate::error::Error::Unavailable(error.to_string()),
+            ApplyError::NotConfigured(_) => crate::error::Error::NotFound(error.to_string()),
         }
     }
 }
 
 enum Command {
     SetModels(Vec<ModelSpec>, oneshot::Sender<Result<(), ApplyError>>),
+    /// One model of the running config changed, the others kept as they are.
+    Change(ModelChange, oneshot::Sender<Result<(), ApplyError>>),
+}
+
+/// A change to one model of the running config (V2's repository load and unload).
+#[derive(Clone, Debug)]
+pub enum ModelChange {
+    /// Adds the model, or replaces its entry.
+    Upsert(ModelSpec),
+    /// Removes the model (its versions unload).
+    Remove(String),
 }
 
 /// Sends the manager a new set of models.
@@ -147,6 +162,18 @@ impl ManagerHandle {
         let (done, applied) = oneshot::channel();
         self.commands
             .send(Command::SetModels(models, done))
+            .await
+            .map_err(|_| ApplyError::Stopped)?;
+        applied.await.map_err(|_| ApplyError::Stopped)?
+    }
+
+    /// Changes one model of the running config and waits until it is applied, as
+    /// [`ManagerHandle::set_models`]. The manager applies it to the config it runs, so
+    /// concurrent changes do not overwrite each other.
+    pub async fn change_model(&self, change: ModelChange) -> Result<(), ApplyError> {
+        let (done, applied) = oneshot::channel();
+        self.commands
+            .send(Command::Change(change, done))
             .await
             .map_err(|_| ApplyError::Stopped)?;
         applied.await.map_err(|_| ApplyError::Stopped)?
@@ -280,8 +307,8 @@ impl Manager {
                 }
             };
             tokio::select! {
-                command = self.commands.recv() => match command {
-                    Some(Command::SetModels(models, done)) => match self.set_models(models) {
+                command = self.commands.recv() => match command.map(|c| self.specs_of(c)) {
+                    Some((Ok(models), done)) => match self.set_models(models) {
                         Ok((changed, unloads)) => {
                             self.poll(&changed).await;
                             for base in std::mem::take(&mut self.released) {
@@ -300,6 +327,9 @@ impl Manager {
                             let _ = done.send(Err(e));
                         }
                     },
+                    Some((Err(e), done)) => {
+                        let _ = done.send(Err(e));
+                    }
                     None => break,
                 },
                 () = tick => {
@@ -317,6 +347,37 @@ impl Manager {
                         .collect();
                     self.poll(&due).await;
                 }
+            }
+        }
+    }
+
+    /// The whole model list a command asks for, and where to answer it.
+    #[allow(clippy::type_complexity)]
+    fn specs_of(
+        &self,
+        command: Command,
+    ) -> (
+        Result<Vec<ModelSpec>, ApplyError>,
+        oneshot::Sender<Result<(), ApplyError>>,
+    ) {
+        match command {
+            Command::SetModels(models, done) => (Ok(models), done),
+            Command::Change(change, done) => {
+                let mut specs: Vec<ModelSpec> =
+                    self.models.values().map(|m| m.spec.clone()).collect();
+                let specs = match change {
+                    ModelChange::Upsert(spec) => {
+                        specs.retain(|s| s.name != spec.name);
+                        specs.push(spec);
+                        Ok(specs)
+                    }
+                    ModelChange::Remove(name) if specs.iter().any(|s| s.name == name) => {
+                        specs.retain(|s| s.name != name);
+                        Ok(specs)
+                    }
+                    ModelChange::Remove(name) => Err(ApplyError::NotConfigured(name)),
+                };
+                (specs, done)
             }
         }
     }

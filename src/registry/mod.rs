@@ -9,7 +9,7 @@ mod loader;
 mod manager;
 
 pub use loader::{LoadSettings, VersionLoadError};
-pub use manager::{ApplyError, LoadRetries, Manager, ManagerConfig, ManagerHandle};
+pub use manager::{ApplyError, LoadRetries, Manager, ManagerConfig, ManagerHandle, ModelChange};
 
 use crate::batching::Scheduler;
 use crate::error::Error;

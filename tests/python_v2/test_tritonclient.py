@@ -236,7 +236,67 @@ def test_repository_index_lists_configured_versions(server):
     assert {"name": "scaled", "version": "2", "state": "READY"} in index
     rest = httpclient.InferenceServerClient(server["http"]).get_model_repository_index()
     assert {"name": "tiny", "version": "1", "state": "READY"} in rest
-    for client in (grpc, httpclient.InferenceServerClient(server["http"])):
-        with pytest.raises(InferenceServerException) as load:
-            client.load_model("tiny")
-        assert "not implemented" in load.value.message()
+
+
+def test_repository_unload_and_load_act_on_the_running_config(server):
+    x = np.ones((1, 1), dtype=np.float32)
+    for module, client in both(server):
+        client.unload_model("tiny")
+        if module is httpclient:
+            assert not client.is_model_ready("tiny")  # 404 reads as not ready
+        else:
+            with pytest.raises(InferenceServerException) as not_ready:
+                client.is_model_ready("tiny")  # NOT_FOUND: no longer configured
+            assert not_ready.value.status() == "StatusCode.NOT_FOUND"
+        with pytest.raises(InferenceServerException) as gone:
+            client.infer("tiny", [tiny_input(module, x)])
+        assert "not served here" in gone.value.message()
+        client.load_model("tiny")  # back from its entry in the model config file
+        assert client.is_model_ready("tiny")
+        np.testing.assert_array_equal(client.infer("tiny", [tiny_input(module, x)]).as_numpy("y"), 3 * x)
+        with pytest.raises(InferenceServerException) as unknown:
+            client.load_model("nope")
+        assert "not in the model config" in unknown.value.message()
+        with pytest.raises(InferenceServerException) as absent:
+            client.unload_model("nope")
+        assert "not in the running config" in absent.value.message()
+
+
+def test_repository_changes_need_the_admin_token_when_one_is_set(tmp_path):
+    grpc_port, rest_port = free_port(), free_port()
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(MODELGATE_BIN), f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+             "--bind_address=127.0.0.1", f"--model_config_file={MODELS / 'fixtures.config'}",
+             "--admin_token=s3cret"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env=dict(os.environ, NO_COLOR="1"),
+        )
+    try:
+        grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        rest = httpclient.InferenceServerClient(f"127.0.0.1:{rest_port}")
+        deadline = time.monotonic() + READY_WAIT
+        while not _ready(grpc):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        for client in (grpc, rest):
+            for headers in (None, {"authorization": "Bearer wrong"}):
+                with pytest.raises(InferenceServerException) as refused:
+                    client.unload_model("tiny", headers=headers)
+                assert "admin token" in refused.value.message()
+            assert client.is_model_ready("tiny")
+        grpc.unload_model("tiny", headers={"authorization": "Bearer s3cret"})
+        assert not rest.is_model_ready("tiny")
+        rest.load_model("tiny", headers={"Authorization": "Bearer s3cret"})
+        assert grpc.is_model_ready("tiny")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _ready(client):
+    try:
+        return client.is_server_ready()
+    except InferenceServerException:
+        return False

@@ -73,6 +73,13 @@ impl AdminToken {
     fn matches(&self, presented: &[u8]) -> bool {
         self.0.as_bytes().ct_eq(presented).into()
     }
+
+    /// Whether an `Authorization` header's value (`Bearer <token>`) carries this token.
+    pub fn authorizes(&self, authorization: Option<&[u8]>) -> bool {
+        authorization
+            .and_then(bearer_token)
+            .is_some_and(|token| self.matches(token))
+    }
 }
 
 impl std::fmt::Debug for AdminToken {

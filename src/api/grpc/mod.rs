@@ -10,6 +10,7 @@ pub use codec::{
 };
 pub(crate) use prediction::deadline;
 
+use crate::api::v2::Repository;
 use crate::inference::Inference;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::serving::model_service_server::ModelServiceServer;
@@ -65,6 +66,7 @@ pub struct GrpcOptions {
 pub fn router(
     inference: Inference,
     manager: ManagerHandle,
+    repository: Repository,
     options: GrpcOptions,
     draining: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
@@ -100,7 +102,7 @@ pub fn router(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit)
         .accept_compressed(CompressionEncoding::Gzip);
-    let v2 = GrpcInferenceServiceServer::new(V2GrpcApi::new(v2_inference))
+    let v2 = GrpcInferenceServiceServer::new(V2GrpcApi::new(v2_inference, repository))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit)
         .accept_compressed(CompressionEncoding::Gzip);

@@ -2,7 +2,7 @@
 
 use super::deadline;
 use crate::api::v2::{
-    self, check_declared, infer, model_metadata, resolve, DeclaredInput, PLATFORM,
+    self, check_declared, infer, model_metadata, resolve, DeclaredInput, Repository, PLATFORM,
 };
 use crate::batching::BatchingOptions;
 use crate::error::Error;
@@ -24,12 +24,24 @@ use tonic::{Request, Response, Status};
 
 pub struct V2GrpcApi {
     inference: Inference,
+    repository: Repository,
 }
 
 impl V2GrpcApi {
-    pub fn new(inference: Inference) -> V2GrpcApi {
-        V2GrpcApi { inference }
+    pub fn new(inference: Inference, repository: Repository) -> V2GrpcApi {
+        V2GrpcApi {
+            inference,
+            repository,
+        }
     }
+}
+
+/// The `authorization` metadata of a call, if any.
+fn authorization<T>(request: &Request<T>) -> Option<Vec<u8>> {
+    request
+        .metadata()
+        .get("authorization")
+        .map(|value| value.as_bytes().to_vec())
 }
 
 /// The RPCs modelgate does not serve, with why.
@@ -209,20 +221,30 @@ impl GrpcInferenceService for V2GrpcApi {
 
     async fn repository_model_load(
         &self,
-        _: Request<pb::RepositoryModelLoadRequest>,
+        request: Request<pb::RepositoryModelLoadRequest>,
     ) -> Answer<pb::RepositoryModelLoadResponse> {
-        Err(unimplemented(
-            "RepositoryModelLoad (use ModelService.HandleReloadConfigRequest)",
-        ))
+        let authorization = authorization(&request);
+        let request = request.get_ref();
+        if !request.parameters.is_empty() {
+            return Err(Status::invalid_argument(
+                "RepositoryModelLoad takes no parameters here: the model's entry comes from the model config file",
+            ));
+        }
+        self.repository
+            .load(authorization.as_deref(), &request.model_name)
+            .await?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 
     async fn repository_model_unload(
         &self,
-        _: Request<pb::RepositoryModelUnloadRequest>,
+        request: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Answer<pb::RepositoryModelUnloadResponse> {
-        Err(unimplemented(
-            "RepositoryModelUnload (use ModelService.HandleReloadConfigRequest)",
-        ))
+        let authorization = authorization(&request);
+        self.repository
+            .unload(authorization.as_deref(), &request.get_ref().model_name)
+            .await?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 
     async fn system_shared_memory_status(

@@ -9,6 +9,7 @@ mod routes;
 pub mod tasks_json;
 mod v2;
 
+use crate::api::v2::Repository;
 use crate::inference::Inference;
 use axum::routing::get;
 use axum::Router;
@@ -33,6 +34,8 @@ pub struct RestOptions {
 /// Shared by every handler.
 struct RestState {
     inference: Inference,
+    /// V2's repository load and unload.
+    repository: Repository,
     metrics: Option<PrometheusHandle>,
     max_body_bytes: usize,
     /// One permit per byte of request body held.
@@ -44,11 +47,13 @@ struct RestState {
 /// paths answer 404.
 pub fn router(
     inference: Inference,
+    repository: Repository,
     metrics: Option<PrometheusHandle>,
     options: &RestOptions,
 ) -> Router {
     let state = Arc::new(RestState {
         inference,
+        repository,
         metrics,
         max_body_bytes: options.max_body_bytes,
         bytes_in_flight: Arc::new(Semaphore::new(

@@ -50,9 +50,12 @@ pub(super) enum V2Call {
         version: String,
     },
     RepositoryIndex,
-    /// Part of V2 that modelgate does not serve (loading and unloading through the
-    /// repository extension).
-    Unimplemented(String),
+    RepositoryLoad {
+        model: String,
+    },
+    RepositoryUnload {
+        model: String,
+    },
 }
 
 impl V2Call {
@@ -91,11 +94,12 @@ pub(super) fn parse(method: &Method, path: &str) -> Option<Result<V2Call, Error>
             ["health", "live"] if get => V2Call::Live,
             ["health", "ready"] if get => V2Call::Ready,
             ["repository", "index"] if post => V2Call::RepositoryIndex,
-            ["repository", "models", _, "load" | "unload"] if post => V2Call::Unimplemented(
-                "loading and unloading through the model repository extension (change the \
-                 model config file, or POST /admin/reload)"
-                    .into(),
-            ),
+            ["repository", "models", model, "load"] if post => V2Call::RepositoryLoad {
+                model: decode_segment(model)?,
+            },
+            ["repository", "models", model, "unload"] if post => V2Call::RepositoryUnload {
+                model: decode_segment(model)?,
+            },
             ["models", "stats"] if get => V2Call::Statistics {
                 model: String::new(),
                 version: String::new(),
@@ -210,12 +214,10 @@ pub(super) fn answer_without_body(state: &RestState, call: &V2Call) -> Result<Re
                 serde_json::json!({ "model_stats": model_stats }),
             )
         }
-        V2Call::Unimplemented(what) => {
-            return Err(Error::Unimplemented(format!(
-                "{what} is not implemented by modelgate"
-            )))
-        }
-        V2Call::Infer { .. } | V2Call::RepositoryIndex => {
+        V2Call::Infer { .. }
+        | V2Call::RepositoryIndex
+        | V2Call::RepositoryLoad { .. }
+        | V2Call::RepositoryUnload { .. } => {
             return Err(Error::Internal(
                 "this call reads a body (server bug)".into(),
             ))
@@ -802,10 +804,12 @@ mod tests {
             parse(&Method::POST, "/v2/repository/index"),
             Some(Ok(V2Call::RepositoryIndex))
         );
-        assert!(matches!(
-            parse(&Method::POST, "/v2/repository/models/m/load"),
-            Some(Ok(V2Call::Unimplemented(_)))
-        ));
+        assert_eq!(
+            parse(&Method::POST, "/v2/repository/models/m%2F1/unload"),
+            Some(Ok(V2Call::RepositoryUnload {
+                model: "m/1".into()
+            }))
+        );
     }
 
     fn declared(datatype: &str, shape: &[i64]) -> DeclaredInput {

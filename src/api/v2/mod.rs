@@ -5,13 +5,19 @@
 //! The transports are `api::grpc::v2` (`inference.GRPCInferenceService` on the gRPC port)
 //! and `api::rest::v2` (the `/v2` paths on the REST port).
 
+use crate::api::admin::AdminToken;
+use crate::config::ModelSpec;
 use crate::error::Error;
 use crate::inference::{self, check_input, find_signature, Inference, PredictResponse};
-use crate::registry::{Registry, Servable, VersionSelector, VersionState};
+use crate::registry::{
+    ManagerHandle, ModelChange, Registry, Servable, VersionSelector, VersionState,
+};
 use crate::signature::{TensorSpec, DEFAULT_SIGNATURE};
 use crate::telemetry::VersionStatistics;
 use crate::tensor::{byte_size, DType, Tensor};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -148,6 +154,62 @@ pub fn repository_index(registry: &Registry, ready_only: bool) -> Vec<IndexEntry
         }
     }
     entries
+}
+
+/// A model's entry in the model config source (the file is read anew), or NOT_FOUND.
+pub type ModelEntry = Arc<
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<ModelSpec, Error>> + Send>> + Send + Sync,
+>;
+
+/// The repository extension's load and unload, acting on the model config the server
+/// runs: load (re)adds a model's entry from the model config file (so a model unloaded
+/// before, or added to the file since, comes back), unload removes the model from the
+/// running config and its versions unload. Both last until the config file changes or
+/// `/admin/reload` applies it again. With an admin token, both need it
+/// (`authorization: Bearer <token>`, gRPC metadata or HTTP header).
+#[derive(Clone)]
+pub struct Repository {
+    entry: ModelEntry,
+    manager: ManagerHandle,
+    token: Option<AdminToken>,
+}
+
+impl Repository {
+    pub fn new(entry: ModelEntry, manager: ManagerHandle, token: Option<AdminToken>) -> Repository {
+        Repository {
+            entry,
+            manager,
+            token,
+        }
+    }
+
+    fn authorize(&self, authorization: Option<&[u8]>) -> Result<(), Error> {
+        match &self.token {
+            Some(token) if !token.authorizes(authorization) => Err(Error::Unauthenticated(
+                "repository load and unload need 'authorization: Bearer <admin token>'".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Loads (or reloads) `model` from its entry in the model config file and waits until
+    /// its versions are loaded or have failed.
+    pub async fn load(&self, authorization: Option<&[u8]>, model: &str) -> Result<(), Error> {
+        self.authorize(authorization)?;
+        let spec = (self.entry)(model.to_string()).await?;
+        tracing::info!(model, "repository load");
+        Ok(self.manager.change_model(ModelChange::Upsert(spec)).await?)
+    }
+
+    /// Removes `model` from the running config and waits until its versions are freed.
+    pub async fn unload(&self, authorization: Option<&[u8]>, model: &str) -> Result<(), Error> {
+        self.authorize(authorization)?;
+        tracing::info!(model, "repository unload");
+        Ok(self
+            .manager
+            .change_model(ModelChange::Remove(model.to_string()))
+            .await?)
+    }
 }
 
 /// A tensor's name, datatype and shape, as V2 metadata lists them.
