@@ -73,7 +73,9 @@ python-test:
 
 v2-test:
 	cargo build
-	MODELGATE_BIN=target/debug/modelgate $(VENV_V2)/bin/python -m pytest -q tests/python_v2
+	# One pytest per client: tritonclient and kserve cannot share a process.
+	MODELGATE_BIN=target/debug/modelgate $(VENV_V2)/bin/python -m pytest -q tests/python_v2/test_tritonclient.py
+	MODELGATE_BIN=target/debug/modelgate $(VENV_V2)/bin/python -m pytest -q tests/python_v2/test_kserve.py
 
 ## deploy-check: Kubernetes manifests, Dockerfiles and workflows validated offline
 deploy-check:

@@ -26,6 +26,8 @@ use common::{demo_models, spec, write_config, Server, TempDir};
 use h2::client::SendRequest;
 use loadgen::{closed_loop, connect, open_loop, request_from_metadata, Call, Report};
 use modelgate::api::grpc::tensor_to_proto;
+use modelgate::proto::inference::model_infer_request::InferInputTensor;
+use modelgate::proto::inference::ModelInferRequest;
 use modelgate::proto::serving::PredictRequest;
 use modelgate::tensor::Tensor;
 use std::time::{Duration, Instant};
@@ -37,6 +39,7 @@ const BATCH: usize = 64;
 const CONNECTIONS: usize = 2;
 
 const PREDICT: &str = "/tensorflow.serving.PredictionService/Predict";
+const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 fn one_row(model: &str, input: &str, cols: usize) -> PredictRequest {
     let values: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 / 7.0).collect();
@@ -45,6 +48,23 @@ fn one_row(model: &str, input: &str, cols: usize) -> PredictRequest {
         model_spec: Some(spec(model)),
         // As tf.make_tensor_proto encodes a numpy array: raw bytes in tensor_content.
         inputs: [(input.to_string(), tensor_to_proto(&row, true))].into(),
+        ..Default::default()
+    }
+}
+
+/// The same one-row request in the V2 protocol, as tritonclient sends it (raw bytes).
+fn one_row_v2(model: &str, input: &str, cols: usize) -> ModelInferRequest {
+    let values: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 / 7.0).collect();
+    let row = Tensor::from_values(vec![1, cols as i64], &values).expect("one row");
+    ModelInferRequest {
+        model_name: model.to_string(),
+        inputs: vec![InferInputTensor {
+            name: input.to_string(),
+            datatype: "FP32".into(),
+            shape: row.shape.clone(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![row.data],
         ..Default::default()
     }
 }
@@ -205,6 +225,8 @@ async fn tables() {
 
     header("1. batching gain: mlp (784-512-512-10), 1-row requests, closed loop");
     let mut served = Vec::new();
+    let mut tf_64 = None;
+    let mut v2_run: Option<Run> = None;
     for batching in [false, true] {
         let dir = TempDir::new("bench");
         let server = start(batching, &dir);
@@ -218,9 +240,17 @@ async fn tables() {
                 if batching { "on" } else { "off" }
             );
             row(&label, &run);
+            if batching && concurrency == 64 {
+                tf_64 = Some(run.server_us);
+            }
             served.push((batching, concurrency, run.report));
         }
         if batching {
+            // The same load in the V2 protocol, right after, on the same server.
+            let v2 = Call::new(server.grpc, MODEL_INFER, &one_row_v2("mlp", "images", 784));
+            let run = closed(Some(server.pid()), &clients, &v2, 64, MEASURE).await;
+            row("c=64 batching=on, V2 gRPC", &run);
+            v2_run = Some(run);
             let best = served
                 .iter()
                 .map(|(_, _, r)| r.throughput())
@@ -244,6 +274,14 @@ async fn tables() {
         "\nbatching on vs off at c=64: {:.2}x",
         find(true, 64) / find(false, 64)
     );
+    if let (Some(tf), Some(v2)) = (tf_64, &v2_run) {
+        println!(
+            "V2 gRPC vs TF Serving gRPC at c=64, batching on: {:.2}x the req/s, {:.2}x the server CPU per request ({:.1} vs {tf:.1} us)",
+            v2.report.throughput() / find(true, 64),
+            v2.server_us / tf,
+            v2.server_us
+        );
+    }
 
     tch::set_num_threads(cores as i32);
     let mlp_path = demo_models().join("mlp/2/model.pt");

@@ -372,3 +372,57 @@ async fn requests_queued_behind_a_busy_worker_run_in_one_batch() {
         "the slow request, then one batch of the eight queued behind it"
     );
 }
+
+/// TF Serving and V2 (KServe / Triton) requests for one model share its queue: a burst of
+/// both, sent at once, is one forward, and each request gets its own rows back.
+#[tokio::test]
+async fn tf_serving_and_v2_requests_batch_together() {
+    use modelgate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use modelgate::proto::inference::model_infer_request::InferInputTensor;
+    use modelgate::proto::inference::{InferTensorContents, ModelInferRequest};
+
+    let params = "max_batch_size { value: 16 } batch_timeout_micros { value: 10000000 } num_batch_threads { value: 1 }";
+    let (server, _dir) = start_server(&["counter"], Some(params), &[]).await;
+    let mut client = server.prediction().await;
+    let v2 = GrpcInferenceServiceClient::new(server.channel().await);
+    let before = forwards(&mut client).await;
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let (mut tf, mut v2) = (client.clone(), v2.clone());
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    let x = floats(1, 2, vec![i as f32, 0.0]);
+                    let response = tf.predict(request("counter", "", x)).await.unwrap();
+                    return values(&response.into_inner(), "y");
+                }
+                let infer = ModelInferRequest {
+                    model_name: "counter".into(),
+                    inputs: vec![InferInputTensor {
+                        name: "x".into(),
+                        datatype: "FP32".into(),
+                        shape: vec![1, 2],
+                        contents: Some(InferTensorContents {
+                            fp32_contents: vec![i as f32, 0.0],
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                };
+                let response = v2.model_infer(infer).await.unwrap().into_inner();
+                let raw = &response.raw_output_contents[0];
+                raw.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        assert_eq!(task.await.unwrap(), vec![2.0 * i as f32], "request {i}");
+    }
+    assert_eq!(
+        forwards(&mut client).await - before,
+        1,
+        "8 TF Serving and 8 V2 requests, one forward"
+    );
+}

@@ -1,68 +1,13 @@
 """The official Triton clients (tritonclient.grpc and tritonclient.http, the V2 / Open
-Inference Protocol) against the real modelgate binary, serving the test fixtures that the
-TF Serving client's tests use.
+Inference Protocol) against the real modelgate binary (conftest.py starts it)."""
 
-    MODELGATE_BIN          server binary (default: target/debug/modelgate)
-    MODELGATE_TEST_MODELS  fixture repository (default: target/test-models)
-"""
-
-import os
-import socket
-import subprocess
-import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MODELGATE_BIN = Path(os.environ.get("MODELGATE_BIN", REPO_ROOT / "target" / "debug" / "modelgate"))
-if not MODELGATE_BIN.is_absolute():
-    MODELGATE_BIN = REPO_ROOT / MODELGATE_BIN
-MODELS = Path(os.environ.get("MODELGATE_TEST_MODELS", REPO_ROOT / "target" / "test-models"))
-READY_WAIT = 120
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    config = MODELS / "fixtures.config"
-    if not MODELGATE_BIN.exists() or not config.exists():
-        pytest.fail(f"need {MODELGATE_BIN} (cargo build) and {config} (make setup)", pytrace=False)
-    grpc_port, rest_port = free_port(), free_port()
-    log = tmp_path_factory.mktemp("modelgate") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(MODELGATE_BIN), f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-             "--bind_address=127.0.0.1", f"--model_config_file={config}"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env=dict(os.environ, NO_COLOR="1"),
-        )
-    grpc_url, http_url = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{rest_port}"
-    deadline = time.monotonic() + READY_WAIT
-    client = grpcclient.InferenceServerClient(grpc_url)
-    while True:
-        try:
-            if client.is_server_ready():
-                break
-        except InferenceServerException:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"modelgate did not become ready:\n{log.read_text()}", pytrace=False)
-        time.sleep(0.2)
-    yield {"grpc": grpc_url, "http": http_url, "log": log}
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -262,41 +207,17 @@ def test_repository_unload_and_load_act_on_the_running_config(server):
         assert "not in the running config" in absent.value.message()
 
 
-def test_repository_changes_need_the_admin_token_when_one_is_set(tmp_path):
-    grpc_port, rest_port = free_port(), free_port()
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(MODELGATE_BIN), f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-             "--bind_address=127.0.0.1", f"--model_config_file={MODELS / 'fixtures.config'}",
-             "--admin_token=s3cret"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env=dict(os.environ, NO_COLOR="1"),
-        )
-    try:
-        grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-        rest = httpclient.InferenceServerClient(f"127.0.0.1:{rest_port}")
-        deadline = time.monotonic() + READY_WAIT
-        while not _ready(grpc):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        for client in (grpc, rest):
-            for headers in (None, {"authorization": "Bearer wrong"}):
-                with pytest.raises(InferenceServerException) as refused:
-                    client.unload_model("tiny", headers=headers)
-                assert "admin token" in refused.value.message()
-            assert client.is_model_ready("tiny")
-        grpc.unload_model("tiny", headers={"authorization": "Bearer s3cret"})
-        assert not rest.is_model_ready("tiny")
-        rest.load_model("tiny", headers={"Authorization": "Bearer s3cret"})
-        assert grpc.is_model_ready("tiny")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _ready(client):
-    try:
-        return client.is_server_ready()
-    except InferenceServerException:
-        return False
+def test_repository_changes_need_the_admin_token_when_one_is_set(start_modelgate):
+    secured = start_modelgate("--admin_token=s3cret")
+    grpc = grpcclient.InferenceServerClient(secured["grpc"])
+    rest = httpclient.InferenceServerClient(secured["http"])
+    for client in (grpc, rest):
+        for headers in (None, {"authorization": "Bearer wrong"}):
+            with pytest.raises(InferenceServerException) as refused:
+                client.unload_model("tiny", headers=headers)
+            assert "admin token" in refused.value.message()
+        assert client.is_model_ready("tiny")
+    grpc.unload_model("tiny", headers={"authorization": "Bearer s3cret"})
+    assert not rest.is_model_ready("tiny")
+    rest.load_model("tiny", headers={"Authorization": "Bearer s3cret"})
+    assert grpc.is_model_ready("tiny")
