@@ -37,8 +37,9 @@ $(VENV_V2)/.installed: tests/python_v2/requirements.txt Makefile
 	$(VENV_V2)/bin/pip install --quiet -r tests/python_v2/requirements.txt
 	touch $@
 
-$(MODELS_STAMP): models/generate.py $(VENV)/.installed
+$(MODELS_STAMP): models/generate.py models/warmup.py $(VENV)/.installed
 	$(VENV)/bin/python models/generate.py demo models
+	$(VENV)/bin/python models/warmup.py demo models
 
 $(FIXTURES_STAMP): models/generate.py $(VENV)/.installed
 	$(VENV)/bin/python models/generate.py fixtures target/test-models

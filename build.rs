@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "tensorflow_serving/config/monitoring_config.proto",
     "tensorflow_serving/config/ssl_config.proto",
     "tensorflow_serving/servables/tensorflow/session_bundle_config.proto",
+    "tensorflow_serving/apis/prediction_log.proto",
     // The Open Inference Protocol (KServe V2) as Triton defines it.
     "inference/grpc_service.proto",
 ];

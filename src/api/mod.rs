@@ -11,6 +11,7 @@ pub mod rest;
 pub mod serve;
 pub mod tasks;
 pub mod v2;
+pub mod warmup;
 
 use crate::error::Error;
 

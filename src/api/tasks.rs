@@ -11,7 +11,7 @@ use crate::inference::{find_signature, name_outputs, Inference};
 use crate::proto::serving::{
     Class, ClassificationResult, Classifications, Input, Regression, RegressionResult,
 };
-use crate::registry::VersionSelector;
+use crate::registry::{Servable, VersionSelector};
 use crate::runtime::ModelOutput;
 use crate::signature::{
     Signature, SignatureKind, CLASSIFY_METHOD_NAME, DEFAULT_SIGNATURE, REGRESS_METHOD_NAME,
@@ -81,11 +81,23 @@ pub async fn run(
     request_bytes: usize,
 ) -> Result<TasksAnswer, Error> {
     let servable = inference.registry().resolve(model, version)?;
+    run_on(inference, &servable, tasks, input, request_bytes).await
+}
+
+/// [`run`] on a version already resolved (warm-up replays records on a version that does
+/// not serve yet).
+pub async fn run_on(
+    inference: &Inference,
+    servable: &Servable,
+    tasks: &[Task<'_>],
+    input: Option<&Input>,
+    request_bytes: usize,
+) -> Result<TasksAnswer, Error> {
     let examples = Examples::from_input(input)?;
     let mut budget = inference.decode_budget(request_bytes);
     let mut resolved = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let (name, signature) = find_signature(&servable, task.signature)?;
+        let (name, signature) = find_signature(servable, task.signature)?;
         check_kind(name, signature, task.kind)?;
         resolved.push((name, signature, task.kind));
     }
@@ -99,7 +111,7 @@ pub async fn run(
         let (name, signature, _) = resolved[i];
         let tensors = examples.tensors_for(name, &signature.inputs, &mut budget)?;
         let output = inference
-            .run_method(&servable, signature, tensors, None)
+            .run_method(servable, signature, tensors, None)
             .await?;
         for j in i..resolved.len() {
             let other = resolved[j].1;

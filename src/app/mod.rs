@@ -64,6 +64,14 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     let signals = Signals::install();
 
     let registry = Registry::new();
+    let inference = Inference::new(Arc::clone(&registry), flags.max_request_tensor_bytes);
+    let warm_up = flags.enable_model_warmup.then(|| {
+        api::warmup::replay(
+            inference.clone(),
+            flags.num_request_iterations_for_warmup,
+            tokio::runtime::Handle::current(),
+        )
+    });
     let (manager, manager_handle) = Manager::new(
         Arc::clone(&registry),
         storage,
@@ -73,6 +81,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
                 batching,
                 per_model_batching: flags.enable_per_model_batching_parameters,
                 direct_queue_capacity: flags.max_queued_requests,
+                warm_up,
             },
             poll_interval: (flags.file_system_poll_wait_seconds > 0)
                 .then(|| Duration::from_secs(flags.file_system_poll_wait_seconds)),
@@ -114,7 +123,6 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
         stop_tx,
     ));
 
-    let inference = Inference::new(Arc::clone(&registry), flags.max_request_tensor_bytes);
     let source = models.clone();
     let repository = api::v2::Repository::new(
         Arc::new(move |name| {

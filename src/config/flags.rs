@@ -17,7 +17,6 @@ const IGNORED_TF_SERVING_FLAGS: &[(&str, &str)] = &[
         "enable_grpc_healthcheck_service",
         "grpc.health.v1 is always served",
     ),
-    ("enable_model_warmup", "every version is always warmed up"),
     ("enable_profiler", "there is no TensorFlow profiler"),
     (
         "enable_signature_method_name_check",
@@ -36,10 +35,6 @@ const IGNORED_TF_SERVING_FLAGS: &[(&str, &str)] = &[
     (
         "num_load_threads",
         "versions load on blocking threads of their own",
-    ),
-    (
-        "num_request_iterations_for_warmup",
-        "warm-up runs each signature once",
     ),
     (
         "num_tflite_interpreters_per_pool",
@@ -163,6 +158,16 @@ pub struct Flags {
     /// BatchingParameters in protobuf text format.
     #[arg(long = "batching_parameters_file")]
     pub batching_parameters_file: Option<String>,
+
+    /// Replay `<version>/assets.extra/tf_serving_warmup_requests` before a version serves
+    /// (TF Serving's flag); off, only the synthetic warm-up runs.
+    #[arg(long = "enable_model_warmup", num_args = 0..=1, default_value_t = true,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub enable_model_warmup: bool,
+
+    /// How many times each warm-up record is replayed; 0 means once (TF Serving's default).
+    #[arg(long = "num_request_iterations_for_warmup", default_value_t = 0)]
+    pub num_request_iterations_for_warmup: usize,
 
     /// Read batching_params.pbtxt from each model version directory.
     #[arg(long = "enable_per_model_batching_parameters", num_args = 0..=1, default_value_t = false,
@@ -439,7 +444,7 @@ mod tests {
             "--tensorflow_intra_op_parallelism=4",
             "--grpc_max_threads",
             "16",
-            "--enable_model_warmup",
+            "--enable_profiler",
             "--port=1234",
         ]);
         assert_eq!(flags.port, 1234);

@@ -1,6 +1,7 @@
 //! Loading one version directory: find its module and signatures, load it onto the device
 //! and warm it up. Blocking; the manager runs it on a blocking thread.
 
+use super::warmup::{read_warm_up, WarmUpReplay};
 use super::Servable;
 use crate::batching::{BatchingOptions, Scheduler, BATCHING_PARAMS_FILE};
 use crate::config::ConfigError;
@@ -26,6 +27,9 @@ pub enum VersionLoadError {
     Io { path: String, message: String },
     #[error(transparent)]
     Batching(#[from] ConfigError),
+    /// The warm-up file is malformed, or a recorded request failed, as TF Serving refuses.
+    #[error("warm-up: {0}")]
+    WarmUp(String),
 }
 
 /// How every version is loaded: where it runs and how its requests are scheduled.
@@ -38,16 +42,21 @@ pub struct LoadSettings {
     pub per_model_batching: bool,
     /// Without batching, requests that may wait for a worker before new ones are refused.
     pub direct_queue_capacity: usize,
+    /// `--enable_model_warmup`: how a version's recorded warm-up requests are replayed
+    /// (`None`: not at all; the synthetic warm-up on every worker always runs).
+    pub warm_up: Option<WarmUpReplay>,
 }
 
 /// Loads the version in `dir`: signatures from `signature.json` or, when that file is
-/// absent, from `extra/signature.json` inside the TorchScript archive.
+/// absent, from `extra/signature.json` inside the TorchScript archive. Every worker runs
+/// the synthetic warm-up; then, with `--enable_model_warmup`, the version's recorded
+/// warm-up requests are replayed (a bad file or a failing record fails the load).
 pub fn load_version(
     model: &str,
     version: i64,
     dir: &Path,
     settings: &LoadSettings,
-) -> Result<Servable, VersionLoadError> {
+) -> Result<Arc<Servable>, VersionLoadError> {
     let model_path = dir.join(MODEL_FILE);
     if !model_path.is_file() {
         let found = SAVED_MODEL_FILES
@@ -81,12 +90,28 @@ pub fn load_version(
         settings.direct_queue_capacity,
         &warm_up,
     )?;
-    Ok(Servable {
+    let servable = Arc::new(Servable {
         model: model.to_string(),
         version,
         signatures,
         scheduler,
-    })
+    });
+    if let Some(warm_up) = &settings.warm_up {
+        // Read after the workers start, as TF Serving does: a bad file fails the load all
+        // the same, and the workers (dropped with the servable) stop.
+        if let Some(records) = read_warm_up(dir).map_err(VersionLoadError::WarmUp)? {
+            let started = std::time::Instant::now();
+            (warm_up.replay)(Arc::clone(&servable), &records).map_err(VersionLoadError::WarmUp)?;
+            tracing::info!(
+                model,
+                version,
+                records = records.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                "replayed the warm-up requests"
+            );
+        }
+    }
+    Ok(servable)
 }
 
 /// The version's own batching_params.pbtxt when per-model parameters are on and it has one,

@@ -622,7 +622,7 @@ impl Manager {
             Ok(servable) => {
                 tracing::info!(model = %name, version, seconds = started.elapsed().as_secs_f64(), "available");
                 model.failed.remove(&version);
-                model.loaded.insert(version, Arc::new(servable));
+                model.loaded.insert(version, servable);
                 self.registry
                     .set_status(name, version, VersionState::Available, None);
                 self.publish();

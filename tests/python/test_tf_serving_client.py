@@ -342,6 +342,16 @@ def softmax(logits):
 # ---------------------------------------------------------------------------
 
 
+def test_demo_mlp_warm_up_files_were_replayed(server):
+    """models/warmup.py writes the demo mlp's warm-up files with TensorFlow's TFRecord
+    writer and TF Serving's PredictionLog; modelgate replays them before serving."""
+    for version in (1, 2):
+        assert (DEMO_MODELS / "mlp" / str(version) / "assets.extra" / "tf_serving_warmup_requests").is_file()
+        assert re.search(
+            rf'replayed the warm-up requests model="mlp" version={version} records=2', server.log(10_000)
+        ), server.log()
+
+
 def test_predict_tiny(predict_stub):
     x = tf.make_tensor_proto([[1.0], [2.0], [3.5]], dtype=tf.float32)
     resp = predict_stub.Predict(predict_request("tiny", {"x": x}), timeout=TIMEOUT)

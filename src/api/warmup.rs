@@ -1,0 +1,125 @@
+//! Replaying a version's recorded warm-up requests (`assets.extra/tf_serving_warmup_requests`,
+//! read and checked by the registry) through the same request path as clients' calls:
+//! Predict through [`Inference::predict_on`], Classify, Regress and MultiInference through
+//! [`tasks::run_on`], on the version being loaded, before it serves. The responses are
+//! dropped; a record that fails fails the load, as in TF Serving.
+
+use crate::api::grpc::tensor_from_proto;
+use crate::api::tasks::{self, Task, TaskKind};
+use crate::error::Error;
+use crate::inference::{self, Inference};
+use crate::proto::serving::prediction_log::LogType;
+use crate::proto::serving::PredictionLog;
+use crate::registry::{Servable, WarmUpReplay};
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The replay the loader calls: every record `iterations` times (0 means once, as TF
+/// Serving's `--num_request_iterations_for_warmup`). It runs on the loading thread (a
+/// blocking one), driving the async request path on `runtime`.
+pub fn replay(
+    inference: Inference,
+    iterations: usize,
+    runtime: tokio::runtime::Handle,
+) -> WarmUpReplay {
+    WarmUpReplay {
+        replay: Arc::new(move |servable: Arc<Servable>, records: &[PredictionLog]| {
+            for _ in 0..iterations.max(1) {
+                for (i, record) in records.iter().enumerate() {
+                    runtime
+                        .block_on(replay_one(&inference, &servable, record))
+                        .map_err(|e| format!("record {i} failed: {e}"))?;
+                }
+            }
+            Ok(())
+        }),
+    }
+}
+
+async fn replay_one(
+    inference: &Inference,
+    servable: &Arc<Servable>,
+    record: &PredictionLog,
+) -> Result<(), Error> {
+    let missing = |what: &str| Error::InvalidArgument(format!("the {what} log has no request"));
+    match &record.log_type {
+        Some(LogType::PredictLog(log)) => {
+            let request = log.request.as_ref().ok_or_else(|| missing("Predict"))?;
+            let mut budget = inference.decode_budget(request.encoded_len());
+            let mut inputs = HashMap::with_capacity(request.inputs.len());
+            for (name, proto) in &request.inputs {
+                inputs.insert(name.clone(), tensor_from_proto(name, proto, &mut budget)?);
+            }
+            let signature = request
+                .model_spec
+                .as_ref()
+                .map(|s| s.signature_name.clone())
+                .unwrap_or_default();
+            inference
+                .predict_on(
+                    Arc::clone(servable),
+                    inference::PredictRequest {
+                        signature,
+                        inputs,
+                        output_filter: request.output_filter.clone(),
+                        deadline: None,
+                    },
+                )
+                .await?;
+        }
+        Some(LogType::ClassifyLog(log)) => {
+            let request = log.request.as_ref().ok_or_else(|| missing("Classify"))?;
+            let signature = request
+                .model_spec
+                .as_ref()
+                .map_or("", |s| s.signature_name.as_str());
+            let task = Task {
+                signature,
+                kind: TaskKind::Classify,
+            };
+            let bytes = request.encoded_len();
+            tasks::run_on(inference, servable, &[task], request.input.as_ref(), bytes).await?;
+        }
+        Some(LogType::RegressLog(log)) => {
+            let request = log.request.as_ref().ok_or_else(|| missing("Regress"))?;
+            let signature = request
+                .model_spec
+                .as_ref()
+                .map_or("", |s| s.signature_name.as_str());
+            let task = Task {
+                signature,
+                kind: TaskKind::Regress,
+            };
+            let bytes = request.encoded_len();
+            tasks::run_on(inference, servable, &[task], request.input.as_ref(), bytes).await?;
+        }
+        Some(LogType::MultiInferenceLog(log)) => {
+            let request = log
+                .request
+                .as_ref()
+                .ok_or_else(|| missing("MultiInference"))?;
+            let tasks = request
+                .tasks
+                .iter()
+                .map(|task| {
+                    Ok(Task {
+                        signature: task
+                            .model_spec
+                            .as_ref()
+                            .map_or("", |s| s.signature_name.as_str()),
+                        kind: TaskKind::from_method_name(&task.method_name)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
+            let bytes = request.encoded_len();
+            tasks::run_on(inference, servable, &tasks, request.input.as_ref(), bytes).await?;
+        }
+        None => {
+            return Err(Error::InvalidArgument(
+                "the record holds no request modelgate replays".into(),
+            ))
+        }
+    }
+    Ok(())
+}

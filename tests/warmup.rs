@@ -1,0 +1,183 @@
+//! Warm-up from recorded requests (`assets.extra/tf_serving_warmup_requests`) against the
+//! real binary: the records are replayed before the version serves (the counter fixture
+//! counts its forwards), readiness waits for them, and a malformed file fails the load
+//! while the version before it keeps serving.
+
+mod common;
+
+use common::{fixtures, float_row, spec, spec_signature, Server, TempDir};
+use modelgate::proto::serving::model_version_status::State;
+use modelgate::proto::serving::{prediction_log, PredictLog, PredictRequest, PredictionLog};
+use modelgate::proto::tensorflow::TensorProto;
+use modelgate::registry::{masked_crc32c, WARMUP_FILE};
+use prost::Message;
+use std::path::Path;
+
+/// A Predict record for the counter: one row `[1, rounds]` (busy for `rounds` matmuls).
+fn predict_record(rounds: f32) -> Vec<u8> {
+    let request = PredictRequest {
+        model_spec: Some(spec("counter")),
+        inputs: [("x".to_string(), float_row(&[1.0, rounds]))].into(),
+        ..Default::default()
+    };
+    PredictionLog {
+        log_type: Some(prediction_log::LogType::PredictLog(PredictLog {
+            request: Some(request),
+            response: None,
+        })),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// TFRecord framing: length, masked CRC-32C of it, data, masked CRC-32C of the data.
+fn tfrecord(records: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for record in records {
+        let length = (record.len() as u64).to_le_bytes();
+        out.extend_from_slice(&length);
+        out.extend_from_slice(&masked_crc32c(&length).to_le_bytes());
+        out.extend_from_slice(record);
+        out.extend_from_slice(&masked_crc32c(record).to_le_bytes());
+    }
+    out
+}
+
+/// A copy of the counter fixture's version 1 as `version` under `base`, with `warm_up` as
+/// its warm-up file when given.
+fn counter_version(base: &Path, version: i64, warm_up: Option<&[u8]>) {
+    let dir = base.join(version.to_string());
+    std::fs::create_dir_all(dir.join("assets.extra")).unwrap();
+    for file in ["model.pt", "signature.json"] {
+        std::fs::copy(fixtures().join("counter/1").join(file), dir.join(file)).unwrap();
+    }
+    if let Some(bytes) = warm_up {
+        std::fs::write(dir.join(WARMUP_FILE), bytes).unwrap();
+    }
+}
+
+/// The counter's forwards so far (on the CPU all its workers share one module).
+async fn forwards(server: &Server) -> i64 {
+    let mut client = server.prediction().await;
+    let x = TensorProto {
+        tensor_shape: Some(modelgate::api::grpc::shape_proto(Some(&[1]))),
+        ..float_row(&[0.0])
+    };
+    let response = client
+        .predict(PredictRequest {
+            model_spec: Some(spec_signature("counter", "count")),
+            inputs: [("x".to_string(), x)].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("count")
+        .into_inner();
+    common::decode_tensor("calls", &response.outputs["calls"])
+        .unwrap()
+        .to_values::<i64>()
+        .unwrap()[0]
+}
+
+/// One worker: the counter's count is a plain `+= 1` on a shared buffer, which two
+/// workers warming up at once could race on.
+fn start(base: &Path, extra: &[&str]) -> Server {
+    let config = common::model_config(&[("counter", base, "")]);
+    let mut flags = vec!["--instances_per_device=1"];
+    flags.extend_from_slice(extra);
+    Server::with_config(&config, &flags)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_requests_are_replayed_before_the_version_serves() {
+    let dir = TempDir::new("warmup");
+    let records: Vec<Vec<u8>> = (0..5).map(|_| predict_record(0.0)).collect();
+    counter_version(dir.path(), 1, Some(&tfrecord(&records)));
+
+    // The same version without replay: only the synthetic warm-up ran.
+    let plain = start(dir.path(), &["--enable_model_warmup=false"]);
+    plain.wait_available(&["counter"]).await;
+    let synthetic = forwards(&plain).await;
+    drop(plain);
+
+    let warmed = start(dir.path(), &["--num_request_iterations_for_warmup=2"]);
+    warmed.wait_available(&["counter"]).await;
+    assert_eq!(
+        forwards(&warmed).await - synthetic,
+        10,
+        "5 records, each replayed twice"
+    );
+    assert!(
+        warmed.log().contains("replayed the warm-up requests"),
+        "{}",
+        warmed.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_replay() {
+    let dir = TempDir::new("warmup-slow");
+    // Seconds of matmuls (30,000 rounds each) before the version may serve.
+    let records: Vec<Vec<u8>> = (0..3).map(|_| predict_record(30_000.0)).collect();
+    counter_version(dir.path(), 1, Some(&tfrecord(&records)));
+    let plain = start(dir.path(), &["--enable_model_warmup=false"]);
+    plain.wait_available(&["counter"]).await;
+    let synthetic = forwards(&plain).await;
+    drop(plain);
+
+    let server = start(dir.path(), &[]);
+    server.wait_readyz(200).await;
+    // The replay sends its records one after another through the version's queue. Had
+    // readiness come before it finished, this count would have run between two records
+    // and seen fewer than three.
+    assert_eq!(forwards(&server).await - synthetic, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_warm_up_file_fails_the_load_and_the_old_version_serves() {
+    let dir = TempDir::new("warmup-bad");
+    counter_version(dir.path(), 1, None);
+    let server = start(dir.path(), &["--file_system_poll_wait_seconds=1"]);
+    server.wait_available(&["counter"]).await;
+
+    let mut corrupt = tfrecord(&[predict_record(0.0)]);
+    let last = corrupt.len() - 5;
+    corrupt[last] ^= 0xff;
+    counter_version(dir.path(), 2, Some(&corrupt));
+    let mut models = server.models().await;
+    let status = common::wait_for("version 2 to fail its warm-up", || {
+        let mut models = models.clone();
+        async move {
+            let versions = common::model_status(&mut models, "counter").await.ok()?;
+            versions
+                .into_iter()
+                .find(|(version, _, error)| *version == 2 && !error.is_empty())
+        }
+    })
+    .await;
+    assert!(
+        status.2.contains("warm-up") && status.2.contains("checksum"),
+        "{status:?}"
+    );
+    // Version 1 still answers.
+    let versions = common::model_status(&mut models, "counter").await.unwrap();
+    assert!(
+        versions
+            .iter()
+            .any(|(v, state, _)| *v == 1 && *state == State::Available),
+        "{versions:?}"
+    );
+    let mut client = server.prediction().await;
+    let answer = client
+        .predict(PredictRequest {
+            model_spec: Some(spec("counter")),
+            inputs: [("x".to_string(), float_row(&[4.0, 0.0]))].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("version 1 serves")
+        .into_inner();
+    assert_eq!(
+        answer.model_spec.and_then(|s| s.version_choice),
+        Some(modelgate::proto::serving::model_spec::VersionChoice::Version(1))
+    );
+}
