@@ -7,8 +7,12 @@ mod common;
 
 use common::{fixtures, float_row, spec, spec_signature, Server, TempDir};
 use modelgate::proto::serving::model_version_status::State;
-use modelgate::proto::serving::{prediction_log, PredictLog, PredictRequest, PredictionLog};
-use modelgate::proto::tensorflow::TensorProto;
+use modelgate::proto::serving::{
+    input, prediction_log, ClassificationRequest, ClassifyLog, ExampleList, InferenceTask, Input,
+    MultiInferenceLog, MultiInferenceRequest, PredictLog, PredictRequest, PredictionLog,
+    RegressLog, RegressionRequest,
+};
+use modelgate::proto::tensorflow::{feature, Example, Feature, Features, FloatList, TensorProto};
 use modelgate::registry::{masked_crc32c, WARMUP_FILE};
 use prost::Message;
 use std::path::Path;
@@ -180,4 +184,110 @@ async fn a_malformed_warm_up_file_fails_the_load_and_the_old_version_serves() {
         answer.model_spec.and_then(|s| s.version_choice),
         Some(modelgate::proto::serving::model_spec::VersionChoice::Version(1))
     );
+}
+
+/// tf.Example rows of one float feature `x`.
+fn examples(rows: &[&[f32]]) -> Option<Input> {
+    let examples = rows
+        .iter()
+        .map(|row| Example {
+            features: Some(Features {
+                feature: [(
+                    "x".to_string(),
+                    Feature {
+                        kind: Some(feature::Kind::FloatList(FloatList {
+                            value: row.to_vec(),
+                        })),
+                    },
+                )]
+                .into(),
+            }),
+        })
+        .collect();
+    Some(Input {
+        kind: Some(input::Kind::ExampleList(ExampleList { examples })),
+    })
+}
+
+fn log(log_type: prediction_log::LogType) -> Vec<u8> {
+    PredictionLog {
+        log_type: Some(log_type),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Regress, Classify and MultiInference records run on the regressor (whose `x` has 3
+/// columns): a good file loads, and one whose record the model refuses fails the load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classify_regress_and_multi_inference_records_are_replayed() {
+    use prediction_log::LogType;
+    let rows: &[&[f32]] = &[&[1.0, 2.0, 3.0]];
+    let regress = |rows: &[&[f32]]| {
+        log(LogType::RegressLog(RegressLog {
+            request: Some(RegressionRequest {
+                model_spec: Some(spec("regressor")),
+                input: examples(rows),
+            }),
+            response: None,
+        }))
+    };
+    let classify = log(LogType::ClassifyLog(ClassifyLog {
+        request: Some(ClassificationRequest {
+            model_spec: Some(spec_signature("regressor", "classify")),
+            input: examples(rows),
+        }),
+        response: None,
+    }));
+    let task = |signature: &str, method: &str| InferenceTask {
+        model_spec: Some(spec_signature("regressor", signature)),
+        method_name: method.into(),
+    };
+    let multi = log(LogType::MultiInferenceLog(MultiInferenceLog {
+        request: Some(MultiInferenceRequest {
+            tasks: vec![
+                task("serving_default", "tensorflow/serving/regress"),
+                task("classify", "tensorflow/serving/classify"),
+            ],
+            input: examples(rows),
+        }),
+        response: None,
+    }));
+
+    for (file, fails) in [
+        (tfrecord(&[regress(rows), classify, multi]), None),
+        (
+            tfrecord(&[regress(rows), regress(&[&[1.0, 2.0]])]),
+            Some("record 1 failed"),
+        ),
+    ] {
+        let dir = TempDir::new("warmup-tasks");
+        let version = dir.path().join("1");
+        std::fs::create_dir_all(version.join("assets.extra")).unwrap();
+        for name in ["model.pt", "signature.json"] {
+            std::fs::copy(
+                fixtures().join("regressor/1").join(name),
+                version.join(name),
+            )
+            .unwrap();
+        }
+        std::fs::write(version.join(WARMUP_FILE), &file).unwrap();
+        let server =
+            Server::with_config(&common::model_config(&[("regressor", dir.path(), "")]), &[]);
+        let models = server.models().await;
+        let (_, state, error) = common::wait_for("the regressor to load or fail", || {
+            let mut models = models.clone();
+            async move {
+                let status = common::model_status(&mut models, "regressor").await.ok()?;
+                status
+                    .into_iter()
+                    .find(|(_, state, error)| *state == State::Available || !error.is_empty())
+            }
+        })
+        .await;
+        match fails {
+            None => assert_eq!(state, State::Available, "{error}"),
+            Some(needle) => assert!(error.contains(needle), "{error}"),
+        }
+    }
 }

@@ -9,7 +9,7 @@ use crate::api::tasks::{self, Task, TaskKind};
 use crate::error::Error;
 use crate::inference::{self, Inference};
 use crate::proto::serving::prediction_log::LogType;
-use crate::proto::serving::PredictionLog;
+use crate::proto::serving::{Input, ModelSpec, PredictionLog};
 use crate::registry::{Servable, WarmUpReplay};
 use prost::Message;
 use std::collections::HashMap;
@@ -70,29 +70,29 @@ async fn replay_one(
         }
         Some(LogType::ClassifyLog(log)) => {
             let request = log.request.as_ref().ok_or_else(|| missing("Classify"))?;
-            let signature = request
-                .model_spec
-                .as_ref()
-                .map_or("", |s| s.signature_name.as_str());
-            let task = Task {
-                signature,
-                kind: TaskKind::Classify,
-            };
-            let bytes = request.encoded_len();
-            tasks::run_on(inference, servable, &[task], request.input.as_ref(), bytes).await?;
+            let (spec, input) = (request.model_spec.as_ref(), request.input.as_ref());
+            one_task(
+                inference,
+                servable,
+                spec,
+                TaskKind::Classify,
+                input,
+                request.encoded_len(),
+            )
+            .await?;
         }
         Some(LogType::RegressLog(log)) => {
             let request = log.request.as_ref().ok_or_else(|| missing("Regress"))?;
-            let signature = request
-                .model_spec
-                .as_ref()
-                .map_or("", |s| s.signature_name.as_str());
-            let task = Task {
-                signature,
-                kind: TaskKind::Regress,
-            };
-            let bytes = request.encoded_len();
-            tasks::run_on(inference, servable, &[task], request.input.as_ref(), bytes).await?;
+            let (spec, input) = (request.model_spec.as_ref(), request.input.as_ref());
+            one_task(
+                inference,
+                servable,
+                spec,
+                TaskKind::Regress,
+                input,
+                request.encoded_len(),
+            )
+            .await?;
         }
         Some(LogType::MultiInferenceLog(log)) => {
             let request = log
@@ -121,5 +121,22 @@ async fn replay_one(
             ))
         }
     }
+    Ok(())
+}
+
+/// A Classify or Regress record: one task on the signature its spec names.
+async fn one_task(
+    inference: &Inference,
+    servable: &Servable,
+    spec: Option<&ModelSpec>,
+    kind: TaskKind,
+    input: Option<&Input>,
+    bytes: usize,
+) -> Result<(), Error> {
+    let task = Task {
+        signature: spec.map_or("", |s| s.signature_name.as_str()),
+        kind,
+    };
+    tasks::run_on(inference, servable, &[task], input, bytes).await?;
     Ok(())
 }
