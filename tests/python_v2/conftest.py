@@ -40,8 +40,8 @@ def ready(http):
 
 @pytest.fixture(scope="module")
 def start_modelgate(tmp_path_factory):
-    """Starts modelgate on the fixtures with `flags`, waits until it is ready, and stops
-    every server it started at the end of the module."""
+    """Starts modelgate with `flags` (on the fixtures' config unless they name one), waits
+    until it is ready, and stops every server it started at the end of the module."""
     started = []
 
     def start(*flags):
@@ -50,10 +50,12 @@ def start_modelgate(tmp_path_factory):
             pytest.fail(f"need {MODELGATE_BIN} (cargo build) and {config} (make setup)", pytrace=False)
         grpc_port, rest_port = free_port(), free_port()
         log = tmp_path_factory.mktemp("modelgate") / "server.log"
+        if not any(flag.startswith("--model_config_file=") for flag in flags):
+            flags = (f"--model_config_file={config}", *flags)
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [str(MODELGATE_BIN), f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-                 "--bind_address=127.0.0.1", f"--model_config_file={config}", *flags],
+                 "--bind_address=127.0.0.1", *flags],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=dict(os.environ, NO_COLOR="1"),
             )

@@ -1,6 +1,8 @@
 """The official Triton clients (tritonclient.grpc and tritonclient.http, the V2 / Open
 Inference Protocol) against the real modelgate binary (conftest.py starts it)."""
 
+import os
+import time
 import urllib.request
 
 import numpy as np
@@ -111,6 +113,56 @@ def test_every_served_datatype_round_trips(server):
             got = result.as_numpy("y")
             assert got.dtype == dtype, (module.__name__, datatype, got.dtype)
             np.testing.assert_array_equal(got, values)
+    # And as JSON over HTTP, both ways (FP16 and BF16 travel only as binary data).
+    client = httpclient.InferenceServerClient(server["http"])
+    for signature, datatype, dtype in cases[:-1]:
+        values = np.array([[1, 0, 3], [4, 5, 1]]).astype(dtype)
+        x = httpclient.InferInput("x", [2, 3], datatype)
+        x.set_data_from_numpy(values, binary_data=False)
+        y = httpclient.InferRequestedOutput("y", binary_data=False)
+        result = client.infer("echo", [x], outputs=[y], parameters={"signature_name": signature})
+        assert "data" in result.get_output("y"), result.get_response()
+        got = result.as_numpy("y")
+        assert got.dtype == dtype, (datatype, got.dtype)
+        np.testing.assert_array_equal(got, values)
+
+
+def test_concurrent_async_calls_batch_into_one_forward(start_modelgate, tmp_path):
+    """tritonclient's async calls, sent at once to a batching server, are one forward (the
+    counter fixture counts its forwards; its `count` signature reads the count)."""
+    from conftest import MODELS
+
+    config = tmp_path / "counter.config"
+    config.write_text(
+        'model_config_list { config { name: "counter" base_path: "%s" model_platform: "pytorch" } }\n'
+        % (MODELS / "counter"))
+    params = tmp_path / "batching.config"
+    params.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 10000000 } "
+                      "num_batch_threads { value: 1 }\n")
+    batching = start_modelgate(f"--model_config_file={config}", "--enable_batching",
+                               f"--batching_parameters_file={params}")
+    client = grpcclient.InferenceServerClient(batching["grpc"])
+
+    def forwards():
+        x = grpcclient.InferInput("x", [1], "FP32")
+        x.set_data_from_numpy(np.zeros(1, dtype=np.float32))
+        result = client.infer("counter", [x], parameters={"signature_name": "count"})
+        return int(result.as_numpy("calls")[0])
+
+    before = forwards()
+    done = []
+    for i in range(8):
+        x = grpcclient.InferInput("x", [1, 2], "FP32")
+        x.set_data_from_numpy(np.array([[i, 0]], dtype=np.float32))
+        client.async_infer("counter", [x], callback=lambda result, error, i=i: done.append((i, result, error)))
+    deadline = time.monotonic() + 60
+    while len(done) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(done) == 8
+    for i, result, error in done:
+        assert error is None, error
+        np.testing.assert_array_equal(result.as_numpy("y"), [[2.0 * i]])
+    assert forwards() - before == 1, "8 async calls, one forward"
 
 
 def test_errors_are_clear_and_coded(server):
