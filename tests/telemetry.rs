@@ -5,38 +5,14 @@
 
 mod common;
 
-use common::{spec_signature, Server, TempDir, TIMEOUT};
+use common::{examples, spec_signature, Server, TempDir, TIMEOUT};
 use modelgate::api::grpc::tensor_to_proto;
 use modelgate::proto::serving::{
-    input, ClassificationRequest, ExampleList, InferenceTask, Input, MultiInferenceRequest,
-    PredictRequest, RegressionRequest,
+    ClassificationRequest, InferenceTask, MultiInferenceRequest, PredictRequest, RegressionRequest,
 };
-use modelgate::proto::tensorflow::{feature, Example, Feature, Features, FloatList};
 use modelgate::tensor::Tensor;
 use serde_json::Value;
 use std::time::{Duration, Instant};
-
-fn examples(rows: &[[f32; 3]]) -> Option<Input> {
-    let examples = rows
-        .iter()
-        .map(|row| Example {
-            features: Some(Features {
-                feature: [(
-                    "x".to_string(),
-                    Feature {
-                        kind: Some(feature::Kind::FloatList(FloatList {
-                            value: row.to_vec(),
-                        })),
-                    },
-                )]
-                .into(),
-            }),
-        })
-        .collect();
-    Some(Input {
-        kind: Some(input::Kind::ExampleList(ExampleList { examples })),
-    })
-}
 
 /// Polls the REST status of `model` until its text contains `needle`.
 async fn wait_status(server: &Server, model: &str, needle: &str) {

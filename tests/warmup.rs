@@ -5,14 +5,14 @@
 
 mod common;
 
-use common::{fixtures, float_row, spec, spec_signature, Server, TempDir};
+use common::{examples, fixtures, float_row, spec, spec_signature, Server, TempDir};
 use modelgate::proto::serving::model_version_status::State;
 use modelgate::proto::serving::{
-    input, prediction_log, ClassificationRequest, ClassifyLog, ExampleList, InferenceTask, Input,
-    MultiInferenceLog, MultiInferenceRequest, PredictLog, PredictRequest, PredictionLog,
-    RegressLog, RegressionRequest,
+    prediction_log, ClassificationRequest, ClassifyLog, InferenceTask, MultiInferenceLog,
+    MultiInferenceRequest, PredictLog, PredictRequest, PredictionLog, RegressLog,
+    RegressionRequest,
 };
-use modelgate::proto::tensorflow::{feature, Example, Feature, Features, FloatList, TensorProto};
+use modelgate::proto::tensorflow::TensorProto;
 use modelgate::registry::{masked_crc32c, WARMUP_FILE};
 use prost::Message;
 use std::path::Path;
@@ -184,29 +184,6 @@ async fn a_malformed_warm_up_file_fails_the_load_and_the_old_version_serves() {
         answer.model_spec.and_then(|s| s.version_choice),
         Some(modelgate::proto::serving::model_spec::VersionChoice::Version(1))
     );
-}
-
-/// tf.Example rows of one float feature `x`.
-fn examples(rows: &[&[f32]]) -> Option<Input> {
-    let examples = rows
-        .iter()
-        .map(|row| Example {
-            features: Some(Features {
-                feature: [(
-                    "x".to_string(),
-                    Feature {
-                        kind: Some(feature::Kind::FloatList(FloatList {
-                            value: row.to_vec(),
-                        })),
-                    },
-                )]
-                .into(),
-            }),
-        })
-        .collect();
-    Some(Input {
-        kind: Some(input::Kind::ExampleList(ExampleList { examples })),
-    })
 }
 
 fn log(log_type: prediction_log::LogType) -> Vec<u8> {

@@ -597,6 +597,31 @@ pub fn decode_tensor(
     )
 }
 
+/// tf.Example rows of one float feature `x`, as a Classify / Regress input.
+pub fn examples<R: AsRef<[f32]>>(rows: &[R]) -> Option<modelgate::proto::serving::Input> {
+    use modelgate::proto::serving::{input, ExampleList, Input};
+    use modelgate::proto::tensorflow::{feature, Example, Feature, Features, FloatList};
+    let examples = rows
+        .iter()
+        .map(|row| Example {
+            features: Some(Features {
+                feature: [(
+                    "x".to_string(),
+                    Feature {
+                        kind: Some(feature::Kind::FloatList(FloatList {
+                            value: row.as_ref().to_vec(),
+                        })),
+                    },
+                )]
+                .into(),
+            }),
+        })
+        .collect();
+    Some(Input {
+        kind: Some(input::Kind::ExampleList(ExampleList { examples })),
+    })
+}
+
 /// A `[1, n]` float tensor.
 pub fn float_row(values: &[f32]) -> TensorProto {
     TensorProto {
