@@ -25,20 +25,22 @@ fn dtype_of(kind: Kind) -> Option<DType> {
     DType::ALL.into_iter().find(|&dtype| kind_of(dtype) == kind)
 }
 
-/// What a method returned, still libtorch tensors (on the model's device).
-enum Returned {
-    Tensor(tch::Tensor),
-    Sequence(Vec<tch::Tensor>),
-    Dict(Vec<(String, tch::Tensor)>),
+/// How a method's result is shaped: its tensors travel separately, in this order.
+enum Form {
+    Tensor,
+    Sequence,
+    /// A `Dict[str, Tensor]`: the keys, in the tensors' order.
+    Dict(Vec<String>),
 }
 
-impl Returned {
-    /// Maps a method's result onto tensors, refusing what modelgate cannot serve.
-    fn of(value: IValue) -> Result<Returned, RunError> {
-        let returned = match value {
-            IValue::Tensor(t) => Returned::Tensor(t),
-            IValue::TensorList(list) => Returned::Sequence(list),
-            IValue::Tuple(items) | IValue::GenericList(items) => Returned::Sequence(
+impl Form {
+    /// Splits what a method returned into its form and its tensors (on the model's device).
+    fn of(value: IValue) -> Result<(Form, Vec<tch::Tensor>), RunError> {
+        Ok(match value {
+            IValue::Tensor(t) => (Form::Tensor, vec![t]),
+            IValue::TensorList(list) => (Form::Sequence, list),
+            IValue::Tuple(items) | IValue::GenericList(items) => (
+                Form::Sequence,
                 items
                     .into_iter()
                     .map(|item| match item {
@@ -47,8 +49,8 @@ impl Returned {
                     })
                     .collect::<Result<_, _>>()?,
             ),
-            IValue::GenericDict(entries) => Returned::Dict(
-                entries
+            IValue::GenericDict(entries) => {
+                let (keys, tensors) = entries
                     .into_iter()
                     .map(|(key, value)| match (key, value) {
                         (IValue::String(key), IValue::Tensor(t)) => Ok((key, t)),
@@ -59,22 +61,26 @@ impl Returned {
                             "the model returned a dict whose keys are not strings".into(),
                         )),
                     })
-                    .collect::<Result<_, _>>()?,
-            ),
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .unzip();
+                (Form::Dict(keys), tensors)
+            }
             other => return Err(not_a_tensor("the method's result", &other)),
-        };
-        for tensor in returned.tensors() {
-            servable_dtype(tensor)?;
-        }
-        Ok(returned)
+        })
     }
 
-    fn tensors(&self) -> Vec<&tch::Tensor> {
-        match self {
-            Returned::Tensor(t) => vec![t],
-            Returned::Sequence(ts) => ts.iter().collect(),
-            Returned::Dict(entries) => entries.iter().map(|(_, t)| t).collect(),
-        }
+    /// The result again, from its tensors brought to the host (in the same order).
+    fn rebuild(self, mut tensors: Vec<Tensor>) -> Result<ModelOutput, RunError> {
+        Ok(match self {
+            Form::Tensor => ModelOutput::Tensor(
+                tensors
+                    .pop()
+                    .ok_or_else(|| RunError::BadOutput("the result has no tensor".into()))?,
+            ),
+            Form::Sequence => ModelOutput::Sequence(tensors),
+            Form::Dict(keys) => ModelOutput::Dict(keys.into_iter().zip(tensors).collect()),
+        })
     }
 }
 
@@ -88,40 +94,24 @@ fn servable_dtype(torch: &tch::Tensor) -> Result<DType, RunError> {
 }
 
 /// Brings what a method returned back to the host as [`ModelOutput`], through the worker's
-/// staging (one copy; on a GPU all outputs come back together, asynchronously).
+/// staging (one copy; on a GPU all outputs come back together, asynchronously). Every
+/// output's dtype is checked before anything is copied.
 pub(super) fn model_output(value: IValue, staging: &Staging) -> Result<ModelOutput, RunError> {
-    let returned = Returned::of(value)?;
-    let on_device: Vec<tch::Tensor> = returned
-        .tensors()
-        .into_iter()
-        .map(tch::Tensor::shallow_clone)
-        .collect();
-    let mut host = staging
+    let (form, on_device) = Form::of(value)?;
+    let dtypes = on_device
+        .iter()
+        .map(servable_dtype)
+        .collect::<Result<Vec<_>, _>>()?;
+    let host = staging
         .finish_outputs(on_device)?
-        .into_iter()
-        .map(|torch| {
-            let dtype = servable_dtype(&torch)?;
-            let (shape, data) = staging.output(&torch)?;
+        .iter()
+        .zip(dtypes)
+        .map(|(torch, dtype)| {
+            let (shape, data) = staging.output(torch)?;
             Tensor::new(dtype, shape, data).map_err(|e| RunError::BadOutput(e.to_string()))
         })
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter();
-    let mut next = || {
-        host.next()
-            .ok_or_else(|| RunError::BadOutput("an output went missing".into()))
-    };
-    Ok(match returned {
-        Returned::Tensor(_) => ModelOutput::Tensor(next()?),
-        Returned::Sequence(ts) => {
-            ModelOutput::Sequence(ts.iter().map(|_| next()).collect::<Result<_, _>>()?)
-        }
-        Returned::Dict(entries) => ModelOutput::Dict(
-            entries
-                .into_iter()
-                .map(|(name, _)| Ok((name, next()?)))
-                .collect::<Result<_, RunError>>()?,
-        ),
-    })
+        .collect::<Result<Vec<_>, _>>()?;
+    form.rebuild(host)
 }
 
 fn not_a_tensor(what: &str, value: &IValue) -> RunError {
