@@ -11,7 +11,7 @@
 //! The requests are built from each model's GetModelMetadata, as `loadgen` builds them.
 
 use super::loadgen::{connect, request_from_metadata, Call};
-use super::{closed, header, row, PREDICT};
+use super::{closed, header, raw_forward, row, PREDICT};
 use crate::common::{write_config, Server, TempDir};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -123,29 +123,6 @@ fn gpu_memory_mib(pid: u32) -> Option<f64> {
         })
 }
 
-/// Images per second of a bare forward of `model` at `batch` on `device`, input already
-/// there, waiting for each forward to finish.
-fn raw_forward(model: &std::path::Path, batch: usize, device: tch::Device, seconds: f64) -> f64 {
-    let module = tch::CModule::load_on_device(model, device).expect("load model");
-    let _no_grad = tch::no_grad_guard();
-    let input = tch::Tensor::ones([batch as i64, 3, 224, 224], (tch::Kind::Float, device));
-    let run = || {
-        let _ = module.forward_is(&[tch::IValue::Tensor(input.shallow_clone())]);
-        if let tch::Device::Cuda(gpu) = device {
-            tch::Cuda::synchronize(gpu as i64);
-        }
-    };
-    for _ in 0..3 {
-        run();
-    }
-    let (started, mut calls) = (Instant::now(), 0u64);
-    while calls < 2 || started.elapsed().as_secs_f64() < seconds {
-        run();
-        calls += 1;
-    }
-    calls as f64 * batch as f64 / started.elapsed().as_secs_f64()
-}
-
 /// CPU microseconds of one copy of an image, the median of many.
 fn memcpy_image_us() -> f64 {
     let source = vec![7u8; IMAGE_BYTES];
@@ -215,9 +192,9 @@ pub async fn tables() {
     drop(server);
 
     tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
-    let raw = raw_forward(
+    let (raw, _) = raw_forward(
         &bench_models().join("resnet50/1/model.pt"),
-        plan.batch,
+        &[plan.batch as i64, 3, 224, 224],
         plan.device,
         plan.measure.as_secs_f64() / 2.0,
     );

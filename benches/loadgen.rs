@@ -268,6 +268,11 @@ pub async fn open_loop(
     )
 }
 
+/// The float values every generated request carries: a fixed pattern in [0, 1).
+pub fn pattern(count: usize) -> Vec<f32> {
+    (0..count).map(|i| (i % 7) as f32 / 7.0).collect()
+}
+
 /// A Predict request for any served model, built from its GetModelMetadata: every input
 /// of `signature` with `rows` rows, free dimensions set to 1, floats in a fixed pattern
 /// (other dtypes zeros), in `tensor_content` as `tf.make_tensor_proto` sends a numpy array.
@@ -322,8 +327,7 @@ pub async fn request_from_metadata(
         let tensor = match dtype {
             DType::F32 => {
                 let count = modelgate::tensor::num_elements(&shape).map_err(|e| e.to_string())?;
-                let values: Vec<f32> = (0..count).map(|i| (i % 7) as f32 / 7.0).collect();
-                Tensor::from_values(shape, &values)
+                Tensor::from_values(shape, &pattern(count))
             }
             _ => Tensor::zeros(dtype, shape),
         }

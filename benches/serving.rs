@@ -41,9 +41,13 @@ const CONNECTIONS: usize = 2;
 const PREDICT: &str = "/tensorflow.serving.PredictionService/Predict";
 const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
+/// One row of `cols` floats in the load generator's pattern.
+fn pattern_row(cols: usize) -> Tensor {
+    Tensor::from_values(vec![1, cols as i64], &loadgen::pattern(cols)).expect("one row")
+}
+
 fn one_row(model: &str, input: &str, cols: usize) -> PredictRequest {
-    let values: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 / 7.0).collect();
-    let row = Tensor::from_values(vec![1, cols as i64], &values).expect("one row");
+    let row = pattern_row(cols);
     PredictRequest {
         model_spec: Some(spec(model)),
         // As tf.make_tensor_proto encodes a numpy array: raw bytes in tensor_content.
@@ -54,8 +58,7 @@ fn one_row(model: &str, input: &str, cols: usize) -> PredictRequest {
 
 /// The same one-row request in the V2 protocol, as tritonclient sends it (raw bytes).
 fn one_row_v2(model: &str, input: &str, cols: usize) -> ModelInferRequest {
-    let values: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 / 7.0).collect();
-    let row = Tensor::from_values(vec![1, cols as i64], &values).expect("one row");
+    let row = pattern_row(cols);
     ModelInferRequest {
         model_name: model.to_string(),
         inputs: vec![InferInputTensor {
@@ -197,22 +200,40 @@ fn header(title: &str) {
     );
 }
 
-/// Rows per second of a bare libtorch forward of `model` at `batch` rows, in this process.
-fn raw_forward(model: &std::path::Path, cols: i64, batch: i64, seconds: f64) -> (f64, Duration) {
-    let module = tch::CModule::load(model).expect("load model");
+/// Rows per second of a bare libtorch forward of `model` in this process, on an input of
+/// ones of `shape` (its first dimension the batch) already on `device`, and the time of one
+/// forward. Each forward is waited for (on a GPU, its stream synchronised).
+fn raw_forward(
+    model: &std::path::Path,
+    shape: &[i64],
+    device: tch::Device,
+    seconds: f64,
+) -> (f64, Duration) {
+    let module = tch::CModule::load_on_device(model, device).expect("load model");
     let _no_grad = tch::no_grad_guard();
-    let input = tch::Tensor::ones([batch, cols], (tch::Kind::Float, tch::Device::Cpu));
-    for _ in 0..20 {
+    let input = tch::Tensor::ones(shape, (tch::Kind::Float, device));
+    let run = || {
         let _ = module.forward_is(&[tch::IValue::Tensor(input.shallow_clone())]);
+        if let tch::Device::Cuda(gpu) = device {
+            tch::Cuda::synchronize(gpu as i64);
+        }
+    };
+    // Warm up: 20 forwards, or a quarter of the measuring time for a slow model.
+    let warming = Instant::now();
+    for _ in 0..20 {
+        run();
+        if warming.elapsed().as_secs_f64() > seconds / 4.0 {
+            break;
+        }
     }
     let (started, mut calls) = (Instant::now(), 0u64);
-    while started.elapsed().as_secs_f64() < seconds {
-        let _ = module.forward_is(&[tch::IValue::Tensor(input.shallow_clone())]);
+    while calls < 2 || started.elapsed().as_secs_f64() < seconds {
+        run();
         calls += 1;
     }
     let elapsed = started.elapsed();
     (
-        calls as f64 * batch as f64 / elapsed.as_secs_f64(),
+        calls as f64 * shape[0] as f64 / elapsed.as_secs_f64(),
         elapsed / calls as u32,
     )
 }
@@ -285,8 +306,9 @@ async fn tables() {
 
     tch::set_num_threads(cores as i32);
     let mlp_path = demo_models().join("mlp/2/model.pt");
-    let (raw_64, _) = raw_forward(&mlp_path, 784, BATCH as i64, 3.0);
-    let (raw_1, _) = raw_forward(&mlp_path, 784, 1, 3.0);
+    let cpu = tch::Device::Cpu;
+    let (raw_64, _) = raw_forward(&mlp_path, &[BATCH as i64, 784], cpu, 3.0);
+    let (raw_1, _) = raw_forward(&mlp_path, &[1, 784], cpu, 3.0);
     println!("\n2. serving efficiency: served rows/s / raw libtorch forward rows/s (same model, same batch)\n");
     println!("| batch | raw forward rows/s | served rows/s | efficiency |");
     println!("|-------|--------------------|---------------|------------|");
@@ -311,7 +333,8 @@ async fn tables() {
         .await
         .report;
     drop(server);
-    let (_, bare) = raw_forward(&demo_models().join("tiny/1/model.pt"), 1, 1, 2.0);
+    let tiny_path = demo_models().join("tiny/1/model.pt");
+    let (_, bare) = raw_forward(&tiny_path, &[1, 1], tch::Device::Cpu, 2.0);
     let p50 = report.quantile_ms(0.5);
     println!("\n3. overhead: tiny at concurrency 1 over gRPC\n");
     println!("| p50 round trip | bare forward | overhead | p99 round trip |");
