@@ -254,6 +254,9 @@ def test_repository_unload_and_load_act_on_the_running_config(server):
         with pytest.raises(InferenceServerException) as unknown:
             client.load_model("nope")
         assert "not in the model config" in unknown.value.message()
+        with pytest.raises(InferenceServerException) as override:
+            client.load_model("tiny", config='{"max_batch_size": 8}')
+        assert "takes no parameters" in override.value.message()
         with pytest.raises(InferenceServerException) as absent:
             client.unload_model("nope")
         assert "not in the running config" in absent.value.message()

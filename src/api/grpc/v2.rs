@@ -227,7 +227,7 @@ impl GrpcInferenceService for V2GrpcApi {
         let request = request.get_ref();
         if !request.parameters.is_empty() {
             return Err(Status::invalid_argument(
-                "RepositoryModelLoad takes no parameters here: the model's entry comes from the model config file",
+                "a load takes no parameters here: the model's entry comes from the model config file",
             ));
         }
         self.repository

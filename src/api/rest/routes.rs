@@ -172,54 +172,47 @@ async fn v2_api(
     };
     let registry = state.inference.registry();
     let model = call.model().to_string();
-    let result =
-        match &call {
-            V2Call::Infer { model, version } => {
-                let timer = RequestTimer::start(Api::Predict, Protocol::V2Rest);
-                let result = within_timeout(state, |deadline| async move {
-                    let (body, _held) =
-                        read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight)
-                            .await?;
-                    v2::infer(state, model, version, headers, body, deadline).await
-                })
-                .await;
-                match &result {
-                    Ok((_, version)) => timer.finish(model, model, Some(*version), Ok(())),
-                    Err(e) => timer.finish(registry.metrics_label(model), model, None, Err(e)),
+    let result = match &call {
+        V2Call::Infer { model, version } => {
+            let timer = RequestTimer::start(Api::Predict, Protocol::V2Rest);
+            let result = within_timeout(state, |deadline| async move {
+                let (body, _held) =
+                    read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight).await?;
+                v2::infer(state, model, version, headers, body, deadline).await
+            })
+            .await;
+            match &result {
+                Ok((_, version)) => timer.finish(model, model, Some(*version), Ok(())),
+                Err(e) => timer.finish(registry.metrics_label(model), model, None, Err(e)),
+            }
+            result.map(|(response, _)| response)
+        }
+        V2Call::RepositoryLoad { model } | V2Call::RepositoryUnload { model } => {
+            let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+            let load = matches!(call, V2Call::RepositoryLoad { .. });
+            match read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight).await {
+                Ok((body, _held)) => {
+                    v2::repository_change(state, load, model, authorization, &body).await
                 }
-                result.map(|(response, _)| response)
+                Err(e) => Err(e),
             }
-            V2Call::RepositoryLoad { model } | V2Call::RepositoryUnload { model } => {
-                let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-                let load = matches!(call, V2Call::RepositoryLoad { .. });
-                // The body (Triton's optional parameters) is read within the budget and not
-                // used: an entry comes from the model config file.
-                let changed =
-                    match read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight)
-                        .await
-                    {
-                        Err(e) => Err(e),
-                        Ok(_) if load => state.repository.load(authorization, model).await,
-                        Ok(_) => state.repository.unload(authorization, model).await,
-                    };
-                changed.map(|()| json_response(StatusCode::OK, "{}".to_string()))
+        }
+        V2Call::RepositoryIndex => {
+            read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight)
+                .await
+                .and_then(|(body, _held)| v2::repository_index(state, &body))
+        }
+        V2Call::ModelMetadata { .. } => {
+            let timer = RequestTimer::start(Api::GetModelMetadata, Protocol::V2Rest);
+            let result = v2::answer_without_body(state, &call);
+            match &result {
+                Ok(_) => timer.finish(&model, &model, None, Ok(())),
+                Err(e) => timer.finish(registry.metrics_label(&model), &model, None, Err(e)),
             }
-            V2Call::RepositoryIndex => {
-                read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight)
-                    .await
-                    .and_then(|(body, _held)| v2::repository_index(state, &body))
-            }
-            V2Call::ModelMetadata { .. } => {
-                let timer = RequestTimer::start(Api::GetModelMetadata, Protocol::V2Rest);
-                let result = v2::answer_without_body(state, &call);
-                match &result {
-                    Ok(_) => timer.finish(&model, &model, None, Ok(())),
-                    Err(e) => timer.finish(registry.metrics_label(&model), &model, None, Err(e)),
-                }
-                result
-            }
-            _ => v2::answer_without_body(state, &call),
-        };
+            result
+        }
+        _ => v2::answer_without_body(state, &call),
+    };
     result.unwrap_or_else(|error| error_response(&error))
 }
 

@@ -256,6 +256,41 @@ pub(super) fn repository_index(state: &RestState, body: &[u8]) -> Result<Respons
     Ok(json(StatusCode::OK, serde_json::Value::Array(entries)))
 }
 
+/// POST /v2/repository/models/{m}/load or /unload. A load takes none of Triton's
+/// parameters (a config override, files), as over gRPC: the model's entry comes from the
+/// model config file.
+pub(super) async fn repository_change(
+    state: &RestState,
+    load: bool,
+    model: &str,
+    authorization: Option<&[u8]>,
+    body: &[u8],
+) -> Result<Response, Error> {
+    #[derive(Deserialize, Default)]
+    struct ChangeRequest {
+        #[serde(default)]
+        parameters: serde_json::Map<String, serde_json::Value>,
+    }
+    let request: ChangeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ChangeRequest::default()
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| Error::InvalidArgument(format!("the request is not valid JSON: {e}")))?
+    };
+    if load {
+        if !request.parameters.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a load takes no parameters here: the model's entry comes from the model config file"
+                    .into(),
+            ));
+        }
+        state.repository.load(authorization, model).await?;
+    } else {
+        state.repository.unload(authorization, model).await?;
+    }
+    Ok(json_response(StatusCode::OK, "{}".to_string()))
+}
+
 /// 200 when true; 400 when not, as Triton answers V2 health (Kubernetes probes fail on it).
 fn health_status(ok: bool) -> StatusCode {
     if ok {
