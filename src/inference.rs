@@ -4,6 +4,7 @@
 use crate::error::Error;
 use crate::limits::DecodeBudget;
 use crate::registry::{Registry, Servable};
+use crate::request_log;
 use crate::runtime::{ModelOutput, RunError};
 use crate::signature::{Signature, SignatureKind, TensorSpec};
 use crate::tensor::{byte_size, DType, Tensor};
@@ -86,6 +87,12 @@ impl Inference {
                 )));
             }
         }
+        request_log::capture_predict(
+            &servable.model,
+            servable.version,
+            signature_name,
+            &request.inputs,
+        );
         let inputs = order_inputs(signature_name, signature, request.inputs)?;
         let output = self
             .run_method(&servable, signature, inputs, request.deadline)
@@ -94,6 +101,7 @@ impl Inference {
         if !request.output_filter.is_empty() {
             outputs.retain(|(name, _)| request.output_filter.contains(name));
         }
+        request_log::capture_predict_outputs(&outputs);
         Ok(PredictResponse {
             model: servable.model.clone(),
             version: servable.version,

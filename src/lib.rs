@@ -4,7 +4,8 @@
 //! [`inference`] facade resolves the model version in the [`registry`] and checks the
 //! signature, the [`runtime`] runs libtorch on worker threads, and the answer flows back.
 //! The registry learns which versions exist from [`storage`]; `api` never touches storage
-//! and `runtime` knows nothing of protocols.
+//! and `runtime` knows nothing of protocols. [`request_log`] records sampled requests and
+//! their answers for the models whose config asks for it.
 
 pub mod api;
 pub mod app;
@@ -15,6 +16,7 @@ pub mod inference;
 pub mod limits;
 pub mod proto;
 pub mod registry;
+pub mod request_log;
 pub mod runtime;
 pub mod signature;
 pub mod storage;

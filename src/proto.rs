@@ -8,3 +8,22 @@ include!(concat!(env!("OUT_DIR"), "/protos.rs"));
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
 
 pub use tensorflow::serving;
+
+/// The descriptors of [`FILE_DESCRIPTOR_SET`], decoded once.
+pub fn descriptor_pool() -> &'static prost_reflect::DescriptorPool {
+    static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        // The descriptor set is produced by build.rs from our own protos: if it does not
+        // decode, the binary itself is broken.
+        prost_reflect::DescriptorPool::decode(FILE_DESCRIPTOR_SET)
+            .expect("embedded descriptor set decodes")
+    })
+}
+
+/// An encoded message of type `full_name` (e.g. `tensorflow.serving.Input`) in protobuf's
+/// JSON mapping; `None` when the type is unknown or the bytes do not decode.
+pub fn to_json(full_name: &str, encoded: &[u8]) -> Option<serde_json::Value> {
+    let descriptor = descriptor_pool().get_message_by_name(full_name)?;
+    let message = prost_reflect::DynamicMessage::decode(descriptor, encoded).ok()?;
+    serde_json::to_value(&message).ok()
+}

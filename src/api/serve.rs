@@ -7,6 +7,7 @@
 //! `api::grpc::router`).
 
 use crate::config::ConnectionSettings;
+use crate::request_log::{self, RequestLogs};
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -50,6 +51,15 @@ struct Shared {
 /// Serves `port` until `stop` turns true. Then the listener closes (new connections are
 /// refused), every connection is asked to finish (HTTP/2 GOAWAY; HTTP/1 closes once idle),
 /// and those still open after `drain` are closed.
+/// Runs every request of `router` in a request logging scope (see [`request_log`]).
+pub fn with_request_log(router: Router, logs: Arc<RequestLogs>) -> Router {
+    router.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            request_log::scope(Arc::clone(&logs), next.run(request))
+        },
+    ))
+}
+
 pub async fn serve(port: Port, mut stop: watch::Receiver<bool>, drain: Duration) {
     let shared = Arc::new(Shared {
         name: port.name,

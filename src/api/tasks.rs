@@ -12,6 +12,7 @@ use crate::proto::serving::{
     Class, ClassificationResult, Classifications, Input, Regression, RegressionResult,
 };
 use crate::registry::{Servable, VersionSelector};
+use crate::request_log;
 use crate::runtime::ModelOutput;
 use crate::signature::{
     Signature, SignatureKind, CLASSIFY_METHOD_NAME, DEFAULT_SIGNATURE, REGRESS_METHOD_NAME,
@@ -93,6 +94,7 @@ pub async fn run_on(
     input: Option<&Input>,
     request_bytes: usize,
 ) -> Result<TasksAnswer, Error> {
+    request_log::capture_tasks(&servable.model, servable.version, input);
     let examples = Examples::from_input(input)?;
     let mut budget = inference.decode_budget(request_bytes);
     let mut resolved = Vec::with_capacity(tasks.len());
@@ -137,6 +139,7 @@ pub async fn run_on(
         };
         results.push((name.to_string(), result));
     }
+    request_log::capture_task_results(&results);
     Ok(TasksAnswer {
         model: servable.model.clone(),
         version: servable.version,

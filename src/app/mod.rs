@@ -15,6 +15,7 @@ use crate::api::serve::Port;
 use crate::config::{ConfigError, ConnectionSettings, Flags, S3Env};
 use crate::inference::Inference;
 use crate::registry::{LoadRetries, LoadSettings, Manager, ManagerConfig, Registry};
+use crate::request_log::{LogSettings, RequestLogs};
 use crate::runtime;
 use crate::storage::Storage;
 use crate::telemetry;
@@ -41,6 +42,9 @@ pub enum AppError {
     Metrics(String),
 }
 
+/// How long the request log writers may take, at exit, to write what is queued.
+const REQUEST_LOG_FLUSH: Duration = Duration::from_secs(10);
+
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(flags: Flags) -> Result<(), AppError> {
     let storage = Storage::new(
@@ -63,6 +67,11 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     // Installed before the servers start, so that a signal during start-up drains too.
     let signals = Signals::install();
 
+    let request_logs = RequestLogs::new(LogSettings {
+        queue_records: flags.prediction_log_queue_records,
+        file_rotate_bytes: flags.prediction_log_file_rotate_bytes,
+        log_all_errors: flags.log_all_errors,
+    });
     let registry = Registry::new();
     let inference = Inference::new(Arc::clone(&registry), flags.max_request_tensor_bytes);
     let warm_up = flags.enable_model_warmup.then(|| {
@@ -89,6 +98,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
                 max_retries: flags.max_num_load_retries,
                 interval: Duration::from_micros(flags.load_retry_interval_micros),
             },
+            request_logs: Arc::clone(&request_logs),
         },
     );
 
@@ -153,6 +163,9 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
         stop_rx.clone(),
     )?;
 
+    let rest_router = api::serve::with_request_log(rest_router, Arc::clone(&request_logs));
+    let grpc_router = api::serve::with_request_log(grpc_router, Arc::clone(&request_logs));
+
     let drain = Duration::from_secs(flags.shutdown_drain_seconds);
     let grpc = api::serve::serve(
         Port {
@@ -180,6 +193,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     tokio::join!(grpc, rest);
 
     shutdown::unload(&manager_handle).await;
+    request_logs.close(REQUEST_LOG_FLUSH).await;
     Ok(())
 }
 

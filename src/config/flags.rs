@@ -300,6 +300,22 @@ pub struct Flags {
     #[arg(long = "shutdown_drain_seconds", default_value_t = 10)]
     pub shutdown_drain_seconds: u64,
 
+    /// Request logging (`logging_config`): log every failed request of a model that logs,
+    /// whether or not it was sampled (modelgate's own).
+    #[arg(long = "log_all_errors", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub log_all_errors: bool,
+
+    /// Request logging: records each destination queues before it drops (and counts) new
+    /// ones rather than slow a request (modelgate's own).
+    #[arg(long = "prediction_log_queue_records", default_value_t = 1024)]
+    pub prediction_log_queue_records: usize,
+
+    /// Request logging: a file collector starts a new file once the current one would pass
+    /// this many bytes (modelgate's own).
+    #[arg(long = "prediction_log_file_rotate_bytes", default_value_t = 128 << 20)]
+    pub prediction_log_file_rotate_bytes: u64,
+
     /// Log format: text or json (one JSON object per line).
     #[arg(
         long = "log_format",
@@ -430,7 +446,12 @@ mod tests {
             "--shutdown_grace_seconds",
             "0",
             "--log_format=json",
+            "--log_all_errors",
+            "--prediction_log_queue_records=8",
         ]);
+        assert!(flags.log_all_errors);
+        assert_eq!(flags.prediction_log_queue_records, 8);
+        assert_eq!(flags.prediction_log_file_rotate_bytes, 128 << 20);
         assert_eq!(flags.rest_api_max_body_bytes, 1024);
         assert_eq!(flags.shutdown_grace_seconds, 0);
         assert_eq!(flags.log_format, LogFormat::Json);

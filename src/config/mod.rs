@@ -4,6 +4,7 @@
 mod connection;
 pub mod env;
 mod flags;
+mod logging;
 mod model_config;
 mod monitoring;
 mod ssl;
@@ -12,6 +13,7 @@ mod text_format;
 pub use connection::ConnectionSettings;
 pub use env::S3Env;
 pub use flags::{parse_args, DeviceFlag, Flags, LogFormat, Redacted, DEFAULT_REST_MAX_BODY_BYTES};
+pub use logging::{CollectorSpec, FileFormat, LoggingSpec, Sampling, LOGGED_METHODS};
 pub use model_config::{ModelSpec, Platform, VersionPolicy};
 pub use monitoring::{prometheus_path, DEFAULT_PROMETHEUS_PATH};
 pub use ssl::{tls_server_config, Tls};

@@ -1,6 +1,7 @@
 //! The model config (`--model_config_file`, ModelServerConfig text format, or
 //! `--model_name/--model_base_path`) turned into validated [`ModelSpec`]s.
 
+use super::logging::{logging_spec, LoggingSpec};
 use super::text_format::{parse_text_format, ConfigError};
 use crate::proto::serving::file_system_storage_path_source_config::servable_version_policy::PolicyChoice;
 use crate::proto::serving::model_server_config::Config;
@@ -54,6 +55,8 @@ pub struct ModelSpec {
     pub policy: VersionPolicy,
     /// Version labels (`stable` -> 1); a label binds once its version is AVAILABLE.
     pub labels: BTreeMap<String, i64>,
+    /// Sampled request logging (`logging_config`); `None` logs nothing.
+    pub logging: Option<LoggingSpec>,
 }
 
 /// Parses ModelServerConfig text; `what` names the file in errors.
@@ -145,12 +148,17 @@ fn model_spec(model: &ModelConfig) -> Result<ModelSpec, ConfigError> {
             "model '{name}': version label '{label}' points at version {version}; versions are positive"
         )));
     }
+    let logging = match &model.logging_config {
+        Some(config) => logging_spec(name, config)?,
+        None => None,
+    };
     Ok(ModelSpec {
         name: name.to_string(),
         base_path: model.base_path.trim().to_string(),
         platform,
         policy,
         labels,
+        logging,
     })
 }
 

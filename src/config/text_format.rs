@@ -1,10 +1,8 @@
 //! Protobuf text format, parsed with a real parser (prost-reflect) against the descriptors
 //! compiled into the binary.
 
-use crate::proto::FILE_DESCRIPTOR_SET;
 use miette::Diagnostic;
 use prost_reflect::{DescriptorPool, DynamicMessage};
-use std::sync::OnceLock;
 
 /// Why a config file was refused. Names the file (or flag) and, for syntax errors, the line.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -18,12 +16,7 @@ pub enum ConfigError {
 }
 
 fn pool() -> &'static DescriptorPool {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        // The descriptor set is produced by build.rs from our own protos: if it does not
-        // decode, the binary itself is broken.
-        DescriptorPool::decode(FILE_DESCRIPTOR_SET).expect("embedded descriptor set decodes")
-    })
+    crate::proto::descriptor_pool()
 }
 
 /// Parses `text` as the text format of message `T`, whose full proto name is `name`

@@ -22,6 +22,7 @@ use super::loader::load_version;
 use super::LoadSettings;
 use super::{Registry, Servable, ServingMap, ServingModel, VersionState};
 use crate::config::{ModelSpec, Platform};
+use crate::request_log::RequestLogs;
 use crate::storage::{BasePath, Storage, StorageError, VersionEntry};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -41,6 +42,8 @@ pub struct ManagerConfig {
     /// How often to look for new and removed versions; `None` = only when the config changes.
     pub poll_interval: Option<Duration>,
     pub load_retries: LoadRetries,
+    /// Where each model's requests are logged; set with the models it applies.
+    pub request_logs: Arc<RequestLogs>,
 }
 
 /// How often a version that failed to load is tried again with the same files.
@@ -399,6 +402,10 @@ impl Manager {
                 .map_err(|e| ApplyError::Invalid(format!("model '{}': {e}", spec.name)))?;
             bases.push(base);
         }
+        self.config
+            .request_logs
+            .configure(&specs)
+            .map_err(ApplyError::Invalid)?;
         let wanted: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         let mut unloads = Vec::new();
         let removed: Vec<String> = self

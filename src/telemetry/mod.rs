@@ -42,6 +42,12 @@ pub const QUEUE_DEPTH: &str = "modelgate_queue_depth";
 /// Requests refused before running (e.g. a full queue), by `model`, `version` and `reason`.
 pub const REJECTED_REQUESTS_TOTAL: &str = "modelgate_rejected_requests_total";
 
+/// Request log records written, by `model`.
+pub const PREDICTION_LOGS_WRITTEN_TOTAL: &str = "modelgate_prediction_logs_written_total";
+/// Request log records dropped, by `model` and `reason` (`queue_full`: the collector's queue
+/// was full; `write_failed`: the destination refused them).
+pub const PREDICTION_LOGS_DROPPED_TOTAL: &str = "modelgate_prediction_logs_dropped_total";
+
 /// `outcome` label values of [`MODEL_LOADS_TOTAL`].
 pub const OUTCOME_SUCCESS: &str = "success";
 pub const OUTCOME_FAILURE: &str = "failure";
@@ -81,6 +87,14 @@ fn describe_metrics() {
         REQUEST_DURATION_SECONDS,
         Unit::Seconds,
         "Request latency at the API edge"
+    );
+    describe_counter!(
+        PREDICTION_LOGS_WRITTEN_TOTAL,
+        "Request log records written, by model"
+    );
+    describe_counter!(
+        PREDICTION_LOGS_DROPPED_TOTAL,
+        "Request log records dropped, by model and reason (queue_full, write_failed)"
     );
     describe_counter!(
         MODEL_LOADS_TOTAL,
@@ -195,6 +209,7 @@ pub struct RequestTimer {
 
 impl RequestTimer {
     pub fn start(api: Api, protocol: Protocol) -> RequestTimer {
+        crate::request_log::begin(api, protocol);
         RequestTimer {
             api,
             protocol,
@@ -214,6 +229,7 @@ impl RequestTimer {
         outcome: Result<(), &Error>,
     ) {
         let elapsed = self.started.elapsed();
+        crate::request_log::finish(model, elapsed, outcome);
         let code = match outcome {
             Ok(()) => tonic::Code::Ok,
             Err(e) => e.code(),

@@ -1,0 +1,384 @@
+//! Collectors: a bounded queue per destination and one writer that drains it, so that a
+//! slow or stuck destination costs requests nothing. A full queue drops the record and
+//! counts it; the request never waits.
+
+use super::record::Record;
+use super::LogSettings;
+use crate::config::{CollectorSpec, FileFormat};
+use crate::registry::masked_crc32c;
+use crate::telemetry::{PREDICTION_LOGS_DROPPED_TOTAL, PREDICTION_LOGS_WRITTEN_TOTAL};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use prost::Message;
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// `reason` label values of [`PREDICTION_LOGS_DROPPED_TOTAL`].
+const DROPPED_QUEUE_FULL: &str = "queue_full";
+const DROPPED_WRITE_FAILED: &str = "write_failed";
+
+/// An HTTP collector's batch: at most this many records or bytes, sent after at most
+/// [`HTTP_LINGER`] of waiting for more.
+const HTTP_BATCH_RECORDS: usize = 512;
+const HTTP_BATCH_BYTES: usize = 4 << 20;
+const HTTP_LINGER: Duration = Duration::from_millis(200);
+/// One POST's time limit; a batch is tried this many times before it is dropped.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+const HTTP_ATTEMPTS: u32 = 3;
+
+/// One destination's queue. Dropping the last handle lets its writer drain what is queued
+/// and stop.
+#[derive(Debug)]
+pub struct Collector {
+    queue: flume::Sender<Record>,
+}
+
+/// Resolves once a collector's writer has written (or dropped) everything and stopped.
+pub type Stopped = oneshot::Receiver<()>;
+
+impl Collector {
+    /// Opens the destination (a file collector creates its folder and first file here, so
+    /// that a path it cannot write refuses the config) and starts its writer.
+    pub fn start(
+        spec: &CollectorSpec,
+        settings: &LogSettings,
+    ) -> Result<(Collector, Stopped), String> {
+        let (queue, records) = flume::bounded(settings.queue_records.max(1));
+        let (stopped_tx, stopped) = oneshot::channel();
+        match spec {
+            CollectorSpec::Stdout => {
+                spawn_writer("stdout", records, stopped_tx, Lines(io::stdout))?
+            }
+            CollectorSpec::Stderr => {
+                spawn_writer("stderr", records, stopped_tx, Lines(io::stderr))?
+            }
+            CollectorSpec::File { prefix, format } => {
+                let files = Files::open(prefix, *format, settings.file_rotate_bytes)
+                    .map_err(|e| format!("file collector '{prefix}': {e}"))?;
+                spawn_writer("file", records, stopped_tx, files)?
+            }
+            CollectorSpec::Http { url } => {
+                let uri: hyper::Uri = url
+                    .parse()
+                    .map_err(|e| format!("http collector '{url}': {e}"))?;
+                let runtime = tokio::runtime::Handle::try_current()
+                    .map_err(|e| format!("http collector '{url}': {e}"))?;
+                runtime.spawn(async move {
+                    post_batches(uri, records).await;
+                    let _ = stopped_tx.send(());
+                });
+            }
+        }
+        Ok((Collector { queue }, stopped))
+    }
+
+    /// Queues `record`, or drops and counts it when the queue is full.
+    pub fn submit(&self, record: Record) {
+        if let Err(error) = self.queue.try_send(record) {
+            let record = error.into_inner();
+            metrics::counter!(
+                PREDICTION_LOGS_DROPPED_TOTAL,
+                "model" => record.model,
+                "reason" => DROPPED_QUEUE_FULL,
+            )
+            .increment(1);
+        }
+    }
+}
+
+/// Where a blocking writer puts records.
+trait Sink: Send + 'static {
+    fn write(&mut self, record: &Record) -> io::Result<()>;
+    /// Called once the queue is empty, so that what was written becomes visible.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// Runs `sink` on a thread of its own until every handle to the queue is gone and the
+/// queue is drained.
+fn spawn_writer(
+    name: &str,
+    records: flume::Receiver<Record>,
+    stopped: oneshot::Sender<()>,
+    mut sink: impl Sink,
+) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name(format!("request-log-{name}"))
+        .spawn(move || {
+            let mut failing = false;
+            while let Ok(first) = records.recv() {
+                for record in std::iter::once(first).chain(records.try_iter()) {
+                    let written = sink.write(&record);
+                    account(&record.model, &written, &mut failing);
+                }
+                let flushed = sink.flush();
+                if let Err(e) = flushed {
+                    warn_once(&mut failing, &e.to_string());
+                }
+            }
+            let _ = stopped.send(());
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the {name} request log writer: {e}"))
+}
+
+/// Counts a record written or failed; a failure is logged once until writing works again.
+fn account(model: &str, written: &io::Result<()>, failing: &mut bool) {
+    match written {
+        Ok(()) => {
+            *failing = false;
+            metrics::counter!(PREDICTION_LOGS_WRITTEN_TOTAL, "model" => model.to_string())
+                .increment(1);
+        }
+        Err(e) => {
+            warn_once(failing, &e.to_string());
+            metrics::counter!(
+                PREDICTION_LOGS_DROPPED_TOTAL,
+                "model" => model.to_string(),
+                "reason" => DROPPED_WRITE_FAILED,
+            )
+            .increment(1);
+        }
+    }
+}
+
+fn warn_once(failing: &mut bool, error: &str) {
+    if !*failing {
+        tracing::warn!(%error, "request log records cannot be written; dropping them");
+        *failing = true;
+    }
+}
+
+/// JSON lines on a standard stream.
+struct Lines<S>(fn() -> S);
+
+impl<S: Write + 'static> Sink for Lines<S> {
+    fn write(&mut self, record: &Record) -> io::Result<()> {
+        let mut line = record.to_json();
+        line.push('\n');
+        (self.0)().write_all(line.as_bytes())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (self.0)().flush()
+    }
+}
+
+/// Files `<prefix>-NNNNN.jsonl` (or `<stem>-NNNNN.tfrecord` for a `<stem>.tfrecord` prefix),
+/// a new one once the current one reaches the rotation size. Numbering continues after the
+/// highest file already there, so a restarted server never overwrites what it wrote before.
+struct Files {
+    stem: PathBuf,
+    format: FileFormat,
+    rotate_bytes: u64,
+    current: BufWriter<File>,
+    written: u64,
+    next: u64,
+}
+
+impl Files {
+    fn open(prefix: &str, format: FileFormat, rotate_bytes: u64) -> io::Result<Files> {
+        let stem = match format {
+            FileFormat::TfRecord => prefix.strip_suffix(".tfrecord").unwrap_or(prefix),
+            FileFormat::JsonLines => prefix.strip_suffix(".jsonl").unwrap_or(prefix),
+        };
+        let stem = PathBuf::from(stem);
+        if let Some(dir) = stem.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let first = highest_existing(&stem, extension(format))?.map_or(0, |n| n + 1);
+        let current = create(&file_name(&stem, format, first))?;
+        Ok(Files {
+            stem,
+            format,
+            rotate_bytes: rotate_bytes.max(1),
+            current,
+            written: 0,
+            next: first + 1,
+        })
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.current.flush()?;
+        self.current = create(&file_name(&self.stem, self.format, self.next))?;
+        self.next += 1;
+        self.written = 0;
+        Ok(())
+    }
+}
+
+impl Sink for Files {
+    fn write(&mut self, record: &Record) -> io::Result<()> {
+        let bytes = match self.format {
+            FileFormat::JsonLines => {
+                let mut line = record.to_json().into_bytes();
+                line.push(b'\n');
+                line
+            }
+            // PredictionLog holds answered requests only: a failure is in the JSON
+            // collectors and in /metrics.
+            FileFormat::TfRecord => match record.to_prediction_log() {
+                Some(log) => tfrecord(&log.encode_to_vec()),
+                None => return Ok(()),
+            },
+        };
+        if self.written > 0 && self.written + bytes.len() as u64 > self.rotate_bytes {
+            self.rotate()?;
+        }
+        self.current.write_all(&bytes)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.current.flush()
+    }
+}
+
+fn extension(format: FileFormat) -> &'static str {
+    match format {
+        FileFormat::JsonLines => "jsonl",
+        FileFormat::TfRecord => "tfrecord",
+    }
+}
+
+fn file_name(stem: &Path, format: FileFormat, number: u64) -> PathBuf {
+    let mut name = stem.as_os_str().to_owned();
+    name.push(format!("-{number:05}.{}", extension(format)));
+    PathBuf::from(name)
+}
+
+/// The highest N of the `<stem>-N.<extension>` files already there.
+fn highest_existing(stem: &Path, extension: &str) -> io::Result<Option<u64>> {
+    let dir = match stem.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    let base = stem
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let suffix = format!(".{extension}");
+    let mut highest = None;
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let number = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(base.as_str()))
+            .and_then(|n| n.strip_prefix('-'))
+            .and_then(|n| n.strip_suffix(suffix.as_str()))
+            .and_then(|n| n.parse::<u64>().ok());
+        highest = highest.max(number);
+    }
+    Ok(highest)
+}
+
+fn create(path: &Path) -> io::Result<BufWriter<File>> {
+    let file = File::options().create_new(true).write(true).open(path)?;
+    Ok(BufWriter::with_capacity(256 << 10, file))
+}
+
+/// One TFRecord: length, its masked CRC-32C, the data, its masked CRC-32C.
+fn tfrecord(data: &[u8]) -> Vec<u8> {
+    let length = (data.len() as u64).to_le_bytes();
+    let mut framed = Vec::with_capacity(data.len() + 16);
+    framed.extend_from_slice(&length);
+    framed.extend_from_slice(&masked_crc32c(&length).to_le_bytes());
+    framed.extend_from_slice(data);
+    framed.extend_from_slice(&masked_crc32c(data).to_le_bytes());
+    framed
+}
+
+/// Sends queued records to `uri` as `application/x-ndjson` POSTs of up to
+/// [`HTTP_BATCH_RECORDS`], until every handle to the queue is gone and it is drained.
+async fn post_batches(uri: hyper::Uri, records: flume::Receiver<Record>) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    let mut failing = false;
+    while let Ok(first) = records.recv_async().await {
+        let mut body = String::new();
+        let mut models = Vec::new();
+        let add = |record: Record, body: &mut String, models: &mut Vec<String>| {
+            body.push_str(&record.to_json());
+            body.push('\n');
+            models.push(record.model);
+        };
+        add(first, &mut body, &mut models);
+        let linger = tokio::time::sleep(HTTP_LINGER);
+        tokio::pin!(linger);
+        while models.len() < HTTP_BATCH_RECORDS && body.len() < HTTP_BATCH_BYTES {
+            tokio::select! {
+                record = records.recv_async() => match record {
+                    Ok(record) => add(record, &mut body, &mut models),
+                    Err(_) => break,
+                },
+                () = &mut linger => break,
+            }
+        }
+        let sent = post(&client, &uri, Bytes::from(body)).await;
+        for model in &models {
+            account(model, &sent, &mut failing);
+        }
+    }
+}
+
+/// POSTs one batch, trying [`HTTP_ATTEMPTS`] times with a growing pause.
+async fn post(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    uri: &hyper::Uri,
+    body: Bytes,
+) -> io::Result<()> {
+    let mut last_error = String::new();
+    for attempt in 0..HTTP_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(250) * 2u32.pow(attempt)).await;
+        }
+        let request = hyper::Request::post(uri.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
+            .body(Full::new(body.clone()))
+            .map_err(io::Error::other)?;
+        match tokio::time::timeout(HTTP_TIMEOUT, client.request(request)).await {
+            Ok(Ok(response)) if response.status().is_success() => return Ok(()),
+            Ok(Ok(response)) => last_error = format!("{uri} answered {}", response.status()),
+            Ok(Err(e)) => last_error = format!("{uri}: {}", crate::error::error_chain(&e)),
+            Err(_) => last_error = format!("{uri}: no answer within {HTTP_TIMEOUT:?}"),
+        }
+    }
+    Err(io::Error::other(last_error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_numbering_continues_after_existing_files() {
+        let dir = std::env::temp_dir().join(format!("modelgate-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("m-00007.tfrecord"), b"").unwrap();
+        std::fs::write(dir.join("m-00009.jsonl"), b"").unwrap();
+        std::fs::write(dir.join("other-00042.tfrecord"), b"").unwrap();
+        let prefix = dir.join("m.tfrecord");
+        let files = Files::open(prefix.to_str().unwrap(), FileFormat::TfRecord, 10).unwrap();
+        assert_eq!(files.next, 9);
+        assert!(dir.join("m-00008.tfrecord").is_file());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tfrecord_framing() {
+        let framed = tfrecord(b"abc");
+        assert_eq!(&framed[..8], &3u64.to_le_bytes());
+        assert_eq!(&framed[12..15], b"abc");
+        assert_eq!(framed.len(), 8 + 4 + 3 + 4);
+    }
+}
