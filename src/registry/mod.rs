@@ -11,7 +11,7 @@ mod warmup;
 
 pub use loader::{LoadSettings, VersionLoadError};
 pub use manager::{ApplyError, LoadRetries, Manager, ManagerConfig, ManagerHandle, ModelChange};
-pub use warmup::{masked_crc32c, WarmUpReplay, MAX_WARMUP_RECORDS, WARMUP_FILE};
+pub use warmup::{masked_crc32c, tfrecords, WarmUpReplay, MAX_WARMUP_RECORDS, WARMUP_FILE};
 
 use crate::batching::Scheduler;
 use crate::error::Error;

@@ -206,6 +206,11 @@ impl Log {
         log
     }
 
+    /// The lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0 .0.lock().unwrap().lines.clone()
+    }
+
     /// Everything logged so far.
     pub fn text(&self) -> String {
         self.0 .0.lock().unwrap().lines.join("\n")
@@ -287,6 +292,8 @@ pub struct Server {
     /// The REST address; `None` when REST is off.
     pub rest: Option<SocketAddr>,
     pub log: Log,
+    /// What the server writes to stdout (request log records of a `stdout` collector).
+    pub stdout: Log,
     _config_dir: Option<TempDir>,
 }
 
@@ -351,7 +358,7 @@ impl Server {
             .env_remove("AWS_SESSION_TOKEN")
             .env_remove("AWS_ENDPOINT_URL")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if std::env::var_os("MODELGATE_LOG").is_none() {
             command.env("MODELGATE_LOG", "info");
@@ -359,6 +366,7 @@ impl Server {
         command.envs(env);
         let mut child = command.spawn().expect("spawn modelgate");
         let log = Log::follow(child.stderr.take().expect("stderr"));
+        let stdout = Log::follow(child.stdout.take().expect("stdout"));
         let addrs = log.wait_until(TIMEOUT, |lines| {
             let find = |marker| lines.iter().find_map(|l| listening_addr(l, marker));
             let grpc = find("gRPC server listening on ")?;
@@ -378,6 +386,7 @@ impl Server {
             grpc,
             rest,
             log,
+            stdout,
             _config_dir: config_dir,
         }
     }

@@ -1,0 +1,550 @@
+//! Request logging (`logging_config`) against the real binary: what a record holds on every
+//! protocol, sampling rates over many requests, every collector type (stdout, files with
+//! rotation, TFRecord PredictionLog, HTTP batches), and a stuck collector that drops and
+//! counts records while requests carry on.
+
+mod common;
+
+use common::{
+    examples, fixtures, float_row, model_config, predict, spec, spec_signature, Server, TempDir,
+    TIMEOUT,
+};
+use modelgate::proto::serving::{
+    prediction_log, ClassificationRequest, PredictRequest, PredictionLog, RegressionRequest,
+};
+use modelgate::registry::tfrecords;
+use prost::Message;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+/// A `logging_config` block: collector `kind` (with `prefix`) at `rate`.
+fn logging(kind: &str, prefix: &str, rate: f64) -> String {
+    format!(
+        r#"logging_config {{ log_collector_config {{ type: "{kind}" filename_prefix: "{prefix}" }} sampling_config {{ sampling_rate: {rate} }} }}"#
+    )
+}
+
+/// A config serving `scaled` (or another fixture) under each name, with its extra text.
+fn config(models: &[(&str, &str, String)]) -> String {
+    let paths: Vec<PathBuf> = models.iter().map(|(_, f, _)| fixtures().join(f)).collect();
+    let entries: Vec<(&str, &Path, &str)> = models
+        .iter()
+        .zip(&paths)
+        .map(|((name, _, extra), path)| (*name, path.as_path(), extra.as_str()))
+        .collect();
+    model_config(&entries)
+}
+
+/// The JSON records on the server's stdout so far.
+fn records(server: &Server) -> Vec<Value> {
+    server
+        .stdout
+        .lines()
+        .iter()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// Waits until the server's stdout holds `n` records, then returns them.
+async fn wait_records(server: &Server, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let found = records(server);
+        if found.len() >= n || Instant::now() > deadline {
+            assert_eq!(found.len(), n, "records: {found:#?}");
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The sum of a counter's series whose labels contain every one of `labels`.
+async fn counter(server: &Server, name: &str, labels: &[&str]) -> f64 {
+    let (_, text) = server.http_get("/metrics").await;
+    text.lines()
+        .filter(|line| line.starts_with(name) && labels.iter().all(|l| line.contains(l)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn records_carry_the_request_its_answer_and_its_outcome_on_every_protocol() {
+    let stdout = logging("stdout", "", 1.0);
+    let server = Server::with_config(
+        &config(&[
+            ("scaled", "scaled", stdout.clone()),
+            ("regressor", "regressor", stdout),
+        ]),
+        &[],
+    );
+    server.wait_available(&["scaled", "regressor"]).await;
+    let mut client = server.prediction().await;
+
+    // gRPC Predict.
+    let (version, y) = predict(&mut client, spec("scaled"), &[1.0, 2.0, 3.0])
+        .await
+        .unwrap();
+    // REST and V2 REST Predict.
+    let (status, _) = common::http::post(
+        &server.url("/v1/models/scaled:predict"),
+        r#"{"instances": [[4.0, 5.0]]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let (status, _) = common::http::post(
+        &server.url("/v2/models/scaled/infer"),
+        r#"{"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [6.0]}]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    // A failure: an input the signature does not have.
+    let refused = client
+        .predict(PredictRequest {
+            model_spec: Some(spec("scaled")),
+            inputs: [("nope".to_string(), float_row(&[1.0]))].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    // Classify, on a signature named in the request.
+    client
+        .classify(ClassificationRequest {
+            model_spec: Some(spec_signature("regressor", "classify")),
+            input: examples(&[[1., 2., 3.]]),
+        })
+        .await
+        .unwrap();
+    // Neither a model this server does not know nor metadata is logged.
+    predict(&mut client, spec("unknown"), &[1.0])
+        .await
+        .unwrap_err();
+    server.http_get("/v1/models/scaled/metadata").await;
+
+    let found = wait_records(&server, 5).await;
+    let grpc = &found[0];
+    assert_eq!(grpc["type"], "ok");
+    assert_eq!(grpc["model"], "scaled");
+    assert_eq!(grpc["version"], version);
+    assert_eq!(grpc["signature"], "serving_default");
+    assert_eq!(grpc["method"], "predict");
+    assert_eq!(grpc["protocol"], "grpc");
+    assert_eq!(grpc["code"], "ok");
+    assert_eq!(
+        grpc["request"]["inputs"]["x"],
+        json!({"dtype": "DT_FLOAT", "shape": [1, 3], "values": [1.0, 2.0, 3.0]})
+    );
+    let logged_y: Vec<f64> =
+        serde_json::from_value(grpc["response"]["outputs"]["y"]["values"].clone()).unwrap();
+    assert_eq!(
+        logged_y,
+        y.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()
+    );
+    assert!(grpc["latency_ms"].as_f64().unwrap() > 0.0);
+    assert!(grpc["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(grpc["values_omitted"], false);
+
+    assert_eq!(found[1]["protocol"], "rest");
+    assert_eq!(
+        found[1]["request"]["inputs"]["x"]["values"],
+        json!([4.0, 5.0])
+    );
+    assert_eq!(found[2]["protocol"], "v2-rest");
+    assert_eq!(found[2]["request"]["inputs"]["x"]["values"], json!([6.0]));
+
+    let failed = &found[3];
+    assert_eq!(failed["type"], "error");
+    assert_eq!(failed["code"], "invalid_argument");
+    assert!(
+        failed["message"].as_str().unwrap().contains("nope"),
+        "{failed}"
+    );
+    assert_eq!(failed["response"], Value::Null);
+
+    let classified = &found[4];
+    assert_eq!(classified["method"], "classify");
+    assert_eq!(classified["signature"], "classify");
+    let feature = &classified["request"]["input"]["exampleList"]["examples"][0]["features"]
+        ["feature"]["x"]["floatList"]["value"];
+    assert_eq!(feature, &json!([1.0, 2.0, 3.0]), "{classified}");
+    assert_eq!(classified["response"][0]["signature"], "classify");
+    assert!(classified["response"][0]["classification_result"]["classifications"].is_array());
+
+    assert_eq!(
+        counter(
+            &server,
+            "modelgate_prediction_logs_written_total",
+            &["model=\"scaled\""]
+        )
+        .await,
+        4.0
+    );
+}
+
+/// Sends `n` 1-row Predicts to `model`, 8 at a time; `ok` picks a valid or a refused input.
+async fn predicts(server: &Server, model: &str, n: usize, ok: bool) {
+    let client = server.prediction().await;
+    let input = if ok { "x" } else { "nope" };
+    let mut pending = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let mut client = client.clone();
+        let request = PredictRequest {
+            model_spec: Some(spec(model)),
+            inputs: [(input.to_string(), float_row(&[i as f32]))].into(),
+            ..Default::default()
+        };
+        pending.spawn(async move { client.predict(request).await.is_ok() });
+        if pending.len() >= 8 {
+            assert_eq!(pending.join_next().await.unwrap().unwrap(), ok);
+        }
+    }
+    while let Some(done) = pending.join_next().await {
+        assert_eq!(done.unwrap(), ok);
+    }
+}
+
+fn count_model(records: &[Value], model: &str) -> usize {
+    records.iter().filter(|r| r["model"] == model).count()
+}
+
+#[tokio::test]
+async fn sampling_rates_hold_over_many_requests() {
+    const N: usize = 600;
+    let rated = |rate: f64| logging("stdout", "", rate);
+    let server = Server::with_config(
+        &config(&[
+            ("never", "scaled", rated(0.0)),
+            ("always", "scaled", rated(1.0)),
+            ("tenth", "scaled", rated(0.1)),
+        ]),
+        &[],
+    );
+    server.wait_available(&["never", "always", "tenth"]).await;
+    for model in ["never", "always", "tenth"] {
+        predicts(&server, model, N, true).await;
+    }
+    // Failures are sampled like the rest: none logged at rate 0 without --log_all_errors.
+    predicts(&server, "never", 50, false).await;
+    // One writer, first in first out: once this last request's record is out, all are.
+    predicts(&server, "always", 1, true).await;
+    let deadline = Instant::now() + TIMEOUT;
+    while count_model(&records(&server), "always") <= N && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let found = records(&server);
+    assert_eq!(count_model(&found, "never"), 0);
+    assert_eq!(count_model(&found, "always"), N + 1);
+    // Binomial(600, 0.1): mean 60, standard deviation 7.3; five of them either side.
+    let tenth = count_model(&found, "tenth");
+    assert!((24..=96).contains(&tenth), "rate 0.1 logged {tenth} of {N}");
+
+    // --log_all_errors logs every failure of a logging model, sampled or not.
+    let server = Server::with_config(
+        &config(&[("never", "scaled", rated(0.0))]),
+        &["--log_all_errors"],
+    );
+    server.wait_available(&["never"]).await;
+    predicts(&server, "never", 20, true).await;
+    predicts(&server, "never", 30, false).await;
+    let found = wait_records(&server, 30).await;
+    assert!(found.iter().all(|r| r["type"] == "error"));
+}
+
+/// Per-task (per-method) rates override the model's rate.
+#[tokio::test]
+async fn per_method_rates_override_the_default() {
+    let extra = r#"logging_config { log_collector_config { type: "stdout" }
+        sampling_config { sampling_rate: 0 per_task_sampling_configs { dc: "regress" sampling_rate: 1 } } }"#;
+    let server = Server::with_config(&config(&[("regressor", "regressor", extra.into())]), &[]);
+    server.wait_available(&["regressor"]).await;
+    let mut client = server.prediction().await;
+    for _ in 0..5 {
+        client
+            .classify(ClassificationRequest {
+                model_spec: Some(spec_signature("regressor", "classify")),
+                input: examples(&[[1., 2., 3.]]),
+            })
+            .await
+            .unwrap();
+        client
+            .regress(RegressionRequest {
+                model_spec: Some(spec("regressor")),
+                input: examples(&[[1., 2., 3.]]),
+            })
+            .await
+            .unwrap();
+    }
+    let found = wait_records(&server, 5).await;
+    assert!(found.iter().all(|r| r["method"] == "regress"), "{found:#?}");
+}
+
+/// The files of `dir` whose names start with `stem`, sorted.
+fn files(dir: &Path, stem: &str) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(stem))
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn file_collectors_rotate_json_lines_and_write_prediction_logs() {
+    let dir = TempDir::new("request-log-files");
+    let logs = dir.path().join("logs");
+    let prefix = |name: &str| logs.join(name).display().to_string();
+    let server = Server::with_config(
+        &config(&[
+            ("scaled", "scaled", logging("file", &prefix("scaled"), 1.0)),
+            ("tf", "scaled", logging("file", &prefix("tf.tfrecord"), 1.0)),
+            (
+                "regressor",
+                "regressor",
+                logging("file", &prefix("regressor.tfrecord"), 1.0),
+            ),
+        ]),
+        &["--prediction_log_file_rotate_bytes=2048"],
+    );
+    server.wait_available(&["scaled", "tf", "regressor"]).await;
+    predicts(&server, "scaled", 40, true).await;
+    predicts(&server, "tf", 12, true).await;
+    // A failure has no place in a PredictionLog: only JSON collectors keep it.
+    predicts(&server, "tf", 3, false).await;
+    let mut client = server.prediction().await;
+    client
+        .classify(ClassificationRequest {
+            model_spec: Some(spec_signature("regressor", "classify")),
+            input: examples(&[[1., 2., 3.]]),
+        })
+        .await
+        .unwrap();
+    client
+        .regress(RegressionRequest {
+            model_spec: Some(spec("regressor")),
+            input: examples(&[[4., 5., 6.]]),
+        })
+        .await
+        .unwrap();
+    // SIGTERM writes what is queued before the process exits.
+    let mut server = server;
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+
+    let json_files = files(&logs, "scaled-");
+    assert!(
+        json_files.len() > 2,
+        "2 KiB files should rotate: {json_files:?}"
+    );
+    let mut lines = 0;
+    for file in &json_files {
+        assert!(file.extension().unwrap() == "jsonl", "{file:?}");
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(
+            text.len() <= 2048 || text.lines().count() == 1,
+            "{file:?} over its size"
+        );
+        for line in text.lines() {
+            let record: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(record["model"], "scaled");
+            lines += 1;
+        }
+    }
+    assert_eq!(lines, 40);
+
+    let mut predict_logs = Vec::new();
+    for file in files(&logs, "tf-") {
+        assert!(file.extension().unwrap() == "tfrecord", "{file:?}");
+        let bytes = std::fs::read(&file).unwrap();
+        for record in tfrecords(&bytes).unwrap() {
+            predict_logs.push(PredictionLog::decode(record).unwrap());
+        }
+    }
+    assert_eq!(predict_logs.len(), 12);
+    for log in &predict_logs {
+        let metadata = log.log_metadata.as_ref().unwrap();
+        assert_eq!(metadata.model_spec.as_ref().unwrap().name, "tf");
+        assert_eq!(
+            metadata.sampling_config.as_ref().unwrap().sampling_rate,
+            1.0
+        );
+        let Some(prediction_log::LogType::PredictLog(predict)) = &log.log_type else {
+            panic!("not a PredictLog: {log:?}");
+        };
+        let request = predict.request.as_ref().unwrap();
+        assert!(request.inputs.contains_key("x"));
+        assert!(predict.response.as_ref().unwrap().outputs.contains_key("y"));
+    }
+
+    let mut kinds = Vec::new();
+    for file in files(&logs, "regressor-") {
+        for record in tfrecords(&std::fs::read(&file).unwrap()).unwrap() {
+            kinds.push(match PredictionLog::decode(record).unwrap().log_type {
+                Some(prediction_log::LogType::ClassifyLog(log)) => {
+                    assert!(log.response.unwrap().result.is_some());
+                    "classify"
+                }
+                Some(prediction_log::LogType::RegressLog(log)) => {
+                    let examples = log.request.unwrap().input.unwrap();
+                    assert!(examples.encoded_len() > 0);
+                    "regress"
+                }
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+    }
+    assert_eq!(kinds, ["classify", "regress"]);
+}
+
+/// A collector service on 127.0.0.1: every POST's content type and body.
+async fn collector_service() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let store = Arc::clone(&received);
+    let app = axum::Router::new().route(
+        "/ingest",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let store = Arc::clone(&store);
+            async move {
+                let kind = headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                store.lock().unwrap().push((kind, body));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/ingest", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
+}
+
+#[tokio::test]
+async fn an_http_collector_receives_batches_of_json_lines() {
+    let (url, received) = collector_service().await;
+    let server = Server::with_config(
+        &config(&[("scaled", "scaled", logging("http", &url, 1.0))]),
+        &[],
+    );
+    server.wait_available(&["scaled"]).await;
+    predicts(&server, "scaled", 64, true).await;
+    let deadline = Instant::now() + TIMEOUT;
+    let lines = loop {
+        let lines: usize = received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, body)| body.lines().count())
+            .sum();
+        if lines >= 64 || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(lines, 64);
+    let posts = received.lock().unwrap().clone();
+    assert!(
+        posts.len() < 64,
+        "records are batched: {} POSTs",
+        posts.len()
+    );
+    for (kind, body) in posts {
+        assert_eq!(kind, "application/x-ndjson");
+        for line in body.lines() {
+            let record: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(record["model"], "scaled");
+        }
+    }
+}
+
+/// Nanoseconds-resolution median of `samples`.
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[tokio::test]
+async fn a_stuck_collector_drops_and_counts_records_and_requests_never_wait_for_it() {
+    // Accepts connections and never reads or answers them.
+    let stuck = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/ingest", stuck.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in stuck.incoming() {
+            held.push(stream);
+        }
+    });
+    let server = Server::with_config(
+        &config(&[
+            ("logged", "scaled", logging("http", &url, 1.0)),
+            ("quiet", "scaled", String::new()),
+        ]),
+        &["--prediction_log_queue_records=4"],
+    );
+    server.wait_available(&["logged", "quiet"]).await;
+    let mut client = server.prediction().await;
+    // The first record sends the writer into a POST that never ends.
+    predict(&mut client, spec("logged"), &[1.0]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let (mut logged, mut quiet) = (Vec::new(), Vec::new());
+    let requests = async {
+        for i in 0..200 {
+            for (model, times) in [("logged", &mut logged), ("quiet", &mut quiet)] {
+                let started = Instant::now();
+                predict(&mut client, spec(model), &[i as f32])
+                    .await
+                    .unwrap();
+                times.push(started.elapsed());
+            }
+        }
+    };
+    // A request that waited for the collector would never finish: fail rather than hang.
+    tokio::time::timeout(TIMEOUT, requests)
+        .await
+        .expect("requests finished while the collector was stuck");
+    // Reported, not asserted (no timing thresholds in tests): the README quotes this.
+    println!(
+        "median latency: logging to a stuck collector {:?}, not logging {:?}",
+        median(logged),
+        median(quiet)
+    );
+    let dropped = counter(
+        &server,
+        "modelgate_prediction_logs_dropped_total",
+        &["model=\"logged\"", "reason=\"queue_full\""],
+    )
+    .await;
+    // 200 records, of which the queue holds 4.
+    assert!(dropped >= 196.0, "dropped {dropped}");
+}
+
+#[test]
+fn a_logging_config_that_cannot_be_honoured_stops_the_start() {
+    let dir = TempDir::new("request-log-refused");
+    let path = dir.path().join("models.config");
+    for (extra, needle) in [
+        (logging("kafka", "", 1.0), "'kafka'"),
+        (logging("stdout", "", 2.0), "[0, 1]"),
+        (logging("http", "https://collector/x", 1.0), "http://"),
+    ] {
+        std::fs::write(&path, config(&[("scaled", "scaled", extra)])).unwrap();
+        let (ok, stderr) = common::run_to_exit(&[
+            "--port=0",
+            "--rest_api_port=0",
+            &format!("--model_config_file={}", path.display()),
+        ]);
+        assert!(!ok, "started with {needle}");
+        assert!(
+            stderr.contains("logging_config") && stderr.contains(needle),
+            "{stderr}"
+        );
+    }
+}
