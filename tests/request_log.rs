@@ -262,25 +262,30 @@ async fn per_method_rates_override_the_default() {
         sampling_config { sampling_rate: 0 per_task_sampling_configs { dc: "regress" sampling_rate: 1 } } }"#;
     let server = Server::with_config(&config(&[("regressor", "regressor", extra.into())]), &[]);
     server.wait_available(&["regressor"]).await;
-    let mut client = server.prediction().await;
     for _ in 0..5 {
-        client
-            .classify(ClassificationRequest {
-                model_spec: Some(spec_signature("regressor", "classify")),
-                input: examples(&[[1., 2., 3.]]),
-            })
-            .await
-            .unwrap();
-        client
-            .regress(RegressionRequest {
-                model_spec: Some(spec("regressor")),
-                input: examples(&[[1., 2., 3.]]),
-            })
-            .await
-            .unwrap();
+        classify_then_regress(&server).await;
     }
     let found = wait_records(&server, 5).await;
     assert!(found.iter().all(|r| r["method"] == "regress"), "{found:#?}");
+}
+
+/// One Classify (the `classify` signature) and one Regress on the `regressor` fixture.
+async fn classify_then_regress(server: &Server) {
+    let mut client = server.prediction().await;
+    client
+        .classify(ClassificationRequest {
+            model_spec: Some(spec_signature("regressor", "classify")),
+            input: examples(&[[1., 2., 3.]]),
+        })
+        .await
+        .unwrap();
+    client
+        .regress(RegressionRequest {
+            model_spec: Some(spec("regressor")),
+            input: examples(&[[4., 5., 6.]]),
+        })
+        .await
+        .unwrap();
 }
 
 /// The files of `dir` whose names start with `stem`, sorted.
@@ -316,21 +321,7 @@ async fn file_collectors_rotate_json_lines_and_write_prediction_logs() {
     predicts(&server, "tf", 12, true).await;
     // A failure has no place in a PredictionLog: only JSON collectors keep it.
     predicts(&server, "tf", 3, false).await;
-    let mut client = server.prediction().await;
-    client
-        .classify(ClassificationRequest {
-            model_spec: Some(spec_signature("regressor", "classify")),
-            input: examples(&[[1., 2., 3.]]),
-        })
-        .await
-        .unwrap();
-    client
-        .regress(RegressionRequest {
-            model_spec: Some(spec("regressor")),
-            input: examples(&[[4., 5., 6.]]),
-        })
-        .await
-        .unwrap();
+    classify_then_regress(&server).await;
     // SIGTERM writes what is queued before the process exits.
     let mut server = server;
     server.signal("TERM");
