@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import io
+import json
 import os
 import re
 import shlex
@@ -301,6 +302,7 @@ FLUENT_BIT_PLUGINS = {
     ("filter", "record_modifier"): {"record", "remove_key", "allowlist_key", "whitelist_key",
                                     "uuid_key"},
     ("filter", "throttle"): {"rate", "window", "print_status", "interval"},
+    ("filter", "parser"): {"key_name", "parser", "preserve_key", "reserve_data", "unescape_key"},
     ("output", "bigquery"): {
         "google_service_credentials", "enable_identity_federation", "aws_region",
         "project_number", "pool_id", "provider_id", "google_service_account",
@@ -348,9 +350,18 @@ def tag_matches(pattern: str, tag: str) -> bool:
 
 def route(config: dict, tag: str, record: dict) -> dict[str, list[dict]]:
     """Where a record from an input with this tag ends up: {output name: [records]}.
-    Follows the filters that decide routes (rewrite_tag re-emits from the start of the
-    pipeline; record_modifier's allowlist_key trims); others pass records through."""
+    Follows the filters that decide routes or fields (parser with json parsers, rewrite_tag
+    re-emitting from the start of the pipeline, record_modifier's allowlist_key and
+    remove_key); others (throttle) pass records through."""
     filters = config["pipeline"].get("filters", [])
+    parsers = {p["name"]: p for p in config.get("parsers", [])}
+
+    def listed(value) -> list:
+        return value if isinstance(value, list) else [value]
+
+    def on(value) -> bool:
+        return str(value).lower() in ("on", "true", "yes")
+
     outputs = config["pipeline"]["outputs"]
     delivered: dict[str, list[dict]] = {}
     queue = [(tag, dict(record), 0)]
@@ -362,8 +373,7 @@ def route(config: dict, tag: str, record: dict) -> dict[str, list[dict]]:
             if not tag_matches(str(f.get("match", "")), tag):
                 continue
             if f["name"] == "rewrite_tag":
-                rules = f["rule"] if isinstance(f["rule"], list) else [f["rule"]]
-                for rule in rules:
+                for rule in listed(f["rule"]):
                     key, regex, new_tag, keep = str(rule).split()
                     value = record.get(key.lstrip("$"))
                     if value is not None and re.search(regex, str(value)):
@@ -372,10 +382,22 @@ def route(config: dict, tag: str, record: dict) -> dict[str, list[dict]]:
                         break
                 if not kept:
                     break
-            elif f["name"] == "record_modifier" and "allowlist_key" in f:
-                allow = f["allowlist_key"]
-                allow = allow if isinstance(allow, list) else [allow]
-                record = {k: v for k, v in record.items() if k in allow}
+            elif f["name"] == "parser":
+                assert parsers[f["parser"]]["format"] == "json", "only json parsers simulated"
+                try:
+                    parsed = json.loads(record[f["key_name"]])
+                except (KeyError, ValueError):
+                    continue
+                base = dict(record) if on(f.get("reserve_data")) else {}
+                if not on(f.get("preserve_key")):
+                    base.pop(f["key_name"], None)
+                record = {**base, **parsed}
+            elif f["name"] == "record_modifier":
+                if "allowlist_key" in f:
+                    allow = listed(f["allowlist_key"])
+                    record = {k: v for k, v in record.items() if k in allow}
+                for key in listed(f.get("remove_key", [])):
+                    record.pop(key, None)
         if not kept:
             continue
         for o in outputs:
@@ -474,7 +496,9 @@ def check_request_logs(overlay: str, objects: list[dict], secrets: list[dict]) -
     def parses_records() -> None:
         cfg = config()
         (tail,) = [i for i in cfg["pipeline"]["inputs"] if i["name"] == "tail"]
-        (parser,) = [p for p in cfg["parsers"] if p["name"] == tail["parser"]]
+        (step,) = [f for f in cfg["pipeline"]["filters"] if f["name"] == "parser"]
+        assert step["key_name"] == tail.get("key", "log"), "the parser filter parses no line"
+        (parser,) = [p for p in cfg["parsers"] if p["name"] == step["parser"]]
         assert parser["format"] == "json", f"parser format {parser['format']}"
         key = parser["time_key"]
         assert key in SAMPLE_OK, f"time_key {key} is no field of modelgate's records"
@@ -488,15 +512,25 @@ def check_request_logs(overlay: str, objects: list[dict], secrets: list[dict]) -
     def routes() -> None:
         cfg = config()
         (tail,) = [i for i in cfg["pipeline"]["inputs"] if i["name"] == "tail"]
-        ok = route(cfg, tail["tag"], SAMPLE_OK)
-        error = route(cfg, tail["tag"], SAMPLE_ERROR)
-        assert ok.get("bigquery") == [SAMPLE_OK], f"an ok record goes to {sorted(ok)}"
+        key = tail.get("key", "log")
+        # What tail makes of a line: the line under `key` (or the parsed line, with `parser`).
+        line = {sample["type"]: json.dumps(sample) for sample in (SAMPLE_OK, SAMPLE_ERROR)}
+        raw = {t: ({key: text} if "parser" not in tail else json.loads(text))
+               for t, text in line.items()}
+        ok, error = route(cfg, tail["tag"], raw["ok"]), route(cfg, tail["tag"], raw["error"])
+        for sample, where in ((SAMPLE_OK, ok), (SAMPLE_ERROR, error)):
+            (row,) = where.get("bigquery", [None])
+            assert row, f"a {sample['type']} record misses BigQuery: it goes to {sorted(where)}"
+            scalars = {k: v for k, v in sample.items() if not isinstance(v, (dict, type(None)))}
+            assert scalars.items() <= row.items(), f"BigQuery row {row} lacks fields"
+            whole = row.get("record", row)
+            whole = json.loads(whole) if isinstance(whole, str) else whole
+            assert whole == sample, "BigQuery does not get the whole record"
         assert "slack" not in ok, "an ok record alerts"
-        assert error.get("bigquery") == [SAMPLE_ERROR], "an error record misses BigQuery"
         (alert,) = error.get("slack", [None])
         assert alert and alert["type"] == "error" and alert["model"] == "tiny", (
             f"an error record's alert: {alert}")
-        assert "request" not in alert, "alerts carry the request's tensors"
+        assert not {"request", "response", key} & set(alert), "alerts carry the tensors"
 
     def credentials() -> None:
         cfg = config()
