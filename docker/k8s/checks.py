@@ -29,6 +29,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import types
 from datetime import datetime
 from pathlib import Path
@@ -574,6 +575,8 @@ def check_request_logs(overlay: str, objects: list[dict], secrets: list[dict]) -
         assert queued < sizes[state] * 0.8, f"queues {queued} bytes in {sizes[state]}"
         env = {e["name"]: e.get("value") for e in cleanup.get("env", [])}
         assert env.get("TAIL_DB") == tail["db"], f"log-cleanup reads {env.get('TAIL_DB')}"
+        # The same path in both: the tail database holds the paths Fluent Bit saw.
+        assert env.get("LOG_DIR") == REQUEST_LOG_DIR, f"log-cleanup sweeps {env.get('LOG_DIR')}"
         assert mounts(cleanup).get(str(Path(tail["db"]).parent), {}).get("name") == state
         logs = kube_bytes(volumes["request-logs"]["emptyDir"]["sizeLimit"])
         rotate = int(flag(server.get("args", []), "prediction_log_file_rotate_bytes") or 128 << 20)
@@ -587,17 +590,21 @@ def check_request_logs(overlay: str, objects: list[dict], secrets: list[dict]) -
         with tempfile.TemporaryDirectory() as tmp:
             logs, db_path = Path(tmp) / "logs", Path(tmp) / "tail.db"
             logs.mkdir()
-            files = {"m-00000.jsonl": 100, "m-00001.jsonl": 100, "m-00002.jsonl": 100,
-                     "n-00007.jsonl": 100, "other.txt": 100}
-            for name, size in files.items():
-                (logs / name).write_bytes(b"x" * (size - 1) + b"\n")
+            # m-00003 is the file being written; m-00002 was closed a moment ago.
+            files = ["m-00000.jsonl", "m-00001.jsonl", "m-00002.jsonl", "m-00003.jsonl",
+                     "n-00007.jsonl", "other.txt"]
+            for age, name in enumerate(reversed(files)):
+                (logs / name).write_bytes(b"x" * 99 + b"\n")
+                old = time.time() - 3600 * age
+                os.utime(logs / name, (old, old))
             db = sqlite3.connect(db_path)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE in_tail_files (id INTEGER PRIMARY KEY, name TEXT NOT NULL,"
                        " offset INTEGER, inode INTEGER, created INTEGER, rotated INTEGER"
                        " DEFAULT 0)")
             read = {"m-00000.jsonl": 100, "m-00001.jsonl": 40, "m-00002.jsonl": 100,
-                    "n-00007.jsonl": 100}
+                    "m-00003.jsonl": 100, "n-00007.jsonl": 100}
+            os.utime(logs / "m-00002.jsonl")
             for name, offset in read.items():
                 path = logs / name
                 db.execute("INSERT INTO in_tail_files (name, offset, inode, created) VALUES"
@@ -614,13 +621,13 @@ def check_request_logs(overlay: str, objects: list[dict], secrets: list[dict]) -
             with contextlib.redirect_stdout(io.StringIO()):
                 module.sweep()
             left = sorted(p.name for p in logs.iterdir())
-            assert left == ["m-00001.jsonl", "m-00002.jsonl", "n-00007.jsonl", "other.txt"], (
-                f"after a sweep: {left}")
+            assert left == ["m-00001.jsonl", "m-00002.jsonl", "m-00003.jsonl", "n-00007.jsonl",
+                            "other.txt"], f"after a sweep: {left}"
             module.MAX_BYTES = 250
             with contextlib.redirect_stdout(io.StringIO()):
                 module.sweep()
             left = sorted(p.name for p in logs.iterdir())
-            assert left == ["m-00002.jsonl", "n-00007.jsonl", "other.txt"], (
+            assert left == ["m-00003.jsonl", "n-00007.jsonl", "other.txt"], (
                 f"over MAX_BYTES: {left}")
             db.close()
 

@@ -8,7 +8,9 @@ would reach its sizeLimit and the kubelet would evict the pod. Every INTERVAL se
   write to: always kept.
 - Any other file is closed for good (modelgate numbers on after the highest file). It is
   deleted once the offset that Fluent Bit's tail database holds for it (same path and inode)
-  reaches its size: every line of it is in Fluent Bit's buffer (or already sent).
+  reaches its size: every line of it is in Fluent Bit's buffer (or already sent); and once it
+  has not changed for MIN_AGE seconds, for a collector that a config reload is replacing may
+  still be finishing the file it had open.
 - Safety valve: if the files still take more than MAX_BYTES (Fluent Bit down or far behind),
   closed files are deleted oldest first until they fit, each one logged as dropped unshipped.
   Losing the oldest records beats eviction, which loses the whole volume and a serving pod.
@@ -31,6 +33,7 @@ LOG_DIR = Path(os.environ.get("LOG_DIR", "/var/log/modelgate/requests"))
 TAIL_DB = Path(os.environ.get("TAIL_DB", "/var/lib/fluent-bit/tail.db"))
 INTERVAL = float(os.environ.get("INTERVAL_SECONDS", "60"))
 MAX_BYTES = int(os.environ.get("MAX_BYTES", str(1536 << 20)))
+MIN_AGE = float(os.environ.get("MIN_AGE_SECONDS", "120"))
 NAME = re.compile(r"^(?P<stem>.+)-(?P<number>\d+)\.jsonl$")
 
 
@@ -80,9 +83,10 @@ def closed_files() -> tuple[list[tuple[Path, os.stat_result]], int]:
 def sweep() -> None:
     offsets = shipped_offsets()
     closed, total = closed_files()
+    now = time.time()
     for path, stat in closed:
         read = offsets.get((str(path), stat.st_ino), -1)
-        if read >= stat.st_size:
+        if read >= stat.st_size and now - stat.st_mtime >= MIN_AGE:
             path.unlink(missing_ok=True)
             total -= stat.st_size
             log(f"deleted {path.name} ({stat.st_size} bytes, shipped)")
