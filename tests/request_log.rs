@@ -77,11 +77,27 @@ async fn records_carry_the_request_its_answer_and_its_outcome_on_every_protocol(
         &config(&[
             ("scaled", "scaled", stdout.clone()),
             ("regressor", "regressor", stdout),
+            ("on_stderr", "scaled", logging("stderr", "", 1.0)),
         ]),
         &[],
     );
-    server.wait_available(&["scaled", "regressor"]).await;
+    server
+        .wait_available(&["scaled", "regressor", "on_stderr"])
+        .await;
     let mut client = server.prediction().await;
+
+    // The stderr collector: its lines among the server's own log lines.
+    predict(&mut client, spec("on_stderr"), &[7.0])
+        .await
+        .unwrap();
+    let on_stderr = server.log.wait_until(TIMEOUT, |lines| {
+        lines
+            .iter()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|record| record["model"] == "on_stderr")
+    });
+    let on_stderr = on_stderr.expect("a record on stderr");
+    assert_eq!(on_stderr["request"]["inputs"]["x"]["values"], json!([7.0]));
 
     // gRPC Predict.
     let (version, y) = predict(&mut client, spec("scaled"), &[1.0, 2.0, 3.0])
