@@ -139,13 +139,28 @@ fn memcpy_image_us() -> f64 {
     samples[samples.len() / 2]
 }
 
-/// Nanoseconds the calling thread has run on a CPU (user + system), from
-/// /proc/thread-self/schedstat (Linux; exact, unlike the 10 ms ticks of /proc/PID/stat).
+/// Nanoseconds the calling thread has run on a CPU (user + system), exact to the call
+/// (/proc's schedstat of a running thread lags by up to a scheduler tick).
 fn thread_cpu_ns() -> f64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
+    use std::os::raw::{c_int, c_long};
+    #[repr(C)]
+    struct Timespec {
+        seconds: c_long,
+        nanos: c_long,
+    }
+    extern "C" {
+        fn clock_gettime(clock: c_int, time: *mut Timespec) -> c_int;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: c_int = 3; // Linux
+    let mut time = Timespec {
+        seconds: 0,
+        nanos: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `time` is.
+    if unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut time) } != 0 {
+        return f64::NAN;
+    }
+    time.seconds as f64 * 1e9 + time.nanos as f64
 }
 
 /// CPU microseconds one process spends receiving an image from a loopback TCP socket and
@@ -228,6 +243,7 @@ pub async fn tables() {
     )
     .await;
     row(&format!("imageprobe c={}", plan.concurrency), &host);
+    let probe_batch = mean_batch(&server, "imageprobe").await;
     drop(clients);
     drop(server);
 
@@ -248,11 +264,25 @@ pub async fn tables() {
         Some(mib) => println!("| server's GPU memory | {mib:.0} MiB |"),
         None => println!("| server's GPU memory | n/a (no nvidia-smi or no GPU) |"),
     }
+    // imageprobe's own forward at its served batch, on one thread like each of the
+    // server's CPU workers: the part of the server's CPU that is the model after all.
+    tch::set_num_threads(1);
+    let probe_rows = probe_batch.round().max(1.0) as i64;
+    let (probe_rate, _) = raw_forward(
+        &bench_models().join("imageprobe/1/model.pt"),
+        &[probe_rows, 3, 224, 224],
+        plan.device,
+        2.0,
+    );
+    let probe_forward = 1e6 / probe_rate;
     let memcpy = memcpy_image_us();
     let receive = socket_receive_image_us();
     println!(
         "\nserver's minor page faults per image (imageprobe): {:.1}",
         host.server_faults
+    );
+    println!(
+        "imageprobe's own forward (raw, batch {probe_rows}, mean served batch {probe_batch:.1}): {probe_forward:.1} us per image"
     );
     println!(
         "host CPU per image (imageprobe, server): {:.1} us = {:.2} x one memcpy of the 602 KB image ({memcpy:.1} us) \
