@@ -6,7 +6,8 @@
 //!    batch and (on a GPU) the GPU memory it holds.
 //! 5. Host CPU per image: the same requests to `imageprobe`, which has ResNet-50's signature
 //!    and next to no forward, so the server's CPU per image is everything but the model,
-//!    next to one memcpy of the image measured here.
+//!    next to one memcpy of the image and one receive of it from a loopback socket, both
+//!    measured here (the receive is the floor of a server that takes images over TCP).
 //!
 //! The requests are built from each model's GetModelMetadata, as `loadgen` builds them.
 
