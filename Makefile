@@ -18,7 +18,7 @@ MODELS_STAMP := models/mlp/2/model.pt
 FIXTURES_STAMP := target/test-models/fixtures.config
 BENCH_MODELS_STAMP := target/bench-models/resnet50/1/model.pt
 
-.PHONY: setup run build test unit-test python-test v2-test deploy-check lint models clean bench
+.PHONY: setup run build test unit-test python-test v2-test deploy-check lint models clean bench bench-images
 
 ## setup: create the venvs (torch and the official TF Serving client; the Triton client) and the model repositories
 setup: $(VENV)/.installed $(VENV_V2)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP)
@@ -89,3 +89,7 @@ clean:
 ## bench: the serving benchmark (five tables, the image ones on a GPU when there is one; not part of `make test`)
 bench: setup $(BENCH_MODELS_STAMP)
 	cargo bench --bench serving
+
+## bench-images: tables 4 and 5 alone (ResNet-50 served vs raw; host CPU per image)
+bench-images: setup $(BENCH_MODELS_STAMP)
+	cargo bench --bench serving -- images

@@ -6,7 +6,8 @@
 //!    batch and (on a GPU) the GPU memory it holds.
 //! 5. Host CPU per image: the same requests to `imageprobe`, which has ResNet-50's signature
 //!    and next to no forward, so the server's CPU per image is everything but the model,
-//!    next to one memcpy of the image measured here.
+//!    next to one memcpy of the image and one receive of it from a loopback socket, both
+//!    measured here (the receive is the floor of a server that takes images over TCP).
 //!
 //! The requests are built from each model's GetModelMetadata, as `loadgen` builds them.
 
@@ -139,6 +140,61 @@ fn memcpy_image_us() -> f64 {
     samples[samples.len() / 2]
 }
 
+/// Nanoseconds the calling thread has run on a CPU (user + system), exact to the call
+/// (/proc's schedstat of a running thread lags by up to a scheduler tick).
+fn thread_cpu_ns() -> f64 {
+    use std::os::raw::{c_int, c_long};
+    #[repr(C)]
+    struct Timespec {
+        seconds: c_long,
+        nanos: c_long,
+    }
+    extern "C" {
+        fn clock_gettime(clock: c_int, time: *mut Timespec) -> c_int;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: c_int = 3; // Linux
+    let mut time = Timespec {
+        seconds: 0,
+        nanos: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `time` is.
+    if unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut time) } != 0 {
+        return f64::NAN;
+    }
+    time.seconds as f64 * 1e9 + time.nanos as f64
+}
+
+/// CPU microseconds one process spends receiving an image from a loopback TCP socket and
+/// nothing else: the kernel's copy out of the socket and the read syscalls, into a buffer
+/// it reuses. A thread of this process sends the images; only the receiving thread is
+/// counted. This is the floor of any server that takes its images over TCP.
+fn socket_receive_image_us() -> f64 {
+    use std::io::{Read, Write};
+    const IMAGES: usize = 2000;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("loopback address");
+    let sender = std::thread::spawn(move || {
+        let mut socket = std::net::TcpStream::connect(addr).expect("connect loopback");
+        let image = vec![7u8; IMAGE_BYTES];
+        for _ in 0..IMAGES {
+            socket.write_all(&image).expect("send an image");
+        }
+    });
+    let (mut socket, _) = listener.accept().expect("accept loopback");
+    let mut image = vec![0u8; IMAGE_BYTES];
+    // The first images warm the connection and the buffer up.
+    for _ in 0..IMAGES / 10 {
+        socket.read_exact(&mut image).expect("receive an image");
+    }
+    let started = thread_cpu_ns();
+    for _ in IMAGES / 10..IMAGES {
+        socket.read_exact(&mut image).expect("receive an image");
+    }
+    let spent = thread_cpu_ns() - started;
+    sender.join().expect("sender thread");
+    spent / 1e3 / (IMAGES - IMAGES / 10) as f64
+}
+
 pub async fn tables() {
     let plan = Plan::for_this_machine();
     modelgate::runtime::configure_executor();
@@ -188,6 +244,7 @@ pub async fn tables() {
     )
     .await;
     row(&format!("imageprobe c={}", plan.concurrency), &host);
+    let probe_batch = mean_batch(&server, "imageprobe").await;
     drop(clients);
     drop(server);
 
@@ -208,10 +265,32 @@ pub async fn tables() {
         Some(mib) => println!("| server's GPU memory | {mib:.0} MiB |"),
         None => println!("| server's GPU memory | n/a (no nvidia-smi or no GPU) |"),
     }
+    // imageprobe's own forward at its served batch, on one thread like each of the
+    // server's CPU workers: the part of the server's CPU that is the model after all.
+    tch::set_num_threads(1);
+    let probe_rows = probe_batch.round().max(1.0) as i64;
+    let (probe_rate, _) = raw_forward(
+        &bench_models().join("imageprobe/1/model.pt"),
+        &[probe_rows, 3, 224, 224],
+        plan.device,
+        2.0,
+    );
+    let probe_forward = 1e6 / probe_rate;
     let memcpy = memcpy_image_us();
+    let receive = socket_receive_image_us();
     println!(
-        "\nhost CPU per image (imageprobe, server): {:.1} us = {:.2} x one memcpy of the 602 KB image ({memcpy:.1} us)",
+        "\nserver's minor page faults per image (imageprobe): {:.1}",
+        host.server_faults
+    );
+    println!(
+        "imageprobe's own forward (raw, batch {probe_rows}, mean served batch {probe_batch:.1}): {probe_forward:.1} us per image"
+    );
+    println!(
+        "host CPU per image (imageprobe, server): {:.1} us = {:.2} x one memcpy of the 602 KB image ({memcpy:.1} us) \
+         = {:.2} x receiving it from a loopback socket ({receive:.1} us); receive + one copy = {:.2} x memcpy",
         host.server_us,
-        host.server_us / memcpy
+        host.server_us / memcpy,
+        host.server_us / receive,
+        (receive + memcpy) / memcpy,
     );
 }

@@ -97,26 +97,27 @@ fn start(batching: bool, dir: &TempDir) -> Server {
     Server::start_with_env(&args, &[("MODELGATE_LOG", "warn,modelgate::app=info")])
 }
 
-/// CPU seconds (user + system) process `pid` has used so far, from /proc/PID/stat (Linux,
-/// which counts them in USER_HZ = 100 ticks per second).
-fn cpu_seconds(pid: u32) -> f64 {
+/// From /proc/PID/stat (Linux): CPU seconds (user + system) process `pid` has used so far,
+/// counted in USER_HZ = 100 ticks per second, and its minor page faults so far.
+fn cpu_seconds_and_faults(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name, which may hold spaces: utime and stime are the
-    // 14th and 15th of the line, the 12th and 13th after it.
+    // The fields after the command name, which may hold spaces: minflt is the 10th of the
+    // line, utime and stime the 14th and 15th (the 8th, 12th and 13th after the name).
     let Some((_, fields)) = stat.rsplit_once(')') else {
-        return f64::NAN;
+        return (f64::NAN, f64::NAN);
     };
-    let ticks: Vec<f64> = fields
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    if ticks.len() == 2 {
-        (ticks[0] + ticks[1]) / 100.0
-    } else {
-        f64::NAN
-    }
+    let field = |n: usize| {
+        fields
+            .split_whitespace()
+            .nth(n)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    ((field(11) + field(12)) / 100.0, field(7))
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    cpu_seconds_and_faults(pid).0
 }
 
 /// What a run measured, with the CPU the server and this load generator spent per answer.
@@ -124,35 +125,37 @@ struct Run {
     report: Report,
     server_us: f64,
     loadgen_us: f64,
+    /// The server's minor page faults per answer.
+    server_faults: f64,
 }
 
-/// CPU seconds `server` (if known) and this process use between `from` and `to`.
+/// CPU seconds `server` (if known) and this process use between `from` and `to`, and the
+/// server's minor page faults.
 fn cpu_between(
     server: Option<u32>,
     from: Instant,
     to: Instant,
-) -> tokio::task::JoinHandle<(f64, f64)> {
+) -> tokio::task::JoinHandle<(f64, f64, f64)> {
     let read = move || {
-        (
-            server.map_or(f64::NAN, cpu_seconds),
-            cpu_seconds(std::process::id()),
-        )
+        let (server_s, faults) = server.map_or((f64::NAN, f64::NAN), cpu_seconds_and_faults);
+        (server_s, cpu_seconds(std::process::id()), faults)
     };
     tokio::spawn(async move {
         tokio::time::sleep_until(from.into()).await;
         let before = read();
         tokio::time::sleep_until(to.into()).await;
         let after = read();
-        (after.0 - before.0, after.1 - before.1)
+        (after.0 - before.0, after.1 - before.1, after.2 - before.2)
     })
 }
 
 impl Run {
-    fn new(report: Report, (server_s, loadgen_s): (f64, f64)) -> Run {
-        let per_answer = |seconds: f64| seconds * 1e6 / report.requests as f64;
+    fn new(report: Report, (server_s, loadgen_s, faults): (f64, f64, f64)) -> Run {
+        let per_answer = |total: f64| total / report.requests as f64;
         Run {
-            server_us: per_answer(server_s),
-            loadgen_us: per_answer(loadgen_s),
+            server_us: per_answer(server_s * 1e6),
+            loadgen_us: per_answer(loadgen_s * 1e6),
+            server_faults: per_answer(faults),
             report,
         }
     }

@@ -103,6 +103,12 @@ pub async fn serve(port: Port, mut stop: watch::Receiver<bool>, drain: Duration)
 /// The largest HTTP/2 frame the server accepts (SETTINGS_MAX_FRAME_SIZE).
 const MAX_FRAME_BYTES: u32 = 1 << 20;
 
+/// HTTP/2 flow-control windows: how much a client may send on a stream, and on all the
+/// streams of a connection, before the server has read it. They also bound what one
+/// connection can make the server buffer.
+const STREAM_WINDOW_BYTES: u32 = 4 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+
 /// HTTP/1 and HTTP/2 on one port (told apart by the HTTP/2 preface), with the settings.
 fn http_builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -117,6 +123,11 @@ fn http_builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecutor> {
         // 1 MiB instead of HTTP/2's default 16 KiB, so a 602 KB image is a few frames to
         // parse and buffer rather than 37.
         .max_frame_size(MAX_FRAME_BYTES)
+        // hyper's 1 MiB windows made a client with two 602 KB images in flight on a
+        // connection wait for WINDOW_UPDATEs; these (grpc-go's BDP ceiling for the
+        // connection) let it send them at once.
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .keep_alive_interval(settings.keepalive_time)
         .keep_alive_timeout(settings.keepalive_timeout);
     builder

@@ -1,5 +1,6 @@
 //! The gRPC services: PredictionService, ModelService, grpc.health.v1 and reflection.
 
+mod body;
 mod codec;
 mod model_service;
 mod prediction;
@@ -113,7 +114,13 @@ pub fn router(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .into_axum_router())
+        .into_axum_router()
+        .layer(tower::util::MapRequestLayer::new(prefix_apart)))
+}
+
+/// See [`body::PrefixApart`]: saves large messages a second copy inside tonic.
+fn prefix_apart(request: axum::extract::Request) -> axum::extract::Request {
+    request.map(|body| axum::body::Body::new(body::PrefixApart::new(body)))
 }
 
 /// Why the gRPC services could not be built.
