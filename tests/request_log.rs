@@ -9,6 +9,9 @@ use common::{
     examples, fixtures, float_row, model_config, predict, spec, spec_signature, Server, TempDir,
     TIMEOUT,
 };
+use modelgate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use modelgate::proto::inference::model_infer_request::InferInputTensor;
+use modelgate::proto::inference::{InferTensorContents, ModelInferRequest};
 use modelgate::proto::serving::{
     prediction_log, ClassificationRequest, PredictRequest, PredictionLog, RegressionRequest,
 };
@@ -118,6 +121,24 @@ async fn records_carry_the_request_its_answer_and_its_outcome_on_every_protocol(
     .await
     .unwrap();
     assert_eq!(status, 200);
+    // V2 gRPC ModelInfer.
+    let mut v2 = GrpcInferenceServiceClient::new(server.channel().await);
+    v2.model_infer(ModelInferRequest {
+        model_name: "scaled".into(),
+        inputs: vec![InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 2],
+            contents: Some(InferTensorContents {
+                fp32_contents: vec![8.0, 9.0],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     // A failure: an input the signature does not have.
     let refused = client
         .predict(PredictRequest {
@@ -142,7 +163,7 @@ async fn records_carry_the_request_its_answer_and_its_outcome_on_every_protocol(
         .unwrap_err();
     server.http_get("/v1/models/scaled/metadata").await;
 
-    let found = wait_records(&server, 5).await;
+    let found = wait_records(&server, 6).await;
     let grpc = &found[0];
     assert_eq!(grpc["type"], "ok");
     assert_eq!(grpc["model"], "scaled");
@@ -172,8 +193,14 @@ async fn records_carry_the_request_its_answer_and_its_outcome_on_every_protocol(
     );
     assert_eq!(found[2]["protocol"], "v2-rest");
     assert_eq!(found[2]["request"]["inputs"]["x"]["values"], json!([6.0]));
+    assert_eq!(found[3]["protocol"], "v2-grpc");
+    assert_eq!(found[3]["method"], "predict");
+    assert_eq!(
+        found[3]["request"]["inputs"]["x"]["values"],
+        json!([8.0, 9.0])
+    );
 
-    let failed = &found[3];
+    let failed = &found[4];
     assert_eq!(failed["type"], "error");
     assert_eq!(failed["code"], "invalid_argument");
     assert!(
@@ -182,7 +209,7 @@ async fn records_carry_the_request_its_answer_and_its_outcome_on_every_protocol(
     );
     assert_eq!(failed["response"], Value::Null);
 
-    let classified = &found[4];
+    let classified = &found[5];
     assert_eq!(classified["method"], "classify");
     assert_eq!(classified["signature"], "classify");
     let feature = &classified["request"]["input"]["exampleList"]["examples"][0]["features"]
@@ -198,7 +225,7 @@ async fn records_carry_the_request_its_answer_and_its_outcome_on_every_protocol(
             &["model=\"scaled\""]
         )
         .await,
-        4.0
+        5.0
     );
 }
 
