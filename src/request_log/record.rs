@@ -12,7 +12,9 @@ use crate::proto::serving::{
 use crate::signature::{CLASSIFY_METHOD_NAME, REGRESS_METHOD_NAME};
 use crate::tensor::{DType, Tensor};
 use prost::Message;
-use serde_json::{json, Map, Value};
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+use serde_json::{json, Value};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What a request carried and answered, as far as it got.
@@ -65,36 +67,25 @@ impl Record {
         self.code != "ok"
     }
 
-    /// The record as one JSON object (no trailing newline). The shape is documented in the
-    /// README's "Request logging" section.
+    /// The record as one JSON object (no trailing newline), its keys in the order the
+    /// README's "Request logging" section documents them.
     pub fn to_json(&self) -> String {
-        let mut object = Map::new();
-        object.insert("timestamp".into(), Value::String(rfc3339(self.timestamp)));
-        let kind = if self.is_error() { "error" } else { "ok" };
-        object.insert("type".into(), kind.into());
-        object.insert("model".into(), self.model.clone().into());
-        object.insert("version".into(), self.version.into());
-        object.insert("signature".into(), self.signature.clone().into());
-        object.insert("method".into(), self.method.into());
-        object.insert("protocol".into(), self.protocol.into());
-        object.insert(
-            "latency_ms".into(),
-            json!((self.latency.as_secs_f64() * 1e6).round() / 1e3),
-        );
-        object.insert("code".into(), self.code.into());
-        object.insert("message".into(), self.message.clone().into());
-        let (request, response, omitted) = match &self.payload {
-            Payload::None => (Value::Null, Value::Null, false),
+        let (request, response, values_omitted) = match &self.payload {
+            Payload::None => (Json::Null, Json::Null, false),
             Payload::Predict {
                 inputs,
                 outputs,
                 values_omitted,
             } => (
-                json!({ "inputs": tensors_json(inputs, *values_omitted) }),
+                Json::Inputs {
+                    inputs: Tensors(inputs, *values_omitted),
+                },
                 if self.is_error() {
-                    Value::Null
+                    Json::Null
                 } else {
-                    json!({ "outputs": tensors_json(outputs, *values_omitted) })
+                    Json::Outputs {
+                        outputs: Tensors(outputs, *values_omitted),
+                    }
                 },
                 *values_omitted,
             ),
@@ -103,19 +94,32 @@ impl Record {
                 results,
                 values_omitted,
             } => (
-                json!({ "input": input.as_ref().map(proto_json) }),
+                Json::Value(json!({ "input": input.as_ref().map(proto_json) })),
                 if self.is_error() {
-                    Value::Null
+                    Json::Null
                 } else {
-                    Value::Array(results.iter().map(task_result_json).collect())
+                    Json::Value(Value::Array(results.iter().map(task_result_json).collect()))
                 },
                 *values_omitted,
             ),
         };
-        object.insert("request".into(), request);
-        object.insert("response".into(), response);
-        object.insert("values_omitted".into(), omitted.into());
-        Value::Object(object).to_string()
+        let line = JsonRecord {
+            timestamp: rfc3339(self.timestamp),
+            r#type: if self.is_error() { "error" } else { "ok" },
+            model: &self.model,
+            version: self.version,
+            signature: &self.signature,
+            method: self.method,
+            protocol: self.protocol,
+            latency_ms: (self.latency.as_secs_f64() * 1e6).round() / 1e3,
+            code: self.code,
+            message: &self.message,
+            request,
+            response,
+            values_omitted,
+        };
+        // Serializing borrowed strings and numbers cannot fail.
+        serde_json::to_string(&line).unwrap_or_default()
     }
 
     /// The record as TF Serving's `PredictionLog`, for an answered request whose payload was
@@ -233,65 +237,94 @@ fn rfc3339(at: SystemTime) -> String {
         .unwrap_or_default()
 }
 
-/// `{"name": {"dtype": "DT_FLOAT", "shape": [..], "values": [..]}}`; values flat, in
-/// row-major order, left out when `omit_values`.
-fn tensors_json(tensors: &[(String, Tensor)], omit_values: bool) -> Value {
-    let mut object = Map::new();
-    for (name, tensor) in tensors {
-        let mut entry = Map::new();
-        entry.insert("dtype".into(), tensor.dtype.tf_name().into());
-        entry.insert("shape".into(), tensor.shape.clone().into());
-        if !omit_values {
-            entry.insert("values".into(), values_json(tensor));
+/// The JSON line, field by field in the documented order.
+#[derive(Serialize)]
+struct JsonRecord<'a> {
+    timestamp: String,
+    r#type: &'static str,
+    model: &'a str,
+    version: Option<i64>,
+    signature: &'a str,
+    method: &'static str,
+    protocol: &'static str,
+    latency_ms: f64,
+    code: &'static str,
+    message: &'a str,
+    request: Json<'a>,
+    response: Json<'a>,
+    values_omitted: bool,
+}
+
+/// A record's request or response: `null`, Predict's tensors, or the tasks' protos.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Json<'a> {
+    Null,
+    Inputs { inputs: Tensors<'a> },
+    Outputs { outputs: Tensors<'a> },
+    Value(Value),
+}
+
+/// `{"name": {"dtype": "DT_FLOAT", "shape": [..], "values": [..]}}`, values flat in
+/// row-major order, left out when the `bool` says so. Serialized straight from the tensors'
+/// bytes, with no value built per element.
+struct Tensors<'a>(&'a [(String, Tensor)], bool);
+
+impl Serialize for Tensors<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, tensor) in self.0 {
+            map.serialize_entry(name, &TensorJson(tensor, self.1))?;
         }
-        object.insert(name.clone(), Value::Object(entry));
+        map.end()
     }
-    Value::Object(object)
+}
+
+struct TensorJson<'a>(&'a Tensor, bool);
+
+impl Serialize for TensorJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let TensorJson(tensor, omit_values) = *self;
+        let mut map = serializer.serialize_map(Some(if omit_values { 2 } else { 3 }))?;
+        map.serialize_entry("dtype", tensor.dtype.tf_name())?;
+        map.serialize_entry("shape", &tensor.shape)?;
+        if !omit_values {
+            map.serialize_entry("values", &Values(tensor))?;
+        }
+        map.end()
+    }
 }
 
 /// A tensor's values as JSON numbers (booleans for DT_BOOL); a non-finite float, which JSON
-/// cannot hold, is `null`.
-fn values_json(tensor: &Tensor) -> Value {
-    fn floats(values: impl Iterator<Item = f64>) -> Value {
-        Value::Array(
-            values
-                .map(|v| serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
-                .collect(),
-        )
-    }
-    fn ints<T: Into<Value>>(values: Option<Vec<T>>) -> Value {
-        Value::Array(
-            values
-                .unwrap_or_default()
-                .into_iter()
-                .map(Into::into)
-                .collect(),
-        )
-    }
-    let data = &tensor.data;
-    match tensor.dtype {
-        DType::F32 => floats(
-            tensor
-                .to_values::<f32>()
-                .unwrap_or_default()
-                .into_iter()
-                .map(f64::from),
-        ),
-        DType::F64 => floats(tensor.to_values::<f64>().unwrap_or_default().into_iter()),
-        DType::F16 => floats(
-            data.chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()),
-        ),
-        DType::BF16 => floats(
-            data.chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()),
-        ),
-        DType::I64 => ints(tensor.to_values::<i64>()),
-        DType::I32 => ints(tensor.to_values::<i32>()),
-        DType::I16 => ints(tensor.to_values::<i16>()),
-        DType::I8 => Value::Array(data.iter().map(|&b| (b as i8).into()).collect()),
-        DType::U8 => Value::Array(data.iter().map(|&b| b.into()).collect()),
-        DType::Bool => Value::Array(data.iter().map(|&b| (b != 0).into()).collect()),
+/// cannot hold, is written `null` by serde_json.
+struct Values<'a>(&'a Tensor);
+
+impl Serialize for Values<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        fn each<S: Serializer, T: Serialize, const N: usize>(
+            serializer: S,
+            data: &[u8],
+            value: impl Fn([u8; N]) -> T,
+        ) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(data.chunks_exact(N).map(|chunk| {
+                let mut bytes = [0u8; N];
+                bytes.copy_from_slice(chunk);
+                value(bytes)
+            }))
+        }
+        let data = &self.0.data[..];
+        match self.0.dtype {
+            DType::F32 => each(serializer, data, f32::from_le_bytes),
+            DType::F64 => each(serializer, data, f64::from_le_bytes),
+            DType::F16 => each(serializer, data, |b| half::f16::from_le_bytes(b).to_f32()),
+            DType::BF16 => each(serializer, data, |b| half::bf16::from_le_bytes(b).to_f32()),
+            DType::I64 => each(serializer, data, i64::from_le_bytes),
+            DType::I32 => each(serializer, data, i32::from_le_bytes),
+            DType::I16 => each(serializer, data, i16::from_le_bytes),
+            DType::I8 => each(serializer, data, i8::from_le_bytes),
+            DType::U8 => each(serializer, data, u8::from_le_bytes),
+            DType::Bool => each(serializer, data, |[b]: [u8; 1]| b != 0),
+        }
     }
 }
 
@@ -333,4 +366,74 @@ impl ProtoName for crate::proto::serving::ClassificationResult {
 }
 impl ProtoName for crate::proto::serving::RegressionResult {
     const FULL_NAME: &'static str = "tensorflow.serving.RegressionResult";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(payload: Payload, code: &'static str) -> Record {
+        Record {
+            timestamp: UNIX_EPOCH + Duration::from_micros(1_500_000),
+            model: "m".into(),
+            version: Some(3),
+            signature: "serving_default".into(),
+            method: "predict",
+            protocol: "grpc",
+            latency: Duration::from_micros(1234),
+            code,
+            message: String::new(),
+            sampling_rate: 1.0,
+            payload,
+        }
+    }
+
+    #[test]
+    fn json_keeps_the_documented_order_and_every_dtype() {
+        let floats = Tensor::from_values(vec![3], &[1.5f32, f32::NAN, f32::INFINITY]).unwrap();
+        let flags = Tensor::new(DType::Bool, vec![2], bytes::Bytes::from_static(&[1, 0])).unwrap();
+        let halves = Tensor::new(
+            DType::BF16,
+            vec![1],
+            bytes::Bytes::copy_from_slice(&half::bf16::from_f32(2.0).to_le_bytes()),
+        )
+        .unwrap();
+        let line = record(
+            Payload::Predict {
+                inputs: vec![("x".into(), floats), ("b".into(), flags)],
+                outputs: vec![("y".into(), halves)],
+                values_omitted: false,
+            },
+            "ok",
+        )
+        .to_json();
+        assert_eq!(
+            line,
+            r#"{"timestamp":"1970-01-01T00:00:01.500000Z","type":"ok","model":"m","version":3,"signature":"serving_default","method":"predict","protocol":"grpc","latency_ms":1.234,"code":"ok","message":"","request":{"inputs":{"x":{"dtype":"DT_FLOAT","shape":[3],"values":[1.5,null,null]},"b":{"dtype":"DT_BOOL","shape":[2],"values":[true,false]}}},"response":{"outputs":{"y":{"dtype":"DT_BFLOAT16","shape":[1],"values":[2.0]}}},"values_omitted":false}"#
+        );
+    }
+
+    #[test]
+    fn an_error_has_no_response_and_omitted_values_no_values() {
+        let x = Tensor::from_values(vec![1], &[1i64]).unwrap();
+        let failed = record(
+            Payload::Predict {
+                inputs: vec![("x".into(), x)],
+                outputs: Vec::new(),
+                values_omitted: true,
+            },
+            "invalid_argument",
+        );
+        let json: Value = serde_json::from_str(&failed.to_json()).unwrap();
+        assert_eq!(json["type"], "error");
+        assert_eq!(json["response"], Value::Null);
+        assert_eq!(
+            json["request"]["inputs"]["x"],
+            json!({"dtype": "DT_INT64", "shape": [1]})
+        );
+        assert!(failed.to_prediction_log().is_none());
+        let nothing = record(Payload::None, "not_found");
+        let json: Value = serde_json::from_str(&nothing.to_json()).unwrap();
+        assert_eq!(json["request"], Value::Null);
+    }
 }
