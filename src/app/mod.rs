@@ -72,6 +72,11 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
         file_rotate_bytes: flags.prediction_log_file_rotate_bytes,
         log_all_errors: flags.log_all_errors,
     });
+    // Opened before the ports, so that a destination that cannot be written stops the
+    // start; the manager applies the same config again and keeps what is open.
+    request_logs
+        .configure(&specs)
+        .map_err(|e| AppError::Config(ConfigError::Invalid(e)))?;
     let registry = Registry::new();
     let inference = Inference::new(Arc::clone(&registry), flags.max_request_tensor_bytes);
     let warm_up = flags.enable_model_warmup.then(|| {
