@@ -204,6 +204,32 @@ fn is_logged(method: Api) -> bool {
     )
 }
 
+/// Where a request resolved `version` of `model` (and its `signature`, when known): if it
+/// may be logged, keeps what `payload` makes of the request.
+fn capture_request(model: &str, version: i64, signature: &str, payload: impl FnOnce() -> Payload) {
+    let _ = SCOPE.try_with(|scope| {
+        if !decide(scope, model) {
+            return;
+        }
+        let payload = payload();
+        let mut state = scope.state.borrow_mut();
+        state.version = Some(version);
+        state.signature = signature.to_string();
+        state.payload = payload;
+    });
+}
+
+/// Where a request answered: `fill` completes its payload with the answer, only if it was
+/// sampled (a record of a failure has no answer, so an unsampled one needs none).
+fn capture_answer(fill: impl FnOnce(&mut State)) {
+    let _ = SCOPE.try_with(|scope| {
+        let mut state = scope.state.borrow_mut();
+        if state.decision.as_ref().is_some_and(|d| d.sampled) {
+            fill(&mut state);
+        }
+    });
+}
+
 /// The facade's Predict, once it resolved `version` and `signature`: keeps the inputs
 /// (values only within [`MAX_LOGGED_VALUE_BYTES`]) if the request may be logged.
 pub fn capture_predict(
@@ -212,10 +238,7 @@ pub fn capture_predict(
     signature: &str,
     inputs: &HashMap<String, Tensor>,
 ) {
-    let _ = SCOPE.try_with(|scope| {
-        if !decide(scope, model) {
-            return;
-        }
+    capture_request(model, version, signature, || {
         let size: usize = inputs.values().map(|t| t.data.len()).sum();
         let omit = size > MAX_LOGGED_VALUE_BYTES;
         let mut inputs: Vec<(String, Tensor)> = inputs
@@ -223,22 +246,18 @@ pub fn capture_predict(
             .map(|(name, tensor)| (name.clone(), kept(tensor, omit)))
             .collect();
         inputs.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut state = scope.state.borrow_mut();
-        state.version = Some(version);
-        state.signature = signature.to_string();
-        state.payload = Payload::Predict {
+        Payload::Predict {
             inputs,
             outputs: Vec::new(),
             values_omitted: omit,
-        };
+        }
     });
 }
 
 /// The facade's Predict answered: keeps the outputs within what the inputs left of
 /// [`MAX_LOGGED_VALUE_BYTES`].
 pub fn capture_predict_outputs(outputs: &[(String, Tensor)]) {
-    let _ = SCOPE.try_with(|scope| {
-        let mut state = scope.state.borrow_mut();
+    capture_answer(|state| {
         if let Payload::Predict {
             inputs,
             outputs: logged,
@@ -282,25 +301,20 @@ fn kept(tensor: &Tensor, omit_values: bool) -> Tensor {
 /// Classify, Regress or MultiInference, once they resolved `version`: keeps the examples
 /// (within [`MAX_LOGGED_VALUE_BYTES`]) if the request may be logged.
 pub fn capture_tasks(model: &str, version: i64, input: Option<&Input>) {
-    let _ = SCOPE.try_with(|scope| {
-        if !decide(scope, model) {
-            return;
-        }
+    // The signatures are known once the tasks ran (see capture_task_results).
+    capture_request(model, version, "", || {
         let omit = input.is_some_and(|i| i.encoded_len() > MAX_LOGGED_VALUE_BYTES);
-        let mut state = scope.state.borrow_mut();
-        state.version = Some(version);
-        state.payload = Payload::Tasks {
+        Payload::Tasks {
             input: if omit { None } else { input.cloned() },
             results: Vec::new(),
             values_omitted: omit,
-        };
+        }
     });
 }
 
 /// The tasks answered, each with the signature it ran.
 pub fn capture_task_results(results: &[(String, TaskResult)]) {
-    let _ = SCOPE.try_with(|scope| {
-        let mut state = scope.state.borrow_mut();
+    capture_answer(|state| {
         if let Payload::Tasks {
             results: logged, ..
         } = &mut state.payload
