@@ -9,7 +9,8 @@ use super::examples::Examples;
 use crate::error::Error;
 use crate::inference::{find_signature, name_outputs, Inference};
 use crate::proto::serving::{
-    Class, ClassificationResult, Classifications, Input, Regression, RegressionResult,
+    inference_result, model_spec, Class, ClassificationResult, Classifications, InferenceResult,
+    Input, ModelSpec, Regression, RegressionResult,
 };
 use crate::registry::{Servable, VersionSelector};
 use crate::request_log;
@@ -59,6 +60,41 @@ pub struct Task<'a> {
 pub enum TaskResult {
     Classification(ClassificationResult),
     Regression(RegressionResult),
+}
+
+impl TaskResult {
+    /// The `method_name` of the task that gave this result.
+    pub fn method_name(&self) -> &'static str {
+        match self {
+            TaskResult::Classification(_) => CLASSIFY_METHOD_NAME,
+            TaskResult::Regression(_) => REGRESS_METHOD_NAME,
+        }
+    }
+
+    /// The result as one of MultiInference's, run on `version` of `model` with `signature`.
+    pub fn into_inference_result(
+        self,
+        model: &str,
+        version: i64,
+        signature: &str,
+    ) -> InferenceResult {
+        InferenceResult {
+            model_spec: Some(served_spec(model, version, signature)),
+            result: Some(match self {
+                TaskResult::Classification(r) => inference_result::Result::ClassificationResult(r),
+                TaskResult::Regression(r) => inference_result::Result::RegressionResult(r),
+            }),
+        }
+    }
+}
+
+/// The ModelSpec of an answer: the version that actually served, and the signature.
+pub fn served_spec(model: &str, version: i64, signature: &str) -> ModelSpec {
+    ModelSpec {
+        name: model.to_string(),
+        version_choice: Some(model_spec::VersionChoice::Version(version)),
+        signature_name: signature.to_string(),
+    }
 }
 
 /// The answer to a set of tasks: the version that ran them and one result per task, in

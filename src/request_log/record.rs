@@ -2,14 +2,13 @@
 //! `PredictionLog`.
 
 use crate::api::grpc::tensor_to_proto;
-use crate::api::tasks::TaskResult;
+use crate::api::tasks::{served_spec, TaskResult};
 use crate::proto::serving::{
-    inference_result, model_spec, prediction_log, ClassificationRequest, ClassificationResponse,
-    ClassifyLog, InferenceResult, InferenceTask, Input, LogMetadata, ModelSpec, MultiInferenceLog,
-    MultiInferenceRequest, MultiInferenceResponse, PredictLog, PredictRequest, PredictResponse,
-    PredictionLog, RegressLog, RegressionRequest, RegressionResponse, SamplingConfig,
+    prediction_log, ClassificationRequest, ClassificationResponse, ClassifyLog, InferenceTask,
+    Input, LogMetadata, MultiInferenceLog, MultiInferenceRequest, MultiInferenceResponse,
+    PredictLog, PredictRequest, PredictResponse, PredictionLog, RegressLog, RegressionRequest,
+    RegressionResponse, SamplingConfig,
 };
-use crate::signature::{CLASSIFY_METHOD_NAME, REGRESS_METHOD_NAME};
 use crate::tensor::{DType, Tensor};
 use prost::Message;
 use serde::ser::{SerializeMap, Serializer};
@@ -128,13 +127,9 @@ impl Record {
         if self.is_error() {
             return None;
         }
-        let spec = |signature: &str| {
-            Some(ModelSpec {
-                name: self.model.clone(),
-                version_choice: self.version.map(model_spec::VersionChoice::Version),
-                signature_name: signature.to_string(),
-            })
-        };
+        // A captured payload comes with the version it resolved.
+        let version = self.version?;
+        let spec = |signature: &str| Some(served_spec(&self.model, version, signature));
         let log_type = match &self.payload {
             Payload::None => return None,
             Payload::Predict {
@@ -181,11 +176,7 @@ impl Record {
                             .iter()
                             .map(|(signature, result)| InferenceTask {
                                 model_spec: spec(signature),
-                                method_name: match result {
-                                    TaskResult::Classification(_) => CLASSIFY_METHOD_NAME,
-                                    TaskResult::Regression(_) => REGRESS_METHOD_NAME,
-                                }
-                                .to_string(),
+                                method_name: result.method_name().to_string(),
                             })
                             .collect(),
                         input: input.clone(),
@@ -193,16 +184,12 @@ impl Record {
                     response: Some(MultiInferenceResponse {
                         results: results
                             .iter()
-                            .map(|(signature, result)| InferenceResult {
-                                model_spec: spec(signature),
-                                result: Some(match result {
-                                    TaskResult::Classification(c) => {
-                                        inference_result::Result::ClassificationResult(c.clone())
-                                    }
-                                    TaskResult::Regression(r) => {
-                                        inference_result::Result::RegressionResult(r.clone())
-                                    }
-                                }),
+                            .map(|(signature, result)| {
+                                result.clone().into_inference_result(
+                                    &self.model,
+                                    version,
+                                    signature,
+                                )
                             })
                             .collect(),
                     }),

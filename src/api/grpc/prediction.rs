@@ -3,15 +3,14 @@
 use super::codec::{declared_type, signature_def_map, tensor_to_proto, tensor_values};
 use super::GrpcOptions;
 use crate::api::offload;
-use crate::api::tasks::{self, Task, TaskKind, TaskResult};
+use crate::api::tasks::{self, served_spec, Task, TaskKind, TaskResult};
 use crate::error::Error;
 use crate::inference::{self, check_input, find_signature, Inference};
 use crate::proto::serving::prediction_service_server::PredictionService;
 use crate::proto::serving::{
-    inference_result, model_spec, ClassificationRequest, ClassificationResponse,
-    GetModelMetadataRequest, GetModelMetadataResponse, InferenceResult, ModelSpec,
-    MultiInferenceRequest, MultiInferenceResponse, PredictRequest, PredictResponse,
-    RegressionRequest, RegressionResponse,
+    model_spec, ClassificationRequest, ClassificationResponse, GetModelMetadataRequest,
+    GetModelMetadataResponse, ModelSpec, MultiInferenceRequest, MultiInferenceResponse,
+    PredictRequest, PredictResponse, RegressionRequest, RegressionResponse,
 };
 use crate::registry::{Registry, VersionSelector};
 use crate::telemetry::{Api, Protocol, RequestTimer};
@@ -63,15 +62,6 @@ struct TaskRequest<'a> {
     spec: Option<&'a ModelSpec>,
     input: Option<&'a crate::proto::serving::Input>,
     bytes: usize,
-}
-
-/// The ModelSpec of a response: the version that actually served.
-pub(super) fn served_spec(model: &str, version: i64, signature: &str) -> ModelSpec {
-    ModelSpec {
-        name: model.to_string(),
-        version_choice: Some(model_spec::VersionChoice::Version(version)),
-        signature_name: signature.to_string(),
-    }
 }
 
 /// The deadline a client set with the `grpc-timeout` header (gRPC over HTTP/2: up to eight
@@ -348,14 +338,8 @@ impl PredictionApi {
             results: answer
                 .results
                 .into_iter()
-                .map(|(signature, result)| InferenceResult {
-                    model_spec: Some(served_spec(&answer.model, answer.version, &signature)),
-                    result: Some(match result {
-                        TaskResult::Classification(r) => {
-                            inference_result::Result::ClassificationResult(r)
-                        }
-                        TaskResult::Regression(r) => inference_result::Result::RegressionResult(r),
-                    }),
+                .map(|(signature, result)| {
+                    result.into_inference_result(&answer.model, answer.version, &signature)
                 })
                 .collect(),
         })
