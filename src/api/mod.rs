@@ -6,6 +6,7 @@ pub mod examples;
 #[cfg(test)]
 mod fuzz;
 pub mod grpc;
+pub mod http_client;
 pub mod model_status;
 pub mod rest;
 pub mod serve;

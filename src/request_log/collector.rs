@@ -4,14 +4,12 @@
 
 use super::record::Record;
 use super::LogSettings;
+use crate::api::http_client;
 use crate::config::{CollectorSpec, FileFormat};
 use crate::registry::masked_crc32c;
 use crate::telemetry::{PREDICTION_LOGS_DROPPED_TOTAL, PREDICTION_LOGS_WRITTEN_TOTAL};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use prost::Message;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -298,10 +296,7 @@ fn tfrecord(data: &[u8]) -> Vec<u8> {
 /// Sends queued records to `uri` as `application/x-ndjson` POSTs of up to
 /// [`HTTP_BATCH_RECORDS`], until every handle to the queue is gone and it is drained.
 async fn post_batches(uri: hyper::Uri, records: flume::Receiver<Record>) {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(connector);
+    let client = http_client::client();
     let mut failing = false;
     while let Ok(first) = records.recv_async().await {
         let mut body = String::new();
@@ -331,11 +326,7 @@ async fn post_batches(uri: hyper::Uri, records: flume::Receiver<Record>) {
 }
 
 /// POSTs one batch, trying [`HTTP_ATTEMPTS`] times with a growing pause.
-async fn post(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    uri: &hyper::Uri,
-    body: Bytes,
-) -> io::Result<()> {
+async fn post(client: &http_client::HttpClient, uri: &hyper::Uri, body: Bytes) -> io::Result<()> {
     let mut last_error = String::new();
     for attempt in 0..HTTP_ATTEMPTS {
         if attempt > 0 {
@@ -345,11 +336,11 @@ async fn post(
             .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
             .body(Full::new(body.clone()))
             .map_err(io::Error::other)?;
-        match tokio::time::timeout(HTTP_TIMEOUT, client.request(request)).await {
-            Ok(Ok(response)) if response.status().is_success() => return Ok(()),
-            Ok(Ok(response)) => last_error = format!("{uri} answered {}", response.status()),
-            Ok(Err(e)) => last_error = format!("{uri}: {}", crate::error::error_chain(&e)),
-            Err(_) => last_error = format!("{uri}: no answer within {HTTP_TIMEOUT:?}"),
+        // The answer's body is not used: a collector's acknowledgement is small.
+        match http_client::send(client, request, HTTP_TIMEOUT, 64 << 10).await {
+            Ok((status, _)) if (200..300).contains(&status) => return Ok(()),
+            Ok((status, _)) => last_error = format!("{uri} answered {status}"),
+            Err(e) => last_error = format!("{uri}: {e}"),
         }
     }
     Err(io::Error::other(last_error))

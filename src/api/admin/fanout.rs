@@ -3,20 +3,14 @@
 //! results stand.
 
 use super::kubernetes::Peer;
-use crate::error::error_chain;
+use crate::api::http_client::{send, HttpClient};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The plain-HTTP client used for peers and for the Kubernetes API (through the proxy).
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// The largest answer read from one pod; admin answers are small status documents.
 const MAX_POD_ANSWER_BYTES: usize = 8 << 20;
@@ -24,35 +18,6 @@ const MAX_POD_ANSWER_BYTES: usize = 8 << 20;
 /// The query parameter that asks for a fan-out; forwarded calls carry it as `false`, so a pod
 /// never fans out again what it received from a peer.
 pub const FANOUT_PARAM: &str = "fanout";
-
-pub fn client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(connector)
-}
-
-/// Sends `request` and reads at most `max_bytes` of the answer, all within `timeout`.
-/// The error says what went wrong (refused, timed out, cut short) without the request.
-pub async fn send(
-    client: &HttpClient,
-    request: Request<Full<Bytes>>,
-    timeout: Duration,
-    max_bytes: usize,
-) -> Result<(u16, Bytes), String> {
-    let exchange = async {
-        let response = client.request(request).await.map_err(|e| error_chain(&e))?;
-        let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), max_bytes)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
-        Ok((status, body))
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| format!("no answer within {} s", timeout.as_secs_f64()))?
-}
 
 /// The call every pod receives.
 #[derive(Debug)]
@@ -225,7 +190,13 @@ mod tests {
             address: "127.0.0.1:1".parse().unwrap(),
             ready: false,
         }];
-        let results = call_all(&client(), peers, forward, Duration::from_secs(1)).await;
+        let results = call_all(
+            &crate::api::http_client::client(),
+            peers,
+            forward,
+            Duration::from_secs(1),
+        )
+        .await;
         assert_eq!(results.len(), 1);
         assert!(!results[0].ok);
         assert_eq!(results[0].status, None);

@@ -5,7 +5,7 @@
 //! `localhost:8001` that adds the pod's service-account credentials and verifies the API
 //! server's certificate; that keeps TLS and token handling out of this binary.
 
-use super::fanout::{self, HttpClient};
+use crate::api::http_client::{self, HttpClient};
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -96,7 +96,7 @@ impl EndpointsSource {
                 url: self.url.clone(),
                 message: e.to_string(),
             })?;
-        let (status, body) = fanout::send(client, request, timeout, MAX_ENDPOINTS_BYTES)
+        let (status, body) = http_client::send(client, request, timeout, MAX_ENDPOINTS_BYTES)
             .await
             .map_err(|message| PeersError::Unreachable {
                 url: self.url.clone(),

@@ -20,6 +20,7 @@ mod kubernetes;
 pub use fanout::PodResult;
 pub use kubernetes::{EndpointsSource, Peer, PeersError};
 
+use crate::api::http_client::{self, HttpClient};
 use crate::api::model_status::model_status;
 use crate::api::rest::model_json::status_value;
 use crate::error::{http_status_for, Error};
@@ -32,7 +33,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use fanout::HttpClient;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::future::Future;
@@ -110,7 +110,7 @@ struct AdminState {
 pub fn router(config: AdminConfig, registry: Arc<Registry>, reload: Reload) -> Router {
     let state = AdminState {
         config,
-        client: fanout::client(),
+        client: http_client::client(),
         registry,
         reload,
     };
