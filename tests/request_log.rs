@@ -12,6 +12,7 @@ use common::{
 use modelgate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use modelgate::proto::inference::model_infer_request::InferInputTensor;
 use modelgate::proto::inference::{InferTensorContents, ModelInferRequest};
+use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{
     prediction_log, ClassificationRequest, PredictRequest, PredictionLog, RegressionRequest,
 };
@@ -21,6 +22,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tonic::transport::Channel;
 use tonic::Code;
 
 /// A `logging_config` block: collector `kind` (with `prefix`) at `rate`.
@@ -150,13 +152,7 @@ async fn records_carry_the_request_its_answer_and_its_outcome_on_every_protocol(
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument);
     // Classify, on a signature named in the request.
-    client
-        .classify(ClassificationRequest {
-            model_spec: Some(spec_signature("regressor", "classify")),
-            input: examples(&[[1., 2., 3.]]),
-        })
-        .await
-        .unwrap();
+    classify(&mut client).await;
     // Neither a model this server does not know nor metadata is logged.
     predict(&mut client, spec("unknown"), &[1.0])
         .await
@@ -312,9 +308,8 @@ async fn per_method_rates_override_the_default() {
     assert!(found.iter().all(|r| r["method"] == "regress"), "{found:#?}");
 }
 
-/// One Classify (the `classify` signature) and one Regress on the `regressor` fixture.
-async fn classify_then_regress(server: &Server) {
-    let mut client = server.prediction().await;
+/// A Classify of one example `[1, 2, 3]` on the `regressor` fixture's `classify` signature.
+async fn classify(client: &mut PredictionServiceClient<Channel>) {
     client
         .classify(ClassificationRequest {
             model_spec: Some(spec_signature("regressor", "classify")),
@@ -322,6 +317,12 @@ async fn classify_then_regress(server: &Server) {
         })
         .await
         .unwrap();
+}
+
+/// One Classify (the `classify` signature) and one Regress on the `regressor` fixture.
+async fn classify_then_regress(server: &Server) {
+    let mut client = server.prediction().await;
+    classify(&mut client).await;
     client
         .regress(RegressionRequest {
             model_spec: Some(spec("regressor")),
