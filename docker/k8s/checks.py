@@ -315,7 +315,7 @@ FLUENT_BIT_PLUGINS = {
 FLUENT_BIT_PARSER = {"name", "format", "regex", "time_key", "time_format", "time_keep",
                      "time_offset", "time_strict", "time_system_timezone", "types",
                      "decode_field", "decode_field_as", "skip_empty_values"}
-# Records as modelgate writes them (README, "Request logging").
+# Records as modelgate writes them (docs/request-logging.md).
 SAMPLE_OK = {
     "code": "ok", "latency_ms": 1.079, "message": "", "method": "predict", "model": "tiny",
     "protocol": "rest", "request": {"inputs": {"x": {"dtype": "DT_FLOAT", "shape": [2, 1],
