@@ -12,11 +12,11 @@
 use bytes::{Buf, Bytes};
 use h2::client::SendRequest;
 use http::{HeaderMap, Method, Request};
-use modelgate::api::grpc::{declared_type, tensor_to_proto};
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{
     GetModelMetadataRequest, ModelSpec, PredictRequest, SignatureDefMap,
 };
+use modelgate::proto::tensor::{declared_type, tensor_to_proto};
 use modelgate::proto::tensorflow::TensorProto;
 use modelgate::tensor::{DType, Tensor};
 use prost::Message;

@@ -25,10 +25,10 @@ use bytes::Bytes;
 use common::{demo_models, spec, write_config, Server, TempDir};
 use h2::client::SendRequest;
 use loadgen::{closed_loop, connect, open_loop, request_from_metadata, Call, Report};
-use modelgate::api::grpc::tensor_to_proto;
 use modelgate::proto::inference::model_infer_request::InferInputTensor;
 use modelgate::proto::inference::ModelInferRequest;
 use modelgate::proto::serving::PredictRequest;
+use modelgate::proto::tensor::tensor_to_proto;
 use modelgate::tensor::Tensor;
 use std::time::{Duration, Instant};
 

@@ -8,6 +8,16 @@ use std::sync::Arc;
 /// TF Serving's signature name when a request names none.
 pub const DEFAULT_SIGNATURE: &str = "serving_default";
 
+/// The signature a request runs when it names none: an empty name is `serving_default`, as
+/// in TF Serving (and V2, which names none unless its `signature_name` parameter does).
+pub fn canonical_name(name: &str) -> &str {
+    if name.is_empty() {
+        DEFAULT_SIGNATURE
+    } else {
+        name
+    }
+}
+
 pub const PREDICT_METHOD_NAME: &str = "tensorflow/serving/predict";
 pub const CLASSIFY_METHOD_NAME: &str = "tensorflow/serving/classify";
 pub const REGRESS_METHOD_NAME: &str = "tensorflow/serving/regress";
@@ -123,13 +133,8 @@ impl SignatureMap {
 
     /// Looks a signature up by name, `serving_default` when the name is empty.
     pub fn get(&self, name: &str) -> Option<(&str, &Signature)> {
-        let name = if name.is_empty() {
-            DEFAULT_SIGNATURE
-        } else {
-            name
-        };
         self.signatures
-            .get_key_value(name)
+            .get_key_value(canonical_name(name))
             .map(|(k, v)| (k.as_str(), v))
     }
 }

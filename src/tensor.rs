@@ -227,10 +227,11 @@ impl Tensor {
     /// Reads the elements back as `T`, or `None` when the dtype differs.
     pub fn to_values<T: Element>(&self) -> Option<Vec<T>> {
         (self.dtype == T::DTYPE).then(|| {
-            self.data
-                .chunks_exact(T::DTYPE.size())
-                .map(T::read_le)
-                .collect()
+            Values::<T> {
+                chunks: self.data.chunks_exact(T::DTYPE.size()),
+                element: std::marker::PhantomData,
+            }
+            .collect()
         })
     }
 }
@@ -365,6 +366,139 @@ impl Element for bool {
     }
     fn read_le(bytes: &[u8]) -> Self {
         bytes[0] != 0
+    }
+}
+
+impl Element for half::f16 {
+    const DTYPE: DType = DType::F16;
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn read_le(bytes: &[u8]) -> Self {
+        half::f16::from_le_bytes([bytes[0], bytes[1]])
+    }
+}
+
+impl Element for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn read_le(bytes: &[u8]) -> Self {
+        half::bf16::from_le_bytes([bytes[0], bytes[1]])
+    }
+}
+
+/// The elements of one dtype, read from a tensor's little-endian bytes as they are
+/// iterated (nothing is copied first).
+#[derive(Clone, Debug)]
+pub struct Values<'a, T> {
+    chunks: std::slice::ChunksExact<'a, u8>,
+    element: std::marker::PhantomData<T>,
+}
+
+impl<T: Element> Iterator for Values<'_, T> {
+    type Item = T;
+    fn next(&mut self) -> Option<T> {
+        self.chunks.next().map(T::read_le)
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.chunks.size_hint()
+    }
+}
+
+impl<T: Element> ExactSizeIterator for Values<'_, T> {}
+
+/// A tensor's elements, typed by its dtype: the one reader of tensor bytes that every
+/// encoder (TensorProto, both JSON APIs, request logs, task results) goes through, so that
+/// each dtype is read one way everywhere.
+#[derive(Clone, Debug)]
+pub enum Elements<'a> {
+    Bool(Values<'a, bool>),
+    U8(Values<'a, u8>),
+    I8(Values<'a, i8>),
+    I16(Values<'a, i16>),
+    I32(Values<'a, i32>),
+    I64(Values<'a, i64>),
+    F16(Values<'a, half::f16>),
+    BF16(Values<'a, half::bf16>),
+    F32(Values<'a, f32>),
+    F64(Values<'a, f64>),
+}
+
+impl<'a> Elements<'a> {
+    /// The elements of a float dtype as f32 (halves widen exactly; f64 rounds), or `None`
+    /// for the other dtypes.
+    pub fn to_f32(self) -> Option<Vec<f32>> {
+        Some(match self {
+            Elements::F32(values) => values.collect(),
+            Elements::F64(values) => values.map(|v| v as f32).collect(),
+            Elements::F16(values) => values.map(half::f16::to_f32).collect(),
+            Elements::BF16(values) => values.map(half::bf16::to_f32).collect(),
+            _ => return None,
+        })
+    }
+
+    /// The elements of an integer dtype as i64, or `None` for the other dtypes.
+    pub fn to_i64(self) -> Option<Vec<i64>> {
+        Some(match self {
+            Elements::U8(values) => values.map(i64::from).collect(),
+            Elements::I8(values) => values.map(i64::from).collect(),
+            Elements::I16(values) => values.map(i64::from).collect(),
+            Elements::I32(values) => values.map(i64::from).collect(),
+            Elements::I64(values) => values.collect(),
+            _ => return None,
+        })
+    }
+}
+
+impl Tensor {
+    /// The tensor's elements in row-major order. Built through [`Tensor::new`] its bytes
+    /// hold exactly its elements; a trailing partial element, which only a tensor built
+    /// around that check could have, is not read.
+    pub fn elements(&self) -> Elements<'_> {
+        fn values<T: Element>(data: &[u8]) -> Values<'_, T> {
+            Values {
+                chunks: data.chunks_exact(T::DTYPE.size()),
+                element: std::marker::PhantomData,
+            }
+        }
+        let data = &self.data[..];
+        match self.dtype {
+            DType::Bool => Elements::Bool(values(data)),
+            DType::U8 => Elements::U8(values(data)),
+            DType::I8 => Elements::I8(values(data)),
+            DType::I16 => Elements::I16(values(data)),
+            DType::I32 => Elements::I32(values(data)),
+            DType::I64 => Elements::I64(values(data)),
+            DType::F16 => Elements::F16(values(data)),
+            DType::BF16 => Elements::BF16(values(data)),
+            DType::F32 => Elements::F32(values(data)),
+            DType::F64 => Elements::F64(values(data)),
+        }
+    }
+}
+
+/// A tensor's elements as one flat JSON array (serde), in strict JSON: numbers and
+/// booleans, halves widened to f32, and `null` for a non-finite float, which JSON cannot
+/// hold (serde_json's rule). The encoding of request logs and of V2's JSON `data`; TF
+/// Serving's REST API instead writes `NaN` and `Infinity` tokens, as TF Serving does.
+pub struct JsonValues<'a>(pub &'a Tensor);
+
+impl serde::Serialize for JsonValues<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.elements() {
+            Elements::Bool(values) => serializer.collect_seq(values),
+            Elements::U8(values) => serializer.collect_seq(values),
+            Elements::I8(values) => serializer.collect_seq(values),
+            Elements::I16(values) => serializer.collect_seq(values),
+            Elements::I32(values) => serializer.collect_seq(values),
+            Elements::I64(values) => serializer.collect_seq(values),
+            Elements::F16(values) => serializer.collect_seq(values.map(half::f16::to_f32)),
+            Elements::BF16(values) => serializer.collect_seq(values.map(half::bf16::to_f32)),
+            Elements::F32(values) => serializer.collect_seq(values),
+            Elements::F64(values) => serializer.collect_seq(values),
+        }
     }
 }
 

@@ -3,9 +3,9 @@
 mod common;
 
 use common::*;
-use modelgate::api::grpc::{dims, shape_proto};
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{PredictRequest, PredictResponse};
+use modelgate::proto::tensor::{dims, shape_proto};
 use modelgate::proto::tensorflow::{DataType, TensorProto};
 use std::time::Duration;
 use tonic::transport::Channel;

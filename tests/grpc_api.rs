@@ -5,10 +5,10 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use modelgate::api::grpc::{dims, shape_proto, tensor_to_proto};
 use modelgate::proto::serving::{
     GetModelMetadataRequest, GetModelStatusRequest, PredictRequest, SignatureDefMap,
 };
+use modelgate::proto::tensor::{dims, shape_proto, tensor_to_proto};
 use modelgate::proto::tensorflow::{DataType, TensorProto, TensorShapeProto};
 use modelgate::tensor::{DType, Tensor};
 use prost::Message;

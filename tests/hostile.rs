@@ -11,13 +11,13 @@ mod common;
 
 use bytes::Bytes;
 use common::{spec, spec_signature, Server, TempDir};
-use modelgate::api::grpc::{dims, shape_proto};
 use modelgate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use modelgate::proto::inference::model_infer_request::InferInputTensor;
 use modelgate::proto::inference::{InferTensorContents, ModelInferRequest};
 use modelgate::proto::serving::{
     input, ClassificationRequest, ExampleListWithContext, Input, PredictRequest, RegressionRequest,
 };
+use modelgate::proto::tensor::{dims, shape_proto};
 use modelgate::proto::tensorflow::{
     feature, DataType, Example, Feature, Features, FloatList, TensorProto,
 };

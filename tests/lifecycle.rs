@@ -5,9 +5,9 @@
 mod common;
 
 use common::{Server, TempDir, TIMEOUT};
-use modelgate::api::grpc::tensor_to_proto;
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{ModelSpec, PredictRequest};
+use modelgate::proto::tensor::tensor_to_proto;
 use modelgate::tensor::Tensor;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};

@@ -16,7 +16,7 @@ use modelgate::proto::serving::prediction_service_client::PredictionServiceClien
 use modelgate::proto::serving::{
     prediction_log, ClassificationRequest, PredictRequest, PredictionLog, RegressionRequest,
 };
-use modelgate::registry::tfrecords;
+use modelgate::tfrecord;
 use prost::Message;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -396,7 +396,7 @@ async fn file_collectors_rotate_json_lines_and_write_prediction_logs() {
     for file in files(&logs, "tf-") {
         assert!(file.extension().unwrap() == "tfrecord", "{file:?}");
         let bytes = std::fs::read(&file).unwrap();
-        for record in tfrecords(&bytes).unwrap() {
+        for record in tfrecord::records(&bytes).unwrap() {
             predict_logs.push(PredictionLog::decode(record).unwrap());
         }
     }
@@ -418,7 +418,7 @@ async fn file_collectors_rotate_json_lines_and_write_prediction_logs() {
 
     let mut kinds = Vec::new();
     for file in files(&logs, "regressor-") {
-        for record in tfrecords(&std::fs::read(&file).unwrap()).unwrap() {
+        for record in tfrecord::records(&std::fs::read(&file).unwrap()).unwrap() {
             kinds.push(match PredictionLog::decode(record).unwrap().log_type {
                 Some(prediction_log::LogType::ClassifyLog(log)) => {
                     assert!(log.response.unwrap().result.is_some());

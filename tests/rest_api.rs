@@ -4,8 +4,8 @@
 mod common;
 
 use common::Server;
-use modelgate::api::grpc::tensor_to_proto;
 use modelgate::proto::serving::{ModelSpec, PredictRequest};
+use modelgate::proto::tensor::tensor_to_proto;
 use modelgate::tensor::Tensor;
 use serde_json::{json, Value};
 use std::path::Path;

@@ -6,10 +6,10 @@
 mod common;
 
 use common::{examples, spec_signature, Server, TempDir, TIMEOUT};
-use modelgate::api::grpc::tensor_to_proto;
 use modelgate::proto::serving::{
     ClassificationRequest, InferenceTask, MultiInferenceRequest, PredictRequest, RegressionRequest,
 };
+use modelgate::proto::tensor::tensor_to_proto;
 use modelgate::tensor::Tensor;
 use serde_json::Value;
 use std::time::{Duration, Instant};

@@ -13,7 +13,8 @@ use modelgate::proto::serving::{
     RegressionRequest,
 };
 use modelgate::proto::tensorflow::TensorProto;
-use modelgate::registry::{masked_crc32c, WARMUP_FILE};
+use modelgate::registry::WARMUP_FILE;
+use modelgate::tfrecord;
 use prost::Message;
 use std::path::Path;
 
@@ -34,15 +35,11 @@ fn predict_record(rounds: f32) -> Vec<u8> {
     .encode_to_vec()
 }
 
-/// TFRecord framing: length, masked CRC-32C of it, data, masked CRC-32C of the data.
+/// The records as one TFRecord file.
 fn tfrecord(records: &[Vec<u8>]) -> Vec<u8> {
     let mut out = Vec::new();
     for record in records {
-        let length = (record.len() as u64).to_le_bytes();
-        out.extend_from_slice(&length);
-        out.extend_from_slice(&masked_crc32c(&length).to_le_bytes());
-        out.extend_from_slice(record);
-        out.extend_from_slice(&masked_crc32c(record).to_le_bytes());
+        tfrecord::frame_into(&mut out, record);
     }
     out
 }
@@ -64,7 +61,7 @@ fn counter_version(base: &Path, version: i64, warm_up: Option<&[u8]>) {
 async fn forwards(server: &Server) -> i64 {
     let mut client = server.prediction().await;
     let x = TensorProto {
-        tensor_shape: Some(modelgate::api::grpc::shape_proto(Some(&[1]))),
+        tensor_shape: Some(modelgate::proto::tensor::shape_proto(Some(&[1]))),
         ..float_row(&[0.0])
     };
     let response = client

@@ -1,23 +1,22 @@
-//! The protocols: TF Serving's gRPC and REST APIs, what they share (tf.Example inputs and
-//! the Classify / Regress / MultiInference tasks), and the admin API on the REST port.
+//! The protocols, and nothing else: TF Serving's gRPC and REST APIs, the Open Inference
+//! Protocol (KServe V2) on both ports (`v2` holds what its two transports share), the admin
+//! API on the REST port, the servers' accept loops (`serve`) and the request timer every
+//! call is measured with. Each transport decodes bytes into tensors, calls the
+//! [`Inference`](crate::inference::Inference) core, and encodes its answer.
 
 pub mod admin;
-pub mod examples;
-#[cfg(test)]
-mod fuzz;
 pub mod grpc;
-pub mod http_client;
 pub mod model_status;
 pub mod rest;
 pub mod serve;
-pub mod tasks;
+pub mod timer;
 pub mod v2;
-pub mod warmup;
 
 use crate::error::Error;
 
 /// Requests (and answers) larger than this are decoded (encoded) on a blocking thread, so
-/// that a large tensor or JSON document does not hold up the async executor.
+/// that a large tensor or JSON document does not hold up the async executor; all four
+/// transports decode through [`offload`].
 const OFFLOAD_BYTES: usize = 64 << 10;
 
 /// Runs `work` here when `size` is small, else on a blocking thread.

@@ -14,7 +14,7 @@ use crate::api;
 use crate::api::serve::Port;
 use crate::config::{ConfigError, ConnectionSettings, Flags, S3Env};
 use crate::inference::Inference;
-use crate::registry::{LoadRetries, LoadSettings, Manager, ManagerConfig, Registry};
+use crate::registry::{ConfigHook, LoadRetries, LoadSettings, Manager, ManagerConfig, Registry};
 use crate::request_log::{LogSettings, RequestLogs};
 use crate::runtime;
 use crate::storage::Storage;
@@ -76,11 +76,11 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     // start; the manager applies the same config again and keeps what is open.
     request_logs
         .configure(&specs)
-        .map_err(|e| AppError::Config(ConfigError::Invalid(e)))?;
+        .map_err(|e| AppError::Config(ConfigError::Invalid(e.to_string())))?;
     let registry = Registry::new();
     let inference = Inference::new(Arc::clone(&registry), flags.max_request_tensor_bytes);
     let warm_up = flags.enable_model_warmup.then(|| {
-        api::warmup::replay(
+        crate::inference::replay::replay(
             inference.clone(),
             flags.num_request_iterations_for_warmup,
             tokio::runtime::Handle::current(),
@@ -103,7 +103,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
                 max_retries: flags.max_num_load_retries,
                 interval: Duration::from_micros(flags.load_retry_interval_micros),
             },
-            request_logs: Arc::clone(&request_logs),
+            config_hook: Some(request_log_hook(&request_logs)),
         },
     );
 
@@ -139,7 +139,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     ));
 
     let source = models.clone();
-    let repository = api::v2::Repository::new(
+    let repository = api::v2::RepositoryControl::new(
         Arc::new(move |name| {
             let source = source.clone();
             Box::pin(async move { source.entry(&name).await })
@@ -149,6 +149,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     );
     let mut rest_router = api::rest::router(
         inference.clone(),
+        Arc::clone(&registry),
         repository.clone(),
         Some(metrics),
         &rest_options,
@@ -158,6 +159,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     }
     let grpc_router = api::grpc::router(
         inference,
+        Arc::clone(&registry),
         manager_handle.clone(),
         repository,
         api::grpc::GrpcOptions {
@@ -225,4 +227,13 @@ fn socket_addr(host: &str, port: u16) -> Result<SocketAddr, AppError> {
         addr: text,
         message: format!("--bind_address: {e}"),
     })
+}
+
+/// Request logging is configured with each model config the manager applies, and can
+/// refuse it (a destination that cannot be opened).
+fn request_log_hook(request_logs: &Arc<RequestLogs>) -> ConfigHook {
+    let request_logs = Arc::clone(request_logs);
+    ConfigHook(Arc::new(move |specs| {
+        request_logs.configure(specs).map_err(Into::into)
+    }))
 }

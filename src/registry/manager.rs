@@ -22,7 +22,6 @@ use super::loader::load_version;
 use super::LoadSettings;
 use super::{Registry, Servable, ServingMap, ServingModel, VersionState};
 use crate::config::{ModelSpec, Platform};
-use crate::request_log::RequestLogs;
 use crate::storage::{BasePath, Storage, StorageError, VersionEntry};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -42,8 +41,26 @@ pub struct ManagerConfig {
     /// How often to look for new and removed versions; `None` = only when the config changes.
     pub poll_interval: Option<Duration>,
     pub load_retries: LoadRetries,
-    /// Where each model's requests are logged; set with the models it applies.
-    pub request_logs: Arc<RequestLogs>,
+    /// Called with each model config before it is applied: an error refuses it whole.
+    pub config_hook: Option<ConfigHook>,
+}
+
+/// What else a model config configures (the composition root hands request logging's
+/// here), checked and applied before the manager applies the config, so that what the
+/// hook refuses leaves everything as it was. The registry does not know what it configures.
+#[derive(Clone)]
+pub struct ConfigHook(pub Arc<HookFn>);
+
+/// See [`ConfigHook`].
+pub type HookFn = dyn Fn(&[ModelSpec]) -> Result<(), BoxError> + Send + Sync;
+
+/// An error from outside the registry (a hook's, or a warm-up replay's).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl std::fmt::Debug for ConfigHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigHook")
+    }
 }
 
 /// How often a version that failed to load is tried again with the same files.
@@ -112,11 +129,17 @@ impl FailedLoad {
 }
 
 /// Why a new set of models was refused; the models in force stay as they were.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// A model of the new config cannot be served (e.g. its base path is not supported).
+    #[error("model '{model}': {source}")]
+    BasePath {
+        model: String,
+        source: crate::storage::StorageError,
+    },
+    /// The config hook refused the config (e.g. a request log file cannot be created).
     #[error("{0}")]
-    Invalid(String),
+    Refused(BoxError),
     #[error("the model manager has stopped")]
     Stopped,
     /// A change names a model that is not in the running config.
@@ -129,7 +152,9 @@ pub enum ApplyError {
 impl From<ApplyError> for crate::error::Error {
     fn from(error: ApplyError) -> Self {
         match error {
-            ApplyError::Invalid(message) => crate::error::Error::InvalidArgument(message),
+            ApplyError::BasePath { .. } | ApplyError::Refused(_) => {
+                crate::error::Error::InvalidArgument(error.to_string())
+            }
             ApplyError::Stopped => crate::error::Error::Unavailable(error.to_string()),
             ApplyError::NotConfigured(_) => crate::error::Error::NotFound(error.to_string()),
         }
@@ -396,16 +421,18 @@ impl Manager {
     ) -> Result<(Vec<String>, Vec<JoinHandle<()>>), ApplyError> {
         let mut bases = Vec::with_capacity(specs.len());
         for spec in &specs {
-            let base = self
-                .storage
-                .base_path(&spec.base_path)
-                .map_err(|e| ApplyError::Invalid(format!("model '{}': {e}", spec.name)))?;
+            let base =
+                self.storage
+                    .base_path(&spec.base_path)
+                    .map_err(|source| ApplyError::BasePath {
+                        model: spec.name.clone(),
+                        source,
+                    })?;
             bases.push(base);
         }
-        self.config
-            .request_logs
-            .configure(&specs)
-            .map_err(ApplyError::Invalid)?;
+        if let Some(hook) = &self.config.config_hook {
+            (hook.0)(&specs).map_err(ApplyError::Refused)?;
+        }
         let wanted: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         let mut unloads = Vec::new();
         let removed: Vec<String> = self

@@ -10,8 +10,11 @@ mod manager;
 mod warmup;
 
 pub use loader::{LoadSettings, VersionLoadError};
-pub use manager::{ApplyError, LoadRetries, Manager, ManagerConfig, ManagerHandle, ModelChange};
-pub use warmup::{masked_crc32c, tfrecords, WarmUpReplay, MAX_WARMUP_RECORDS, WARMUP_FILE};
+pub use manager::{
+    ApplyError, BoxError, ConfigHook, LoadRetries, Manager, ManagerConfig, ManagerHandle,
+    ModelChange,
+};
+pub use warmup::{WarmUpReplay, MAX_WARMUP_RECORDS, WARMUP_FILE};
 
 use crate::batching::Scheduler;
 use crate::error::Error;

@@ -4,10 +4,10 @@
 
 use super::record::Record;
 use super::LogSettings;
-use crate::api::http_client;
 use crate::config::{CollectorSpec, FileFormat};
-use crate::registry::masked_crc32c;
+use crate::http_client;
 use crate::telemetry::{PREDICTION_LOGS_DROPPED_TOTAL, PREDICTION_LOGS_WRITTEN_TOTAL};
+use crate::tfrecord;
 use bytes::Bytes;
 use http_body_util::Full;
 use prost::Message;
@@ -37,6 +37,15 @@ pub struct Collector {
     queue: flume::Sender<Record>,
 }
 
+/// Why a destination could not be opened: the collector it is (its type and where) and
+/// what failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{collector}: {source}")]
+pub struct StartError {
+    pub collector: String,
+    pub source: io::Error,
+}
+
 /// Resolves once a collector's writer has written (or dropped) everything and stopped.
 pub type Stopped = oneshot::Receiver<()>;
 
@@ -46,27 +55,37 @@ impl Collector {
     pub fn start(
         spec: &CollectorSpec,
         settings: &LogSettings,
-    ) -> Result<(Collector, Stopped), String> {
+    ) -> Result<(Collector, Stopped), StartError> {
         let (queue, records) = flume::bounded(settings.queue_records.max(1));
         let (stopped_tx, stopped) = oneshot::channel();
         match spec {
-            CollectorSpec::Stdout => {
-                spawn_writer("stdout", records, stopped_tx, Lines(io::stdout))?
-            }
-            CollectorSpec::Stderr => {
-                spawn_writer("stderr", records, stopped_tx, Lines(io::stderr))?
-            }
+            CollectorSpec::Stdout => spawn_writer("stdout", records, stopped_tx, Lines(io::stdout))
+                .map_err(|source| StartError {
+                    collector: "stdout collector".into(),
+                    source,
+                })?,
+            CollectorSpec::Stderr => spawn_writer("stderr", records, stopped_tx, Lines(io::stderr))
+                .map_err(|source| StartError {
+                    collector: "stderr collector".into(),
+                    source,
+                })?,
             CollectorSpec::File { prefix, format } => {
-                let files = Files::open(prefix, *format, settings.file_rotate_bytes)
-                    .map_err(|e| format!("file collector '{prefix}': {e}"))?;
-                spawn_writer("file", records, stopped_tx, files)?
+                let failed = |source| StartError {
+                    collector: format!("file collector '{prefix}'"),
+                    source,
+                };
+                let files =
+                    Files::open(prefix, *format, settings.file_rotate_bytes).map_err(failed)?;
+                spawn_writer("file", records, stopped_tx, files).map_err(failed)?
             }
             CollectorSpec::Http { url } => {
-                let uri: hyper::Uri = url
-                    .parse()
-                    .map_err(|e| format!("http collector '{url}': {e}"))?;
+                let failed = |source| StartError {
+                    collector: format!("http collector '{url}'"),
+                    source,
+                };
+                let uri: hyper::Uri = url.parse().map_err(|e| failed(io::Error::other(e)))?;
                 let runtime = tokio::runtime::Handle::try_current()
-                    .map_err(|e| format!("http collector '{url}': {e}"))?;
+                    .map_err(|e| failed(io::Error::other(e)))?;
                 runtime.spawn(async move {
                     post_batches(uri, records).await;
                     let _ = stopped_tx.send(());
@@ -104,7 +123,7 @@ fn spawn_writer(
     records: flume::Receiver<Record>,
     stopped: oneshot::Sender<()>,
     mut sink: impl Sink,
-) -> Result<(), String> {
+) -> io::Result<()> {
     std::thread::Builder::new()
         .name(format!("request-log-{name}"))
         .spawn(move || {
@@ -122,7 +141,6 @@ fn spawn_writer(
             let _ = stopped.send(());
         })
         .map(drop)
-        .map_err(|e| format!("cannot start the {name} request log writer: {e}"))
 }
 
 /// Counts a record written or failed; a failure is logged once until writing works again.
@@ -221,7 +239,7 @@ impl Sink for Files {
             // PredictionLog holds answered requests only: a failure is in the JSON
             // collectors and in /metrics.
             FileFormat::TfRecord => match record.to_prediction_log() {
-                Some(log) => tfrecord(&log.encode_to_vec()),
+                Some(log) => tfrecord::frame(&log.encode_to_vec()),
                 None => return Ok(()),
             },
         };
@@ -280,17 +298,6 @@ fn highest_existing(stem: &Path, extension: &str) -> io::Result<Option<u64>> {
 fn create(path: &Path) -> io::Result<BufWriter<File>> {
     let file = File::options().create_new(true).write(true).open(path)?;
     Ok(BufWriter::with_capacity(256 << 10, file))
-}
-
-/// One TFRecord: length, its masked CRC-32C, the data, its masked CRC-32C.
-fn tfrecord(data: &[u8]) -> Vec<u8> {
-    let length = (data.len() as u64).to_le_bytes();
-    let mut framed = Vec::with_capacity(data.len() + 16);
-    framed.extend_from_slice(&length);
-    framed.extend_from_slice(&masked_crc32c(&length).to_le_bytes());
-    framed.extend_from_slice(data);
-    framed.extend_from_slice(&masked_crc32c(data).to_le_bytes());
-    framed
 }
 
 /// Sends queued records to `uri` as `application/x-ndjson` POSTs of up to
@@ -363,13 +370,5 @@ mod tests {
         assert_eq!(files.next, 9);
         assert!(dir.join("m-00008.tfrecord").is_file());
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn tfrecord_framing() {
-        let framed = tfrecord(b"abc");
-        assert_eq!(&framed[..8], &3u64.to_le_bytes());
-        assert_eq!(&framed[12..15], b"abc");
-        assert_eq!(framed.len(), 8 + 4 + 3 + 4);
     }
 }

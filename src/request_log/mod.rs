@@ -1,26 +1,28 @@
 //! Request logging (`ModelConfig.logging_config`): sampled records of requests and their
 //! answers, per model, to stdout, stderr, files or an HTTP collector.
 //!
-//! Each request runs in a [`scope`] that both servers install. The API edge names the
-//! request's method when its [`RequestTimer`](crate::telemetry::RequestTimer) starts; the
-//! facade captures what the request carried and answered once it has resolved a version
-//! ([`capture_predict`], [`capture_tasks`]), which is also where the request is sampled;
-//! the edge's timer then [`finish`]es the record with its outcome and latency and hands it
-//! to the model's [`Collector`]. Warm-up runs outside any scope, so it is never logged.
+//! A sink, like the metrics: it imports nothing above tensor, proto and config, and the
+//! layers above write to it. Each request runs in a [`scope`] that both servers install.
+//! The API edge names the request's method when its request timer starts ([`begin`]); the
+//! inference core captures what the request carried and answered once it has resolved a
+//! version ([`capture_predict`], [`capture_tasks`]), which is also where the request is
+//! sampled; the edge's timer then [`finish`]es the record with its outcome and latency and
+//! hands it to the model's [`Collector`]. Warm-up runs outside any scope, so it is never
+//! logged.
 
 mod collector;
 mod record;
 
 pub use record::{Payload, Record};
 
-use crate::api::tasks::TaskResult;
 use crate::config::{CollectorSpec, LoggingSpec, ModelSpec};
 use crate::error::{code_label, Error};
+use crate::proto::answers::TaskResult;
 use crate::proto::serving::Input;
 use crate::telemetry::{Api, Protocol};
 use crate::tensor::Tensor;
 use arc_swap::ArcSwap;
-use collector::{Collector, Stopped};
+use collector::{Collector, StartError, Stopped};
 use prost::Message;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -55,6 +57,14 @@ pub struct RequestLogs {
     stopped: Mutex<Vec<Stopped>>,
 }
 
+/// A model's request log destination could not be opened; the logging in force stays.
+#[derive(Debug, thiserror::Error)]
+#[error("model '{model}': {source}")]
+pub struct ConfigureError {
+    pub model: String,
+    pub source: StartError,
+}
+
 /// One model's sampling and destination.
 #[derive(Debug)]
 struct ModelLog {
@@ -75,7 +85,7 @@ impl RequestLogs {
     /// Applies the logging of `specs`: every destination is opened (or kept) before
     /// anything changes, so a destination that cannot be opened refuses the whole config
     /// and the logging in force stays.
-    pub fn configure(&self, specs: &[ModelSpec]) -> Result<(), String> {
+    pub fn configure(&self, specs: &[ModelSpec]) -> Result<(), ConfigureError> {
         let mut collectors = lock(&self.collectors);
         let mut models = HashMap::new();
         for spec in specs {
@@ -87,7 +97,10 @@ impl RequestLogs {
                 Some(collector) => collector,
                 None => {
                     let (collector, stopped) = Collector::start(&logging.collector, &self.settings)
-                        .map_err(|e| format!("model '{}': {e}", spec.name))?;
+                        .map_err(|source| ConfigureError {
+                            model: spec.name.clone(),
+                            source,
+                        })?;
                     let collector = Arc::new(collector);
                     collectors.insert(logging.collector.clone(), Arc::downgrade(&collector));
                     lock(&self.stopped).push(stopped);

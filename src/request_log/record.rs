@@ -1,15 +1,15 @@
 //! One logged request, and its two encodings: a JSON object (one per line) and TF Serving's
 //! `PredictionLog`.
 
-use crate::api::grpc::tensor_to_proto;
-use crate::api::tasks::{served_spec, TaskResult};
+use crate::proto::answers::{served_spec, TaskResult};
 use crate::proto::serving::{
     prediction_log, ClassificationRequest, ClassificationResponse, ClassifyLog, InferenceTask,
     Input, LogMetadata, MultiInferenceLog, MultiInferenceRequest, MultiInferenceResponse,
     PredictLog, PredictRequest, PredictResponse, PredictionLog, RegressLog, RegressionRequest,
     RegressionResponse, SamplingConfig,
 };
-use crate::tensor::{DType, Tensor};
+use crate::proto::tensor::tensor_to_proto;
+use crate::tensor::{JsonValues, Tensor};
 use prost::Message;
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
@@ -66,8 +66,8 @@ impl Record {
         self.code != "ok"
     }
 
-    /// The record as one JSON object (no trailing newline), its keys in the order the
-    /// README's "Request logging" section documents them.
+    /// The record as one JSON object (no trailing newline), its keys in the order
+    /// docs/request-logging.md documents them.
     pub fn to_json(&self) -> String {
         let (request, response, values_omitted) = match &self.payload {
             Payload::None => (Json::Null, Json::Null, false),
@@ -276,42 +276,9 @@ impl Serialize for TensorJson<'_> {
         map.serialize_entry("dtype", tensor.dtype.tf_name())?;
         map.serialize_entry("shape", &tensor.shape)?;
         if !omit_values {
-            map.serialize_entry("values", &Values(tensor))?;
+            map.serialize_entry("values", &JsonValues(tensor))?;
         }
         map.end()
-    }
-}
-
-/// A tensor's values as JSON numbers (booleans for DT_BOOL); a non-finite float, which JSON
-/// cannot hold, is written `null` by serde_json.
-struct Values<'a>(&'a Tensor);
-
-impl Serialize for Values<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        fn each<S: Serializer, T: Serialize, const N: usize>(
-            serializer: S,
-            data: &[u8],
-            value: impl Fn([u8; N]) -> T,
-        ) -> Result<S::Ok, S::Error> {
-            serializer.collect_seq(data.chunks_exact(N).map(|chunk| {
-                let mut bytes = [0u8; N];
-                bytes.copy_from_slice(chunk);
-                value(bytes)
-            }))
-        }
-        let data = &self.0.data[..];
-        match self.0.dtype {
-            DType::F32 => each(serializer, data, f32::from_le_bytes),
-            DType::F64 => each(serializer, data, f64::from_le_bytes),
-            DType::F16 => each(serializer, data, |b| half::f16::from_le_bytes(b).to_f32()),
-            DType::BF16 => each(serializer, data, |b| half::bf16::from_le_bytes(b).to_f32()),
-            DType::I64 => each(serializer, data, i64::from_le_bytes),
-            DType::I32 => each(serializer, data, i32::from_le_bytes),
-            DType::I16 => each(serializer, data, i16::from_le_bytes),
-            DType::I8 => each(serializer, data, i8::from_le_bytes),
-            DType::U8 => each(serializer, data, u8::from_le_bytes),
-            DType::Bool => each(serializer, data, |[b]: [u8; 1]| b != 0),
-        }
     }
 }
 
@@ -358,6 +325,7 @@ impl ProtoName for crate::proto::serving::RegressionResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor::DType;
 
     fn record(payload: Payload, code: &'static str) -> Record {
         Record {

@@ -1,24 +1,9 @@
 //! Conversions between [`Tensor`] and libtorch tensors.
 
 use super::staging::Staging;
-use super::{ModelOutput, RunError};
+use super::{kind_of, torch_error, ModelOutput, RunError};
 use crate::tensor::{DType, Tensor};
 use tch::{IValue, Kind};
-
-pub(super) fn kind_of(dtype: DType) -> Kind {
-    match dtype {
-        DType::F16 => Kind::Half,
-        DType::BF16 => Kind::BFloat16,
-        DType::F32 => Kind::Float,
-        DType::F64 => Kind::Double,
-        DType::I8 => Kind::Int8,
-        DType::I16 => Kind::Int16,
-        DType::I32 => Kind::Int,
-        DType::I64 => Kind::Int64,
-        DType::U8 => Kind::Uint8,
-        DType::Bool => Kind::Bool,
-    }
-}
 
 /// The inverse of [`kind_of`]; `None` for the kinds modelgate does not serve.
 fn dtype_of(kind: Kind) -> Option<DType> {
@@ -130,39 +115,6 @@ fn not_a_tensor(what: &str, value: &IValue) -> RunError {
     ))
 }
 
-pub(super) fn torch_error(err: tch::TchError) -> RunError {
-    classify_torch_error(&err.to_string())
-}
-
-/// CUDA errors after which the device's context is unusable ("sticky" errors).
-const DEVICE_FAILURES: &[&str] = &[
-    "device-side assert triggered",
-    "an illegal memory access was encountered",
-    "an illegal instruction was encountered",
-    "misaligned address",
-    "unspecified launch failure",
-    "uncorrectable ECC error",
-    "hardware stack error",
-];
-
-/// Sorts what libtorch threw: out of memory (CUDA's caching allocator or the CPU's), a
-/// device that can no longer run anything, or the model's own failure.
-fn classify_torch_error(message: &str) -> RunError {
-    let trimmed = super::trim_torch_message(message);
-    if message.contains("CUDA out of memory")
-        || message.contains("DefaultCPUAllocator: can't allocate memory")
-    {
-        RunError::OutOfMemory(trimmed)
-    } else if DEVICE_FAILURES
-        .iter()
-        .any(|failure| message.contains(failure))
-    {
-        RunError::DeviceFailed(trimmed)
-    } else {
-        RunError::Torch(trimmed)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,26 +173,6 @@ mod tests {
         };
         assert_eq!(back.shape, vec![3, 2]);
         assert_eq!(back.to_values::<i64>().unwrap(), vec![1, 4, 2, 5, 3, 6]);
-    }
-
-    #[test]
-    fn torch_errors_are_sorted_by_what_they_leave_behind() {
-        let oom = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)";
-        assert!(
-            matches!(classify_torch_error(oom), RunError::OutOfMemory(m) if m.starts_with("CUDA out of memory"))
-        );
-        let cpu = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes.";
-        assert!(matches!(
-            classify_torch_error(cpu),
-            RunError::OutOfMemory(_)
-        ));
-        let assert = "CUDA error: device-side assert triggered\nCompile with `TORCH_USE_CUDA_DSA`";
-        assert!(matches!(
-            classify_torch_error(assert),
-            RunError::DeviceFailed(_)
-        ));
-        let shape = "mat1 and mat2 shapes cannot be multiplied (1x3 and 4x5)";
-        assert_eq!(classify_torch_error(shape), RunError::Torch(shape.into()));
     }
 
     /// A real allocation libtorch cannot make is RESOURCE_EXHAUSTED material, not a crash.

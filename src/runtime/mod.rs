@@ -15,8 +15,9 @@ pub use worker::{
 };
 
 use crate::config::DeviceFlag;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use std::fmt;
+use tch::Kind;
 
 /// A device models run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,6 +171,56 @@ fn trim_torch_message(message: &str) -> String {
     }
 }
 
+/// The libtorch kind of a dtype.
+fn kind_of(dtype: DType) -> Kind {
+    match dtype {
+        DType::F16 => Kind::Half,
+        DType::BF16 => Kind::BFloat16,
+        DType::F32 => Kind::Float,
+        DType::F64 => Kind::Double,
+        DType::I8 => Kind::Int8,
+        DType::I16 => Kind::Int16,
+        DType::I32 => Kind::Int,
+        DType::I64 => Kind::Int64,
+        DType::U8 => Kind::Uint8,
+        DType::Bool => Kind::Bool,
+    }
+}
+
+/// A libtorch error as a run error, sorted by what it leaves behind.
+fn torch_error(err: tch::TchError) -> RunError {
+    classify_torch_error(&err.to_string())
+}
+
+/// CUDA errors after which the device's context is unusable ("sticky" errors).
+const DEVICE_FAILURES: &[&str] = &[
+    "device-side assert triggered",
+    "an illegal memory access was encountered",
+    "an illegal instruction was encountered",
+    "misaligned address",
+    "unspecified launch failure",
+    "uncorrectable ECC error",
+    "hardware stack error",
+];
+
+/// Sorts what libtorch threw: out of memory (CUDA's caching allocator or the CPU's), a
+/// device that can no longer run anything, or the model's own failure.
+fn classify_torch_error(message: &str) -> RunError {
+    let trimmed = trim_torch_message(message);
+    if message.contains("CUDA out of memory")
+        || message.contains("DefaultCPUAllocator: can't allocate memory")
+    {
+        RunError::OutOfMemory(trimmed)
+    } else if DEVICE_FAILURES
+        .iter()
+        .any(|failure| message.contains(failure))
+    {
+        RunError::DeviceFailed(trimmed)
+    } else {
+        RunError::Torch(trimmed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +241,26 @@ mod tests {
             "mat1 and mat2 shapes cannot be multiplied (1x3 and 4x5)"
         );
         assert_eq!(trim_torch_message(&"x".repeat(2000)).len(), 515);
+    }
+
+    #[test]
+    fn torch_errors_are_sorted_by_what_they_leave_behind() {
+        let oom = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)";
+        assert!(
+            matches!(classify_torch_error(oom), RunError::OutOfMemory(m) if m.starts_with("CUDA out of memory"))
+        );
+        let cpu = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes.";
+        assert!(matches!(
+            classify_torch_error(cpu),
+            RunError::OutOfMemory(_)
+        ));
+        let assert = "CUDA error: device-side assert triggered\nCompile with `TORCH_USE_CUDA_DSA`";
+        assert!(matches!(
+            classify_torch_error(assert),
+            RunError::DeviceFailed(_)
+        ));
+        let shape = "mat1 and mat2 shapes cannot be multiplied (1x3 and 4x5)";
+        assert_eq!(classify_torch_error(shape), RunError::Torch(shape.into()));
     }
 
     #[test]

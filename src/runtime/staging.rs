@@ -11,8 +11,7 @@
 //! them). On the CPU the outputs are copied once into `Bytes`: a model may return (a view
 //! of) its own state, which a later forward could change under a response still being sent.
 
-use super::convert::{kind_of, torch_error};
-use super::{cuda, RunError};
+use super::{cuda, kind_of, torch_error, RunError};
 use crate::tensor::{RowConcat, Tensor};
 use bytes::Bytes;
 use tch::Kind;

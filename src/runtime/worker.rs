@@ -2,8 +2,9 @@
 //! every worker of a model version, so a busy device pushes back instead of piling work up
 //! in memory.
 
-use super::convert::{model_output, torch_error};
+use super::convert::model_output;
 use super::staging::Staging;
+use super::torch_error;
 use super::{cuda, Device, LoadError, ModelOutput, RunError};
 use crate::telemetry::{self, VersionMetrics};
 use crate::tensor::Tensor;

@@ -17,7 +17,7 @@ use metrics::{describe_counter, describe_histogram, SharedString, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Requests answered, by `model`, `version`, `api`, `protocol` and `code` (gRPC code name).
 pub const REQUESTS_TOTAL: &str = "modelgate_requests_total";
@@ -198,81 +198,75 @@ impl Protocol {
     }
 }
 
-/// Measures one request at the API edge and records it once: the request counter, the
-/// latency histogram, a debug log line, and a warn line when it failed.
-#[must_use = "a request timer records nothing until finish() is called"]
-pub struct RequestTimer {
-    api: Api,
-    protocol: Protocol,
-    started: Instant,
-}
-
-impl RequestTimer {
-    pub fn start(api: Api, protocol: Protocol) -> RequestTimer {
-        crate::request_log::begin(api, protocol);
-        RequestTimer {
+/// Records one finished request: the request counter, the latency histogram, a debug log
+/// line, and a warn line when it failed. `model` is the metrics label (a served or
+/// configured model name, or "" for a name this server does not know: labels must not take
+/// arbitrary client text); `requested` is the name the client sent, for the log line only.
+pub fn record_request(request: RequestRecord<'_>, outcome: Result<(), &Error>) {
+    let RequestRecord {
+        api,
+        protocol,
+        model,
+        requested,
+        version,
+        elapsed,
+    } = request;
+    let code = match outcome {
+        Ok(()) => tonic::Code::Ok,
+        Err(e) => e.code(),
+    };
+    let (api, protocol, code) = (api.as_str(), protocol.as_str(), code_label(code));
+    let model_label = interned_model(model);
+    versions::count_request(
+        &model_label,
+        version,
+        (api, protocol, code),
+        elapsed,
+        outcome.is_ok(),
+    );
+    metrics::histogram!(
+        REQUEST_DURATION_SECONDS,
+        "model" => model_label,
+        "api" => api,
+        "protocol" => protocol,
+    )
+    .record(elapsed.as_secs_f64());
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    match outcome {
+        Ok(()) => tracing::debug!(
+            model = requested,
+            version,
             api,
             protocol,
-            started: Instant::now(),
-        }
-    }
-
-    /// Records the request. `model` is the metrics label: a served or configured model
-    /// name, or "" when the request named a model this server does not know (labels must
-    /// not take arbitrary client text). `version` is the version that answered, if any.
-    /// `requested` is the model name the client sent, for the log line only.
-    pub fn finish(
-        self,
-        model: &str,
-        requested: &str,
-        version: Option<i64>,
-        outcome: Result<(), &Error>,
-    ) {
-        let elapsed = self.started.elapsed();
-        crate::request_log::finish(model, elapsed, outcome);
-        let code = match outcome {
-            Ok(()) => tonic::Code::Ok,
-            Err(e) => e.code(),
-        };
-        let (api, protocol, code) = (self.api.as_str(), self.protocol.as_str(), code_label(code));
-        let model_label = interned_model(model);
-        versions::count_request(
-            &model_label,
+            code,
+            latency_ms,
+            "request"
+        ),
+        Err(error) => tracing::warn!(
+            model = requested,
             version,
-            (api, protocol, code),
-            elapsed,
-            outcome.is_ok(),
-        );
-        metrics::histogram!(
-            REQUEST_DURATION_SECONDS,
-            "model" => model_label,
-            "api" => api,
-            "protocol" => protocol,
-        )
-        .record(elapsed.as_secs_f64());
-        let latency_ms = elapsed.as_secs_f64() * 1000.0;
-        match outcome {
-            Ok(()) => tracing::debug!(
-                model = requested,
-                version,
-                api,
-                protocol,
-                code,
-                latency_ms,
-                "request"
-            ),
-            Err(error) => tracing::warn!(
-                model = requested,
-                version,
-                api,
-                protocol,
-                code,
-                latency_ms,
-                %error,
-                "request failed"
-            ),
-        }
+            api,
+            protocol,
+            code,
+            latency_ms,
+            %error,
+            "request failed"
+        ),
     }
+}
+
+/// One request as [`record_request`] records it.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestRecord<'a> {
+    pub api: Api,
+    pub protocol: Protocol,
+    /// The metrics label: see [`record_request`].
+    pub model: &'a str,
+    /// The model name the client sent.
+    pub requested: &'a str,
+    /// The version that answered, if one did.
+    pub version: Option<i64>,
+    pub elapsed: Duration,
 }
 
 /// Records a version load attempt (called by the model manager).
@@ -371,9 +365,23 @@ mod tests {
             .build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
-            RequestTimer::start(Api::Predict, Protocol::Rest).finish("mlp", "mlp", Some(2), Ok(()));
+            let request = |api, protocol, model, requested, version| RequestRecord {
+                api,
+                protocol,
+                model,
+                requested,
+                version,
+                elapsed: Duration::from_millis(2),
+            };
+            record_request(
+                request(Api::Predict, Protocol::Rest, "mlp", "mlp", Some(2)),
+                Ok(()),
+            );
             let err = Error::NotFound("nope".into());
-            RequestTimer::start(Api::Classify, Protocol::Grpc).finish("", "zzz", None, Err(&err));
+            record_request(
+                request(Api::Classify, Protocol::Grpc, "", "zzz", None),
+                Err(&err),
+            );
             record_model_load("mlp", Duration::from_millis(30), true);
         });
         // Request counts are rendered beside the recorder's metrics (see `versions`).

@@ -10,11 +10,11 @@ pub mod http;
 pub mod s3;
 pub mod tls;
 
-use modelgate::api::grpc::{shape_proto, tensor_from_proto};
 use modelgate::proto::serving::model_service_client::ModelServiceClient;
 use modelgate::proto::serving::model_version_status::State;
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{model_spec, GetModelStatusRequest, ModelSpec, PredictRequest};
+use modelgate::proto::tensor::{shape_proto, tensor_from_proto};
 use modelgate::proto::tensorflow::{DataType, TensorProto};
 use std::future::Future;
 use std::io::{BufRead, BufReader};

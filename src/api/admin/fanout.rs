@@ -3,7 +3,7 @@
 //! results stand.
 
 use super::kubernetes::Peer;
-use crate::api::http_client::{send, HttpClient};
+use crate::http_client::{send, HttpClient};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -150,7 +150,7 @@ async fn call_one(
             result.status = Some(status);
             result.response = Some(response);
         }
-        Err(message) => result.error = Some(message),
+        Err(e) => result.error = Some(e.to_string()),
     }
     result
 }
@@ -191,7 +191,7 @@ mod tests {
             ready: false,
         }];
         let results = call_all(
-            &crate::api::http_client::client(),
+            &crate::http_client::client(),
             peers,
             forward,
             Duration::from_secs(1),

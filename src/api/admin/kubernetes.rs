@@ -5,7 +5,7 @@
 //! `localhost:8001` that adds the pod's service-account credentials and verifies the API
 //! server's certificate; that keeps TLS and token handling out of this binary.
 
-use crate::api::http_client::{self, HttpClient};
+use crate::http_client::{self, HttpClient};
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -98,9 +98,9 @@ impl EndpointsSource {
             })?;
         let (status, body) = http_client::send(client, request, timeout, MAX_ENDPOINTS_BYTES)
             .await
-            .map_err(|message| PeersError::Unreachable {
+            .map_err(|e| PeersError::Unreachable {
                 url: self.url.clone(),
-                message,
+                message: e.to_string(),
             })?;
         if status != 200 {
             return Err(PeersError::Refused {

@@ -20,10 +20,10 @@ mod kubernetes;
 pub use fanout::PodResult;
 pub use kubernetes::{EndpointsSource, Peer, PeersError};
 
-use crate::api::http_client::{self, HttpClient};
 use crate::api::model_status::model_status;
 use crate::api::rest::model_json::status_value;
 use crate::error::{http_status_for, Error};
+use crate::http_client::{self, HttpClient};
 use crate::registry::{Registry, VersionSelector};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, Request, State};

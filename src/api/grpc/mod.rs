@@ -1,17 +1,15 @@
 //! The gRPC services: PredictionService, ModelService, grpc.health.v1 and reflection.
 
 mod body;
-mod codec;
+mod metadata;
 mod model_service;
 mod prediction;
 pub(crate) mod v2;
 
-pub use codec::{
-    declared_type, dims, shape_proto, signature_def_map, tensor_from_proto, tensor_to_proto,
-};
+pub use metadata::signature_def_map;
 pub(crate) use prediction::deadline;
 
-use crate::api::v2::Repository;
+use crate::api::v2::RepositoryControl;
 use crate::inference::Inference;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::serving::model_service_server::ModelServiceServer;
@@ -66,13 +64,13 @@ pub struct GrpcOptions {
 /// connections open to the end of the drain.
 pub fn router(
     inference: Inference,
+    registry: Arc<Registry>,
     manager: ManagerHandle,
-    repository: Repository,
+    repository: RepositoryControl,
     options: GrpcOptions,
     draining: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
 ) -> Result<axum::Router, BuildError> {
-    let registry = Arc::clone(inference.registry());
     let health_reporter = HealthReporter::new();
     let health_service = HealthServer::new(StoppingHealth {
         inner: HealthService::from_health_reporter(health_reporter.clone()),
@@ -99,14 +97,22 @@ pub fn router(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit)
         .accept_compressed(CompressionEncoding::Gzip);
-    let model_service = ModelServiceServer::new(ModelServiceApi::new(registry, manager))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit)
-        .accept_compressed(CompressionEncoding::Gzip);
-    let v2 = GrpcInferenceServiceServer::new(V2GrpcApi::new(v2_inference, repository))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit)
-        .accept_compressed(CompressionEncoding::Gzip);
+    let model_service = ModelServiceServer::new(ModelServiceApi::new(
+        v2_inference.clone(),
+        Arc::clone(&registry),
+        manager,
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit)
+    .accept_compressed(CompressionEncoding::Gzip);
+    let v2 = GrpcInferenceServiceServer::new(V2GrpcApi::new(
+        v2_inference,
+        Arc::clone(&registry),
+        repository,
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit)
+    .accept_compressed(CompressionEncoding::Gzip);
 
     Ok(tonic::service::Routes::new(prediction)
         .add_service(model_service)

@@ -2,8 +2,10 @@
 
 use super::prediction::{finish, model_and_version};
 use crate::api::model_status::model_status;
+use crate::api::timer::RequestTimer;
 use crate::config::model_specs_from_config;
 use crate::error::Error;
+use crate::inference::Inference;
 use crate::proto::serving::model_server_config::Config;
 use crate::proto::serving::model_service_server::ModelService;
 use crate::proto::serving::{
@@ -11,18 +13,28 @@ use crate::proto::serving::{
     StatusProto,
 };
 use crate::registry::{ManagerHandle, Registry};
-use crate::telemetry::{Api, Protocol, RequestTimer};
+use crate::telemetry::{Api, Protocol};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 pub struct ModelServiceApi {
+    inference: Inference,
+    /// Read for versions' status; the manager applies config changes.
     registry: Arc<Registry>,
     manager: ManagerHandle,
 }
 
 impl ModelServiceApi {
-    pub fn new(registry: Arc<Registry>, manager: ManagerHandle) -> ModelServiceApi {
-        ModelServiceApi { registry, manager }
+    pub fn new(
+        inference: Inference,
+        registry: Arc<Registry>,
+        manager: ManagerHandle,
+    ) -> ModelServiceApi {
+        ModelServiceApi {
+            inference,
+            registry,
+            manager,
+        }
     }
 }
 
@@ -38,7 +50,7 @@ impl ModelService for ModelServiceApi {
         let result = model_and_version(spec)
             .and_then(|(model, selector)| model_status(&self.registry, &model, &selector));
         // The answer names no single version: the request's model is the only label.
-        finish(&self.registry, timer, spec, result, |_| None)
+        finish(&self.inference, timer, spec, result, |_| None)
     }
 
     /// Replaces the model config and answers once it is applied: new models listed and

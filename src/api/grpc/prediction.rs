@@ -1,19 +1,23 @@
 //! `tensorflow.serving.PredictionService`.
 
-use super::codec::{declared_type, signature_def_map, tensor_to_proto, tensor_values};
+use super::metadata::signature_def_map;
 use super::GrpcOptions;
 use crate::api::offload;
-use crate::api::tasks::{self, served_spec, Task, TaskKind, TaskResult};
+use crate::api::timer::RequestTimer;
 use crate::error::Error;
-use crate::inference::{self, check_input, find_signature, Inference};
+use crate::inference::tasks::{self, Task, TaskKind};
+use crate::inference::{self, Inference};
+use crate::proto::answers::{served_spec, TaskResult};
 use crate::proto::serving::prediction_service_server::PredictionService;
 use crate::proto::serving::{
     model_spec, ClassificationRequest, ClassificationResponse, GetModelMetadataRequest,
     GetModelMetadataResponse, ModelSpec, MultiInferenceRequest, MultiInferenceResponse,
     PredictRequest, PredictResponse, RegressionRequest, RegressionResponse,
 };
-use crate::registry::{Registry, VersionSelector};
-use crate::telemetry::{Api, Protocol, RequestTimer};
+use crate::proto::tensor::{declared_type, tensor_to_proto, tensor_values};
+use crate::registry::VersionSelector;
+use crate::signature::canonical_name;
+use crate::telemetry::{Api, Protocol};
 use crate::tensor::byte_size;
 use prost::Message;
 use std::collections::HashMap;
@@ -85,42 +89,24 @@ pub(crate) fn deadline<T>(request: &Request<T>) -> Option<Instant> {
     Instant::now().checked_add(timeout)
 }
 
-/// A signature name as it resolves: empty is `serving_default`.
-fn canonical(signature: &str) -> &str {
-    if signature.is_empty() {
-        crate::signature::DEFAULT_SIGNATURE
-    } else {
-        signature
-    }
-}
-
-/// Records a finished call (metrics and logs) and turns it into what tonic sends. The model
-/// and version labels come from the spec of the answer, or on failure from the request.
+/// Records a finished call (metrics and logs) and turns it into what tonic sends. The
+/// version label comes from the spec of the answer.
 pub(super) fn finish<T>(
-    registry: &Registry,
+    inference: &Inference,
     timer: RequestTimer,
     requested: Option<&ModelSpec>,
     result: Result<T, Error>,
     served: impl Fn(&T) -> Option<&ModelSpec>,
 ) -> Result<Response<T>, Status> {
-    let requested_name = requested.map_or("", |s| s.name.as_str());
-    match result {
-        Ok(response) => {
-            let spec = served(&response);
-            let version = spec.and_then(|s| match s.version_choice {
-                Some(model_spec::VersionChoice::Version(v)) => Some(v),
-                _ => None,
-            });
-            let model = spec.map_or(requested_name, |s| s.name.as_str());
-            timer.finish(model, requested_name, version, Ok(()));
-            Ok(Response::new(response))
-        }
-        Err(error) => {
-            let label = registry.metrics_label(requested_name);
-            timer.finish(label, requested_name, None, Err(&error));
-            Err(error.into())
-        }
-    }
+    let requested = requested.map_or("", |s| s.name.as_str());
+    let version = |answer: &T| {
+        served(answer).and_then(|s| match s.version_choice {
+            Some(model_spec::VersionChoice::Version(v)) => Some(v),
+            _ => None,
+        })
+    };
+    timer.finish(inference, requested, result.as_ref().map(version));
+    result.map(Response::new).map_err(Status::from)
 }
 
 impl PredictionApi {
@@ -137,18 +123,17 @@ impl PredictionApi {
             .unwrap_or_default();
         // Names, dtypes and shapes are checked against the signature, and sizes (padding
         // included) against the request's budget, before any value is decoded or broadcast.
-        let servable = self.inference.registry().resolve(&model, &version)?;
-        let (signature_name, signature_def) = find_signature(&servable, &signature)?;
+        let servable = self.inference.resolve(&model, &version)?;
         let mut declared = Vec::with_capacity(request.inputs.len());
         for (name, proto) in &request.inputs {
             let (dtype, shape) = declared_type(name, proto)?;
-            check_input(signature_name, signature_def, name, dtype, &shape)?;
             declared.push((name.clone(), dtype, shape));
         }
-        if signature_def.inputs.iter().all(|spec| spec.is_batched()) {
-            let shapes = declared.iter().map(|(_, d, s)| (*d, s.as_slice()));
-            self.inference.check_padding(&servable, shapes)?;
-        }
+        let checked = declared
+            .iter()
+            .map(|(n, d, s)| (n.as_str(), *d, s.as_slice()));
+        self.inference
+            .check_declared(&servable, &signature, checked)?;
         // What decoding costs: `tensor_content` is taken as it is (a slice of the frame),
         // so only typed values, which are converted or broadcast, count towards offloading
         // the work to a blocking thread.
@@ -216,7 +201,7 @@ impl PredictionApi {
                 "metadata field '{field}' is not supported; the supported field is '{SIGNATURE_DEF_FIELD}'"
             )));
         }
-        let servable = self.inference.registry().resolve(&model, &version)?;
+        let servable = self.inference.resolve(&model, &version)?;
         let signatures = signature_def_map(&servable.signatures);
         let metadata = prost_types::Any {
             type_url: SIGNATURE_DEF_MAP_TYPE_URL.to_string(),
@@ -278,13 +263,7 @@ impl PredictionApi {
                     ))
                 })
             });
-        finish(
-            self.inference.registry(),
-            timer,
-            request.spec,
-            result,
-            served,
-        )
+        finish(&self.inference, timer, request.spec, result, served)
     }
 
     async fn multi_inference(
@@ -313,11 +292,11 @@ impl PredictionApi {
             let signature = spec.map_or("", |s| s.signature_name.as_str());
             if tasks
                 .iter()
-                .any(|t: &Task| canonical(t.signature) == canonical(signature))
+                .any(|t: &Task| canonical_name(t.signature) == canonical_name(signature))
             {
                 return Err(Error::InvalidArgument(format!(
                     "signature '{}' is evaluated twice in one MultiInferenceRequest",
-                    canonical(signature)
+                    canonical_name(signature)
                 )));
             }
             tasks.push(Task {
@@ -357,7 +336,7 @@ impl PredictionService for PredictionApi {
         let request = Arc::new(request.into_inner());
         let result = PredictionApi::predict(self, &request, deadline).await;
         finish(
-            self.inference.registry(),
+            &self.inference,
             timer,
             request.model_spec.as_ref(),
             result,
@@ -373,7 +352,7 @@ impl PredictionService for PredictionApi {
         let request = request.into_inner();
         let result = PredictionApi::get_model_metadata(self, &request);
         finish(
-            self.inference.registry(),
+            &self.inference,
             timer,
             request.model_spec.as_ref(),
             result,
@@ -439,7 +418,7 @@ impl PredictionService for PredictionApi {
         let request = request.into_inner();
         let result = PredictionApi::multi_inference(self, &request).await;
         let requested = request.tasks.first().and_then(|t| t.model_spec.as_ref());
-        finish(self.inference.registry(), timer, requested, result, |r| {
+        finish(&self.inference, timer, requested, result, |r| {
             r.results.first().and_then(|r| r.model_spec.as_ref())
         })
     }

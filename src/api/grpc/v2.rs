@@ -1,10 +1,11 @@
 //! `inference.GRPCInferenceService` (Triton's `grpc_service.proto`) on the gRPC port.
 
 use super::deadline;
+use crate::api::offload;
+use crate::api::timer::RequestTimer;
 use crate::api::v2::{
-    self, check_declared, infer, model_metadata, resolve, DeclaredInput, Repository, PLATFORM,
+    self, infer, model_config, model_metadata, resolve, DeclaredInput, RepositoryControl, PLATFORM,
 };
-use crate::batching::BatchingOptions;
 use crate::error::Error;
 use crate::inference::Inference;
 use crate::limits::DecodeBudget;
@@ -13,9 +14,8 @@ use crate::proto::inference::model_infer_request::InferInputTensor;
 use crate::proto::inference::model_infer_response::InferOutputTensor;
 use crate::proto::inference::model_metadata_response::TensorMetadata;
 use crate::proto::inference::{self as pb, InferTensorContents};
-use crate::registry::Servable;
-use crate::signature::DEFAULT_SIGNATURE;
-use crate::telemetry::{Api, Protocol, RequestTimer, Timed};
+use crate::registry::Registry;
+use crate::telemetry::{Api, Protocol, Timed};
 use crate::tensor::{DType, Element, Tensor};
 use prost::Message;
 use std::collections::HashMap;
@@ -24,13 +24,20 @@ use tonic::{Request, Response, Status};
 
 pub struct V2GrpcApi {
     inference: Inference,
-    repository: Repository,
+    /// Read for the repository index and metadata's version list.
+    registry: Arc<Registry>,
+    repository: RepositoryControl,
 }
 
 impl V2GrpcApi {
-    pub fn new(inference: Inference, repository: Repository) -> V2GrpcApi {
+    pub fn new(
+        inference: Inference,
+        registry: Arc<Registry>,
+        repository: RepositoryControl,
+    ) -> V2GrpcApi {
         V2GrpcApi {
             inference,
+            registry,
             repository,
         }
     }
@@ -64,7 +71,7 @@ impl GrpcInferenceService for V2GrpcApi {
         &self,
         _: Request<pb::ServerLiveRequest>,
     ) -> Answer<pb::ServerLiveResponse> {
-        let live = self.inference.registry().lost_workers().is_empty();
+        let live = self.inference.lost_workers().is_empty();
         Ok(Response::new(pb::ServerLiveResponse { live }))
     }
 
@@ -72,7 +79,7 @@ impl GrpcInferenceService for V2GrpcApi {
         &self,
         _: Request<pb::ServerReadyRequest>,
     ) -> Answer<pb::ServerReadyResponse> {
-        let ready = self.inference.registry().readiness().is_ready();
+        let ready = self.inference.readiness().is_ready();
         Ok(Response::new(pb::ServerReadyResponse { ready }))
     }
 
@@ -81,14 +88,10 @@ impl GrpcInferenceService for V2GrpcApi {
         request: Request<pb::ModelReadyRequest>,
     ) -> Answer<pb::ModelReadyResponse> {
         let request = request.into_inner();
-        let registry = self.inference.registry();
-        let ready = match resolve(registry, &request.name, &request.version) {
-            Ok(_) => true,
-            // A model that is configured but not (yet) available is not ready; one that
-            // is not served here at all is NOT_FOUND, as in Triton.
-            Err(_) if registry.is_configured(&request.name) => false,
-            Err(e) => return Err(e.into()),
-        };
+        // Triton answers `ready: false` for a model it does not have as for one that is not
+        // loaded yet (InferenceServer::ModelIsReady), so that clients' is_model_ready()
+        // returns False rather than raising.
+        let ready = resolve(&self.inference, &request.name, &request.version).is_ok();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
@@ -109,9 +112,10 @@ impl GrpcInferenceService for V2GrpcApi {
     ) -> Answer<pb::ModelMetadataResponse> {
         let timer = RequestTimer::start(Api::GetModelMetadata, Protocol::V2Grpc);
         let request = request.into_inner();
-        let registry = self.inference.registry();
-        let result = resolve(registry, &request.name, &request.version)
-            .and_then(|servable| Ok((servable.version, model_metadata(registry, &servable)?)));
+        let result =
+            resolve(&self.inference, &request.name, &request.version).and_then(|servable| {
+                Ok((servable.version, model_metadata(&self.registry, &servable)?))
+            });
         let result = result.map(|(version, metadata)| {
             let tensors = |list: Vec<v2::TensorMetadata>| {
                 list.into_iter()
@@ -133,7 +137,7 @@ impl GrpcInferenceService for V2GrpcApi {
                 },
             )
         });
-        finish(registry, timer, &request.name, result)
+        finish(&self.inference, timer, &request.name, result)
     }
 
     async fn model_infer(
@@ -145,7 +149,7 @@ impl GrpcInferenceService for V2GrpcApi {
         let request = request.into_inner();
         let model = request.model_name.clone();
         let result = self.infer(request, deadline).await;
-        finish(self.inference.registry(), timer, &model, result)
+        finish(&self.inference, timer, &model, result)
     }
 
     type ModelStreamInferStream =
@@ -165,9 +169,9 @@ impl GrpcInferenceService for V2GrpcApi {
         request: Request<pb::ModelConfigRequest>,
     ) -> Answer<pb::ModelConfigResponse> {
         let request = request.into_inner();
-        let servable = resolve(self.inference.registry(), &request.name, &request.version)?;
+        let servable = resolve(&self.inference, &request.name, &request.version)?;
         Ok(Response::new(pb::ModelConfigResponse {
-            config: Some(model_config(&servable)?),
+            config: Some(model_config(&self.inference, &servable)?),
         }))
     }
 
@@ -176,7 +180,7 @@ impl GrpcInferenceService for V2GrpcApi {
         request: Request<pb::ModelStatisticsRequest>,
     ) -> Answer<pb::ModelStatisticsResponse> {
         let request = request.into_inner();
-        let stats = v2::statistics(self.inference.registry(), &request.name, &request.version)?;
+        let stats = v2::statistics(&self.inference, &request.name, &request.version)?;
         let duration = |timed: Timed| pb::StatisticDuration {
             count: timed.count,
             ns: timed.ns,
@@ -207,7 +211,7 @@ impl GrpcInferenceService for V2GrpcApi {
         request: Request<pb::RepositoryIndexRequest>,
     ) -> Answer<pb::RepositoryIndexResponse> {
         let ready = request.into_inner().ready;
-        let models = v2::repository_index(self.inference.registry(), ready)
+        let models = v2::repository_index(&self.registry, ready)
             .into_iter()
             .map(|entry| pb::repository_index_response::ModelIndex {
                 name: entry.name,
@@ -308,26 +312,15 @@ impl GrpcInferenceService for V2GrpcApi {
 
 /// Records a finished call and turns it into what tonic sends.
 fn finish<T>(
-    registry: &crate::registry::Registry,
+    inference: &Inference,
     timer: RequestTimer,
     requested: &str,
     result: Result<(i64, T), Error>,
 ) -> Answer<T> {
-    match result {
-        Ok((version, response)) => {
-            timer.finish(requested, requested, Some(version), Ok(()));
-            Ok(Response::new(response))
-        }
-        Err(error) => {
-            timer.finish(
-                registry.metrics_label(requested),
-                requested,
-                None,
-                Err(&error),
-            );
-            Err(error.into())
-        }
-    }
+    timer.finish(inference, requested, result.as_ref().map(|(v, _)| Some(*v)));
+    result
+        .map(|(_, response)| Response::new(response))
+        .map_err(Status::from)
 }
 
 impl V2GrpcApi {
@@ -337,11 +330,7 @@ impl V2GrpcApi {
         request: pb::ModelInferRequest,
         deadline: Option<std::time::Instant>,
     ) -> Result<(i64, pb::ModelInferResponse), Error> {
-        let servable = resolve(
-            self.inference.registry(),
-            &request.model_name,
-            &request.model_version,
-        )?;
+        let servable = resolve(&self.inference, &request.model_name, &request.model_version)?;
         let declared = request
             .inputs
             .iter()
@@ -355,9 +344,18 @@ impl V2GrpcApi {
                 },
             ))
             .to_string();
-        check_declared(&self.inference, &servable, &signature, &declared)?;
+        let checked = declared.iter().map(DeclaredInput::checked);
+        self.inference
+            .check_declared(&servable, &signature, checked)?;
+        // Decoded on a blocking thread when large, as on the other transports.
         let mut budget = self.inference.decode_budget(request.encoded_len());
-        let inputs = decode_inputs(&request, &declared, &mut budget)?;
+        let request = Arc::new(request);
+        let decoding = Arc::clone(&request);
+        let size = request.encoded_len();
+        let inputs = offload(size, move || {
+            decode_inputs(&decoding, &declared, &mut budget)
+        })
+        .await?;
         let requested = request.outputs.iter().map(|o| o.name.clone()).collect();
         let answer = infer(
             &self.inference,
@@ -384,7 +382,7 @@ impl V2GrpcApi {
             pb::ModelInferResponse {
                 model_name: answer.model,
                 model_version: answer.version.to_string(),
-                id: request.id,
+                id: request.id.clone(),
                 outputs,
                 raw_output_contents: raw,
                 ..Default::default()
@@ -509,77 +507,5 @@ fn typed_tensor(
             "input '{name}' is {}: send it in raw_input_contents (V2 has no typed field for it)",
             v2::datatype(declared.dtype)
         ))),
-    }
-}
-
-/// Triton's ModelConfig for a version: its `serving_default` inputs and outputs and, with
-/// batching, `max_batch_size` (dims then leave out the batch dimension, as in Triton) and
-/// `dynamic_batching`.
-pub(crate) fn model_config(servable: &Servable) -> Result<pb::ModelConfig, Error> {
-    let (_, signature) = crate::inference::find_signature(servable, DEFAULT_SIGNATURE)?;
-    let batching: Option<&BatchingOptions> = servable
-        .scheduler
-        .batching()
-        .filter(|_| signature.inputs.iter().all(|spec| spec.is_batched()));
-    let dims = |shape: &Option<Vec<i64>>| -> Vec<i64> {
-        let shape = shape.clone().unwrap_or_default();
-        match batching {
-            Some(_) => shape.get(1..).unwrap_or_default().to_vec(),
-            None => shape,
-        }
-    };
-    Ok(pb::ModelConfig {
-        name: servable.model.clone(),
-        platform: PLATFORM.into(),
-        max_batch_size: batching.map_or(0, |b| i32::try_from(b.max_batch_size).unwrap_or(i32::MAX)),
-        input: signature
-            .inputs
-            .iter()
-            .map(|spec| pb::ModelInput {
-                name: spec.name.clone(),
-                data_type: config_type(spec.dtype) as i32,
-                dims: dims(&spec.shape),
-                ..Default::default()
-            })
-            .collect(),
-        output: signature
-            .outputs
-            .iter()
-            .map(|spec| pb::ModelOutput {
-                name: spec.name.clone(),
-                data_type: config_type(spec.dtype) as i32,
-                dims: dims(&spec.shape),
-                ..Default::default()
-            })
-            .collect(),
-        scheduling_choice: batching.map(|b| {
-            pb::model_config::SchedulingChoice::DynamicBatching(pb::ModelDynamicBatching {
-                preferred_batch_size: b
-                    .allowed_batch_sizes
-                    .iter()
-                    .map(|&s| i32::try_from(s).unwrap_or(i32::MAX))
-                    .collect(),
-                max_queue_delay_microseconds: u64::try_from(b.batch_timeout.as_micros())
-                    .unwrap_or(u64::MAX),
-                ..Default::default()
-            })
-        }),
-        ..Default::default()
-    })
-}
-
-/// Triton's model-config data type of a dtype.
-fn config_type(dtype: DType) -> pb::DataType {
-    match dtype {
-        DType::Bool => pb::DataType::TypeBool,
-        DType::U8 => pb::DataType::TypeUint8,
-        DType::I8 => pb::DataType::TypeInt8,
-        DType::I16 => pb::DataType::TypeInt16,
-        DType::I32 => pb::DataType::TypeInt32,
-        DType::I64 => pb::DataType::TypeInt64,
-        DType::F16 => pb::DataType::TypeFp16,
-        DType::BF16 => pb::DataType::TypeBf16,
-        DType::F32 => pb::DataType::TypeFp32,
-        DType::F64 => pb::DataType::TypeFp64,
     }
 }

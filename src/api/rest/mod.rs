@@ -9,8 +9,9 @@ mod routes;
 pub mod tasks_json;
 mod v2;
 
-use crate::api::v2::Repository;
+use crate::api::v2::RepositoryControl;
 use crate::inference::Inference;
+use crate::registry::Registry;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -34,8 +35,10 @@ pub struct RestOptions {
 /// Shared by every handler.
 struct RestState {
     inference: Inference,
+    /// Read for status, the V2 repository index and metadata's version list.
+    registry: Arc<Registry>,
     /// V2's repository load and unload.
-    repository: Repository,
+    repository: RepositoryControl,
     metrics: Option<PrometheusHandle>,
     max_body_bytes: usize,
     /// One permit per byte of request body held.
@@ -47,12 +50,14 @@ struct RestState {
 /// paths answer 404.
 pub fn router(
     inference: Inference,
-    repository: Repository,
+    registry: Arc<Registry>,
+    repository: RepositoryControl,
     metrics: Option<PrometheusHandle>,
     options: &RestOptions,
 ) -> Router {
     let state = Arc::new(RestState {
         inference,
+        registry,
         repository,
         metrics,
         max_body_bytes: options.max_body_bytes,

@@ -10,10 +10,12 @@ use super::RestState;
 use crate::api::grpc::signature_def_map;
 use crate::api::model_status::model_status;
 use crate::api::offload;
-use crate::api::tasks::{self, Task, TaskKind, TaskResult};
+use crate::api::timer::RequestTimer;
 use crate::error::Error;
+use crate::inference::tasks::{self, Task, TaskKind};
 use crate::inference::{self, find_signature};
-use crate::telemetry::{Api, Protocol, RequestTimer};
+use crate::proto::answers::TaskResult;
+use crate::telemetry::{Api, Protocol};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode, Uri};
@@ -31,7 +33,7 @@ const DRAIN_BYTES: usize = 16 << 20;
 /// Liveness: 200 while the process can answer, 503 once a serving version has lost every
 /// worker of a device (only a restart brings them back).
 pub(super) async fn healthz(State(state): State<Arc<RestState>>) -> Response {
-    let lost = state.inference.registry().lost_workers();
+    let lost = state.inference.lost_workers();
     if lost.is_empty() {
         return "ok\n".into_response();
     }
@@ -42,7 +44,7 @@ pub(super) async fn healthz(State(state): State<Arc<RestState>>) -> Response {
 /// Readiness: every configured model has an AVAILABLE version and the server is not
 /// draining; otherwise 503 with what is missing.
 pub(super) async fn readyz(State(state): State<Arc<RestState>>) -> impl IntoResponse {
-    let readiness = state.inference.registry().readiness();
+    let readiness = state.inference.readiness();
     let status = if readiness.is_ready() {
         StatusCode::OK
     } else {
@@ -122,16 +124,14 @@ pub(super) async fn api(
         call(shared, asked, body, deadline).await
     })
     .await;
+    timer.finish(
+        &state.inference,
+        &route.model,
+        result.as_ref().map(|(_, version)| *version),
+    );
     match result {
-        Ok((text, version)) => {
-            timer.finish(&route.model, &route.model, version, Ok(()));
-            json_response(StatusCode::OK, text)
-        }
-        Err(error) => {
-            let label = state.inference.registry().metrics_label(&route.model);
-            timer.finish(label, &route.model, None, Err(&error));
-            error_response(&error)
-        }
+        Ok((text, _)) => json_response(StatusCode::OK, text),
+        Err(error) => error_response(&error),
     }
 }
 
@@ -170,7 +170,6 @@ async fn v2_api(
         Ok(call) => call,
         Err(error) => return error_response(&error),
     };
-    let registry = state.inference.registry();
     let model = call.model().to_string();
     let result = match &call {
         V2Call::Infer { model, version } => {
@@ -181,10 +180,11 @@ async fn v2_api(
                 v2::infer(state, model, version, headers, body, deadline).await
             })
             .await;
-            match &result {
-                Ok((_, version)) => timer.finish(model, model, Some(*version), Ok(())),
-                Err(e) => timer.finish(registry.metrics_label(model), model, None, Err(e)),
-            }
+            timer.finish(
+                &state.inference,
+                model,
+                result.as_ref().map(|(_, version)| Some(*version)),
+            );
             result.map(|(response, _)| response)
         }
         V2Call::RepositoryLoad { model } | V2Call::RepositoryUnload { model } => {
@@ -205,10 +205,7 @@ async fn v2_api(
         V2Call::ModelMetadata { .. } => {
             let timer = RequestTimer::start(Api::GetModelMetadata, Protocol::V2Rest);
             let result = v2::answer_without_body(state, &call);
-            match &result {
-                Ok(_) => timer.finish(&model, &model, None, Ok(())),
-                Err(e) => timer.finish(registry.metrics_label(&model), &model, None, Err(e)),
-            }
+            timer.finish(&state.inference, &model, result.as_ref().map(|_| None));
             result
         }
         _ => v2::answer_without_body(state, &call),
@@ -303,14 +300,13 @@ async fn call(
     body: Bytes,
     deadline: Option<Instant>,
 ) -> Result<(String, Option<i64>), Error> {
-    let registry = state.inference.registry();
     match route.call {
         Call::Status => {
-            let response = model_status(registry, &route.model, &route.version)?;
+            let response = model_status(&state.registry, &route.model, &route.version)?;
             Ok((status_json(&response), None))
         }
         Call::Metadata => {
-            let servable = registry.resolve(&route.model, &route.version)?;
+            let servable = state.inference.resolve(&route.model, &route.version)?;
             let defs = signature_def_map(&servable.signatures);
             Ok((
                 metadata_json(&servable.model, servable.version, &defs),
@@ -329,10 +325,7 @@ async fn predict(
     body: Bytes,
     deadline: Option<Instant>,
 ) -> Result<(String, Option<i64>), Error> {
-    let servable = state
-        .inference
-        .registry()
-        .resolve(&route.model, &route.version)?;
+    let servable = state.inference.resolve(&route.model, &route.version)?;
     let decoding = Arc::clone(&servable);
     let (format, signature, inputs) = offload(body.len(), move || {
         let body = mark_nonfinite(&body);

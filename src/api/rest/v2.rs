@@ -4,11 +4,10 @@
 
 use super::error::json_response;
 use super::RestState;
-use crate::api::grpc::v2::model_config;
-use crate::api::v2::{self, check_declared, model_metadata, resolve, DeclaredInput, PLATFORM};
+use crate::api::v2::{self, model_config, model_metadata, resolve, DeclaredInput, PLATFORM};
 use crate::error::Error;
 use crate::limits::DecodeBudget;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, JsonValues, Tensor};
 use axum::body::Bytes;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -132,7 +131,7 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response {
 
 /// Answers the calls that read no body.
 pub(super) fn answer_without_body(state: &RestState, call: &V2Call) -> Result<Response, Error> {
-    let registry = state.inference.registry();
+    let inference = &state.inference;
     Ok(match call {
         V2Call::ServerMetadata => json(
             StatusCode::OK,
@@ -143,17 +142,17 @@ pub(super) fn answer_without_body(state: &RestState, call: &V2Call) -> Result<Re
             }),
         ),
         V2Call::Live => {
-            let live = registry.lost_workers().is_empty();
+            let live = inference.lost_workers().is_empty();
             json(health_status(live), serde_json::json!({ "live": live }))
         }
         V2Call::Ready => {
-            let ready = registry.readiness().is_ready();
+            let ready = inference.readiness().is_ready();
             json(health_status(ready), serde_json::json!({ "ready": ready }))
         }
         V2Call::ModelReady { model, version } => {
-            let ready = match resolve(registry, model, version) {
+            let ready = match resolve(inference, model, version) {
                 Ok(_) => true,
-                Err(_) if registry.is_configured(model) => false,
+                Err(_) if inference.is_configured(model) => false,
                 Err(e) => return Err(e),
             };
             json(
@@ -162,8 +161,8 @@ pub(super) fn answer_without_body(state: &RestState, call: &V2Call) -> Result<Re
             )
         }
         V2Call::ModelMetadata { model, version } => {
-            let servable = resolve(registry, model, version)?;
-            let metadata = model_metadata(registry, &servable)?;
+            let servable = resolve(inference, model, version)?;
+            let metadata = model_metadata(&state.registry, &servable)?;
             let tensors = |list: &[v2::TensorMetadata]| -> Vec<serde_json::Value> {
                 list.iter()
                     .map(|t| serde_json::json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
@@ -181,11 +180,14 @@ pub(super) fn answer_without_body(state: &RestState, call: &V2Call) -> Result<Re
             )
         }
         V2Call::ModelConfig { model, version } => {
-            let servable = resolve(registry, model, version)?;
-            json(StatusCode::OK, config_json(&model_config(&servable)?))
+            let servable = resolve(inference, model, version)?;
+            json(
+                StatusCode::OK,
+                config_json(&model_config(inference, &servable)?),
+            )
         }
         V2Call::Statistics { model, version } => {
-            let stats = v2::statistics(registry, model, version)?;
+            let stats = v2::statistics(inference, model, version)?;
             let duration =
                 |t: crate::telemetry::Timed| serde_json::json!({"count": t.count, "ns": t.ns});
             let model_stats: Vec<serde_json::Value> = stats
@@ -239,20 +241,19 @@ pub(super) fn repository_index(state: &RestState, body: &[u8]) -> Result<Respons
             Error::InvalidArgument(format!("the index request is not valid JSON: {e}"))
         })?
     };
-    let entries: Vec<serde_json::Value> =
-        v2::repository_index(state.inference.registry(), request.ready)
-            .into_iter()
-            .map(|e| {
-                let mut entry = serde_json::json!({"name": e.name, "state": e.state});
-                if !e.version.is_empty() {
-                    entry["version"] = e.version.into();
-                }
-                if !e.reason.is_empty() {
-                    entry["reason"] = e.reason.into();
-                }
-                entry
-            })
-            .collect();
+    let entries: Vec<serde_json::Value> = v2::repository_index(&state.registry, request.ready)
+        .into_iter()
+        .map(|e| {
+            let mut entry = serde_json::json!({"name": e.name, "state": e.state});
+            if !e.version.is_empty() {
+                entry["version"] = e.version.into();
+            }
+            if !e.reason.is_empty() {
+                entry["reason"] = e.reason.into();
+            }
+            entry
+        })
+        .collect();
     Ok(json(StatusCode::OK, serde_json::Value::Array(entries)))
 }
 
@@ -381,7 +382,7 @@ pub(super) async fn infer(
     body: Bytes,
     deadline: Option<Instant>,
 ) -> Result<(Response, i64), Error> {
-    let servable = resolve(state.inference.registry(), model, version)?;
+    let servable = resolve(&state.inference, model, version)?;
     let header_length = headers
         .get(HEADER_LENGTH)
         .map(|v| {
@@ -453,7 +454,11 @@ fn decode_request(
         .collect::<Result<Vec<_>, _>>()?;
     let signature =
         v2::signature_or_default(parsed.parameters.signature_name.as_deref()).to_string();
-    check_declared(inference, servable, &signature, &declared)?;
+    inference.check_declared(
+        servable,
+        &signature,
+        declared.iter().map(DeclaredInput::checked),
+    )?;
     let mut binary = body.slice(json_end..);
     let mut inputs = HashMap::with_capacity(declared.len());
     for (input, declared) in parsed.inputs.iter().zip(&declared) {
@@ -668,7 +673,7 @@ struct OutputJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     parameters: Option<BinarySize>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<Values>,
+    data: Option<JsonValues<'a>>,
 }
 
 #[derive(Serialize)]
@@ -676,46 +681,10 @@ struct BinarySize {
     binary_data_size: usize,
 }
 
-#[derive(Serialize)]
-#[serde(untagged)]
-enum Values {
-    Bool(Vec<bool>),
-    I64(Vec<i64>),
-    U8(Vec<u8>),
-    F64(Vec<f64>),
-    F32(Vec<f32>),
-}
-
-fn values(tensor: &Tensor) -> Option<Values> {
-    Some(match tensor.dtype {
-        DType::Bool => Values::Bool(tensor.to_values()?),
-        DType::U8 => Values::U8(tensor.to_values()?),
-        DType::I8 => Values::I64(
-            tensor
-                .to_values::<i8>()?
-                .into_iter()
-                .map(i64::from)
-                .collect(),
-        ),
-        DType::I16 => Values::I64(
-            tensor
-                .to_values::<i16>()?
-                .into_iter()
-                .map(i64::from)
-                .collect(),
-        ),
-        DType::I32 => Values::I64(
-            tensor
-                .to_values::<i32>()?
-                .into_iter()
-                .map(i64::from)
-                .collect(),
-        ),
-        DType::I64 => Values::I64(tensor.to_values()?),
-        DType::F32 => Values::F32(tensor.to_values()?),
-        DType::F64 => Values::F64(tensor.to_values()?),
-        DType::F16 | DType::BF16 => return None,
-    })
+/// An output's JSON `data`, or `None` where it goes binary: FP16 and BF16 always do (JSON
+/// numbers would widen them).
+fn values(tensor: &Tensor) -> Option<JsonValues<'_>> {
+    (!matches!(tensor.dtype, DType::F16 | DType::BF16)).then_some(JsonValues(tensor))
 }
 
 #[derive(Serialize)]

@@ -1,18 +1,23 @@
 //! The Open Inference Protocol (KServe V2, as Triton serves it) over the same registry,
 //! versions, batching queues and workers as TF Serving's API: a V2 request and a TF
-//! Serving request for the same model share one queue. This module is the part both V2
-//! transports share: datatypes, versions, metadata, checking and running an infer call.
-//! The transports are `api::grpc::v2` (`inference.GRPCInferenceService` on the gRPC port)
-//! and `api::rest::v2` (the `/v2` paths on the REST port).
+//! Serving request for the same model share one queue. This module is everything both V2
+//! transports share: datatypes, versions, metadata, the model configuration, statistics,
+//! the repository extension and running an infer call. The transports are
+//! `api::grpc::v2` (`inference.GRPCInferenceService` on the gRPC port) and `api::rest::v2`
+//! (the `/v2` paths on the REST port); they only decode and encode.
+
+mod config;
+
+pub use config::model_config;
 
 use crate::api::admin::AdminToken;
 use crate::config::ModelSpec;
 use crate::error::Error;
-use crate::inference::{self, check_input, find_signature, Inference, PredictResponse};
+use crate::inference::{self, find_signature, Inference, PredictResponse};
 use crate::registry::{
     ManagerHandle, ModelChange, Registry, Servable, VersionSelector, VersionState,
 };
-use crate::signature::{TensorSpec, DEFAULT_SIGNATURE};
+use crate::signature::{canonical_name, TensorSpec, DEFAULT_SIGNATURE};
 use crate::telemetry::VersionStatistics;
 use crate::tensor::{byte_size, DType, Tensor};
 use std::collections::HashMap;
@@ -80,31 +85,31 @@ pub fn version_selector(version: &str) -> VersionSelector {
 }
 
 /// Resolves a V2 model name and version.
-pub fn resolve(registry: &Registry, model: &str, version: &str) -> Result<Arc<Servable>, Error> {
+pub fn resolve(inference: &Inference, model: &str, version: &str) -> Result<Arc<Servable>, Error> {
     if model.is_empty() {
         return Err(Error::InvalidArgument("the request names no model".into()));
     }
-    registry.resolve(model, &version_selector(version))
+    inference.resolve(model, &version_selector(version))
 }
 
 /// The statistics of `model`'s serving versions (every model's when it is empty; one
 /// version when `version` names it).
 pub fn statistics(
-    registry: &Registry,
+    inference: &Inference,
     model: &str,
     version: &str,
 ) -> Result<Vec<VersionStatistics>, Error> {
     if model.is_empty() {
         return Ok(crate::telemetry::statistics(None));
     }
-    if !registry.is_configured(model) {
+    if !inference.is_configured(model) {
         return Err(Error::NotFound(format!(
             "model '{model}' is not served here"
         )));
     }
     let only = match version {
         "" => None,
-        version => Some(resolve(registry, model, version)?.version),
+        version => Some(resolve(inference, model, version)?.version),
     };
     let mut stats = crate::telemetry::statistics(Some(model));
     stats.retain(|s| only.is_none_or(|v| s.version == v));
@@ -156,27 +161,32 @@ pub fn repository_index(registry: &Registry, ready_only: bool) -> Vec<IndexEntry
     entries
 }
 
-/// A model's entry in the model config source (the file is read anew), or NOT_FOUND.
-pub type ModelEntry = Arc<
+/// Reads a model's entry from the model config source (the file is read anew), or
+/// NOT_FOUND.
+pub type EntryLookup = Arc<
     dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<ModelSpec, Error>> + Send>> + Send + Sync,
 >;
 
-/// The repository extension's load and unload, acting on the model config the server
-/// runs: load (re)adds a model's entry from the model config file (so a model unloaded
+/// The repository extension's load and unload (authorized, then applied to the model
+/// config the server runs): load (re)adds a model's entry from the model config file (so a model unloaded
 /// before, or added to the file since, comes back), unload removes the model from the
 /// running config and its versions unload. Both last until the config file changes or
 /// `/admin/reload` applies it again. With an admin token, both need it
 /// (`authorization: Bearer <token>`, gRPC metadata or HTTP header).
 #[derive(Clone)]
-pub struct Repository {
-    entry: ModelEntry,
+pub struct RepositoryControl {
+    entry: EntryLookup,
     manager: ManagerHandle,
     token: Option<AdminToken>,
 }
 
-impl Repository {
-    pub fn new(entry: ModelEntry, manager: ManagerHandle, token: Option<AdminToken>) -> Repository {
-        Repository {
+impl RepositoryControl {
+    pub fn new(
+        entry: EntryLookup,
+        manager: ManagerHandle,
+        token: Option<AdminToken>,
+    ) -> RepositoryControl {
+        RepositoryControl {
             entry,
             manager,
             token,
@@ -285,6 +295,11 @@ impl DeclaredInput {
             .map_err(|e| Error::InvalidArgument(format!("input '{}': {e}", self.name)))
     }
 
+    /// The input as [`Inference::check_declared`] takes it.
+    pub fn checked(&self) -> (&str, DType, &[i64]) {
+        (&self.name, self.dtype, &self.shape)
+    }
+
     pub fn num_elements(&self) -> Result<usize, Error> {
         crate::tensor::num_elements(&self.shape)
             .map_err(|e| Error::InvalidArgument(format!("input '{}': {e}", self.name)))
@@ -297,41 +312,7 @@ pub const SIGNATURE_PARAMETER: &str = "signature_name";
 
 /// The signature a V2 request runs: its `signature_name` parameter, else `serving_default`.
 pub fn signature_or_default(parameter: Option<&str>) -> &str {
-    parameter
-        .filter(|s| !s.is_empty())
-        .unwrap_or(DEFAULT_SIGNATURE)
-}
-
-/// Checks every declared input against `signature`, and the padding a batch would add,
-/// before any value is decoded (as the TF Serving gRPC API does).
-pub fn check_declared(
-    inference: &Inference,
-    servable: &Servable,
-    signature: &str,
-    inputs: &[DeclaredInput],
-) -> Result<(), Error> {
-    let (signature_name, signature) = find_signature(servable, signature)?;
-    for (i, input) in inputs.iter().enumerate() {
-        if inputs[..i].iter().any(|other| other.name == input.name) {
-            return Err(Error::InvalidArgument(format!(
-                "input '{}' is given more than once",
-                input.name
-            )));
-        }
-        check_input(
-            signature_name,
-            signature,
-            &input.name,
-            input.dtype,
-            &input.shape,
-        )?;
-        input.byte_size()?;
-    }
-    if signature.inputs.iter().all(|spec| spec.is_batched()) {
-        let shapes = inputs.iter().map(|i| (i.dtype, i.shape.as_slice()));
-        inference.check_padding(servable, shapes)?;
-    }
-    Ok(())
+    canonical_name(parameter.unwrap_or_default())
 }
 
 /// Runs a V2 infer call on a resolved version: `signature` with the named inputs,

@@ -2,7 +2,7 @@
 
 use super::{Format, BYTES_SUFFIX};
 use crate::error::Error;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Element, Elements, Tensor, Values};
 use base64::Engine;
 use std::fmt::{self, Write};
 
@@ -33,6 +33,9 @@ pub fn encode_predict(format: Format, outputs: &[(String, Tensor)]) -> Result<St
                     _ => batch = Some(size),
                 }
             }
+            // One element writer per output, advancing a row each time round.
+            let mut writers: Vec<ElementWriter<'_>> =
+                outputs.iter().map(|(_, t)| element_writer(t)).collect();
             out.push_str("{\"predictions\": [");
             for row in 0..batch.unwrap_or(0) as usize {
                 if row > 0 {
@@ -41,7 +44,7 @@ pub fn encode_predict(format: Format, outputs: &[(String, Tensor)]) -> Result<St
                 if outputs.len() > 1 {
                     out.push('{');
                 }
-                for (i, (name, tensor)) in outputs.iter().enumerate() {
+                for (i, ((name, tensor), next)) in outputs.iter().zip(&mut writers).enumerate() {
                     if outputs.len() > 1 {
                         if i > 0 {
                             out.push_str(", ");
@@ -51,13 +54,7 @@ pub fn encode_predict(format: Format, outputs: &[(String, Tensor)]) -> Result<St
                     let inner = &tensor.shape[1..];
                     let stride = tensor.data.len() / tensor.shape[0].max(1) as usize;
                     let data = &tensor.data[row * stride..(row + 1) * stride];
-                    write_values(
-                        &mut out,
-                        tensor.dtype,
-                        inner,
-                        data,
-                        is_bytes_output(name, tensor),
-                    );
+                    write_values(&mut out, inner, data, is_bytes_output(name, tensor), next);
                 }
                 if outputs.len() > 1 {
                     out.push('}');
@@ -101,19 +98,52 @@ fn write_string(out: &mut String, text: &str) {
 }
 
 fn write_tensor(out: &mut String, name: &str, tensor: &Tensor) {
-    write_values(
-        out,
-        tensor.dtype,
-        &tensor.shape,
-        &tensor.data,
-        is_bytes_output(name, tensor),
-    );
+    let bytes = is_bytes_output(name, tensor);
+    let mut next = element_writer(tensor);
+    write_values(out, &tensor.shape, &tensor.data, bytes, &mut next);
 }
 
-/// Writes the elements `data` of `shape` as nested lists (a scalar as a bare value).
-fn write_values(out: &mut String, dtype: DType, shape: &[i64], data: &[u8], bytes: bool) {
+/// Writes the next element of a tensor, in row-major order.
+type ElementWriter<'a> = Box<dyn FnMut(&mut String) + 'a>;
+
+/// Writes a tensor's elements one by one, as they are read by the tensor codec.
+fn element_writer(tensor: &Tensor) -> ElementWriter<'_> {
+    fn each<'a, T: Element + 'a>(
+        mut values: Values<'a, T>,
+        write: impl Fn(&mut String, T) -> fmt::Result + 'a,
+    ) -> ElementWriter<'a> {
+        Box::new(move |out| {
+            if let Some(value) = values.next() {
+                let _ = write(out, value);
+            }
+        })
+    }
+    let int = |out: &mut String, v: i64| write!(out, "{v}");
+    match tensor.elements() {
+        Elements::F32(values) => each(values, write_f32),
+        Elements::F64(values) => each(values, write_f64),
+        Elements::F16(values) => each(values, |out, v| write_f32(out, v.to_f32())),
+        Elements::BF16(values) => each(values, |out, v| write_f32(out, v.to_f32())),
+        Elements::I64(values) => each(values, int),
+        Elements::I32(values) => each(values, move |out, v| int(out, v.into())),
+        Elements::I16(values) => each(values, move |out, v| int(out, v.into())),
+        Elements::I8(values) => each(values, move |out, v| int(out, v.into())),
+        Elements::U8(values) => each(values, move |out, v| int(out, v.into())),
+        Elements::Bool(values) => each(values, |out, v| write!(out, "{v}")),
+    }
+}
+
+/// Writes the elements of `shape` as nested lists (a scalar as a bare value), each from
+/// `next`; with `bytes`, each innermost row is instead its `data` in `{"b64": ...}`.
+fn write_values(
+    out: &mut String,
+    shape: &[i64],
+    data: &[u8],
+    bytes: bool,
+    next: &mut ElementWriter<'_>,
+) {
     match shape {
-        [] => write_element(out, dtype, data),
+        [] => next(out),
         [_] if bytes => {
             out.push_str("{\"b64\": \"");
             base64::engine::general_purpose::STANDARD.encode_string(data, out);
@@ -127,39 +157,11 @@ fn write_values(out: &mut String, dtype: DType, shape: &[i64], data: &[u8], byte
                 if i > 0 {
                     out.push_str(", ");
                 }
-                write_values(
-                    out,
-                    dtype,
-                    inner,
-                    &data[i * stride..(i + 1) * stride],
-                    bytes,
-                );
+                write_values(out, inner, &data[i * stride..(i + 1) * stride], bytes, next);
             }
             out.push(']');
         }
     }
-}
-
-fn write_element(out: &mut String, dtype: DType, raw: &[u8]) {
-    let two = || [raw[0], raw[1]];
-    let four = || [raw[0], raw[1], raw[2], raw[3]];
-    let eight = || {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&raw[..8]);
-        b
-    };
-    let _ = match dtype {
-        DType::F32 => write_f32(out, f32::from_le_bytes(four())),
-        DType::F64 => write_f64(out, f64::from_le_bytes(eight())),
-        DType::F16 => write_f32(out, half::f16::from_le_bytes(two()).to_f32()),
-        DType::BF16 => write_f32(out, half::bf16::from_le_bytes(two()).to_f32()),
-        DType::I64 => write!(out, "{}", i64::from_le_bytes(eight())),
-        DType::I32 => write!(out, "{}", i32::from_le_bytes(four())),
-        DType::I16 => write!(out, "{}", i16::from_le_bytes(two())),
-        DType::I8 => write!(out, "{}", raw[0] as i8),
-        DType::U8 => write!(out, "{}", raw[0]),
-        DType::Bool => write!(out, "{}", raw[0] != 0),
-    };
 }
 
 /// The shortest text that reads back as the same f32 (Rust's `{:?}` for floats), with

@@ -1,7 +1,13 @@
 //! The TF Serving and TensorFlow protos (see `proto/`), compiled by build.rs.
-#![allow(clippy::all, missing_docs)]
 
-include!(concat!(env!("OUT_DIR"), "/protos.rs"));
+pub mod answers;
+pub mod tensor;
+
+mod generated {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/protos.rs"));
+}
+pub use generated::*;
 
 /// The serialized FileDescriptorSet of every proto above (with imports), for server
 /// reflection and for parsing the protobuf text-format config files.

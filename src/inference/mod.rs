@@ -1,18 +1,27 @@
-//! The facade both APIs call: resolve the model version, check the request against the
-//! signature, run it, and name the outputs.
+//! The inference core every protocol calls: resolve the model version and signature, check
+//! the request against the signature before anything is decoded, run it, and name the
+//! outputs. Also the domain that is no protocol's own: the Classify / Regress /
+//! MultiInference tasks ([`tasks`]), tf.Examples as tensors ([`examples`]) and the replay of
+//! recorded warm-up requests ([`replay`]). The four transports (TF Serving gRPC and REST,
+//! V2 gRPC and REST) only decode and encode around this.
 
+pub mod examples;
+pub mod replay;
+pub mod tasks;
+
+use crate::batching::BatchingOptions;
 use crate::error::Error;
 use crate::limits::DecodeBudget;
-use crate::registry::{Registry, Servable};
+use crate::registry::{Readiness, Registry, Servable, VersionSelector};
 use crate::request_log;
 use crate::runtime::{ModelOutput, RunError};
-use crate::signature::{Signature, SignatureKind, TensorSpec};
+use crate::signature::{canonical_name, Signature, SignatureKind, TensorSpec};
 use crate::tensor::{byte_size, DType, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// A Predict call, decoded from either protocol, for a version already resolved.
+/// A Predict call, decoded from any protocol, for a version already resolved.
 #[derive(Debug)]
 pub struct PredictRequest {
     /// Empty means `serving_default`.
@@ -35,7 +44,7 @@ pub struct PredictResponse {
     pub outputs: Vec<(String, Tensor)>,
 }
 
-/// Resolves, validates and runs requests. Cheap to clone; shared by every API.
+/// Resolves, validates and runs requests. Cheap to clone; shared by every transport.
 #[derive(Clone)]
 pub struct Inference {
     registry: Arc<Registry>,
@@ -51,8 +60,74 @@ impl Inference {
         }
     }
 
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+    /// The version of `model` that `version` selects (latest, a number or a label), if it
+    /// serves: NOT_FOUND otherwise.
+    pub fn resolve(&self, model: &str, version: &VersionSelector) -> Result<Arc<Servable>, Error> {
+        self.registry.resolve(model, version)
+    }
+
+    /// The metrics label of a request that named `model`: the name when it is configured,
+    /// else "" (metric labels must not take arbitrary client text).
+    pub fn metrics_label<'a>(&self, model: &'a str) -> &'a str {
+        self.registry.metrics_label(model)
+    }
+
+    /// Whether `model` is configured here (served or not).
+    pub fn is_configured(&self, model: &str) -> bool {
+        self.registry.is_configured(model)
+    }
+
+    /// Whether every configured model serves and the server is not draining.
+    pub fn readiness(&self) -> Readiness {
+        self.registry.readiness()
+    }
+
+    /// The versions whose workers died (liveness fails while there are any).
+    pub fn lost_workers(&self) -> Vec<String> {
+        self.registry.lost_workers()
+    }
+
+    /// The batching that applies to calls of `signature` on `servable`: its version's
+    /// options when batching is on and every input of the signature is batched.
+    pub fn batching<'a>(
+        &self,
+        servable: &'a Servable,
+        signature: &Signature,
+    ) -> Option<&'a BatchingOptions> {
+        servable
+            .scheduler
+            .batching()
+            .filter(|_| signature.inputs.iter().all(|spec| spec.is_batched()))
+    }
+
+    /// Checks the inputs a request declares against `signature` of `servable` before any
+    /// value is decoded: each name once and in the signature, its dtype and shape, its
+    /// byte size, and what padding to an allowed batch size would add. Every transport
+    /// runs this one check; decoding follows only if it passes.
+    pub fn check_declared<'s>(
+        &self,
+        servable: &Servable,
+        signature: &str,
+        inputs: impl IntoIterator<Item = (&'s str, DType, &'s [i64])> + Clone,
+    ) -> Result<(), Error> {
+        let (signature_name, signature) = find_signature(servable, signature)?;
+        let mut seen: Vec<&str> = Vec::new();
+        for (name, dtype, shape) in inputs.clone() {
+            if seen.contains(&name) {
+                return Err(Error::InvalidArgument(format!(
+                    "input '{name}' is given more than once"
+                )));
+            }
+            seen.push(name);
+            check_input(signature_name, signature, name, dtype, shape)?;
+            byte_size(dtype, shape)
+                .map_err(|e| Error::InvalidArgument(format!("input '{name}': {e}")))?;
+        }
+        if signature.inputs.iter().all(|spec| spec.is_batched()) {
+            let shapes = inputs.into_iter().map(|(_, dtype, shape)| (dtype, shape));
+            self.check_padding(servable, shapes)?;
+        }
+        Ok(())
     }
 
     /// What the tensors of a request of `request_bytes` (as received) may decode to.
@@ -60,8 +135,9 @@ impl Inference {
         DecodeBudget::new(self.max_request_tensor_bytes, request_bytes)
     }
 
-    /// Runs a Predict call on a version already resolved: both APIs read the signature to
-    /// check (gRPC) or decode (REST) the inputs, and must run on the version they read.
+    /// Runs a Predict call (TF Serving's, or V2's infer) on a version already resolved: the
+    /// transports read its signature to check or decode the inputs, and must run on the
+    /// version they read.
     pub async fn predict_on(
         &self,
         servable: Arc<Servable>,
@@ -97,7 +173,7 @@ impl Inference {
         let output = self
             .run_method(&servable, signature, inputs, request.deadline)
             .await?;
-        let mut outputs = name_outputs(signature_name, signature, output)?;
+        let mut outputs = name_outputs(&servable, signature_name, signature, output)?;
         if !request.output_filter.is_empty() {
             outputs.retain(|(name, _)| request.output_filter.contains(name));
         }
@@ -221,11 +297,7 @@ pub fn find_signature<'a>(
             "model '{}' version {} has no signature '{}' (signatures: {})",
             servable.model,
             servable.version,
-            if name.is_empty() {
-                "serving_default"
-            } else {
-                name
-            },
+            canonical_name(name),
             names(servable.signatures.signatures.keys().map(String::as_str))
         ))
     })
@@ -279,17 +351,50 @@ pub fn order_inputs(
     Ok(ordered)
 }
 
+/// The model answered with outputs its signature does not describe. INTERNAL whatever the
+/// way they are wrong (the count, a name, a shape, a dtype): the fault is the model's or
+/// its signature file's, never the client's, and a retry will not help.
+pub fn bad_output(servable: &Servable, message: impl std::fmt::Display) -> Error {
+    bad_output_of((&servable.model, servable.version), message)
+}
+
+/// [`bad_output`] for `(model, version)`.
+fn bad_output_of(version: (&str, i64), message: impl std::fmt::Display) -> Error {
+    let (model, version) = version;
+    Error::Internal(format!(
+        "model '{model}' version {version} returned outputs its signature does not describe: \
+         {message}"
+    ))
+}
+
 /// Names what the method returned after the signature's outputs.
 pub fn name_outputs(
+    servable: &Servable,
+    signature_name: &str,
+    signature: &Signature,
+    output: ModelOutput,
+) -> Result<Vec<(String, Tensor)>, Error> {
+    name_outputs_of(
+        (&servable.model, servable.version),
+        signature_name,
+        signature,
+        output,
+    )
+}
+
+/// [`name_outputs`] for `(model, version)`.
+fn name_outputs_of(
+    servable: (&str, i64),
     signature_name: &str,
     signature: &Signature,
     output: ModelOutput,
 ) -> Result<Vec<(String, Tensor)>, Error> {
     let expected = signature.outputs.len();
     let mismatch = |got: String| {
-        Error::Internal(format!(
-            "signature '{signature_name}' lists {expected} output(s) but the model returned {got}"
-        ))
+        bad_output_of(
+            servable,
+            format_args!("signature '{signature_name}' lists {expected} output(s) but the model returned {got}"),
+        )
     };
     match output {
         ModelOutput::Tensor(t) if expected == 1 => Ok(vec![(signature.outputs[0].name.clone(), t)]),
@@ -309,10 +414,13 @@ pub fn name_outputs(
                     .iter()
                     .position(|(key, _)| *key == spec.name)
                     .ok_or_else(|| {
-                        Error::Internal(format!(
-                            "the model's result has no entry '{}' (signature '{signature_name}')",
-                            spec.name
-                        ))
+                        bad_output_of(
+                            servable,
+                            format_args!(
+                                "the result has no entry '{}' (signature '{signature_name}')",
+                                spec.name
+                            ),
+                        )
                     })?;
                 Ok(entries.swap_remove(at))
             })
@@ -345,7 +453,7 @@ fn run_error(servable: &Servable, err: RunError) -> Error {
             "model '{}' failed its device: {message}",
             servable.model
         )),
-        RunError::BadOutput(message) => Error::Internal(message.clone()),
+        RunError::BadOutput(message) => bad_output(servable, message),
         RunError::Crashed(_) => Error::Internal(format!("model '{}': {err}", servable.model)),
         RunError::DeadlineExceeded => Error::DeadlineExceeded(format!(
             "the deadline passed before model '{}' answered",
@@ -426,21 +534,27 @@ mod tests {
     fn outputs_are_named_from_every_result_form() {
         let sig = signature();
         let t = |v: f32| Tensor::from_values(vec![1], &[v]).unwrap();
-        let seq = name_outputs("s", &sig, ModelOutput::Sequence(vec![t(1.), t(2.)])).unwrap();
+        let seq = name_outputs_of(
+            ("m", 1),
+            "s",
+            &sig,
+            ModelOutput::Sequence(vec![t(1.), t(2.)]),
+        )
+        .unwrap();
         assert_eq!(seq, vec![("y".into(), t(1.)), ("z".into(), t(2.))]);
         let dict = ModelOutput::Dict(vec![
             ("z".into(), t(2.)),
             ("y".into(), t(1.)),
             ("extra".into(), t(3.)),
         ]);
-        assert_eq!(name_outputs("s", &sig, dict).unwrap(), seq);
+        assert_eq!(name_outputs_of(("m", 1), "s", &sig, dict).unwrap(), seq);
         assert!(matches!(
-            name_outputs("s", &sig, ModelOutput::Tensor(t(1.))),
+            name_outputs_of(("m", 1), "s", &sig, ModelOutput::Tensor(t(1.))),
             Err(Error::Internal(_))
         ));
         let missing = ModelOutput::Dict(vec![("y".into(), t(1.))]);
         assert!(
-            matches!(name_outputs("s", &sig, missing), Err(Error::Internal(m)) if m.contains("'z'"))
+            matches!(name_outputs_of(("m", 1), "s", &sig, missing), Err(Error::Internal(m)) if m.contains("'z'") && m.contains("model 'm' version 1"))
         );
     }
 }

@@ -6,11 +6,11 @@
 //! so a MultiInference over a model's classify and regress heads runs the model once.
 
 use super::examples::Examples;
+use super::{bad_output, find_signature, name_outputs, Inference};
 use crate::error::Error;
-use crate::inference::{find_signature, name_outputs, Inference};
+use crate::proto::answers::TaskResult;
 use crate::proto::serving::{
-    inference_result, model_spec, Class, ClassificationResult, Classifications, InferenceResult,
-    Input, ModelSpec, Regression, RegressionResult,
+    Class, ClassificationResult, Classifications, Input, Regression, RegressionResult,
 };
 use crate::registry::{Servable, VersionSelector};
 use crate::request_log;
@@ -55,48 +55,6 @@ pub struct Task<'a> {
     pub kind: TaskKind,
 }
 
-/// The result of one task.
-#[derive(Clone, Debug, PartialEq)]
-pub enum TaskResult {
-    Classification(ClassificationResult),
-    Regression(RegressionResult),
-}
-
-impl TaskResult {
-    /// The `method_name` of the task that gave this result.
-    pub fn method_name(&self) -> &'static str {
-        match self {
-            TaskResult::Classification(_) => CLASSIFY_METHOD_NAME,
-            TaskResult::Regression(_) => REGRESS_METHOD_NAME,
-        }
-    }
-
-    /// The result as one of MultiInference's, run on `version` of `model` with `signature`.
-    pub fn into_inference_result(
-        self,
-        model: &str,
-        version: i64,
-        signature: &str,
-    ) -> InferenceResult {
-        InferenceResult {
-            model_spec: Some(served_spec(model, version, signature)),
-            result: Some(match self {
-                TaskResult::Classification(r) => inference_result::Result::ClassificationResult(r),
-                TaskResult::Regression(r) => inference_result::Result::RegressionResult(r),
-            }),
-        }
-    }
-}
-
-/// The ModelSpec of an answer: the version that actually served, and the signature.
-pub fn served_spec(model: &str, version: i64, signature: &str) -> ModelSpec {
-    ModelSpec {
-        name: model.to_string(),
-        version_choice: Some(model_spec::VersionChoice::Version(version)),
-        signature_name: signature.to_string(),
-    }
-}
-
 /// The answer to a set of tasks: the version that ran them and one result per task, in
 /// order, with the signature name each one resolved to.
 #[derive(Debug)]
@@ -117,7 +75,7 @@ pub async fn run(
     input: Option<&Input>,
     request_bytes: usize,
 ) -> Result<TasksAnswer, Error> {
-    let servable = inference.registry().resolve(model, version)?;
+    let servable = inference.resolve(model, version)?;
     run_on(inference, &servable, tasks, input, request_bytes).await
 }
 
@@ -164,15 +122,15 @@ pub async fn run_on(
         let output = output.ok_or_else(|| {
             Error::Internal(format!("signature '{name}' was not run (server bug)"))
         })?;
-        let named = name_outputs(name, signature, output)?;
+        let named = name_outputs(servable, name, signature, output)?;
         let result = match kind {
-            TaskKind::Classify => {
-                TaskResult::Classification(classification(name, signature, &named, examples.len())?)
-            }
+            TaskKind::Classify => classification(name, signature, &named, examples.len())
+                .map(TaskResult::Classification),
             TaskKind::Regress => {
-                TaskResult::Regression(regression(name, signature, &named, examples.len())?)
+                regression(name, signature, &named, examples.len()).map(TaskResult::Regression)
             }
-        };
+        }
+        .map_err(|message| bad_output(servable, message))?;
         results.push((name.to_string(), result));
     }
     request_log::capture_task_results(&results);
@@ -209,69 +167,46 @@ fn pick_output<'a>(
     name: &str,
     named: &'a [(String, Tensor)],
     preferred: &str,
-) -> Result<&'a Tensor, Error> {
+) -> Result<&'a Tensor, String> {
     match named.iter().find(|(n, _)| n == preferred) {
         Some((_, t)) => Ok(t),
         None if named.len() == 1 => Ok(&named[0].1),
-        None => Err(Error::FailedPrecondition(format!(
+        None => Err(format!(
             "signature '{name}' has no output '{preferred}' and more than one output"
-        ))),
+        )),
     }
 }
 
 /// Splits `tensor` into `batch` rows of equal width: shape `[batch]` or `[batch, width]`.
-fn rows(name: &str, what: &str, tensor: &Tensor, batch: usize) -> Result<usize, Error> {
+fn rows(name: &str, what: &str, tensor: &Tensor, batch: usize) -> Result<usize, String> {
     let width = match tensor.shape.as_slice() {
         [n] if *n as usize == batch => 1,
         [n, w] if *n as usize == batch => *w as usize,
         shape => {
-            return Err(Error::Internal(format!(
-                "signature '{name}': the model returned {what} of shape {shape:?} for {batch} \
-                 example(s); expected [{batch}] or [{batch}, N]"
-            )))
+            return Err(format!(
+                "signature '{name}': {what} of shape {shape:?} for {batch} example(s); \
+                 expected [{batch}] or [{batch}, N]"
+            ))
         }
     };
     Ok(width)
 }
 
-fn to_f32(name: &str, what: &str, tensor: &Tensor) -> Result<Vec<f32>, Error> {
-    let halves = |convert: fn([u8; 2]) -> f32| {
-        tensor
-            .data
-            .chunks_exact(2)
-            .map(|c| convert([c[0], c[1]]))
-            .collect()
-    };
-    match tensor.dtype {
-        DType::F32 => Ok(tensor.to_values::<f32>().unwrap_or_default()),
-        DType::F64 => Ok(tensor
-            .to_values::<f64>()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|v| v as f32)
-            .collect()),
-        DType::F16 => Ok(halves(|b| half::f16::from_le_bytes(b).to_f32())),
-        DType::BF16 => Ok(halves(|b| half::bf16::from_le_bytes(b).to_f32())),
-        other => Err(Error::Internal(format!(
-            "signature '{name}': {what} are {other}; expected a float dtype"
-        ))),
-    }
+fn to_f32(name: &str, what: &str, tensor: &Tensor) -> Result<Vec<f32>, String> {
+    tensor.elements().to_f32().ok_or_else(|| {
+        format!(
+            "signature '{name}': {what} are {}; expected a float dtype",
+            tensor.dtype
+        )
+    })
 }
 
-/// Class labels from an integer `classes` output: the ids as text.
+/// Class labels from an integer `classes` output (int32 or int64): the ids as text.
 fn class_ids(tensor: &Tensor) -> Option<Vec<String>> {
-    let text = |v: i64| v.to_string();
-    match tensor.dtype {
-        DType::I64 => Some(tensor.to_values::<i64>()?.into_iter().map(text).collect()),
-        DType::I32 => Some(
-            tensor
-                .to_values::<i32>()?
-                .into_iter()
-                .map(|v| text(v.into()))
-                .collect(),
-        ),
-        _ => None,
-    }
+    matches!(tensor.dtype, DType::I32 | DType::I64)
+        .then(|| tensor.elements().to_i64())
+        .flatten()
+        .map(|ids| ids.iter().map(i64::to_string).collect())
 }
 
 fn classification(
@@ -279,7 +214,7 @@ fn classification(
     signature: &Signature,
     named: &[(String, Tensor)],
     batch: usize,
-) -> Result<ClassificationResult, Error> {
+) -> Result<ClassificationResult, String> {
     let scores = pick_output(name, named, SCORES_OUTPUT)?;
     let width = rows(name, "scores", scores, batch)?;
     let values = to_f32(name, "scores", scores)?;
@@ -290,11 +225,11 @@ fn classification(
         .and_then(|(_, t)| class_ids(t));
     if let Some(classes) = &signature.classes {
         if classes.len() != width {
-            return Err(Error::Internal(format!(
+            return Err(format!(
                 "signature '{name}' lists {} classes but the model returned {width} score(s) \
                  per example",
                 classes.len()
-            )));
+            ));
         }
     }
     let label = |row: usize, col: usize| match (&signature.classes, &ids) {
@@ -320,14 +255,14 @@ fn regression(
     _signature: &Signature,
     named: &[(String, Tensor)],
     batch: usize,
-) -> Result<RegressionResult, Error> {
+) -> Result<RegressionResult, String> {
     let outputs = pick_output(name, named, REGRESS_OUTPUT)?;
     let width = rows(name, "regression outputs", outputs, batch)?;
     if width != 1 {
-        return Err(Error::Internal(format!(
-            "signature '{name}': the model returned {width} values per example; a regression \
-             returns one (shape [N] or [N, 1])"
-        )));
+        return Err(format!(
+            "signature '{name}': {width} values per example; a regression returns one \
+             (shape [N] or [N, 1])"
+        ));
     }
     let values = to_f32(name, "regression outputs", outputs)?;
     Ok(RegressionResult {

@@ -4,12 +4,12 @@
 //! [`tasks::run_on`], on the version being loaded, before it serves. The responses are
 //! dropped; a record that fails fails the load, as in TF Serving.
 
-use crate::api::grpc::tensor_from_proto;
-use crate::api::tasks::{self, Task, TaskKind};
+use super::tasks::{self, Task, TaskKind};
+use super::{Inference, PredictRequest};
 use crate::error::Error;
-use crate::inference::{self, Inference};
 use crate::proto::serving::prediction_log::LogType;
 use crate::proto::serving::{Input, ModelSpec, PredictionLog};
+use crate::proto::tensor::tensor_from_proto;
 use crate::registry::{Servable, WarmUpReplay};
 use prost::Message;
 use std::collections::HashMap;
@@ -59,7 +59,7 @@ async fn replay_one(
             inference
                 .predict_on(
                     Arc::clone(servable),
-                    inference::PredictRequest {
+                    PredictRequest {
                         signature,
                         inputs,
                         output_filter: request.output_filter.clone(),

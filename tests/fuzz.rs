@@ -8,26 +8,26 @@
 //! a release build exists):
 //!
 //! ```text
-//! PROPTEST_CASES=100000 cargo test --lib fuzz_
+//! PROPTEST_CASES=100000 cargo test --test fuzz
 //! ```
 //!
 //! Failures found this way are kept as plain unit tests (`regressions` below) as well as in
 //! proptest's own `proptest-regressions/` files.
 
-use crate::api::examples::Examples;
-use crate::api::grpc::{tensor_from_proto, tensor_to_proto};
-use crate::api::rest::json::{decode_tensors, encode_predict, Format, PredictBody};
-use crate::api::rest::tasks_json::parse_request;
-use crate::limits::DecodeBudget;
-use crate::proto::serving::{input, ExampleList, ExampleListWithContext, Input};
-use crate::proto::tensorflow::{
+use bytes::Bytes;
+use modelgate::api::rest::json::{decode_tensors, encode_predict, Format, PredictBody};
+use modelgate::api::rest::tasks_json::parse_request;
+use modelgate::inference::examples::Examples;
+use modelgate::limits::DecodeBudget;
+use modelgate::proto::serving::{input, ExampleList, ExampleListWithContext, Input};
+use modelgate::proto::tensor::{tensor_from_proto, tensor_to_proto};
+use modelgate::proto::tensorflow::{
     feature, tensor_shape_proto, BytesList, DataType, Example, Feature, Features, FloatList,
     Int64List, TensorProto, TensorShapeProto,
 };
-use crate::runtime::padded_size;
-use crate::signature::{Signature, SignatureKind, TensorSpec};
-use crate::tensor::{num_elements, DType, Tensor};
-use bytes::Bytes;
+use modelgate::runtime::padded_size;
+use modelgate::signature::{Signature, SignatureKind, TensorSpec};
+use modelgate::tensor::{num_elements, DType, Tensor};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -332,7 +332,7 @@ proptest! {
         let v = f32::from_bits(bits);
         prop_assume!(v.is_finite());
         let mut text = String::new();
-        crate::api::rest::json::write_f32(&mut text, v).unwrap();
+        modelgate::api::rest::json::write_f32(&mut text, v).unwrap();
         let decoded = decode_tensors(Format::Columnar, &text, "s", &[spec("x", DType::F32, None)]).unwrap();
         prop_assert_eq!(decoded["x"].to_values::<f32>().unwrap()[0].to_bits(), bits, "{}", text);
     }
@@ -410,7 +410,7 @@ proptest! {
     /// Marking NaN/Infinity tokens never panics, and leaves a body without them as it was.
     #[test]
     fn fuzz_mark_nonfinite(body in prop::collection::vec(prop::sample::select(b"[]{},:\" \\NaIfinty-1".to_vec()), 0..64)) {
-        let marked = crate::api::rest::json::mark_nonfinite(&body);
+        let marked = modelgate::api::rest::json::mark_nonfinite(&body);
         if !body.windows(3).any(|w| w == b"NaN") && !body.windows(8).any(|w| w == b"Infinity") {
             prop_assert_eq!(marked.as_ref(), body.as_slice());
         }
@@ -432,7 +432,7 @@ proptest! {
     ) {
         let proto = TensorProto {
             dtype: dtype as i32,
-            tensor_shape: Some(crate::api::grpc::shape_proto(Some(&shape))),
+            tensor_shape: Some(modelgate::proto::tensor::shape_proto(Some(&shape))),
             float_val: if broadcast { vec![1.0] } else { Vec::new() },
             int_val: if broadcast { vec![1] } else { Vec::new() },
             int64_val: if broadcast { vec![1] } else { Vec::new() },
@@ -484,7 +484,7 @@ proptest! {
             .iter()
             .filter_map(|&r| {
                 let shape: Vec<i64> = std::iter::once(r).chain(rest.iter().copied()).collect();
-                let bytes = crate::tensor::byte_size(DType::F32, &shape).ok().filter(|&b| b <= MAX_BYTES)?;
+                let bytes = modelgate::tensor::byte_size(DType::F32, &shape).ok().filter(|&b| b <= MAX_BYTES)?;
                 Tensor::new(DType::F32, shape, Bytes::from(vec![0u8; bytes])).ok()
             })
             .collect();

@@ -19,25 +19,40 @@ pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
+/// Why an exchange failed, without the request (which may carry a token).
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection, or the request could not be sent (the whole error chain).
+    #[error("{0}")]
+    Request(String),
+    /// The answer's body failed or passed its size limit.
+    #[error("reading the answer: {0}")]
+    Answer(String),
+    #[error("no answer within {} s", .0.as_secs_f64())]
+    Timeout(Duration),
+}
+
 /// Sends `request` and reads at most `max_bytes` of the answer, all within `timeout`.
-/// The error says what went wrong (refused, timed out, cut short) without the request.
 pub async fn send(
     client: &HttpClient,
     request: Request<Full<Bytes>>,
     timeout: Duration,
     max_bytes: usize,
-) -> Result<(u16, Bytes), String> {
+) -> Result<(u16, Bytes), SendError> {
     let exchange = async {
-        let response = client.request(request).await.map_err(|e| error_chain(&e))?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| SendError::Request(error_chain(&e)))?;
         let status = response.status().as_u16();
         let body = Limited::new(response.into_body(), max_bytes)
             .collect()
             .await
-            .map_err(|e| format!("reading the answer: {e}"))?
+            .map_err(|e| SendError::Answer(e.to_string()))?
             .to_bytes();
         Ok((status, body))
     };
     tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| format!("no answer within {} s", timeout.as_secs_f64()))?
+        .map_err(|_| SendError::Timeout(timeout))?
 }

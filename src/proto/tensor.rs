@@ -1,14 +1,11 @@
-//! TensorProto, DataType and SignatureDef <-> modelgate's own types.
+//! TensorProto <-> [`Tensor`]: how TensorFlow's protos carry tensors (requests of TF
+//! Serving's gRPC API, warm-up records, request logs). No protocol logic: every path that
+//! meets a TensorProto converts it here.
 
 use crate::error::Error;
 use crate::limits::DecodeBudget;
-use crate::proto::serving::SignatureDefMap;
-use crate::proto::tensorflow::{
-    tensor_info, tensor_shape_proto, DataType, SignatureDef, TensorInfo, TensorProto,
-    TensorShapeProto,
-};
-use crate::signature::{SignatureMap, TensorSpec};
-use crate::tensor::{byte_size, DType, Tensor};
+use crate::proto::tensorflow::{tensor_shape_proto, DataType, TensorProto, TensorShapeProto};
+use crate::tensor::{byte_size, DType, Elements, Tensor};
 use bytes::Bytes;
 
 pub fn dtype_to_proto(dtype: DType) -> DataType {
@@ -175,29 +172,18 @@ pub fn tensor_to_proto(tensor: &Tensor, as_content: bool) -> TensorProto {
         proto.tensor_content = tensor.data.clone();
         return proto;
     }
-    let data = &tensor.data;
-    match tensor.dtype {
-        DType::F32 => proto.float_val = tensor.to_values::<f32>().unwrap_or_default(),
-        DType::F64 => proto.double_val = tensor.to_values::<f64>().unwrap_or_default(),
-        DType::I64 => proto.int64_val = tensor.to_values::<i64>().unwrap_or_default(),
-        DType::I32 => proto.int_val = tensor.to_values::<i32>().unwrap_or_default(),
-        DType::I16 => {
-            proto.int_val = tensor
-                .to_values::<i16>()
-                .unwrap_or_default()
-                .into_iter()
-                .map(i32::from)
-                .collect()
-        }
-        DType::I8 => proto.int_val = data.iter().map(|&b| i32::from(b as i8)).collect(),
-        DType::U8 => proto.int_val = data.iter().map(|&b| i32::from(b)).collect(),
-        DType::Bool => proto.bool_val = data.iter().map(|&b| b != 0).collect(),
-        DType::F16 | DType::BF16 => {
-            proto.half_val = data
-                .chunks_exact(2)
-                .map(|c| i32::from(u16::from_le_bytes([c[0], c[1]])))
-                .collect()
-        }
+    // TensorFlow keeps the narrow integer types in int_val, and halves as their bits.
+    match tensor.elements() {
+        Elements::F32(values) => proto.float_val = values.collect(),
+        Elements::F64(values) => proto.double_val = values.collect(),
+        Elements::I64(values) => proto.int64_val = values.collect(),
+        Elements::I32(values) => proto.int_val = values.collect(),
+        Elements::I16(values) => proto.int_val = values.map(i32::from).collect(),
+        Elements::I8(values) => proto.int_val = values.map(i32::from).collect(),
+        Elements::U8(values) => proto.int_val = values.map(i32::from).collect(),
+        Elements::Bool(values) => proto.bool_val = values.collect(),
+        Elements::F16(values) => proto.half_val = values.map(|v| i32::from(v.to_bits())).collect(),
+        Elements::BF16(values) => proto.half_val = values.map(|v| i32::from(v.to_bits())).collect(),
     }
     proto
 }
@@ -224,42 +210,6 @@ pub fn shape_proto(shape: Option<&[i64]>) -> TensorShapeProto {
                 .collect(),
             unknown_rank: false,
         },
-    }
-}
-
-/// The SignatureDefMap that GetModelMetadata returns for a model version.
-pub fn signature_def_map(signatures: &SignatureMap) -> SignatureDefMap {
-    let infos = |specs: &[TensorSpec]| {
-        specs
-            .iter()
-            .map(|spec| {
-                (
-                    spec.name.clone(),
-                    TensorInfo {
-                        dtype: dtype_to_proto(spec.dtype) as i32,
-                        tensor_shape: Some(shape_proto(spec.shape.as_deref())),
-                        encoding: Some(tensor_info::Encoding::Name(spec.name.clone())),
-                    },
-                )
-            })
-            .collect()
-    };
-    SignatureDefMap {
-        signature_def: signatures
-            .signatures
-            .iter()
-            .map(|(name, sig)| {
-                (
-                    name.clone(),
-                    SignatureDef {
-                        inputs: infos(&sig.inputs),
-                        outputs: infos(&sig.outputs),
-                        method_name: sig.method_name.clone(),
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect(),
     }
 }
 
@@ -378,21 +328,5 @@ mod tests {
             ..Default::default()
         };
         check(unknown, "unknown rank");
-    }
-
-    #[test]
-    fn signature_defs_carry_names_dtypes_and_shapes() {
-        let map = SignatureMap::from_json(
-            r#"{"signatures": {"serving_default": {"inputs": [{"name": "x", "dtype": "DT_FLOAT", "shape": [-1, 4]}],
-                "outputs": [{"name": "y", "dtype": "DT_INT64"}]}}}"#,
-        )
-        .unwrap();
-        let defs = signature_def_map(&map);
-        let def = &defs.signature_def["serving_default"];
-        assert_eq!(def.method_name, "tensorflow/serving/predict");
-        let x = &def.inputs["x"];
-        assert_eq!(x.dtype, DataType::DtFloat as i32);
-        assert_eq!(dims(x.tensor_shape.as_ref().unwrap()), vec![-1, 4]);
-        assert!(def.outputs["y"].tensor_shape.as_ref().unwrap().unknown_rank);
     }
 }
