@@ -14,7 +14,9 @@ use crate::api;
 use crate::api::serve::Port;
 use crate::config::{ConfigError, ConnectionSettings, Flags, S3Env};
 use crate::inference::Inference;
-use crate::registry::{ConfigHook, LoadRetries, LoadSettings, Manager, ManagerConfig, Registry};
+use crate::registry::{
+    AvailabilityPreserving, ConfigHook, LoadRetries, LoadSettings, Manager, ManagerConfig, Registry,
+};
 use crate::request_log::{LogSettings, RequestLogs};
 use crate::runtime;
 use crate::storage::Storage;
@@ -103,6 +105,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
                 max_retries: flags.max_num_load_retries,
                 interval: Duration::from_micros(flags.load_retry_interval_micros),
             },
+            policy: Arc::new(AvailabilityPreserving),
             config_hook: Some(request_log_hook(&request_logs)),
         },
     );

@@ -1,11 +1,11 @@
 //! Loading one version directory: find its module and signatures, load it onto the device
 //! and warm it up. Blocking; the manager runs it on a blocking thread.
 
-use super::warmup::{read_warm_up, WarmUpReplay};
+use super::warmup_records::{read_warm_up, WarmUpReplay};
 use super::Servable;
 use crate::batching::{BatchingOptions, Scheduler, BATCHING_PARAMS_FILE};
 use crate::config::ConfigError;
-use crate::runtime::{RunnerConfig, WarmUpCall};
+use crate::runtime::{RunnerConfig, SyntheticWarmUp};
 use crate::signature::{Signature, SignatureError, SignatureMap};
 use crate::storage::{
     embedded_signature, EmbeddedSignature, MODEL_FILE, SAVED_MODEL_FILES, SIGNATURE_FILE,
@@ -80,7 +80,7 @@ pub fn load_version(
         }
         tracing::info!(model, version, ?options, "batching");
     }
-    let warm_up = warm_up_calls(&signatures, batching.as_ref());
+    let warm_up = synthetic_warm_ups(&signatures, batching.as_ref());
     let scheduler = Scheduler::load(
         &model_path,
         model,
@@ -171,7 +171,10 @@ const WARM_UP_MAX_BYTES: usize = 1 << 30;
 /// [`BatchingOptions::warm_up_batch_sizes`]; batch 1 without batching or for a signature
 /// that is not batched). Where the shapes leave other dimensions free, they are set to 1,
 /// a guess that may not suit the model: such calls may fail without failing the load.
-fn warm_up_calls(signatures: &SignatureMap, batching: Option<&BatchingOptions>) -> Vec<WarmUpCall> {
+fn synthetic_warm_ups(
+    signatures: &SignatureMap,
+    batching: Option<&BatchingOptions>,
+) -> Vec<SyntheticWarmUp> {
     let mut calls = Vec::new();
     for (name, signature) in &signatures.signatures {
         let batched = signature.inputs.iter().all(|spec| spec.is_batched());
@@ -197,7 +200,7 @@ fn warm_up_call(
     signature: &Signature,
     batch: usize,
     label: String,
-) -> Result<Option<WarmUpCall>, String> {
+) -> Result<Option<SyntheticWarmUp>, String> {
     let mut guessed = false;
     let mut bytes = 0usize;
     let mut inputs = Vec::with_capacity(signature.inputs.len());
@@ -224,7 +227,7 @@ fn warm_up_call(
         };
         inputs.push(Tensor::zeros(spec.dtype, concrete).map_err(|_| label.clone())?);
     }
-    Ok(Some(WarmUpCall {
+    Ok(Some(SyntheticWarmUp {
         label,
         method: Arc::clone(&signature.method),
         inputs,

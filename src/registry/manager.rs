@@ -1,7 +1,9 @@
-//! The manager: the one task that loads and unloads versions. It polls each model's base
-//! path, asks the model's version policy which versions should serve, loads new versions
-//! before it unloads the ones they replace (availability preserving), and publishes a new
-//! [`ServingMap`](super::ServingMap) after every change.
+//! The manager: the one task that loads and unloads versions. Its jobs, each in its own
+//! place: TF Serving's Source (it polls each model's base path and asks the model's version
+//! policy which versions it aspires to, below), the load retries ([`super::retries`]), the
+//! AspiredVersionPolicy that orders loads and unloads ([`super::policy`]; availability
+//! preserving by default: a new version loads before the one it replaces unloads), and the
+//! publisher of a new [`ServingMap`](super::ServingMap) after every change.
 //!
 //! Storage trouble (an unreachable S3, a failed download) never touches what serves: the
 //! model's polling backs off exponentially, and the outage is logged when it starts and when
@@ -19,6 +21,8 @@
 //! there is no second listing, so the one listing decides.
 
 use super::loader::load_version;
+use super::policy::{Action, VersionPolicy, Versions};
+use super::retries::{FailedLoad, LoadRetries};
 use super::LoadSettings;
 use super::{Registry, Servable, ServingMap, ServingModel, VersionState};
 use crate::config::{ModelSpec, Platform};
@@ -41,6 +45,8 @@ pub struct ManagerConfig {
     /// How often to look for new and removed versions; `None` = only when the config changes.
     pub poll_interval: Option<Duration>,
     pub load_retries: LoadRetries,
+    /// Which version to load or unload next.
+    pub policy: Arc<dyn VersionPolicy>,
     /// Called with each model config before it is applied: an error refuses it whole.
     pub config_hook: Option<ConfigHook>,
 }
@@ -60,71 +66,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 impl std::fmt::Debug for ConfigHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ConfigHook")
-    }
-}
-
-/// How often a version that failed to load is tried again with the same files.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LoadRetries {
-    /// Tries after the first failure (`--max_num_load_retries`).
-    pub max_retries: u32,
-    /// Wait before each of them (`--load_retry_interval_micros`).
-    pub interval: Duration,
-}
-
-impl LoadRetries {
-    /// Records a failed load of files with `fingerprint`, after `previous` failures of the
-    /// same version: the next try is one interval away until the retries are spent. Other
-    /// files start the count afresh.
-    fn after_failure(
-        &self,
-        previous: Option<FailedLoad>,
-        fingerprint: &str,
-        now: Instant,
-    ) -> FailedLoad {
-        let attempts = match previous {
-            Some(failed) if failed.fingerprint == fingerprint => failed.attempts.saturating_add(1),
-            _ => 1,
-        };
-        FailedLoad {
-            fingerprint: fingerprint.to_string(),
-            attempts,
-            retry_at: (attempts <= self.max_retries).then(|| now + self.interval),
-        }
-    }
-
-    /// What GetModelStatus adds to the error of a failed load.
-    fn note(&self, failed: &FailedLoad) -> String {
-        match failed.retry_at {
-            Some(_) => format!(
-                "retry {} of {} in {:?}",
-                failed.attempts, self.max_retries, self.interval
-            ),
-            None if self.max_retries > 0 => format!(
-                "failed {} times; tried again when its files change",
-                failed.attempts
-            ),
-            None => "tried again when its files change".to_string(),
-        }
-    }
-}
-
-/// A version whose files are there but did not load.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct FailedLoad {
-    /// The files that failed; other files are tried afresh.
-    fingerprint: String,
-    /// Failed loads of these files so far.
-    attempts: u32,
-    /// When to try again; `None` once the retries are spent.
-    retry_at: Option<Instant>,
-}
-
-impl FailedLoad {
-    /// Whether the version must not be loaded at `now`: it waits for its next try, or has
-    /// no try left.
-    fn waiting(&self, now: Instant) -> bool {
-        self.retry_at.is_none_or(|at| now < at)
     }
 }
 
@@ -569,30 +510,44 @@ impl Manager {
                     .is_some_and(|e| e.fingerprint == failed.fingerprint)
         });
         let now = Instant::now();
-        let to_load: Vec<i64> = aspired
+        let mut loadable: BTreeSet<i64> = aspired
             .iter()
-            .rev()
             .filter(|v| {
                 !model.loaded.contains_key(v)
                     && !model.failed.get(v).is_some_and(|f| f.waiting(now))
             })
             .copied()
             .collect();
-        for &version in &to_load {
+        for &version in &loadable {
             self.registry
                 .set_status(name, version, VersionState::Start, None);
         }
+        // The policy orders the loads and unloads; each version is tried once a pass.
         let mut result = Ok(());
-        for version in to_load {
-            match self.load(name, version, &listing[&version]).await {
-                LoadOutcome::Loaded | LoadOutcome::Failed => {}
-                LoadOutcome::Storage(e) => {
-                    result = Err(e);
-                    break;
+        let policy = Arc::clone(&self.config.policy);
+        loop {
+            let Some(model) = self.models.get(name) else {
+                break;
+            };
+            let loaded: BTreeSet<i64> = model.loaded.keys().copied().collect();
+            let versions = Versions {
+                aspired: &aspired,
+                loaded: &loaded,
+                loadable: &loadable,
+            };
+            match policy.next_action(versions) {
+                Some(Action::Load(version)) => {
+                    loadable.remove(&version);
+                    let outcome = self.load(name, version, &listing[&version]).await;
+                    if let LoadOutcome::Storage(e) = outcome {
+                        result = Err(e);
+                        break;
+                    }
                 }
+                Some(Action::Unload(version)) => self.unload(name, version),
+                None => break,
             }
         }
-        self.unload_unaspired(name, &aspired);
         self.retain_cached(&base).await;
         result
     }
@@ -683,33 +638,18 @@ impl Manager {
         }
     }
 
-    /// Unloads loaded versions the policy no longer wants, but never the last one serving
-    /// while no wanted version is available.
-    fn unload_unaspired(&mut self, name: &str, aspired: &BTreeSet<i64>) {
-        let Some(model) = self.models.get_mut(name) else {
+    /// Takes `version` out of the serving map and retires it (the policy's unload).
+    fn unload(&mut self, name: &str, version: i64) {
+        let Some(servable) = self
+            .models
+            .get_mut(name)
+            .and_then(|model| model.loaded.remove(&version))
+        else {
             return;
         };
-        if !model.loaded.keys().any(|v| aspired.contains(v)) {
-            return;
-        }
-        let stale: Vec<i64> = model
-            .loaded
-            .keys()
-            .filter(|v| !aspired.contains(v))
-            .copied()
-            .collect();
-        if stale.is_empty() {
-            return;
-        }
-        let retired: Vec<Arc<Servable>> = stale
-            .iter()
-            .filter_map(|v| model.loaded.remove(v))
-            .collect();
         self.publish();
-        for servable in retired {
-            // Unloads that polling starts are not waited for: nobody asked for them.
-            drop(self.retire(servable));
-        }
+        // Unloads that polling starts are not waited for: nobody asked for them.
+        drop(self.retire(servable));
     }
 
     /// Takes a version out of service: UNLOADING while requests still hold it, END once the
@@ -777,47 +717,5 @@ mod tests {
         let long = Duration::from_secs(120);
         assert_eq!(backoff.failed(now, long), long);
         assert_eq!(backoff.failed(now, long), long);
-    }
-
-    #[test]
-    fn failed_loads_are_retried_an_interval_apart_until_the_retries_are_spent() {
-        let retries = LoadRetries {
-            max_retries: 2,
-            interval: Duration::from_secs(60),
-        };
-        let now = Instant::now();
-        let first = retries.after_failure(None, "fp", now);
-        assert_eq!(
-            (first.attempts, first.retry_at),
-            (1, Some(now + retries.interval))
-        );
-        assert!(first.waiting(now) && !first.waiting(now + retries.interval));
-        assert_eq!(retries.note(&first), "retry 1 of 2 in 60s");
-        let later = now + retries.interval;
-        let second = retries.after_failure(Some(first), "fp", later);
-        assert_eq!(
-            (second.attempts, second.retry_at),
-            (2, Some(later + retries.interval))
-        );
-        // The last retry fails too: no more tries for these files, however long it waits.
-        let third = retries.after_failure(Some(second.clone()), "fp", later);
-        assert_eq!((third.attempts, third.retry_at), (3, None));
-        assert!(third.waiting(later + Duration::from_secs(86_400)));
-        assert_eq!(
-            retries.note(&third),
-            "failed 3 times; tried again when its files change"
-        );
-        // Rewritten files start the count afresh.
-        let rewritten = retries.after_failure(Some(third), "fp2", later);
-        assert_eq!(rewritten.attempts, 1);
-        assert!(rewritten.retry_at.is_some());
-        // Without retries, the first failure is final.
-        let none = LoadRetries {
-            max_retries: 0,
-            ..retries
-        };
-        let once = none.after_failure(None, "fp", now);
-        assert_eq!(once.retry_at, None);
-        assert_eq!(none.note(&once), "tried again when its files change");
     }
 }

@@ -7,14 +7,17 @@
 
 mod loader;
 mod manager;
-mod warmup;
+mod policy;
+mod retries;
+mod warmup_records;
 
 pub use loader::{LoadSettings, VersionLoadError};
 pub use manager::{
-    ApplyError, BoxError, ConfigHook, LoadRetries, Manager, ManagerConfig, ManagerHandle,
-    ModelChange,
+    ApplyError, BoxError, ConfigHook, Manager, ManagerConfig, ManagerHandle, ModelChange,
 };
-pub use warmup::{WarmUpReplay, MAX_WARMUP_RECORDS, WARMUP_FILE};
+pub use policy::{AvailabilityPreserving, VersionPolicy};
+pub use retries::LoadRetries;
+pub use warmup_records::{WarmUpReplay, MAX_WARMUP_RECORDS, WARMUP_FILE};
 
 use crate::batching::Scheduler;
 use crate::error::Error;
