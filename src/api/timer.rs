@@ -42,7 +42,7 @@ impl RequestTimer {
             Err(_) => (inference.metrics_label(requested), None),
         };
         let outcome = outcome.map(|_| ());
-        request_log::finish(model, elapsed, outcome);
+        request_log::end(model, elapsed, outcome);
         telemetry::record_request(
             RequestRecord {
                 api: self.api,

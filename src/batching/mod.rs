@@ -11,7 +11,7 @@ pub use options::{BatchingOptions, BATCHING_PARAMS_FILE};
 
 use crate::runtime::{
     start_workers, Batch, BatchSource, Job, JobResult, LoadError, ModelOutput, RunError,
-    RunnerConfig, WarmUpCall, Workers,
+    RunnerConfig, SyntheticWarmUp, Workers,
 };
 use crate::telemetry::{self, VersionMetrics};
 use crate::tensor::{DType, Tensor};
@@ -107,7 +107,7 @@ impl Scheduler {
         runner: &RunnerConfig,
         batching: Option<BatchingOptions>,
         direct_capacity: usize,
-        warm_up: &[WarmUpCall],
+        warm_up: &[SyntheticWarmUp],
     ) -> Result<Scheduler, LoadError> {
         let series = VersionMetrics::new(model, version);
         let rejected_full = series.counter(

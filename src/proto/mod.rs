@@ -33,3 +33,23 @@ pub fn to_json(full_name: &str, encoded: &[u8]) -> Option<serde_json::Value> {
     let message = prost_reflect::DynamicMessage::decode(descriptor, encoded).ok()?;
     serde_json::to_value(&message).ok()
 }
+
+/// How TF Serving and Triton print a message as JSON for their REST APIs: every field, at
+/// its default too, under its proto name, enums by name. TF Serving writes 64-bit integers
+/// as strings (the JSON mapping's rule); Triton's model configuration writes them as numbers
+/// (`int64_as_strings` false). `None` when the type is unknown or the bytes do not decode.
+pub fn to_printed_json(
+    full_name: &str,
+    encoded: &[u8],
+    int64_as_strings: bool,
+) -> Option<serde_json::Value> {
+    let descriptor = descriptor_pool().get_message_by_name(full_name)?;
+    let message = prost_reflect::DynamicMessage::decode(descriptor, encoded).ok()?;
+    let options = prost_reflect::SerializeOptions::new()
+        .skip_default_fields(false)
+        .use_proto_field_name(true)
+        .stringify_64_bit_integers(int64_as_strings);
+    message
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .ok()
+}

@@ -6,7 +6,7 @@
 //! The API edge names the request's method when its request timer starts ([`begin`]); the
 //! inference core captures what the request carried and answered once it has resolved a
 //! version ([`capture_predict`], [`capture_tasks`]), which is also where the request is
-//! sampled; the edge's timer then [`finish`]es the record with its outcome and latency and
+//! sampled; the edge's timer then [`end`]s the record with its outcome and latency and
 //! hands it to the model's [`Collector`]. Warm-up runs outside any scope, so it is never
 //! logged.
 
@@ -343,7 +343,7 @@ pub fn capture_task_results(results: &[(String, TaskResult)]) {
 /// The API edge's timer finished the request: `model` is the configured model it named
 /// ("" if none), `outcome` how it ended. Logs it if it was sampled, or failed under
 /// `--log_all_errors`; the record is queued, never written here.
-pub fn finish(model: &str, latency: Duration, outcome: Result<(), &Error>) {
+pub fn end(model: &str, latency: Duration, outcome: Result<(), &Error>) {
     let _ = SCOPE.try_with(|scope| {
         if model.is_empty() {
             return;

@@ -11,7 +11,7 @@ mod worker;
 
 pub use worker::{
     padded_size, start_workers, Batch, BatchFormer, BatchSource, Job, JobResult, RunnerConfig,
-    WarmUpCall, Workers,
+    SyntheticWarmUp, Workers,
 };
 
 use crate::config::DeviceFlag;

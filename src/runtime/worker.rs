@@ -39,7 +39,7 @@ impl RunnerConfig {
 /// for libtorch's lazy set-up (allocations, kernels chosen per shape, the staging buffers)
 /// and a model that cannot run its own signature is refused before it serves.
 #[derive(Clone, Debug)]
-pub struct WarmUpCall {
+pub struct SyntheticWarmUp {
     /// What the call is, for errors and logs ("signature 'x' at batch size 8").
     pub label: String,
     pub method: Arc<str>,
@@ -243,7 +243,7 @@ pub fn start_workers(
     series: &VersionMetrics,
     config: &RunnerConfig,
     source: &BatchSource,
-    warm_up: &[WarmUpCall],
+    warm_up: &[SyntheticWarmUp],
 ) -> Result<Workers, LoadError> {
     let metrics = WorkerMetrics::new(series);
     let (model, version) = (series.model(), series.version());
@@ -261,7 +261,7 @@ pub fn start_workers(
             .map(|_| AtomicBool::new(false))
             .collect(),
     });
-    let warm_up: Arc<[WarmUpCall]> = Arc::from(warm_up);
+    let warm_up: Arc<[SyntheticWarmUp]> = Arc::from(warm_up);
     let (warmed, warm_ups) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(config.devices.len() * instances);
     for (index, &device) in config.devices.iter().enumerate() {
@@ -335,7 +335,7 @@ struct Worker {
 
 impl Worker {
     /// Binds the thread to its GPU (current device, own stream) and runs the warm-up calls.
-    fn prepare(&mut self, warm_up: &[WarmUpCall]) -> Result<(), LoadError> {
+    fn prepare(&mut self, warm_up: &[SyntheticWarmUp]) -> Result<(), LoadError> {
         if let Device::Cuda(gpu) = self.device {
             cuda::bind_thread(gpu).map_err(|message| LoadError::Device {
                 device: self.device.to_string(),
@@ -680,8 +680,8 @@ mod tests {
         path
     }
 
-    fn warm_up_at(rows: i64, required: bool) -> WarmUpCall {
-        WarmUpCall {
+    fn warm_up_at(rows: i64, required: bool) -> SyntheticWarmUp {
+        SyntheticWarmUp {
             label: format!("batch size {rows}"),
             method: Arc::from("forward"),
             inputs: vec![Tensor::zeros(crate::tensor::DType::F32, vec![rows, 1]).unwrap()],

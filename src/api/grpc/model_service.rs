@@ -1,6 +1,6 @@
 //! `tensorflow.serving.ModelService`.
 
-use super::prediction::{finish, model_and_version};
+use super::prediction::{model_and_version, respond};
 use crate::api::model_status::model_status;
 use crate::api::timer::RequestTimer;
 use crate::config::model_specs_from_config;
@@ -50,7 +50,7 @@ impl ModelService for ModelServiceApi {
         let result = model_and_version(spec)
             .and_then(|(model, selector)| model_status(&self.registry, &model, &selector));
         // The answer names no single version: the request's model is the only label.
-        finish(&self.inference, timer, spec, result, |_| None)
+        respond(&self.inference, timer, spec, result, |_| None)
     }
 
     /// Replaces the model config and answers once it is applied: new models listed and

@@ -91,7 +91,7 @@ pub(crate) fn deadline<T>(request: &Request<T>) -> Option<Instant> {
 
 /// Records a finished call (metrics and logs) and turns it into what tonic sends. The
 /// version label comes from the spec of the answer.
-pub(super) fn finish<T>(
+pub(super) fn respond<T>(
     inference: &Inference,
     timer: RequestTimer,
     requested: Option<&ModelSpec>,
@@ -241,14 +241,14 @@ impl PredictionApi {
         ))
     }
 
-    /// Classify or Regress: one task, its result wrapped by `respond` (None: the task
+    /// Classify or Regress: one task, its result wrapped by `wrap` (None: the task
     /// answered with the other kind, a server bug), recorded and answered.
     async fn single_task<T>(
         &self,
         api: Api,
         request: TaskRequest<'_>,
         kind: TaskKind,
-        respond: impl FnOnce(ModelSpec, TaskResult) -> Option<T>,
+        wrap: impl FnOnce(ModelSpec, TaskResult) -> Option<T>,
         served: impl Fn(&T) -> Option<&ModelSpec>,
     ) -> Result<Response<T>, Status> {
         let timer = RequestTimer::start(api, Protocol::Grpc);
@@ -256,14 +256,14 @@ impl PredictionApi {
             .one_task(request, kind)
             .await
             .and_then(|(spec, result)| {
-                respond(spec, result).ok_or_else(|| {
+                wrap(spec, result).ok_or_else(|| {
                     Error::Internal(format!(
                         "a {} task returned another kind of result (server bug)",
                         api.as_str()
                     ))
                 })
             });
-        finish(&self.inference, timer, request.spec, result, served)
+        respond(&self.inference, timer, request.spec, result, served)
     }
 
     async fn multi_inference(
@@ -335,7 +335,7 @@ impl PredictionService for PredictionApi {
         let deadline = deadline(&request);
         let request = Arc::new(request.into_inner());
         let result = PredictionApi::predict(self, &request, deadline).await;
-        finish(
+        respond(
             &self.inference,
             timer,
             request.model_spec.as_ref(),
@@ -351,7 +351,7 @@ impl PredictionService for PredictionApi {
         let timer = RequestTimer::start(Api::GetModelMetadata, Protocol::Grpc);
         let request = request.into_inner();
         let result = PredictionApi::get_model_metadata(self, &request);
-        finish(
+        respond(
             &self.inference,
             timer,
             request.model_spec.as_ref(),
@@ -418,7 +418,7 @@ impl PredictionService for PredictionApi {
         let request = request.into_inner();
         let result = PredictionApi::multi_inference(self, &request).await;
         let requested = request.tasks.first().and_then(|t| t.model_spec.as_ref());
-        finish(&self.inference, timer, requested, result, |r| {
+        respond(&self.inference, timer, requested, result, |r| {
             r.results.first().and_then(|r| r.model_spec.as_ref())
         })
     }

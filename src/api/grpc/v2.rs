@@ -137,7 +137,7 @@ impl GrpcInferenceService for V2GrpcApi {
                 },
             )
         });
-        finish(&self.inference, timer, &request.name, result)
+        respond(&self.inference, timer, &request.name, result)
     }
 
     async fn model_infer(
@@ -149,7 +149,7 @@ impl GrpcInferenceService for V2GrpcApi {
         let request = request.into_inner();
         let model = request.model_name.clone();
         let result = self.infer(request, deadline).await;
-        finish(&self.inference, timer, &model, result)
+        respond(&self.inference, timer, &model, result)
     }
 
     type ModelStreamInferStream =
@@ -311,7 +311,7 @@ impl GrpcInferenceService for V2GrpcApi {
 }
 
 /// Records a finished call and turns it into what tonic sends.
-fn finish<T>(
+fn respond<T>(
     inference: &Inference,
     timer: RequestTimer,
     requested: &str,

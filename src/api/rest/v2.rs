@@ -11,6 +11,7 @@ use crate::tensor::{DType, JsonValues, Tensor};
 use axum::body::Bytes;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use prost::Message;
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -183,7 +184,7 @@ pub(super) fn answer_without_body(state: &RestState, call: &V2Call) -> Result<Re
             let servable = resolve(inference, model, version)?;
             json(
                 StatusCode::OK,
-                config_json(&model_config(inference, &servable)?),
+                config_json(&model_config(inference, &servable)?)?,
             )
         }
         V2Call::Statistics { model, version } => {
@@ -301,33 +302,13 @@ fn health_status(ok: bool) -> StatusCode {
     }
 }
 
-/// Triton's ModelConfig JSON (field names as in the proto, enums by name).
-fn config_json(config: &crate::proto::inference::ModelConfig) -> serde_json::Value {
-    let tensors = |list: Vec<(String, i32, Vec<i64>)>| -> Vec<serde_json::Value> {
-        list.into_iter()
-            .map(|(name, data_type, dims)| {
-                let data_type = crate::proto::inference::DataType::try_from(data_type)
-                    .map_or("TYPE_INVALID", |t| t.as_str_name());
-                serde_json::json!({"name": name, "data_type": data_type, "dims": dims})
-            })
-            .collect()
-    };
-    let mut value = serde_json::json!({
-        "name": config.name,
-        "platform": config.platform,
-        "max_batch_size": config.max_batch_size,
-        "input": tensors(config.input.iter().map(|i| (i.name.clone(), i.data_type, i.dims.clone())).collect()),
-        "output": tensors(config.output.iter().map(|o| (o.name.clone(), o.data_type, o.dims.clone())).collect()),
-    });
-    if let Some(crate::proto::inference::model_config::SchedulingChoice::DynamicBatching(b)) =
-        &config.scheduling_choice
-    {
-        value["dynamic_batching"] = serde_json::json!({
-            "preferred_batch_size": b.preferred_batch_size,
-            "max_queue_delay_microseconds": b.max_queue_delay_microseconds,
-        });
-    }
-    value
+/// Triton's ModelConfig JSON: every field under its proto name, enums by name, 64-bit
+/// integers as numbers (as Triton prints it).
+fn config_json(config: &crate::proto::inference::ModelConfig) -> Result<serde_json::Value, Error> {
+    crate::proto::to_printed_json("inference.ModelConfig", &config.encode_to_vec(), false)
+        .ok_or_else(|| {
+            Error::Internal("the model configuration does not print (server bug)".into())
+        })
 }
 
 /// An infer request's JSON (the inputs' `data` stays raw until its shape is checked).
