@@ -28,7 +28,8 @@ pub enum Error {
     /// The call needs a credential the request did not carry (the admin token).
     #[error("{0}")]
     Unauthenticated(String),
-    /// The call exists in TF Serving's API but this server does not do it.
+    /// The call exists in TF Serving's or the V2 protocol's API but this server does not
+    /// do it (e.g. V2 shared memory, streaming).
     #[error("{0}")]
     Unimplemented(String),
     /// The model failed (libtorch threw) or the server broke an invariant.

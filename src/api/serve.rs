@@ -48,9 +48,6 @@ struct Shared {
     settings: ConnectionSettings,
 }
 
-/// Serves `port` until `stop` turns true. Then the listener closes (new connections are
-/// refused), every connection is asked to finish (HTTP/2 GOAWAY; HTTP/1 closes once idle),
-/// and those still open after `drain` are closed.
 /// Runs every request of `router` in a request logging scope (see [`request_log`]). A map
 /// of the response future rather than axum's `from_fn` middleware, which boxes and costs a
 /// few microseconds a request whether or not any model logs.
@@ -60,6 +57,9 @@ pub fn with_request_log(router: Router, logs: Arc<RequestLogs>) -> Router {
     }))
 }
 
+/// Serves `port` until `stop` turns true. Then the listener closes (new connections are
+/// refused), every connection is asked to finish (HTTP/2 GOAWAY; HTTP/1 closes once idle),
+/// and those still open after `drain` are closed.
 pub async fn serve(port: Port, mut stop: watch::Receiver<bool>, drain: Duration) {
     let shared = Arc::new(Shared {
         name: port.name,

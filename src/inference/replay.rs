@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::proto::serving::prediction_log::LogType;
 use crate::proto::serving::{Input, ModelSpec, PredictionLog};
 use crate::proto::tensor::tensor_from_proto;
-use crate::registry::{Servable, WarmUpReplay};
+use crate::registry::{ReplayError, Servable, WarmUpReplay};
 use prost::Message;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,7 +29,7 @@ pub fn replay(
                 for (i, record) in records.iter().enumerate() {
                     runtime
                         .block_on(replay_one(&inference, &servable, record))
-                        .map_err(|e| format!("record {i} failed: {e}"))?;
+                        .map_err(|source| ReplayError { record: i, source })?;
                 }
             }
             Ok(())

@@ -1,4 +1,7 @@
-//! The TF Serving and TensorFlow protos (see `proto/`), compiled by build.rs.
+//! The protos, compiled by build.rs from the repository's `proto/`: TF Serving's and
+//! TensorFlow's, and the Open Inference Protocol's (KServe V2, Triton's numbering). Also
+//! what every layer needs of them: TensorProto <-> tensor ([`tensor`]), the task answers
+//! ([`answers`]) and JSON printing through the descriptors.
 
 pub mod answers;
 pub mod tensor;

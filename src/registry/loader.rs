@@ -101,7 +101,8 @@ pub fn load_version(
         // the same, and the workers (dropped with the servable) stop.
         if let Some(records) = read_warm_up(dir).map_err(VersionLoadError::WarmUp)? {
             let started = std::time::Instant::now();
-            (warm_up.replay)(Arc::clone(&servable), &records).map_err(VersionLoadError::WarmUp)?;
+            (warm_up.replay)(Arc::clone(&servable), &records)
+                .map_err(|e| VersionLoadError::WarmUp(e.to_string()))?;
             tracing::info!(
                 model,
                 version,

@@ -17,7 +17,7 @@ pub use manager::{
 };
 pub use policy::{AvailabilityPreserving, VersionPolicy};
 pub use retries::LoadRetries;
-pub use warmup_records::{WarmUpReplay, MAX_WARMUP_RECORDS, WARMUP_FILE};
+pub use warmup_records::{ReplayError, WarmUpReplay, MAX_WARMUP_RECORDS, WARMUP_FILE};
 
 use crate::batching::Scheduler;
 use crate::error::Error;

@@ -27,7 +27,17 @@ pub struct WarmUpReplay {
 }
 
 /// See [`WarmUpReplay`].
-pub type ReplayFn = dyn Fn(Arc<Servable>, &[PredictionLog]) -> Result<(), String> + Send + Sync;
+pub type ReplayFn =
+    dyn Fn(Arc<Servable>, &[PredictionLog]) -> Result<(), ReplayError> + Send + Sync;
+
+/// A warm-up record failed as a request would have: the version does not serve.
+#[derive(Debug, thiserror::Error)]
+#[error("record {record} failed: {source}")]
+pub struct ReplayError {
+    /// The record's index in the file.
+    pub record: usize,
+    pub source: crate::error::Error,
+}
 
 impl fmt::Debug for WarmUpReplay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -1,4 +1,5 @@
-//! The gRPC services: PredictionService, ModelService, grpc.health.v1 and reflection.
+//! The gRPC port: TF Serving's PredictionService and ModelService, the Open Inference
+//! Protocol's `inference.GRPCInferenceService` ([`v2`]), grpc.health.v1 and reflection.
 
 mod body;
 mod metadata;

@@ -1,5 +1,6 @@
-//! The REST port: TF Serving's REST API under `/v1/`, the probes (`/healthz`, `/readyz`)
-//! and the Prometheus metrics (`/metrics` and the monitoring config's path).
+//! The REST port: TF Serving's REST API under `/v1/`, the Open Inference Protocol under
+//! `/v2/` ([`v2`]), the probes (`/healthz`, `/readyz`), the Prometheus metrics (`/metrics`
+//! and the monitoring config's path) and, when configured, the admin API.
 
 mod error;
 pub mod json;

@@ -5,7 +5,7 @@ use super::json::{encode_predict, mark_nonfinite, PredictBody};
 use super::model_json::{metadata_json, status_json};
 use super::path::{self, Call, Method, Route};
 use super::tasks_json::{classification_json, parse_request, regression_json};
-use super::v2::{self, V2Call};
+use super::v2;
 use super::RestState;
 use crate::api::grpc::signature_def_map;
 use crate::api::model_status::model_status;
@@ -87,7 +87,7 @@ pub(super) async fn api(
 ) -> Response {
     let path = uri.path();
     if let Some(call) = v2::parse(&method, path) {
-        return v2_api(&state, call, &headers, body).await;
+        return v2::handle(&state, call, &headers, body).await;
     }
     if !path::is_api_path(path) {
         return json_response(
@@ -138,7 +138,7 @@ pub(super) async fn api(
 /// Runs an API call, its body's upload included, within `--rest_api_timeout_in_ms` (as TF
 /// Serving's; the upload counts too, so that a slow client cannot hold its share of the
 /// body budget for long). `work` gets the deadline, past which a queued request is dropped.
-async fn within_timeout<T, F, Fut>(state: &RestState, work: F) -> Result<T, Error>
+pub(super) async fn within_timeout<T, F, Fut>(state: &RestState, work: F) -> Result<T, Error>
 where
     F: FnOnce(Option<Instant>) -> Fut,
     Fut: std::future::Future<Output = Result<T, Error>>,
@@ -158,65 +158,10 @@ where
     }
 }
 
-/// A `/v2` call (see [`v2`]): infer and model metadata are timed like the TF Serving API's
-/// calls, with the `v2-rest` protocol label; health and the rest answer at once.
-async fn v2_api(
-    state: &Arc<RestState>,
-    call: Result<V2Call, Error>,
-    headers: &axum::http::HeaderMap,
-    body: Body,
-) -> Response {
-    let call = match call {
-        Ok(call) => call,
-        Err(error) => return error_response(&error),
-    };
-    let model = call.model().to_string();
-    let result = match &call {
-        V2Call::Infer { model, version } => {
-            let timer = RequestTimer::start(Api::Predict, Protocol::V2Rest);
-            let result = within_timeout(state, |deadline| async move {
-                let (body, _held) =
-                    read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight).await?;
-                v2::infer(state, model, version, headers, body, deadline).await
-            })
-            .await;
-            timer.finish(
-                &state.inference,
-                model,
-                result.as_ref().map(|(_, version)| Some(*version)),
-            );
-            result.map(|(response, _)| response)
-        }
-        V2Call::RepositoryLoad { model } | V2Call::RepositoryUnload { model } => {
-            let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-            let load = matches!(call, V2Call::RepositoryLoad { .. });
-            match read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight).await {
-                Ok((body, _held)) => {
-                    v2::repository_change(state, load, model, authorization, &body).await
-                }
-                Err(e) => Err(e),
-            }
-        }
-        V2Call::RepositoryIndex => {
-            read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight)
-                .await
-                .and_then(|(body, _held)| v2::repository_index(state, &body))
-        }
-        V2Call::ModelMetadata { .. } => {
-            let timer = RequestTimer::start(Api::GetModelMetadata, Protocol::V2Rest);
-            let result = v2::answer_without_body(state, &call);
-            timer.finish(&state.inference, &model, result.as_ref().map(|_| None));
-            result
-        }
-        _ => v2::answer_without_body(state, &call),
-    };
-    result.unwrap_or_else(|error| error_response(&error))
-}
-
 /// Reads the request body, refusing one over `limit` with PAYLOAD_TOO_LARGE (413), and one
 /// that the bodies in flight leave no room for with UNAVAILABLE (503). The permit keeps the
 /// body's bytes counted in `in_flight` until it is dropped.
-async fn read_body(
+pub(super) async fn read_body(
     body: Body,
     headers: &axum::http::HeaderMap,
     limit: usize,

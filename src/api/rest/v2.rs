@@ -2,13 +2,16 @@
 //! metadata, readiness, config, and infer with JSON tensors and the binary tensor
 //! extension (`Inference-Header-Content-Length`), which `tritonclient.http` uses.
 
-use super::error::json_response;
+use super::error::{error_response, json_response};
+use super::routes::{read_body, within_timeout};
+use crate::api::timer::RequestTimer;
+use crate::telemetry::{Api, Protocol};
 use super::RestState;
 use crate::api::v2::{self, model_config, model_metadata, resolve, DeclaredInput, PLATFORM};
 use crate::error::Error;
 use crate::limits::DecodeBudget;
 use crate::tensor::{DType, JsonValues, Tensor};
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use prost::Message;
@@ -17,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The header that splits a binary-extension body: the JSON's length in bytes.
@@ -123,6 +127,61 @@ pub(super) fn parse(method: &Method, path: &str) -> Option<Result<V2Call, Error>
         };
         Ok(call)
     })())
+}
+
+/// A `/v2` call: infer and model metadata are timed like the TF Serving API's
+/// calls, with the `v2-rest` protocol label; health and the rest answer at once.
+pub(super) async fn handle(
+    state: &Arc<RestState>,
+    call: Result<V2Call, Error>,
+    headers: &axum::http::HeaderMap,
+    body: Body,
+) -> Response {
+    let call = match call {
+        Ok(call) => call,
+        Err(error) => return error_response(&error),
+    };
+    let model = call.model().to_string();
+    let result = match &call {
+        V2Call::Infer { model, version } => {
+            let timer = RequestTimer::start(Api::Predict, Protocol::V2Rest);
+            let result = within_timeout(state, |deadline| async move {
+                let (body, _held) =
+                    read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight).await?;
+                infer(state, model, version, headers, body, deadline).await
+            })
+            .await;
+            timer.finish(
+                &state.inference,
+                model,
+                result.as_ref().map(|(_, version)| Some(*version)),
+            );
+            result.map(|(response, _)| response)
+        }
+        V2Call::RepositoryLoad { model } | V2Call::RepositoryUnload { model } => {
+            let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+            let load = matches!(call, V2Call::RepositoryLoad { .. });
+            match read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight).await {
+                Ok((body, _held)) => {
+                    repository_change(state, load, model, authorization, &body).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        V2Call::RepositoryIndex => {
+            read_body(body, headers, state.max_body_bytes, &state.bytes_in_flight)
+                .await
+                .and_then(|(body, _held)| repository_index(state, &body))
+        }
+        V2Call::ModelMetadata { .. } => {
+            let timer = RequestTimer::start(Api::GetModelMetadata, Protocol::V2Rest);
+            let result = answer_without_body(state, &call);
+            timer.finish(&state.inference, &model, result.as_ref().map(|_| None));
+            result
+        }
+        _ => answer_without_body(state, &call),
+    };
+    result.unwrap_or_else(|error| error_response(&error))
 }
 
 /// A small JSON answer.
