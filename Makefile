@@ -1,10 +1,13 @@
 # modelgate: the two commands a newcomer needs are `make run` and `make test`.
-# Both start from a fresh clone with only cargo, python3 and pip installed.
+# Both start from a fresh clone with only cargo, python3 and pip installed (on Debian or
+# Ubuntu; the set-up adds perf_analyzer's libb64 with apt-get when it is missing).
 
 PYTHON ?= python3
 VENV := .venv
 # tritonclient (V2 tests) needs protobuf < 7; the TF Serving client's venv holds protobuf 7.
 VENV_V2 := .venv-v2
+# Triton's perf_analyzer (the binary in tritonclient 2.40.0's wheel, which pins protobuf < 4).
+VENV_PERF := .venv-perf
 # libtorch comes from this PyPI wheel; it must match tch's pin in Cargo.toml (tch 0.24.0 <-> torch 2.11.0).
 TORCH_VERSION := 2.11.0
 
@@ -18,10 +21,10 @@ MODELS_STAMP := models/mlp/2/model.pt
 FIXTURES_STAMP := target/test-models/fixtures.config
 BENCH_MODELS_STAMP := target/bench-models/resnet50/1/model.pt
 
-.PHONY: setup run build test unit-test python-test v2-test deploy-check lint models clean bench bench-images
+.PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test deploy-check lint models clean bench bench-images
 
-## setup: create the venvs (torch and the official TF Serving client; the Triton client) and the model repositories
-setup: $(VENV)/.installed $(VENV_V2)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP)
+## setup: create the venvs (torch and the official TF Serving client; the Triton clients; perf_analyzer) and the model repositories
+setup: $(VENV)/.installed $(VENV_V2)/.installed $(VENV_PERF)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP)
 
 $(VENV)/.installed: tests/python/requirements.txt tests/python/requirements-nodeps.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +38,18 @@ $(VENV_V2)/.installed: tests/python_v2/requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV_V2)
 	$(VENV_V2)/bin/pip install --quiet --upgrade pip
 	$(VENV_V2)/bin/pip install --quiet -r tests/python_v2/requirements.txt
+	touch $@
+
+# perf_analyzer also links Debian's libb64 (libb64-0d), installed here when the binary
+# cannot find it (as root, or through sudo where CI runs as a user); ldd shows that.
+$(VENV_PERF)/.installed: tests/python_v2/requirements-perf.txt Makefile
+	$(PYTHON) -m venv $(VENV_PERF)
+	$(VENV_PERF)/bin/pip install --quiet --upgrade pip
+	$(VENV_PERF)/bin/pip install --quiet -r tests/python_v2/requirements-perf.txt
+	if ldd $(VENV_PERF)/bin/perf_analyzer | grep -q 'libb64.* not found'; then \
+	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d; \
+	fi
 	touch $@
 
 $(MODELS_STAMP): models/generate.py models/warmup.py $(VENV)/.installed
@@ -58,8 +73,8 @@ run: setup
 build: setup
 	cargo build --release
 
-## test: formatting, lints, Rust unit and integration tests, official-client tests (TF Serving and Triton)
-test: setup lint unit-test python-test v2-test deploy-check
+## test: formatting, lints, Rust unit and integration tests, official-client tests (TF Serving and Triton), perf_analyzer
+test: setup lint unit-test python-test v2-test perf-analyzer-test deploy-check
 
 lint:
 	cargo fmt --all -- --check
@@ -78,13 +93,18 @@ v2-test:
 	MODELGATE_BIN=target/debug/modelgate $(VENV_V2)/bin/python -m pytest -q tests/python_v2/test_tritonclient.py
 	MODELGATE_BIN=target/debug/modelgate $(VENV_V2)/bin/python -m pytest -q tests/python_v2/test_kserve.py
 
+## perf-analyzer-test: Triton's perf_analyzer against the server, gRPC and HTTP (about 10 s)
+perf-analyzer-test:
+	cargo build
+	MODELGATE_BIN=target/debug/modelgate $(VENV_PERF)/bin/python -m pytest -q tests/python_v2/test_perf_analyzer.py
+
 ## deploy-check: Kubernetes manifests, Dockerfiles and workflows validated offline
 deploy-check:
 	docker/k8s/validate.sh
 
 clean:
 	cargo clean
-	rm -rf $(VENV) $(VENV_V2) models/mlp
+	rm -rf $(VENV) $(VENV_V2) $(VENV_PERF) models/mlp
 
 ## bench: the serving benchmark (five tables, the image ones on a GPU when there is one; not part of `make test`)
 bench: setup $(BENCH_MODELS_STAMP)

@@ -6,7 +6,7 @@ use super::convert::model_output;
 use super::staging::Staging;
 use super::torch_error;
 use super::{cuda, Device, LoadError, ModelOutput, RunError};
-use crate::telemetry::{self, VersionMetrics};
+use crate::telemetry::{self, BatchPhases, VersionMetrics};
 use crate::tensor::Tensor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -123,7 +123,7 @@ struct WorkerMetrics {
     forward_seconds: metrics::Histogram,
     deadline_dropped: metrics::Counter,
     cancelled_dropped: metrics::Counter,
-    _series: VersionMetrics,
+    series: VersionMetrics,
 }
 
 impl WorkerMetrics {
@@ -135,7 +135,7 @@ impl WorkerMetrics {
             forward_seconds: series.histogram(telemetry::FORWARD_DURATION_SECONDS),
             deadline_dropped: rejected("deadline"),
             cancelled_dropped: rejected("cancelled"),
-            _series: series.clone(),
+            series: series.clone(),
         }
     }
 }
@@ -272,6 +272,7 @@ pub fn start_workers(
                 module: Arc::clone(&module),
                 device,
                 staging: Staging::new(device.to_tch()),
+                marks: PhaseMarks::default(),
                 metrics: metrics.clone(),
                 health: Arc::clone(&health),
                 device_index: index,
@@ -327,6 +328,8 @@ struct Worker {
     module: Arc<CModule>,
     device: Device,
     staging: Staging,
+    /// Where the batch running now is: set by [`Worker::forward`] as each phase ends.
+    marks: PhaseMarks,
     metrics: WorkerMetrics,
     health: Arc<WorkerHealth>,
     device_index: usize,
@@ -408,6 +411,7 @@ impl Worker {
             Some(rows) => {
                 let padded = padded_size(&batch.allowed_sizes, rows);
                 self.metrics.batch_size.record(padded as f64);
+                self.marks = PhaseMarks::default();
                 let started = Instant::now();
                 let work = || self.run_jobs(&jobs, padded);
                 let results = catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
@@ -418,9 +422,12 @@ impl Worker {
                     );
                     vec![Err(RunError::Crashed(message)); jobs.len()]
                 });
+                let ended = Instant::now();
                 self.metrics
                     .forward_seconds
-                    .record(started.elapsed().as_secs_f64());
+                    .record(ended.duration_since(started).as_secs_f64());
+                let phases = self.marks.phases(started, ended);
+                self.metrics.series.record_batch(padded, phases);
                 results
             }
         };
@@ -486,11 +493,38 @@ impl Worker {
                     .map(IValue::Tensor)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        self.marks.staged = Some(Instant::now());
         let result = self
             .module
             .method_is(&jobs[0].method, &args)
             .map_err(torch_error)?;
+        self.marks.ran = Some(Instant::now());
         model_output(result, &self.staging)
+    }
+}
+
+/// When a batch's inputs were staged and when its method returned. What follows, to the
+/// end of the batch's work, is its output phase: bringing the outputs to the host and
+/// splitting them among its requests.
+#[derive(Clone, Copy, Debug, Default)]
+struct PhaseMarks {
+    staged: Option<Instant>,
+    ran: Option<Instant>,
+}
+
+impl PhaseMarks {
+    /// A batch's work from `started` to `ended`, split at the marks. A batch that failed
+    /// (or panicked) part-way has its time in the phase it failed in and none in those it
+    /// never reached: each batch still counts once in every phase, which keeps Triton's
+    /// three compute counts equal.
+    fn phases(&self, started: Instant, ended: Instant) -> BatchPhases {
+        let staged = self.staged.unwrap_or(ended).clamp(started, ended);
+        let ran = self.ran.unwrap_or(ended).clamp(staged, ended);
+        BatchPhases {
+            input: staged.duration_since(started),
+            infer: ran.duration_since(staged),
+            output: ended.duration_since(ran),
+        }
     }
 }
 
@@ -747,6 +781,93 @@ mod tests {
         );
         assert_eq!(two_gpus.with_batch_threads(1).instances_per_device, 1);
         assert_eq!(cpu(2).with_batch_threads(3).instances_per_device, 3);
+    }
+
+    #[test]
+    fn a_batch_that_stops_part_way_has_no_time_in_the_phases_it_never_reached() {
+        let started = Instant::now();
+        let at = |ms| started + Duration::from_millis(ms);
+        let ms = Duration::from_millis;
+        let whole = PhaseMarks {
+            staged: Some(at(1)),
+            ran: Some(at(3)),
+        };
+        let phases = whole.phases(started, at(7));
+        assert_eq!(
+            (phases.input, phases.infer, phases.output),
+            (ms(1), ms(2), ms(4))
+        );
+        let failed_in_forward = PhaseMarks {
+            staged: Some(at(1)),
+            ran: None,
+        };
+        let phases = failed_in_forward.phases(started, at(7));
+        assert_eq!(
+            (phases.input, phases.infer, phases.output),
+            (ms(1), ms(6), ms(0))
+        );
+        let phases = PhaseMarks::default().phases(started, at(7));
+        assert_eq!(
+            (phases.input, phases.infer, phases.output),
+            (ms(7), ms(0), ms(0))
+        );
+    }
+
+    /// Every batch a worker runs counts once in each phase, by its (padded) size; warm-up
+    /// calls do not count.
+    #[test]
+    fn a_worker_times_each_phase_of_each_batch() {
+        let path = doubling_module("phases");
+        let series = VersionMetrics::new("phases-worker", 1);
+        let (batches, queue) = flume::bounded(4);
+        let warm_up = [SyntheticWarmUp {
+            label: "batch size 2".into(),
+            method: Arc::from("forward"),
+            inputs: vec![Tensor::zeros(crate::tensor::DType::F32, vec![2, 1]).unwrap()],
+            required: true,
+        }];
+        let workers = start_workers(
+            &path,
+            &series,
+            &cpu(1),
+            &BatchSource::Queue(queue),
+            &warm_up,
+        )
+        .unwrap();
+        let (one, one_result) = job(&[1.0]);
+        batches.send(Batch::single(one)).unwrap();
+        answer(one_result).unwrap();
+        let (first, first_result) = job(&[1.0]);
+        let (second, second_result) = job(&[2.0, 3.0]);
+        batches
+            .send(Batch {
+                jobs: vec![first, second],
+                allowed_sizes: Arc::from([4]),
+            })
+            .unwrap();
+        answer(first_result).unwrap();
+        answer(second_result).unwrap();
+        drop(batches);
+        workers.join();
+
+        let stats = telemetry::statistics(Some("phases-worker"));
+        let compute = stats[0].compute;
+        assert_eq!(stats[0].execution_count, 2);
+        assert_eq!(
+            (
+                compute.input.count,
+                compute.infer.count,
+                compute.output.count
+            ),
+            (2, 2, 2)
+        );
+        let sizes: Vec<(u64, u64)> = stats[0]
+            .batches
+            .iter()
+            .map(|b| (b.batch_size, b.compute.output.count))
+            .collect();
+        assert_eq!(sizes, vec![(1, 1), (4, 1)]);
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]

@@ -9,7 +9,8 @@
 mod versions;
 
 pub use versions::{
-    render_versions, statistics, Answered, Timed, VersionMetrics, VersionStatistics,
+    render_versions, statistics, Answered, BatchPhases, BatchStatistics, Compute, Timed,
+    VersionMetrics, VersionStatistics,
 };
 
 use crate::error::{code_label, Error};

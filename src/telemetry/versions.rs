@@ -18,10 +18,11 @@ use metrics::{Counter, Gauge, Histogram, HistogramFn};
 use metrics_exporter_prometheus::formatting::{
     sanitize_label_key, sanitize_label_value, write_help_line, write_type_line,
 };
-use std::collections::HashMap;
+use std::collections::{btree_map, BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError, RwLock, Weak};
+use std::time::Duration;
 
 /// What a request count is kept by within a version: API, protocol and gRPC code labels.
 pub(super) type RequestKey = (&'static str, &'static str, &'static str);
@@ -85,7 +86,23 @@ struct Series {
     entries: Mutex<Vec<Entry>>,
     requests: Mutex<HashMap<RequestKey, u64>>,
     answered: Mutex<Answered>,
+    executed: Mutex<Executed>,
 }
+
+/// The batches a version ran, for V2's statistics: every phase of every batch, in all and
+/// by batch size.
+#[derive(Default)]
+struct Executed {
+    all: Compute,
+    /// At most [`MAX_BATCH_SIZES`] sizes: the first ones run.
+    by_size: BTreeMap<u64, Compute>,
+}
+
+/// How many batch sizes a version's statistics keep apart. With batching, sizes are bounded
+/// by `max_batch_size`; without it a request's own rows are its batch's size, which the
+/// client chooses, so the map needs a bound of its own. Batches of further sizes still
+/// count in the version's totals.
+const MAX_BATCH_SIZES: usize = 64;
 
 /// The requests a version answered, for V2's statistics: counts and total time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -104,7 +121,7 @@ pub struct Timed {
 }
 
 impl Timed {
-    fn add(&mut self, elapsed: std::time::Duration) {
+    fn add(&mut self, elapsed: Duration) {
         self.count += 1;
         self.ns = self
             .ns
@@ -120,6 +137,44 @@ impl Timed {
     }
 }
 
+/// What one executed batch took, phase by phase; they add up to its forward time
+/// ([`FORWARD_DURATION_SECONDS`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchPhases {
+    /// Staging the inputs: concatenated (and padded) in host memory, and on a GPU copied to it.
+    pub input: Duration,
+    /// The model's method.
+    pub infer: Duration,
+    /// Bringing the outputs back to the host and splitting them among the batch's requests.
+    pub output: Duration,
+}
+
+/// Triton's `compute_input`, `compute_infer` and `compute_output`: the three phases of the
+/// batches run, each counted once per batch, so the three counts are always equal (Triton's
+/// own benchmark client, perf_analyzer, refuses a server whose counts differ).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Compute {
+    pub input: Timed,
+    pub infer: Timed,
+    pub output: Timed,
+}
+
+impl Compute {
+    fn add(&mut self, phases: &BatchPhases) {
+        self.input.add(phases.input);
+        self.infer.add(phases.infer);
+        self.output.add(phases.output);
+    }
+}
+
+/// Triton's InferBatchStatistics: the phases of the batches of one size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchStatistics {
+    /// Rows, padding included (as [`BATCH_SIZE`] records them).
+    pub batch_size: u64,
+    pub compute: Compute,
+}
+
 /// What Triton's ModelStatistics reports for a version, from the series it keeps here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionStatistics {
@@ -132,8 +187,10 @@ pub struct VersionStatistics {
     pub execution_count: u64,
     /// Time requests waited in the batching queue.
     pub queue: Timed,
-    /// Time of the forward passes (a batch's staging and outputs included).
-    pub compute: Timed,
+    /// The phases of the batches run (each count is `execution_count`).
+    pub compute: Compute,
+    /// The same by batch size, ascending (at most [`MAX_BATCH_SIZES`] sizes).
+    pub batches: Vec<BatchStatistics>,
 }
 
 /// The statistics of the live versions of `model` (every model when `None`), by model
@@ -159,14 +216,23 @@ pub fn statistics(model: Option<&str>) -> Vec<VersionStatistics> {
                     _ => None,
                 })
             };
+            let executed = lock(&series.executed);
             VersionStatistics {
                 model: series.model.clone(),
                 version: series.version,
                 answered: *lock(&series.answered),
                 inference_count: histogram(BATCH_SIZE).map_or(0, |(_, rows)| rows as u64),
-                execution_count: histogram(FORWARD_DURATION_SECONDS).map_or(0, |(n, _)| n),
+                execution_count: executed.all.infer.count,
                 queue: Timed::of_histogram(histogram(QUEUE_DELAY_SECONDS)),
-                compute: Timed::of_histogram(histogram(FORWARD_DURATION_SECONDS)),
+                compute: executed.all,
+                batches: executed
+                    .by_size
+                    .iter()
+                    .map(|(&batch_size, &compute)| BatchStatistics {
+                        batch_size,
+                        compute,
+                    })
+                    .collect(),
             }
         })
         .collect();
@@ -186,6 +252,7 @@ impl VersionMetrics {
             entries: Mutex::default(),
             requests: Mutex::default(),
             answered: Mutex::default(),
+            executed: Mutex::default(),
         });
         let mut live = LIVE.write().unwrap_or_else(PoisonError::into_inner);
         live.retain(|weak| weak.strong_count() > 0);
@@ -228,6 +295,22 @@ impl VersionMetrics {
         Histogram::from_arc(histogram)
     }
 
+    /// Counts a batch this version ran: `batch_size` rows (padding included) and what each
+    /// phase took.
+    pub fn record_batch(&self, batch_size: usize, phases: BatchPhases) {
+        let batch_size = u64::try_from(batch_size).unwrap_or(u64::MAX);
+        let mut executed = lock(&self.0.executed);
+        executed.all.add(&phases);
+        let kept = executed.by_size.len();
+        match executed.by_size.entry(batch_size) {
+            btree_map::Entry::Occupied(mut entry) => entry.get_mut().add(&phases),
+            btree_map::Entry::Vacant(entry) if kept < MAX_BATCH_SIZES => {
+                entry.insert(Compute::default()).add(&phases)
+            }
+            btree_map::Entry::Vacant(_) => {}
+        }
+    }
+
     fn add(&self, name: &'static str, labels: &[(&'static str, &str)], value: Value) {
         let labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
         lock(&self.0.entries).push(Entry {
@@ -245,7 +328,7 @@ pub(super) fn count_request(
     model: &SharedString,
     version: Option<i64>,
     key: RequestKey,
-    elapsed: std::time::Duration,
+    elapsed: Duration,
     success: bool,
 ) {
     if let Some(version) = version {
@@ -479,5 +562,53 @@ mod tests {
         assert!(statistics(Some("m\"x")).is_empty());
         // A count without a version stays.
         assert!(text.contains(r#"modelgate_requests_total{model="m\"x",version="",api="predict",protocol="grpc",code="not_found"} 1"#), "{text}");
+    }
+
+    /// Each phase is counted once per batch, in all and by size, and the sizes kept apart
+    /// are bounded whatever sizes the clients send.
+    #[test]
+    fn every_batch_counts_once_in_each_phase() {
+        let metrics = VersionMetrics::new("phases", 1);
+        let phases = |input, infer, output| BatchPhases {
+            input: Duration::from_nanos(input),
+            infer: Duration::from_nanos(infer),
+            output: Duration::from_nanos(output),
+        };
+        metrics.record_batch(8, phases(1, 10, 100));
+        metrics.record_batch(1, phases(2, 20, 200));
+        metrics.record_batch(8, phases(3, 30, 300));
+        let stats = statistics(Some("phases"));
+        let timed = |count, ns| Timed { count, ns };
+        let expected = Compute {
+            input: timed(3, 6),
+            infer: timed(3, 60),
+            output: timed(3, 600),
+        };
+        assert_eq!((stats[0].execution_count, stats[0].compute), (3, expected));
+        let sizes: Vec<(u64, Compute)> = stats[0]
+            .batches
+            .iter()
+            .map(|b| (b.batch_size, b.compute))
+            .collect();
+        let one = Compute {
+            input: timed(1, 2),
+            infer: timed(1, 20),
+            output: timed(1, 200),
+        };
+        let eight = Compute {
+            input: timed(2, 4),
+            infer: timed(2, 40),
+            output: timed(2, 400),
+        };
+        assert_eq!(sizes, vec![(1, one), (8, eight)]);
+
+        for size in 100..1000 {
+            metrics.record_batch(size, phases(1, 1, 1));
+        }
+        let stats = statistics(Some("phases"));
+        assert_eq!(stats[0].batches.len(), MAX_BATCH_SIZES);
+        assert_eq!(stats[0].compute.output.count, 903);
+        let by_size: u64 = stats[0].batches.iter().map(|b| b.compute.infer.count).sum();
+        assert_eq!(by_size, 3 + (MAX_BATCH_SIZES as u64 - 2));
     }
 }

@@ -197,9 +197,21 @@ impl GrpcInferenceService for V2GrpcApi {
                     success: Some(duration(s.answered.success)),
                     fail: Some(duration(s.answered.fail)),
                     queue: Some(duration(s.queue)),
-                    compute_infer: Some(duration(s.compute)),
+                    compute_input: Some(duration(s.compute.input)),
+                    compute_infer: Some(duration(s.compute.infer)),
+                    compute_output: Some(duration(s.compute.output)),
                     ..Default::default()
                 }),
+                batch_stats: s
+                    .batches
+                    .iter()
+                    .map(|b| pb::InferBatchStatistics {
+                        batch_size: b.batch_size,
+                        compute_input: Some(duration(b.compute.input)),
+                        compute_infer: Some(duration(b.compute.infer)),
+                        compute_output: Some(duration(b.compute.output)),
+                    })
+                    .collect(),
                 ..Default::default()
             })
             .collect();

@@ -263,11 +263,16 @@ pub(super) fn answer_without_body(state: &RestState, call: &V2Call) -> Result<Re
                             "success": duration(s.answered.success),
                             "fail": duration(s.answered.fail),
                             "queue": duration(s.queue),
-                            "compute_input": duration(Default::default()),
-                            "compute_infer": duration(s.compute),
-                            "compute_output": duration(Default::default()),
+                            "compute_input": duration(s.compute.input),
+                            "compute_infer": duration(s.compute.infer),
+                            "compute_output": duration(s.compute.output),
                         },
-                        "batch_stats": [],
+                        "batch_stats": s.batches.iter().map(|b| serde_json::json!({
+                            "batch_size": b.batch_size,
+                            "compute_input": duration(b.compute.input),
+                            "compute_infer": duration(b.compute.infer),
+                            "compute_output": duration(b.compute.output),
+                        })).collect::<Vec<_>>(),
                     })
                 })
                 .collect();
