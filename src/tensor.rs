@@ -479,6 +479,152 @@ impl Tensor {
     }
 }
 
+/// Why a value a client sent cannot be an element of a dtype.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ElementError {
+    #[error("a number out of range for {0}")]
+    OutOfRange(DType),
+    #[error("an integer that {0} cannot hold exactly")]
+    Inexact(DType),
+    #[error("{value}, which {dtype} cannot take")]
+    NotFinite { value: f64, dtype: DType },
+    #[error("a fractional number, which {0} cannot take")]
+    Fractional(DType),
+    #[error("a number, which {0} cannot take (true or false)")]
+    NumberForBool(DType),
+    #[error("a boolean, which {0} cannot take")]
+    BoolForNumber(DType),
+}
+
+/// Writes the elements of one dtype from the numbers a client sent (JSON, tf.Examples,
+/// typed proto fields), checking each: an integer must fit the dtype exactly (a float
+/// dtype included: 2^24 + 1 is no DT_FLOAT), a float must be in range for a float dtype
+/// (or whole, for an integer one), booleans only for DT_BOOL. The one checked writer of
+/// every decoder, so that every protocol accepts and refuses the same values.
+#[derive(Debug)]
+pub struct ElementWriter {
+    dtype: DType,
+    data: Vec<u8>,
+}
+
+impl ElementWriter {
+    /// A writer for `count` elements, whose bytes the caller has already charged against
+    /// the request's budget (see [`crate::limits`]).
+    pub fn new(dtype: DType, count: usize) -> ElementWriter {
+        ElementWriter {
+            dtype,
+            data: Vec::with_capacity(count.saturating_mul(dtype.size())),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Elements written so far.
+    pub fn len(&self) -> usize {
+        self.data.len() / self.dtype.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    pub fn push_int(&mut self, v: i128) -> Result<(), ElementError> {
+        let dtype = self.dtype;
+        let out_of_range = |_| ElementError::OutOfRange(dtype);
+        let data = &mut self.data;
+        match dtype {
+            DType::I64 => {
+                data.extend_from_slice(&i64::try_from(v).map_err(out_of_range)?.to_le_bytes())
+            }
+            DType::I32 => {
+                data.extend_from_slice(&i32::try_from(v).map_err(out_of_range)?.to_le_bytes())
+            }
+            DType::I16 => {
+                data.extend_from_slice(&i16::try_from(v).map_err(out_of_range)?.to_le_bytes())
+            }
+            DType::I8 => {
+                data.extend_from_slice(&i8::try_from(v).map_err(out_of_range)?.to_le_bytes())
+            }
+            DType::U8 => data.push(u8::try_from(v).map_err(out_of_range)?),
+            DType::Bool => return Err(ElementError::NumberForBool(dtype)),
+            DType::F64 | DType::F32 | DType::F16 | DType::BF16 => {
+                // Compared as i128, so that a cast that saturates cannot look exact.
+                let f = v as f64;
+                let exact = match dtype {
+                    DType::F64 => f as i128 == v,
+                    DType::F16 => half::f16::from_f64(f).to_f64() as i128 == v,
+                    DType::BF16 => half::bf16::from_f64(f).to_f64() as i128 == v,
+                    _ => (f as f32) as i128 == v,
+                };
+                if !exact {
+                    return Err(ElementError::Inexact(dtype));
+                }
+                self.push_float_unchecked(f);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn push_float(&mut self, v: f64) -> Result<(), ElementError> {
+        let dtype = self.dtype;
+        match dtype {
+            DType::F64 | DType::F32 | DType::F16 | DType::BF16 => {
+                // Out of range means rounding to infinity: the text of the largest finite
+                // value (3.4028235e38) is itself a little above it and must still read back.
+                let overflows = match dtype {
+                    DType::F64 => false,
+                    DType::F16 => half::f16::from_f64(v).is_infinite(),
+                    DType::BF16 => half::bf16::from_f64(v).is_infinite(),
+                    _ => (v as f32).is_infinite(),
+                };
+                if v.is_finite() && overflows {
+                    return Err(ElementError::OutOfRange(dtype));
+                }
+                self.push_float_unchecked(v);
+                Ok(())
+            }
+            DType::Bool => Err(ElementError::NumberForBool(dtype)),
+            _ if !v.is_finite() => Err(ElementError::NotFinite { value: v, dtype }),
+            // A whole number written with a fraction or exponent (2.0, 1e3) is still exact.
+            _ if v.fract() == 0.0 && v.abs() < 1.8e19 => self.push_int(v as i128),
+            _ => Err(ElementError::Fractional(dtype)),
+        }
+    }
+
+    pub fn push_bool(&mut self, v: bool) -> Result<(), ElementError> {
+        match self.dtype {
+            DType::Bool => {
+                self.data.push(u8::from(v));
+                Ok(())
+            }
+            dtype => Err(ElementError::BoolForNumber(dtype)),
+        }
+    }
+
+    /// Appends raw little-endian element bytes (`{"b64": ...}` values, a tf.Example's
+    /// bytes for a DT_UINT8 input); the caller checks the dtype takes them.
+    pub fn push_raw(&mut self, bytes: &[u8]) {
+        self.data.extend_from_slice(bytes);
+    }
+
+    fn push_float_unchecked(&mut self, v: f64) {
+        let data = &mut self.data;
+        match self.dtype {
+            DType::F64 => data.extend_from_slice(&v.to_le_bytes()),
+            DType::F16 => data.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+            DType::BF16 => data.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+            _ => data.extend_from_slice(&(v as f32).to_le_bytes()),
+        }
+    }
+
+    /// The elements written, as a tensor of `shape` (checked against their number).
+    pub fn into_tensor(self, shape: Vec<i64>) -> Result<Tensor, TensorError> {
+        Tensor::new(self.dtype, shape, Bytes::from(self.data))
+    }
+}
+
 /// A tensor's elements as one flat JSON array (serde), in strict JSON: numbers and
 /// booleans, halves widened to f32, and `null` for a non-finite float, which JSON cannot
 /// hold (serde_json's rule). The encoding of request logs and of V2's JSON `data`; TF
@@ -582,5 +728,52 @@ mod tests {
         assert!(t.to_values::<i32>().is_none());
         let b = Tensor::from_values(vec![2], &[true, false]).unwrap();
         assert_eq!(b.to_values::<bool>().unwrap(), vec![true, false]);
+    }
+
+    #[test]
+    fn the_writer_keeps_every_value_exact_or_refuses_it() {
+        let write = |dtype, push: &dyn Fn(&mut ElementWriter) -> Result<(), ElementError>| {
+            let mut writer = ElementWriter::new(dtype, 1);
+            push(&mut writer).map(|()| writer.into_tensor(vec![1]).unwrap())
+        };
+        let f32_of = |t: Tensor| t.to_values::<f32>().unwrap()[0];
+        assert_eq!(
+            f32_of(write(DType::F32, &|w| w.push_int(16_777_216)).unwrap()),
+            16_777_216.0
+        );
+        assert_eq!(
+            write(DType::F32, &|w| w.push_int(16_777_217)),
+            Err(ElementError::Inexact(DType::F32))
+        );
+        assert_eq!(
+            write(DType::F32, &|w| w.push_float(1e39)),
+            Err(ElementError::OutOfRange(DType::F32))
+        );
+        assert!(f32_of(write(DType::F32, &|w| w.push_float(f64::NAN)).unwrap()).is_nan());
+        assert_eq!(
+            write(DType::U8, &|w| w.push_int(256)),
+            Err(ElementError::OutOfRange(DType::U8))
+        );
+        let i64_of = |t: Tensor| t.to_values::<i64>().unwrap()[0];
+        assert_eq!(
+            i64_of(write(DType::I64, &|w| w.push_float(1e3)).unwrap()),
+            1000
+        );
+        assert_eq!(
+            write(DType::I64, &|w| w.push_float(0.5)),
+            Err(ElementError::Fractional(DType::I64))
+        );
+        let nan = write(DType::I64, &|w| w.push_float(f64::NAN)).unwrap_err();
+        assert_eq!(nan.to_string(), "NaN, which DT_INT64 cannot take");
+        assert_eq!(
+            write(DType::Bool, &|w| w.push_int(1)),
+            Err(ElementError::NumberForBool(DType::Bool))
+        );
+        assert_eq!(
+            write(DType::I8, &|w| w.push_bool(true)),
+            Err(ElementError::BoolForNumber(DType::I8))
+        );
+        let half = write(DType::BF16, &|w| w.push_int(256)).unwrap();
+        assert_eq!(half.to_values::<half::bf16>().unwrap()[0].to_f32(), 256.0);
     }
 }

@@ -7,8 +7,7 @@ use crate::limits::DecodeBudget;
 use crate::proto::serving::{input, Input};
 use crate::proto::tensorflow::{feature, Example, Feature};
 use crate::signature::TensorSpec;
-use crate::tensor::{DType, Tensor};
-use bytes::Bytes;
+use crate::tensor::{DType, ElementError, ElementWriter, Tensor};
 
 /// The examples of one request. A feature of an example hides the context's feature of the
 /// same name (TF Serving merges the context into each example, the example's own value last).
@@ -98,7 +97,8 @@ impl<'a> Examples<'a> {
             &format!("input '{}' from {count} example(s)", spec.name),
             present.unwrap_or(usize::MAX),
         )?;
-        let mut data = Vec::with_capacity(present.unwrap_or(0));
+        let elements = present.unwrap_or(0) / spec.dtype.size();
+        let mut data = ElementWriter::new(spec.dtype, elements);
         for index in 0..count {
             let feature = self.feature(index, &spec.name).ok_or_else(|| {
                 Error::InvalidArgument(format!(
@@ -114,12 +114,12 @@ impl<'a> Examples<'a> {
                 ))
             };
             row_shape.accept(values.len()).map_err(invalid)?;
-            values.write(spec.dtype, &mut data).map_err(invalid)?;
+            values.write(&mut data).map_err(invalid)?;
         }
         let mut shape = Vec::with_capacity(row_shape.dims.len() + 1);
         shape.push(count as i64);
         shape.extend(row_shape.dims.iter().map(|d| d.unwrap_or(0)));
-        Tensor::new(spec.dtype, shape, Bytes::from(data))
+        data.into_tensor(shape)
             .map_err(|e| Error::InvalidArgument(format!("input '{}': {e}", spec.name)))
     }
 }
@@ -210,34 +210,26 @@ impl<'a> Values<'a> {
         }
     }
 
-    /// Appends the values as `dtype` elements. Integers become floats only when exact;
-    /// floats never become integers.
-    fn write(&self, dtype: DType, out: &mut Vec<u8>) -> Result<(), String> {
+    /// Appends the values as elements of the writer's dtype, through the one checked
+    /// writer: integers become floats only when exact; floats never become integers (a
+    /// tf.Example says which list it holds); 0 and 1 are DT_BOOL's values.
+    fn write(&self, out: &mut ElementWriter) -> Result<(), String> {
+        let dtype = out.dtype();
+        let checked = |e: ElementError| e.to_string();
         match (self, dtype) {
             (Values::Empty, _) => Ok(()),
-            (Values::Float(values), _) if is_float(dtype) => {
-                values
-                    .iter()
-                    .for_each(|&v| write_float(dtype, f64::from(v), out));
-                Ok(())
-            }
-            (Values::Int(values), _) if is_float(dtype) => values.iter().try_for_each(|&v| {
-                // Compared as i128 so that a cast that saturates cannot look exact.
-                let exact = match dtype {
-                    DType::F64 => (v as f64) as i128 == i128::from(v),
-                    DType::F16 => half::f16::from_f64(v as f64).to_f64() as i128 == i128::from(v),
-                    DType::BF16 => half::bf16::from_f64(v as f64).to_f64() as i128 == i128::from(v),
-                    _ => (v as f32) as i128 == i128::from(v),
-                };
-                if !exact {
-                    return Err(format!("an int64 value that {dtype} cannot hold exactly"));
-                }
-                write_float(dtype, v as f64, out);
-                Ok(())
+            (Values::Float(values), _) if is_float(dtype) => values
+                .iter()
+                .try_for_each(|&v| out.push_float(f64::from(v)).map_err(checked)),
+            (Values::Int(values), DType::Bool) => values.iter().try_for_each(|&v| match v {
+                0 | 1 => out.push_bool(v == 1).map_err(checked),
+                _ => Err("an int64 value other than 0 or 1, which DT_BOOL cannot take".into()),
             }),
-            (Values::Int(values), _) => values.iter().try_for_each(|&v| write_int(dtype, v, out)),
+            (Values::Int(values), _) => values
+                .iter()
+                .try_for_each(|&v| out.push_int(v.into()).map_err(checked)),
             (Values::Bytes([one]), DType::U8 | DType::I8) => {
-                out.extend_from_slice(one);
+                out.push_raw(one);
                 Ok(())
             }
             (Values::Float(_), _) => Err(format!(
@@ -253,41 +245,6 @@ impl<'a> Values<'a> {
 
 fn is_float(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
-}
-
-fn write_float(dtype: DType, v: f64, out: &mut Vec<u8>) {
-    match dtype {
-        DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
-        DType::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
-        DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
-        _ => out.extend_from_slice(&(v as f32).to_le_bytes()),
-    }
-}
-
-fn write_int(dtype: DType, v: i64, out: &mut Vec<u8>) -> Result<(), String> {
-    let out_of_range = || format!("an int64 value out of range for {dtype}");
-    match dtype {
-        DType::I64 => out.extend_from_slice(&v.to_le_bytes()),
-        DType::I32 => {
-            out.extend_from_slice(&i32::try_from(v).map_err(|_| out_of_range())?.to_le_bytes())
-        }
-        DType::I16 => {
-            out.extend_from_slice(&i16::try_from(v).map_err(|_| out_of_range())?.to_le_bytes())
-        }
-        DType::I8 => out.push(i8::try_from(v).map_err(|_| out_of_range())? as u8),
-        DType::U8 => out.push(u8::try_from(v).map_err(|_| out_of_range())?),
-        DType::Bool => match v {
-            0 | 1 => out.push(v as u8),
-            _ => {
-                return Err(
-                    "an int64 value other than 0 or 1, which DT_BOOL cannot take".to_string(),
-                )
-            }
-        },
-        // Float dtypes are handled by the caller.
-        _ => return Err(format!("cannot hold {dtype}")),
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -5,8 +5,7 @@
 use crate::error::Error;
 use crate::limits::DecodeBudget;
 use crate::proto::tensorflow::{tensor_shape_proto, DataType, TensorProto, TensorShapeProto};
-use crate::tensor::{byte_size, DType, Elements, Tensor};
-use bytes::Bytes;
+use crate::tensor::{byte_size, DType, ElementError, ElementWriter, Elements, Tensor};
 
 pub fn dtype_to_proto(dtype: DType) -> DataType {
     match dtype {
@@ -92,61 +91,73 @@ pub fn tensor_values(
             .map_err(|e| invalid(e.to_string()));
     }
 
-    let data = match dtype {
-        DType::F32 => pack(&proto.float_val, count, byte_len, |v, out| {
-            out.extend_from_slice(&v.to_le_bytes())
-        }),
-        DType::F64 => pack(&proto.double_val, count, byte_len, |v, out| {
-            out.extend_from_slice(&v.to_le_bytes())
-        }),
-        DType::I64 => pack(&proto.int64_val, count, byte_len, |v, out| {
-            out.extend_from_slice(&v.to_le_bytes())
-        }),
-        // TensorFlow keeps the narrow integer types in int_val and casts on decode.
-        DType::I32 => pack(&proto.int_val, count, byte_len, |v, out| {
-            out.extend_from_slice(&v.to_le_bytes())
-        }),
-        DType::I16 => pack(&proto.int_val, count, byte_len, |v, out| {
-            out.extend_from_slice(&(v as i16).to_le_bytes())
-        }),
-        DType::I8 => pack(&proto.int_val, count, byte_len, |v, out| {
-            out.push(v as i8 as u8)
-        }),
-        DType::U8 => pack(&proto.int_val, count, byte_len, |v, out| out.push(v as u8)),
-        DType::Bool => pack(&proto.bool_val, count, byte_len, |v, out| out.push(v as u8)),
-        // half_val holds the 16-bit pattern of each half or bfloat16 value.
-        DType::F16 | DType::BF16 => pack(&proto.half_val, count, byte_len, |v, out| {
-            out.extend_from_slice(&(v as u16).to_le_bytes())
-        }),
-    }
-    .map_err(|found| {
+    let found = |n: usize| {
         invalid(format!(
-            "{found} {} value(s) for shape {shape:?}, which needs {count} (or 1 to broadcast)",
+            "{n} {} value(s) for shape {shape:?}, which needs {count} (or 1 to broadcast)",
             typed_field(dtype)
         ))
+    };
+    let checked = |e: ElementError| invalid(format!("{}: {e}", typed_field(dtype)));
+    let mut out = ElementWriter::new(dtype, count);
+    match dtype {
+        // Every f32 is a DT_FLOAT element: its bits go in as they are (a NaN's payload too).
+        DType::F32 => pack(&proto.float_val, count, &mut out, |w, v| {
+            w.push_raw(&v.to_le_bytes());
+            Ok(())
+        }),
+        DType::F64 => pack(
+            &proto.double_val,
+            count,
+            &mut out,
+            ElementWriter::push_float,
+        ),
+        DType::I64 => pack(&proto.int64_val, count, &mut out, |w, v| {
+            w.push_int(v.into())
+        }),
+        // TensorFlow keeps the narrow integer types in int_val; a value the dtype cannot
+        // hold is refused rather than wrapped.
+        DType::I32 | DType::I16 | DType::I8 | DType::U8 => {
+            pack(&proto.int_val, count, &mut out, |w, v| w.push_int(v.into()))
+        }
+        DType::Bool => pack(&proto.bool_val, count, &mut out, ElementWriter::push_bool),
+        // half_val holds the 16-bit pattern of each half or bfloat16 value.
+        DType::F16 | DType::BF16 => pack(&proto.half_val, count, &mut out, |w, v| {
+            let bits = u16::try_from(v).map_err(|_| ElementError::OutOfRange(dtype))?;
+            w.push_raw(&bits.to_le_bytes());
+            Ok(())
+        }),
+    }
+    .map_err(|e| match e {
+        PackError::Count(n) => found(n),
+        PackError::Element(e) => checked(e),
     })?;
-    Tensor::new(dtype, shape, data).map_err(|e| invalid(e.to_string()))
+    out.into_tensor(shape).map_err(|e| invalid(e.to_string()))
 }
 
-/// Packs `count` elements (`byte_len` bytes once written) from typed values: all of them,
-/// or one value repeated. The count is checked before anything is reserved, and what is
-/// reserved is the output's size, not the wider protobuf field's. On a count mismatch
-/// returns how many values were found.
+/// Why typed values do not make the tensor.
+enum PackError {
+    /// This many values, neither the shape's count nor one to broadcast.
+    Count(usize),
+    Element(ElementError),
+}
+
+/// Writes `count` elements from typed values: all of them, or one value repeated. The
+/// count is checked before anything is written; what is reserved is the output's size
+/// (the caller charged it), not the wider protobuf field's.
 fn pack<T: Copy>(
     values: &[T],
     count: usize,
-    byte_len: usize,
-    write: impl Fn(T, &mut Vec<u8>),
-) -> Result<Bytes, usize> {
+    out: &mut ElementWriter,
+    push: impl Fn(&mut ElementWriter, T) -> Result<(), ElementError>,
+) -> Result<(), PackError> {
     if values.len() != count && values.len() != 1 {
-        return Err(values.len());
+        return Err(PackError::Count(values.len()));
     }
-    let mut out = Vec::with_capacity(byte_len);
     match values {
-        [single] if count != 1 => (0..count).for_each(|_| write(*single, &mut out)),
-        _ => values.iter().for_each(|&v| write(v, &mut out)),
+        [single] if count != 1 => (0..count).try_for_each(|_| push(out, *single)),
+        _ => values.iter().try_for_each(|&v| push(out, v)),
     }
-    Ok(Bytes::from(out))
+    .map_err(PackError::Element)
 }
 
 fn typed_field(dtype: DType) -> &'static str {
@@ -216,6 +227,7 @@ pub fn shape_proto(shape: Option<&[i64]>) -> TensorShapeProto {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     const LIMIT: usize = 1 << 20;
 

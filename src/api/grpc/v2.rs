@@ -16,7 +16,7 @@ use crate::proto::inference::model_metadata_response::TensorMetadata;
 use crate::proto::inference::{self as pb, InferTensorContents};
 use crate::registry::Registry;
 use crate::telemetry::{Api, Protocol, Timed};
-use crate::tensor::{DType, Element, Tensor};
+use crate::tensor::{DType, ElementError, ElementWriter, Tensor};
 use prost::Message;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -460,64 +460,64 @@ fn typed_tensor(
     let name = &input.name;
     let count = declared.num_elements()?;
     budget.charge(name, declared.byte_size()?)?;
-    let shape = declared.shape.clone();
-    fn build<T: Element>(
-        name: &str,
-        shape: Vec<i64>,
-        count: usize,
+    let field = |dtype: DType| match dtype {
+        DType::Bool => "bool_contents",
+        DType::I8 | DType::I16 | DType::I32 => "int_contents",
+        DType::I64 => "int64_contents",
+        DType::U8 => "uint_contents",
+        DType::F32 => "fp32_contents",
+        DType::F64 => "fp64_contents",
+        DType::F16 | DType::BF16 => "raw_input_contents",
+    };
+    let dtype = declared.dtype;
+    let given = match dtype {
+        DType::Bool => contents.bool_contents.len(),
+        DType::I8 | DType::I16 | DType::I32 => contents.int_contents.len(),
+        DType::I64 => contents.int64_contents.len(),
+        DType::U8 => contents.uint_contents.len(),
+        DType::F32 => contents.fp32_contents.len(),
+        DType::F64 => contents.fp64_contents.len(),
+        DType::F16 | DType::BF16 => count,
+    };
+    // Counted before anything is written: the output is the size charged, never more.
+    if given != count {
+        return Err(Error::InvalidArgument(format!(
+            "input '{name}' has shape {:?} ({count} values) but {} holds {given}",
+            declared.shape,
+            field(dtype)
+        )));
+    }
+    // Exactly one value per element, each through the one checked element writer.
+    fn write<T: Copy>(
+        out: &mut ElementWriter,
         values: &[T],
-        field: &str,
-    ) -> Result<Tensor, Error> {
-        if values.len() != count {
-            return Err(Error::InvalidArgument(format!(
-                "input '{name}' has shape {shape:?} ({count} values) but {field} holds {}",
-                values.len()
-            )));
-        }
-        Tensor::from_values(shape, values)
-            .map_err(|e| Error::InvalidArgument(format!("input '{name}': {e}")))
+        push: impl Fn(&mut ElementWriter, T) -> Result<(), ElementError>,
+    ) -> Result<(), ElementError> {
+        values.iter().try_for_each(|&v| push(out, v))
     }
-    fn narrow<T: TryFrom<W>, W: Copy + std::fmt::Display>(
-        name: &str,
-        values: &[W],
-        datatype: &str,
-    ) -> Result<Vec<T>, Error> {
-        values
-            .iter()
-            .map(|&v| {
-                T::try_from(v).map_err(|_| {
-                    Error::InvalidArgument(format!("input '{name}': {v} does not fit {datatype}"))
-                })
-            })
-            .collect()
-    }
-    match declared.dtype {
-        DType::Bool => build(name, shape, count, &contents.bool_contents, "bool_contents"),
-        DType::I8 => {
-            let values: Vec<i8> = narrow(name, &contents.int_contents, "INT8")?;
-            build(name, shape, count, &values, "int_contents")
-        }
-        DType::I16 => {
-            let values: Vec<i16> = narrow(name, &contents.int_contents, "INT16")?;
-            build(name, shape, count, &values, "int_contents")
-        }
-        DType::I32 => build(name, shape, count, &contents.int_contents, "int_contents"),
-        DType::I64 => build(
-            name,
-            shape,
-            count,
-            &contents.int64_contents,
-            "int64_contents",
-        ),
-        DType::U8 => {
-            let values: Vec<u8> = narrow(name, &contents.uint_contents, "UINT8")?;
-            build(name, shape, count, &values, "uint_contents")
-        }
-        DType::F32 => build(name, shape, count, &contents.fp32_contents, "fp32_contents"),
-        DType::F64 => build(name, shape, count, &contents.fp64_contents, "fp64_contents"),
-        DType::F16 | DType::BF16 => Err(Error::InvalidArgument(format!(
+    let mut out = ElementWriter::new(dtype, count);
+    match dtype {
+        DType::Bool => write(&mut out, &contents.bool_contents, ElementWriter::push_bool),
+        DType::I8 | DType::I16 | DType::I32 => write(&mut out, &contents.int_contents, |w, v| {
+            w.push_int(v.into())
+        }),
+        DType::I64 => write(&mut out, &contents.int64_contents, |w, v| {
+            w.push_int(v.into())
+        }),
+        DType::U8 => write(&mut out, &contents.uint_contents, |w, v| {
+            w.push_int(v.into())
+        }),
+        DType::F32 => write(&mut out, &contents.fp32_contents, |w, v| {
+            w.push_raw(&v.to_le_bytes());
+            Ok(())
+        }),
+        DType::F64 => write(&mut out, &contents.fp64_contents, ElementWriter::push_float),
+        DType::F16 | DType::BF16 => return Err(Error::InvalidArgument(format!(
             "input '{name}' is {}: send it in raw_input_contents (V2 has no typed field for it)",
-            v2::datatype(declared.dtype)
+            v2::datatype(dtype)
         ))),
     }
+    .map_err(|e| Error::InvalidArgument(format!("input '{name}': {}: {e}", field(dtype))))?;
+    out.into_tensor(declared.shape.clone())
+        .map_err(|e| Error::InvalidArgument(format!("input '{name}': {e}")))
 }

@@ -4,13 +4,13 @@
 
 use super::error::{error_response, json_response};
 use super::routes::{read_body, within_timeout};
-use crate::api::timer::RequestTimer;
-use crate::telemetry::{Api, Protocol};
 use super::RestState;
+use crate::api::timer::RequestTimer;
 use crate::api::v2::{self, model_config, model_metadata, resolve, DeclaredInput, PLATFORM};
 use crate::error::Error;
 use crate::limits::DecodeBudget;
-use crate::tensor::{DType, JsonValues, Tensor};
+use crate::telemetry::{Api, Protocol};
+use crate::tensor::{DType, ElementWriter, JsonValues, Tensor};
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -572,9 +572,9 @@ fn json_tensor(declared: &DeclaredInput, data: &RawValue) -> Result<Tensor, Erro
         )));
     }
     let count = declared.num_elements()?;
-    let mut out = Vec::with_capacity(declared.byte_size()?);
+    declared.byte_size()?;
+    let mut out = ElementWriter::new(declared.dtype, count);
     let mut seed = Flatten {
-        dtype: declared.dtype,
         remaining: count,
         out: &mut out,
     };
@@ -589,16 +589,15 @@ fn json_tensor(declared: &DeclaredInput, data: &RawValue) -> Result<Tensor, Erro
             count - seed.remaining
         )));
     }
-    Tensor::new(declared.dtype, declared.shape.clone(), Bytes::from(out))
+    out.into_tensor(declared.shape.clone())
         .map_err(|e| Error::InvalidArgument(format!("input '{name}': {e}")))
 }
 
-/// Walks nested JSON arrays and writes each scalar as a little-endian element of `dtype`,
+/// Walks nested JSON arrays and writes each scalar through the checked element writer,
 /// refusing more than `remaining` values.
 struct Flatten<'a> {
-    dtype: DType,
     remaining: usize,
-    out: &'a mut Vec<u8>,
+    out: &'a mut ElementWriter,
 }
 
 impl Flatten<'_> {
@@ -607,36 +606,12 @@ impl Flatten<'_> {
             return Err(E::custom("more values than the shape holds"));
         }
         self.remaining -= 1;
-        let out = &mut *self.out;
-        let out_of_range =
-            || E::custom(format!("{value} does not fit {}", v2::datatype(self.dtype)));
-        match (self.dtype, value) {
-            (DType::Bool, Scalar::Bool(b)) => out.push(u8::from(b)),
-            (DType::F32, v) if !v.is_bool() => {
-                out.extend_from_slice(&(v.as_f64() as f32).to_le_bytes())
-            }
-            (DType::F64, v) if !v.is_bool() => out.extend_from_slice(&v.as_f64().to_le_bytes()),
-            (DType::U8, Scalar::Int(i)) => out.push(u8::try_from(i).map_err(|_| out_of_range())?),
-            (DType::I8, Scalar::Int(i)) => {
-                out.extend_from_slice(&i8::try_from(i).map_err(|_| out_of_range())?.to_le_bytes())
-            }
-            (DType::I16, Scalar::Int(i)) => {
-                out.extend_from_slice(&i16::try_from(i).map_err(|_| out_of_range())?.to_le_bytes())
-            }
-            (DType::I32, Scalar::Int(i)) => {
-                out.extend_from_slice(&i32::try_from(i).map_err(|_| out_of_range())?.to_le_bytes())
-            }
-            (DType::I64, Scalar::Int(i)) => {
-                out.extend_from_slice(&i64::try_from(i).map_err(|_| out_of_range())?.to_le_bytes())
-            }
-            (dtype, value) => {
-                return Err(E::custom(format!(
-                    "{value} is not a {} value",
-                    v2::datatype(dtype)
-                )))
-            }
+        match value {
+            Scalar::Bool(b) => self.out.push_bool(b),
+            Scalar::Int(i) => self.out.push_int(i),
+            Scalar::Float(f) => self.out.push_float(f),
         }
-        Ok(())
+        .map_err(|e| E::custom(format!("{value}: {e}")))
     }
 }
 
@@ -645,20 +620,6 @@ enum Scalar {
     Bool(bool),
     Int(i128),
     Float(f64),
-}
-
-impl Scalar {
-    fn is_bool(self) -> bool {
-        matches!(self, Scalar::Bool(_))
-    }
-
-    fn as_f64(self) -> f64 {
-        match self {
-            Scalar::Bool(b) => f64::from(u8::from(b)),
-            Scalar::Int(i) => i as f64,
-            Scalar::Float(f) => f,
-        }
-    }
 }
 
 impl fmt::Display for Scalar {
@@ -886,9 +847,32 @@ mod tests {
                 "more values than the shape holds",
             ),
             ("FP32", &[3][..], "[1, 2]", "holds 2"),
-            ("UINT8", &[1][..], "[256]", "does not fit UINT8"),
-            ("INT32", &[1][..], "[1.5]", "is not a INT32 value"),
-            ("BOOL", &[1][..], "[1]", "is not a BOOL value"),
+            // The messages of the one checked element writer (tensor::ElementWriter).
+            (
+                "UINT8",
+                &[1][..],
+                "[256]",
+                "256: a number out of range for DT_UINT8",
+            ),
+            (
+                "INT32",
+                &[1][..],
+                "[1.5]",
+                "a fractional number, which DT_INT32",
+            ),
+            (
+                "BOOL",
+                &[1][..],
+                "[1]",
+                "a number, which DT_BOOL cannot take",
+            ),
+            (
+                "FP32",
+                &[1][..],
+                "[16777217]",
+                "DT_FLOAT cannot hold exactly",
+            ),
+            ("FP32", &[1][..], "[1e39]", "out of range for DT_FLOAT"),
             ("FP32", &[1][..], "[\"1\"]", "invalid type"),
             ("FP16", &[1][..], "[1]", "binary data"),
         ] {

@@ -3,9 +3,8 @@
 use super::{Format, B64};
 use crate::error::Error;
 use crate::signature::{Signature, TensorSpec};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, ElementWriter, Tensor};
 use base64::Engine;
-use bytes::Bytes;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -159,7 +158,7 @@ struct Dense<'s> {
     dims: Vec<Option<i64>>,
     /// The depth values sit at, once the first one is seen.
     rank: Option<usize>,
-    data: Vec<u8>,
+    data: ElementWriter,
     /// Whether the request provided this input at all.
     seen: bool,
 }
@@ -170,7 +169,7 @@ impl<'s> Dense<'s> {
             spec,
             dims: Vec::new(),
             rank: None,
-            data: Vec::new(),
+            data: ElementWriter::new(spec.dtype, 0),
             seen: false,
         }
     }
@@ -224,90 +223,21 @@ impl<'s> Dense<'s> {
     }
 
     fn push_bool(&mut self, v: bool) -> Result<(), String> {
-        match self.spec.dtype {
-            DType::Bool => {
-                self.data.push(v as u8);
-                Ok(())
-            }
-            dtype => Err(format!("a boolean, which an input of {dtype} cannot take")),
-        }
+        self.data.push_bool(v).map_err(|e| e.to_string())
     }
 
     fn push_i128(&mut self, v: i128) -> Result<(), String> {
-        let dtype = self.spec.dtype;
-        let out_of_range = || format!("a number out of range for {dtype}");
-        let data = &mut self.data;
-        match dtype {
-            DType::I64 => {
-                data.extend_from_slice(&i64::try_from(v).map_err(|_| out_of_range())?.to_le_bytes())
-            }
-            DType::I32 => {
-                data.extend_from_slice(&i32::try_from(v).map_err(|_| out_of_range())?.to_le_bytes())
-            }
-            DType::I16 => {
-                data.extend_from_slice(&i16::try_from(v).map_err(|_| out_of_range())?.to_le_bytes())
-            }
-            DType::I8 => data.push(i8::try_from(v).map_err(|_| out_of_range())? as u8),
-            DType::U8 => data.push(u8::try_from(v).map_err(|_| out_of_range())?),
-            DType::Bool => {
-                return Err("a number, which a DT_BOOL input cannot take (true or false)".into())
-            }
-            DType::F64 => {
-                let f = v as f64;
-                if f as i128 != v {
-                    return Err(
-                        "an integer that DT_DOUBLE cannot hold without loss of precision".into(),
-                    );
-                }
-                data.extend_from_slice(&f.to_le_bytes());
-            }
-            DType::F32 | DType::F16 | DType::BF16 => {
-                let f = v as f64;
-                let exact = match dtype {
-                    DType::F16 => half::f16::from_f64(f).to_f64() as i128 == v,
-                    DType::BF16 => half::bf16::from_f64(f).to_f64() as i128 == v,
-                    _ => (f as f32) as i128 == v,
-                };
-                if !exact {
-                    return Err(format!(
-                        "an integer that {dtype} cannot hold without loss of precision"
-                    ));
-                }
-                push_float(dtype, f, data);
-            }
-        }
-        Ok(())
+        self.data.push_int(v).map_err(|e| e.to_string())
     }
 
     fn push_f64(&mut self, v: f64) -> Result<(), String> {
-        let dtype = self.spec.dtype;
-        match dtype {
-            DType::F64 => self.data.extend_from_slice(&v.to_le_bytes()),
-            DType::F32 | DType::F16 | DType::BF16 => {
-                // Out of range means rounding to infinity: the text of the largest finite
-                // value (3.4028235e38) is itself a little above it and must still read back.
-                let overflows = match dtype {
-                    DType::F16 => half::f16::from_f64(v).is_infinite(),
-                    DType::BF16 => half::bf16::from_f64(v).is_infinite(),
-                    _ => (v as f32).is_infinite(),
-                };
-                if v.is_finite() && overflows {
-                    return Err(format!("a number out of range for {dtype}"));
-                }
-                push_float(dtype, v, &mut self.data);
-            }
-            _ if !v.is_finite() => return Err(format!("{v}, which {dtype} cannot take")),
-            // A whole number written with a fraction or exponent (2.0, 1e3) is still exact.
-            _ if v.fract() == 0.0 && v.abs() < 1.8e19 => return self.push_i128(v as i128),
-            _ => return Err(format!("a fractional number, which {dtype} cannot take")),
-        }
-        Ok(())
+        self.data.push_float(v).map_err(|e| e.to_string())
     }
 
     fn push_bytes(&mut self, bytes: &[u8]) -> Result<(), String> {
         match self.spec.dtype {
             DType::U8 | DType::I8 => {
-                self.data.extend_from_slice(bytes);
+                self.data.push_raw(bytes);
                 Ok(())
             }
             dtype => Err(format!(
@@ -320,17 +250,9 @@ impl<'s> Dense<'s> {
 
     fn into_tensor(self) -> Result<Tensor, Error> {
         let shape: Vec<i64> = self.dims.iter().map(|d| d.unwrap_or(0)).collect();
-        Tensor::new(self.spec.dtype, shape, Bytes::from(self.data))
+        self.data
+            .into_tensor(shape)
             .map_err(|e| Error::InvalidArgument(format!("input '{}': {e}", self.spec.name)))
-    }
-}
-
-fn push_float(dtype: DType, v: f64, out: &mut Vec<u8>) {
-    match dtype {
-        DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
-        DType::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
-        DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
-        _ => out.extend_from_slice(&(v as f32).to_le_bytes()),
     }
 }
 
@@ -940,12 +862,8 @@ mod tests {
         let t = one(Format::Columnar, "[2.0, 1e2]", DType::I32);
         assert_eq!(t.to_values::<i32>().unwrap(), vec![2, 100]);
         for (json, dtype, needle) in [
-            ("[16777217]", DType::F32, "without loss of precision"),
-            (
-                "[9007199254740993]",
-                DType::F64,
-                "without loss of precision",
-            ),
+            ("[16777217]", DType::F32, "cannot hold exactly"),
+            ("[9007199254740993]", DType::F64, "cannot hold exactly"),
             ("[1e39]", DType::F32, "out of range for DT_FLOAT"),
             ("[256]", DType::U8, "out of range for DT_UINT8"),
             ("[9223372036854775808]", DType::I64, "out of range"),

@@ -34,7 +34,7 @@ pub fn encode_predict(format: Format, outputs: &[(String, Tensor)]) -> Result<St
                 }
             }
             // One element writer per output, advancing a row each time round.
-            let mut writers: Vec<ElementWriter<'_>> =
+            let mut writers: Vec<WriteNext<'_>> =
                 outputs.iter().map(|(_, t)| element_writer(t)).collect();
             out.push_str("{\"predictions\": [");
             for row in 0..batch.unwrap_or(0) as usize {
@@ -104,14 +104,14 @@ fn write_tensor(out: &mut String, name: &str, tensor: &Tensor) {
 }
 
 /// Writes the next element of a tensor, in row-major order.
-type ElementWriter<'a> = Box<dyn FnMut(&mut String) + 'a>;
+type WriteNext<'a> = Box<dyn FnMut(&mut String) + 'a>;
 
 /// Writes a tensor's elements one by one, as they are read by the tensor codec.
-fn element_writer(tensor: &Tensor) -> ElementWriter<'_> {
+fn element_writer(tensor: &Tensor) -> WriteNext<'_> {
     fn each<'a, T: Element + 'a>(
         mut values: Values<'a, T>,
         write: impl Fn(&mut String, T) -> fmt::Result + 'a,
-    ) -> ElementWriter<'a> {
+    ) -> WriteNext<'a> {
         Box::new(move |out| {
             if let Some(value) = values.next() {
                 let _ = write(out, value);
@@ -140,7 +140,7 @@ fn write_values(
     shape: &[i64],
     data: &[u8],
     bytes: bool,
-    next: &mut ElementWriter<'_>,
+    next: &mut WriteNext<'_>,
 ) {
     match shape {
         [] => next(out),
