@@ -1,7 +1,7 @@
 //! Telemetry: the Prometheus metrics (names, descriptions, buckets, the recorder) and the
 //! log output (human text or one JSON object per line).
 //!
-//! Every metric name is a constant here, so the code that records a metric and the README
+//! Every metric name is a constant here, so the code that records a metric and docs/operations.md
 //! that documents it cannot drift apart. Recording goes through the `metrics` facade: code
 //! anywhere in the crate calls `metrics::counter!(telemetry::X, ...)`; without an installed
 //! recorder (unit tests) those calls do nothing.
