@@ -525,10 +525,7 @@ impl Manager {
         // The policy orders the loads and unloads; each version is tried once a pass.
         let mut result = Ok(());
         let policy = Arc::clone(&self.config.policy);
-        loop {
-            let Some(model) = self.models.get(name) else {
-                break;
-            };
+        while let Some(model) = self.models.get(name) {
             let loaded: BTreeSet<i64> = model.loaded.keys().copied().collect();
             let versions = Versions {
                 aspired: &aspired,
