@@ -512,10 +512,12 @@ fn typed_tensor(
             Ok(())
         }),
         DType::F64 => write(&mut out, &contents.fp64_contents, ElementWriter::push_float),
-        DType::F16 | DType::BF16 => return Err(Error::InvalidArgument(format!(
+        DType::F16 | DType::BF16 => {
+            return Err(Error::InvalidArgument(format!(
             "input '{name}' is {}: send it in raw_input_contents (V2 has no typed field for it)",
             v2::datatype(dtype)
-        ))),
+        )))
+        }
     }
     .map_err(|e| Error::InvalidArgument(format!("input '{name}': {}: {e}", field(dtype))))?;
     out.into_tensor(declared.shape.clone())
