@@ -17,7 +17,7 @@
 //! from GetModelMetadata (ROWS rows, default 1).
 
 #[path = "../tests/common/mod.rs"]
-mod common;
+pub mod common;
 mod images;
 mod loadgen;
 

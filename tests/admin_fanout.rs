@@ -2,7 +2,7 @@
 //! and a small HTTP server answering the Kubernetes Endpoints API with their addresses, in
 //! the API's own JSON shape, as `kubectl proxy` would relay it.
 
-mod common;
+pub mod common;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;

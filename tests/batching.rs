@@ -1,24 +1,16 @@
 //! Batching, backpressure and deadlines, end to end against the real binary.
 
-mod common;
+pub mod common;
 
 use common::*;
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{PredictRequest, PredictResponse};
-use modelgate::proto::tensor::{dims, shape_proto};
-use modelgate::proto::tensorflow::{DataType, TensorProto};
+use modelgate::proto::tensor::dims;
+use modelgate::proto::tensorflow::TensorProto;
 use std::time::Duration;
+use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-use tonic::Code;
-
-fn floats(rows: usize, cols: usize, values: Vec<f32>) -> TensorProto {
-    TensorProto {
-        dtype: DataType::DtFloat as i32,
-        tensor_shape: Some(shape_proto(Some(&[rows as i64, cols as i64]))),
-        float_val: values,
-        ..Default::default()
-    }
-}
+use tonic::{Code, Response, Status};
 
 fn request(model: &str, signature: &str, x: TensorProto) -> PredictRequest {
     let mut spec = spec(model);
@@ -37,14 +29,19 @@ fn values(response: &PredictResponse, name: &str) -> Vec<f32> {
         .unwrap()
 }
 
-/// Starts a server on `models` with the batching parameters `params` (None = batching off).
+/// Starts a server on `models` with the batching parameters `params` (None = batching off),
+/// and REST on.
 async fn start_server(models: &[&str], params: Option<&str>, extra: &[&str]) -> (Server, TempDir) {
     let fixtures = fixtures();
     let dir = TempDir::new("batching");
     let entries: Vec<(&str, std::path::PathBuf, &str)> =
         models.iter().map(|m| (*m, fixtures.join(m), "")).collect();
     let config = write_config(&dir.0, &entries);
-    let mut args = vec![format!("--model_config_file={}", config.display())];
+    // REST on: the tests watch the workers on /metrics.
+    let mut args = vec![
+        format!("--model_config_file={}", config.display()),
+        format!("--rest_api_port={}", free_port()),
+    ];
     if let Some(params) = params {
         let path = dir.0.join("batching.config");
         std::fs::write(&path, params).unwrap();
@@ -58,34 +55,6 @@ async fn start_server(models: &[&str], params: Option<&str>, extra: &[&str]) -> 
     (server, dir)
 }
 
-/// The counter model's forward count.
-async fn forwards(client: &mut PredictionServiceClient<Channel>) -> i64 {
-    let response = client
-        .predict(request(
-            "counter",
-            "count",
-            floats(1, 1, vec![0.0]).with_shape(&[1]),
-        ))
-        .await
-        .expect("count")
-        .into_inner();
-    common::decode_tensor("calls", &response.outputs["calls"])
-        .unwrap()
-        .to_values::<i64>()
-        .unwrap()[0]
-}
-
-trait WithShape {
-    fn with_shape(self, dims: &[i64]) -> Self;
-}
-
-impl WithShape for TensorProto {
-    fn with_shape(mut self, dims: &[i64]) -> Self {
-        self.tensor_shape = Some(shape_proto(Some(dims)));
-        self
-    }
-}
-
 /// Sends `n` one-row requests to the counter at once; request i must get back 2 * i.
 async fn counter_requests_at_once(client: &PredictionServiceClient<Channel>, n: usize) {
     let tasks: Vec<_> = (0..n)
@@ -93,7 +62,7 @@ async fn counter_requests_at_once(client: &PredictionServiceClient<Channel>, n: 
             let mut client = client.clone();
             tokio::spawn(async move {
                 client
-                    .predict(request("counter", "", floats(1, 2, vec![i as f32, 0.0])))
+                    .predict(request("counter", "", floats(&[1, 2], &[i as f32, 0.0])))
                     .await
                     .map(|r| values(&r.into_inner(), "y"))
             })
@@ -107,7 +76,53 @@ async fn counter_requests_at_once(client: &PredictionServiceClient<Channel>, n: 
 /// A request that keeps the counter's worker busy for `rounds` small matmuls (about 1 s per
 /// 15,000 on one core).
 fn busy(rounds: f32) -> PredictRequest {
-    request("counter", "", floats(1, 2, vec![1.0, rounds]))
+    request("counter", "", floats(&[1, 2], &[1.0, rounds]))
+}
+
+/// Batches the counter's workers have started and finished so far: `modelgate_batch_size`
+/// is recorded as a worker starts a batch, `modelgate_forward_duration_seconds` once it is
+/// done.
+async fn batches(server: &Server) -> (f64, f64) {
+    let counter = ["model=\"counter\""];
+    let started = server.metric("modelgate_batch_size_count", &counter).await;
+    let finished = server
+        .metric("modelgate_forward_duration_seconds_count", &counter)
+        .await;
+    (started, finished)
+}
+
+/// A slow request holding the counter's only worker.
+struct Blocker {
+    task: JoinHandle<Result<Response<PredictResponse>, Status>>,
+    /// Batches finished before it started.
+    finished: f64,
+}
+
+impl Blocker {
+    /// Sends `busy(rounds)` and waits until the worker is running it.
+    async fn start(server: &Server, rounds: f32) -> Blocker {
+        let (started, finished) = batches(server).await;
+        let mut client = server.prediction().await;
+        let task = tokio::spawn(async move { client.predict(busy(rounds)).await });
+        let what = server.awaiting("the worker to start the slow request");
+        wait_for(what, || async {
+            (batches(server).await.0 > started).then_some(())
+        })
+        .await;
+        Blocker { task, finished }
+    }
+
+    /// Whether the worker is still running it.
+    async fn running(&self, server: &Server) -> bool {
+        batches(server).await.1 == self.finished
+    }
+
+    async fn finish(self) {
+        self.task
+            .await
+            .unwrap()
+            .expect("the slow request completes");
+    }
 }
 
 #[tokio::test]
@@ -123,7 +138,7 @@ async fn concurrent_requests_get_exactly_their_own_rows() {
                 // Another model and signature in the mix: never batched with tiny.
                 let x: Vec<f32> = (0..6).map(|k| (i * 10 + k) as f32).collect();
                 let response = client
-                    .predict(request("echo", "float32", floats(2, 3, x.clone())))
+                    .predict(request("echo", "float32", floats(&[2, 3], &x)))
                     .await
                     .unwrap()
                     .into_inner();
@@ -132,7 +147,7 @@ async fn concurrent_requests_get_exactly_their_own_rows() {
                 let rows = 1 + i % 3;
                 let x: Vec<f32> = (0..rows).map(|r| (i * 100 + r) as f32).collect();
                 let response = client
-                    .predict(request("tiny", "", floats(rows, 1, x.clone())))
+                    .predict(request("tiny", "", floats(&[rows as i64, 1], &x)))
                     .await
                     .unwrap()
                     .into_inner();
@@ -151,11 +166,11 @@ async fn a_full_batch_is_one_forward() {
     // The batch closes when full (16 rows) long before its 10 s timeout.
     let params = "max_batch_size { value: 16 } batch_timeout_micros { value: 10000000 } num_batch_threads { value: 1 }";
     let (server, _dir) = start_server(&["counter"], Some(params), &[]).await;
-    let mut client = server.prediction().await;
-    let before = forwards(&mut client).await;
+    let client = server.prediction().await;
+    let before = forwards(&server).await;
     counter_requests_at_once(&client, 16).await;
     assert_eq!(
-        forwards(&mut client).await - before,
+        forwards(&server).await - before,
         1,
         "16 requests, one forward"
     );
@@ -166,8 +181,8 @@ async fn padding_to_allowed_sizes_is_dropped_from_outputs() {
     // 3 one-row requests close on timeout as a batch of 3, padded to 4.
     let params = "max_batch_size { value: 8 } batch_timeout_micros { value: 300000 } allowed_batch_sizes: 4 allowed_batch_sizes: 8 num_batch_threads { value: 1 }";
     let (server, _dir) = start_server(&["counter"], Some(params), &[]).await;
-    let mut client = server.prediction().await;
-    let before = forwards(&mut client).await;
+    let client = server.prediction().await;
+    let before = forwards(&server).await;
     let mut tasks = Vec::new();
     for i in 1..=3 {
         let mut client = client.clone();
@@ -176,7 +191,7 @@ async fn padding_to_allowed_sizes_is_dropped_from_outputs() {
                 .predict(request(
                     "counter",
                     "",
-                    floats(1, 2, vec![i as f32 * 10.0, 0.0]),
+                    floats(&[1, 2], &[i as f32 * 10.0, 0.0]),
                 ))
                 .await
                 .unwrap()
@@ -193,7 +208,7 @@ async fn padding_to_allowed_sizes_is_dropped_from_outputs() {
     for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(forwards(&mut client).await - before, 1);
+    assert_eq!(forwards(&server).await - before, 1);
 }
 
 #[tokio::test]
@@ -203,7 +218,7 @@ async fn large_requests_split_across_batches_or_are_refused() {
     let mut client = server.prediction().await;
     let x: Vec<f32> = (0..10).map(|v| v as f32).collect();
     let response = client
-        .predict(request("tiny", "", floats(10, 1, x.clone())))
+        .predict(request("tiny", "", floats(&[10, 1], &x)))
         .await
         .expect("split request")
         .into_inner();
@@ -213,7 +228,7 @@ async fn large_requests_split_across_batches_or_are_refused() {
     let (server, _dir) = start_server(&["tiny"], Some("max_batch_size { value: 4 }"), &[]).await;
     let mut client = server.prediction().await;
     let status = client
-        .predict(request("tiny", "", floats(10, 1, x)))
+        .predict(request("tiny", "", floats(&[10, 1], &x)))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -225,15 +240,13 @@ async fn large_requests_split_across_batches_or_are_refused() {
 /// still serves afterwards.
 async fn overflow(server: &Server, burst: usize) {
     let client = server.prediction().await;
-    let mut slow = client.clone();
-    let blocker = tokio::spawn(async move { slow.predict(busy(8000.0)).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let blocker = Blocker::start(server, 8000.0).await;
     let mut tasks = Vec::new();
     for _ in 0..burst {
         let mut client = client.clone();
         tasks.push(tokio::spawn(async move {
             client
-                .predict(request("counter", "", floats(1, 2, vec![1.0, 0.0])))
+                .predict(request("counter", "", floats(&[1, 2], &[1.0, 0.0])))
                 .await
         }));
     }
@@ -249,10 +262,10 @@ async fn overflow(server: &Server, burst: usize) {
     }
     assert!(refused > 0, "a queue of one batch took {burst} requests");
     assert!(refused < burst, "nothing at all was queued");
-    blocker.await.unwrap().expect("the slow request completes");
+    blocker.finish().await;
     let mut client = client.clone();
     client
-        .predict(request("counter", "", floats(1, 2, vec![1.0, 0.0])))
+        .predict(request("counter", "", floats(&[1, 2], &[1.0, 0.0])))
         .await
         .expect("healthy after overload");
 }
@@ -280,16 +293,14 @@ async fn expired_and_abandoned_requests_never_reach_the_model() {
     ] {
         let (server, _dir) =
             start_server(&["counter"], params, &["--instances_per_device=1"]).await;
-        let mut client = server.prediction().await;
-        let before = forwards(&mut client).await;
-        let mut slow = client.clone();
-        // About 2 s of work on two cores: it must outlast the 400 ms of waits below with
+        let client = server.prediction().await;
+        let before = forwards(&server).await;
+        // About 2 s of work on two cores: it must outlast the 200 ms of waits below with
         // room to spare on a loaded machine, or the quitter's request would still run.
-        let blocker = tokio::spawn(async move { slow.predict(busy(60000.0)).await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let blocker = Blocker::start(&server, 60000.0).await;
 
         // A deadline that passes while the worker is busy: DEADLINE_EXCEEDED, no forward.
-        let mut late = tonic::Request::new(request("counter", "", floats(1, 2, vec![5.0, 0.0])));
+        let mut late = tonic::Request::new(request("counter", "", floats(&[1, 2], &[5.0, 0.0])));
         late.metadata_mut()
             .insert("grpc-timeout", "100m".parse().unwrap());
         let status = server.raw_prediction().predict(late).await.unwrap_err();
@@ -304,14 +315,19 @@ async fn expired_and_abandoned_requests_never_reach_the_model() {
         let mut quitter = client.clone();
         let gave_up = tokio::time::timeout(
             Duration::from_millis(100),
-            quitter.predict(request("counter", "", floats(1, 2, vec![6.0, 0.0]))),
+            quitter.predict(request("counter", "", floats(&[1, 2], &[6.0, 0.0]))),
         )
         .await;
         assert!(gave_up.is_err());
 
-        blocker.await.unwrap().expect("slow request");
+        // Both were still queued behind the slow request when they expired and left.
+        assert!(
+            blocker.running(&server).await,
+            "the slow request finished before the late and the abandoned requests gave up"
+        );
+        blocker.finish().await;
         assert_eq!(
-            forwards(&mut client).await - before,
+            forwards(&server).await - before,
             1,
             "only the slow request ran (batching: {params:?})"
         );
@@ -347,10 +363,10 @@ async fn per_model_batching_parameters_override_the_global_file() {
         "--enable_per_model_batching_parameters",
     ]);
     server.wait_available(&["counter"]).await;
-    let mut client = server.prediction().await;
-    let before = forwards(&mut client).await;
+    let client = server.prediction().await;
+    let before = forwards(&server).await;
     counter_requests_at_once(&client, 16).await;
-    assert_eq!(forwards(&mut client).await - before, 1);
+    assert_eq!(forwards(&server).await - before, 1);
 }
 
 #[tokio::test]
@@ -359,15 +375,30 @@ async fn requests_queued_behind_a_busy_worker_run_in_one_batch() {
     // worker is held, eight requests queue; once it is free they make a single forward.
     let params = "max_batch_size { value: 16 } batch_timeout_micros { value: 0 } num_batch_threads { value: 1 }";
     let (server, _dir) = start_server(&["counter"], Some(params), &[]).await;
-    let mut client = server.prediction().await;
-    let before = forwards(&mut client).await;
-    let mut slow = client.clone();
-    let blocker = tokio::spawn(async move { slow.predict(busy(60000.0)).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    counter_requests_at_once(&client, 8).await;
-    blocker.await.unwrap().expect("slow request");
+    let client = server.prediction().await;
+    let before = forwards(&server).await;
+    let blocker = Blocker::start(&server, 60000.0).await;
+    let eight = tokio::spawn(async move { counter_requests_at_once(&client, 8).await });
+    // All eight wait in the queue at once, so the batch the worker takes next holds them all.
+    let what = server.awaiting("eight requests to queue behind the slow one");
+    wait_for(what, || async {
+        let depth = server
+            .metric("modelgate_queue_depth", &["model=\"counter\""])
+            .await;
+        if depth < 8.0 {
+            let running = blocker.running(&server).await;
+            assert!(
+                running,
+                "the slow request finished with {depth} of the eight queued"
+            );
+        }
+        (depth >= 8.0).then_some(())
+    })
+    .await;
+    eight.await.unwrap();
+    blocker.finish().await;
     assert_eq!(
-        forwards(&mut client).await - before,
+        forwards(&server).await - before,
         2,
         "the slow request, then one batch of the eight queued behind it"
     );
@@ -383,15 +414,15 @@ async fn tf_serving_and_v2_requests_batch_together() {
 
     let params = "max_batch_size { value: 16 } batch_timeout_micros { value: 10000000 } num_batch_threads { value: 1 }";
     let (server, _dir) = start_server(&["counter"], Some(params), &[]).await;
-    let mut client = server.prediction().await;
+    let client = server.prediction().await;
     let v2 = GrpcInferenceServiceClient::new(server.channel().await);
-    let before = forwards(&mut client).await;
+    let before = forwards(&server).await;
     let tasks: Vec<_> = (0..16)
         .map(|i| {
             let (mut tf, mut v2) = (client.clone(), v2.clone());
             tokio::spawn(async move {
                 if i % 2 == 0 {
-                    let x = floats(1, 2, vec![i as f32, 0.0]);
+                    let x = floats(&[1, 2], &[i as f32, 0.0]);
                     let response = tf.predict(request("counter", "", x)).await.unwrap();
                     return values(&response.into_inner(), "y");
                 }
@@ -421,7 +452,7 @@ async fn tf_serving_and_v2_requests_batch_together() {
         assert_eq!(task.await.unwrap(), vec![2.0 * i as f32], "request {i}");
     }
     assert_eq!(
-        forwards(&mut client).await - before,
+        forwards(&server).await - before,
         1,
         "8 TF Serving and 8 V2 requests, one forward"
     );

@@ -4,7 +4,7 @@
 //! restarts the pod). The CPU machines drive the device failure with a model that raises
 //! what CUDA raises after a device-side assert.
 
-mod common;
+pub mod common;
 
 use common::{predict, spec, Server};
 use tonic::Code;

@@ -1,18 +1,18 @@
 //! The gRPC API (PredictionService, ModelService, health), end to end against the real
 //! binary over TCP.
 
-mod common;
+pub mod common;
 
 use bytes::Bytes;
 use common::*;
 use modelgate::proto::serving::{
-    GetModelMetadataRequest, GetModelStatusRequest, PredictRequest, SignatureDefMap,
+    GetModelMetadataRequest, GetModelStatusRequest, ModelVersionStatus, PredictRequest,
+    SignatureDefMap,
 };
 use modelgate::proto::tensor::{dims, shape_proto, tensor_to_proto};
 use modelgate::proto::tensorflow::{DataType, TensorProto, TensorShapeProto};
 use modelgate::tensor::{DType, Tensor};
 use prost::Message;
-use std::time::Duration;
 use tonic::Code;
 
 /// A server with every fixture model plus the demo mlp.
@@ -50,15 +50,6 @@ async fn fixture_server(extra_args: &[&str]) -> (Server, TempDir) {
 
 fn shape(dims: &[i64]) -> Option<TensorShapeProto> {
     Some(shape_proto(Some(dims)))
-}
-
-fn floats(dims: &[i64], values: &[f32]) -> TensorProto {
-    TensorProto {
-        dtype: DataType::DtFloat as i32,
-        tensor_shape: shape(dims),
-        float_val: values.to_vec(),
-        ..Default::default()
-    }
 }
 
 fn predict(
@@ -128,6 +119,12 @@ async fn tiny_gives_exact_numbers() {
 #[tokio::test]
 async fn mlp_versions_labels_and_softmax() {
     let (server, _dir) = fixture_server(&[]).await;
+    // Available means one version is; the policy serves both, loaded one by one.
+    let models = server.models().await;
+    for version in [1, 2] {
+        let available = modelgate::proto::serving::model_version_status::State::Available;
+        wait_for_state(&models, "mlp", version, available).await;
+    }
     let mut client = server.prediction().await;
     let batch = floats(&[4, 784], &images(4));
     let run = |spec| predict(spec, vec![("images", batch.clone())]);
@@ -386,25 +383,18 @@ async fn status_reports_states_and_load_errors() {
         .all(|v| v.status.as_ref().unwrap().error_code == 0));
 
     // Failed versions are END with the reason; loading is not retried in a loop.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let (corrupt, savedmodel) = loop {
-        let corrupt = models.get_model_status(status("corrupt")).await;
-        let savedmodel = models.get_model_status(status("savedmodel")).await;
-        if let (Ok(c), Ok(s)) = (corrupt, savedmodel) {
-            let (c, s) = (c.into_inner(), s.into_inner());
-            if c.model_version_status
-                .first()
-                .is_some_and(|v| v.state == 50)
-                && s.model_version_status
-                    .first()
-                    .is_some_and(|v| v.state == 50)
-            {
-                break (c, s);
-            }
+    let what = server.awaiting("corrupt and savedmodel to be END");
+    let (corrupt, savedmodel) = wait_for(what, || {
+        let mut models = models.clone();
+        async move {
+            let corrupt = models.get_model_status(status("corrupt")).await.ok()?;
+            let savedmodel = models.get_model_status(status("savedmodel")).await.ok()?;
+            let (c, s) = (corrupt.into_inner(), savedmodel.into_inner());
+            let end = |v: &[ModelVersionStatus]| v.first().is_some_and(|v| v.state == 50);
+            (end(&c.model_version_status) && end(&s.model_version_status)).then_some((c, s))
         }
-        assert!(std::time::Instant::now() < deadline, "{}", server.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     let corrupt_status = corrupt.model_version_status[0].status.clone().unwrap();
     assert_ne!(corrupt_status.error_code, 0);
     assert!(
@@ -663,29 +653,26 @@ async fn grpc_health_follows_readiness() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
     let (server, _dir) = fixture_server(&[]).await;
-    let mut health = HealthClient::new(server.channel().await);
+    let health = HealthClient::new(server.channel().await);
     for service in [
         "",
         "tensorflow.serving.PredictionService",
         "PredictionService",
         "ModelService",
     ] {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let status = health
-                .check(HealthCheckRequest {
-                    service: service.into(),
-                })
-                .await
-                .map(|r| r.into_inner().status);
-            if matches!(status, Ok(1)) {
-                break; // SERVING
+        let what = server.awaiting(format!("gRPC health of '{service}' to be SERVING"));
+        wait_for(what, || {
+            let mut health = health.clone();
+            async move {
+                let status = health
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .map(|r| r.into_inner().status);
+                matches!(status, Ok(1)).then_some(()) // SERVING
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{service}: {status:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
 }

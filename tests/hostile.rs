@@ -7,7 +7,7 @@
 //! 4 MiB`, so that every bound is crossed by requests a test can send quickly; the same
 //! code guards the defaults (1 GiB and 256 MiB).
 
-mod common;
+pub mod common;
 
 use bytes::Bytes;
 use common::{spec, spec_signature, Server, TempDir};

@@ -2,7 +2,7 @@
 //! call Predict without pause: no request fails, and every answer carries the values of the
 //! version it names.
 
-mod common;
+pub mod common;
 
 use common::*;
 use modelgate::proto::serving::model_version_status::State;

@@ -2,15 +2,14 @@
 //! start-up (models loading) to ready and through draining; SIGTERM with requests in
 //! flight; a second signal; the drain's bound (a health watch, a request that never ends).
 
-mod common;
+pub mod common;
 
-use common::{Server, TempDir, TIMEOUT};
+use common::{wait_for, Server, TempDir};
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::{ModelSpec, PredictRequest};
 use modelgate::proto::tensor::tensor_to_proto;
 use modelgate::tensor::Tensor;
 use std::io::{Read, Write};
-use std::time::{Duration, Instant};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -34,18 +33,11 @@ async fn health(server: &Server, service: &str) -> Option<ServingStatus> {
 
 /// Polls until gRPC health of `service` is `status`.
 async fn wait_health(server: &Server, service: &str, status: ServingStatus) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if health(server, service).await == Some(status) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "health of '{service}' never became {status:?}:\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = server.awaiting(format!("health of '{service}' to become {status:?}"));
+    wait_for(what, || async move {
+        (health(server, service).await == Some(status)).then_some(())
+    })
+    .await
 }
 
 async fn readyz(server: &Server) -> (u16, serde_json::Value) {

@@ -3,7 +3,7 @@
 //! default stream limit and what `--grpc_channel_arguments` applies (max concurrent
 //! streams, maximum connection age).
 
-mod common;
+pub mod common;
 
 use common::{fixture_config, Server, TIMEOUT};
 use std::io::{Read, Write};

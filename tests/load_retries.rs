@@ -6,7 +6,7 @@
 //! yet, as when the volume it lives on is not mounted yet. The version directory itself (the
 //! names, sizes and times the server fingerprints) never changes.
 
-mod common;
+pub mod common;
 
 use common::*;
 use modelgate::proto::serving::model_version_status::State;

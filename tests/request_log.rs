@@ -3,11 +3,11 @@
 //! rotation, TFRecord PredictionLog, HTTP batches), and a stuck collector that drops and
 //! counts records while requests carry on.
 
-mod common;
+pub mod common;
 
 use common::{
-    examples, fixtures, float_row, model_config, predict, spec, spec_signature, Server, TempDir,
-    TIMEOUT,
+    examples, fixtures, float_row, model_config, predict, spec, spec_signature, wait_for, Server,
+    TempDir, WithLog, TIMEOUT,
 };
 use modelgate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use modelgate::proto::inference::model_infer_request::InferInputTensor;
@@ -20,6 +20,7 @@ use modelgate::tfrecord;
 use prost::Message;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -53,26 +54,16 @@ fn records(server: &Server) -> Vec<Value> {
         .collect()
 }
 
-/// Waits until the server's stdout holds `n` records, then returns them.
+/// Waits until the server's stdout holds `n` records, then returns them; fails on more.
 async fn wait_records(server: &Server, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
+    let what = WithLog(format!("{n} records on stdout"), &server.stdout);
+    let found = wait_for(what, || async {
         let found = records(server);
-        if found.len() >= n || Instant::now() > deadline {
-            assert_eq!(found.len(), n, "records: {found:#?}");
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The sum of a counter's series whose labels contain every one of `labels`.
-async fn counter(server: &Server, name: &str, labels: &[&str]) -> f64 {
-    let (_, text) = server.http_get("/metrics").await;
-    text.lines()
-        .filter(|line| line.starts_with(name) && labels.iter().all(|l| line.contains(l)))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        (found.len() >= n).then_some(found)
+    })
+    .await;
+    assert_eq!(found.len(), n, "records: {found:#?}");
+    found
 }
 
 #[tokio::test]
@@ -215,12 +206,12 @@ async fn records_carry_the_request_its_answer_and_its_outcome_on_every_protocol(
     assert!(classified["response"][0]["classification_result"]["classifications"].is_array());
 
     assert_eq!(
-        counter(
-            &server,
-            "modelgate_prediction_logs_written_total",
-            &["model=\"scaled\""]
-        )
-        .await,
+        server
+            .metric(
+                "modelgate_prediction_logs_written_total",
+                &["model=\"scaled\""]
+            )
+            .await,
         5.0
     );
 }
@@ -271,11 +262,12 @@ async fn sampling_rates_hold_over_many_requests() {
     predicts(&server, "never", 50, false).await;
     // One writer, first in first out: once this last request's record is out, all are.
     predicts(&server, "always", 1, true).await;
-    let deadline = Instant::now() + TIMEOUT;
-    while count_model(&records(&server), "always") <= N && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let found = records(&server);
+    let what = WithLog(format!("{} records of 'always'", N + 1), &server.stdout);
+    let found = wait_for(what, || async {
+        let found = records(&server);
+        (count_model(&found, "always") > N).then_some(found)
+    })
+    .await;
     assert_eq!(count_model(&found, "never"), 0);
     assert_eq!(count_model(&found, "always"), N + 1);
     // Binomial(600, 0.1): mean 60, standard deviation 7.3; five of them either side.
@@ -470,19 +462,16 @@ async fn an_http_collector_receives_batches_of_json_lines() {
     );
     server.wait_available(&["scaled"]).await;
     predicts(&server, "scaled", 64, true).await;
-    let deadline = Instant::now() + TIMEOUT;
-    let lines = loop {
+    let lines = wait_for(server.awaiting("64 records at the collector"), || async {
         let lines: usize = received
             .lock()
             .unwrap()
             .iter()
             .map(|(_, body)| body.lines().count())
             .sum();
-        if lines >= 64 || Instant::now() > deadline {
-            break lines;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        (lines >= 64).then_some(lines)
+    })
+    .await;
     assert_eq!(lines, 64);
     let posts = received.lock().unwrap().clone();
     assert!(
@@ -510,10 +499,13 @@ async fn a_stuck_collector_drops_and_counts_records_and_requests_never_wait_for_
     // Accepts connections and never reads or answers them.
     let stuck = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/ingest", stuck.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for stream in stuck.incoming() {
             held.push(stream);
+            counted.fetch_add(1, Ordering::SeqCst);
         }
     });
     let server = Server::with_config(
@@ -525,9 +517,14 @@ async fn a_stuck_collector_drops_and_counts_records_and_requests_never_wait_for_
     );
     server.wait_available(&["logged", "quiet"]).await;
     let mut client = server.prediction().await;
-    // The first record sends the writer into a POST that never ends.
+    // The first record sends the writer into a POST that never ends: once the collector has
+    // its connection, the writer waits on it.
     predict(&mut client, spec("logged"), &[1.0]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let what = server.awaiting("the writer to connect to the stuck collector");
+    wait_for(what, || async {
+        (accepted.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
 
     let (mut logged, mut quiet) = (Vec::new(), Vec::new());
     let requests = async {
@@ -545,18 +542,18 @@ async fn a_stuck_collector_drops_and_counts_records_and_requests_never_wait_for_
     tokio::time::timeout(TIMEOUT, requests)
         .await
         .expect("requests finished while the collector was stuck");
-    // Reported, not asserted (no timing thresholds in tests): the README quotes this.
+    // Reported, not asserted (no timing thresholds in tests): docs/request-logging.md quotes this.
     println!(
         "median latency: logging to a stuck collector {:?}, not logging {:?}",
         median(logged),
         median(quiet)
     );
-    let dropped = counter(
-        &server,
-        "modelgate_prediction_logs_dropped_total",
-        &["model=\"logged\"", "reason=\"queue_full\""],
-    )
-    .await;
+    let dropped = server
+        .metric(
+            "modelgate_prediction_logs_dropped_total",
+            &["model=\"logged\"", "reason=\"queue_full\""],
+        )
+        .await;
     // 200 records, of which the queue holds 4.
     assert!(dropped >= 196.0, "dropped {dropped}");
 }

@@ -1,7 +1,7 @@
 //! TF Serving's REST API against the real server over HTTP: every endpoint and format,
 //! exact numbers, golden JSON for status and metadata, errors with their HTTP codes.
 
-mod common;
+pub mod common;
 
 use common::Server;
 use modelgate::proto::serving::{ModelSpec, PredictRequest};

@@ -3,13 +3,12 @@
 //! incomplete uploads, ReloadConfig, readiness, S3 stopped and restarted while serving, the
 //! cache keeping only what serves or is wanted, and secrets kept out of the logs.
 
-mod common;
+pub mod common;
 
 use common::s3::*;
 use common::*;
 use modelgate::proto::serving::model_version_status::State;
 use modelgate::proto::serving::ReloadConfigRequest;
-use std::time::Duration;
 
 const BUCKET: &str = "models";
 const CONFIG_KEY: &str = "config/models.config";
@@ -68,6 +67,30 @@ async fn wait_for_served_version(server: &Server, version: i64) {
         }
     })
     .await;
+}
+
+/// The listings of `scaled`'s versions moto has answered so far (its request log).
+fn listings(moto: &Moto) -> usize {
+    moto.log.count(&["list-type=2", "prefix=repo/scaled/"])
+}
+
+/// Waits until `n` polls of `scaled`'s versions have started after this call and run to
+/// their end (loads and downloads included): `n + 2` more listings, since the first may
+/// have been under way already and a poll's next listing comes only once it is done.
+async fn polls(moto: &Moto, n: usize) {
+    let target = listings(moto) + n + 2;
+    let what = WithLog(
+        format!("{n} more polls of scaled, in moto's log"),
+        &moto.log,
+    );
+    wait_for(what, || async { (listings(moto) >= target).then_some(()) }).await;
+}
+
+/// The failed storage listings and downloads of `scaled` so far.
+async fn storage_errors(server: &Server) -> f64 {
+    server
+        .metric("modelgate_storage_errors_total", &["model=\"scaled\""])
+        .await
 }
 
 fn server_args(cache: &std::path::Path) -> Vec<String> {
@@ -129,8 +152,8 @@ async fn s3_repository_lifecycle() {
     .await;
     let error = wait_for_state(&models, "scaled", 3, State::End).await;
     assert!(error.contains("model.pt"), "error names the file: {error}");
-    let polls_before = server.log.count(&["fetched s3://models/repo/scaled"]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fetched_before = server.log.count(&["fetched s3://models/repo/scaled"]);
+    polls(&moto, 2).await;
     assert_eq!(
         server.log.count(&["failed to load", "version=3"]),
         1,
@@ -139,7 +162,7 @@ async fn s3_repository_lifecycle() {
     );
     assert_eq!(
         server.log.count(&["fetched s3://models/repo/scaled"]),
-        polls_before
+        fetched_before
     );
     wait_for_served_version(&server, 2).await;
 
@@ -148,7 +171,7 @@ async fn s3_repository_lifecycle() {
     let v4 = fixtures().join("scaled/3");
     s3.put_files(BUCKET, "repo/scaled/4", &v4, &["signature.json"])
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    polls(&moto, 1).await;
     let statuses = model_status(&mut models, "scaled").await.unwrap();
     assert!(statuses.iter().all(|(v, _, _)| *v != 4), "{statuses:?}");
     s3.put_files(BUCKET, "repo/scaled/4", &v4, &["model.pt"])
@@ -250,7 +273,18 @@ async fn s3_repository_lifecycle() {
         .log
         .wait_for(&["storage unavailable", "model=scaled"])
         .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Two more failed listings (retried 1 s, then 2 s later), each a chance to report the
+    // outage again; the config, re-read every second, fails meanwhile too.
+    let errors = storage_errors(&server).await;
+    let what = server.awaiting("two more failed listings of scaled");
+    wait_for(what, || async {
+        (storage_errors(&server).await >= errors + 2.0).then_some(())
+    })
+    .await;
+    server
+        .log
+        .wait_for(&["cannot re-read the model config"])
+        .await;
     assert_eq!(
         server.log.count(&["storage unavailable", "model=scaled"]),
         1,

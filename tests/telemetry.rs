@@ -3,34 +3,25 @@
 //! the right labels and counts; JSON logs have one object per line, a debug line per
 //! request, a warn line per error, and no payload.
 
-mod common;
+pub mod common;
 
-use common::{examples, spec_signature, Server, TempDir, TIMEOUT};
+use common::{examples, spec_signature, wait_for, Server, TempDir};
 use modelgate::proto::serving::{
     ClassificationRequest, InferenceTask, MultiInferenceRequest, PredictRequest, RegressionRequest,
 };
 use modelgate::proto::tensor::tensor_to_proto;
 use modelgate::tensor::Tensor;
 use serde_json::Value;
-use std::time::{Duration, Instant};
 
 /// Polls the REST status of `model` until its text contains `needle`.
 async fn wait_status(server: &Server, model: &str, needle: &str) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let url = server.url(&format!("/v1/models/{model}"));
-        if let Ok(response) = reqwest::get(url).await {
-            if response.text().await.unwrap_or_default().contains(needle) {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{model} never reported {needle}:\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let url = server.url(&format!("/v1/models/{model}"));
+    let what = server.awaiting(format!("{model} to report {needle}"));
+    wait_for(what, || async {
+        let (_, text) = common::http::request("GET", &url, None).await.ok()?;
+        text.contains(needle).then_some(())
+    })
+    .await
 }
 
 /// The value of the sample line starting with `series ` (labels included).

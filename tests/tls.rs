@@ -1,7 +1,7 @@
 //! `--ssl_config_file` against the real binary: TLS on both ports with certificates made
 //! here, mTLS with `client_verify`, and a config that cannot be used stopping the start.
 
-mod common;
+pub mod common;
 
 use common::tls::{grpc_client, https_request, ssl_config, Ca, Identity};
 use common::{float_row, spec, Server, TempDir};

@@ -3,16 +3,15 @@
 //! counts its forwards), readiness waits for them, and a malformed file fails the load
 //! while the version before it keeps serving.
 
-mod common;
+pub mod common;
 
-use common::{examples, fixtures, float_row, spec, spec_signature, Server, TempDir};
+use common::{examples, fixtures, float_row, forwards, spec, spec_signature, Server, TempDir};
 use modelgate::proto::serving::model_version_status::State;
 use modelgate::proto::serving::{
     prediction_log, ClassificationRequest, ClassifyLog, InferenceTask, MultiInferenceLog,
     MultiInferenceRequest, PredictLog, PredictRequest, PredictionLog, RegressLog,
     RegressionRequest,
 };
-use modelgate::proto::tensorflow::TensorProto;
 use modelgate::registry::WARMUP_FILE;
 use modelgate::tfrecord;
 use prost::Message;
@@ -55,28 +54,6 @@ fn counter_version(base: &Path, version: i64, warm_up: Option<&[u8]>) {
     if let Some(bytes) = warm_up {
         std::fs::write(dir.join(WARMUP_FILE), bytes).unwrap();
     }
-}
-
-/// The counter's forwards so far (on the CPU all its workers share one module).
-async fn forwards(server: &Server) -> i64 {
-    let mut client = server.prediction().await;
-    let x = TensorProto {
-        tensor_shape: Some(modelgate::proto::tensor::shape_proto(Some(&[1]))),
-        ..float_row(&[0.0])
-    };
-    let response = client
-        .predict(PredictRequest {
-            model_spec: Some(spec_signature("counter", "count")),
-            inputs: [("x".to_string(), x)].into(),
-            ..Default::default()
-        })
-        .await
-        .expect("count")
-        .into_inner();
-    common::decode_tensor("calls", &response.outputs["calls"])
-        .unwrap()
-        .to_values::<i64>()
-        .unwrap()[0]
 }
 
 /// One worker: the counter's count is a plain `+= 1` on a shared buffer, which two

@@ -4,7 +4,10 @@
 //! is bounded; nothing is skipped: a missing prerequisite fails saying how to get it.
 //! `http` holds the small HTTP client, `s3` a real S3 server (moto) and an S3 client, `tls`
 //! certificates made for a test and TLS clients.
-#![allow(dead_code)] // each test binary uses its own part of the harness
+//!
+//! Each test binary compiles this harness on its own and uses a part of it, so each declares
+//! it `pub mod common;`: its public items are then the binary's exported API, which the
+//! `dead_code` lint leaves alone, while anything private here that nothing uses still warns.
 
 pub mod http;
 pub mod s3;
@@ -16,6 +19,7 @@ use modelgate::proto::serving::prediction_service_client::PredictionServiceClien
 use modelgate::proto::serving::{model_spec, GetModelStatusRequest, ModelSpec, PredictRequest};
 use modelgate::proto::tensor::{shape_proto, tensor_from_proto};
 use modelgate::proto::tensorflow::{DataType, TensorProto};
+use std::fmt::Display;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -162,8 +166,9 @@ pub fn write_config(dir: &Path, models: &[(&str, PathBuf, &str)]) -> PathBuf {
     path
 }
 
-/// Polls `check` until it returns `Some`, for at most `TIMEOUT`.
-pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+/// Polls `check` until it returns `Some`, for at most `TIMEOUT`; fails saying it timed out
+/// waiting for `what` (formatted only then: see [`WithLog`]).
+pub async fn wait_for<T, F, Fut>(what: impl Display, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -175,6 +180,28 @@ where
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// [`wait_for`] for code that is not async: polls `check` until it returns `Some`, for at
+/// most `TIMEOUT`.
+pub fn wait_until<T>(what: impl Display, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a wait is for, followed by what `log` holds when the wait fails (read only then).
+pub struct WithLog<'a, W>(pub W, pub &'a Log);
+
+impl<W: Display> Display for WithLog<'_, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; the log so far:\n{}", self.0, self.1.text())
     }
 }
 
@@ -263,15 +290,8 @@ impl Log {
 
     /// Waits (asynchronously, at most `TIMEOUT`) for a line containing all of `needles`.
     pub async fn wait_for(&self, needles: &[&str]) {
-        let deadline = Instant::now() + TIMEOUT;
-        while self.count(needles) == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for a log line with {needles:?}:\n{}",
-                self.text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = WithLog(format!("a log line with {needles:?}"), self);
+        wait_for(what, || async { (self.count(needles) > 0).then_some(()) }).await
     }
 }
 
@@ -439,18 +459,10 @@ impl Server {
 
     /// Waits for the process to exit; fails after `TIMEOUT`.
     pub fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "modelgate did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = &mut self.child;
+        wait_until(WithLog("modelgate to exit", &self.log), || {
+            child.try_wait().unwrap()
+        })
     }
 
     /// `GET path` on the REST port: the status code and the body.
@@ -462,20 +474,32 @@ impl Server {
 
     /// Polls `/readyz` until it answers `status`.
     pub async fn wait_readyz(&self, status: u16) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Ok((code, _)) = http::request("GET", &self.url("/readyz"), None).await {
-                if code == status {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz never answered {status}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = self.awaiting(format!("/readyz to answer {status}"));
+        wait_for(what, || async {
+            let answer = http::request("GET", &self.url("/readyz"), None).await;
+            answer.is_ok_and(|(code, _)| code == status).then_some(())
+        })
+        .await
+    }
+
+    /// `what` a wait is for, with this server's log when it fails: for [`wait_for`].
+    pub fn awaiting<W: Display>(&self, what: W) -> WithLog<'_, W> {
+        WithLog(what, &self.log)
+    }
+
+    /// The sum of the samples on `/metrics` of the series `name` (a counter or gauge, or a
+    /// histogram's `_count`) whose labels contain every one of `labels` (`model="x"`); 0
+    /// when there is none.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let (_, text) = self.http_get("/metrics").await;
+        text.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(name)?;
+                let labelled = rest.starts_with('{') || rest.starts_with(' ');
+                (labelled && labels.iter().all(|l| rest.contains(l))).then_some(rest)
+            })
+            .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     pub async fn channel(&self) -> Channel {
@@ -508,23 +532,18 @@ impl Server {
 
     /// Waits until every model in `models` has an AVAILABLE version.
     pub async fn wait_available(&self, models: &[&str]) {
-        let mut client = self.models().await;
-        let deadline = Instant::now() + TIMEOUT;
+        let client = self.models().await;
         for model in models {
-            loop {
-                let available = model_status(&mut client, model)
-                    .await
-                    .is_ok_and(|s| s.iter().any(|(_, state, _)| *state == State::Available));
-                if available {
-                    break;
+            let what = self.awaiting(format!("model {model} to become available"));
+            wait_for(what, || {
+                let mut client = client.clone();
+                async move {
+                    let statuses = model_status(&mut client, model).await.ok()?;
+                    let available = statuses.iter().any(|(_, s, _)| *s == State::Available);
+                    available.then_some(())
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "model {model} never became available:\n{}",
-                    self.log()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            })
+            .await
         }
     }
 }
@@ -631,14 +650,38 @@ pub fn examples<R: AsRef<[f32]>>(rows: &[R]) -> Option<modelgate::proto::serving
     })
 }
 
-/// A `[1, n]` float tensor.
-pub fn float_row(values: &[f32]) -> TensorProto {
+/// A float tensor of shape `dims`.
+pub fn floats(dims: &[i64], values: &[f32]) -> TensorProto {
     TensorProto {
         dtype: DataType::DtFloat as i32,
-        tensor_shape: Some(shape_proto(Some(&[1, values.len() as i64]))),
+        tensor_shape: Some(shape_proto(Some(dims))),
         float_val: values.to_vec(),
         ..Default::default()
     }
+}
+
+/// A `[1, n]` float tensor.
+pub fn float_row(values: &[f32]) -> TensorProto {
+    floats(&[1, values.len() as i64], values)
+}
+
+/// The `counter` fixture's forwards so far, read from its `count` signature (on the CPU all
+/// its workers share one module).
+pub async fn forwards(server: &Server) -> i64 {
+    let mut client = server.prediction().await;
+    let response = client
+        .predict(PredictRequest {
+            model_spec: Some(spec_signature("counter", "count")),
+            inputs: [("x".to_string(), floats(&[1], &[0.0]))].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("count")
+        .into_inner();
+    decode_tensor("calls", &response.outputs["calls"])
+        .unwrap()
+        .to_values::<i64>()
+        .unwrap()[0]
 }
 
 /// Predict on a `scaled`-like model (input `x`, output `y`): the version that answered and

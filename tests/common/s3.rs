@@ -1,10 +1,9 @@
 //! A real S3 server for the S3 repository tests: moto's server mode on 127.0.0.1, and an S3
 //! client for the tests' own uploads.
 
-use super::{free_port, repo_root, Log, TIMEOUT};
+use super::{free_port, repo_root, wait_until, Log, WithLog};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// moto's S3 server on 127.0.0.1, run with the Python named by `MODELGATE_PYTHON` (default
 /// `.venv/bin/python`, where `pip install -r tests/python/requirements.txt` puts moto).
@@ -66,8 +65,8 @@ impl Moto {
             });
         self.log = Log::follow(child.stderr.take().unwrap());
         self.child = Some(child);
-        let deadline = Instant::now() + TIMEOUT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let what = WithLog(format!("moto to open port {}", self.port), &self.log);
+        wait_until(what, || {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!(
                     "moto server exited ({status}); is moto[server] installed for {}?\n{}",
@@ -75,13 +74,8 @@ impl Moto {
                     self.log.text()
                 );
             }
-            assert!(
-                Instant::now() < deadline,
-                "moto did not open port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()
+        });
     }
 
     pub fn stop(&mut self) {
