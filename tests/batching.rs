@@ -457,3 +457,63 @@ async fn tf_serving_and_v2_requests_batch_together() {
         "8 TF Serving and 8 V2 requests, one forward"
     );
 }
+
+/// V2 statistics time every batch in three phases, each counted once per batch (Triton's
+/// perf_analyzer aborts when compute_input, compute_infer and compute_output counts differ),
+/// in all and by batch size, on gRPC and REST alike.
+#[tokio::test]
+async fn v2_statistics_count_every_phase_of_every_batch() {
+    use modelgate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use modelgate::proto::inference::{ModelStatisticsRequest, StatisticDuration};
+
+    // Full batches close at once (16 rows) long before the 10 s timeout: two bursts, two
+    // batches of 16.
+    let params = "max_batch_size { value: 16 } batch_timeout_micros { value: 10000000 } num_batch_threads { value: 1 }";
+    let (server, _dir) = start_server(&["counter"], Some(params), &[]).await;
+    let client = server.prediction().await;
+    counter_requests_at_once(&client, 16).await;
+    counter_requests_at_once(&client, 16).await;
+
+    let mut v2 = GrpcInferenceServiceClient::new(server.channel().await);
+    let request = ModelStatisticsRequest {
+        name: "counter".into(),
+        version: String::new(),
+    };
+    let stats = v2.model_statistics(request).await.unwrap().into_inner();
+    let [model] = stats.model_stats.as_slice() else {
+        panic!("one version: {stats:?}");
+    };
+    let counted = |d: &Option<StatisticDuration>| {
+        let d = d.expect("a duration");
+        assert!(d.ns > 0, "{d:?}");
+        d.count
+    };
+    let inference = model.inference_stats.as_ref().expect("inference_stats");
+    let phases = [
+        &inference.compute_input,
+        &inference.compute_infer,
+        &inference.compute_output,
+    ];
+    assert_eq!(model.execution_count, 2);
+    assert_eq!(phases.map(counted), [2, 2, 2]);
+    let [batch] = model.batch_stats.as_slice() else {
+        panic!("one batch size: {:?}", model.batch_stats);
+    };
+    let phases = [
+        &batch.compute_input,
+        &batch.compute_infer,
+        &batch.compute_output,
+    ];
+    assert_eq!((batch.batch_size, phases.map(counted)), (16, [2, 2, 2]));
+
+    let (status, body) = server.http_get("/v2/models/counter/stats").await;
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let model = &body["model_stats"][0];
+    for phase in ["compute_input", "compute_infer", "compute_output"] {
+        assert_eq!(model["inference_stats"][phase]["count"], 2, "{body}");
+        assert_eq!(model["batch_stats"][0][phase]["count"], 2, "{body}");
+    }
+    assert_eq!(model["batch_stats"][0]["batch_size"], 16, "{body}");
+    assert_eq!(model["batch_stats"].as_array().map(Vec::len), Some(1));
+}
