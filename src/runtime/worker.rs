@@ -56,6 +56,8 @@ pub struct Job {
     pub inputs: Vec<Tensor>,
     /// Past this instant the job is answered DEADLINE_EXCEEDED instead of run.
     pub deadline: Option<Instant>,
+    /// When the job was made, to time its wait for a worker.
+    queued_at: Instant,
     reply: oneshot::Sender<Result<ModelOutput, RunError>>,
 }
 
@@ -73,6 +75,7 @@ impl Job {
             method,
             inputs,
             deadline,
+            queued_at: Instant::now(),
             reply,
         };
         (job, result)
@@ -119,6 +122,9 @@ impl Batch {
 /// keep the version's series exposed while a worker runs.
 #[derive(Clone)]
 struct WorkerMetrics {
+    /// The wait of a job in the worker's own queue, without server-side batching (the
+    /// batch former times its queue itself); `None` with batching.
+    queue_delay: Option<metrics::Histogram>,
     batch_size: metrics::Histogram,
     forward_seconds: metrics::Histogram,
     deadline_dropped: metrics::Counter,
@@ -127,15 +133,30 @@ struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    fn new(series: &VersionMetrics) -> WorkerMetrics {
+    fn new(series: &VersionMetrics, source: &BatchSource) -> WorkerMetrics {
         let rejected =
             |reason| series.counter(telemetry::REJECTED_REQUESTS_TOTAL, &[("reason", reason)]);
         WorkerMetrics {
+            queue_delay: matches!(source, BatchSource::Queue(_))
+                .then(|| series.histogram(telemetry::QUEUE_DELAY_SECONDS)),
             batch_size: series.histogram(telemetry::BATCH_SIZE),
             forward_seconds: series.histogram(telemetry::FORWARD_DURATION_SECONDS),
             deadline_dropped: rejected("deadline"),
             cancelled_dropped: rejected("cancelled"),
             series: series.clone(),
+        }
+    }
+}
+
+impl WorkerMetrics {
+    /// Records how long the batch's jobs waited for this worker (without batching: the
+    /// former records its own queue). The queue time of V2's statistics, for every request.
+    fn record_queue_wait(&self, batch: &Batch) {
+        if let Some(queue_delay) = &self.queue_delay {
+            let now = Instant::now();
+            for job in &batch.jobs {
+                queue_delay.record(now.duration_since(job.queued_at).as_secs_f64());
+            }
         }
     }
 }
@@ -245,7 +266,7 @@ pub fn start_workers(
     source: &BatchSource,
     warm_up: &[SyntheticWarmUp],
 ) -> Result<Workers, LoadError> {
-    let metrics = WorkerMetrics::new(series);
+    let metrics = WorkerMetrics::new(series, source);
     let (model, version) = (series.model(), series.version());
     let instances = config.instances_per_device.max(1);
     let health = Arc::new(WorkerHealth {
@@ -293,6 +314,7 @@ pub fn start_workers(
                     let _ = warmed.send(ready);
                     if serve {
                         while let Some(batch) = source.next() {
+                            worker.metrics.record_queue_wait(&batch);
                             worker.execute(batch);
                         }
                     }

@@ -34,7 +34,8 @@ pub const STORAGE_FETCH_BYTES_TOTAL: &str = "modelgate_storage_fetch_bytes_total
 pub const STORAGE_ERRORS_TOTAL: &str = "modelgate_storage_errors_total";
 /// Requests per executed batch, by `model` and `version`.
 pub const BATCH_SIZE: &str = "modelgate_batch_size";
-/// Time a request waited in the batching queue, by `model` and `version`.
+/// Time a request waited for a worker, by `model` and `version`: in the batching queue, or
+/// without batching in the workers' own queue.
 pub const QUEUE_DELAY_SECONDS: &str = "modelgate_queue_delay_seconds";
 /// Time of one forward pass, by `model` and `version`.
 pub const FORWARD_DURATION_SECONDS: &str = "modelgate_forward_duration_seconds";

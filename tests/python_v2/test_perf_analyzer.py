@@ -34,16 +34,20 @@ def perf_analyzer_env():
 @pytest.fixture(scope="module")
 def batching_server(start_modelgate):
     # With batching on, a model's V2 config has max_batch_size > 0 and its dims without the
-    # batch dimension, so perf_analyzer needs no --shape; and every request is queued, which
-    # perf_analyzer needs to tell which version served it (it looks for the version whose
-    # queue count grew when no -x names one).
+    # batch dimension, so perf_analyzer needs no --shape.
     return start_modelgate("--enable_batching")
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_perf_analyzer_reports_the_server_side_phases(batching_server, protocol):
+@pytest.fixture(scope="module")
+def plain_server(start_modelgate):
+    # The server's default, no batching: the model's config keeps its free batch dimension
+    # (max_batch_size 0), for which perf_analyzer asks a --shape, as it does of Triton.
+    return start_modelgate()
+
+
+def run_perf_analyzer(server, protocol, *extra):
     command = [
-        str(PERF_ANALYZER), "-m", "tiny", "-i", protocol, "-u", batching_server[protocol],
+        str(PERF_ANALYZER), "-m", "tiny", "-i", protocol, "-u", server[protocol], *extra,
         "--concurrency-range", "8",
         # Short windows, and any three in a row taken as stable (-s: their latencies may
         # differ by up to 1000%): on a shared CI machine a debug build is never within the
@@ -53,10 +57,25 @@ def test_perf_analyzer_reports_the_server_side_phases(batching_server, protocol)
     # The timeout only bounds a hang; a run takes about 2 s.
     run = subprocess.run(command, capture_output=True, text=True, timeout=120,
                          env=perf_analyzer_env())
-    report = run.stdout + run.stderr
-    assert run.returncode == 0, report
+    return run.returncode, run.stdout + run.stderr
+
+
+def check_report(returncode, report):
+    # perf_analyzer also needs every request's queue time: without a queue count it cannot
+    # tell which version served (it looks for the version whose count grew when no -x
+    # names one) and exits 99.
+    assert returncode == 0, report
     assert re.search(r"^\s+Execution count: [1-9]", report, re.MULTILINE), report
     server_side = [line for line in report.splitlines() if "Avg request latency" in line]
     assert len(server_side) == 1, report
     for phase in ("queue", "compute input", "compute infer", "compute output"):
         assert re.search(rf"\+ {phase} \d+ usec", server_side[0]), report
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_reports_the_server_side_phases(batching_server, protocol):
+    check_report(*run_perf_analyzer(batching_server, protocol))
+
+
+def test_perf_analyzer_runs_against_the_default_server(plain_server):
+    check_report(*run_perf_analyzer(plain_server, "grpc", "--shape", "x:1,1"))
