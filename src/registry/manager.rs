@@ -1,6 +1,7 @@
 //! The manager: the one task that loads and unloads versions. Its jobs, each in its own
-//! place: TF Serving's Source (it polls each model's base path and asks the model's version
-//! policy which versions it aspires to, below), the load retries ([`super::retries`]), the
+//! place: TF Serving's Source (it polls each model's base path, with the backoff and the
+//! settling rule of [`super::source`], and asks the model's version policy which versions
+//! it aspires to), the load retries ([`super::retries`]), the
 //! AspiredVersionPolicy that orders loads and unloads ([`super::policy`]; availability
 //! preserving by default: a new version loads before the one it replaces unloads), and the
 //! publisher of a new [`ServingMap`](super::ServingMap) after every change.
@@ -23,6 +24,7 @@
 use super::loader::load_version;
 use super::policy::{Action, VersionPolicy, Versions};
 use super::retries::{FailedLoad, LoadRetries};
+use super::source::{settled_versions, Backoff};
 use super::LoadSettings;
 use super::{Registry, Servable, ServingMap, ServingModel, VersionState};
 use crate::config::{ModelSpec, Platform};
@@ -33,10 +35,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-
-/// The longest wait between two listings of an unreachable base path (unless the poll
-/// interval itself is longer).
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// How the manager runs.
 #[derive(Clone, Debug)]
@@ -146,38 +144,6 @@ impl ManagerHandle {
             .await
             .map_err(|_| ApplyError::Stopped)?;
         applied.await.map_err(|_| ApplyError::Stopped)?
-    }
-}
-
-/// Exponential backoff for one model's storage: the first retry after one poll interval,
-/// then twice as long each time, up to a cap.
-#[derive(Debug, Default)]
-struct Backoff {
-    failures: u32,
-    retry_at: Option<Instant>,
-}
-
-impl Backoff {
-    fn ready(&self, now: Instant) -> bool {
-        self.retry_at.is_none_or(|at| now >= at)
-    }
-
-    /// Records a failure; returns the wait before the next attempt.
-    fn failed(&mut self, now: Instant, base: Duration) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        let cap = MAX_BACKOFF.max(base);
-        let factor = 1u32 << (self.failures - 1).min(16);
-        let delay = base.saturating_mul(factor).min(cap);
-        self.retry_at = Some(now + delay);
-        delay
-    }
-
-    fn reset(&mut self) {
-        *self = Backoff::default();
-    }
-
-    fn is_failing(&self) -> bool {
-        self.failures > 0
     }
 }
 
@@ -485,19 +451,7 @@ impl Manager {
         };
         let listing = model.base.list_versions().await?;
         let polling = self.config.poll_interval.is_some();
-        let mut settling = HashMap::new();
-        let mut present = BTreeSet::new();
-        for (&version, entry) in &listing {
-            if !entry.complete {
-                settling.insert(version, entry.fingerprint.clone());
-                if polling && model.settling.get(&version) != Some(&entry.fingerprint) {
-                    tracing::debug!(model = %name, version, "model.pt without signature.json; waiting for the next listing");
-                    continue;
-                }
-            }
-            present.insert(version);
-        }
-        model.settling = settling;
+        let present = settled_versions(name, &listing, &mut model.settling, polling);
         let aspired = model.spec.policy.aspired(&present);
         model.wanted.clone_from(&aspired);
         let base = model.base.clone();
@@ -689,30 +643,5 @@ impl Manager {
             })
             .collect();
         self.registry.publish(ServingMap { models });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_a_cap() {
-        let now = Instant::now();
-        let mut backoff = Backoff::default();
-        assert!(backoff.ready(now) && !backoff.is_failing());
-        let base = Duration::from_secs(1);
-        let delays: Vec<u64> = (0..9)
-            .map(|_| backoff.failed(now, base).as_secs())
-            .collect();
-        assert_eq!(delays, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
-        assert!(!backoff.ready(now));
-        assert!(backoff.ready(now + MAX_BACKOFF));
-        backoff.reset();
-        assert!(backoff.ready(now) && !backoff.is_failing());
-        // A poll interval longer than the cap is never shortened.
-        let long = Duration::from_secs(120);
-        assert_eq!(backoff.failed(now, long), long);
-        assert_eq!(backoff.failed(now, long), long);
     }
 }

@@ -9,6 +9,7 @@ mod loader;
 mod manager;
 mod policy;
 mod retries;
+mod source;
 mod warmup_records;
 
 pub use loader::{LoadSettings, VersionLoadError};
