@@ -178,11 +178,14 @@ async fn a_full_batch_is_one_forward() {
 
 #[tokio::test]
 async fn padding_to_allowed_sizes_is_dropped_from_outputs() {
-    // 3 one-row requests close on timeout as a batch of 3, padded to 4.
+    // 3 one-row requests queue behind a slow one on the only worker; when it frees, they
+    // close as one batch of 3, padded to the allowed size 4. Waiting on the queue depth,
+    // not on the 3 arriving within the batch timeout.
     let params = "max_batch_size { value: 8 } batch_timeout_micros { value: 300000 } allowed_batch_sizes: 4 allowed_batch_sizes: 8 num_batch_threads { value: 1 }";
     let (server, _dir) = start_server(&["counter"], Some(params), &[]).await;
     let client = server.prediction().await;
     let before = forwards(&server).await;
+    let blocker = Blocker::start(&server, 60000.0).await;
     let mut tasks = Vec::new();
     for i in 1..=3 {
         let mut client = client.clone();
@@ -205,10 +208,30 @@ async fn padding_to_allowed_sizes_is_dropped_from_outputs() {
             assert_eq!(values(&response, "y"), vec![i as f32 * 20.0]);
         }));
     }
+    let what = server.awaiting("three requests to queue behind the slow one");
+    wait_for(what, || async {
+        let depth = server
+            .metric("modelgate_queue_depth", &["model=\"counter\""])
+            .await;
+        if depth < 3.0 {
+            let running = blocker.running(&server).await;
+            assert!(
+                running,
+                "the slow request finished with {depth} of the three queued"
+            );
+        }
+        (depth >= 3.0).then_some(())
+    })
+    .await;
+    blocker.finish().await;
     for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(forwards(&server).await - before, 1);
+    assert_eq!(
+        forwards(&server).await - before,
+        2,
+        "the slow request, then one padded batch of the three"
+    );
 }
 
 #[tokio::test]
