@@ -490,9 +490,9 @@ pub enum ElementError {
     NotFinite { value: f64, dtype: DType },
     #[error("a fractional number, which {0} cannot take")]
     Fractional(DType),
-    #[error("a number, which {0} cannot take (true or false)")]
+    #[error("a number, which a {0} input cannot take (true or false)")]
     NumberForBool(DType),
-    #[error("a boolean, which {0} cannot take")]
+    #[error("a boolean, which an input of {0} cannot take")]
     BoolForNumber(DType),
 }
 

@@ -101,6 +101,18 @@ mod tests {
     }
 
     #[test]
+    fn a_record_is_its_length_its_checksum_the_data_and_its_checksum() {
+        let framed = frame(b"abc");
+        assert_eq!(&framed[..8], &3u64.to_le_bytes());
+        assert_eq!(
+            &framed[8..12],
+            &masked_crc32c(&3u64.to_le_bytes()).to_le_bytes()
+        );
+        assert_eq!(&framed[12..15], b"abc");
+        assert_eq!(&framed[15..], &masked_crc32c(b"abc").to_le_bytes());
+    }
+
+    #[test]
     fn records_round_trip_and_every_lie_is_caught() {
         let file = framed(&[b"one", b"", b"three"]);
         assert_eq!(records(&file).unwrap(), vec![&b"one"[..], b"", b"three"]);

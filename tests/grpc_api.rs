@@ -472,6 +472,22 @@ async fn errors_carry_tf_serving_codes() {
             "'nope'",
         ),
         (
+            // The signature is looked up before any input's dtype is read.
+            "unknown signature, unservable input",
+            predict(
+                spec_signature("tiny", "nope"),
+                vec![(
+                    "x",
+                    TensorProto {
+                        dtype: DataType::DtString as i32,
+                        ..x()
+                    },
+                )],
+            ),
+            Code::FailedPrecondition,
+            "'nope'",
+        ),
+        (
             "missing input",
             predict(spec("tiny"), vec![]),
             Code::InvalidArgument,

@@ -34,12 +34,23 @@ fn referenced(source: &str) -> Vec<String> {
         let mut rest = code;
         while let Some(at) = rest.find("crate::") {
             let after = &rest[at + "crate::".len()..];
-            let name: String = after
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            if !name.is_empty() {
-                names.push(name);
+            // `crate::{a, b::C}` names several modules at once.
+            let group = after
+                .strip_prefix('{')
+                .map(|inner| inner.split('}').next().unwrap_or_default());
+            let heads: Vec<&str> = match group {
+                Some(inner) => inner.split(',').collect(),
+                None => vec![after],
+            };
+            for head in heads {
+                let name: String = head
+                    .trim_start()
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != "self" {
+                    names.push(name);
+                }
             }
             rest = after;
         }
@@ -109,7 +120,8 @@ fn imports_point_down_the_layers() {
 #[test]
 fn the_check_sees_paths_and_skips_comments() {
     let found = referenced(
-        "use crate::tensor::Tensor; // crate::api\nlet x = crate::error::Error::Internal;",
+        "use crate::tensor::Tensor; // crate::api\nlet x = crate::error::Error::Internal;\n\
+         use crate::{proto, limits::DecodeBudget};",
     );
-    assert_eq!(found, vec!["tensor", "error"]);
+    assert_eq!(found, vec!["tensor", "error", "proto", "limits"]);
 }

@@ -120,10 +120,13 @@ pub fn tensor_values(
             pack(&proto.int_val, count, &mut out, |w, v| w.push_int(v.into()))
         }
         DType::Bool => pack(&proto.bool_val, count, &mut out, ElementWriter::push_bool),
-        // half_val holds the 16-bit pattern of each half or bfloat16 value.
+        // half_val holds the 16-bit pattern of each half or bfloat16 value, unsigned or
+        // sign-extended (as clients that read it as an int16 write it).
         DType::F16 | DType::BF16 => pack(&proto.half_val, count, &mut out, |w, v| {
-            let bits = u16::try_from(v).map_err(|_| ElementError::OutOfRange(dtype))?;
-            w.push_raw(&bits.to_le_bytes());
+            if !(-32768..=65535).contains(&v) {
+                return Err(ElementError::OutOfRange(dtype));
+            }
+            w.push_raw(&(v as u16).to_le_bytes());
             Ok(())
         }),
     }
@@ -277,6 +280,12 @@ mod tests {
         half.half_val = vec![0x3c00, 0xc000]; // 1.0, -2.0
         let decoded = tensor_from_proto("h", &half, LIMIT).unwrap();
         assert_eq!(&decoded.data[..], &[0x00, 0x3c, 0x00, 0xc0]);
+        // The same bits sign-extended, as clients that read half_val as int16 send them.
+        half.half_val = vec![0x3c00, -16384];
+        let decoded = tensor_from_proto("h", &half, LIMIT).unwrap();
+        assert_eq!(&decoded.data[..], &[0x00, 0x3c, 0x00, 0xc0]);
+        half.half_val = vec![0x3c00, 65536];
+        assert!(tensor_from_proto("h", &half, LIMIT).is_err());
     }
 
     #[test]

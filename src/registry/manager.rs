@@ -486,17 +486,28 @@ impl Manager {
                 loaded: &loaded,
                 loadable: &loadable,
             };
-            match policy.next_action(versions) {
-                Some(Action::Load(version)) => {
-                    loadable.remove(&version);
-                    let outcome = self.load(name, version, &listing[&version]).await;
-                    if let LoadOutcome::Storage(e) = outcome {
+            let action = policy.next_action(versions);
+            match action {
+                Some(Action::Load(version)) if loadable.remove(&version) => {
+                    let Some(entry) = listing.get(&version) else {
+                        continue;
+                    };
+                    if let LoadOutcome::Storage(e) = self.load(name, version, entry).await {
+                        // Storage is failing: no more loads this pass (the next listing
+                        // backs off), but versions already replaced still unload.
                         result = Err(e);
-                        break;
+                        loadable.clear();
                     }
                 }
-                Some(Action::Unload(version)) => self.unload(name, version),
+                Some(Action::Unload(version)) if loaded.contains(&version) => {
+                    self.unload(name, version)
+                }
                 None => break,
+                Some(action) => {
+                    // A policy that names a version it was not offered would loop for ever.
+                    tracing::error!(model = %name, ?action, "the version policy chose an action it was not offered (server bug)");
+                    break;
+                }
             }
         }
         self.retain_cached(&base).await;

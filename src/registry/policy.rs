@@ -117,6 +117,22 @@ mod tests {
     }
 
     #[test]
+    fn stale_versions_still_unload_when_storage_stops_the_loads() {
+        // The manager clears `loadable` after a storage error: v4 never loads, but v3 is
+        // aspired and serving, so v1 goes.
+        let (aspired, loaded, loadable) = (set(&[3, 4]), set(&[1, 3]), BTreeSet::new());
+        let versions = Versions {
+            aspired: &aspired,
+            loaded: &loaded,
+            loadable: &loadable,
+        };
+        assert_eq!(
+            AvailabilityPreserving.next_action(versions),
+            Some(Action::Unload(1))
+        );
+    }
+
+    #[test]
     fn newer_versions_load_first_and_every_stale_one_goes() {
         let actions = run(&AvailabilityPreserving, &[3, 4], &[1, 2], &[]);
         assert_eq!(

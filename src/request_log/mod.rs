@@ -1,8 +1,8 @@
 //! Request logging (`ModelConfig.logging_config`): sampled records of requests and their
 //! answers, per model, to stdout, stderr, files or an HTTP collector.
 //!
-//! A sink, like the metrics: it imports nothing above tensor, proto and config, and the
-//! layers above write to it. Each request runs in a [`scope`] that both servers install.
+//! A sink, like the metrics: it imports nothing above config (and the metrics, to count
+//! what it writes and drops), and the layers above write to it. Each request runs in a [`scope`] that both servers install.
 //! The API edge names the request's method when its request timer starts ([`begin`]); the
 //! inference core captures what the request carried and answered once it has resolved a
 //! version ([`capture_predict`], [`capture_tasks`]), which is also where the request is

@@ -6,7 +6,7 @@ use crate::api::offload;
 use crate::api::timer::RequestTimer;
 use crate::error::Error;
 use crate::inference::tasks::{self, Task, TaskKind};
-use crate::inference::{self, Inference};
+use crate::inference::{self, find_signature, Inference};
 use crate::proto::answers::{served_spec, TaskResult};
 use crate::proto::serving::prediction_service_server::PredictionService;
 use crate::proto::serving::{
@@ -124,6 +124,8 @@ impl PredictionApi {
         // Names, dtypes and shapes are checked against the signature, and sizes (padding
         // included) against the request's budget, before any value is decoded or broadcast.
         let servable = self.inference.resolve(&model, &version)?;
+        // An unknown signature is FAILED_PRECONDITION before any input is looked at.
+        find_signature(&servable, &signature)?;
         let mut declared = Vec::with_capacity(request.inputs.len());
         for (name, proto) in &request.inputs {
             let (dtype, shape) = declared_type(name, proto)?;

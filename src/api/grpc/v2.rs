@@ -363,7 +363,10 @@ impl V2GrpcApi {
         let mut budget = self.inference.decode_budget(request.encoded_len());
         let request = Arc::new(request);
         let decoding = Arc::clone(&request);
-        let size = request.encoded_len();
+        // Raw contents are taken as they are (slices of the frame): only typed contents,
+        // converted value by value, count towards moving the decode off the executor.
+        let raw: usize = request.raw_input_contents.iter().map(|b| b.len()).sum();
+        let size = request.encoded_len().saturating_sub(raw);
         let inputs = offload(size, move || {
             decode_inputs(&decoding, &declared, &mut budget)
         })

@@ -864,7 +864,7 @@ mod tests {
                 "BOOL",
                 &[1][..],
                 "[1]",
-                "a number, which DT_BOOL cannot take",
+                "a number, which a DT_BOOL input cannot take",
             ),
             (
                 "FP32",
