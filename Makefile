@@ -21,7 +21,7 @@ MODELS_STAMP := models/mlp/2/model.pt
 FIXTURES_STAMP := target/test-models/fixtures.config
 BENCH_MODELS_STAMP := target/bench-models/resnet50/1/model.pt
 
-.PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test deploy-check lint models clean bench bench-images
+.PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test export-test deploy-check lint models clean bench bench-images
 
 ## setup: create the venvs (torch and the official TF Serving client; the Triton clients; perf_analyzer) and the model repositories
 setup: $(VENV)/.installed $(VENV_V2)/.installed $(VENV_PERF)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP)
@@ -74,7 +74,7 @@ build: setup
 	cargo build --release
 
 ## test: formatting, lints, Rust unit and integration tests, official-client tests (TF Serving and Triton), perf_analyzer
-test: setup lint unit-test python-test v2-test perf-analyzer-test deploy-check
+test: setup lint unit-test python-test v2-test perf-analyzer-test export-test deploy-check
 
 lint:
 	cargo fmt --all -- --check
@@ -97,6 +97,11 @@ v2-test:
 perf-analyzer-test:
 	cargo build
 	MODELGATE_BIN=target/debug/modelgate $(VENV_PERF)/bin/python -m pytest -q tests/python_v2/test_perf_analyzer.py
+
+## export-test: the export command (tools/modelgate_export.py) to TorchScript, served, and to an AOTInductor package (about a minute: the package compiles)
+export-test:
+	cargo build
+	MODELGATE_BIN=target/debug/modelgate $(VENV)/bin/python -m pytest -q tests/export
 
 ## deploy-check: Kubernetes manifests, Dockerfiles and workflows validated offline
 deploy-check:

@@ -1,0 +1,123 @@
+"""tools/modelgate_export.py, the export command, as a user runs it: from a factory of a
+torch.nn.Module to a version directory. The TorchScript directory is served by the real
+modelgate binary and answers as the module does; the AOTInductor package loads with
+PyTorch's own loader, answers as the module does at several batch sizes, and carries the
+signature, batch range and torch version in its metadata. Its own pytest run (`make
+export-test`): it needs torch and a C++ compiler, not the TF Serving client.
+
+    MODELGATE_BIN   server binary (default: target/debug/modelgate)
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("MODELGATE_BIN", REPO / "target" / "debug" / "modelgate"))
+if not BIN.is_absolute():
+    BIN = REPO / BIN
+FACTORY = "exportable:build"
+
+
+def run_export(tmp_path, *args):
+    """The documented command: PYTHONPATH=tools python -m modelgate_export FACTORY ..."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tools"), str(Path(__file__).parent)]))
+    return subprocess.run([sys.executable, "-m", "modelgate_export", FACTORY, *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def module():
+    sys.path.insert(0, str(Path(__file__).parent))
+    import exportable
+    return exportable.build().eval()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url, body):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)
+
+
+def test_torchscript_export_is_served_as_the_module_answers(tmp_path):
+    run = run_export(tmp_path, "--input", "x:float32:4,3", "--input", "scale:float32:4,1",
+                     "--output", "y", "--out", "models/affine", "--format", "torchscript")
+    assert run.returncode == 0, run.stderr
+    version = tmp_path / "models" / "affine" / "1"
+    signature = json.loads((version / "signature.json").read_text())["signatures"]["serving_default"]
+    assert signature["inputs"] == [
+        {"name": "x", "dtype": "DT_FLOAT", "shape": [-1, 3]},
+        {"name": "scale", "dtype": "DT_FLOAT", "shape": [-1, 1]},
+    ]
+    assert signature["outputs"] == [{"name": "y", "dtype": "DT_FLOAT", "shape": [-1, 2]}]
+    assert (version / "model.pt").is_file()
+
+    if not BIN.exists():
+        pytest.fail(f"need {BIN} (cargo build)", pytrace=False)
+    port = free_port()
+    server = subprocess.Popen([str(BIN), "--port", str(free_port()), "--rest_api_port", str(port),
+                               "--model_name", "affine", "--model_base_path", str(version.parent)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert server.poll() is None, server.stderr.read()
+            assert time.monotonic() < deadline, "modelgate did not get ready"
+            time.sleep(0.2)
+        x = [[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]]
+        scale = [[2.0], [0.5]]
+        answer = post(f"http://127.0.0.1:{port}/v1/models/affine:predict",
+                      {"inputs": {"x": x, "scale": scale}})
+        with torch.no_grad():
+            expected = module()(torch.tensor(x), torch.tensor(scale))
+        torch.testing.assert_close(torch.tensor(answer["outputs"]), expected)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_pt2_export_loads_and_answers_at_every_batch_size_it_allows(tmp_path):
+    run = run_export(tmp_path, "--input", "x:float32:4,3", "--input", "scale:float32:4,1",
+                     "--output", "y", "--out", "models/affine", "--max-batch", "64")
+    assert run.returncode == 0, run.stderr
+    version = tmp_path / "models" / "affine" / "1"
+    package = torch._inductor.aoti_load_package(str(version / "model.pt2"))
+    reference = module()
+    for batch in (1, 7, 64):
+        x, scale = torch.randn(batch, 3), torch.randn(batch, 1)
+        with torch.no_grad():
+            torch.testing.assert_close(package(x, scale), reference(x, scale))
+    metadata = package.get_metadata()
+    assert (metadata["modelgate.batch_min"], metadata["modelgate.batch_max"]) == ("1", "64")
+    assert metadata["modelgate.torch_version"] == torch.__version__
+    signature = json.loads((version / "signature.json").read_text())
+    assert json.loads(metadata["modelgate.signature"]) == signature
+
+
+def test_mistakes_are_refused_saying_what_to_fix(tmp_path):
+    wrong_order = run_export(tmp_path, "--input", "scale:float32:4,1", "--input", "x:float32:4,3",
+                             "--out", "m", "--format", "torchscript")
+    assert wrong_order.returncode == 2
+    assert "forward takes ['x', 'scale']" in wrong_order.stderr
+    bad_input = run_export(tmp_path, "--input", "x:float99:4", "--out", "m")
+    assert bad_input.returncode == 2 and "NAME:DTYPE:SHAPE" in bad_input.stderr

@@ -1,0 +1,216 @@
+"""Export a torch.nn.Module to a version directory modelgate serves.
+
+    PYTHONPATH=tools python -m modelgate_export mypkg.models:build \
+        --input x:float32:8,784 --out models/classifier --version 1 --format pt2
+
+`mypkg.models:build` names a callable that returns the module (imported from the current
+directory). Each `--input NAME:DTYPE:SHAPE` is an example input of `forward`, in its
+positional order; the first dimension is the batch, which the export keeps free. The
+version directory gets:
+
+- `model.pt2`: torch.export with a dynamic batch dimension, compiled by AOTInductor with
+  `cpp.dynamic_threads=True` (without it the compile machine's thread count is baked into
+  the kernels). The package's metadata carries the signature, the batch range the export
+  allows and the torch version (`modelgate.*` keys).
+- or `model.pt` (`--format torchscript`): torch.jit.trace of the module, with the
+  signature embedded as `extra/signature.json`.
+- `signature.json` in both cases: inputs named after forward's parameters (the exported
+  graph's placeholders for pt2), dtypes and shapes from the examples (batch dimension -1),
+  outputs named `--output` (or `output_0`, ...) with dtypes and shapes from running the
+  module once.
+
+Python API: `export(module, {"x": tensor}, out_dir, version, ...)`.
+"""
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# TF names of the dtypes modelgate serves.
+TF_DTYPES = {
+    torch.float16: "DT_HALF",
+    torch.bfloat16: "DT_BFLOAT16",
+    torch.float32: "DT_FLOAT",
+    torch.float64: "DT_DOUBLE",
+    torch.int8: "DT_INT8",
+    torch.int16: "DT_INT16",
+    torch.int32: "DT_INT32",
+    torch.int64: "DT_INT64",
+    torch.uint8: "DT_UINT8",
+    torch.bool: "DT_BOOL",
+}
+NUMPY_NAMES = {
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+    "float64": torch.float64, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
+    "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool,
+}
+PREDICT = "tensorflow/serving/predict"
+
+
+class ExportError(Exception):
+    """What cannot be exported, said so that the user can fix it."""
+
+
+def _outputs(result, names):
+    """The module's outputs flattened in order, with their names."""
+    if isinstance(result, torch.Tensor):
+        tensors = [result]
+    elif isinstance(result, (tuple, list)):
+        tensors = list(result)
+    elif isinstance(result, dict):
+        if names is None:
+            names = list(result.keys())
+        tensors = list(result.values())
+    else:
+        raise ExportError(f"forward returned {type(result).__name__}; modelgate serves a tensor, "
+                          "a tuple of tensors or a dict of tensors")
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise ExportError("forward returned something that is not a tensor among its outputs")
+    if names is None:
+        names = ["output_0"] if len(tensors) == 1 else [f"output_{i}" for i in range(len(tensors))]
+    if len(names) != len(tensors):
+        raise ExportError(f"{len(names)} output name(s) for {len(tensors)} output(s)")
+    return list(zip(names, tensors))
+
+
+def _spec(name, tensor):
+    if tensor.dtype not in TF_DTYPES:
+        raise ExportError(f"'{name}' is {tensor.dtype}, which modelgate does not serve")
+    shape = list(tensor.shape)
+    if shape:
+        shape[0] = -1
+    return {"name": name, "dtype": TF_DTYPES[tensor.dtype], "shape": shape}
+
+
+def _signature(inputs, outputs):
+    return {"signatures": {"serving_default": {
+        "method_name": PREDICT,
+        "method": "forward",
+        "inputs": [_spec(name, t) for name, t in inputs],
+        "outputs": [_spec(name, t) for name, t in outputs],
+    }}}
+
+
+def _input_names(module, examples):
+    """forward's positional parameter names, which the given examples must match."""
+    parameters = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in parameters]
+    if list(examples) != names[:len(examples)] or len(examples) != len(names):
+        raise ExportError(f"forward takes {names}; give one --input for each, in that order "
+                          f"(got {list(examples)})")
+    return names
+
+
+def _export_pt2(module, examples, path, signature, min_batch, max_batch):
+    batch = torch.export.Dim("batch", min=min_batch, max=max_batch)
+    dynamic = {name: ({0: batch} if t.dim() > 0 else None) for name, t in examples.items()}
+    program = torch.export.export(module, tuple(examples.values()), dynamic_shapes=dynamic)
+    # The placeholders of the exported graph are the names the package's inputs take.
+    graph_inputs = list(program.graph_signature.user_inputs)
+    if graph_inputs != list(examples):
+        raise ExportError(f"the exported graph takes {graph_inputs}, not {list(examples)}")
+    low, high = _batch_range(program, min_batch, max_batch)
+    metadata = {
+        "modelgate.signature": json.dumps(signature, separators=(",", ":")),
+        "modelgate.batch_min": str(low),
+        "modelgate.batch_max": str(high),
+        "modelgate.torch_version": torch.__version__,
+    }
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(
+            program,
+            package_path=str(path),
+            inductor_configs={
+                "cpp.dynamic_threads": True,
+                "aot_inductor.metadata": metadata,
+            },
+        )
+    return low, high
+
+
+def _batch_range(program, min_batch, max_batch):
+    """The batch range the export allows, as its range constraints say (the batch is its
+    only free dimension), within the one asked for."""
+    for bounds in program.range_constraints.values():
+        low, high = bounds.lower, bounds.upper
+        low = int(low) if low.is_finite else min_batch
+        high = int(high) if high.is_finite else max_batch
+        return max(low, min_batch), min(high, max_batch)
+    return min_batch, max_batch
+
+
+def _export_torchscript(module, examples, path, signature):
+    traced = torch.jit.trace(module, tuple(examples.values()), strict=False)
+    traced.save(str(path), _extra_files={"signature.json": json.dumps(signature)})
+
+
+def export(module, examples, out_dir, version, fmt="pt2", output_names=None,
+           min_batch=1, max_batch=1024):
+    """Writes `out_dir/version/` for `module` run on `examples` (name -> tensor, in forward's
+    order). Returns the version directory."""
+    if not isinstance(module, torch.nn.Module):
+        raise ExportError("the factory must return a torch.nn.Module")
+    if fmt not in ("pt2", "torchscript"):
+        raise ExportError(f"--format is pt2 or torchscript, not {fmt}")
+    if not 1 <= min_batch <= max_batch:
+        raise ExportError(f"the batch range {min_batch}..{max_batch} is empty")
+    module = module.eval()
+    _input_names(module, examples)
+    with torch.no_grad():
+        result = module(*examples.values())
+    outputs = _outputs(result, output_names)
+    signature = _signature(list(examples.items()), outputs)
+    directory = Path(out_dir) / str(int(version))
+    directory.mkdir(parents=True, exist_ok=True)
+    if fmt == "pt2":
+        _export_pt2(module, examples, directory / "model.pt2", signature, min_batch, max_batch)
+    else:
+        _export_torchscript(module, examples, directory / "model.pt", signature)
+    (directory / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
+    return directory
+
+
+def _parse_input(text):
+    try:
+        name, dtype, shape = text.split(":")
+        dims = [int(d) for d in shape.split(",") if d]
+        return name, torch.zeros(dims, dtype=NUMPY_NAMES[dtype])
+    except (ValueError, KeyError):
+        raise ExportError(f"--input {text!r}: expected NAME:DTYPE:SHAPE, e.g. x:float32:8,784 "
+                          f"(dtypes: {', '.join(NUMPY_NAMES)})") from None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="modelgate_export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("factory", help="module:callable returning the torch.nn.Module")
+    parser.add_argument("--input", action="append", required=True, metavar="NAME:DTYPE:SHAPE")
+    parser.add_argument("--output", action="append", help="output names, in order")
+    parser.add_argument("--out", required=True, help="the model's base path")
+    parser.add_argument("--version", type=int, default=1)
+    parser.add_argument("--format", choices=["pt2", "torchscript"], default="pt2")
+    parser.add_argument("--min-batch", type=int, default=1)
+    parser.add_argument("--max-batch", type=int, default=1024)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.getcwd())
+    try:
+        module_name, _, attribute = args.factory.partition(":")
+        if not attribute:
+            raise ExportError(f"{args.factory!r}: expected module:callable")
+        factory = getattr(importlib.import_module(module_name), attribute)
+        examples = dict(_parse_input(text) for text in args.input)
+        directory = export(factory(), examples, args.out, args.version, args.format, args.output,
+                           args.min_batch, args.max_batch)
+    except ExportError as error:
+        parser.exit(2, f"modelgate_export: {error}\n")
+    print(directory)
+
+
+if __name__ == "__main__":
+    main()
