@@ -14,7 +14,6 @@ pub mod config;
 pub mod error;
 pub mod http_client;
 pub mod inference;
-pub mod limits;
 pub mod proto;
 pub mod registry;
 pub mod request_log;

@@ -18,9 +18,7 @@ pub fn canonical_name(name: &str) -> &str {
     }
 }
 
-pub const PREDICT_METHOD_NAME: &str = "tensorflow/serving/predict";
-pub const CLASSIFY_METHOD_NAME: &str = "tensorflow/serving/classify";
-pub const REGRESS_METHOD_NAME: &str = "tensorflow/serving/regress";
+pub use crate::proto::{CLASSIFY_METHOD_NAME, PREDICT_METHOD_NAME, REGRESS_METHOD_NAME};
 
 /// One named tensor of a signature. `shape: None` is an unknown rank; `-1` is a free dim.
 #[derive(Clone, Debug, PartialEq, Eq)]

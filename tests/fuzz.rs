@@ -18,7 +18,6 @@ use bytes::Bytes;
 use modelgate::api::rest::json::{decode_tensors, encode_predict, Format, PredictBody};
 use modelgate::api::rest::tasks_json::parse_request;
 use modelgate::inference::examples::Examples;
-use modelgate::limits::DecodeBudget;
 use modelgate::proto::serving::{input, ExampleList, ExampleListWithContext, Input};
 use modelgate::proto::tensor::{tensor_from_proto, tensor_to_proto};
 use modelgate::proto::tensorflow::{
@@ -27,6 +26,7 @@ use modelgate::proto::tensorflow::{
 };
 use modelgate::runtime::padded_size;
 use modelgate::signature::{Signature, SignatureKind, TensorSpec};
+use modelgate::tensor::limits::DecodeBudget;
 use modelgate::tensor::{num_elements, DType, Tensor};
 use proptest::prelude::*;
 use serde_json::Value;

@@ -16,8 +16,8 @@ const LAYERS: &[&[&str]] = &[
     &["request_log"],
     &["telemetry"],
     &["config"],
+    &["signature"],
     &["proto"],
-    &["signature", "limits"],
     &["tensor", "tfrecord", "http_client"],
     &["error"],
 ];

@@ -269,7 +269,7 @@ pub struct Flags {
     /// tf.Example contexts copied into every example, batch padding); a request that carried
     /// more than this in place may decode to its own size. Beyond it: INVALID_ARGUMENT
     /// (modelgate's own).
-    #[arg(long = "max_request_tensor_bytes", default_value_t = crate::limits::DEFAULT_MAX_REQUEST_TENSOR_BYTES)]
+    #[arg(long = "max_request_tensor_bytes", default_value_t = crate::tensor::limits::DEFAULT_MAX_REQUEST_TENSOR_BYTES)]
     pub max_request_tensor_bytes: usize,
 
     /// Largest REST request body accepted; larger ones are answered 413 (modelgate's own).

@@ -3,10 +3,10 @@
 //! name, one row per example, so the examples of a request make one batch.
 
 use crate::error::Error;
-use crate::limits::DecodeBudget;
 use crate::proto::serving::{input, Input};
 use crate::proto::tensorflow::{feature, Example, Feature};
 use crate::signature::TensorSpec;
+use crate::tensor::limits::DecodeBudget;
 use crate::tensor::{DType, ElementError, ElementWriter, Tensor};
 
 /// The examples of one request. A feature of an example hides the context's feature of the

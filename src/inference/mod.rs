@@ -11,11 +11,11 @@ pub mod tasks;
 
 use crate::batching::BatchingOptions;
 use crate::error::Error;
-use crate::limits::DecodeBudget;
 use crate::registry::{Readiness, Registry, Servable, VersionSelector};
 use crate::request_log;
 use crate::runtime::{ModelOutput, RunError};
 use crate::signature::{canonical_name, Signature, SignatureKind, TensorSpec};
+use crate::tensor::limits::DecodeBudget;
 use crate::tensor::{byte_size, DType, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;

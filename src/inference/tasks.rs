@@ -66,7 +66,7 @@ pub struct TasksAnswer {
 
 /// Runs `tasks` on the examples of `input`, all on the one version `version` selects.
 /// `request_bytes` is the request's size as received: what its tensors may decode to
-/// depends on it (see [`crate::limits`]).
+/// depends on it (see [`crate::tensor::limits`]).
 pub async fn run(
     inference: &Inference,
     model: &str,

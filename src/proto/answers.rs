@@ -5,7 +5,7 @@ use crate::proto::serving::{
     inference_result, model_spec, ClassificationResult, InferenceResult, ModelSpec,
     RegressionResult,
 };
-use crate::signature::{CLASSIFY_METHOD_NAME, REGRESS_METHOD_NAME};
+use crate::proto::{CLASSIFY_METHOD_NAME, REGRESS_METHOD_NAME};
 
 /// The result of one task.
 #[derive(Clone, Debug, PartialEq)]

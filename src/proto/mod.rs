@@ -18,6 +18,12 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 pub use tensorflow::serving;
 
+/// TF Serving's SignatureDef method names (`signature_constants.h`): what a signature
+/// serves.
+pub const PREDICT_METHOD_NAME: &str = "tensorflow/serving/predict";
+pub const CLASSIFY_METHOD_NAME: &str = "tensorflow/serving/classify";
+pub const REGRESS_METHOD_NAME: &str = "tensorflow/serving/regress";
+
 /// The descriptors of [`FILE_DESCRIPTOR_SET`], decoded once.
 pub fn descriptor_pool() -> &'static prost_reflect::DescriptorPool {
     static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> = std::sync::OnceLock::new();

@@ -3,8 +3,8 @@
 //! meets a TensorProto converts it here.
 
 use crate::error::Error;
-use crate::limits::DecodeBudget;
 use crate::proto::tensorflow::{tensor_shape_proto, DataType, TensorProto, TensorShapeProto};
+use crate::tensor::limits::DecodeBudget;
 use crate::tensor::{byte_size, DType, ElementError, ElementWriter, Elements, Tensor};
 
 pub fn dtype_to_proto(dtype: DType) -> DataType {

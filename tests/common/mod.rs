@@ -621,7 +621,7 @@ pub fn decode_tensor(
     tensor_from_proto(
         name,
         proto,
-        &mut modelgate::limits::DecodeBudget::unlimited(),
+        &mut modelgate::tensor::limits::DecodeBudget::unlimited(),
     )
 }
 

@@ -8,7 +8,6 @@ use crate::api::v2::{
 };
 use crate::error::Error;
 use crate::inference::Inference;
-use crate::limits::DecodeBudget;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use crate::proto::inference::model_infer_request::InferInputTensor;
 use crate::proto::inference::model_infer_response::InferOutputTensor;
@@ -16,6 +15,7 @@ use crate::proto::inference::model_metadata_response::TensorMetadata;
 use crate::proto::inference::{self as pb, InferTensorContents};
 use crate::registry::Registry;
 use crate::telemetry::{Api, Protocol, Timed};
+use crate::tensor::limits::DecodeBudget;
 use crate::tensor::{DType, ElementError, ElementWriter, Tensor};
 use prost::Message;
 use std::collections::HashMap;

@@ -3,6 +3,8 @@
 //! Both APIs decode into this type and the runtime converts it to and from libtorch, so
 //! neither side knows about the other's representation.
 
+pub mod limits;
+
 use bytes::Bytes;
 use std::fmt;
 
@@ -509,7 +511,7 @@ pub struct ElementWriter {
 
 impl ElementWriter {
     /// A writer for `count` elements, whose bytes the caller has already charged against
-    /// the request's budget (see [`crate::limits`]).
+    /// the request's budget (see [`limits`]).
     pub fn new(dtype: DType, count: usize) -> ElementWriter {
         ElementWriter {
             dtype,
