@@ -173,7 +173,7 @@ impl Inference {
         let output = self
             .run_method(&servable, signature, inputs, request.deadline)
             .await?;
-        let mut outputs = name_outputs(&servable, signature_name, signature, output)?;
+        let mut outputs = name_outputs(servable.id(), signature_name, signature, output)?;
         if !request.output_filter.is_empty() {
             outputs.retain(|(name, _)| request.output_filter.contains(name));
         }
@@ -354,12 +354,7 @@ pub fn order_inputs(
 /// The model answered with outputs its signature does not describe. INTERNAL whatever the
 /// way they are wrong (the count, a name, a shape, a dtype): the fault is the model's or
 /// its signature file's, never the client's, and a retry will not help.
-pub fn bad_output(servable: &Servable, message: impl std::fmt::Display) -> Error {
-    bad_output_of((&servable.model, servable.version), message)
-}
-
-/// [`bad_output`] for `(model, version)`.
-fn bad_output_of(version: (&str, i64), message: impl std::fmt::Display) -> Error {
+pub fn bad_output(version: (&str, i64), message: impl std::fmt::Display) -> Error {
     let (model, version) = version;
     Error::Internal(format!(
         "model '{model}' version {version} returned outputs its signature does not describe: \
@@ -367,32 +362,17 @@ fn bad_output_of(version: (&str, i64), message: impl std::fmt::Display) -> Error
     ))
 }
 
-/// Names what the method returned after the signature's outputs.
+/// Names what `version` (model, version) returned after the signature's outputs.
 pub fn name_outputs(
-    servable: &Servable,
-    signature_name: &str,
-    signature: &Signature,
-    output: ModelOutput,
-) -> Result<Vec<(String, Tensor)>, Error> {
-    name_outputs_of(
-        (&servable.model, servable.version),
-        signature_name,
-        signature,
-        output,
-    )
-}
-
-/// [`name_outputs`] for `(model, version)`.
-fn name_outputs_of(
-    servable: (&str, i64),
+    version: (&str, i64),
     signature_name: &str,
     signature: &Signature,
     output: ModelOutput,
 ) -> Result<Vec<(String, Tensor)>, Error> {
     let expected = signature.outputs.len();
     let mismatch = |got: String| {
-        bad_output_of(
-            servable,
+        bad_output(
+            version,
             format_args!("signature '{signature_name}' lists {expected} output(s) but the model returned {got}"),
         )
     };
@@ -414,8 +394,8 @@ fn name_outputs_of(
                     .iter()
                     .position(|(key, _)| *key == spec.name)
                     .ok_or_else(|| {
-                        bad_output_of(
-                            servable,
+                        bad_output(
+                            version,
                             format_args!(
                                 "the result has no entry '{}' (signature '{signature_name}')",
                                 spec.name
@@ -453,7 +433,7 @@ fn run_error(servable: &Servable, err: RunError) -> Error {
             "model '{}' failed its device: {message}",
             servable.model
         )),
-        RunError::BadOutput(message) => bad_output(servable, message),
+        RunError::BadOutput(message) => bad_output(servable.id(), message),
         RunError::Crashed(_) => Error::Internal(format!("model '{}': {err}", servable.model)),
         RunError::DeadlineExceeded => Error::DeadlineExceeded(format!(
             "the deadline passed before model '{}' answered",
@@ -534,7 +514,7 @@ mod tests {
     fn outputs_are_named_from_every_result_form() {
         let sig = signature();
         let t = |v: f32| Tensor::from_values(vec![1], &[v]).unwrap();
-        let seq = name_outputs_of(
+        let seq = name_outputs(
             ("m", 1),
             "s",
             &sig,
@@ -547,14 +527,14 @@ mod tests {
             ("y".into(), t(1.)),
             ("extra".into(), t(3.)),
         ]);
-        assert_eq!(name_outputs_of(("m", 1), "s", &sig, dict).unwrap(), seq);
+        assert_eq!(name_outputs(("m", 1), "s", &sig, dict).unwrap(), seq);
         assert!(matches!(
-            name_outputs_of(("m", 1), "s", &sig, ModelOutput::Tensor(t(1.))),
+            name_outputs(("m", 1), "s", &sig, ModelOutput::Tensor(t(1.))),
             Err(Error::Internal(_))
         ));
         let missing = ModelOutput::Dict(vec![("y".into(), t(1.))]);
         assert!(
-            matches!(name_outputs_of(("m", 1), "s", &sig, missing), Err(Error::Internal(m)) if m.contains("'z'") && m.contains("model 'm' version 1"))
+            matches!(name_outputs(("m", 1), "s", &sig, missing), Err(Error::Internal(m)) if m.contains("'z'") && m.contains("model 'm' version 1"))
         );
     }
 }

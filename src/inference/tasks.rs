@@ -122,7 +122,7 @@ pub async fn run_on(
         let output = output.ok_or_else(|| {
             Error::Internal(format!("signature '{name}' was not run (server bug)"))
         })?;
-        let named = name_outputs(servable, name, signature, output)?;
+        let named = name_outputs(servable.id(), name, signature, output)?;
         let result = match kind {
             TaskKind::Classify => classification(name, signature, &named, examples.len())
                 .map(TaskResult::Classification),
@@ -130,7 +130,7 @@ pub async fn run_on(
                 regression(name, signature, &named, examples.len()).map(TaskResult::Regression)
             }
         }
-        .map_err(|message| bad_output(servable, message))?;
+        .map_err(|message| bad_output(servable.id(), message))?;
         results.push((name.to_string(), result));
     }
     request_log::capture_task_results(&results);

@@ -36,6 +36,13 @@ pub struct Servable {
     pub scheduler: Scheduler,
 }
 
+impl Servable {
+    /// The model's name and the version number, as errors name them.
+    pub fn id(&self) -> (&str, i64) {
+        (&self.model, self.version)
+    }
+}
+
 /// Which version a request asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VersionSelector {

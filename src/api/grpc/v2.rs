@@ -360,13 +360,14 @@ impl V2GrpcApi {
         self.inference
             .check_declared(&servable, &signature, checked)?;
         // Decoded on a blocking thread when large, as on the other transports.
-        let mut budget = self.inference.decode_budget(request.encoded_len());
+        let request_bytes = request.encoded_len();
+        let mut budget = self.inference.decode_budget(request_bytes);
         let request = Arc::new(request);
         let decoding = Arc::clone(&request);
         // Raw contents are taken as they are (slices of the frame): only typed contents,
         // converted value by value, count towards moving the decode off the executor.
         let raw: usize = request.raw_input_contents.iter().map(|b| b.len()).sum();
-        let size = request.encoded_len().saturating_sub(raw);
+        let size = request_bytes.saturating_sub(raw);
         let inputs = offload(size, move || {
             decode_inputs(&decoding, &declared, &mut budget)
         })
