@@ -112,6 +112,26 @@ impl Blocker {
         Blocker { task, finished }
     }
 
+    /// Waits until `n` requests of the counter queue behind it; fails if it finishes
+    /// first (they would not have queued together).
+    async fn wait_queued(&self, server: &Server, n: usize) {
+        let what = server.awaiting(format!("{n} requests to queue behind the slow one"));
+        wait_for(what, || async {
+            let depth = server
+                .metric("modelgate_queue_depth", &["model=\"counter\""])
+                .await;
+            if depth < n as f64 {
+                let running = self.running(server).await;
+                assert!(
+                    running,
+                    "the slow request finished with {depth} of the {n} queued"
+                );
+            }
+            (depth >= n as f64).then_some(())
+        })
+        .await;
+    }
+
     /// Whether the worker is still running it.
     async fn running(&self, server: &Server) -> bool {
         batches(server).await.1 == self.finished
@@ -208,21 +228,7 @@ async fn padding_to_allowed_sizes_is_dropped_from_outputs() {
             assert_eq!(values(&response, "y"), vec![i as f32 * 20.0]);
         }));
     }
-    let what = server.awaiting("three requests to queue behind the slow one");
-    wait_for(what, || async {
-        let depth = server
-            .metric("modelgate_queue_depth", &["model=\"counter\""])
-            .await;
-        if depth < 3.0 {
-            let running = blocker.running(&server).await;
-            assert!(
-                running,
-                "the slow request finished with {depth} of the three queued"
-            );
-        }
-        (depth >= 3.0).then_some(())
-    })
-    .await;
+    blocker.wait_queued(&server, 3).await;
     blocker.finish().await;
     for task in tasks {
         task.await.unwrap();
@@ -403,21 +409,7 @@ async fn requests_queued_behind_a_busy_worker_run_in_one_batch() {
     let blocker = Blocker::start(&server, 60000.0).await;
     let eight = tokio::spawn(async move { counter_requests_at_once(&client, 8).await });
     // All eight wait in the queue at once, so the batch the worker takes next holds them all.
-    let what = server.awaiting("eight requests to queue behind the slow one");
-    wait_for(what, || async {
-        let depth = server
-            .metric("modelgate_queue_depth", &["model=\"counter\""])
-            .await;
-        if depth < 8.0 {
-            let running = blocker.running(&server).await;
-            assert!(
-                running,
-                "the slow request finished with {depth} of the eight queued"
-            );
-        }
-        (depth >= 8.0).then_some(())
-    })
-    .await;
+    blocker.wait_queued(&server, 8).await;
     eight.await.unwrap();
     blocker.finish().await;
     assert_eq!(
