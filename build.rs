@@ -1,5 +1,5 @@
-//! Build script: compiles the TF Serving protos, the runtime's CUDA shim, and embeds an
-//! rpath to libtorch.
+//! Build script: compiles the TF Serving protos, the runtime's C++ shims (CUDA streams,
+//! AOTInductor packages), and embeds an rpath to libtorch.
 
 use std::env;
 use std::path::PathBuf;
@@ -20,7 +20,7 @@ const PROTOS: &[&str] = &[
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     compile_protos()?;
     embed_libtorch_rpath();
-    compile_cuda_shim();
+    compile_shims();
     Ok(())
 }
 
@@ -68,16 +68,19 @@ fn embed_libtorch_rpath() {
     }
 }
 
-/// The few libtorch calls tch does not expose (a worker thread's CUDA device and stream; see
-/// src/runtime/cuda.rs), compiled against the headers of the libtorch torch-sys links:
-/// its `lib` folder's sibling `include`, in a libtorch download and a PyTorch wheel alike.
-/// Device-generic c10 interfaces only, so no CUDA toolkit is needed to build it.
-fn compile_cuda_shim() {
-    const SHIM: &str = "src/runtime/cuda_shim.cpp";
-    println!("cargo:rerun-if-changed={SHIM}");
+/// The libtorch calls tch does not expose (a worker thread's CUDA device and stream, see
+/// src/runtime/cuda.rs; AOTInductor packages, see src/runtime/aoti.rs), compiled against
+/// the headers of the libtorch torch-sys links: its `lib` folder's sibling `include`, in a
+/// libtorch download and a PyTorch wheel alike. Device-generic c10 interfaces only, so no
+/// CUDA toolkit is needed to build them.
+fn compile_shims() {
+    const SHIMS: &[&str] = &["src/runtime/cuda_shim.cpp", "src/runtime/aoti_shim.cpp"];
+    for shim in SHIMS {
+        println!("cargo:rerun-if-changed={shim}");
+    }
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Ok(lib) = env::var("DEP_TCH_LIBTORCH_LIB") else {
-        panic!("torch-sys did not report its libtorch directory: cannot build {SHIM}");
+        panic!("torch-sys did not report its libtorch directory: cannot build the C++ shims");
     };
     let include = PathBuf::from(lib)
         .parent()
@@ -90,11 +93,13 @@ fn compile_cuda_shim() {
     let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
     cc::Build::new()
         .cpp(true)
-        .file(SHIM)
+        .files(SHIMS)
         .include(include)
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .warnings(false)
-        .compile("modelgate_cuda_shim");
+        .compile("modelgate_shims");
+    // AOTIModelPackageLoader lives in libtorch_cpu; c10 holds the device interfaces.
+    println!("cargo:rustc-link-lib=torch_cpu");
     println!("cargo:rustc-link-lib=c10");
 }

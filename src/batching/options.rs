@@ -144,6 +144,36 @@ impl BatchingOptions {
         self.max_enqueued_batches
             .saturating_mul(self.max_batch_size)
     }
+
+    /// These options for a model that runs batches of at most `max_rows` rows (an
+    /// AOTInductor package's export range): a larger execution batch size is clamped to
+    /// it, allowed sizes above it are dropped and it becomes the last. Returns what was
+    /// clamped, for the log, or `None` when the options already fit.
+    pub fn clamp_to(&mut self, max_rows: usize) -> Option<String> {
+        let execution = self.execution_batch_size();
+        if execution <= max_rows {
+            return None;
+        }
+        let was = format!(
+            "max_batch_size {}, max_execution_batch_size {:?}, allowed_batch_sizes {:?}",
+            self.max_batch_size, self.max_execution_batch_size, self.allowed_batch_sizes
+        );
+        match self.max_execution_batch_size {
+            Some(_) if self.enable_large_batch_splitting => {
+                self.max_execution_batch_size = Some(max_rows)
+            }
+            _ => self.max_batch_size = max_rows,
+        }
+        if !self.allowed_batch_sizes.is_empty() {
+            self.allowed_batch_sizes.retain(|&size| size < max_rows);
+            self.allowed_batch_sizes.push(max_rows);
+        }
+        Some(format!(
+            "{was} clamped to max_batch_size {}, max_execution_batch_size {:?}, \
+             allowed_batch_sizes {:?}: the model runs batches of at most {max_rows}",
+            self.max_batch_size, self.max_execution_batch_size, self.allowed_batch_sizes
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -159,6 +189,25 @@ mod tests {
         assert_eq!(options.num_batch_threads, None);
         assert!(!options.enable_large_batch_splitting);
         assert_eq!(options.queue_capacity_rows(), 10_000);
+    }
+
+    #[test]
+    fn clamping_keeps_tf_servings_rules() {
+        let text = "max_batch_size { value: 2048 } allowed_batch_sizes: 8 \
+                    allowed_batch_sizes: 1500 allowed_batch_sizes: 2048";
+        let mut options = BatchingOptions::parse("t", text).unwrap();
+        assert!(options.clamp_to(1024).unwrap().contains("clamped"));
+        assert_eq!(options.max_batch_size, 1024);
+        assert_eq!(options.allowed_batch_sizes, vec![8, 1024]);
+        assert_eq!(options.clamp_to(1024), None);
+        let text = "max_batch_size { value: 4096 } enable_large_batch_splitting { value: true } \
+                    max_execution_batch_size { value: 2048 }";
+        let mut split = BatchingOptions::parse("t", text).unwrap();
+        split.clamp_to(64).unwrap();
+        assert_eq!(
+            (split.max_batch_size, split.execution_batch_size()),
+            (4096, 64)
+        );
     }
 
     #[test]

@@ -124,10 +124,17 @@ impl Inference {
                 .map_err(|e| Error::InvalidArgument(format!("input '{name}': {e}")))?;
         }
         if signature.inputs.iter().all(|spec| spec.is_batched()) {
-            let shapes = inputs.into_iter().map(|(_, dtype, shape)| (dtype, shape));
+            let shapes = inputs
+                .clone()
+                .into_iter()
+                .map(|(_, dtype, shape)| (dtype, shape));
             self.check_padding(servable, shapes)?;
         }
-        Ok(())
+        let declared = inputs.into_iter().filter_map(|(name, _, shape)| {
+            let spec = signature.inputs.iter().find(|spec| spec.name == name)?;
+            Some((spec, shape))
+        });
+        check_batch_range(servable, declared)
     }
 
     /// What the tensors of a request of `request_bytes` (as received) may decode to.
@@ -199,6 +206,8 @@ impl Inference {
         inputs: Vec<Tensor>,
         deadline: Option<Instant>,
     ) -> Result<ModelOutput, Error> {
+        let shapes = inputs.iter().map(|t| t.shape.as_slice());
+        check_batch_range(servable, signature.inputs.iter().zip(shapes))?;
         let batchable = signature.inputs.iter().all(|spec| spec.is_batched());
         if batchable {
             self.check_padding(
@@ -218,6 +227,35 @@ impl Inference {
         };
         result.map_err(|e| run_error(servable, e))
     }
+}
+
+/// Refuses a request whose batched inputs (each with its spec) have more or fewer rows
+/// than the model allows: an AOTInductor package runs whatever it is given, and its answer
+/// outside its export's range is not defined.
+fn check_batch_range<'s>(
+    servable: &Servable,
+    inputs: impl IntoIterator<Item = (&'s TensorSpec, &'s [i64])>,
+) -> Result<(), Error> {
+    let Some(range) = &servable.batch_range else {
+        return Ok(());
+    };
+    for (spec, shape) in inputs {
+        let Some(&rows) = shape.first().filter(|_| spec.is_batched()) else {
+            continue;
+        };
+        if !usize::try_from(rows).is_ok_and(|rows| range.contains(&rows)) {
+            return Err(Error::InvalidArgument(format!(
+                "input '{}' has {rows} rows; version {} of model '{}' runs batches of {} to {} \
+                 rows (the range it was exported with)",
+                spec.name,
+                servable.version,
+                servable.model,
+                range.start(),
+                range.end()
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Inference {

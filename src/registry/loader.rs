@@ -1,6 +1,7 @@
 //! Loading one version directory: find its module and signatures, load it onto the device
 //! and warm it up. Blocking; the manager runs it on a blocking thread.
 
+use super::package::{self, Host};
 use super::warmup_records::{read_warm_up, WarmUpReplay};
 use super::Servable;
 use crate::batching::{BatchingOptions, Scheduler, BATCHING_PARAMS_FILE};
@@ -8,17 +9,24 @@ use crate::config::ConfigError;
 use crate::runtime::{RunnerConfig, SyntheticWarmUp};
 use crate::signature::{Signature, SignatureError, SignatureMap};
 use crate::storage::{
-    embedded_signature, EmbeddedSignature, MODEL_FILE, SAVED_MODEL_FILES, SIGNATURE_FILE,
+    embedded_signature, EmbeddedSignature, MODEL_FILE, MODEL_FILES, PACKAGE_FILE,
+    SAVED_MODEL_FILES, SIGNATURE_FILE,
 };
 use crate::tensor::Tensor;
-use std::path::Path;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Why a version did not load. The message is what GetModelStatus reports.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum VersionLoadError {
+    /// The directory holds no model modelgate serves, or a file that is not what its name
+    /// says.
     #[error("{0}")]
-    NotTorchScript(String),
+    NotAModel(String),
+    /// An AOTInductor package this server cannot run (see `registry::package`).
+    #[error("{path}: {message}")]
+    Package { path: String, message: String },
     #[error(transparent)]
     Signature(#[from] SignatureError),
     #[error(transparent)]
@@ -47,40 +55,39 @@ pub struct LoadSettings {
     pub warm_up: Option<WarmUpReplay>,
 }
 
-/// Loads the version in `dir`: signatures from `signature.json` or, when that file is
-/// absent, from `extra/signature.json` inside the TorchScript archive. Every worker runs
-/// the synthetic warm-up; then, with `--enable_model_warmup`, the version's recorded
-/// warm-up requests are replayed (a bad file or a failing record fails the load).
+/// Loads the version in `dir`, a TorchScript module (`model.pt`) or an AOTInductor package
+/// (`model.pt2`). Signatures come from `signature.json` or, when that file is absent, from
+/// the model file (`extra/signature.json` inside the TorchScript archive; the package's
+/// metadata). A package is first checked against this host (device, CPU, torch) and its
+/// export's batch range bounds the batching options. Every worker runs the synthetic
+/// warm-up; then, with `--enable_model_warmup`, the version's recorded warm-up requests
+/// are replayed (a bad file or a failing record fails the load).
 pub fn load_version(
     model: &str,
     version: i64,
     dir: &Path,
     settings: &LoadSettings,
 ) -> Result<Arc<Servable>, VersionLoadError> {
-    let model_path = dir.join(MODEL_FILE);
-    if !model_path.is_file() {
-        let found = SAVED_MODEL_FILES
-            .iter()
-            .find(|name| dir.join(name).is_file());
-        return Err(VersionLoadError::NotTorchScript(match found {
-            Some(name) => format!(
-                "{} holds a TensorFlow SavedModel ({name}); modelgate serves TorchScript: \
-                 save the model with torch.jit.save as {MODEL_FILE}",
-                dir.display()
-            ),
-            None => format!("{} has no {MODEL_FILE}", dir.display()),
-        }));
-    }
-    let signatures = read_signatures(dir, &model_path)?;
-    let batching = batching_options(dir, settings)?;
+    let model_path = model_file(dir)?;
+    let (signatures, batch_range) = if model_path.ends_with(PACKAGE_FILE) {
+        read_package(dir, &model_path, &settings.runner.devices)?
+    } else {
+        (read_signatures(dir, &model_path)?, None)
+    };
+    let mut batching = batching_options(dir, settings)?;
     let mut runner_config = settings.runner.clone();
-    if let Some(options) = &batching {
+    if let Some(options) = &mut batching {
+        if let Some(max_rows) = batch_range.as_ref().map(|range| *range.end()) {
+            if let Some(clamped) = options.clamp_to(max_rows) {
+                tracing::warn!(model, version, "batching options {clamped}");
+            }
+        }
         if let Some(threads) = options.num_batch_threads {
             runner_config = runner_config.with_batch_threads(threads);
         }
         tracing::info!(model, version, ?options, "batching");
     }
-    let warm_up = synthetic_warm_ups(&signatures, batching.as_ref());
+    let warm_up = synthetic_warm_ups(&signatures, batching.as_ref(), batch_range.as_ref());
     let scheduler = Scheduler::load(
         &model_path,
         model,
@@ -94,6 +101,7 @@ pub fn load_version(
         model: model.to_string(),
         version,
         signatures,
+        batch_range,
         scheduler,
     });
     if let Some(warm_up) = &settings.warm_up {
@@ -138,6 +146,93 @@ fn batching_options(
     )?))
 }
 
+/// The version's model file: exactly one of `model.pt` and `model.pt2`.
+fn model_file(dir: &Path) -> Result<PathBuf, VersionLoadError> {
+    let found: Vec<&str> = MODEL_FILES
+        .iter()
+        .copied()
+        .filter(|name| dir.join(name).is_file())
+        .collect();
+    match found.as_slice() {
+        [name] => Ok(dir.join(name)),
+        [] => {
+            let saved_model = SAVED_MODEL_FILES
+                .iter()
+                .find(|name| dir.join(name).is_file());
+            Err(VersionLoadError::NotAModel(match saved_model {
+                Some(name) => format!(
+                    "{} holds a TensorFlow SavedModel ({name}); modelgate serves PyTorch: \
+                     export the model as {PACKAGE_FILE} (torch.export + AOTInductor) or save \
+                     it with torch.jit.save as {MODEL_FILE}",
+                    dir.display()
+                ),
+                None => format!("{} has no {MODEL_FILE} or {PACKAGE_FILE}", dir.display()),
+            }))
+        }
+        _ => Err(VersionLoadError::NotAModel(format!(
+            "{} holds both {MODEL_FILE} and {PACKAGE_FILE}; a version is one model: put \
+             each in a version directory of its own",
+            dir.display()
+        ))),
+    }
+}
+
+/// An AOTInductor package's signatures and batch range, once its metadata shows it can run
+/// here. Its signatures must call `forward` (a package's only method) and give every
+/// input's shape: the package checks nothing it is given, so the server must.
+fn read_package(
+    dir: &Path,
+    package_path: &Path,
+    devices: &[crate::runtime::Device],
+) -> Result<(SignatureMap, Option<RangeInclusive<usize>>), VersionLoadError> {
+    let refused = |message: String| VersionLoadError::Package {
+        path: package_path.display().to_string(),
+        message,
+    };
+    let metadata = crate::runtime::read_package_metadata(package_path)
+        .map_err(|e| refused(format!("not an AOTInductor package: {e}")))?;
+    let facts = package::check(&metadata, &Host::this(devices)).map_err(refused)?;
+    if let Some(warning) = &facts.warning {
+        tracing::warn!(path = %package_path.display(), "{warning}");
+    }
+    let signature_path = dir.join(SIGNATURE_FILE);
+    let signatures = if signature_path.is_file() {
+        let text = std::fs::read_to_string(&signature_path).map_err(|e| VersionLoadError::Io {
+            path: signature_path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        SignatureMap::from_json(&text)?
+    } else if let Some(text) = &facts.signature {
+        SignatureMap::from_json(text)?
+    } else {
+        return Err(SignatureError(format!(
+            "no {SIGNATURE_FILE} next to {PACKAGE_FILE} and none in its metadata: write one \
+             beside it, or export with `python -m modelgate_export` (tools/), which records \
+             it in the package as {}",
+            package::SIGNATURE_KEY
+        ))
+        .into());
+    };
+    for (name, signature) in &signatures.signatures {
+        if &*signature.method != "forward" {
+            return Err(SignatureError(format!(
+                "{name}: method '{}', but an AOTInductor package has one method, forward",
+                signature.method
+            ))
+            .into());
+        }
+        if let Some(spec) = signature.inputs.iter().find(|spec| spec.shape.is_none()) {
+            return Err(SignatureError(format!(
+                "{name}: input '{}' has no shape; a {PACKAGE_FILE}'s inputs need their \
+                 shapes (-1 for the batch) because the package checks none",
+                spec.name
+            ))
+            .into());
+        }
+    }
+    Ok((signatures, facts.batch_range))
+}
+
 fn read_signatures(dir: &Path, model_path: &Path) -> Result<SignatureMap, VersionLoadError> {
     let io_error = |path: &Path, e: &dyn std::fmt::Display| VersionLoadError::Io {
         path: path.display().to_string(),
@@ -156,7 +251,7 @@ fn read_signatures(dir: &Path, model_path: &Path) -> Result<SignatureMap, Versio
              (torch.jit.save(..., _extra_files={{\"signature.json\": ...}}))"
         ))
         .into()),
-        EmbeddedSignature::NotAnArchive(reason) => Err(VersionLoadError::NotTorchScript(format!(
+        EmbeddedSignature::NotAnArchive(reason) => Err(VersionLoadError::NotAModel(format!(
             "{} is not a TorchScript archive ({reason})",
             model_path.display()
         ))),
@@ -170,19 +265,28 @@ const WARM_UP_MAX_BYTES: usize = 1 << 30;
 /// What every worker runs before the version serves: each signature on zeros of its
 /// declared shapes, at every batch size a batch may run at (see
 /// [`BatchingOptions::warm_up_batch_sizes`]; batch 1 without batching or for a signature
-/// that is not batched). Where the shapes leave other dimensions free, they are set to 1,
-/// a guess that may not suit the model: such calls may fail without failing the load.
+/// that is not batched), within the model's batch range when it has one. Where the shapes
+/// leave other dimensions free, they are set to 1, a guess that may not suit the model:
+/// such calls may fail without failing the load.
 fn synthetic_warm_ups(
     signatures: &SignatureMap,
     batching: Option<&BatchingOptions>,
+    batch_range: Option<&RangeInclusive<usize>>,
 ) -> Vec<SyntheticWarmUp> {
     let mut calls = Vec::new();
     for (name, signature) in &signatures.signatures {
         let batched = signature.inputs.iter().all(|spec| spec.is_batched());
-        let sizes = match batching {
+        let mut sizes = match batching {
             Some(options) if batched => options.warm_up_batch_sizes(),
             _ => vec![1],
         };
+        if let Some(range) = batch_range.filter(|_| batched) {
+            sizes = sizes
+                .into_iter()
+                .map(|size| size.clamp(*range.start(), *range.end()))
+                .collect();
+            sizes.dedup();
+        }
         for size in sizes {
             let label = format!("signature '{name}' at batch size {size}");
             match warm_up_call(signature, size, label) {

@@ -7,6 +7,7 @@
 
 mod loader;
 mod manager;
+mod package;
 mod policy;
 mod retries;
 mod source;
@@ -33,6 +34,9 @@ pub struct Servable {
     pub model: String,
     pub version: i64,
     pub signatures: SignatureMap,
+    /// The batch sizes the model allows, when it says (an AOTInductor package's export
+    /// range): requests with more or fewer rows are refused before they reach it.
+    pub batch_range: Option<std::ops::RangeInclusive<usize>>,
     pub scheduler: Scheduler,
 }
 

@@ -1,14 +1,19 @@
-//! The runtime: the only module that imports `tch`. It loads TorchScript modules onto a
-//! device and runs their methods on worker threads, never on the async executor.
+//! The runtime: the only module that imports `tch`. It loads models — TorchScript modules
+//! and AOTInductor packages, behind one interface ([`model`]) — onto a device and runs
+//! them on worker threads, never on the async executor.
 //!
 //! It speaks in [`Tensor`]s and method names; signatures, protocols and versions are the
 //! business of the layers above.
 
+mod aoti;
 mod convert;
 mod cuda;
+mod model;
 mod staging;
 mod worker;
 
+pub use aoti::{read_metadata as read_package_metadata, torch_version};
+pub use model::ModelFormat;
 pub use worker::{
     padded_size, start_workers, Batch, BatchFormer, BatchSource, Job, JobResult, RunnerConfig,
     SyntheticWarmUp, Workers,

@@ -3,8 +3,8 @@
 //! in memory.
 
 use super::convert::model_output;
+use super::model::Model;
 use super::staging::Staging;
-use super::torch_error;
 use super::{cuda, Device, LoadError, ModelOutput, RunError};
 use crate::telemetry::{self, BatchPhases, VersionMetrics};
 use crate::tensor::Tensor;
@@ -13,16 +13,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{CModule, IValue};
 use tokio::sync::oneshot;
 
 /// How a model runs: where, and on how many threads.
 #[derive(Clone, Debug)]
 pub struct RunnerConfig {
-    /// Every device gets its own copy of the module and its own workers.
+    /// Every device gets its own copy of the model and its own workers.
     pub devices: Vec<Device>,
-    /// Worker threads per device sharing that device's module (libtorch modules are safe
-    /// to run concurrently).
+    /// Worker threads per device sharing that device's model (TorchScript modules run
+    /// concurrent calls; an AOTInductor package gets one runner per worker).
     pub instances_per_device: usize,
 }
 
@@ -254,9 +253,10 @@ impl Drop for DeathWatch {
     }
 }
 
-/// Loads the TorchScript module at `path` onto every device (one copy per device) and
-/// starts its workers. Each binds its thread to its device, runs every `warm_up` call, then
-/// runs what `source` gives it until it closes, and frees the module. Returns once every
+/// Loads the model file at `path` (TorchScript or an AOTInductor package) onto every
+/// device (one copy per device) and starts its workers. Each binds its thread to its
+/// device, runs every `warm_up` call, then runs what `source` gives it until it closes, and
+/// frees the model. Returns once every
 /// worker has warmed up. `series` is the version's (it names the threads too). Blocking:
 /// call it from a blocking thread, never from the async executor.
 pub fn start_workers(
@@ -286,11 +286,11 @@ pub fn start_workers(
     let (warmed, warm_ups) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(config.devices.len() * instances);
     for (index, &device) in config.devices.iter().enumerate() {
-        let module = Arc::new(load_module(path, device)?);
+        let loaded = Arc::new(Model::load(path, device, instances)?);
         for instance in 0..instances {
             let name = format!("{model}/{version}@{device}#{instance}");
             let mut worker = Worker {
-                module: Arc::clone(&module),
+                model: Arc::clone(&loaded),
                 device,
                 staging: Staging::new(device.to_tch()),
                 marks: PhaseMarks::default(),
@@ -334,20 +334,10 @@ pub fn start_workers(
     Ok(Workers { threads, health })
 }
 
-fn load_module(path: &Path, device: Device) -> Result<CModule, LoadError> {
-    let torch_error = |e: tch::TchError| LoadError::Torch {
-        path: path.display().to_string(),
-        message: super::trim_torch_message(&e.to_string()),
-    };
-    let mut module = CModule::load_on_device(path, device.to_tch()).map_err(torch_error)?;
-    module.f_set_eval().map_err(torch_error)?;
-    Ok(module)
-}
-
-/// One worker thread's state: its device's module, and the host memory it stages batches
+/// One worker thread's state: its device's model, and the host memory it stages batches
 /// in.
 struct Worker {
-    module: Arc<CModule>,
+    model: Arc<Model>,
     device: Device,
     staging: Staging,
     /// Where the batch running now is: set by [`Worker::forward`] as each phase ends.
@@ -510,16 +500,11 @@ impl Worker {
         let args = (0..jobs[0].inputs.len())
             .map(|position| {
                 let parts: Vec<&Tensor> = jobs.iter().map(|job| &job.inputs[position]).collect();
-                self.staging
-                    .input(position, &parts, rows)
-                    .map(IValue::Tensor)
+                self.staging.input(position, &parts, rows)
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.marks.staged = Some(Instant::now());
-        let result = self
-            .module
-            .method_is(&jobs[0].method, &args)
-            .map_err(torch_error)?;
+        let result = self.model.run(&jobs[0].method, args)?;
         self.marks.ran = Some(Instant::now());
         model_output(result, &self.staging)
     }
@@ -612,6 +597,7 @@ fn split_output(
 mod tests {
     use super::*;
     use std::time::Duration;
+    use tch::CModule;
 
     /// A TorchScript module computing `2 * x`, saved where `start_workers` can load it.
     fn doubling_module(tag: &str) -> std::path::PathBuf {

@@ -1,9 +1,9 @@
 //! Local base paths: versions are listed with `read_dir` and loaded in place. Blocking; run
 //! on a blocking thread.
 
-use super::MODEL_FILE;
 use super::{
-    embedded_signature, layout, parse_version, EmbeddedSignature, StorageError, VersionEntry,
+    embedded_signature, layout, package_has_signature, parse_version, EmbeddedSignature,
+    StorageError, VersionEntry, MODEL_FILE, PACKAGE_FILE,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -53,7 +53,10 @@ fn version_entry(dir: &Path) -> Option<VersionEntry> {
         true => true,
         // Reading the archive's directory is cheap here, so a model with an embedded
         // signature serves at once; one that cannot be opened may still be being written.
-        false => has_embedded_signature(&dir.join(MODEL_FILE)),
+        false => {
+            has_embedded_signature(&dir.join(MODEL_FILE))
+                || package_has_signature(&dir.join(PACKAGE_FILE))
+        }
     };
     files.sort();
     Some(VersionEntry {

@@ -19,6 +19,10 @@ use std::sync::Arc;
 
 /// The TorchScript module of a version directory.
 pub const MODEL_FILE: &str = "model.pt";
+/// The AOTInductor package (PyTorch 2) of a version directory, in place of `model.pt`.
+pub const PACKAGE_FILE: &str = "model.pt2";
+/// The files a version directory may hold its model in (one of them).
+pub const MODEL_FILES: &[&str] = &[MODEL_FILE, PACKAGE_FILE];
 /// The signatures of a version directory (optional when embedded in the module).
 pub const SIGNATURE_FILE: &str = "signature.json";
 /// What a TensorFlow SavedModel directory holds; recognised only to refuse it clearly.
@@ -61,8 +65,8 @@ pub struct VersionEntry {
     /// or ETags), so a version that failed to load is retried only once it has been
     /// rewritten, and a cached download is reused only while it is unchanged.
     pub fingerprint: String,
-    /// `false` for a `model.pt` without `signature.json` whose signature is not known to be
-    /// embedded: it may be an upload still in progress. The manager counts such a version
+    /// `false` for a `model.pt` or `model.pt2` without `signature.json` whose signature is
+    /// not known to be embedded: it may be an upload still in progress. The manager counts such a version
     /// once it has stayed unchanged across two listings (see `registry::manager`).
     pub complete: bool,
     /// The files to fetch (S3 only; a local version is loaded in place).
@@ -75,7 +79,7 @@ pub struct VersionEntry {
 pub(crate) fn layout<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<bool> {
     let (mut model, mut signature, mut saved_model) = (false, false, false);
     for name in names {
-        model |= name == MODEL_FILE;
+        model |= MODEL_FILES.contains(&name);
         signature |= name == SIGNATURE_FILE;
         saved_model |= SAVED_MODEL_FILES.contains(&name);
     }
@@ -250,6 +254,32 @@ pub fn embedded_signature(model: &std::path::Path) -> std::io::Result<EmbeddedSi
         .map_err(std::io::Error::other)?
         .read_to_string(&mut text)?;
     Ok(EmbeddedSignature::Found(text))
+}
+
+/// Whether the AOTInductor package `package` is a complete zip whose metadata carries a
+/// signature (the export command's `modelgate.signature` key). Reads only the archive's
+/// directory and its metadata entry; a cheap completeness test, not the loader's parse.
+pub fn package_has_signature(package: &std::path::Path) -> bool {
+    use std::io::Read;
+    let Ok(file) = std::fs::File::open(package) else {
+        return false;
+    };
+    let Ok(mut archive) = zip::ZipArchive::new(std::io::BufReader::new(file)) else {
+        return false;
+    };
+    let Some(entry) = archive
+        .file_names()
+        .filter_map(Result::ok)
+        .find(|name| name.ends_with("wrapper_metadata.json"))
+        .map(|name| name.into_owned())
+    else {
+        return false;
+    };
+    let mut text = String::new();
+    archive
+        .by_name(&entry)
+        .is_ok_and(|mut entry| entry.read_to_string(&mut text).is_ok())
+        && text.contains("\"modelgate.signature\"")
 }
 
 /// A version directory name: a positive integer, as in TF Serving.

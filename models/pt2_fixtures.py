@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Writes the PyTorch 2 test fixtures with the project's own export command
+(tools/modelgate_export.py), and what PyTorch's own loader answers for them.
+
+    python models/pt2_fixtures.py target/pt2-models
+
+- `small/1` TorchScript and `small/2` an AOTInductor package of the same module (4 -> 3,
+  batch 1..64): a model that mixes formats, for hot swaps in both directions.
+- `pair/1` an AOTInductor package with two inputs and two outputs (batch 1..1024), which
+  must keep their order.
+- `expected.json`: inputs and the outputs `torch._inductor.aoti_load_package` gives for
+  them, which the server must give too.
+
+Compiling a package takes 30-60 s on 2 cores; make rebuilds this only when the export
+command or this file changes.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+import modelgate_export  # noqa: E402
+
+
+class Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = torch.nn.Linear(4, 16)
+        self.out = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x)))
+
+
+class Pair(torch.nn.Module):
+    """Two inputs, two outputs of different widths: order mistakes show."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def forward(self, a, b):
+        return self.linear(a) * b, (a.sum(dim=1, keepdim=True) - b)
+
+
+def main(base):
+    torch.manual_seed(7)
+    torch.set_num_threads(1)
+    shutil.rmtree(base, ignore_errors=True)
+    small, pair = Small(), Pair()
+    small_inputs = {"x": torch.zeros(2, 4)}
+    pair_inputs = {"a": torch.zeros(2, 3), "b": torch.zeros(2, 1)}
+    export = modelgate_export.export
+    export(small, small_inputs, f"{base}/small", 1, "torchscript", ["scores"])
+    export(small, small_inputs, f"{base}/small", 2, "pt2", ["scores"], max_batch=64)
+    export(pair, pair_inputs, f"{base}/pair", 1, "pt2", ["mixed", "offset"])
+
+    generator = torch.Generator().manual_seed(11)
+    cases = {}
+    for name, inputs, package in [
+        ("small", {"x": (5, 4)}, f"{base}/small/2/model.pt2"),
+        ("pair", {"a": (3, 3), "b": (3, 1)}, f"{base}/pair/1/model.pt2"),
+    ]:
+        tensors = {k: torch.randn(*shape, generator=generator) for k, shape in inputs.items()}
+        runner = torch._inductor.aoti_load_package(package)
+        outputs = runner(*tensors.values())
+        if isinstance(outputs, torch.Tensor):
+            outputs = [outputs]
+        cases[name] = {
+            "inputs": {k: {"shape": list(t.shape), "values": t.flatten().tolist()}
+                       for k, t in tensors.items()},
+            "outputs": [{"shape": list(t.shape), "values": t.flatten().tolist()} for t in outputs],
+        }
+    with open(os.path.join(base, "expected.json"), "w") as f:
+        json.dump(cases, f)
+    print(f"wrote the PyTorch 2 fixtures to {base}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])

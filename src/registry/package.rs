@@ -1,0 +1,270 @@
+//! What a `model.pt2` (an AOTInductor package) must show before it is loaded. libtorch's
+//! loader checks none of this: a package compiled for an instruction set the host lacks
+//! dies on an illegal instruction, one for another device type or torch release fails in
+//! ways that do not say why. The package's own metadata (read without loading it) says
+//! what it was built for; anything this server cannot run fails the version with a message
+//! naming the mismatch, and the version before keeps serving.
+
+use crate::runtime::Device;
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+
+/// Metadata keys the export command (tools/modelgate_export.py) writes.
+pub const SIGNATURE_KEY: &str = "modelgate.signature";
+const BATCH_MIN_KEY: &str = "modelgate.batch_min";
+const BATCH_MAX_KEY: &str = "modelgate.batch_max";
+const TORCH_VERSION_KEY: &str = "modelgate.torch_version";
+
+/// What the package's metadata tells the loader once it passed the checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackageFacts {
+    /// The signature JSON the export recorded, if any.
+    pub signature: Option<String>,
+    /// The batch sizes the export allows (`None`: not recorded; nothing is bounded).
+    pub batch_range: Option<RangeInclusive<usize>>,
+    /// A note for the log when the package was built by an older torch.
+    pub warning: Option<String>,
+}
+
+/// What this server is, for comparing with a package: its devices, CPU and torch.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub devices: Vec<Device>,
+    /// `std::env::consts::ARCH`.
+    pub arch: String,
+    /// The CPU's feature flags (`/proc/cpuinfo`'s `flags` or `Features`).
+    pub cpu_flags: Vec<String>,
+    /// libtorch's `MAJOR.MINOR`.
+    pub torch: String,
+}
+
+impl Host {
+    /// This process's host, serving on `devices`.
+    pub fn this(devices: &[Device]) -> Host {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_flags = cpuinfo
+            .lines()
+            .find_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                matches!(key.trim(), "flags" | "Features").then_some(value)
+            })
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        Host {
+            devices: devices.to_vec(),
+            arch: std::env::consts::ARCH.to_string(),
+            cpu_flags,
+            torch: crate::runtime::torch_version(),
+        }
+    }
+}
+
+/// The CPU flags each `AOTI_CPU_ISA` word (PyTorch's `pick_vec_isa`, upper-cased) compiles
+/// against: its `-m` flags, as `/proc/cpuinfo` names them.
+fn isa_flags(word: &str) -> Option<&'static [&'static str]> {
+    Some(match word {
+        "INVALID_VEC_ISA" => &[],
+        "AVX2" => &["avx2", "fma", "f16c"],
+        "AVX512" => &["avx512f", "avx512dq", "avx512vl", "avx512bw", "fma"],
+        "AVX512_VNNI" => &["avx512_vnni"],
+        "AMX_TILE" => &["amx_tile", "amx_bf16", "amx_int8"],
+        "NEON" | "ASIMD" => &["asimd"],
+        _ => return None,
+    })
+}
+
+/// Checks `metadata` against `host` and returns what the loader needs from it.
+pub fn check(metadata: &BTreeMap<String, String>, host: &Host) -> Result<PackageFacts, String> {
+    let field = |key: &str| {
+        metadata
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    };
+
+    let wanted = host.devices.first().map_or("cpu", |device| match device {
+        Device::Cpu => "cpu",
+        Device::Cuda(_) => "cuda",
+    });
+    match field("AOTI_DEVICE_KEY") {
+        None => return Err("the package's metadata names no device (AOTI_DEVICE_KEY)".into()),
+        Some(key) if key != wanted => {
+            return Err(format!(
+                "the package was compiled for device '{key}' but this server runs models on \
+                 {wanted} (--device); compile it with its inputs on {wanted}"
+            ))
+        }
+        Some(_) => {}
+    }
+    if let Some(machine) = field("AOTI_MACHINE") {
+        if machine != host.arch {
+            return Err(format!(
+                "the package was compiled for {machine} CPUs and this host is {}",
+                host.arch
+            ));
+        }
+    }
+    if let Some(isa) = field("AOTI_CPU_ISA") {
+        for word in isa.split_whitespace() {
+            let Some(flags) = isa_flags(word) else {
+                return Err(format!(
+                    "the package was compiled for the CPU instruction set '{word}', which \
+                     modelgate cannot check against this host; refused rather than risk an \
+                     illegal instruction"
+                ));
+            };
+            let missing: Vec<&str> = flags
+                .iter()
+                .copied()
+                .filter(|flag| !host.cpu_flags.iter().any(|have| have == flag))
+                .collect();
+            if !missing.is_empty() {
+                return Err(format!(
+                    "the package was compiled for CPU instruction set {isa} (AOTI_CPU_ISA) and \
+                     this CPU lacks {}: running it would be an illegal instruction; compile it \
+                     on a machine of this kind",
+                    missing.join(", ")
+                ));
+            }
+        }
+    }
+    let mut warning = None;
+    if let Some(built) = field(TORCH_VERSION_KEY) {
+        match compare_releases(built, &host.torch) {
+            Some(std::cmp::Ordering::Greater) => {
+                return Err(format!(
+                    "the package was compiled by torch {built}, newer than this server's \
+                     libtorch {}; AOTInductor packages run on the release that built them or \
+                     a later one",
+                    host.torch
+                ))
+            }
+            Some(std::cmp::Ordering::Less) => {
+                warning = Some(format!(
+                    "the package was compiled by torch {built} and runs on libtorch {}",
+                    host.torch
+                ))
+            }
+            _ => {}
+        }
+    }
+    let batch_range = match (field(BATCH_MIN_KEY), field(BATCH_MAX_KEY)) {
+        (None, None) => None,
+        (Some(low), Some(high)) => match (low.parse::<usize>(), high.parse::<usize>()) {
+            (Ok(low), Ok(high)) if 1 <= low && low <= high => Some(low..=high),
+            _ => {
+                return Err(format!(
+                    "the package's batch range {BATCH_MIN_KEY}={low}, {BATCH_MAX_KEY}={high} \
+                     is not 1 <= min <= max"
+                ))
+            }
+        },
+        _ => {
+            return Err(format!(
+                "the package's metadata has only one of {BATCH_MIN_KEY} and {BATCH_MAX_KEY}"
+            ))
+        }
+    };
+    Ok(PackageFacts {
+        signature: field(SIGNATURE_KEY).map(str::to_string),
+        batch_range,
+        warning,
+    })
+}
+
+/// Compares two releases by `MAJOR.MINOR` (`2.11.0+cu130` is 2.11); `None` when either
+/// cannot be read.
+fn compare_releases(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    let release = |text: &str| -> Option<(u32, u32)> {
+        let mut parts = text.split(['.', '+']);
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    };
+    Some(release(a)?.cmp(&release(b)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Host {
+        Host {
+            devices: vec![Device::Cpu],
+            arch: "x86_64".into(),
+            cpu_flags: [
+                "fma", "f16c", "avx2", "avx512f", "avx512dq", "avx512vl", "avx512bw",
+            ]
+            .map(String::from)
+            .to_vec(),
+            torch: "2.11".into(),
+        }
+    }
+
+    fn metadata(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
+        let mut all: BTreeMap<String, String> = [
+            ("AOTI_DEVICE_KEY", "cpu"),
+            ("AOTI_MACHINE", "x86_64"),
+            ("AOTI_CPU_ISA", "AVX512"),
+            ("modelgate.torch_version", "2.11.0+cu130"),
+            ("modelgate.batch_min", "1"),
+            ("modelgate.batch_max", "64"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (key, value) in entries {
+            all.insert(key.to_string(), value.to_string());
+        }
+        all
+    }
+
+    #[test]
+    fn a_package_for_this_host_passes_with_its_batch_range() {
+        let facts = check(&metadata(&[]), &host()).unwrap();
+        assert_eq!(facts.batch_range, Some(1..=64));
+        assert_eq!(facts.signature, None);
+        assert_eq!(facts.warning, None);
+    }
+
+    #[test]
+    fn what_this_host_cannot_run_is_refused_naming_why() {
+        for (entries, needle) in [
+            (
+                vec![("AOTI_DEVICE_KEY", "cuda")],
+                "compiled for device 'cuda'",
+            ),
+            (vec![("AOTI_DEVICE_KEY", "")], "names no device"),
+            (vec![("AOTI_MACHINE", "aarch64")], "aarch64"),
+            (
+                vec![("AOTI_CPU_ISA", "AVX512 AVX512_VNNI")],
+                "lacks avx512_vnni",
+            ),
+            (vec![("AOTI_CPU_ISA", "SOMETHING_NEW")], "'SOMETHING_NEW'"),
+            (vec![("modelgate.torch_version", "2.12.1")], "newer than"),
+            (vec![("modelgate.batch_min", "0")], "1 <= min <= max"),
+            (vec![("modelgate.batch_max", "x")], "1 <= min <= max"),
+        ] {
+            let error = check(&metadata(&entries), &host()).unwrap_err();
+            assert!(error.contains(needle), "{error} should say {needle}");
+        }
+        let mut gpu = host();
+        gpu.devices = vec![Device::Cuda(0)];
+        let error = check(&metadata(&[]), &gpu).unwrap_err();
+        assert!(error.contains("runs models on cuda"), "{error}");
+    }
+
+    #[test]
+    fn an_older_torch_is_a_warning_and_no_version_is_none() {
+        let facts = check(&metadata(&[("modelgate.torch_version", "2.9.1")]), &host()).unwrap();
+        assert!(facts.warning.unwrap().contains("2.9.1"));
+        let mut bare = metadata(&[]);
+        bare.retain(|key, _| key.starts_with("AOTI_"));
+        let facts = check(&bare, &host()).unwrap();
+        assert_eq!((facts.batch_range, facts.warning), (None, None));
+        assert_eq!(
+            check(&metadata(&[("AOTI_CPU_ISA", "INVALID_VEC_ISA")]), &host()).map(|_| ()),
+            Ok(())
+        );
+    }
+}

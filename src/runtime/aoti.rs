@@ -1,0 +1,266 @@
+//! AOTInductor packages (`model.pt2`): PyTorch 2's compiled models, loaded and run through
+//! libtorch's `AOTIModelPackageLoader` (see `aoti_shim.cpp`), no Python involved.
+//!
+//! Two things the loader does not do, done here:
+//! - It unpacks a package into a fresh `/tmp/XXXXXX` (TMPDIR is ignored) and removes it
+//!   when the loaded package is freed, but leaves it behind when loading throws. Loads run
+//!   one at a time (the loader also parses JSON through a function-level static), so what
+//!   a failed load left in /tmp is told apart and removed.
+//! - It checks nothing about the inputs it is given; the layers above check them against
+//!   the signature, and [`Package::run`] against the batch range the export allows.
+
+use super::{classify_torch_error, Device, RunError};
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::Mutex;
+
+#[repr(C)]
+struct RawPackage {
+    _private: [u8; 0],
+}
+
+extern "C" {
+    fn modelgate_aoti_torch_version() -> *const c_char;
+    fn modelgate_aoti_metadata(
+        path: *const c_char,
+        entries: *mut *mut c_char,
+        length: *mut usize,
+    ) -> *mut c_char;
+    fn modelgate_aoti_load(
+        path: *const c_char,
+        runners: usize,
+        device_index: c_int,
+        loaded: *mut *mut RawPackage,
+    ) -> *mut c_char;
+    fn modelgate_aoti_run(
+        package: *mut RawPackage,
+        inputs: *const *const torch_sys::C_tensor,
+        count: usize,
+        cuda_index: c_int,
+        outputs: *mut *mut *mut torch_sys::C_tensor,
+        output_count: *mut usize,
+    ) -> *mut c_char;
+    fn modelgate_aoti_free(package: *mut RawPackage);
+    fn modelgate_aoti_free_buffer(buffer: *mut std::ffi::c_void);
+}
+
+/// Where the loader unpacks packages; hard-coded in libtorch.
+const UNPACK_ROOT: &str = "/tmp";
+
+/// Loads (and metadata reads) one at a time, so that what appears in /tmp during one is
+/// that one's.
+static LOADING: Mutex<()> = Mutex::new(());
+
+/// The shim's error message, if it returned one, freed after reading.
+fn take_message(message: *mut c_char) -> Option<String> {
+    if message.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null answer is a NUL-terminated string the shim malloc'd for us; it is
+    // read once and freed once, by the shim's own free.
+    let text = unsafe { CStr::from_ptr(message) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { modelgate_aoti_free_buffer(message.cast()) };
+    Some(text)
+}
+
+fn c_path(path: &Path) -> Result<CString, String> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{} has a NUL byte in its path", path.display()))
+}
+
+/// The libtorch version modelgate runs, as `MAJOR.MINOR`.
+pub fn torch_version() -> String {
+    // SAFETY: the shim returns a pointer to a static NUL-terminated string.
+    unsafe { CStr::from_ptr(modelgate_aoti_torch_version()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The package's metadata (`AOTI_DEVICE_KEY`, `AOTI_CPU_ISA`, what the export wrote) without
+/// loading its model.
+pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, String> {
+    let c_path = c_path(path)?;
+    let mut entries: *mut c_char = std::ptr::null_mut();
+    let mut length = 0usize;
+    let message = unpacking(|| {
+        // SAFETY: the shim reads the path and writes the two out-parameters on success.
+        take_message(unsafe { modelgate_aoti_metadata(c_path.as_ptr(), &mut entries, &mut length) })
+    });
+    if let Some(message) = message {
+        return Err(super::trim_torch_message(&message));
+    }
+    // SAFETY: on success `entries` is a malloc'd buffer of `length` bytes, freed below.
+    let packed = unsafe { std::slice::from_raw_parts(entries.cast::<u8>(), length) }.to_vec();
+    unsafe { modelgate_aoti_free_buffer(entries.cast()) };
+    let mut fields = packed.split(|&b| b == 0);
+    let mut metadata = BTreeMap::new();
+    while let (Some(key), Some(value)) = (fields.next(), fields.next()) {
+        metadata.insert(
+            String::from_utf8_lossy(key).into_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        );
+    }
+    Ok(metadata)
+}
+
+/// A loaded package. `run` may be called from many threads at once: each call takes one of
+/// the package's runners, waiting when all are busy.
+pub struct Package {
+    raw: NonNull<RawPackage>,
+    device: Device,
+}
+
+// SAFETY: AOTIModelPackageLoader::run is safe to call concurrently when the loader is not
+// single-threaded (modelgate never asks for that): its container hands each call a free
+// model instance under its own lock. Freeing happens once, in Drop.
+unsafe impl Send for Package {}
+unsafe impl Sync for Package {}
+
+impl Package {
+    /// Loads the package at `path` for `device`, with `runners` model instances (the number
+    /// of threads that will call it at once).
+    pub fn load(path: &Path, device: Device, runners: usize) -> Result<Package, String> {
+        let c_path = c_path(path)?;
+        let device_index = match device {
+            Device::Cpu => -1,
+            Device::Cuda(n) => c_int::try_from(n).map_err(|_| format!("no CUDA device {n}"))?,
+        };
+        let mut raw: *mut RawPackage = std::ptr::null_mut();
+        let message = unpacking(|| {
+            // SAFETY: the shim reads the path and sets `raw` on success only.
+            take_message(unsafe {
+                modelgate_aoti_load(c_path.as_ptr(), runners.max(1), device_index, &mut raw)
+            })
+        });
+        if let Some(message) = message {
+            return Err(super::trim_torch_message(&message));
+        }
+        let raw = NonNull::new(raw).ok_or("the AOTInductor loader returned nothing")?;
+        Ok(Package { raw, device })
+    }
+
+    /// Runs the package on `inputs` (on its device), returning its flattened outputs.
+    pub fn run(&self, inputs: &[tch::Tensor]) -> Result<Vec<tch::Tensor>, RunError> {
+        let pointers: Vec<*const torch_sys::C_tensor> =
+            inputs.iter().map(tch::Tensor::as_ptr).collect();
+        let cuda_index = match self.device {
+            Device::Cpu => -1,
+            Device::Cuda(n) => c_int::try_from(n).unwrap_or(c_int::MAX),
+        };
+        let mut outputs: *mut *mut torch_sys::C_tensor = std::ptr::null_mut();
+        let mut count = 0usize;
+        // SAFETY: the inputs are live tch tensors (at::Tensor pointers) borrowed for the
+        // call; on success the shim hands over an array of `count` owned tensors.
+        let message = take_message(unsafe {
+            modelgate_aoti_run(
+                self.raw.as_ptr(),
+                pointers.as_ptr(),
+                pointers.len(),
+                cuda_index,
+                &mut outputs,
+                &mut count,
+            )
+        });
+        if let Some(message) = message {
+            return Err(classify_torch_error(&message));
+        }
+        // SAFETY: each pointer is a `new at::Tensor` that tch now owns (and frees), taken
+        // once; the array itself is freed by the shim's free.
+        let tensors = unsafe { std::slice::from_raw_parts(outputs, count) }
+            .iter()
+            .map(|&tensor| unsafe { tch::Tensor::from_ptr(tensor) })
+            .collect();
+        unsafe { modelgate_aoti_free_buffer(outputs.cast()) };
+        Ok(tensors)
+    }
+}
+
+impl Drop for Package {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from the shim's load and is freed once; the loader's destructor
+        // removes the directory the package was unpacked into.
+        unsafe { modelgate_aoti_free(self.raw.as_ptr()) };
+    }
+}
+
+/// Runs `unpack` (a load or a metadata read that answers `Some(message)` when it failed)
+/// alone, and after a failure removes the directories it left in /tmp.
+fn unpacking(unpack: impl FnOnce() -> Option<String>) -> Option<String> {
+    let _alone = LOADING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let before = unpack_dirs();
+    let failed = unpack();
+    if failed.is_some() {
+        for left in unpack_dirs().difference(&before) {
+            if holds_a_package(left) {
+                if let Err(e) = std::fs::remove_dir_all(left) {
+                    tracing::warn!(dir = %left.display(), "cannot remove what a failed package load left: {e}");
+                }
+            }
+        }
+    }
+    failed
+}
+
+/// The directories in /tmp named as mkdtemp("/tmp/XXXXXX") names them.
+fn unpack_dirs() -> HashSet<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(UNPACK_ROOT) else {
+        return HashSet::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.as_encoded_bytes();
+            name.len() == 6
+                && name.iter().all(u8::is_ascii_alphanumeric)
+                && entry.file_type().is_ok_and(|kind| kind.is_dir())
+        })
+        .map(|entry| entry.path())
+        .collect()
+}
+
+/// Whether `dir` is what the loader unpacks: `data/aotinductor` at its top or one level
+/// down (under the archive's own prefix folder), so that no other program's new temporary
+/// directory is touched.
+fn holds_a_package(dir: &Path) -> bool {
+    let unpacked = |root: &Path| root.join("data").join("aotinductor").is_dir();
+    unpacked(dir)
+        || std::fs::read_dir(dir)
+            .is_ok_and(|entries| entries.flatten().any(|entry| unpacked(&entry.path())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_is_not_a_package_is_an_error_and_leaves_nothing() {
+        let dir = std::env::temp_dir().join(format!("modelgate-aoti-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.pt2");
+        std::fs::write(&path, b"not a zip at all").unwrap();
+        let before = unpack_dirs();
+        assert!(read_metadata(&path).is_err());
+        let error = Package::load(&path, Device::Cpu, 1).err().unwrap();
+        assert!(!error.is_empty());
+        let left: Vec<_> = unpack_dirs()
+            .difference(&before)
+            .filter(|dir| holds_a_package(dir))
+            .cloned()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_torch_version_is_the_one_linked() {
+        let version = torch_version();
+        assert!(version.starts_with("2."), "{version}");
+    }
+}
