@@ -19,12 +19,14 @@ export NO_COLOR := 1
 
 MODELS_STAMP := models/mlp/2/model.pt
 FIXTURES_STAMP := target/test-models/fixtures.config
+# PyTorch 2 packages compile for 30-60 s: rebuilt only when the export command changes.
+PT2_FIXTURES_STAMP := target/pt2-models/expected.json
 BENCH_MODELS_STAMP := target/bench-models/resnet50/1/model.pt
 
 .PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test export-test deploy-check lint models clean bench bench-images
 
 ## setup: create the venvs (torch and the official TF Serving client; the Triton clients; perf_analyzer) and the model repositories
-setup: $(VENV)/.installed $(VENV_V2)/.installed $(VENV_PERF)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP)
+setup: $(VENV)/.installed $(VENV_V2)/.installed $(VENV_PERF)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP) $(PT2_FIXTURES_STAMP)
 
 $(VENV)/.installed: tests/python/requirements.txt tests/python/requirements-nodeps.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -59,11 +61,14 @@ $(MODELS_STAMP): models/generate.py models/warmup.py $(VENV)/.installed
 $(FIXTURES_STAMP): models/generate.py $(VENV)/.installed
 	$(VENV)/bin/python models/generate.py fixtures target/test-models
 
+$(PT2_FIXTURES_STAMP): models/pt2_fixtures.py tools/modelgate_export.py $(VENV)/.installed
+	$(VENV)/bin/python models/pt2_fixtures.py target/pt2-models
+
 # make bench's image models (a 100 MB ResNet-50 among them): not needed by the tests.
 $(BENCH_MODELS_STAMP): models/generate.py $(VENV)/.installed
 	$(VENV)/bin/python models/generate.py bench target/bench-models
 
-models: $(MODELS_STAMP) $(FIXTURES_STAMP)
+models: $(MODELS_STAMP) $(FIXTURES_STAMP) $(PT2_FIXTURES_STAMP)
 
 ## run: serve the demo repository (gRPC on 8500, REST on 8501)
 run: setup

@@ -10,6 +10,10 @@
   must keep their order.
 - `expected.json`: inputs and the outputs `torch._inductor.aoti_load_package` gives for
   them, which the server must give too.
+- `broken/<case>/model.pt2`: `small/2` spoiled the ways a package arrives broken or
+  foreign: `truncated` (the file cut in half), `cut_so` (a whole zip whose compiled `.so`
+  is cut short), `cuda` (compiled for another device), `isa` (for an instruction set this
+  host lacks), `unsigned` (no signature anywhere).
 
 Compiling a package takes 30-60 s on 2 cores; make rebuilds this only when the export
 command or this file changes.
@@ -17,8 +21,10 @@ command or this file changes.
 
 import json
 import os
+import platform
 import shutil
 import sys
+import zipfile
 
 import torch
 
@@ -45,6 +51,55 @@ class Pair(torch.nn.Module):
 
     def forward(self, a, b):
         return self.linear(a) * b, (a.sum(dim=1, keepdim=True) - b)
+
+
+def rewrite(package, out, change):
+    """Copies the zip `package` to `out`, passing each entry's (name, bytes) through
+    `change`, which returns the bytes to keep or None to drop the entry."""
+    with zipfile.ZipFile(package) as source, zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            data = change(info.filename, source.read(info.filename))
+            if data is not None:
+                target.writestr(info, data)
+
+
+def with_metadata(**fields):
+    """A `rewrite` change that sets (or, for None, removes) metadata fields."""
+    def change(name, data):
+        if not name.endswith("_metadata.json"):
+            return data
+        metadata = json.loads(data)
+        for key, value in fields.items():
+            if value is None:
+                metadata.pop(key, None)
+            else:
+                metadata[key] = value
+        return json.dumps(metadata).encode()
+    return change
+
+
+def write_broken(version_dir, base):
+    package = os.path.join(version_dir, "model.pt2")
+    signature = os.path.join(version_dir, "signature.json")
+    # An instruction set no host of this architecture has.
+    foreign = "NEON" if platform.machine() in ("x86_64", "AMD64") else "AVX2"
+    cases = {
+        "cut_so": lambda name, data: data[: len(data) // 3] if name.endswith(".so") else data,
+        "cuda": with_metadata(AOTI_DEVICE_KEY="cuda"),
+        "isa": with_metadata(AOTI_CPU_ISA=foreign),
+        "unsigned": with_metadata(**{"modelgate.signature": None}),
+    }
+    for case, change in cases.items():
+        os.makedirs(os.path.join(base, case))
+        rewrite(package, os.path.join(base, case, "model.pt2"), change)
+        if case != "unsigned":
+            shutil.copy(signature, os.path.join(base, case))
+    os.makedirs(os.path.join(base, "truncated"))
+    with open(package, "rb") as whole:
+        data = whole.read()
+    with open(os.path.join(base, "truncated", "model.pt2"), "wb") as cut:
+        cut.write(data[: len(data) // 2])
+    shutil.copy(signature, os.path.join(base, "truncated"))
 
 
 def main(base):
@@ -77,6 +132,7 @@ def main(base):
         }
     with open(os.path.join(base, "expected.json"), "w") as f:
         json.dump(cases, f)
+    write_broken(f"{base}/small/2", f"{base}/broken")
     print(f"wrote the PyTorch 2 fixtures to {base}")
 
 

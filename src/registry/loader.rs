@@ -191,7 +191,9 @@ fn read_package(
     };
     let metadata = crate::runtime::read_package_metadata(package_path)
         .map_err(|e| refused(format!("not an AOTInductor package: {e}")))?;
-    let facts = package::check(&metadata, &Host::this(devices)).map_err(refused)?;
+    let host = Host::this(devices);
+    let facts = package::check(&metadata, &host).map_err(refused)?;
+    package::check_libraries(package_path, &host.arch).map_err(refused)?;
     if let Some(warning) = &facts.warning {
         tracing::warn!(path = %package_path.display(), "{warning}");
     }

@@ -7,7 +7,9 @@
 
 use crate::runtime::Device;
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::ops::RangeInclusive;
+use std::path::Path;
 
 /// Metadata keys the export command (tools/modelgate_export.py) writes.
 pub const SIGNATURE_KEY: &str = "modelgate.signature";
@@ -174,6 +176,95 @@ pub fn check(metadata: &BTreeMap<String, String>, host: &Host) -> Result<Package
     })
 }
 
+/// Checks the compiled libraries inside the package before the loader maps them: a `.so`
+/// cut short (an upload that stopped, a bad copy) whose headers point past its end kills
+/// the process with SIGBUS when it is mapped, and one for another machine cannot load.
+/// Reads each library's ELF headers only, against the size the zip records for it (which
+/// the loader's extraction insists on).
+pub fn check_libraries(package: &Path, arch: &str) -> Result<(), String> {
+    let file = std::fs::File::open(package).map_err(|e| e.to_string())?;
+    let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| format!("not a zip archive: {e}"))?;
+    let libraries: Vec<String> = archive
+        .file_names()
+        .filter_map(Result::ok)
+        .filter(|name| name.ends_with(".so"))
+        .map(|name| name.into_owned())
+        .collect();
+    for name in libraries {
+        let mut entry = archive.by_name(&name).map_err(|e| format!("{name}: {e}"))?;
+        let size = entry.size();
+        let mut headers = Vec::new();
+        (&mut entry)
+            .take(ELF_HEADERS_READ)
+            .read_to_end(&mut headers)
+            .map_err(|e| format!("{name}: {e}"))?;
+        check_elf(&headers, size, arch).map_err(|e| format!("{name}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// How much of a library is read for its headers (the ELF header and, where linkers put
+/// them, the program headers right after it).
+const ELF_HEADERS_READ: u64 = 64 * 1024;
+
+/// Checks a 64-bit little-endian ELF file of `size` bytes from its first bytes `head`:
+/// its machine is `arch`'s, and every table and segment it declares lies within `size`.
+fn check_elf(head: &[u8], size: u64, arch: &str) -> Result<(), String> {
+    let field = |at: usize, width: usize| -> Result<u64, String> {
+        let bytes = head
+            .get(at..at + width)
+            .ok_or_else(|| format!("cut short: {size} bytes, not a whole ELF header"))?;
+        Ok(bytes
+            .iter()
+            .rev()
+            .fold(0u64, |value, &byte| (value << 8) | u64::from(byte)))
+    };
+    if head.get(..4) != Some(b"\x7fELF") || head.get(4) != Some(&2) || head.get(5) != Some(&1) {
+        return Err("not a 64-bit little-endian ELF library".into());
+    }
+    let machine = field(0x12, 2)?;
+    let expected = match arch {
+        "x86_64" => Some(62),
+        "aarch64" => Some(183),
+        _ => None,
+    };
+    if expected.is_some_and(|expected| expected != machine) {
+        return Err(format!(
+            "compiled for ELF machine {machine}, not this {arch} host"
+        ));
+    }
+    let past_end = |what: &str, end: Option<u64>| match end {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(format!(
+            "cut short: its {what} reaches past its {size} bytes (loading it would crash the \
+             process)"
+        )),
+    };
+    let (phoff, shoff) = (field(0x20, 8)?, field(0x28, 8)?);
+    let (phentsize, phnum) = (field(0x36, 2)?, field(0x38, 2)?);
+    let (shentsize, shnum) = (field(0x3a, 2)?, field(0x3c, 2)?);
+    past_end(
+        "section header table",
+        shentsize
+            .checked_mul(shnum)
+            .and_then(|n| n.checked_add(shoff)),
+    )?;
+    past_end(
+        "program header table",
+        phentsize
+            .checked_mul(phnum)
+            .and_then(|n| n.checked_add(phoff)),
+    )?;
+    for index in 0..phnum {
+        let at = phoff + index * phentsize;
+        let at = usize::try_from(at).map_err(|_| "program header offset".to_string())?;
+        let (offset, file_size) = (field(at + 0x08, 8)?, field(at + 0x20, 8)?);
+        past_end(&format!("segment {index}"), offset.checked_add(file_size))?;
+    }
+    Ok(())
+}
+
 /// Compares two releases by `MAJOR.MINOR` (`2.11.0+cu130` is 2.11); `None` when either
 /// cannot be read.
 fn compare_releases(a: &str, b: &str) -> Option<std::cmp::Ordering> {
@@ -252,6 +343,36 @@ mod tests {
         gpu.devices = vec![Device::Cuda(0)];
         let error = check(&metadata(&[]), &gpu).unwrap_err();
         assert!(error.contains("runs models on cuda"), "{error}");
+    }
+
+    /// An ELF header with one program header right after it, for a file of `size` bytes.
+    fn elf(machine: u16, segment_end: u64, section_table: u64) -> Vec<u8> {
+        let mut head = vec![0u8; 64 + 56];
+        head[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        head[0x12..0x14].copy_from_slice(&machine.to_le_bytes());
+        head[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        head[0x28..0x30].copy_from_slice(&section_table.to_le_bytes());
+        head[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        head[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        head[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        head[0x3c..0x3e].copy_from_slice(&4u16.to_le_bytes());
+        head[64 + 0x20..64 + 0x28].copy_from_slice(&segment_end.to_le_bytes());
+        head
+    }
+
+    #[test]
+    fn libraries_cut_short_or_for_another_machine_are_refused() {
+        assert_eq!(check_elf(&elf(62, 1000, 700), 1000, "x86_64"), Ok(()));
+        let cut = check_elf(&elf(62, 1000, 700), 600, "x86_64").unwrap_err();
+        assert!(cut.contains("cut short"), "{cut}");
+        let segment = check_elf(&elf(62, 5000, 100), 1000, "x86_64").unwrap_err();
+        assert!(segment.contains("segment 0"), "{segment}");
+        let arm = check_elf(&elf(183, 1000, 700), 1000, "x86_64").unwrap_err();
+        assert!(arm.contains("machine 183"), "{arm}");
+        assert!(check_elf(b"#!/bin/sh", 9, "x86_64").is_err());
+        assert!(check_elf(&elf(62, 1000, 700)[..30], 1000, "x86_64").is_err());
+        let huge = check_elf(&elf(62, u64::MAX, 700), 1000, "x86_64").unwrap_err();
+        assert!(huge.contains("segment 0"), "{huge}");
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //!
 //! Two things the loader does not do, done here:
 //! - It unpacks a package into a fresh `/tmp/XXXXXX` (TMPDIR is ignored) and removes it
-//!   when the loaded package is freed, but leaves it behind when loading throws. Loads run
-//!   one at a time (the loader also parses JSON through a function-level static), so what
-//!   a failed load left in /tmp is told apart and removed.
+//!   when the loaded package is freed, but leaves it behind when loading throws, and a
+//!   process that is killed leaves every one behind. Loads run one at a time (the loader
+//!   also parses JSON through a function-level static), so what a load put in /tmp is told
+//!   apart: removed after a failure, and right after a CPU package loaded (its library
+//!   stays mapped and its constants are in memory; nothing is read from there again). A
+//!   CUDA package keeps its directory while it is loaded: its kernels load lazily from it.
 //! - It checks nothing about the inputs it is given; the layers above check them against
 //!   the signature, and [`Package::run`] against the batch range the export allows.
 
@@ -86,7 +89,7 @@ pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, String> {
     let c_path = c_path(path)?;
     let mut entries: *mut c_char = std::ptr::null_mut();
     let mut length = 0usize;
-    let message = unpacking(|| {
+    let message = unpacking(false, || {
         // SAFETY: the shim reads the path and writes the two out-parameters on success.
         take_message(unsafe { modelgate_aoti_metadata(c_path.as_ptr(), &mut entries, &mut length) })
     });
@@ -130,7 +133,8 @@ impl Package {
             Device::Cuda(n) => c_int::try_from(n).map_err(|_| format!("no CUDA device {n}"))?,
         };
         let mut raw: *mut RawPackage = std::ptr::null_mut();
-        let message = unpacking(|| {
+        let keep_unpacked = device != Device::Cpu;
+        let message = unpacking(keep_unpacked, || {
             // SAFETY: the shim reads the path and sets `raw` on success only.
             take_message(unsafe {
                 modelgate_aoti_load(c_path.as_ptr(), runners.max(1), device_index, &mut raw)
@@ -188,18 +192,19 @@ impl Drop for Package {
 }
 
 /// Runs `unpack` (a load or a metadata read that answers `Some(message)` when it failed)
-/// alone, and after a failure removes the directories it left in /tmp.
-fn unpacking(unpack: impl FnOnce() -> Option<String>) -> Option<String> {
+/// alone, then removes the directories it left in /tmp: always after a failure, and after
+/// a success unless `keep_on_success`.
+fn unpacking(keep_on_success: bool, unpack: impl FnOnce() -> Option<String>) -> Option<String> {
     let _alone = LOADING
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let before = unpack_dirs();
     let failed = unpack();
-    if failed.is_some() {
+    if failed.is_some() || !keep_on_success {
         for left in unpack_dirs().difference(&before) {
             if holds_a_package(left) {
                 if let Err(e) = std::fs::remove_dir_all(left) {
-                    tracing::warn!(dir = %left.display(), "cannot remove what a failed package load left: {e}");
+                    tracing::warn!(dir = %left.display(), "cannot remove what a package load unpacked: {e}");
                 }
             }
         }

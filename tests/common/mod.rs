@@ -65,6 +65,19 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// The PyTorch 2 fixtures written by `models/pt2_fixtures.py target/pt2-models`
+/// (`make models`): AOTInductor packages made by the project's export command.
+pub fn pt2_fixtures() -> PathBuf {
+    let dir = repo_root().join("target/pt2-models");
+    assert!(
+        dir.join("expected.json").is_file(),
+        "PyTorch 2 fixtures missing in {}: run `make models` (or \
+         `python models/pt2_fixtures.py target/pt2-models`)",
+        dir.display()
+    );
+    dir
+}
+
 /// The demo repository (`models/`) written by `models/generate.py demo models`.
 pub fn demo_models() -> PathBuf {
     let dir = repo_root().join("models");
