@@ -70,12 +70,15 @@ impl Battery {
         .expect("write signature.json");
         let fixtures = common::fixtures();
         let models = ["tiny", "scaled", "regressor"].map(|name| fixtures.join(name));
+        // An AOTInductor package (two inputs, batches 1..1024), which checks nothing itself.
+        let pair = common::pt2_fixtures().join("pair");
         let server = Server::with_config(
             &common::model_config(&[
                 ("tiny", &models[0], ""),
                 ("scaled", &models[1], ""),
                 ("regressor", &models[2], ""),
                 ("wide", &wide, ""),
+                ("pair", &pair, ""),
             ]),
             &[
                 "--enable_batching",
@@ -85,7 +88,7 @@ impl Battery {
             ],
         );
         server
-            .wait_available(&["tiny", "scaled", "regressor", "wide"])
+            .wait_available(&["tiny", "scaled", "regressor", "wide", "pair"])
             .await;
         let mut battery = Battery {
             baseline_rss: 0,
@@ -178,6 +181,25 @@ fn predict_request(model: &str, shape: &[i64], tensor: TensorProto) -> PredictRe
             },
         )]
         .into(),
+        ..Default::default()
+    }
+}
+
+/// A Predict request for the `pair` package: float inputs `a` and `b` of these shapes,
+/// filled with ones (as many values as each shape holds, when that is small).
+fn pair_request(a: &[i64], b: &[i64]) -> PredictRequest {
+    let input = |shape: &[i64]| {
+        let count = shape.iter().product::<i64>().clamp(0, 1 << 16) as usize;
+        TensorProto {
+            dtype: DataType::DtFloat as i32,
+            tensor_shape: Some(shape_proto(Some(shape))),
+            float_val: vec![1.0; count],
+            ..Default::default()
+        }
+    };
+    PredictRequest {
+        model_spec: Some(spec("pair")),
+        inputs: [("a".to_string(), input(a)), ("b".to_string(), input(b))].into(),
         ..Default::default()
     }
 }
@@ -287,6 +309,32 @@ async fn the_server_survives_the_hostile_battery() {
     let negative = predict_request("tiny", &[-5, 1], TensorProto::default());
     expect_refused(server, negative, Code::InvalidArgument, "").await;
     battery.check_alive("lying shapes").await;
+
+    // An AOTInductor package runs whatever it is given (a float64 input to a float32
+    // model, a batch past its export's range): the server checks every request first.
+    let mut client = server.prediction().await;
+    let answer = client.predict(pair_request(&[2, 3], &[2, 1])).await;
+    assert!(answer.is_ok(), "{answer:?}");
+    for (a, b, needle) in [
+        (vec![0, 3], vec![0, 1], "0 rows"),
+        (vec![1025, 3], vec![1025, 1], "1025"),
+        (vec![2, 3], vec![3, 1], "different batch sizes"),
+        (vec![2, 4], vec![2, 1], "[2, 4]"),
+        (vec![3], vec![1], "[3]"),
+        (vec![2, 3, 1], vec![2, 1], "[2, 3, 1]"),
+        (vec![1 << 40, 3], vec![1 << 40, 1], ""),
+    ] {
+        expect_refused(server, pair_request(&a, &b), Code::InvalidArgument, needle).await;
+    }
+    let mut doubles = pair_request(&[2, 3], &[2, 1]);
+    let a = doubles.inputs.get_mut("a").expect("input a");
+    a.dtype = DataType::DtDouble as i32;
+    a.double_val = std::mem::take(&mut a.float_val).into_iter().map(f64::from).collect();
+    expect_refused(server, doubles, Code::InvalidArgument, "").await;
+    let mut missing = pair_request(&[2, 3], &[2, 1]);
+    missing.inputs.remove("b");
+    expect_refused(server, missing, Code::InvalidArgument, "'b'").await;
+    battery.check_alive("requests an AOTInductor package would run unchecked").await;
 
     // Huge declared dimensions with tiny payloads: refused before anything is built.
     let overflow = predict_request(
