@@ -48,6 +48,8 @@ DEMO_MODELS = REPO_ROOT / "models"
 FIXTURE_MODELS = Path(os.environ.get("MODELGATE_TEST_MODELS", REPO_ROOT / "target" / "test-models"))
 if not FIXTURE_MODELS.is_absolute():
     FIXTURE_MODELS = REPO_ROOT / FIXTURE_MODELS
+# AOTInductor packages made by the export command (models/pt2_fixtures.py).
+PT2_MODELS = REPO_ROOT / "target" / "pt2-models"
 MODELGATE_BIN = Path(os.environ.get("MODELGATE_BIN", REPO_ROOT / "target" / "debug" / "modelgate"))
 if not MODELGATE_BIN.is_absolute():
     MODELGATE_BIN = REPO_ROOT / MODELGATE_BIN
@@ -79,6 +81,7 @@ SERVED_MODELS = {
     "faulty": (FIXTURE_MODELS / "faulty", ""),
     "multi": (FIXTURE_MODELS / "multi", ""),
     "regressor": (FIXTURE_MODELS / "regressor", ""),
+    "pair": (PT2_MODELS / "pair", ""),
 }
 
 
@@ -432,6 +435,29 @@ def test_predict_multi_inputs_dict_outputs(predict_stub):
     assert set(out) == {"sum", "product"}
     np.testing.assert_array_equal(out["sum"], a + b)
     np.testing.assert_array_equal(out["product"], a * b)
+
+
+def test_predict_pytorch2_package_answers_as_pytorch(predict_stub):
+    """model.pt2 (AOTInductor, two inputs, two outputs) answers exactly what PyTorch's own
+    loader answered for the same inputs, and its metadata is the exported signature."""
+    import json
+
+    case = json.loads((PT2_MODELS / "expected.json").read_text())["pair"]
+    inputs = {name: np.array(t["values"], dtype=np.float32).reshape(t["shape"])
+              for name, t in case["inputs"].items()}
+    out = outputs(predict_stub.Predict(predict_request("pair", inputs), timeout=TIMEOUT))
+    for name, want in zip(["mixed", "offset"], case["outputs"]):
+        expected = np.array(want["values"], dtype=np.float32).reshape(want["shape"])
+        np.testing.assert_array_equal(out[name], expected)
+    req = get_model_metadata_pb2.GetModelMetadataRequest()
+    req.model_spec.name = "pair"
+    req.metadata_field.append("signature_def")
+    resp = predict_stub.GetModelMetadata(req, timeout=TIMEOUT)
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    resp.metadata["signature_def"].Unpack(sig_map)
+    sig = sig_map.signature_def["serving_default"]
+    assert [d.size for d in sig.inputs["a"].tensor_shape.dim] == [-1, 3]
+    assert set(sig.outputs) == {"mixed", "offset"}
 
 
 @pytest.mark.parametrize(

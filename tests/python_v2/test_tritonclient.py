@@ -167,6 +167,38 @@ def test_concurrent_async_calls_batch_into_one_forward(start_modelgate, tmp_path
     assert forwards() - before == 1, "8 async calls, one forward"
 
 
+def test_pytorch2_package_answers_as_pytorch_over_both_protocols(start_modelgate, tmp_path):
+    """An AOTInductor package (model.pt2, made by the export command) with two inputs and
+    two outputs: both protocols answer exactly what PyTorch's own loader answered."""
+    import json
+    from conftest import REPO_ROOT
+
+    pt2 = REPO_ROOT / "target" / "pt2-models"
+    config = tmp_path / "pt2.config"
+    config.write_text(
+        'model_config_list { config { name: "pair" base_path: "%s" model_platform: "pytorch" } }\n'
+        % (pt2 / "pair"))
+    served = start_modelgate(f"--model_config_file={config}")
+    case = json.loads((pt2 / "expected.json").read_text())["pair"]
+    arrays = {name: np.array(t["values"], dtype=np.float32).reshape(t["shape"])
+              for name, t in case["inputs"].items()}
+    for module, client in [(grpcclient, grpcclient.InferenceServerClient(served["grpc"])),
+                           (httpclient, httpclient.InferenceServerClient(served["http"]))]:
+        assert client.is_model_ready("pair")
+        inputs = []
+        for name, array in arrays.items():
+            tensor = module.InferInput(name, list(array.shape), "FP32")
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        result = client.infer("pair", inputs)
+        for name, want in zip(["mixed", "offset"], case["outputs"]):
+            expected = np.array(want["values"], dtype=np.float32).reshape(want["shape"])
+            np.testing.assert_array_equal(result.as_numpy(name), expected)
+    metadata = grpcclient.InferenceServerClient(served["grpc"]).get_model_metadata("pair", as_json=True)
+    assert [i["name"] for i in metadata["inputs"]] == ["a", "b"]
+    assert [o["name"] for o in metadata["outputs"]] == ["mixed", "offset"]
+
+
 def test_errors_are_clear_and_coded(server):
     x = np.ones((1, 1), dtype=np.float32)
     for module, client in both(server):
