@@ -54,7 +54,7 @@ $(VENV_PERF)/.installed: tests/python_v2/requirements-perf.txt Makefile
 	fi
 	touch $@
 
-$(MODELS_STAMP): models/generate.py models/warmup.py $(VENV)/.installed
+$(MODELS_STAMP): models/generate.py models/warmup.py tools/modelgate_export.py $(VENV)/.installed
 	$(VENV)/bin/python models/generate.py demo models
 	$(VENV)/bin/python models/warmup.py demo models
 

@@ -18,27 +18,10 @@ import os
 import sys
 
 import numpy as np
-import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-
-
-def write_warmup(version_dir, requests, signature="", model_name=""):
-    """Writes one Predict record per dict of named numpy inputs in `requests`."""
-    path = os.path.join(version_dir, WARMUP_FILE)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tf.io.TFRecordWriter(path) as writer:
-        for inputs in requests:
-            request = predict_pb2.PredictRequest()
-            request.model_spec.name = model_name
-            request.model_spec.signature_name = signature
-            for name, value in inputs.items():
-                request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
-            log = prediction_log_pb2.PredictionLog(
-                predict_log=prediction_log_pb2.PredictLog(request=request))
-            writer.write(log.SerializeToString())
-    return path
+# One writer of warm-up files: the export command's.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+from modelgate_export import write_warmup  # noqa: E402
 
 
 def demo(base):

@@ -18,6 +18,9 @@ version directory gets:
   graph's placeholders for pt2), dtypes and shapes from the examples (batch dimension -1),
   outputs named `--output` (or `output_0`, ...) with dtypes and shapes from running the
   module once.
+- with `--warmup`, `assets.extra/tf_serving_warmup_requests`: one Predict of the example
+  inputs in TF Serving's warm-up format, which modelgate replays before the version serves
+  (needs `tensorflow` and `tensorflow-serving-api`, as TF Serving's own tooling does).
 
 Python API: `export(module, {"x": tensor}, out_dir, version, ...)`.
 """
@@ -151,8 +154,37 @@ def _export_torchscript(module, examples, path, signature):
     traced.save(str(path), _extra_files={"signature.json": json.dumps(signature)})
 
 
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+
+
+def write_warmup(version_dir, requests, signature="", model_name=""):
+    """Writes TF Serving's warm-up file into `version_dir`: one PredictionLog record (in a
+    TFRecord file) per dict of named inputs (numpy arrays or tensors) in `requests`."""
+    try:
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+    except ImportError:
+        raise ExportError("warm-up records are written with TensorFlow's own writer: "
+                          "pip install tensorflow tensorflow-serving-api") from None
+    path = os.path.join(version_dir, WARMUP_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for inputs in requests:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = model_name
+            request.model_spec.signature_name = signature
+            for name, value in inputs.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.numpy()
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+    return path
+
+
 def export(module, examples, out_dir, version, fmt="pt2", output_names=None,
-           min_batch=1, max_batch=1024):
+           min_batch=1, max_batch=1024, warmup=False):
     """Writes `out_dir/version/` for `module` run on `examples` (name -> tensor, in forward's
     order). Returns the version directory."""
     if not isinstance(module, torch.nn.Module):
@@ -174,6 +206,8 @@ def export(module, examples, out_dir, version, fmt="pt2", output_names=None,
     else:
         _export_torchscript(module, examples, directory / "model.pt", signature)
     (directory / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
+    if warmup:
+        write_warmup(directory, [examples])
     return directory
 
 
@@ -197,6 +231,8 @@ def main(argv=None):
     parser.add_argument("--format", choices=["pt2", "torchscript"], default="pt2")
     parser.add_argument("--min-batch", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=1024)
+    parser.add_argument("--warmup", action="store_true",
+                        help="also write the example inputs as TF Serving warm-up records")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.getcwd())
     try:
@@ -206,7 +242,7 @@ def main(argv=None):
         factory = getattr(importlib.import_module(module_name), attribute)
         examples = dict(_parse_input(text) for text in args.input)
         directory = export(factory(), examples, args.out, args.version, args.format, args.output,
-                           args.min_batch, args.max_batch)
+                           args.min_batch, args.max_batch, args.warmup)
     except ExportError as error:
         parser.exit(2, f"modelgate_export: {error}\n")
     print(directory)

@@ -1,13 +1,15 @@
 """tools/modelgate_export.py, the export command, as a user runs it: from a factory of a
 torch.nn.Module to a version directory. The TorchScript directory is served by the real
 modelgate binary and answers as the module does; the AOTInductor package loads with
-PyTorch's own loader, answers as the module does at several batch sizes, and carries the
-signature, batch range and torch version in its metadata. Its own pytest run (`make
+PyTorch's own loader, answers as the module does at several batch sizes, carries the
+signature, batch range and torch version in its metadata, and is served by modelgate,
+which replays the warm-up record the export wrote. Its own pytest run (`make
 export-test`): it needs torch and a C++ compiler, not the TF Serving client.
 
     MODELGATE_BIN   server binary (default: target/debug/modelgate)
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -66,11 +68,26 @@ def test_torchscript_export_is_served_as_the_module_answers(tmp_path):
     assert signature["outputs"] == [{"name": "y", "dtype": "DT_FLOAT", "shape": [-1, 2]}]
     assert (version / "model.pt").is_file()
 
+    with serve(version.parent, "affine") as port:
+        x = [[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]]
+        scale = [[2.0], [0.5]]
+        answer = post(f"http://127.0.0.1:{port}/v1/models/affine:predict",
+                      {"inputs": {"x": x, "scale": scale}})
+        with torch.no_grad():
+            expected = module()(torch.tensor(x), torch.tensor(scale))
+        torch.testing.assert_close(torch.tensor(answer["outputs"]), expected)
+
+
+@contextlib.contextmanager
+def serve(base_path, name, log=None):
+    """The real modelgate serving `base_path` as `name` until the block ends; yields its
+    REST port. Its log lines are appended to `log` when given."""
     if not BIN.exists():
         pytest.fail(f"need {BIN} (cargo build)", pytrace=False)
     port = free_port()
     server = subprocess.Popen([str(BIN), "--port", str(free_port()), "--rest_api_port", str(port),
-                               "--model_name", "affine", "--model_base_path", str(version.parent)],
+                               "--model_name", name, "--model_base_path", str(base_path),
+                               "--shutdown_grace_seconds=0"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -84,21 +101,17 @@ def test_torchscript_export_is_served_as_the_module_answers(tmp_path):
             assert server.poll() is None, server.stderr.read()
             assert time.monotonic() < deadline, "modelgate did not get ready"
             time.sleep(0.2)
-        x = [[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]]
-        scale = [[2.0], [0.5]]
-        answer = post(f"http://127.0.0.1:{port}/v1/models/affine:predict",
-                      {"inputs": {"x": x, "scale": scale}})
-        with torch.no_grad():
-            expected = module()(torch.tensor(x), torch.tensor(scale))
-        torch.testing.assert_close(torch.tensor(answer["outputs"]), expected)
+        yield port
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        _, stderr = server.communicate(timeout=30)
+        if log is not None:
+            log.extend(stderr.splitlines())
 
 
-def test_pt2_export_loads_and_answers_at_every_batch_size_it_allows(tmp_path):
+def test_pt2_export_loads_answers_and_is_served_with_its_warm_up(tmp_path):
     run = run_export(tmp_path, "--input", "x:float32:4,3", "--input", "scale:float32:4,1",
-                     "--output", "y", "--out", "models/affine", "--max-batch", "64")
+                     "--output", "y", "--out", "models/affine", "--max-batch", "64", "--warmup")
     assert run.returncode == 0, run.stderr
     version = tmp_path / "models" / "affine" / "1"
     package = torch._inductor.aoti_load_package(str(version / "model.pt2"))
@@ -112,6 +125,15 @@ def test_pt2_export_loads_and_answers_at_every_batch_size_it_allows(tmp_path):
     assert metadata["modelgate.torch_version"] == torch.__version__
     signature = json.loads((version / "signature.json").read_text())
     assert json.loads(metadata["modelgate.signature"]) == signature
+
+    # Served by modelgate, which replays the example as warm-up before the version serves.
+    log = []
+    with serve(version.parent, "affine", log) as port:
+        x, scale = torch.randn(5, 3), torch.randn(5, 1)
+        answer = post(f"http://127.0.0.1:{port}/v1/models/affine:predict",
+                      {"inputs": {"x": x.tolist(), "scale": scale.tolist()}})
+        torch.testing.assert_close(torch.tensor(answer["outputs"]), package(x, scale))
+    assert any("replayed the warm-up requests" in line and "records=1" in line for line in log), log
 
 
 def test_mistakes_are_refused_saying_what_to_fix(tmp_path):
