@@ -329,12 +329,17 @@ async fn the_server_survives_the_hostile_battery() {
     let mut doubles = pair_request(&[2, 3], &[2, 1]);
     let a = doubles.inputs.get_mut("a").expect("input a");
     a.dtype = DataType::DtDouble as i32;
-    a.double_val = std::mem::take(&mut a.float_val).into_iter().map(f64::from).collect();
+    a.double_val = std::mem::take(&mut a.float_val)
+        .into_iter()
+        .map(f64::from)
+        .collect();
     expect_refused(server, doubles, Code::InvalidArgument, "").await;
     let mut missing = pair_request(&[2, 3], &[2, 1]);
     missing.inputs.remove("b");
     expect_refused(server, missing, Code::InvalidArgument, "'b'").await;
-    battery.check_alive("requests an AOTInductor package would run unchecked").await;
+    battery
+        .check_alive("requests an AOTInductor package would run unchecked")
+        .await;
 
     // Huge declared dimensions with tiny payloads: refused before anything is built.
     let overflow = predict_request(

@@ -1,7 +1,8 @@
 //! A model repository on a real S3 server (moto, over HTTP on 127.0.0.1): config and models
 //! on S3, new versions picked up and old ones unloaded, config changes, a corrupt version,
 //! incomplete uploads, ReloadConfig, readiness, S3 stopped and restarted while serving, the
-//! cache keeping only what serves or is wanted, and secrets kept out of the logs.
+//! cache keeping only what serves or is wanted, PyTorch 2 packages, and secrets kept out of
+//! the logs.
 
 pub mod common;
 
@@ -391,5 +392,70 @@ async fn s3_verify_ssl_off_accepts_a_self_signed_endpoint() {
         .await
         .unwrap();
     assert_eq!((version, y), (1, vec![2.0]));
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// PyTorch 2 packages from S3: `small` with its signature.json beside the package, `pair`
+/// as a lone model.pt2 whose signature is in its metadata (counted once it stays unchanged
+/// across two listings, as a lone model.pt is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pytorch2_packages_are_served_from_s3() {
+    let moto = Moto::start();
+    let s3 = moto.client();
+    let pt2 = pt2_fixtures();
+    s3.create_bucket(BUCKET).await;
+    let config = config_text(&[
+        format!(r#"name: "small" base_path: "s3://{BUCKET}/repo/small" model_platform: "pytorch""#),
+        format!(r#"name: "pair" base_path: "s3://{BUCKET}/repo/pair" model_platform: "pytorch""#),
+    ]);
+    s3.put(BUCKET, CONFIG_KEY, config.into_bytes()).await;
+    s3.put_files(
+        BUCKET,
+        "repo/small/1",
+        &pt2.join("small/2"),
+        &["model.pt2", "signature.json"],
+    )
+    .await;
+    s3.put_files(BUCKET, "repo/pair/1", &pt2.join("pair/1"), &["model.pt2"])
+        .await;
+    let cache = scratch("s3-pt2-cache");
+    let args = server_args(&cache);
+    let server = Server::start_rest(&args, &moto.server_env("pt2-secret"));
+    server.wait_available(&["small", "pair"]).await;
+    let mut client = server.prediction().await;
+    for (model, inputs, output, shape) in [
+        (
+            "small",
+            vec![("x", float_row(&[1.0, 2.0, 3.0, 4.0]))],
+            "scores",
+            vec![1, 3],
+        ),
+        (
+            "pair",
+            vec![("a", float_row(&[1.0, 2.0, 3.0])), ("b", float_row(&[2.0]))],
+            "offset",
+            vec![1, 1],
+        ),
+    ] {
+        let response = client
+            .predict(modelgate::proto::serving::PredictRequest {
+                model_spec: Some(spec(model)),
+                inputs: inputs
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{model}: {e:?}"))
+            .into_inner();
+        let answer = decode_tensor(output, &response.outputs[output]).unwrap();
+        assert_eq!(answer.shape, shape, "{model}");
+        if model == "pair" {
+            // offset = sum(a) - b, whatever the weights.
+            assert_eq!(answer.to_values::<f32>(), Some(vec![4.0]));
+        }
+    }
+    drop(server);
     let _ = std::fs::remove_dir_all(&cache);
 }
