@@ -98,6 +98,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
                 per_model_batching: flags.enable_per_model_batching_parameters,
                 direct_queue_capacity: flags.max_queued_requests,
                 warm_up,
+                freeze_models: flags.freeze_models.clone(),
             },
             poll_interval: (flags.file_system_poll_wait_seconds > 0)
                 .then(|| Duration::from_secs(flags.file_system_poll_wait_seconds)),

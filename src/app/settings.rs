@@ -51,6 +51,7 @@ pub(super) fn runner_config(flags: &Flags, devices: Vec<Device>) -> RunnerConfig
     RunnerConfig {
         devices,
         instances_per_device,
+        freeze: None,
     }
 }
 

@@ -213,6 +213,12 @@ pub struct Flags {
     #[arg(long = "instances_per_device", default_value_t = 0)]
     pub instances_per_device: usize,
 
+    /// TorchScript models to freeze (torch.jit.freeze) and optimize_for_inference at load:
+    /// NAME[,NAME] or `*` for all. Faster on the CPU for convolutional models; off by
+    /// default because freezing inlines attributes a model may change (modelgate's own).
+    #[arg(long = "freeze_models", value_delimiter = ',')]
+    pub freeze_models: Vec<String>,
+
     /// libtorch intra-op threads; 0 = cores / CPU workers, so that workers x threads does
     /// not oversubscribe the cores (modelgate's own).
     #[arg(long = "intra_op_threads", default_value_t = 0)]

@@ -53,6 +53,8 @@ pub struct LoadSettings {
     /// `--enable_model_warmup`: how a version's recorded warm-up requests are replayed
     /// (`None`: not at all; the synthetic warm-up on every worker always runs).
     pub warm_up: Option<WarmUpReplay>,
+    /// `--freeze_models`: TorchScript models frozen and optimized at load (`*`: all).
+    pub freeze_models: Vec<String>,
 }
 
 /// Loads the version in `dir`, a TorchScript module (`model.pt`) or an AOTInductor package
@@ -76,6 +78,26 @@ pub fn load_version(
     };
     let mut batching = batching_options(dir, settings)?;
     let mut runner_config = settings.runner.clone();
+    let freeze = settings
+        .freeze_models
+        .iter()
+        .any(|name| name == "*" || name == model);
+    if freeze && model_path.ends_with(MODEL_FILE) {
+        let mut methods: Vec<String> = signatures
+            .signatures
+            .values()
+            .map(|signature| signature.method.to_string())
+            .collect();
+        methods.sort();
+        methods.dedup();
+        tracing::info!(
+            model,
+            version,
+            ?methods,
+            "freezing and optimizing the module for inference"
+        );
+        runner_config.freeze = Some(methods);
+    }
     if let Some(options) = &mut batching {
         if let Some(max_rows) = batch_range.as_ref().map(|range| *range.end()) {
             if let Some(clamped) = options.clamp_to(max_rows) {

@@ -56,8 +56,16 @@ const UNPACK_ROOT: &str = "/tmp";
 /// that one's.
 static LOADING: Mutex<()> = Mutex::new(());
 
-/// The shim's error message, if it returned one, freed after reading.
-fn take_message(message: *mut c_char) -> Option<String> {
+/// Frees a buffer or message a shim malloc'd (every shim allocates with malloc).
+///
+/// # Safety
+/// `buffer` is null or came from a shim's malloc and is not used again.
+pub(super) unsafe fn free_buffer(buffer: *mut std::ffi::c_void) {
+    modelgate_aoti_free_buffer(buffer)
+}
+
+/// A shim's error message, if it returned one, freed after reading.
+pub(super) fn take_message(message: *mut c_char) -> Option<String> {
     if message.is_null() {
         return None;
     }

@@ -8,6 +8,7 @@
 mod aoti;
 mod convert;
 mod cuda;
+mod frozen;
 mod model;
 mod staging;
 mod worker;

@@ -3,6 +3,7 @@
 //! knows which one runs.
 
 use super::aoti::Package;
+use super::frozen::FrozenModule;
 use super::{torch_error, trim_torch_message, Device, LoadError, RunError};
 use std::path::Path;
 use tch::{CModule, IValue};
@@ -39,14 +40,22 @@ impl ModelFormat {
 /// A version's model on one device, shared by that device's workers.
 pub(super) enum Model {
     TorchScript(CModule),
+    /// A TorchScript module frozen and optimized for inference at load.
+    Frozen(FrozenModule),
     Aoti(Package),
 }
 
 impl Model {
     /// Loads the model file at `path` onto `device`, for `callers` threads calling it at
     /// once (an AOTInductor package gets that many runners; a TorchScript module runs
-    /// concurrent calls by itself).
-    pub(super) fn load(path: &Path, device: Device, callers: usize) -> Result<Model, LoadError> {
+    /// concurrent calls by itself). `freeze`: freeze a TorchScript module keeping these
+    /// methods, and optimize it for inference.
+    pub(super) fn load(
+        path: &Path,
+        device: Device,
+        callers: usize,
+        freeze: Option<&[String]>,
+    ) -> Result<Model, LoadError> {
         let failed = |message: String| LoadError::Torch {
             path: path.display().to_string(),
             message,
@@ -58,6 +67,9 @@ impl Model {
         match ModelFormat::of_file(name) {
             Some(ModelFormat::AotiPackage) => Package::load(path, device, callers)
                 .map(Model::Aoti)
+                .map_err(failed),
+            _ if freeze.is_some() => FrozenModule::load(path, device, freeze.unwrap_or_default())
+                .map(Model::Frozen)
                 .map_err(failed),
             _ => {
                 let torch = |e: tch::TchError| failed(trim_torch_message(&e.to_string()));
@@ -76,6 +88,7 @@ impl Model {
                 let args: Vec<IValue> = inputs.into_iter().map(IValue::Tensor).collect();
                 module.method_is(method, &args).map_err(torch_error)
             }
+            Model::Frozen(module) => module.run(method, &inputs),
             Model::Aoti(_) if method != "forward" => Err(RunError::Torch(format!(
                 "an AOTInductor package has one method, forward, not '{method}'"
             ))),

@@ -23,6 +23,9 @@ pub struct RunnerConfig {
     /// Worker threads per device sharing that device's model (TorchScript modules run
     /// concurrent calls; an AOTInductor package gets one runner per worker).
     pub instances_per_device: usize,
+    /// Freeze a TorchScript module at load, keeping these methods, and optimize it for
+    /// inference (`--freeze_models`); `None` runs it as saved.
+    pub freeze: Option<Vec<String>>,
 }
 
 impl RunnerConfig {
@@ -286,7 +289,12 @@ pub fn start_workers(
     let (warmed, warm_ups) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(config.devices.len() * instances);
     for (index, &device) in config.devices.iter().enumerate() {
-        let loaded = Arc::new(Model::load(path, device, instances)?);
+        let loaded = Arc::new(Model::load(
+            path,
+            device,
+            instances,
+            config.freeze.as_deref(),
+        )?);
         for instance in 0..instances {
             let name = format!("{model}/{version}@{device}#{instance}");
             let mut worker = Worker {
@@ -614,6 +622,7 @@ mod tests {
         RunnerConfig {
             devices: vec![Device::Cpu],
             instances_per_device: instances,
+            freeze: None,
         }
     }
 
@@ -778,6 +787,7 @@ mod tests {
         let two_gpus = RunnerConfig {
             devices: vec![Device::Cuda(0), Device::Cuda(1)],
             instances_per_device: 2,
+            freeze: None,
         };
         assert_eq!(
             two_gpus.clone().with_batch_threads(4).instances_per_device,

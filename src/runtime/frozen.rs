@@ -1,0 +1,142 @@
+//! Frozen TorchScript (`--freeze_models`): a module frozen (its attributes inlined as
+//! constants) and optimized for inference (conv + batch-norm folded, MKL-DNN layouts on
+//! the CPU) at load, through `frozen_shim.cpp`. Off by default: freezing bakes in the
+//! attributes a model may change at run time.
+
+use super::{classify_torch_error, Device, RunError};
+use std::ffi::{c_char, c_int, CString};
+use std::path::Path;
+use std::ptr::NonNull;
+use tch::IValue;
+
+#[repr(C)]
+struct RawFrozen {
+    _private: [u8; 0],
+}
+
+extern "C" {
+    fn modelgate_frozen_load(
+        path: *const c_char,
+        cuda_index: c_int,
+        methods: *const *const c_char,
+        method_count: usize,
+        loaded: *mut *mut RawFrozen,
+    ) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    fn modelgate_frozen_run(
+        model: *mut RawFrozen,
+        method: *const c_char,
+        inputs: *const *const torch_sys::C_tensor,
+        count: usize,
+        form: *mut c_int,
+        outputs: *mut *mut *mut torch_sys::C_tensor,
+        output_count: *mut usize,
+        keys: *mut *mut c_char,
+        keys_length: *mut usize,
+    ) -> *mut c_char;
+    fn modelgate_frozen_free(model: *mut RawFrozen);
+}
+
+/// A frozen, optimized module; its methods may run on many threads at once, as a
+/// TorchScript module's do.
+pub struct FrozenModule {
+    raw: NonNull<RawFrozen>,
+}
+
+// SAFETY: a torch::jit::Module's methods are safe to call concurrently (the interpreter
+// keeps per-call state); the module is freed once, in Drop.
+unsafe impl Send for FrozenModule {}
+unsafe impl Sync for FrozenModule {}
+
+impl FrozenModule {
+    /// Loads the TorchScript file at `path` onto `device`, freezes it keeping `methods`
+    /// (the ones its signatures call) and optimizes it for inference.
+    pub fn load(path: &Path, device: Device, methods: &[String]) -> Result<FrozenModule, String> {
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| format!("{} has a NUL byte in its path", path.display()))?;
+        let names = methods
+            .iter()
+            .map(|m| CString::new(m.as_str()).map_err(|_| format!("method name {m:?}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pointers: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
+        let cuda_index = match device {
+            Device::Cpu => -1,
+            Device::Cuda(n) => c_int::try_from(n).map_err(|_| format!("no CUDA device {n}"))?,
+        };
+        let mut raw: *mut RawFrozen = std::ptr::null_mut();
+        // SAFETY: the shim reads the path and the names, and sets `raw` on success only.
+        let message = unsafe {
+            modelgate_frozen_load(
+                c_path.as_ptr(),
+                cuda_index,
+                pointers.as_ptr(),
+                pointers.len(),
+                &mut raw,
+            )
+        };
+        if let Some(message) = super::aoti::take_message(message) {
+            return Err(super::trim_torch_message(&message));
+        }
+        let raw = NonNull::new(raw).ok_or("freezing returned nothing")?;
+        Ok(FrozenModule { raw })
+    }
+
+    /// Calls `method` on `inputs`; the result as TorchScript would give it.
+    pub fn run(&self, method: &str, inputs: &[tch::Tensor]) -> Result<IValue, RunError> {
+        let method =
+            CString::new(method).map_err(|_| RunError::Torch(format!("method name {method:?}")))?;
+        let pointers: Vec<*const torch_sys::C_tensor> =
+            inputs.iter().map(tch::Tensor::as_ptr).collect();
+        let (mut form, mut count, mut keys_length) = (0 as c_int, 0usize, 0usize);
+        let mut outputs: *mut *mut torch_sys::C_tensor = std::ptr::null_mut();
+        let mut keys: *mut c_char = std::ptr::null_mut();
+        // SAFETY: the inputs are live tensors borrowed for the call; on success the shim
+        // hands over `count` owned tensors and `keys_length` bytes of keys, freed below.
+        let message = unsafe {
+            modelgate_frozen_run(
+                self.raw.as_ptr(),
+                method.as_ptr(),
+                pointers.as_ptr(),
+                pointers.len(),
+                &mut form,
+                &mut outputs,
+                &mut count,
+                &mut keys,
+                &mut keys_length,
+            )
+        };
+        if let Some(message) = super::aoti::take_message(message) {
+            return Err(classify_torch_error(&message));
+        }
+        // SAFETY: as above; each tensor pointer is taken once, then both arrays are freed.
+        let tensors: Vec<tch::Tensor> = unsafe { std::slice::from_raw_parts(outputs, count) }
+            .iter()
+            .map(|&tensor| unsafe { tch::Tensor::from_ptr(tensor) })
+            .collect();
+        let names: Vec<String> =
+            unsafe { std::slice::from_raw_parts(keys.cast::<u8>(), keys_length) }
+                .split(|&b| b == 0)
+                .take(count)
+                .map(|name| String::from_utf8_lossy(name).into_owned())
+                .collect();
+        unsafe {
+            super::aoti::free_buffer(outputs.cast());
+            super::aoti::free_buffer(keys.cast());
+        }
+        let mut tensors = tensors.into_iter().map(IValue::Tensor);
+        Ok(match form {
+            0 => tensors
+                .next()
+                .ok_or_else(|| RunError::BadOutput("the result has no tensor".into()))?,
+            1 => IValue::Tuple(tensors.collect()),
+            _ => IValue::GenericDict(names.into_iter().map(IValue::String).zip(tensors).collect()),
+        })
+    }
+}
+
+impl Drop for FrozenModule {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from the shim's load and is freed once.
+        unsafe { modelgate_frozen_free(self.raw.as_ptr()) };
+    }
+}
