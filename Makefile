@@ -22,8 +22,9 @@ FIXTURES_STAMP := target/test-models/fixtures.config
 # PyTorch 2 packages compile for 30-60 s: rebuilt only when the export command changes.
 PT2_FIXTURES_STAMP := target/pt2-models/expected.json
 BENCH_MODELS_STAMP := target/bench-models/resnet50/1/model.pt
+BENCH_PT2_STAMP := target/bench-pt2/cnn_aoti/1/model.pt2
 
-.PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test export-test deploy-check lint models clean bench bench-images
+.PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test export-test deploy-check lint models clean bench bench-images bench-formats
 
 ## setup: create the venvs (torch and the official TF Serving client; the Triton clients; perf_analyzer) and the model repositories
 setup: $(VENV)/.installed $(VENV_V2)/.installed $(VENV_PERF)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP) $(PT2_FIXTURES_STAMP)
@@ -63,6 +64,10 @@ $(FIXTURES_STAMP): models/generate.py $(VENV)/.installed
 
 $(PT2_FIXTURES_STAMP): models/pt2_fixtures.py tools/modelgate_export.py $(VENV)/.installed
 	$(VENV)/bin/python models/pt2_fixtures.py target/pt2-models
+
+# make bench's format comparison: mlp and a CNN as TorchScript and AOTInductor packages.
+$(BENCH_PT2_STAMP): models/bench_pt2.py tools/modelgate_export.py $(VENV)/.installed
+	$(VENV)/bin/python models/bench_pt2.py export target/bench-pt2
 
 # make bench's image models (a 100 MB ResNet-50 among them): not needed by the tests.
 $(BENCH_MODELS_STAMP): models/generate.py $(VENV)/.installed
@@ -117,8 +122,12 @@ clean:
 	rm -rf $(VENV) $(VENV_V2) $(VENV_PERF) models/mlp
 
 ## bench: the serving benchmark (five tables, the image ones on a GPU when there is one; not part of `make test`)
-bench: setup $(BENCH_MODELS_STAMP)
+bench: setup $(BENCH_MODELS_STAMP) $(BENCH_PT2_STAMP)
 	cargo bench --bench serving
+
+## bench-formats: table 6 alone (TorchScript, frozen TorchScript, AOTInductor; served and raw)
+bench-formats: setup $(BENCH_PT2_STAMP)
+	cargo bench --bench serving -- formats
 
 ## bench-images: tables 4 and 5 alone (ResNet-50 served vs raw; host CPU per image)
 bench-images: setup $(BENCH_MODELS_STAMP)

@@ -9,15 +9,19 @@
 //! 2. serving efficiency: served rows/s over raw libtorch forward rows/s at the same batch;
 //! 3. overhead: `tiny` p50 over gRPC at concurrency 1 minus its bare forward time;
 //! 4. and 5. image requests on this machine's device (a GPU when libtorch sees one):
-//!    ResNet-50 served vs its raw forward, and the host's CPU per image (`images.rs`).
+//!    ResNet-50 served vs its raw forward, and the host's CPU per image (`images.rs`);
+//! 6. formats: TorchScript, frozen TorchScript and AOTInductor packages of the same
+//!    models, served and raw (`formats.rs`).
 //!
-//! `cargo bench --bench serving -- images` prints tables 4 and 5 alone.
+//! `cargo bench --bench serving -- images` prints tables 4 and 5 alone, `-- formats`
+//! table 6.
 //! `cargo bench --bench serving -- loadgen ADDR MODEL CONCURRENCY SECONDS [CONNECTIONS [ROWS]]`
 //! runs the load generator alone against a running server: any model, its request built
 //! from GetModelMetadata (ROWS rows, default 1).
 
 #[path = "../tests/common/mod.rs"]
 pub mod common;
+mod formats;
 mod images;
 mod loadgen;
 
@@ -397,9 +401,11 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("loadgen") => runtime.block_on(loadgen_only(&args[1..])),
         Some("images") => runtime.block_on(images::tables()),
+        Some("formats") => runtime.block_on(formats::tables()),
         _ => runtime.block_on(async {
             tables().await;
             images::tables().await;
+            formats::tables().await;
         }),
     }
 }
