@@ -184,16 +184,18 @@ def write_warmup(version_dir, requests, signature="", model_name=""):
 
 
 def export(module, examples, out_dir, version, fmt="pt2", output_names=None,
-           min_batch=1, max_batch=1024, warmup=False):
+           min_batch=1, max_batch=1024, warmup=False, device="cpu"):
     """Writes `out_dir/version/` for `module` run on `examples` (name -> tensor, in forward's
-    order). Returns the version directory."""
+    order) on `device` (a package runs only on the device type it was compiled for, and
+    AOTInductor compiles for the GPU it runs on). Returns the version directory."""
     if not isinstance(module, torch.nn.Module):
         raise ExportError("the factory must return a torch.nn.Module")
     if fmt not in ("pt2", "torchscript"):
         raise ExportError(f"--format is pt2 or torchscript, not {fmt}")
     if not 1 <= min_batch <= max_batch:
         raise ExportError(f"the batch range {min_batch}..{max_batch} is empty")
-    module = module.eval()
+    module = module.eval().to(device)
+    examples = {name: t.to(device) for name, t in examples.items()}
     _input_names(module, examples)
     with torch.no_grad():
         result = module(*examples.values())
@@ -207,7 +209,7 @@ def export(module, examples, out_dir, version, fmt="pt2", output_names=None,
         _export_torchscript(module, examples, directory / "model.pt", signature)
     (directory / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
     if warmup:
-        write_warmup(directory, [examples])
+        write_warmup(directory, [{name: t.cpu() for name, t in examples.items()}])
     return directory
 
 
@@ -231,6 +233,9 @@ def main(argv=None):
     parser.add_argument("--format", choices=["pt2", "torchscript"], default="pt2")
     parser.add_argument("--min-batch", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=1024)
+    parser.add_argument("--device", default="cpu",
+                        help="where the model will run: cpu (default) or cuda; a pt2 package "
+                             "for cuda must be compiled on a machine with that GPU")
     parser.add_argument("--warmup", action="store_true",
                         help="also write the example inputs as TF Serving warm-up records")
     args = parser.parse_args(argv)
@@ -242,7 +247,7 @@ def main(argv=None):
         factory = getattr(importlib.import_module(module_name), attribute)
         examples = dict(_parse_input(text) for text in args.input)
         directory = export(factory(), examples, args.out, args.version, args.format, args.output,
-                           args.min_batch, args.max_batch, args.warmup)
+                           args.min_batch, args.max_batch, args.warmup, args.device)
     except ExportError as error:
         parser.exit(2, f"modelgate_export: {error}\n")
     print(directory)
