@@ -69,8 +69,8 @@ fn embed_libtorch_rpath() {
 }
 
 /// The libtorch calls tch does not expose (a worker thread's CUDA device and stream, see
-/// src/runtime/cuda.rs; AOTInductor packages, src/runtime/aoti.rs; frozen TorchScript,
-/// src/runtime/frozen.rs), compiled against
+/// src/runtime/cuda.rs; AOTInductor packages, src/runtime/aoti.rs; TorchScript modules,
+/// src/runtime/script.rs), compiled against
 /// the headers of the libtorch torch-sys links: its `lib` folder's sibling `include`, in a
 /// libtorch download and a PyTorch wheel alike. Device-generic c10 interfaces only, so no
 /// CUDA toolkit is needed to build them.
@@ -78,7 +78,7 @@ fn compile_shims() {
     const SHIMS: &[&str] = &[
         "src/runtime/cuda_shim.cpp",
         "src/runtime/aoti_shim.cpp",
-        "src/runtime/frozen_shim.cpp",
+        "src/runtime/script_shim.cpp",
     ];
     for shim in SHIMS {
         println!("cargo:rerun-if-changed={shim}");

@@ -150,6 +150,11 @@ impl Scheduler {
         self.workers.lost_devices()
     }
 
+    /// The bytes the version's model holds on each device (see `Workers::resident_bytes`).
+    pub fn resident_bytes(&self) -> &[(crate::runtime::Device, u64)] {
+        self.workers.resident_bytes()
+    }
+
     /// Closes the queue and blocks until the workers have answered what was queued and
     /// exited, freeing the module. Blocking: call it from a blocking thread.
     pub fn shut_down(self) {

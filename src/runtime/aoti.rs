@@ -36,6 +36,7 @@ extern "C" {
         runners: usize,
         device_index: c_int,
         loaded: *mut *mut RawPackage,
+        bytes: *mut usize,
     ) -> *mut c_char;
     fn modelgate_aoti_run(
         package: *mut RawPackage,
@@ -123,6 +124,8 @@ pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, String> {
 pub struct Package {
     raw: NonNull<RawPackage>,
     device: Device,
+    /// The bytes of its constants (weights and buffers), shared by its runners.
+    constant_bytes: u64,
 }
 
 // SAFETY: AOTIModelPackageLoader::run is safe to call concurrently when the loader is not
@@ -141,18 +144,34 @@ impl Package {
             Device::Cuda(n) => c_int::try_from(n).map_err(|_| format!("no CUDA device {n}"))?,
         };
         let mut raw: *mut RawPackage = std::ptr::null_mut();
+        let mut bytes = 0usize;
         let keep_unpacked = device != Device::Cpu;
         let message = unpacking(keep_unpacked, || {
-            // SAFETY: the shim reads the path and sets `raw` on success only.
+            // SAFETY: the shim reads the path and sets `raw` and `bytes` on success only.
             take_message(unsafe {
-                modelgate_aoti_load(c_path.as_ptr(), runners.max(1), device_index, &mut raw)
+                modelgate_aoti_load(
+                    c_path.as_ptr(),
+                    runners.max(1),
+                    device_index,
+                    &mut raw,
+                    &mut bytes,
+                )
             })
         });
         if let Some(message) = message {
             return Err(super::trim_torch_message(&message));
         }
         let raw = NonNull::new(raw).ok_or("the AOTInductor loader returned nothing")?;
-        Ok(Package { raw, device })
+        Ok(Package {
+            raw,
+            device,
+            constant_bytes: bytes as u64,
+        })
+    }
+
+    /// The bytes of the package's constants (weights and buffers).
+    pub fn constant_bytes(&self) -> u64 {
+        self.constant_bytes
     }
 
     /// Runs the package on `inputs` (on its device), returning its flattened outputs.

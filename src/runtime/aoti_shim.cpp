@@ -19,6 +19,7 @@
 #include <exception>
 #include <memory>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 namespace {
@@ -85,13 +86,24 @@ char* modelgate_aoti_metadata(const char* path, char** entries, size_t* length) 
 }
 
 // Loads the package with `runners` model instances (calls beyond that many at once wait
-// for a free one) on device index `device_index` (-1: the package's default).
+// for a free one) on device index `device_index` (-1: the package's default), and sets
+// `*bytes` to its constants' bytes (the runners share one set).
 char* modelgate_aoti_load(const char* path, size_t runners, int device_index,
-                          modelgate_aoti** loaded) {
+                          modelgate_aoti** loaded, size_t* bytes) {
   return guarded([&] {
     auto loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
         path, MODEL_NAME, /*run_single_threaded=*/false, runners,
         static_cast<c10::DeviceIndex>(device_index));
+    std::unordered_set<const void*> seen;
+    size_t total = 0;
+    for (const auto& [name, tensor] :
+         loader->get_runner()->extract_constants_map(/*use_inactive=*/false)) {
+      if (tensor.defined() && tensor.has_storage() &&
+          seen.insert(tensor.storage().unsafeGetStorageImpl()).second) {
+        total += tensor.storage().nbytes();
+      }
+    }
+    *bytes = total;
     *loaded = new modelgate_aoti{std::move(loader)};
   });
 }

@@ -8,8 +8,8 @@
 mod aoti;
 mod convert;
 mod cuda;
-mod frozen;
 mod model;
+mod script;
 mod staging;
 mod worker;
 

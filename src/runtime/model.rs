@@ -3,10 +3,10 @@
 //! knows which one runs.
 
 use super::aoti::Package;
-use super::frozen::FrozenModule;
-use super::{torch_error, trim_torch_message, Device, LoadError, RunError};
+use super::script::ScriptModule;
+use super::{Device, LoadError, RunError};
 use std::path::Path;
-use tch::{CModule, IValue};
+use tch::IValue;
 
 /// The file formats a version directory may hold its model in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,9 +39,8 @@ impl ModelFormat {
 
 /// A version's model on one device, shared by that device's workers.
 pub(super) enum Model {
-    TorchScript(CModule),
-    /// A TorchScript module frozen and optimized for inference at load.
-    Frozen(FrozenModule),
+    /// A TorchScript module, as saved or frozen and optimized for inference at load.
+    TorchScript(ScriptModule),
     Aoti(Package),
 }
 
@@ -68,15 +67,18 @@ impl Model {
             Some(ModelFormat::AotiPackage) => Package::load(path, device, callers)
                 .map(Model::Aoti)
                 .map_err(failed),
-            _ if freeze.is_some() => FrozenModule::load(path, device, freeze.unwrap_or_default())
-                .map(Model::Frozen)
+            _ => ScriptModule::load(path, device, freeze)
+                .map(Model::TorchScript)
                 .map_err(failed),
-            _ => {
-                let torch = |e: tch::TchError| failed(trim_torch_message(&e.to_string()));
-                let mut module = CModule::load_on_device(path, device.to_tch()).map_err(torch)?;
-                module.f_set_eval().map_err(torch)?;
-                Ok(Model::TorchScript(module))
-            }
+        }
+    }
+
+    /// The bytes the model holds on its device: a module's parameters, buffers and tensor
+    /// attributes, a package's constants. What a forward allocates comes on top.
+    pub(super) fn resident_bytes(&self) -> u64 {
+        match self {
+            Model::TorchScript(module) => module.tensor_bytes(),
+            Model::Aoti(package) => package.constant_bytes(),
         }
     }
 
@@ -84,11 +86,7 @@ impl Model {
     /// method, `forward`, and returns its outputs flattened: one tensor, or a tuple.
     pub(super) fn run(&self, method: &str, inputs: Vec<tch::Tensor>) -> Result<IValue, RunError> {
         match self {
-            Model::TorchScript(module) => {
-                let args: Vec<IValue> = inputs.into_iter().map(IValue::Tensor).collect();
-                module.method_is(method, &args).map_err(torch_error)
-            }
-            Model::Frozen(module) => module.run(method, &inputs),
+            Model::TorchScript(module) => module.run(method, &inputs),
             Model::Aoti(_) if method != "forward" => Err(RunError::Torch(format!(
                 "an AOTInductor package has one method, forward, not '{method}'"
             ))),

@@ -194,6 +194,8 @@ impl BatchSource {
 pub struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
     health: Arc<WorkerHealth>,
+    /// The bytes the model holds on each device (see [`Workers::resident_bytes`]).
+    resident: Vec<(Device, u64)>,
 }
 
 /// Per device, how many of its workers died: a worker only ever exits on its own when its
@@ -207,6 +209,13 @@ struct WorkerHealth {
 }
 
 impl Workers {
+    /// The bytes the version's model holds on each of its devices, measured at load: its
+    /// parameters, buffers and tensor attributes (a TorchScript module) or its constants
+    /// (a package). Activations come and go with each batch on top of these.
+    pub fn resident_bytes(&self) -> &[(Device, u64)] {
+        &self.resident
+    }
+
     /// The devices every one of whose workers has died, or that failed under this version:
     /// nothing runs it there any more, and only a restart brings them back (liveness fails
     /// on it).
@@ -288,6 +297,7 @@ pub fn start_workers(
     let warm_up: Arc<[SyntheticWarmUp]> = Arc::from(warm_up);
     let (warmed, warm_ups) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(config.devices.len() * instances);
+    let mut resident = Vec::with_capacity(config.devices.len());
     for (index, &device) in config.devices.iter().enumerate() {
         let loaded = Arc::new(Model::load(
             path,
@@ -295,6 +305,7 @@ pub fn start_workers(
             instances,
             config.freeze.as_deref(),
         )?);
+        resident.push((device, loaded.resident_bytes()));
         for instance in 0..instances {
             let name = format!("{model}/{version}@{device}#{instance}");
             let mut worker = Worker {
@@ -339,7 +350,11 @@ pub fn start_workers(
             .unwrap_or_else(|_| Err(LoadError::Thread("a worker died while warming up".into())));
         ready?;
     }
-    Ok(Workers { threads, health })
+    Ok(Workers {
+        threads,
+        health,
+        resident,
+    })
 }
 
 /// One worker thread's state: its device's model, and the host memory it stages batches

@@ -1,7 +1,8 @@
-//! Frozen TorchScript (`--freeze_models`): a module frozen (its attributes inlined as
-//! constants) and optimized for inference (conv + batch-norm folded, MKL-DNN layouts on
-//! the CPU) at load, through `frozen_shim.cpp`. Off by default: freezing bakes in the
-//! attributes a model may change at run time.
+//! TorchScript modules (`model.pt`), through `script_shim.cpp`: loaded in eval mode with
+//! their tensors' bytes counted (a version's resident footprint), and with
+//! `--freeze_models` frozen (attributes inlined as constants) and optimized for inference
+//! (conv + batch-norm folded, MKL-DNN layouts on the CPU) at load. Freezing is off by
+//! default: it bakes in the attributes a model may change at run time.
 
 use super::{classify_torch_error, Device, RunError};
 use std::ffi::{c_char, c_int, CString};
@@ -10,21 +11,23 @@ use std::ptr::NonNull;
 use tch::IValue;
 
 #[repr(C)]
-struct RawFrozen {
+struct RawScript {
     _private: [u8; 0],
 }
 
 extern "C" {
-    fn modelgate_frozen_load(
+    fn modelgate_script_load(
         path: *const c_char,
         cuda_index: c_int,
+        freeze: c_int,
         methods: *const *const c_char,
         method_count: usize,
-        loaded: *mut *mut RawFrozen,
+        loaded: *mut *mut RawScript,
+        bytes: *mut usize,
     ) -> *mut c_char;
     #[allow(clippy::too_many_arguments)]
-    fn modelgate_frozen_run(
-        model: *mut RawFrozen,
+    fn modelgate_script_run(
+        model: *mut RawScript,
         method: *const c_char,
         inputs: *const *const torch_sys::C_tensor,
         count: usize,
@@ -34,27 +37,35 @@ extern "C" {
         keys: *mut *mut c_char,
         keys_length: *mut usize,
     ) -> *mut c_char;
-    fn modelgate_frozen_free(model: *mut RawFrozen);
+    fn modelgate_script_free(model: *mut RawScript);
 }
 
-/// A frozen, optimized module; its methods may run on many threads at once, as a
-/// TorchScript module's do.
-pub struct FrozenModule {
-    raw: NonNull<RawFrozen>,
+/// A TorchScript module (frozen and optimized, or as saved); its methods may run on many
+/// threads at once.
+pub struct ScriptModule {
+    raw: NonNull<RawScript>,
+    /// The bytes of its parameters, buffers and tensor attributes.
+    tensor_bytes: u64,
 }
 
 // SAFETY: a torch::jit::Module's methods are safe to call concurrently (the interpreter
 // keeps per-call state); the module is freed once, in Drop.
-unsafe impl Send for FrozenModule {}
-unsafe impl Sync for FrozenModule {}
+unsafe impl Send for ScriptModule {}
+unsafe impl Sync for ScriptModule {}
 
-impl FrozenModule {
-    /// Loads the TorchScript file at `path` onto `device`, freezes it keeping `methods`
-    /// (the ones its signatures call) and optimizes it for inference.
-    pub fn load(path: &Path, device: Device, methods: &[String]) -> Result<FrozenModule, String> {
+impl ScriptModule {
+    /// Loads the TorchScript file at `path` onto `device` in eval mode; with `freeze`,
+    /// freezes it keeping those methods (the ones its signatures call) and optimizes it for
+    /// inference.
+    pub fn load(
+        path: &Path,
+        device: Device,
+        freeze: Option<&[String]>,
+    ) -> Result<ScriptModule, String> {
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| format!("{} has a NUL byte in its path", path.display()))?;
-        let names = methods
+        let names = freeze
+            .unwrap_or_default()
             .iter()
             .map(|m| CString::new(m.as_str()).map_err(|_| format!("method name {m:?}")))
             .collect::<Result<Vec<_>, _>>()?;
@@ -63,22 +74,34 @@ impl FrozenModule {
             Device::Cpu => -1,
             Device::Cuda(n) => c_int::try_from(n).map_err(|_| format!("no CUDA device {n}"))?,
         };
-        let mut raw: *mut RawFrozen = std::ptr::null_mut();
-        // SAFETY: the shim reads the path and the names, and sets `raw` on success only.
+        let mut raw: *mut RawScript = std::ptr::null_mut();
+        let mut bytes = 0usize;
+        // SAFETY: the shim reads the path and the names, and sets `raw` and `bytes` on
+        // success only.
         let message = unsafe {
-            modelgate_frozen_load(
+            modelgate_script_load(
                 c_path.as_ptr(),
                 cuda_index,
+                c_int::from(freeze.is_some()),
                 pointers.as_ptr(),
                 pointers.len(),
                 &mut raw,
+                &mut bytes,
             )
         };
         if let Some(message) = super::aoti::take_message(message) {
             return Err(super::trim_torch_message(&message));
         }
-        let raw = NonNull::new(raw).ok_or("freezing returned nothing")?;
-        Ok(FrozenModule { raw })
+        let raw = NonNull::new(raw).ok_or("loading returned nothing")?;
+        Ok(ScriptModule {
+            raw,
+            tensor_bytes: bytes as u64,
+        })
+    }
+
+    /// The bytes of the module's parameters, buffers and tensor attributes.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensor_bytes
     }
 
     /// Calls `method` on `inputs`; the result as TorchScript would give it.
@@ -93,7 +116,7 @@ impl FrozenModule {
         // SAFETY: the inputs are live tensors borrowed for the call; on success the shim
         // hands over `count` owned tensors and `keys_length` bytes of keys, freed below.
         let message = unsafe {
-            modelgate_frozen_run(
+            modelgate_script_run(
                 self.raw.as_ptr(),
                 method.as_ptr(),
                 pointers.as_ptr(),
@@ -113,15 +136,21 @@ impl FrozenModule {
             .iter()
             .map(|&tensor| unsafe { tch::Tensor::from_ptr(tensor) })
             .collect();
-        let names: Vec<String> =
-            unsafe { std::slice::from_raw_parts(keys.cast::<u8>(), keys_length) }
-                .split(|&b| b == 0)
-                .take(count)
-                .map(|name| String::from_utf8_lossy(name).into_owned())
-                .collect();
+        let key_bytes = unsafe { std::slice::from_raw_parts(keys.cast::<u8>(), keys_length) };
+        let refused = (form == 3).then(|| String::from_utf8_lossy(key_bytes).into_owned());
+        let names: Vec<String> = key_bytes
+            .split(|&b| b == 0)
+            .take(count)
+            .map(|name| String::from_utf8_lossy(name).into_owned())
+            .collect();
         unsafe {
             super::aoti::free_buffer(outputs.cast());
             super::aoti::free_buffer(keys.cast());
+        }
+        if let Some(what) = refused {
+            return Err(RunError::BadOutput(format!(
+                "{what}; a method must return a tensor, a tuple of tensors or a Dict[str, Tensor]"
+            )));
         }
         let mut tensors = tensors.into_iter().map(IValue::Tensor);
         Ok(match form {
@@ -134,9 +163,9 @@ impl FrozenModule {
     }
 }
 
-impl Drop for FrozenModule {
+impl Drop for ScriptModule {
     fn drop(&mut self) {
         // SAFETY: `raw` came from the shim's load and is freed once.
-        unsafe { modelgate_frozen_free(self.raw.as_ptr()) };
+        unsafe { modelgate_script_free(self.raw.as_ptr()) };
     }
 }

@@ -1,6 +1,7 @@
-// Frozen TorchScript: torch::jit::freeze and optimize_for_inference at load, which tch does
-// not expose. An optimized module cannot be saved and loaded back (its graph holds
-// constants serialization refuses), so it is kept and run here.
+// TorchScript modules, loaded and run here rather than through tch for what tch does not
+// expose: a module's tensor bytes (its resident footprint), and torch::jit::freeze with
+// optimize_for_inference at load (`--freeze_models`). An optimized module cannot be saved
+// and loaded back (its graph holds constants serialization refuses), so it is kept here.
 //
 // Tensors cross as `at::Tensor*`, as in aoti_shim.cpp: inputs borrowed, outputs owned by
 // Rust. Every function returns NULL on success or a malloc'd message (freed with
@@ -12,6 +13,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <unordered_set>
 #include <exception>
 #include <string>
 #include <vector>
@@ -48,18 +50,53 @@ T* malloc_array(size_t count) {
   return array;
 }
 
+// The bytes of the distinct storages behind a module's tensors: parameters, buffers and
+// tensor attributes, of every submodule (tied weights share a storage and count once).
+size_t tensor_bytes(const torch::jit::Module& module) {
+  std::unordered_set<const void*> seen;
+  size_t bytes = 0;
+  for (const auto& attribute : module.named_attributes(/*recurse=*/true)) {
+    if (!attribute.value.isTensor()) {
+      continue;
+    }
+    const at::Tensor& tensor = attribute.value.toTensor();
+    if (!tensor.defined() || !tensor.has_storage()) {
+      continue;
+    }
+    if (seen.insert(tensor.storage().unsafeGetStorageImpl()).second) {
+      bytes += tensor.storage().nbytes();
+    }
+  }
+  return bytes;
+}
+
+// How an error names a value that is not a tensor.
+std::string kind_of(const c10::IValue& value) {
+  if (value.isNone()) return "None";
+  if (value.isDouble()) return "a float";
+  if (value.isInt()) return "an int";
+  if (value.isBool()) return "a bool";
+  if (value.isString()) return "a string";
+  if (value.isTuple() || value.isList()) return "a nested sequence";
+  if (value.isGenericDict()) return "a nested dict";
+  return "not a tensor";
+}
+
 }  // namespace
 
-struct modelgate_frozen {
+struct modelgate_script {
   torch::jit::Module module;
 };
 
 extern "C" {
 
-// Loads the TorchScript file at `path` onto the device (`cuda_index` < 0: the CPU), freezes
-// it keeping `methods` (forward is always kept) and optimizes it for inference.
-char* modelgate_frozen_load(const char* path, int cuda_index, const char* const* methods,
-                            size_t method_count, modelgate_frozen** loaded) {
+// Loads the TorchScript file at `path` onto the device (`cuda_index` < 0: the CPU) in eval
+// mode and sets `*bytes` to its tensors' bytes. With `freeze`, freezes it keeping `methods`
+// (forward is always kept) and optimizes it for inference (the bytes are counted before:
+// freezing moves attributes into the graph's constants, where they are not listed).
+char* modelgate_script_load(const char* path, int cuda_index, int freeze,
+                            const char* const* methods, size_t method_count,
+                            modelgate_script** loaded, size_t* bytes) {
   return guarded_call([&] {
     const c10::Device device = cuda_index < 0
                                    ? c10::Device(c10::DeviceType::CPU)
@@ -67,6 +104,11 @@ char* modelgate_frozen_load(const char* path, int cuda_index, const char* const*
                                                  static_cast<c10::DeviceIndex>(cuda_index));
     torch::jit::Module module = torch::jit::load(path, device);
     module.eval();
+    *bytes = tensor_bytes(module);
+    if (freeze == 0) {
+      *loaded = new modelgate_script{std::move(module)};
+      return;
+    }
     std::vector<std::string> others;
     for (size_t i = 0; i < method_count; ++i) {
       if (std::string(methods[i]) != "forward") {
@@ -74,15 +116,16 @@ char* modelgate_frozen_load(const char* path, int cuda_index, const char* const*
       }
     }
     torch::jit::Module frozen = torch::jit::freeze(module, others);
-    *loaded = new modelgate_frozen{torch::jit::optimize_for_inference(frozen, others)};
+    *loaded = new modelgate_script{torch::jit::optimize_for_inference(frozen, others)};
   });
 }
 
 // Runs `method` on `count` borrowed inputs. The result is flattened into `*outputs` (a
 // malloc'd array of `*output_count` owned tensors) with its form: 0 a tensor, 1 a tuple or
 // list, 2 a Dict[str, Tensor] whose keys are `*keys` (malloc'd, `*keys_length` bytes of
-// NUL-terminated names in the tensors' order).
-char* modelgate_frozen_run(modelgate_frozen* model, const char* method,
+// NUL-terminated names in the tensors' order), 3 anything else (no tensors; `*keys` names
+// what it was, for the error).
+char* modelgate_script_run(modelgate_script* model, const char* method,
                            const at::Tensor* const* inputs, size_t count, int* form,
                            at::Tensor*** outputs, size_t* output_count, char** keys,
                            size_t* keys_length) {
@@ -95,6 +138,12 @@ char* modelgate_frozen_run(modelgate_frozen* model, const char* method,
     c10::IValue result = model->module.get_method(method)(std::move(stack));
     std::vector<at::Tensor> tensors;
     std::string names;
+    // What is not a tensor where one belongs: form 3, `names` saying where and what.
+    const auto refuse = [&](const std::string& what, const c10::IValue& value) {
+      *form = 3;
+      tensors.clear();
+      names = what + " is " + kind_of(value);
+    };
     if (result.isTensor()) {
       *form = 0;
       tensors.push_back(result.toTensor());
@@ -103,21 +152,28 @@ char* modelgate_frozen_run(modelgate_frozen* model, const char* method,
       const auto items = result.isTuple() ? result.toTupleRef().elements().vec()
                                           : result.toListRef().vec();
       for (const auto& item : items) {
-        TORCH_CHECK(item.isTensor(), "a method must return a tensor, a tuple of tensors or a "
-                                     "Dict[str, Tensor]; an element is ", item.tagKind());
+        if (!item.isTensor()) {
+          refuse("a tuple element", item);
+          break;
+        }
         tensors.push_back(item.toTensor());
       }
     } else if (result.isGenericDict()) {
       *form = 2;
       for (const auto& entry : result.toGenericDict()) {
-        TORCH_CHECK(entry.key().isString() && entry.value().isTensor(),
-                    "a method must return a Dict[str, Tensor]");
+        if (!entry.key().isString()) {
+          refuse("a dict key", entry.key());
+          break;
+        }
+        if (!entry.value().isTensor()) {
+          refuse("dict entry '" + entry.key().toStringRef() + "'", entry.value());
+          break;
+        }
         names.append(entry.key().toStringRef()).push_back('\0');
         tensors.push_back(entry.value().toTensor());
       }
     } else {
-      TORCH_CHECK(false, "a method must return a tensor, a tuple of tensors or a "
-                         "Dict[str, Tensor], not ", result.tagKind());
+      refuse("the method's result", result);
     }
     char* packed = malloc_array<char>(names.size());
     std::memcpy(packed, names.data(), names.size());
@@ -132,7 +188,7 @@ char* modelgate_frozen_run(modelgate_frozen* model, const char* method,
   });
 }
 
-void modelgate_frozen_free(modelgate_frozen* model) {
+void modelgate_script_free(modelgate_script* model) {
   try {
     delete model;
   } catch (...) {
