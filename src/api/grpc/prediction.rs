@@ -123,11 +123,18 @@ impl PredictionApi {
             .unwrap_or_default();
         // Names, dtypes and shapes are checked against the signature, and sizes (padding
         // included) against the request's budget, before any value is decoded or broadcast.
-        let servable = self.inference.resolve(&model, &version)?;
+        let servable = self
+            .inference
+            .resolve_for_run(&model, &version, deadline)
+            .await?;
         // An unknown signature is FAILED_PRECONDITION before any input is looked at.
         find_signature(&servable, &signature)?;
-        let mut declared = Vec::with_capacity(request.inputs.len());
-        for (name, proto) in &request.inputs {
+        // In name order, so that a request with several bad inputs always hears of the
+        // same one (the map's own order changes from process to process).
+        let mut inputs: Vec<_> = request.inputs.iter().collect();
+        inputs.sort_unstable_by_key(|(name, _)| name.as_str());
+        let mut declared = Vec::with_capacity(inputs.len());
+        for (name, proto) in inputs {
             let (dtype, shape) = declared_type(name, proto)?;
             declared.push((name.clone(), dtype, shape));
         }
