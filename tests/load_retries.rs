@@ -117,8 +117,13 @@ async fn a_version_stays_failed_once_its_retries_are_spent() {
         "{statuses:?}"
     );
     let (_, metrics) = server.http_get("/metrics").await;
+    // The first load, then its two retries.
     assert!(
-        metrics.contains(r#"modelgate_model_loads_total{model="broken",outcome="failure"} 3"#),
+        metrics.contains(
+            r#"modelgate_model_loads_total{model="broken",outcome="failure",reason="config"} 1"#
+        ) && metrics.contains(
+            r#"modelgate_model_loads_total{model="broken",outcome="failure",reason="retry"} 2"#
+        ),
         "{metrics}"
     );
     let _ = std::fs::remove_dir_all(&root);

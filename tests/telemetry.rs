@@ -189,11 +189,11 @@ async fn metrics_and_logs_after_traffic() {
             4.0,
         );
         expect(
-            r#"modelgate_model_loads_total{model="tiny",outcome="success"}"#,
+            r#"modelgate_model_loads_total{model="tiny",outcome="success",reason="config"}"#,
             1.0,
         );
         expect(
-            r#"modelgate_model_loads_total{model="corrupt",outcome="failure"}"#,
+            r#"modelgate_model_loads_total{model="corrupt",outcome="failure",reason="config"}"#,
             1.0,
         );
         expect(

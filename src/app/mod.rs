@@ -15,7 +15,8 @@ use crate::api::serve::Port;
 use crate::config::{ConfigError, ConnectionSettings, Flags, S3Env};
 use crate::inference::Inference;
 use crate::registry::{
-    AvailabilityPreserving, ConfigHook, LoadRetries, LoadSettings, Manager, ManagerConfig, Registry,
+    AvailabilityPreserving, ConfigHook, Ledger, LoadRetries, LoadSettings, Manager, ManagerConfig,
+    Registry,
 };
 use crate::request_log::{LogSettings, RequestLogs};
 use crate::runtime;
@@ -79,7 +80,11 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     request_logs
         .configure(&specs)
         .map_err(|e| AppError::Config(ConfigError::Invalid(e.to_string())))?;
-    let registry = Registry::new();
+    let residency = settings::residency(&flags, &devices)?;
+    let registry = Registry::with_residency(
+        Ledger::new(residency.budget.clone()),
+        residency.min_residency,
+    );
     let inference = Inference::new(Arc::clone(&registry), flags.max_request_tensor_bytes);
     let warm_up = flags.enable_model_warmup.then(|| {
         crate::inference::replay::replay(
@@ -107,6 +112,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
                 interval: Duration::from_micros(flags.load_retry_interval_micros),
             },
             policy: Arc::new(AvailabilityPreserving),
+            residency,
             config_hook: Some(request_log_hook(&request_logs)),
         },
     );

@@ -4,6 +4,7 @@
 use crate::api::rest::RestOptions;
 use crate::batching::BatchingOptions;
 use crate::config::{self, ConfigError, ConnectionSettings, Flags};
+use crate::registry::ResidencySettings;
 use crate::runtime::{self, Device, RunnerConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,5 +117,34 @@ pub(super) fn rest_options(
             .filter(|&ms| ms > 0)
             .map(Duration::from_millis),
         metrics_path,
+    })
+}
+
+/// The residency flags: the memory budget (devices it names that serve nothing are
+/// warned about), on-demand, pinned and unload-first models, the minimum residency.
+pub(super) fn residency(
+    flags: &Flags,
+    devices: &[Device],
+) -> Result<ResidencySettings, ConfigError> {
+    let seconds = flags.min_residency_seconds;
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(ConfigError::Invalid(format!(
+            "--min_residency_seconds={seconds}: must be 0 or more"
+        )));
+    }
+    for (device, _) in &flags.model_memory_budget.devices {
+        if !devices.iter().any(|d| d.to_string() == *device) {
+            tracing::warn!(
+                device = %device,
+                "--model_memory_budget names a device models do not run on here; it has no effect"
+            );
+        }
+    }
+    Ok(ResidencySettings {
+        budget: flags.model_memory_budget.clone(),
+        on_demand: flags.on_demand_models.clone(),
+        pinned: flags.pinned_models.clone(),
+        min_residency: Duration::from_secs_f64(seconds),
+        unload_first: flags.unload_first_models.clone(),
     })
 }

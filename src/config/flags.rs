@@ -1,6 +1,7 @@
 //! Command-line flags. Names and defaults follow `tensorflow_model_server`, so a Deployment
 //! written for `tensorflow/serving` runs unchanged.
 
+use super::memory::MemoryBudget;
 use clap::{ArgAction, Parser};
 use std::str::FromStr;
 
@@ -218,6 +219,37 @@ pub struct Flags {
     /// default because freezing inlines attributes a model may change (modelgate's own).
     #[arg(long = "freeze_models", value_delimiter = ',')]
     pub freeze_models: Vec<String>,
+
+    /// Most bytes resident models may hold per device: `DEVICE=SIZE[,DEVICE=SIZE]`, the
+    /// device `cpu` or `cuda:N`, the size in bytes or with a unit (`512MiB`, `70GiB`, `2GB`).
+    /// Loads that would go over evict on-demand versions or wait; default: no budget
+    /// (modelgate's own).
+    #[arg(long = "model_memory_budget", default_value = "")]
+    pub model_memory_budget: MemoryBudget,
+
+    /// Models loaded on their first request rather than at start, and evicted (least
+    /// recently used first) when a load needs room in the budget: NAME[,NAME] or `*`
+    /// (modelgate's own).
+    #[arg(long = "on_demand_models", value_delimiter = ',')]
+    pub on_demand_models: Vec<String>,
+
+    /// Models loaded at start and never evicted, even when --on_demand_models names them
+    /// (`*` for all): NAME[,NAME] (modelgate's own).
+    #[arg(long = "pinned_models", value_delimiter = ',')]
+    pub pinned_models: Vec<String>,
+
+    /// An on-demand version loaded less than this long ago is not evicted, so that the
+    /// requests that loaded it are served and loads cannot chase each other out (modelgate's
+    /// own).
+    #[arg(long = "min_residency_seconds", default_value_t = 5.0)]
+    pub min_residency_seconds: f64,
+
+    /// Models whose old version unloads before the new one loads (TF Serving's
+    /// ResourcePreservingPolicy), for versions too large to be resident two at a time:
+    /// NAME[,NAME] or `*`. Requests in the gap wait for the new version within their
+    /// deadline. Default: none, a new version loads first (modelgate's own).
+    #[arg(long = "unload_first_models", value_delimiter = ',')]
+    pub unload_first_models: Vec<String>,
 
     /// libtorch intra-op threads; 0 = cores / CPU workers, so that workers x threads does
     /// not oversubscribe the cores (modelgate's own).

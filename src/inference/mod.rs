@@ -66,6 +66,20 @@ impl Inference {
         self.registry.resolve(model, version)
     }
 
+    /// The version a request is to run on, as [`Inference::resolve`], waiting until
+    /// `deadline` while the model has no version serving but one loading (an unload-first
+    /// swap's gap).
+    pub async fn resolve_for_run(
+        &self,
+        model: &str,
+        version: &VersionSelector,
+        deadline: Option<Instant>,
+    ) -> Result<Arc<Servable>, Error> {
+        self.registry
+            .resolve_waiting(model, version, deadline)
+            .await
+    }
+
     /// The metrics label of a request that named `model`: the name when it is configured,
     /// else "" (metric labels must not take arbitrary client text).
     pub fn metrics_label<'a>(&self, model: &'a str) -> &'a str {
@@ -95,8 +109,8 @@ impl Inference {
         signature: &Signature,
     ) -> Option<&'a BatchingOptions> {
         servable
-            .scheduler
-            .batching()
+            .batching
+            .as_ref()
             .filter(|_| signature.inputs.iter().all(|spec| spec.is_batched()))
     }
 
@@ -201,7 +215,7 @@ impl Inference {
     /// (the request is then dropped before it reaches the model if it has not run yet).
     pub async fn run_method(
         &self,
-        servable: &Servable,
+        servable: &Arc<Servable>,
         signature: &Signature,
         inputs: Vec<Tensor>,
         deadline: Option<Instant>,
@@ -215,16 +229,19 @@ impl Inference {
                 inputs.iter().map(|t| (t.dtype, t.shape.as_slice())),
             )?;
         }
-        let run =
-            servable
-                .scheduler
-                .run(Arc::clone(&signature.method), inputs, batchable, deadline);
+        let lease = self.registry.acquire(servable, deadline).await?;
+        let run = lease
+            .scheduler()
+            .run(Arc::clone(&signature.method), inputs, batchable, deadline);
         let result = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), run)
                 .await
                 .unwrap_or(Err(RunError::DeadlineExceeded)),
             None => run.await,
         };
+        if let Some(since) = lease.cold_since {
+            crate::telemetry::record_cold_start(&servable.model, since.elapsed());
+        }
         result.map_err(|e| run_error(servable, e))
     }
 }
@@ -270,7 +287,7 @@ impl Inference {
         servable: &Servable,
         inputs: impl IntoIterator<Item = (DType, &'s [i64])>,
     ) -> Result<(), Error> {
-        let Some(options) = servable.scheduler.batching() else {
+        let Some(options) = &servable.batching else {
             return Ok(());
         };
         let mut budget = self.decode_budget(0);

@@ -127,7 +127,7 @@ async fn replay_one(
 /// A Classify or Regress record: one task on the signature its spec names.
 async fn one_task(
     inference: &Inference,
-    servable: &Servable,
+    servable: &Arc<Servable>,
     spec: Option<&ModelSpec>,
     kind: TaskKind,
     input: Option<&Input>,

@@ -19,6 +19,7 @@ use crate::signature::{
     Signature, SignatureKind, CLASSIFY_METHOD_NAME, DEFAULT_SIGNATURE, REGRESS_METHOD_NAME,
 };
 use crate::tensor::{DType, Tensor};
+use std::sync::Arc;
 
 /// The output a classify signature's scores come from (else its only output).
 pub const SCORES_OUTPUT: &str = "scores";
@@ -75,7 +76,7 @@ pub async fn run(
     input: Option<&Input>,
     request_bytes: usize,
 ) -> Result<TasksAnswer, Error> {
-    let servable = inference.resolve(model, version)?;
+    let servable = inference.resolve_for_run(model, version, None).await?;
     run_on(inference, &servable, tasks, input, request_bytes).await
 }
 
@@ -83,7 +84,7 @@ pub async fn run(
 /// not serve yet).
 pub async fn run_on(
     inference: &Inference,
-    servable: &Servable,
+    servable: &Arc<Servable>,
     tasks: &[Task<'_>],
     input: Option<&Input>,
     request_bytes: usize,

@@ -2,6 +2,7 @@
 //! and warm it up. Blocking; the manager runs it on a blocking thread.
 
 use super::package::{self, Host};
+use super::residency::{Charge, DeviceBytes, Resident};
 use super::warmup_records::{read_warm_up, WarmUpReplay};
 use super::Servable;
 use crate::batching::{BatchingOptions, Scheduler, BATCHING_PARAMS_FILE};
@@ -38,6 +39,9 @@ pub enum VersionLoadError {
     /// The warm-up file is malformed, or a recorded request failed, as TF Serving refuses.
     #[error("warm-up: {0}")]
     WarmUp(String),
+    /// The version does not fit the memory budget.
+    #[error("{0}")]
+    Memory(String),
 }
 
 /// How every version is loaded: where it runs and how its requests are scheduled.
@@ -57,19 +61,35 @@ pub struct LoadSettings {
     pub freeze_models: Vec<String>,
 }
 
-/// Loads the version in `dir`, a TorchScript module (`model.pt`) or an AOTInductor package
-/// (`model.pt2`). Signatures come from `signature.json` or, when that file is absent, from
-/// the model file (`extra/signature.json` inside the TorchScript archive; the package's
-/// metadata). A package is first checked against this host (device, CPU, torch) and its
-/// export's batch range bounds the batching options. Every worker runs the synthetic
-/// warm-up; then, with `--enable_model_warmup`, the version's recorded warm-up requests
-/// are replayed (a bad file or a failing record fails the load).
-pub fn load_version(
+/// Everything needed to start a version, read from its directory without loading it: its
+/// model file, signatures, batch range, batching and warm-up. An on-demand version keeps
+/// its plan until a request starts it.
+pub struct VersionPlan {
+    pub model: String,
+    pub version: i64,
+    dir: PathBuf,
+    model_path: PathBuf,
+    pub signatures: SignatureMap,
+    pub batch_range: Option<RangeInclusive<usize>>,
+    pub batching: Option<BatchingOptions>,
+    runner: RunnerConfig,
+    direct_capacity: usize,
+    warm_up: Vec<SyntheticWarmUp>,
+    replay: Option<WarmUpReplay>,
+}
+
+/// Reads the version in `dir`, a TorchScript module (`model.pt`) or an AOTInductor package
+/// (`model.pt2`), without loading it. Signatures come from `signature.json` or, when that
+/// file is absent, from the model file (`extra/signature.json` inside the TorchScript
+/// archive; the package's metadata). A package is first checked against this host (device,
+/// CPU, torch) and its export's batch range bounds the batching options. Blocking (it
+/// reads files).
+pub fn plan_version(
     model: &str,
     version: i64,
     dir: &Path,
     settings: &LoadSettings,
-) -> Result<Arc<Servable>, VersionLoadError> {
+) -> Result<VersionPlan, VersionLoadError> {
     let model_path = model_file(dir)?;
     let (signatures, batch_range) = if model_path.ends_with(PACKAGE_FILE) {
         read_package(dir, &model_path, &settings.runner.devices)?
@@ -77,7 +97,7 @@ pub fn load_version(
         (read_signatures(dir, &model_path)?, None)
     };
     let mut batching = batching_options(dir, settings)?;
-    let mut runner_config = settings.runner.clone();
+    let mut runner = settings.runner.clone();
     let freeze = settings
         .freeze_models
         .iter()
@@ -96,7 +116,7 @@ pub fn load_version(
             ?methods,
             "freezing and optimizing the module for inference"
         );
-        runner_config.freeze = Some(methods);
+        runner.freeze = Some(methods);
     }
     if let Some(options) = &mut batching {
         if let Some(max_rows) = batch_range.as_ref().map(|range| *range.end()) {
@@ -105,44 +125,88 @@ pub fn load_version(
             }
         }
         if let Some(threads) = options.num_batch_threads {
-            runner_config = runner_config.with_batch_threads(threads);
+            runner = runner.with_batch_threads(threads);
         }
         tracing::info!(model, version, ?options, "batching");
     }
     let warm_up = synthetic_warm_ups(&signatures, batching.as_ref(), batch_range.as_ref());
-    let scheduler = Scheduler::load(
-        &model_path,
-        model,
-        version,
-        &runner_config,
-        batching,
-        settings.direct_queue_capacity,
-        &warm_up,
-    )?;
-    let servable = Arc::new(Servable {
+    Ok(VersionPlan {
         model: model.to_string(),
         version,
+        dir: dir.to_path_buf(),
+        model_path,
         signatures,
         batch_range,
-        scheduler,
-    });
-    if let Some(warm_up) = &settings.warm_up {
-        // Read after the workers start, as TF Serving does: a bad file fails the load all
-        // the same, and the workers (dropped with the servable) stop.
-        if let Some(records) = read_warm_up(dir).map_err(VersionLoadError::WarmUp)? {
-            let started = std::time::Instant::now();
-            (warm_up.replay)(Arc::clone(&servable), &records)
-                .map_err(|e| VersionLoadError::WarmUp(e.to_string()))?;
-            tracing::info!(
-                model,
-                version,
-                records = records.len(),
-                seconds = started.elapsed().as_secs_f64(),
-                "replayed the warm-up requests"
-            );
-        }
+        batching,
+        runner,
+        direct_capacity: settings.direct_queue_capacity,
+        warm_up,
+        replay: settings.warm_up.clone(),
+    })
+}
+
+impl VersionPlan {
+    /// What loading it will hold before it is measured: its model file's size on each of
+    /// its devices (a module's or package's weights are most of its file).
+    pub fn estimate(&self) -> DeviceBytes {
+        let size = std::fs::metadata(&self.model_path).map_or(0, |m| m.len());
+        self.runner
+            .devices
+            .iter()
+            .map(|device| (device.to_string(), size))
+            .collect()
     }
-    Ok(servable)
+
+    /// The version as the registry lists it, running on `resident` or not resident yet.
+    pub fn servable(&self, resident: Option<Arc<Resident>>) -> Servable {
+        Servable::new(
+            &self.model,
+            self.version,
+            self.signatures.clone(),
+            self.batch_range.clone(),
+            self.batching.clone(),
+            resident,
+        )
+    }
+
+    /// Loads the model onto its devices against `charge` (settled to what it measures),
+    /// starts its workers (each runs the synthetic warm-up), then, with
+    /// `--enable_model_warmup`, replays the version's recorded warm-up requests (a bad
+    /// file or a failing record fails the load). Blocking: call it from a blocking thread.
+    pub fn start(&self, charge: Charge) -> Result<Arc<Resident>, VersionLoadError> {
+        let (model, version) = (self.model.as_str(), self.version);
+        let scheduler = Scheduler::load(
+            &self.model_path,
+            model,
+            version,
+            &self.runner,
+            self.batching.clone(),
+            self.direct_capacity,
+            &self.warm_up,
+        )?;
+        let resident = Resident::new(model, version, scheduler, charge)
+            .map(Arc::new)
+            .map_err(VersionLoadError::Memory)?;
+        if let Some(warm_up) = &self.replay {
+            // Read after the workers start, as TF Serving does: a bad file fails the load all
+            // the same, and the workers (dropped with the servable) stop. The replay runs on
+            // a servable of its own, so that no client request reaches the version first.
+            if let Some(records) = read_warm_up(&self.dir).map_err(VersionLoadError::WarmUp)? {
+                let started = std::time::Instant::now();
+                let warming = Arc::new(self.servable(Some(Arc::clone(&resident))));
+                (warm_up.replay)(warming, &records)
+                    .map_err(|e| VersionLoadError::WarmUp(e.to_string()))?;
+                tracing::info!(
+                    model,
+                    version,
+                    records = records.len(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "replayed the warm-up requests"
+                );
+            }
+        }
+        Ok(resident)
+    }
 }
 
 /// The version's own batching_params.pbtxt when per-model parameters are on and it has one,

@@ -21,14 +21,16 @@
 //! is retried when `signature.json` arrives (its fingerprint changes). With polling off
 //! there is no second listing, so the one listing decides.
 
-use super::loader::load_version;
-use super::policy::{Action, VersionPolicy, Versions};
+use super::loader::plan_version;
+use super::policy::{Action, ResourcePreserving, VersionPolicy, Versions};
+use super::residency::ResidencySettings;
 use super::retries::{FailedLoad, LoadRetries};
 use super::source::{settled_versions, Backoff};
 use super::LoadSettings;
 use super::{Registry, Servable, ServingMap, ServingModel, VersionState};
 use crate::config::{ModelSpec, Platform};
 use crate::storage::{BasePath, Storage, StorageError, VersionEntry};
+use crate::telemetry::LoadReason;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,8 +45,11 @@ pub struct ManagerConfig {
     /// How often to look for new and removed versions; `None` = only when the config changes.
     pub poll_interval: Option<Duration>,
     pub load_retries: LoadRetries,
-    /// Which version to load or unload next.
+    /// Which version to load or unload next (models named by
+    /// `residency.unload_first` use [`ResourcePreserving`] instead).
     pub policy: Arc<dyn VersionPolicy>,
+    /// On-demand, pinned and unload-first models.
+    pub residency: ResidencySettings,
     /// Called with each model config before it is applied: an error refuses it whole.
     pub config_hook: Option<ConfigHook>,
 }
@@ -478,7 +483,12 @@ impl Manager {
         }
         // The policy orders the loads and unloads; each version is tried once a pass.
         let mut result = Ok(());
-        let policy = Arc::clone(&self.config.policy);
+        let unload_first = self.config.residency.is_unload_first(name);
+        let policy: Arc<dyn VersionPolicy> = if unload_first {
+            Arc::new(ResourcePreserving)
+        } else {
+            Arc::clone(&self.config.policy)
+        };
         while let Some(model) = self.models.get(name) {
             let loaded: BTreeSet<i64> = model.loaded.keys().copied().collect();
             let versions = Versions {
@@ -500,7 +510,14 @@ impl Manager {
                     }
                 }
                 Some(Action::Unload(version)) if loaded.contains(&version) => {
-                    self.unload(name, version)
+                    let unloaded = self.unload(name, version);
+                    if unload_first {
+                        // Freed (its last request answered, its workers stopped) before
+                        // anything else loads.
+                        if let Some(unloaded) = unloaded {
+                            let _ = unloaded.await;
+                        }
+                    }
                 }
                 None => break,
                 Some(action) => {
@@ -553,25 +570,26 @@ impl Manager {
                 return LoadOutcome::Storage(e);
             }
         };
-        let (model_name, settings) = (name.to_string(), self.config.load.clone());
-        let result = tokio::task::spawn_blocking(move || {
-            load_version(&model_name, version, &dir, &settings)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(super::VersionLoadError::Io {
-                path: String::new(),
-                message: format!("load task failed: {e}"),
-            })
-        })
-        .map_err(|e| e.to_string());
-        crate::telemetry::record_model_load(name, started.elapsed(), result.is_ok());
+        let reason = if model.failed.contains_key(&version) {
+            LoadReason::Retry
+        } else {
+            LoadReason::Config
+        };
+        let on_demand = self.config.residency.is_on_demand(name);
+        let result = self.start(name, version, dir, on_demand).await;
+        if !on_demand {
+            crate::telemetry::record_model_load(name, reason, started.elapsed(), result.is_ok());
+        }
         let Some(model) = self.models.get_mut(name) else {
             return LoadOutcome::Failed;
         };
         match result {
             Ok(servable) => {
-                tracing::info!(model = %name, version, seconds = started.elapsed().as_secs_f64(), "available");
+                if on_demand {
+                    tracing::info!(model = %name, version, "available on demand (loads on its first request)");
+                } else {
+                    tracing::info!(model = %name, version, seconds = started.elapsed().as_secs_f64(), "available");
+                }
                 model.failed.remove(&version);
                 model.loaded.insert(version, servable);
                 self.registry
@@ -600,18 +618,57 @@ impl Manager {
         }
     }
 
-    /// Takes `version` out of the serving map and retires it (the policy's unload).
-    fn unload(&mut self, name: &str, version: i64) {
-        let Some(servable) = self
+    /// Reads the version in `dir` and, unless it is on demand, loads it within the memory
+    /// budget (evicting idle on-demand versions for room, waiting for it at most
+    /// `residency::ROOM_WAIT`). The error is the version's status message.
+    async fn start(
+        &self,
+        name: &str,
+        version: i64,
+        dir: std::path::PathBuf,
+        on_demand: bool,
+    ) -> Result<Arc<Servable>, String> {
+        let failed = |e: tokio::task::JoinError| super::VersionLoadError::Io {
+            path: String::new(),
+            message: format!("load task failed: {e}"),
+        };
+        let (model_name, settings) = (name.to_string(), self.config.load.clone());
+        let plan = tokio::task::spawn_blocking(move || {
+            plan_version(&model_name, version, &dir, &settings)
+        })
+        .await
+        .unwrap_or_else(|e| Err(failed(e)))
+        .map_err(|e| e.to_string())?;
+        let ledger = Arc::clone(self.registry.ledger());
+        if on_demand {
+            return Ok(Arc::new(Servable::dormant(plan, ledger)));
+        }
+        let what = format!("model '{name}' version {version}");
+        let registry = Arc::clone(&self.registry);
+        let charge = ledger
+            .reserve(&what, &plan.estimate(), None, |missing| {
+                registry.evict(missing)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || {
+            let resident = plan.start(charge)?;
+            Ok(Arc::new(plan.servable(Some(resident))))
+        })
+        .await
+        .unwrap_or_else(|e| Err(failed(e)))
+        .map_err(|e| e.to_string())
+    }
+
+    /// Takes `version` out of the serving map and retires it (the policy's unload); the
+    /// handle resolves once it is freed.
+    fn unload(&mut self, name: &str, version: i64) -> Option<JoinHandle<()>> {
+        let servable = self
             .models
             .get_mut(name)
-            .and_then(|model| model.loaded.remove(&version))
-        else {
-            return;
-        };
+            .and_then(|model| model.loaded.remove(&version))?;
         self.publish();
-        // Unloads that polling starts are not waited for: nobody asked for them.
-        drop(self.retire(servable));
+        Some(self.retire(servable))
     }
 
     /// Takes a version out of service: UNLOADING while requests still hold it, END once the
@@ -628,8 +685,11 @@ impl Manager {
             }
             // The last holder closes the queue and waits for the workers (blocking, so on a
             // blocking thread); a request that resolved it meanwhile drops it instead.
-            if let Some(servable) = Arc::into_inner(servable) {
-                let shut_down = tokio::task::spawn_blocking(move || servable.scheduler.shut_down());
+            let resident = Arc::into_inner(servable)
+                .and_then(|servable| servable.slot().take())
+                .and_then(Arc::into_inner);
+            if let Some(resident) = resident {
+                let shut_down = tokio::task::spawn_blocking(move || resident.shut_down());
                 if shut_down.await.is_err() {
                     tracing::error!(model = %model, version, "a worker panicked while unloading");
                 }

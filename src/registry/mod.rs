@@ -9,6 +9,7 @@ mod loader;
 mod manager;
 mod package;
 mod policy;
+mod residency;
 mod retries;
 mod source;
 mod warmup_records;
@@ -17,19 +18,26 @@ pub use loader::{LoadSettings, VersionLoadError};
 pub use manager::{
     ApplyError, BoxError, ConfigHook, Manager, ManagerConfig, ManagerHandle, ModelChange,
 };
-pub use policy::{AvailabilityPreserving, VersionPolicy};
+pub use policy::{AvailabilityPreserving, ResourcePreserving, VersionPolicy};
+pub use residency::{human as human_bytes, DeviceBytes, Ledger, ResidencySettings};
 pub use retries::LoadRetries;
 pub use warmup_records::{ReplayError, WarmUpReplay, MAX_WARMUP_RECORDS, WARMUP_FILE};
 
-use crate::batching::Scheduler;
+use crate::batching::{BatchingOptions, Scheduler};
 use crate::error::Error;
 use crate::signature::SignatureMap;
 use arc_swap::ArcSwap;
+use loader::VersionPlan;
+use residency::{Candidate, Eviction, Resident};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// One loaded model version, ready to run.
+/// One version as the registry lists it: what it is (signatures, batch range, batching),
+/// and the workers that run it while it is resident. A version loaded from the config is
+/// resident until it unloads; an on-demand one (`--on_demand_models`) is listed from its
+/// files, started by its first request and may be evicted when idle.
 pub struct Servable {
     pub model: String,
     pub version: i64,
@@ -37,13 +45,126 @@ pub struct Servable {
     /// The batch sizes the model allows, when it says (an AOTInductor package's export
     /// range): requests with more or fewer rows are refused before they reach it.
     pub batch_range: Option<std::ops::RangeInclusive<usize>>,
-    pub scheduler: Scheduler,
+    /// How its requests are batched (`None`: one by one).
+    pub batching: Option<BatchingOptions>,
+    /// Its workers while resident. A request clones the `Arc` (its lease) under this lock;
+    /// an eviction takes it out under the same lock only while nobody else holds it.
+    resident: Mutex<Option<Arc<Resident>>>,
+    /// How to start it, for an on-demand version.
+    on_demand: Option<OnDemand>,
+}
+
+/// An on-demand version's plan, and the single flight of its loads.
+struct OnDemand {
+    plan: VersionPlan,
+    ledger: Arc<Ledger>,
+    /// Held by the one load under way; the requests that wait for it wait here.
+    flight: tokio::sync::Mutex<()>,
+    /// Loads attempted, and the error of the last one that failed: requests that waited
+    /// through a failed load get its error rather than starting another.
+    attempts: AtomicU64,
+    last_error: Mutex<Option<Error>>,
+    /// Whether the load under way still waits for room in the budget (what a request
+    /// whose deadline passes is told).
+    waiting_for_room: AtomicBool,
 }
 
 impl Servable {
+    fn new(
+        model: &str,
+        version: i64,
+        signatures: SignatureMap,
+        batch_range: Option<std::ops::RangeInclusive<usize>>,
+        batching: Option<BatchingOptions>,
+        resident: Option<Arc<Resident>>,
+    ) -> Servable {
+        Servable {
+            model: model.to_string(),
+            version,
+            signatures,
+            batch_range,
+            batching,
+            resident: Mutex::new(resident),
+            on_demand: None,
+        }
+    }
+
+    /// An on-demand version, listed from its files and started by its first request.
+    fn dormant(plan: VersionPlan, ledger: Arc<Ledger>) -> Servable {
+        let mut servable = plan.servable(None);
+        servable.on_demand = Some(OnDemand {
+            plan,
+            ledger,
+            flight: tokio::sync::Mutex::new(()),
+            attempts: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            waiting_for_room: AtomicBool::new(false),
+        });
+        servable
+    }
+
+    /// Whether it loads on its first request (and may be evicted).
+    pub fn is_on_demand(&self) -> bool {
+        self.on_demand.is_some()
+    }
+
     /// The model's name and the version number, as errors name them.
     pub fn id(&self) -> (&str, i64) {
         (&self.model, self.version)
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<Resident>>> {
+        self.resident.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A lease on its workers, if it is resident.
+    fn lease(&self) -> Option<Arc<Resident>> {
+        let lease = self.slot().clone();
+        if let Some(resident) = &lease {
+            resident.touch();
+        }
+        lease
+    }
+
+    /// Whether its workers are loaded.
+    pub fn is_resident(&self) -> bool {
+        self.slot().is_some()
+    }
+
+    /// The bytes it holds per device (empty when not resident).
+    pub fn resident_bytes(&self) -> DeviceBytes {
+        self.slot()
+            .as_ref()
+            .map(|resident| resident.bytes().clone())
+            .unwrap_or_default()
+    }
+
+    /// Takes its workers out for eviction, if nobody holds a lease and it was loaded at
+    /// least `min_residency` ago.
+    fn take_if_idle(&self, min_residency: Duration) -> Option<Arc<Resident>> {
+        let mut slot = self.slot();
+        let idle = slot.as_ref().is_some_and(|resident| {
+            Arc::strong_count(resident) == 1 && resident.loaded_at.elapsed() >= min_residency
+        });
+        if idle {
+            slot.take()
+        } else {
+            None
+        }
+    }
+}
+
+/// A request's hold on a resident version's workers: the version is not evicted, nor
+/// freed, while it is held.
+pub struct Lease {
+    resident: Arc<Resident>,
+    /// When the request began waiting for the version to load, if it had to.
+    pub cold_since: Option<Instant>,
+}
+
+impl Lease {
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.resident.scheduler
     }
 }
 
@@ -101,17 +222,41 @@ impl Readiness {
 }
 
 /// Shared, read-mostly view of the served models. Thread safe; cheap to read.
-#[derive(Default)]
 pub struct Registry {
     serving: ArcSwap<ServingMap>,
     /// Every configured model (even one with no version yet) and its versions' states.
     status: Mutex<BTreeMap<String, BTreeMap<i64, VersionStatus>>>,
     draining: AtomicBool,
+    /// What resident versions hold of the memory budget.
+    ledger: Arc<Ledger>,
+    /// `--min_residency_seconds`: younger on-demand versions are not evicted.
+    min_residency: Duration,
+    /// Bumped on every publish, for requests that wait for a version to appear.
+    published: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
+    /// A registry with no memory budget.
     pub fn new() -> Arc<Registry> {
-        Arc::new(Registry::default())
+        Registry::with_residency(Ledger::new(Default::default()), Duration::ZERO)
+    }
+
+    /// A registry whose loads are held to `ledger`'s budget, sparing on-demand versions
+    /// younger than `min_residency` from eviction.
+    pub fn with_residency(ledger: Arc<Ledger>, min_residency: Duration) -> Arc<Registry> {
+        Arc::new(Registry {
+            serving: ArcSwap::default(),
+            status: Mutex::default(),
+            draining: AtomicBool::new(false),
+            ledger,
+            min_residency,
+            published: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// The ledger of the memory budget.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
     }
 
     /// Versions that serve with a device on which all their workers died, or which failed
@@ -124,7 +269,12 @@ impl Registry {
             .values()
             .flat_map(|model| model.versions.values())
             .flat_map(|servable| {
-                servable.scheduler.lost_devices().into_iter().map(|device| {
+                let lost = servable
+                    .slot()
+                    .as_ref()
+                    .map(|resident| resident.scheduler.lost_devices())
+                    .unwrap_or_default();
+                lost.into_iter().map(|device| {
                     format!(
                         "model '{}' version {} can no longer run on {device} (its workers died or the device failed)",
                         servable.model, servable.version
@@ -134,6 +284,224 @@ impl Registry {
             .collect();
         lost.sort();
         lost
+    }
+
+    /// A lease on `servable`'s workers for one request, loading it first when it is an
+    /// on-demand version that is not resident: one load however many requests wait for
+    /// it. Errors: DEADLINE_EXCEEDED when `deadline` passes first (the load goes on, for
+    /// the next request), RESOURCE_EXHAUSTED when the budget has no room for it,
+    /// UNAVAILABLE when it fails to load or is unloading.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        servable: &Arc<Servable>,
+        deadline: Option<Instant>,
+    ) -> Result<Lease, Error> {
+        if let Some(resident) = servable.lease() {
+            return Ok(Lease {
+                resident,
+                cold_since: None,
+            });
+        }
+        let Some(on_demand) = &servable.on_demand else {
+            return Err(Error::Unavailable(format!(
+                "model '{}' version {} is unloading",
+                servable.model, servable.version
+            )));
+        };
+        let arrived = Instant::now();
+        let attempts = on_demand.attempts.load(Ordering::SeqCst);
+        let load =
+            tokio::spawn(Arc::clone(self).load_on_demand(Arc::clone(servable), attempts, deadline));
+        let loaded = match deadline {
+            Some(at) => tokio::time::timeout_at(at.into(), load)
+                .await
+                .map_err(|_| {
+                    let (model, version) = servable.id();
+                    if on_demand.waiting_for_room.load(Ordering::SeqCst) {
+                        Error::ResourceExhausted(format!(
+                            "model '{model}' version {version} found no room in the memory \
+                             budget before the deadline: the resident versions are in use or \
+                             loaded less than --min_residency_seconds ago"
+                        ))
+                    } else {
+                        Error::DeadlineExceeded(format!(
+                            "model '{model}' version {version} was still loading on demand \
+                             when the deadline passed"
+                        ))
+                    }
+                })?,
+            None => load.await,
+        };
+        let resident = loaded.map_err(|e| Error::Internal(format!("on-demand load: {e}")))??;
+        resident.touch();
+        Ok(Lease {
+            resident,
+            cold_since: Some(arrived),
+        })
+    }
+
+    /// The single flight of an on-demand load (see [`Registry::acquire`]). `attempts`: how
+    /// many loads had been tried when the request arrived.
+    async fn load_on_demand(
+        self: Arc<Self>,
+        servable: Arc<Servable>,
+        attempts: u64,
+        deadline: Option<Instant>,
+    ) -> Result<Arc<Resident>, Error> {
+        let Some(on_demand) = &servable.on_demand else {
+            return Err(Error::Internal("not an on-demand version".into()));
+        };
+        let _flight = on_demand.flight.lock().await;
+        if let Some(resident) = servable.lease() {
+            return Ok(resident);
+        }
+        if on_demand.attempts.load(Ordering::SeqCst) != attempts {
+            // A load failed while this request waited for it: its error, not another load.
+            let failed = on_demand
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(error) = failed {
+                return Err(error);
+            }
+        }
+        on_demand.attempts.fetch_add(1, Ordering::SeqCst);
+        let (model, version) = (servable.model.clone(), servable.version);
+        tracing::info!(model = %model, version, "loading on demand");
+        let started = Instant::now();
+        let what = format!("model '{model}' version {version} (on demand)");
+        let registry = Arc::clone(&self);
+        on_demand.waiting_for_room.store(true, Ordering::SeqCst);
+        let reserved = on_demand
+            .ledger
+            .reserve(&what, &on_demand.plan.estimate(), deadline, |missing| {
+                registry.evict(missing)
+            })
+            .await;
+        on_demand.waiting_for_room.store(false, Ordering::SeqCst);
+        let result = match reserved {
+            Ok(charge) => {
+                let starting = Arc::clone(&servable);
+                tokio::task::spawn_blocking(move || match &starting.on_demand {
+                    Some(on_demand) => on_demand.plan.start(charge),
+                    None => Err(VersionLoadError::NotAModel("not on demand".into())),
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(VersionLoadError::Io {
+                        path: String::new(),
+                        message: format!("load task failed: {e}"),
+                    })
+                })
+                .map_err(|e| match e {
+                    VersionLoadError::Memory(message) => {
+                        Error::ResourceExhausted(format!("{what}: {message}"))
+                    }
+                    other => Error::Unavailable(format!("{what} failed to load: {other}")),
+                })
+            }
+            Err(e) => Err(e),
+        };
+        crate::telemetry::record_model_load(
+            &model,
+            crate::telemetry::LoadReason::OnDemand,
+            started.elapsed(),
+            result.is_ok(),
+        );
+        let mut last_error = on_demand
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(resident) => {
+                tracing::info!(model = %model, version, seconds = started.elapsed().as_secs_f64(), "resident");
+                *last_error = None;
+                *servable.slot() = Some(Arc::clone(&resident));
+                Ok(resident)
+            }
+            Err(error) => {
+                tracing::warn!(model = %model, version, "on-demand load failed: {error}");
+                *last_error = Some(error.clone());
+                Err(error)
+            }
+        }
+    }
+
+    /// Takes idle on-demand versions out of service, least recently used first, until
+    /// `missing` bytes are on their way back (see `residency::choose_victims`).
+    fn evict(&self, missing: &DeviceBytes) -> Vec<Eviction> {
+        let serving = self.serving.load();
+        let on_demand = || {
+            serving
+                .models
+                .values()
+                .flat_map(|model| model.versions.values())
+                .filter(|servable| servable.on_demand.is_some())
+        };
+        let candidates = on_demand()
+            .filter_map(|servable| {
+                let slot = servable.slot();
+                let resident = slot.as_ref()?;
+                let idle = Arc::strong_count(resident) == 1
+                    && resident.loaded_at.elapsed() >= self.min_residency;
+                idle.then(|| Candidate {
+                    model: servable.model.clone(),
+                    version: servable.version,
+                    last_used: resident.last_used.load(Ordering::Relaxed),
+                    bytes: resident.bytes().clone(),
+                })
+            })
+            .collect();
+        residency::choose_victims(candidates, missing)
+            .into_iter()
+            .filter_map(|chosen| {
+                let servable =
+                    on_demand().find(|s| s.model == chosen.model && s.version == chosen.version)?;
+                let resident = servable.take_if_idle(self.min_residency)?;
+                Some(Eviction {
+                    model: chosen.model,
+                    version: chosen.version,
+                    resident,
+                })
+            })
+            .collect()
+    }
+
+    /// As [`Registry::resolve`], but while the model has a version loading and none that
+    /// serves (an unload-first swap's gap, or a model still starting), waits for one until
+    /// `deadline` (or `residency::ROOM_WAIT`): DEADLINE_EXCEEDED if it passes first.
+    pub async fn resolve_waiting(
+        &self,
+        model: &str,
+        selector: &VersionSelector,
+        deadline: Option<Instant>,
+    ) -> Result<Arc<Servable>, Error> {
+        let mut published = self.published.subscribe();
+        let give_up = deadline.unwrap_or_else(|| Instant::now() + residency::ROOM_WAIT);
+        loop {
+            published.mark_unchanged();
+            match self.resolve(model, selector) {
+                Err(Error::NotFound(message)) if self.is_loading(model) => {
+                    let waited = tokio::time::timeout_at(give_up.into(), published.changed()).await;
+                    if waited.is_err() {
+                        return Err(Error::DeadlineExceeded(format!(
+                            "{message}: a version of it was still loading when the deadline passed"
+                        )));
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Whether a version of `model` is about to load or loading.
+    fn is_loading(&self, model: &str) -> bool {
+        self.lock_status().get(model).is_some_and(|versions| {
+            versions
+                .values()
+                .any(|s| matches!(s.state, VersionState::Start | VersionState::Loading))
+        })
     }
 
     /// The version a request should run on; errors are NOT_FOUND with what was missing.
@@ -256,6 +624,7 @@ impl Registry {
 
     fn publish(&self, map: ServingMap) {
         self.serving.store(Arc::new(map));
+        self.published.send_modify(|generation| *generation += 1);
     }
 
     /// Records a version's state; ignored for a model no longer configured.

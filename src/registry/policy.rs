@@ -53,6 +53,30 @@ impl VersionPolicy for AvailabilityPreserving {
     }
 }
 
+/// TF Serving's ResourcePreservingPolicy (`--unload_first_models`), for models whose two
+/// versions do not fit at once: a version no longer aspired unloads before the new one
+/// loads, and requests in the gap wait for it. The price: when the new version fails to
+/// load, the model serves nothing until a retry succeeds. As in the default policy, a
+/// model none of whose versions is aspired any more keeps the ones it serves.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ResourcePreserving;
+
+impl VersionPolicy for ResourcePreserving {
+    fn next_action(&self, versions: Versions<'_>) -> Option<Action> {
+        let serving_aspired = versions.loaded.iter().any(|v| versions.aspired.contains(v));
+        if serving_aspired || !versions.loadable.is_empty() {
+            if let Some(&stale) = versions
+                .loaded
+                .iter()
+                .find(|v| !versions.aspired.contains(v))
+            {
+                return Some(Action::Unload(stale));
+            }
+        }
+        versions.loadable.last().map(|&newest| Action::Load(newest))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +122,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn unload_first_unloads_the_old_version_before_the_new_one_loads() {
+        let actions = run(&ResourcePreserving, &[2], &[1], &[]);
+        assert_eq!(actions, vec![Action::Unload(1), Action::Load(2)]);
+        // Nothing aspired (every version removed from disk): keep serving.
+        assert_eq!(run(&ResourcePreserving, &[], &[1], &[]), vec![]);
+        // Versions that stay aspired stay loaded.
+        let actions = run(&ResourcePreserving, &[2, 3], &[1, 2], &[]);
+        assert_eq!(actions, vec![Action::Unload(1), Action::Load(3)]);
     }
 
     #[test]

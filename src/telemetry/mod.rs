@@ -14,7 +14,7 @@ pub use versions::{
 };
 
 use crate::error::{code_label, Error};
-use metrics::{describe_counter, describe_histogram, SharedString, Unit};
+use metrics::{describe_counter, describe_gauge, describe_histogram, SharedString, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, RwLock};
@@ -24,8 +24,20 @@ use std::time::Duration;
 pub const REQUESTS_TOTAL: &str = "modelgate_requests_total";
 /// Request latency at the API edge, by `model`, `api` and `protocol`.
 pub const REQUEST_DURATION_SECONDS: &str = "modelgate_request_duration_seconds";
-/// Version loads attempted, by `model` and `outcome` (`success` or `failure`).
+/// Version loads attempted, by `model`, `outcome` (`success` or `failure`) and `reason`
+/// (`config`: the config or a new version on storage; `on_demand`: a request for a version
+/// not resident; `retry`: a load retried after a failure).
 pub const MODEL_LOADS_TOTAL: &str = "modelgate_model_loads_total";
+/// Bytes a resident version holds, by `model`, `version` and `device`; 0 once unloaded or
+/// evicted.
+pub const MODEL_RESIDENT_BYTES: &str = "modelgate_model_resident_bytes";
+/// `--model_memory_budget`, by `device`.
+pub const MODEL_MEMORY_BUDGET_BYTES: &str = "modelgate_model_memory_budget_bytes";
+/// Versions evicted to make room for a load, by `model`.
+pub const MODEL_EVICTIONS_TOTAL: &str = "modelgate_model_evictions_total";
+/// From the arrival of a request that found its version not resident to its answer, by
+/// `model`.
+pub const MODEL_COLD_START_SECONDS: &str = "modelgate_model_cold_start_seconds";
 /// Time to fetch, load and warm up a version, by `model`.
 pub const MODEL_LOAD_DURATION_SECONDS: &str = "modelgate_model_load_duration_seconds";
 /// Bytes fetched from model storage, by `model`.
@@ -79,6 +91,7 @@ pub fn install_metrics() -> Result<PrometheusHandle, BuildError> {
     let mut builder = PrometheusBuilder::new();
     builder = histogram(builder, REQUEST_DURATION_SECONDS, LATENCY_BUCKETS)?;
     builder = histogram(builder, MODEL_LOAD_DURATION_SECONDS, LOAD_BUCKETS)?;
+    builder = histogram(builder, MODEL_COLD_START_SECONDS, LATENCY_BUCKETS)?;
     let handle = builder.install_recorder()?;
     describe_metrics();
     Ok(handle)
@@ -100,7 +113,26 @@ fn describe_metrics() {
     );
     describe_counter!(
         MODEL_LOADS_TOTAL,
-        "Model version loads, by outcome (success or failure)"
+        "Model version loads, by outcome (success or failure) and reason (config, on_demand, retry)"
+    );
+    describe_gauge!(
+        MODEL_RESIDENT_BYTES,
+        Unit::Bytes,
+        "Bytes a resident model version holds on a device (0 once unloaded or evicted)"
+    );
+    describe_gauge!(
+        MODEL_MEMORY_BUDGET_BYTES,
+        Unit::Bytes,
+        "The memory budget of resident models on a device (--model_memory_budget)"
+    );
+    describe_counter!(
+        MODEL_EVICTIONS_TOTAL,
+        "Model versions evicted to make room for a load"
+    );
+    describe_histogram!(
+        MODEL_COLD_START_SECONDS,
+        Unit::Seconds,
+        "From the arrival of a request for a version not resident to its answer"
     );
     describe_histogram!(
         MODEL_LOAD_DURATION_SECONDS,
@@ -271,17 +303,57 @@ pub struct RequestRecord<'a> {
     pub elapsed: Duration,
 }
 
-/// Records a version load attempt (called by the model manager).
-pub fn record_model_load(model: &str, elapsed: Duration, success: bool) {
+/// Why a version was loaded: the `reason` label of [`MODEL_LOADS_TOTAL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadReason {
+    Config,
+    OnDemand,
+    Retry,
+}
+
+impl LoadReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadReason::Config => "config",
+            LoadReason::OnDemand => "on_demand",
+            LoadReason::Retry => "retry",
+        }
+    }
+}
+
+/// Records a version load attempt.
+pub fn record_model_load(model: &str, reason: LoadReason, elapsed: Duration, success: bool) {
     let model = interned_model(model);
     let outcome = if success {
         OUTCOME_SUCCESS
     } else {
         OUTCOME_FAILURE
     };
-    metrics::counter!(MODEL_LOADS_TOTAL, "model" => model.clone(), "outcome" => outcome)
+    metrics::counter!(MODEL_LOADS_TOTAL, "model" => model.clone(), "outcome" => outcome, "reason" => reason.as_str())
         .increment(1);
     metrics::histogram!(MODEL_LOAD_DURATION_SECONDS, "model" => model)
+        .record(elapsed.as_secs_f64());
+}
+
+/// Sets the bytes a version holds on `device` (0 once it no longer does).
+pub fn set_resident_bytes(model: &str, version: i64, device: &str, bytes: u64) {
+    metrics::gauge!(MODEL_RESIDENT_BYTES, "model" => interned_model(model), "version" => version.to_string(), "device" => device.to_string())
+        .set(bytes as f64);
+}
+
+/// Publishes the memory budget of `device`.
+pub fn set_memory_budget(device: &str, bytes: u64) {
+    metrics::gauge!(MODEL_MEMORY_BUDGET_BYTES, "device" => device.to_string()).set(bytes as f64);
+}
+
+/// Counts a version evicted to make room.
+pub fn record_eviction(model: &str) {
+    metrics::counter!(MODEL_EVICTIONS_TOTAL, "model" => interned_model(model)).increment(1);
+}
+
+/// Records a cold start: a request's wait for its version to load, plus its run.
+pub fn record_cold_start(model: &str, elapsed: Duration) {
+    metrics::histogram!(MODEL_COLD_START_SECONDS, "model" => interned_model(model))
         .record(elapsed.as_secs_f64());
 }
 
@@ -384,7 +456,7 @@ mod tests {
                 request(Api::Classify, Protocol::Grpc, "", "zzz", None),
                 Err(&err),
             );
-            record_model_load("mlp", Duration::from_millis(30), true);
+            record_model_load("mlp", LoadReason::Config, Duration::from_millis(30), true);
         });
         // Request counts are rendered beside the recorder's metrics (see `versions`).
         let mut text = handle.render();
@@ -412,7 +484,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(r#"modelgate_model_loads_total{model="mlp",outcome="success"} 1"#),
+            text.contains(
+                r#"modelgate_model_loads_total{model="mlp",outcome="success",reason="config"} 1"#
+            ),
             "{text}"
         );
     }

@@ -4,7 +4,8 @@ use super::deadline;
 use crate::api::offload;
 use crate::api::timer::RequestTimer;
 use crate::api::v2::{
-    self, infer, model_config, model_metadata, resolve, DeclaredInput, RepositoryControl, PLATFORM,
+    self, infer, model_config, model_metadata, resolve, resolve_for_run, DeclaredInput,
+    RepositoryControl, PLATFORM,
 };
 use crate::error::Error;
 use crate::inference::Inference;
@@ -342,7 +343,13 @@ impl V2GrpcApi {
         request: pb::ModelInferRequest,
         deadline: Option<std::time::Instant>,
     ) -> Result<(i64, pb::ModelInferResponse), Error> {
-        let servable = resolve(&self.inference, &request.model_name, &request.model_version)?;
+        let servable = resolve_for_run(
+            &self.inference,
+            &request.model_name,
+            &request.model_version,
+            deadline,
+        )
+        .await?;
         let declared = request
             .inputs
             .iter()

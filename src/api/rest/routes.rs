@@ -270,7 +270,10 @@ async fn predict(
     body: Bytes,
     deadline: Option<Instant>,
 ) -> Result<(String, Option<i64>), Error> {
-    let servable = state.inference.resolve(&route.model, &route.version)?;
+    let servable = state
+        .inference
+        .resolve_for_run(&route.model, &route.version, deadline)
+        .await?;
     let decoding = Arc::clone(&servable);
     let (format, signature, inputs) = offload(body.len(), move || {
         let body = mark_nonfinite(&body);

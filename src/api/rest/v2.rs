@@ -6,7 +6,9 @@ use super::error::{error_response, json_response};
 use super::routes::{read_body, within_timeout};
 use super::RestState;
 use crate::api::timer::RequestTimer;
-use crate::api::v2::{self, model_config, model_metadata, resolve, DeclaredInput, PLATFORM};
+use crate::api::v2::{
+    self, model_config, model_metadata, resolve, resolve_for_run, DeclaredInput, PLATFORM,
+};
 use crate::error::Error;
 use crate::telemetry::{Api, Protocol};
 use crate::tensor::limits::DecodeBudget;
@@ -427,7 +429,7 @@ pub(super) async fn infer(
     body: Bytes,
     deadline: Option<Instant>,
 ) -> Result<(Response, i64), Error> {
-    let servable = resolve(&state.inference, model, version)?;
+    let servable = resolve_for_run(&state.inference, model, version, deadline).await?;
     let header_length = headers
         .get(HEADER_LENGTH)
         .map(|v| {

@@ -92,6 +92,22 @@ pub fn resolve(inference: &Inference, model: &str, version: &str) -> Result<Arc<
     inference.resolve(model, &version_selector(version))
 }
 
+/// Resolves a V2 model name and version for an infer call, waiting for a version that is
+/// loading (see [`Inference::resolve_for_run`]).
+pub async fn resolve_for_run(
+    inference: &Inference,
+    model: &str,
+    version: &str,
+    deadline: Option<std::time::Instant>,
+) -> Result<Arc<Servable>, Error> {
+    if model.is_empty() {
+        return Err(Error::InvalidArgument("the request names no model".into()));
+    }
+    inference
+        .resolve_for_run(model, &version_selector(version), deadline)
+        .await
+}
+
 /// The statistics of `model`'s serving versions (every model's when it is empty; one
 /// version when `version` names it).
 pub fn statistics(

@@ -1,0 +1,456 @@
+//! Many models in one budget, against the real binary: on-demand versions load on their
+//! first request (one load however many wait), the least recently used idle one is evicted
+//! for room, never one with a request in flight nor a pinned one, resident bytes stay
+//! within `--model_memory_budget` (sampled from /metrics throughout), a model larger than
+//! the whole budget fails with a clear error while the others serve, and an unload-first
+//! swap under load fails no request.
+//!
+//! The models are copies of the `counter` fixture: its forward is busy for `x[:, 1]`
+//! rounds (so a test can hold a request in flight), and its tensors are two buffers, a
+//! 128x128 float identity and an int64 counter: 65544 bytes, which is what the server
+//! must measure.
+
+pub mod common;
+
+use common::*;
+use modelgate::proto::serving::model_version_status::State;
+use modelgate::proto::serving::PredictRequest;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use tonic::Code;
+
+/// The counter's buffers: a 128x128 float32 identity and one int64.
+const COUNTER_BYTES: u64 = 128 * 128 * 4 + 8;
+
+/// A repository of `names`, each a copy of the counter fixture as version 1.
+fn repository(tag: &str, names: &[&str]) -> (PathBuf, u64) {
+    let root = scratch(tag);
+    let from = fixtures().join("counter/1");
+    for name in names {
+        copy_version(&from, &root.join(name).join("1"));
+    }
+    let file = std::fs::metadata(from.join("model.pt")).unwrap().len();
+    (root, file)
+}
+
+fn copy_version(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for file in ["model.pt", "signature.json"] {
+        std::fs::copy(from.join(file), to.join(file)).unwrap();
+    }
+}
+
+fn config(root: &Path, names: &[&str]) -> String {
+    let paths: Vec<PathBuf> = names.iter().map(|name| root.join(name)).collect();
+    let entries: Vec<(&str, &Path, &str)> = names
+        .iter()
+        .zip(&paths)
+        .map(|(name, path)| (*name, path.as_path(), ""))
+        .collect();
+    model_config(&entries)
+}
+
+/// The counter's Predict: `y = 2 * x[:, :1]`, busy for `rounds` rounds.
+fn counter_request(model: &str, value: f32, rounds: f32) -> PredictRequest {
+    PredictRequest {
+        model_spec: Some(spec(model)),
+        inputs: [("x".to_string(), floats(&[1, 2], &[value, rounds]))].into(),
+        ..Default::default()
+    }
+}
+
+async fn call(server: &Server, model: &str, value: f32) -> Result<Vec<f32>, tonic::Status> {
+    let mut client = server.prediction().await;
+    let response = client
+        .predict(counter_request(model, value, 0.0))
+        .await?
+        .into_inner();
+    let y = response.outputs.get("y").expect("output y");
+    Ok(decode_tensor("y", y).unwrap().to_values::<f32>().unwrap())
+}
+
+async fn resident(server: &Server, model: &str) -> f64 {
+    server
+        .metric(
+            "modelgate_model_resident_bytes",
+            &[&format!("model=\"{model}\""), "device=\"cpu\""],
+        )
+        .await
+}
+
+async fn on_demand_loads(server: &Server, model: &str) -> f64 {
+    server
+        .metric(
+            "modelgate_model_loads_total",
+            &[&format!("model=\"{model}\""), "reason=\"on_demand\""],
+        )
+        .await
+}
+
+/// Samples the total resident bytes every 50 ms until stopped; answers the largest seen.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Sampler {
+    fn start(server: &Server) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let url = server.url("/metrics");
+        let flag = Arc::clone(&stop);
+        let task = tokio::spawn(async move {
+            let mut peak = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((_, text)) = http::request("GET", &url, None).await {
+                    let total: f64 = text
+                        .lines()
+                        .filter(|l| l.starts_with("modelgate_model_resident_bytes{"))
+                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                        .sum();
+                    peak = peak.max(total as u64);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            peak
+        });
+        Sampler { stop, task }
+    }
+
+    async fn peak(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_demand_versions_load_on_first_use_and_the_least_recently_used_is_evicted() {
+    let names = ["m0", "m1", "m2", "m3"];
+    let (root, file) = repository("residency-lru", &names);
+    // Room for two resident copies and a third one loading, not for three resident.
+    let budget = COUNTER_BYTES + file + COUNTER_BYTES / 2;
+    let server = Server::with_config(
+        &config(&root, &names),
+        &[
+            "--device=cpu",
+            "--on_demand_models=*",
+            "--min_residency_seconds=0",
+            &format!("--model_memory_budget=cpu={budget}"),
+        ],
+    );
+    // Listed and ready before anything is loaded; metadata comes from the files.
+    server.wait_readyz(200).await;
+    server.wait_available(&names).await;
+    let budget_metric = server
+        .metric("modelgate_model_memory_budget_bytes", &["device=\"cpu\""])
+        .await;
+    assert_eq!(budget_metric as u64, budget);
+    let (code, metadata) = server.http_get("/v1/models/m3/metadata").await;
+    assert_eq!(code, 200, "{metadata}");
+    assert!(metadata.contains("serving_default"), "{metadata}");
+    for name in names {
+        assert_eq!(resident(&server, name).await, 0.0, "{name} loaded early");
+    }
+    let sampler = Sampler::start(&server);
+
+    assert_eq!(call(&server, "m0", 1.0).await.unwrap(), vec![2.0]);
+    assert_eq!(call(&server, "m1", 2.0).await.unwrap(), vec![4.0]);
+    // Measured, not guessed from the file: the module's two buffers.
+    assert_eq!(resident(&server, "m0").await as u64, COUNTER_BYTES);
+    assert_eq!(resident(&server, "m1").await as u64, COUNTER_BYTES);
+    // m0 is used again, so m1 is now the least recently used: m2's load evicts it.
+    call(&server, "m0", 1.0).await.unwrap();
+    assert_eq!(call(&server, "m2", 3.0).await.unwrap(), vec![6.0]);
+    let evicted = |model: &'static str| {
+        let server = &server;
+        async move {
+            server
+                .metric(
+                    "modelgate_model_evictions_total",
+                    &[&format!("model=\"{model}\"")],
+                )
+                .await
+        }
+    };
+    wait_for(server.awaiting("m1 to be evicted"), || async {
+        (resident(&server, "m1").await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(evicted("m1").await, 1.0);
+    assert_eq!(evicted("m0").await, 0.0);
+    assert!(resident(&server, "m0").await > 0.0);
+    assert!(resident(&server, "m2").await > 0.0);
+
+    // The V2 protocol drives them as well: m3 comes in over REST and m0 (now the least
+    // recently used) makes room.
+    let body = r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[5,0]}]}"#;
+    let (code, answer) = http::post(&server.url("/v2/models/m3/infer"), body)
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer.contains("10"), "{answer}");
+    wait_for(server.awaiting("m0 to be evicted"), || async {
+        (evicted("m0").await == 1.0).then_some(())
+    })
+    .await;
+    // An evicted version comes back on its next request: a second on-demand load.
+    assert_eq!(call(&server, "m1", 4.0).await.unwrap(), vec![8.0]);
+    assert_eq!(on_demand_loads(&server, "m1").await, 2.0);
+    for name in ["m0", "m2", "m3"] {
+        assert_eq!(on_demand_loads(&server, name).await, 1.0, "{name}");
+    }
+    let cold_starts = server
+        .metric("modelgate_model_cold_start_seconds_count", &[])
+        .await;
+    assert_eq!(cold_starts, 5.0);
+    let peak = sampler.peak().await;
+    assert!(peak <= budget, "resident {peak} > budget {budget}");
+    assert!(
+        peak >= 2 * COUNTER_BYTES,
+        "two copies were resident: {peak}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_first_requests_make_one_load() {
+    let (root, _) = repository("residency-single-flight", &["m0"]);
+    let server = Server::with_config(
+        &config(&root, &["m0"]),
+        &["--device=cpu", "--on_demand_models=m0"],
+    );
+    server.wait_readyz(200).await;
+    let mut calls = Vec::new();
+    for i in 0..16 {
+        let client = server.prediction().await;
+        calls.push(tokio::spawn(async move {
+            let mut client = client;
+            client.predict(counter_request("m0", i as f32, 0.0)).await
+        }));
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(on_demand_loads(&server, "m0").await, 1.0);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_with_a_request_in_flight_is_not_evicted_and_deadlines_hold() {
+    let (root, file) = repository("residency-lease", &["m0", "m1"]);
+    // Room for one copy and not two.
+    let budget = file + COUNTER_BYTES / 2;
+    let server = Server::with_config(
+        &config(&root, &["m0", "m1"]),
+        &[
+            "--device=cpu",
+            "--on_demand_models=*",
+            "--min_residency_seconds=0",
+            &format!("--model_memory_budget=cpu={budget}"),
+        ],
+    );
+    server.wait_readyz(200).await;
+    call(&server, "m0", 1.0).await.unwrap();
+    // A slow request holds m0 (about 2 s of work on two cores).
+    let mut slow_client = server.prediction().await;
+    let slow = tokio::spawn(async move {
+        slow_client
+            .predict(counter_request("m0", 1.0, 60000.0))
+            .await
+    });
+    let what = server.awaiting("the slow request to start");
+    wait_for(what, || async {
+        let forwards = server
+            .metric("modelgate_batch_size_count", &["model=\"m0\""])
+            .await;
+        let running = server
+            .metric("modelgate_queue_depth", &["model=\"m0\""])
+            .await;
+        (forwards >= 1.0 && running == 0.0).then_some(())
+    })
+    .await;
+    // m1 needs m0's room, and m0 is in use: with a short deadline, RESOURCE_EXHAUSTED.
+    let mut hurried = tonic::Request::new(counter_request("m1", 1.0, 0.0));
+    hurried
+        .metadata_mut()
+        .insert("grpc-timeout", "300m".parse().unwrap());
+    let status = server.raw_prediction().predict(hurried).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("in use"), "{}", status.message());
+    // With time to wait, m1 loads once the slow request has answered and m0 is idle.
+    let waited = call(&server, "m1", 7.0).await.unwrap();
+    assert_eq!(waited, vec![14.0]);
+    let answered = slow.await.unwrap().expect("the slow request was answered");
+    assert!(answered.into_inner().outputs.contains_key("y"));
+    assert_eq!(resident(&server, "m0").await, 0.0);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pinned_models_stay_and_a_model_over_the_whole_budget_fails_alone() {
+    let names = ["pinned", "m1", "m2"];
+    let (root, file) = repository("residency-pinned", &names);
+    // A smaller model beside them: the tiny fixture.
+    copy_dir(&fixtures().join("tiny"), &root.join("tiny"));
+    let mut all = names.to_vec();
+    all.push("tiny");
+    // Room for two copies; the pinned one holds one of them for good.
+    let budget = COUNTER_BYTES + file + COUNTER_BYTES / 2;
+    let server = Server::with_config(
+        &config(&root, &all),
+        &[
+            "--device=cpu",
+            "--on_demand_models=*",
+            "--pinned_models=pinned",
+            "--min_residency_seconds=0",
+            &format!("--model_memory_budget=cpu={budget}"),
+        ],
+    );
+    server.wait_readyz(200).await;
+    // Loaded at start, as a config load.
+    assert_eq!(resident(&server, "pinned").await as u64, COUNTER_BYTES);
+    for round in 0..3 {
+        for model in ["m1", "m2"] {
+            call(&server, model, round as f32).await.unwrap();
+        }
+    }
+    assert_eq!(resident(&server, "pinned").await as u64, COUNTER_BYTES);
+    let pinned_evictions = server
+        .metric("modelgate_model_evictions_total", &["model=\"pinned\""])
+        .await;
+    assert_eq!(pinned_evictions, 0.0);
+    assert!(on_demand_loads(&server, "m1").await >= 3.0);
+    drop(server);
+
+    // A budget smaller than one copy: that model fails with the reason, tiny serves.
+    let small = file / 2;
+    let server = Server::with_config(
+        &config(&root, &["m1", "tiny"]),
+        &[
+            "--device=cpu",
+            "--on_demand_models=m1",
+            &format!("--model_memory_budget=cpu={small}"),
+        ],
+    );
+    server.wait_readyz(200).await;
+    let status = call(&server, "m1", 1.0).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("more than the whole budget"),
+        "{}",
+        status.message()
+    );
+    let (code, body) = http::post(
+        &server.url("/v1/models/tiny:predict"),
+        r#"{"instances": [[1.0]]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unload_first_swap_under_load_fails_no_request() {
+    let (root, _) = repository("residency-unload-first", &["big"]);
+    let server = Server::with_config(
+        &config(&root, &["big"]),
+        &[
+            "--device=cpu",
+            "--unload_first_models=big",
+            "--file_system_poll_wait_seconds=1",
+        ],
+    );
+    server.wait_readyz(200).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (answered, failures) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    let longest = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut client = server.raw_prediction();
+        let (stop, answered, failures, longest) = (
+            Arc::clone(&stop),
+            Arc::clone(&answered),
+            Arc::clone(&failures),
+            Arc::clone(&longest),
+        );
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let mut request = tonic::Request::new(counter_request("big", 1.0, 0.0));
+                request
+                    .metadata_mut()
+                    .insert("grpc-timeout", "20S".parse().unwrap());
+                let started = std::time::Instant::now();
+                match client.predict(request).await {
+                    Ok(_) => {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(status) => failures.lock().unwrap().push(format!("{status:?}")),
+                }
+                let micros = started.elapsed().as_micros() as u64;
+                longest.fetch_max(micros, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    copy_version(&fixtures().join("counter/1"), &root.join("big/2"));
+    let models = server.models().await;
+    wait_for_state(&models, "big", 2, State::Available).await;
+    wait_for_state(&models, "big", 1, State::End).await;
+    let before = answered.load(Ordering::Relaxed);
+    wait_for(
+        server.awaiting("requests answered by version 2"),
+        || async { (answered.load(Ordering::Relaxed) > before + 20).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    // The old version was gone before the new one started loading.
+    let log = server.log();
+    let line_of = |words: &[&str]| {
+        log.lines()
+            .position(|line| words.iter().all(|w| line.contains(w)))
+            .unwrap_or_else(|| panic!("no line with {words:?}:\n{log}"))
+    };
+    assert!(
+        line_of(&[" unloaded", "version=1"]) < line_of(&[" loading", "version=2"]),
+        "{log}"
+    );
+    eprintln!(
+        "unload-first swap: {} requests answered, none failed; the longest took {:.1} ms \
+         (it waited through the gap between the versions)",
+        answered.load(Ordering::Relaxed),
+        longest.load(Ordering::Relaxed) as f64 / 1000.0
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
