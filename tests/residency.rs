@@ -251,11 +251,12 @@ async fn a_version_with_a_request_in_flight_is_not_evicted_and_deadlines_hold() 
     );
     server.wait_readyz(200).await;
     call(&server, "m0", 1.0).await.unwrap();
-    // A slow request holds m0 (about 2 s of work on two cores).
+    // A slow request holds m0 (seconds of work on two cores, far longer than the deadline
+    // below even on a loaded machine).
     let mut slow_client = server.prediction().await;
     let slow = tokio::spawn(async move {
         slow_client
-            .predict(counter_request("m0", 1.0, 60000.0))
+            .predict(counter_request("m0", 1.0, 150000.0))
             .await
     });
     let what = server.awaiting("the slow request to start");
@@ -273,7 +274,7 @@ async fn a_version_with_a_request_in_flight_is_not_evicted_and_deadlines_hold() 
     let mut hurried = tonic::Request::new(counter_request("m1", 1.0, 0.0));
     hurried
         .metadata_mut()
-        .insert("grpc-timeout", "300m".parse().unwrap());
+        .insert("grpc-timeout", "1S".parse().unwrap());
     let status = server.raw_prediction().predict(hurried).await.unwrap_err();
     assert_eq!(
         status.code(),
@@ -451,6 +452,60 @@ async fn an_unload_first_swap_under_load_fails_no_request() {
          (it waited through the gap between the versions)",
         answered.load(Ordering::Relaxed),
         longest.load(Ordering::Relaxed) as f64 / 1000.0
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// The server's resident set size, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_comes_back_over_200_evictions() {
+    let (root, file) = repository("residency-rss", &["m0", "m1"]);
+    // Room for one copy: every request for the other evicts it.
+    let budget = file + COUNTER_BYTES / 2;
+    let server = Server::with_config(
+        &config(&root, &["m0", "m1"]),
+        &[
+            "--device=cpu",
+            "--on_demand_models=*",
+            "--min_residency_seconds=0",
+            &format!("--model_memory_budget=cpu={budget}"),
+        ],
+    );
+    server.wait_readyz(200).await;
+    let mut after_20 = 0;
+    for cycle in 1..=200 {
+        for (i, model) in ["m0", "m1"].into_iter().enumerate() {
+            let value = (cycle * 2 + i) as f32;
+            assert_eq!(
+                call(&server, model, value).await.unwrap(),
+                vec![2.0 * value]
+            );
+        }
+        if cycle == 20 {
+            after_20 = rss_bytes(server.pid());
+        }
+    }
+    let after_200 = rss_bytes(server.pid());
+    let evictions = server.metric("modelgate_model_evictions_total", &[]).await;
+    assert!(evictions >= 399.0, "{evictions} evictions");
+    eprintln!(
+        "RSS after 20 cycles {:.1} MiB, after 200 {:.1} MiB ({evictions} evictions)",
+        after_20 as f64 / 1048576.0,
+        after_200 as f64 / 1048576.0
+    );
+    assert!(
+        after_200 < after_20 + (50 << 20),
+        "RSS grew from {after_20} to {after_200} bytes over 180 eviction/load cycles"
     );
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -139,6 +139,28 @@ impl Servable {
             .unwrap_or_default()
     }
 
+    /// What it holds, for people: "resident: 64.0 KiB on cpu", or that it is on demand and
+    /// not resident.
+    pub fn residency(&self) -> String {
+        let bytes = self.resident_bytes();
+        if bytes.is_empty() {
+            return match &self.on_demand {
+                Some(_) => "on demand: not resident (loads on its next request)".into(),
+                None => "not resident".into(),
+            };
+        }
+        let held: Vec<String> = bytes
+            .iter()
+            .map(|(device, b)| format!("{} on {device}", residency::human(*b)))
+            .collect();
+        let kind = if self.on_demand.is_some() {
+            "on demand, resident"
+        } else {
+            "resident"
+        };
+        format!("{kind}: {}", held.join(", "))
+    }
+
     /// Takes its workers out for eviction, if nobody holds a lease and it was loaded at
     /// least `min_residency` ago.
     fn take_if_idle(&self, min_residency: Duration) -> Option<Arc<Resident>> {

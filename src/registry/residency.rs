@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 /// How long a load with no deadline of its own waits for room before it fails.
 pub const ROOM_WAIT: Duration = Duration::from_secs(30);
 
-/// How often a load that waits for room looks again (leases end without a signal).
+/// How often a load that waits for room looks again: a freed version wakes it at once,
+/// but a lease that ends does not.
 const ROOM_POLL: Duration = Duration::from_millis(20);
 
 /// Who is loaded when, and what may be evicted: the residency flags.
@@ -69,6 +70,8 @@ struct Books {
 pub struct Ledger {
     budget: MemoryBudget,
     books: Mutex<Books>,
+    /// Signalled whenever bytes are given back.
+    freed: tokio::sync::Notify,
     /// When the process started: `last_used` stamps count from here.
     epoch: Instant,
 }
@@ -81,6 +84,7 @@ impl Ledger {
         Arc::new(Ledger {
             budget,
             books: Mutex::new(Books::default()),
+            freed: tokio::sync::Notify::new(),
             epoch: Instant::now(),
         })
     }
@@ -149,6 +153,10 @@ impl Ledger {
     ) -> Result<Charge, Error> {
         let deadline = deadline.unwrap_or_else(|| Instant::now() + ROOM_WAIT);
         loop {
+            // Registered before looking, so that bytes freed meanwhile are not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
             match self.try_reserve(needs) {
                 Ok(charge) => return Ok(charge),
                 Err(Err(too_large)) => {
@@ -171,8 +179,8 @@ impl Ledger {
                     show(&books.freeing),
                 )));
             }
-            tokio::time::sleep(ROOM_POLL.min(deadline.saturating_duration_since(Instant::now())))
-                .await;
+            let wait = ROOM_POLL.min(deadline.saturating_duration_since(Instant::now()));
+            let _ = tokio::time::timeout(wait, freed).await;
         }
     }
 
@@ -194,12 +202,15 @@ impl Ledger {
         tokio::task::spawn_blocking(move || {
             let bytes = resident.charge.bytes.clone();
             resident.shut_down();
-            let mut books = ledger.books();
-            for (device, freed) in bytes {
-                if let Some(freeing) = books.freeing.get_mut(&device) {
-                    *freeing = freeing.saturating_sub(freed);
+            {
+                let mut books = ledger.books();
+                for (device, freed) in bytes {
+                    if let Some(freeing) = books.freeing.get_mut(&device) {
+                        *freeing = freeing.saturating_sub(freed);
+                    }
                 }
             }
+            ledger.freed.notify_waiters();
         });
     }
 }
@@ -259,12 +270,15 @@ impl Drop for Charge {
                 crate::telemetry::set_resident_bytes(model, *version, device, 0);
             }
         }
-        let mut books = self.ledger.books();
-        for (device, bytes) in &self.bytes {
-            if let Some(held) = books.held.get_mut(device) {
-                *held = held.saturating_sub(*bytes);
+        {
+            let mut books = self.ledger.books();
+            for (device, bytes) in &self.bytes {
+                if let Some(held) = books.held.get_mut(device) {
+                    *held = held.saturating_sub(*bytes);
+                }
             }
         }
+        self.ledger.freed.notify_waiters();
     }
 }
 

@@ -871,3 +871,39 @@ def test_request_logs_are_prediction_logs_tensorflow_reads(tmp_path):
     assert [r.WhichOneof("log_type") for r in records] == ["regress_log"]
     assert records[0].regress_log.response.result == regressed.result
     assert records[0].regress_log.request.input == req.input
+
+
+def test_on_demand_models_with_the_tf_serving_client(tmp_path, images):
+    """--on_demand_models: every model is listed AVAILABLE and answers metadata from its
+    files before anything loads; the first Predict loads the version (its warm-up files
+    replayed first) and answers as a resident one would."""
+    config = tmp_path / "models.config"
+    write_config(config)
+    srv = ServerProcess([
+        str(MODELGATE_BIN), "--port=0", "--rest_api_port=0", "--bind_address=127.0.0.1",
+        f"--model_config_file={config}", "--on_demand_models=*",
+        "--model_memory_budget=cpu=512MiB",
+    ])
+    try:
+        srv.wait_for_ports(PORT_WAIT)
+        host, port = srv.ports["gRPC"]
+        with grpc.insecure_channel(f"{host}:{port}", options=CHANNEL_OPTIONS) as ch:
+            wait_until_ready(srv, ch, READY_WAIT)
+            assert "available on demand" in srv.log(10_000)
+            assert "replayed the warm-up requests" not in srv.log(10_000)
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+            req = get_model_metadata_pb2.GetModelMetadataRequest()
+            req.model_spec.name = "mlp"
+            req.metadata_field.append("signature_def")
+            sig_map = get_model_metadata_pb2.SignatureDefMap()
+            stub.GetModelMetadata(req, timeout=TIMEOUT).metadata["signature_def"].Unpack(sig_map)
+            assert "serving_default" in sig_map.signature_def
+            resp = stub.Predict(predict_request("mlp", {"images": images}), timeout=TIMEOUT)
+            assert resp.model_spec.version.value == 2
+            np.testing.assert_allclose(outputs(resp)["probabilities"].sum(axis=1), np.ones(4), atol=1e-5)
+            assert re.search(r'replayed the warm-up requests model="mlp" version=2', srv.log(10_000))
+            x = tf.make_tensor_proto([[1.0]], dtype=tf.float32)
+            tiny = stub.Predict(predict_request("tiny", {"x": x}), timeout=TIMEOUT)
+            np.testing.assert_array_equal(tf.make_ndarray(tiny.outputs["y"]), [[3.0]])
+    finally:
+        srv.stop()

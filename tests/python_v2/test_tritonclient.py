@@ -261,12 +261,42 @@ def test_statistics_count_what_each_version_answered(server):
     assert "not served here" in unknown.value.message()
 
 
+def index_entry(index, name, version):
+    return next(e for e in index if e["name"] == name and e.get("version") == version)
+
+
 def test_repository_index_lists_configured_versions(server):
     grpc = grpcclient.InferenceServerClient(server["grpc"])
     index = grpc.get_model_repository_index(as_json=True)["models"]
-    assert {"name": "scaled", "version": "2", "state": "READY"} in index
+    scaled = index_entry(index, "scaled", "2")
+    assert scaled["state"] == "READY"
+    # A ready version's reason says what it holds.
+    assert scaled["reason"].startswith("resident: ") and scaled["reason"].endswith(" on cpu")
     rest = httpclient.InferenceServerClient(server["http"]).get_model_repository_index()
-    assert {"name": "tiny", "version": "1", "state": "READY"} in rest
+    assert index_entry(rest, "tiny", "1")["state"] == "READY"
+
+
+def test_on_demand_models_load_on_their_first_infer(start_modelgate):
+    on_demand = start_modelgate("--on_demand_models=*", "--pinned_models=tiny",
+                                "--model_memory_budget=cpu=64MiB")
+    grpc = grpcclient.InferenceServerClient(on_demand["grpc"])
+    rest = httpclient.InferenceServerClient(on_demand["http"])
+    # Listed and ready from their files; nothing but the pinned model is resident.
+    assert grpc.is_model_ready("scaled", "2")
+    index = grpc.get_model_repository_index(as_json=True)["models"]
+    assert "not resident" in index_entry(index, "scaled", "2")["reason"]
+    assert index_entry(index, "tiny", "1")["reason"].startswith("resident: ")
+    assert [i["name"] for i in rest.get_model_metadata("scaled", "2")["inputs"]] == ["x"]
+    x = np.array([[1.0, 2.0]], dtype=np.float32)
+    for module, client in ((grpcclient, grpc), (httpclient, rest)):
+        result = client.infer("scaled", [tiny_input(module, x)], model_version="2")
+        np.testing.assert_array_equal(result.as_numpy("y"), 2 * x)
+    index = rest.get_model_repository_index()
+    assert index_entry(index, "scaled", "2")["reason"].startswith("on demand, resident: ")
+    with urllib.request.urlopen(f"http://{on_demand['http']}/metrics") as answer:
+        metrics = answer.read().decode()
+    assert 'modelgate_model_loads_total{model="scaled",outcome="success",reason="on_demand"} 1' \
+        in metrics
 
 
 def test_repository_unload_and_load_act_on_the_running_config(server):

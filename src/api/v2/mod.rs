@@ -166,11 +166,20 @@ pub fn repository_index(registry: &Registry, ready_only: bool) -> Vec<IndexEntry
             if ready_only && state != "READY" {
                 continue;
             }
+            // A READY version's reason says what it holds (Triton leaves it empty there).
+            let reason = match status.error {
+                Some(error) => error,
+                None if state == "READY" => registry
+                    .resolve(&name, &VersionSelector::Number(version))
+                    .map(|servable| servable.residency())
+                    .unwrap_or_default(),
+                None => String::new(),
+            };
             entries.push(IndexEntry {
                 name: name.clone(),
                 version: version.to_string(),
                 state,
-                reason: status.error.unwrap_or_default(),
+                reason,
             });
         }
     }
