@@ -24,7 +24,7 @@ PT2_FIXTURES_STAMP := target/pt2-models/expected.json
 BENCH_MODELS_STAMP := target/bench-models/resnet50/1/model.pt
 BENCH_PT2_STAMP := target/bench-pt2/cnn_aoti/1/model.pt2
 
-.PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test export-test deploy-check lint models clean bench bench-images bench-formats
+.PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test export-test deploy-check lint models clean bench bench-images bench-formats bench-residency
 
 ## setup: create the venvs (torch and the official TF Serving client; the Triton clients; perf_analyzer) and the model repositories
 setup: $(VENV)/.installed $(VENV_V2)/.installed $(VENV_PERF)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP) $(PT2_FIXTURES_STAMP)
@@ -128,6 +128,10 @@ bench: setup $(BENCH_MODELS_STAMP) $(BENCH_PT2_STAMP)
 ## bench-formats: table 6 alone (TorchScript, frozen TorchScript, AOTInductor; served and raw)
 bench-formats: setup $(BENCH_PT2_STAMP)
 	cargo bench --bench serving -- formats
+
+## bench-residency: table 7 alone (12 models on demand in a budget for 3; an unload-first swap)
+bench-residency: setup
+	cargo bench --bench serving -- residency
 
 ## bench-images: tables 4 and 5 alone (ResNet-50 served vs raw; host CPU per image)
 bench-images: setup $(BENCH_MODELS_STAMP)

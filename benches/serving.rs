@@ -11,10 +11,13 @@
 //! 4. and 5. image requests on this machine's device (a GPU when libtorch sees one):
 //!    ResNet-50 served vs its raw forward, and the host's CPU per image (`images.rs`);
 //! 6. formats: TorchScript, frozen TorchScript and AOTInductor packages of the same
-//!    models, served and raw (`formats.rs`).
+//!    models, served and raw (`formats.rs`);
+//! 7. residency: twelve models in a budget that holds three, on demand, next to a server
+//!    holding all twelve, and an unload-first swap (`residency.rs`; only with
+//!    `-- residency`: it runs for over three minutes).
 //!
 //! `cargo bench --bench serving -- images` prints tables 4 and 5 alone, `-- formats`
-//! table 6.
+//! table 6, `-- residency` table 7.
 //! `cargo bench --bench serving -- loadgen ADDR MODEL CONCURRENCY SECONDS [CONNECTIONS [ROWS]]`
 //! runs the load generator alone against a running server: any model, its request built
 //! from GetModelMetadata (ROWS rows, default 1).
@@ -24,6 +27,7 @@ pub mod common;
 mod formats;
 mod images;
 mod loadgen;
+mod residency;
 
 use bytes::Bytes;
 use common::{demo_models, spec, write_config, Server, TempDir};
@@ -402,6 +406,7 @@ fn main() {
         Some("loadgen") => runtime.block_on(loadgen_only(&args[1..])),
         Some("images") => runtime.block_on(images::tables()),
         Some("formats") => runtime.block_on(formats::tables()),
+        Some("residency") => runtime.block_on(residency::tables()),
         _ => runtime.block_on(async {
             tables().await;
             images::tables().await;

@@ -137,6 +137,14 @@ impl Scheduler {
             }
         };
         let workers = start_workers(path, &series, runner, &source, warm_up)?;
+        for (device, bytes) in workers.resident_bytes() {
+            series
+                .labelled_gauge(
+                    telemetry::MODEL_RESIDENT_BYTES,
+                    &[("device", &device.to_string())],
+                )
+                .set(*bytes as f64);
+        }
         Ok(Scheduler {
             mode,
             workers,

@@ -184,7 +184,7 @@ impl VersionPlan {
             self.direct_capacity,
             &self.warm_up,
         )?;
-        let resident = Resident::new(model, version, scheduler, charge)
+        let resident = Resident::new(scheduler, charge)
             .map(Arc::new)
             .map_err(VersionLoadError::Memory)?;
         if let Some(warm_up) = &self.replay {

@@ -137,7 +137,6 @@ impl Ledger {
         Ok(Charge {
             ledger: Arc::clone(self),
             bytes: needs.clone(),
-            owner: None,
         })
     }
 
@@ -219,8 +218,6 @@ impl Ledger {
 pub struct Charge {
     ledger: Arc<Ledger>,
     bytes: DeviceBytes,
-    /// The version it is reported for (`modelgate_model_resident_bytes`), once resident.
-    owner: Option<(String, i64)>,
 }
 
 impl Charge {
@@ -265,11 +262,6 @@ impl Charge {
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        if let Some((model, version)) = &self.owner {
-            for device in self.bytes.keys() {
-                crate::telemetry::set_resident_bytes(model, *version, device, 0);
-            }
-        }
         {
             let mut books = self.ledger.books();
             for (device, bytes) in &self.bytes {
@@ -293,23 +285,15 @@ pub struct Resident {
 }
 
 impl Resident {
-    /// Settles `charge` to what `scheduler`'s model measured and reports it.
-    pub fn new(
-        model: &str,
-        version: i64,
-        scheduler: Scheduler,
-        mut charge: Charge,
-    ) -> Result<Resident, String> {
+    /// Settles `charge` to what `scheduler`'s model measured (the scheduler reports it as
+    /// `modelgate_model_resident_bytes`).
+    pub fn new(scheduler: Scheduler, mut charge: Charge) -> Result<Resident, String> {
         let measured: DeviceBytes = scheduler
             .resident_bytes()
             .iter()
             .map(|(device, bytes)| (device.to_string(), *bytes))
             .collect();
         charge.settle(measured)?;
-        for (device, bytes) in charge.bytes() {
-            crate::telemetry::set_resident_bytes(model, version, device, *bytes);
-        }
-        charge.owner = Some((model.to_string(), version));
         let stamp = charge.ledger.now_stamp();
         Ok(Resident {
             scheduler,

@@ -9,6 +9,12 @@ use std::ffi::{c_char, c_int, CStr};
 extern "C" {
     fn modelgate_cuda_bind_thread(index: c_int) -> *mut c_char;
     fn modelgate_cuda_synchronize_thread_stream(index: c_int) -> *mut c_char;
+    fn modelgate_cuda_allocated_bytes(
+        index: c_int,
+        reset_peak: c_int,
+        current: *mut i64,
+        peak: *mut i64,
+    ) -> *mut c_char;
     fn modelgate_cuda_free_message(message: *mut c_char);
 }
 
@@ -45,6 +51,19 @@ pub(super) fn synchronize_thread_stream(gpu: usize) -> Result<(), String> {
     answer(unsafe { modelgate_cuda_synchronize_thread_stream(index) })
 }
 
+/// The CUDA caching allocator's allocated bytes on `gpu`: now, and the most since the last
+/// reset (`reset_peak` resets it to now first). Process-wide: what every thread allocated.
+pub(super) fn allocated_bytes(gpu: usize, reset_peak: bool) -> Result<(u64, u64), String> {
+    let index = index_of(gpu)?;
+    let (mut current, mut peak) = (0i64, 0i64);
+    // SAFETY: the shim catches every C++ exception and writes the two counts on success.
+    answer(unsafe {
+        modelgate_cuda_allocated_bytes(index, c_int::from(reset_peak), &mut current, &mut peak)
+    })?;
+    let bytes = |n: i64| u64::try_from(n).unwrap_or(0);
+    Ok((bytes(current), bytes(peak)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,10 +75,12 @@ mod tests {
         if tch::Cuda::is_available() {
             assert_eq!(bind_thread(0), Ok(()));
             assert_eq!(synchronize_thread_stream(0), Ok(()));
+            assert!(allocated_bytes(0, true).is_ok());
             return;
         }
         let bound = bind_thread(0).unwrap_err();
         assert!(!bound.is_empty());
+        assert!(allocated_bytes(0, true).is_err());
         assert!(synchronize_thread_stream(0).is_err());
         assert!(bind_thread(usize::MAX)
             .unwrap_err()

@@ -8,10 +8,12 @@
 // Every function returns NULL on success or a malloc'd message that the caller frees with
 // modelgate_cuda_free_message; no C++ exception crosses into Rust.
 
+#include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/Device.h>
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -64,6 +66,25 @@ char* modelgate_cuda_synchronize_thread_stream(int index) {
   return guarded([index] {
     const auto* cuda = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
     cuda->synchronizeStream(cuda->getStream(cuda_device(index)));
+  });
+}
+
+// The CUDA caching allocator's allocated bytes on GPU `index`, all pools together: now in
+// `*current`, and the most since the last reset in `*peak`. With `reset_peak`, the peak is
+// reset to the current value first.
+char* modelgate_cuda_allocated_bytes(int index, int reset_peak, int64_t* current,
+                                     int64_t* peak) {
+  return guarded([&] {
+    auto* allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    const auto device = static_cast<c10::DeviceIndex>(index);
+    if (reset_peak != 0) {
+      allocator->resetPeakStats(device);
+    }
+    const auto stats = allocator->getDeviceStats(device);
+    const auto& bytes =
+        stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    *current = bytes.current;
+    *peak = bytes.peak;
   });
 }
 

@@ -8,10 +8,11 @@ use super::staging::Staging;
 use super::{cuda, Device, LoadError, ModelOutput, RunError};
 use crate::telemetry::{self, BatchPhases, VersionMetrics};
 use crate::tensor::Tensor;
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 use tokio::sync::oneshot;
 
@@ -295,6 +296,10 @@ pub fn start_workers(
             .collect(),
     });
     let warm_up: Arc<[SyntheticWarmUp]> = Arc::from(warm_up);
+    // On a GPU, what the version holds is what the caching allocator grew by over its load
+    // and warm-up (at its largest batch, the peak): measured with this process's other
+    // loads on that GPU kept out.
+    let cuda_loads = CudaLoads::begin(&config.devices);
     let (warmed, warm_ups) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(config.devices.len() * instances);
     let mut resident = Vec::with_capacity(config.devices.len());
@@ -350,11 +355,77 @@ pub fn start_workers(
             .unwrap_or_else(|_| Err(LoadError::Thread("a worker died while warming up".into())));
         ready?;
     }
+    let resident = cuda_loads.finish(resident);
     Ok(Workers {
         threads,
         health,
         resident,
     })
+}
+
+/// Serializes loads per GPU, so that the caching allocator's growth over one load is that
+/// load's. Inference on other versions may still allocate meanwhile; their blocks are
+/// freed after each batch and move only the peak.
+/// One lock per GPU index ever used, made once and kept for the process's life.
+static CUDA_LOAD_LOCKS: LazyLock<Mutex<HashMap<usize, &'static Mutex<()>>>> =
+    LazyLock::new(Default::default);
+
+/// The GPUs one load holds the load locks of, and their allocated bytes when it began.
+struct CudaLoads {
+    /// (gpu, allocated bytes before, its lock held)
+    held: Vec<(usize, u64, std::sync::MutexGuard<'static, ()>)>,
+}
+
+impl CudaLoads {
+    fn begin(devices: &[Device]) -> CudaLoads {
+        let mut gpus: Vec<usize> = devices
+            .iter()
+            .filter_map(|device| match device {
+                Device::Cuda(gpu) => Some(*gpu),
+                Device::Cpu => None,
+            })
+            .collect();
+        // Always in the same order, so that two loads cannot wait for each other.
+        gpus.sort_unstable();
+        gpus.dedup();
+        let held = gpus
+            .into_iter()
+            .map(|gpu| {
+                let lock: &'static Mutex<()> = CUDA_LOAD_LOCKS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(gpu)
+                    .or_insert_with(|| Box::leak(Box::default()));
+                let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let before = super::cuda::allocated_bytes(gpu, true).map_or(0, |(now, _)| now);
+                (gpu, before, guard)
+            })
+            .collect();
+        CudaLoads { held }
+    }
+
+    /// The bytes each device holds: on a GPU the allocator's peak growth since `begin`, or
+    /// the model's own tensors if those are more (all the tensors outlive the load).
+    fn finish(self, tensors: Vec<(Device, u64)>) -> Vec<(Device, u64)> {
+        tensors
+            .into_iter()
+            .map(|(device, bytes)| {
+                let Device::Cuda(gpu) = device else {
+                    return (device, bytes);
+                };
+                let grown = self
+                    .held
+                    .iter()
+                    .find(|(held, _, _)| *held == gpu)
+                    .and_then(|(_, before, _)| {
+                        let (_, peak) = super::cuda::allocated_bytes(gpu, false).ok()?;
+                        Some(peak.saturating_sub(*before))
+                    })
+                    .unwrap_or(0);
+                (device, bytes.max(grown))
+            })
+            .collect()
+    }
 }
 
 /// One worker thread's state: its device's model, and the host memory it stages batches

@@ -28,8 +28,8 @@ pub const REQUEST_DURATION_SECONDS: &str = "modelgate_request_duration_seconds";
 /// (`config`: the config or a new version on storage; `on_demand`: a request for a version
 /// not resident; `retry`: a load retried after a failure).
 pub const MODEL_LOADS_TOTAL: &str = "modelgate_model_loads_total";
-/// Bytes a resident version holds, by `model`, `version` and `device`; 0 once unloaded or
-/// evicted.
+/// Bytes a resident version holds, by `model`, `version` and `device`; a per-version series
+/// (see [`VersionMetrics`]), gone once the version is unloaded or evicted and freed.
 pub const MODEL_RESIDENT_BYTES: &str = "modelgate_model_resident_bytes";
 /// `--model_memory_budget`, by `device`.
 pub const MODEL_MEMORY_BUDGET_BYTES: &str = "modelgate_model_memory_budget_bytes";
@@ -114,11 +114,6 @@ fn describe_metrics() {
     describe_counter!(
         MODEL_LOADS_TOTAL,
         "Model version loads, by outcome (success or failure) and reason (config, on_demand, retry)"
-    );
-    describe_gauge!(
-        MODEL_RESIDENT_BYTES,
-        Unit::Bytes,
-        "Bytes a resident model version holds on a device (0 once unloaded or evicted)"
     );
     describe_gauge!(
         MODEL_MEMORY_BUDGET_BYTES,
@@ -333,12 +328,6 @@ pub fn record_model_load(model: &str, reason: LoadReason, elapsed: Duration, suc
         .increment(1);
     metrics::histogram!(MODEL_LOAD_DURATION_SECONDS, "model" => model)
         .record(elapsed.as_secs_f64());
-}
-
-/// Sets the bytes a version holds on `device` (0 once it no longer does).
-pub fn set_resident_bytes(model: &str, version: i64, device: &str, bytes: u64) {
-    metrics::gauge!(MODEL_RESIDENT_BYTES, "model" => interned_model(model), "version" => version.to_string(), "device" => device.to_string())
-        .set(bytes as f64);
 }
 
 /// Publishes the memory budget of `device`.

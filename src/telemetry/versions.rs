@@ -10,8 +10,9 @@
 //! API, protocol and code.
 
 use super::{
-    BATCH_SIZE, BATCH_SIZE_BUCKETS, FORWARD_DURATION_SECONDS, LATENCY_BUCKETS, QUEUE_DELAY_BUCKETS,
-    QUEUE_DELAY_SECONDS, QUEUE_DEPTH, REJECTED_REQUESTS_TOTAL, REQUESTS_TOTAL,
+    BATCH_SIZE, BATCH_SIZE_BUCKETS, FORWARD_DURATION_SECONDS, LATENCY_BUCKETS,
+    MODEL_RESIDENT_BYTES, QUEUE_DELAY_BUCKETS, QUEUE_DELAY_SECONDS, QUEUE_DEPTH,
+    REJECTED_REQUESTS_TOTAL, REQUESTS_TOTAL,
 };
 use metrics::SharedString;
 use metrics::{Counter, Gauge, Histogram, HistogramFn};
@@ -57,6 +58,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "Time of one forward pass",
     ),
     (QUEUE_DEPTH, Kind::Gauge, "Requests waiting in the queue"),
+    (
+        MODEL_RESIDENT_BYTES,
+        Kind::Gauge,
+        "Bytes a resident model version holds on a device",
+    ),
     (
         REJECTED_REQUESTS_TOTAL,
         Kind::Counter,
@@ -276,8 +282,13 @@ impl VersionMetrics {
     }
 
     pub fn gauge(&self, name: &'static str) -> Gauge {
+        self.labelled_gauge(name, &[])
+    }
+
+    /// A gauge of this version with labels, e.g. `MODEL_RESIDENT_BYTES` with `device`.
+    pub fn labelled_gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
         let value = Arc::new(AtomicU64::new(0f64.to_bits()));
-        self.add(name, &[], Value::Atomic(Arc::clone(&value)));
+        self.add(name, labels, Value::Atomic(Arc::clone(&value)));
         Gauge::from_arc(value)
     }
 
