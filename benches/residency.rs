@@ -18,7 +18,7 @@
 //! fit the budget together, under load from 8 clients: failed requests (none expected) and
 //! the longest a request waited through the gap.
 
-use crate::common::{demo_models, model_status, spec, write_config, Server, TempDir};
+use crate::common::{demo_models, free_port, model_status, spec, write_config, Server, TempDir};
 use modelgate::proto::serving::model_version_status::State;
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::PredictRequest;
@@ -100,7 +100,7 @@ fn total(text: &str, name: &str) -> f64 {
             (rest.starts_with('{') || rest.starts_with(' ')).then_some(rest)
         })
         .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |sum, value| sum + value)
 }
 
 /// Quantile `q` of a histogram on a /metrics page, its buckets summed over every label set.
@@ -250,6 +250,7 @@ async fn drive(server: &Server) -> Outcome {
 fn start(config: &Path, extra: &[String]) -> Server {
     let mut args = vec![
         format!("--model_config_file={}", config.display()),
+        format!("--rest_api_port={}", free_port()),
         "--device=cpu".to_string(),
     ];
     args.extend_from_slice(extra);
@@ -320,7 +321,7 @@ pub async fn tables() {
         server.wait_readyz(200).await;
         let outcome = drive(&server).await;
         row(
-            &format!("on demand, budget for {RESIDENT}, min residency {min_residency} s"),
+            &format!("on demand, budget for {RESIDENT}, --min_residency_seconds={min_residency}"),
             Some(budget),
             &outcome,
         );

@@ -509,3 +509,34 @@ async fn memory_comes_back_over_200_evictions() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_younger_than_the_minimum_residency_is_not_evicted() {
+    let (root, file) = repository("residency-young", &["m0", "m1"]);
+    let budget = file + COUNTER_BYTES / 2;
+    let server = Server::with_config(
+        &config(&root, &["m0", "m1"]),
+        &[
+            "--device=cpu",
+            "--on_demand_models=*",
+            "--min_residency_seconds=600",
+            &format!("--model_memory_budget=cpu={budget}"),
+        ],
+    );
+    server.wait_readyz(200).await;
+    call(&server, "m0", 1.0).await.unwrap();
+    // m0 is idle but young: m1 waits for room until its deadline, and gets none.
+    let mut request = tonic::Request::new(counter_request("m1", 1.0, 0.0));
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "500m".parse().unwrap());
+    let status = server.raw_prediction().predict(request).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert_eq!(resident(&server, "m0").await as u64, COUNTER_BYTES);
+    let _ = std::fs::remove_dir_all(&root);
+}

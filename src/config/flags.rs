@@ -238,10 +238,11 @@ pub struct Flags {
     #[arg(long = "pinned_models", value_delimiter = ',')]
     pub pinned_models: Vec<String>,
 
-    /// An on-demand version loaded less than this long ago is not evicted, so that the
-    /// requests that loaded it are served and loads cannot chase each other out (modelgate's
-    /// own).
-    #[arg(long = "min_residency_seconds", default_value_t = 5.0)]
+    /// An on-demand version loaded less than this long ago is not evicted (anti-churn: loads
+    /// wait for room instead). Default 0: requests in flight already keep their version, and
+    /// any wait longer than a load costs more than the load when the models in use do not
+    /// fit (modelgate's own; see docs/memory.md).
+    #[arg(long = "min_residency_seconds", default_value_t = 0.0)]
     pub min_residency_seconds: f64,
 
     /// Models whose old version unloads before the new one loads (TF Serving's

@@ -401,7 +401,11 @@ impl Registry {
                 registry.evict(missing)
             })
             .await;
-        on_demand.waiting_for_room.store(false, Ordering::SeqCst);
+        // Left set when no room came: a request whose deadline passes at that same moment
+        // is told so, whichever of the two is seen first.
+        if reserved.is_ok() {
+            on_demand.waiting_for_room.store(false, Ordering::SeqCst);
+        }
         let result = match reserved {
             Ok(charge) => {
                 let starting = Arc::clone(&servable);
