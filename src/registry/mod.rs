@@ -4,6 +4,12 @@
 //! its only writer and swaps a rebuilt map in whole. A request clones the `Arc<Servable>` it
 //! resolved and so keeps that version alive until it answers, even once a newer version has
 //! replaced it: an unloaded version is freed when its last request drops it.
+//!
+//! A version's workers live in its servable's slot while it is resident. A request leases
+//! them ([`Registry::acquire`]) for as long as it is queued or running; an on-demand
+//! version (`--on_demand_models`) starts empty, is loaded by its first request, and may be
+//! evicted when no lease is out and a load needs its room in the memory budget
+//! ([`residency`]).
 
 mod loader;
 mod manager;
@@ -19,7 +25,7 @@ pub use manager::{
     ApplyError, BoxError, ConfigHook, Manager, ManagerConfig, ManagerHandle, ModelChange,
 };
 pub use policy::{AvailabilityPreserving, ResourcePreserving, VersionPolicy};
-pub use residency::{human as human_bytes, DeviceBytes, Ledger, ResidencySettings};
+pub use residency::{DeviceBytes, Ledger, ResidencySettings};
 pub use retries::LoadRetries;
 pub use warmup_records::{ReplayError, WarmUpReplay, MAX_WARMUP_RECORDS, WARMUP_FILE};
 
@@ -103,11 +109,6 @@ impl Servable {
         servable
     }
 
-    /// Whether it loads on its first request (and may be evicted).
-    pub fn is_on_demand(&self) -> bool {
-        self.on_demand.is_some()
-    }
-
     /// The model's name and the version number, as errors name them.
     pub fn id(&self) -> (&str, i64) {
         (&self.model, self.version)
@@ -126,13 +127,8 @@ impl Servable {
         lease
     }
 
-    /// Whether its workers are loaded.
-    pub fn is_resident(&self) -> bool {
-        self.slot().is_some()
-    }
-
     /// The bytes it holds per device (empty when not resident).
-    pub fn resident_bytes(&self) -> DeviceBytes {
+    fn resident_bytes(&self) -> DeviceBytes {
         self.slot()
             .as_ref()
             .map(|resident| resident.bytes().clone())
