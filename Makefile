@@ -22,7 +22,7 @@ FIXTURES_STAMP := target/test-models/fixtures.config
 # PyTorch 2 packages compile for 30-60 s: rebuilt only when the export command changes.
 PT2_FIXTURES_STAMP := target/pt2-models/expected.json
 BENCH_MODELS_STAMP := target/bench-models/resnet50/1/model.pt
-BENCH_PT2_STAMP := target/bench-pt2/cnn_aoti/1/model.pt2
+BENCH_PT2_STAMP := target/bench-pt2/cnn_aotifrozen/1/model.pt2
 
 .PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test export-test deploy-check lint models clean bench bench-images bench-formats bench-residency
 

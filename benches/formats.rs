@@ -1,5 +1,6 @@
 //! Table 6 of the serving benchmark: the same models as TorchScript, frozen TorchScript
-//! (`--freeze_models`) and an AOTInductor package (`model.pt2`), made by the export command
+//! (`--freeze_models`), an AOTInductor package (`model.pt2`) and a package compiled with
+//! inductor's freezing (`aotifrozen`, the export command's `--freeze`), made by the export command
 //! (`models/bench_pt2.py export`): `mlp` (784-512-512-10) and a small ResNet-like CNN on
 //! 3x64x64 images. Each is served alone over gRPC with batching (max_batch_size 64,
 //! 1-row requests) at concurrency 1 and 64, next to its raw forward in PyTorch on one
@@ -19,7 +20,7 @@ use std::path::PathBuf;
 fn models() -> PathBuf {
     let dir = repo_root().join("target/bench-pt2");
     assert!(
-        dir.join("cnn_aoti/1/model.pt2").is_file(),
+        dir.join("cnn_aotifrozen/1/model.pt2").is_file(),
         "format bench models missing: run `make bench` (or \
          `python models/bench_pt2.py export target/bench-pt2`)"
     );
@@ -52,7 +53,7 @@ async fn serve(model: &str, form: &str) -> Served {
     let dir = TempDir::new("bench-formats");
     let name = format!("{model}_{form}");
     let base = models().join(match form {
-        "aoti" => format!("{model}_aoti"),
+        "aoti" | "aotifrozen" => format!("{model}_{form}"),
         _ => format!("{model}_ts"),
     });
     let config = write_config(&dir.0, &[(name.as_str(), base, "")]);
@@ -124,14 +125,14 @@ pub async fn tables() {
     );
     println!("(raw: PyTorch's own forward of the same file, 1 thread, rows/s at batch 1 | 64)\n");
     println!(
-        "| model | form   | load s | c=1 req/s | c=1 p99 ms | c=64 req/s | c=64 p99 ms | server CPU us/req (c=64) | raw b1 rows/s | raw b64 rows/s |"
+        "| model | form       | load s | c=1 req/s | c=1 p99 ms | c=64 req/s | c=64 p99 ms | server CPU us/req (c=64) | raw b1 rows/s | raw b64 rows/s |"
     );
     println!(
-        "|-------|--------|--------|-----------|------------|------------|-------------|--------------------------|---------------|----------------|"
+        "|-------|------------|--------|-----------|------------|------------|-------------|--------------------------|---------------|----------------|"
     );
     let mut served = BTreeMap::new();
     for model in ["mlp", "cnn"] {
-        for form in ["ts", "frozen", "aoti"] {
+        for form in ["ts", "frozen", "aoti", "aotifrozen"] {
             served.insert((model, form), serve(model, form).await);
         }
     }
@@ -140,7 +141,7 @@ pub async fn tables() {
         let (one, many) = (at(result, 1), at(result, 64));
         let raw_at = |batch: usize| raw.get(&format!("{model}_{form}/{batch}")).copied();
         println!(
-            "| {model:<5} | {form:<6} | {:>6.3} | {:>9.0} | {:>10.2} | {:>10.0} | {:>11.2} | {:>24.0} | {:>13.0} | {:>14.0} |",
+            "| {model:<5} | {form:<10} | {:>6.3} | {:>9.0} | {:>10.2} | {:>10.0} | {:>11.2} | {:>24.0} | {:>13.0} | {:>14.0} |",
             result.load_seconds,
             one.report.throughput(),
             one.report.quantile_ms(0.99),
@@ -151,13 +152,13 @@ pub async fn tables() {
             raw_at(64).unwrap_or(f64::NAN),
         );
     }
-    for model in ["mlp", "cnn"] {
+    for (model, form) in [("mlp", "aoti"), ("cnn", "aoti"), ("mlp", "aotifrozen"), ("cnn", "aotifrozen")] {
         let ts = &served[&(model, "ts")];
-        let aoti = &served[&(model, "aoti")];
+        let aoti = &served[&(model, form)];
         let ratio = |c| at(aoti, c).report.throughput() / at(ts, c).report.throughput();
         let p99 = |served: &Served| at(served, 64).report.quantile_ms(0.99);
         println!(
-            "{model}: AOTI vs TorchScript served req/s {:.2}x at c=1, {:.2}x at c=64 (p99 {:.1} vs {:.1} ms); \
+            "{model}: {form} vs TorchScript served req/s {:.2}x at c=1, {:.2}x at c=64 (p99 {:.1} vs {:.1} ms); \
              load {:.3} vs {:.3} s; server CPU {:.0} vs {:.0} us/req",
             ratio(1),
             ratio(64),
@@ -169,13 +170,13 @@ pub async fn tables() {
             at(ts, 64).server_us,
         );
         let raw_ratio = raw
-            .get(&format!("{model}_aoti/64"))
+            .get(&format!("{model}_{form}/64"))
             .copied()
             .unwrap_or(f64::NAN)
             / raw
                 .get(&format!("{model}_ts/64"))
                 .copied()
                 .unwrap_or(f64::NAN);
-        println!("{model}: raw AOTI vs raw TorchScript at batch 64: {raw_ratio:.2}x");
+        println!("{model}: raw {form} vs raw TorchScript at batch 64: {raw_ratio:.2}x");
     }
 }

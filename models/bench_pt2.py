@@ -2,11 +2,13 @@
 """make bench's format comparison: the same models as TorchScript and as AOTInductor
 packages, made by the export command, and their raw forwards in PyTorch.
 
-    python models/bench_pt2.py export target/bench-pt2     # mlp and cnn, both formats
+    python models/bench_pt2.py export target/bench-pt2     # mlp and cnn, every form
     python models/bench_pt2.py raw target/bench-pt2 THREADS # JSON: raw rows/s per model
 
-`export` writes <base>/{mlp,cnn}_{ts,aoti}/1. `raw` loads each with PyTorch itself
-(torch.jit.load; the same frozen and optimized for inference; aoti_load_package) and prints
+`export` writes <base>/{mlp,cnn}_{ts,aoti,aotifrozen}/1 (aotifrozen: a package compiled
+with inductor's freezing, the export command's --freeze). `raw` loads each with PyTorch
+itself (torch.jit.load; the same frozen and optimized for inference; aoti_load_package) and
+prints
 its rows per second at batch 1 and 64 on THREADS intra-op threads, one forward at a time.
 """
 
@@ -78,6 +80,8 @@ def export(base):
         examples = {k: torch.randn(2, *shape) for k, shape in inputs.items()}
         modelgate_export.export(module, examples, f"{base}/{name}_ts", 1, "torchscript")
         modelgate_export.export(module, examples, f"{base}/{name}_aoti", 1, "pt2", max_batch=256)
+        modelgate_export.export(module, examples, f"{base}/{name}_aotifrozen", 1, "pt2",
+                                max_batch=256, freeze=True)
     print(f"wrote the format benchmark's models to {base}")
 
 
@@ -102,7 +106,11 @@ def raw(base, threads):
         scripted = torch.jit.load(f"{base}/{name}_ts/1/model.pt").eval()
         frozen = torch.jit.optimize_for_inference(torch.jit.freeze(scripted))
         package = torch._inductor.aoti_load_package(f"{base}/{name}_aoti/1/model.pt2")
-        for form, forward in (("ts", scripted), ("frozen", frozen), ("aoti", package)):
+        frozen_package = torch._inductor.aoti_load_package(
+            f"{base}/{name}_aotifrozen/1/model.pt2")
+        forms = (("ts", scripted), ("frozen", frozen), ("aoti", package),
+                 ("aotifrozen", frozen_package))
+        for form, forward in forms:
             for batch in BATCHES:
                 examples = [torch.randn(batch, *shape) for shape in inputs.values()]
                 results[f"{name}_{form}/{batch}"] = rows_per_second(forward, examples)

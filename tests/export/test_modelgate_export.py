@@ -136,6 +136,29 @@ def test_pt2_export_loads_answers_and_is_served_with_its_warm_up(tmp_path):
     assert any("replayed the warm-up requests" in line and "records=1" in line for line in log), log
 
 
+def test_a_frozen_pt2_export_answers_as_the_module_and_is_served(tmp_path):
+    run = run_export(tmp_path, "--input", "x:float32:4,3", "--input", "scale:float32:4,1",
+                     "--output", "y", "--out", "models/affine", "--max-batch", "16",
+                     "--freeze")
+    assert run.returncode == 0, run.stderr
+    version = tmp_path / "models" / "affine" / "1"
+    package = torch._inductor.aoti_load_package(str(version / "model.pt2"))
+    reference = module()
+    for batch in (1, 16):
+        x, scale = torch.randn(batch, 3), torch.randn(batch, 1)
+        with torch.no_grad():
+            torch.testing.assert_close(package(x, scale), reference(x, scale))
+    with serve(version.parent, "affine", []) as port:
+        x, scale = torch.randn(3, 3), torch.randn(3, 1)
+        answer = post(f"http://127.0.0.1:{port}/v1/models/affine:predict",
+                      {"inputs": {"x": x.tolist(), "scale": scale.tolist()}})
+        torch.testing.assert_close(torch.tensor(answer["outputs"]), package(x, scale))
+    # Freezing is a package's: TorchScript is frozen by the server (--freeze_models).
+    refused = run_export(tmp_path, "--input", "x:float32:4,3", "--input", "scale:float32:4,1",
+                         "--out", "models/other", "--format", "torchscript", "--freeze")
+    assert refused.returncode == 2 and "--freeze_models" in refused.stderr, refused.stderr
+
+
 def test_mistakes_are_refused_saying_what_to_fix(tmp_path):
     wrong_order = run_export(tmp_path, "--input", "scale:float32:4,1", "--input", "x:float32:4,3",
                              "--out", "m", "--format", "torchscript")
