@@ -152,7 +152,12 @@ pub async fn tables() {
             raw_at(64).unwrap_or(f64::NAN),
         );
     }
-    for (model, form) in [("mlp", "aoti"), ("cnn", "aoti"), ("mlp", "aotifrozen"), ("cnn", "aotifrozen")] {
+    for (model, form) in [
+        ("mlp", "aoti"),
+        ("cnn", "aoti"),
+        ("mlp", "aotifrozen"),
+        ("cnn", "aotifrozen"),
+    ] {
         let ts = &served[&(model, "ts")];
         let aoti = &served[&(model, form)];
         let ratio = |c| at(aoti, c).report.throughput() / at(ts, c).report.throughput();
