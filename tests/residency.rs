@@ -88,6 +88,44 @@ async fn on_demand_loads(server: &Server, model: &str) -> f64 {
         .await
 }
 
+/// A CPU budget with room for `copies` resident counters plus one more's load: a load
+/// reserves its file's size until it is measured.
+fn room_for(copies: u64, file: u64) -> u64 {
+    (copies - 1) * COUNTER_BYTES + file + COUNTER_BYTES / 2
+}
+
+/// The models `names` under `root`, all on demand in a CPU budget of `budget` bytes, young
+/// versions spared for `min_residency` seconds; `extra` flags too. Waits until ready.
+async fn on_demand_server(
+    root: &Path,
+    names: &[&str],
+    budget: u64,
+    min_residency: u64,
+    extra: &[&str],
+) -> Server {
+    let budget = format!("--model_memory_budget=cpu={budget}");
+    let min_residency = format!("--min_residency_seconds={min_residency}");
+    let mut flags = vec![
+        "--device=cpu",
+        "--on_demand_models=*",
+        &min_residency,
+        &budget,
+    ];
+    flags.extend_from_slice(extra);
+    let server = Server::with_config(&config(root, names), &flags);
+    server.wait_readyz(200).await;
+    server
+}
+
+/// A Predict on `model` whose client sends `grpc-timeout: timeout` and expects a refusal.
+async fn refused_within(server: &Server, model: &str, timeout: &str) -> tonic::Status {
+    let mut request = tonic::Request::new(counter_request(model, 1.0, 0.0));
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", timeout.parse().unwrap());
+    server.raw_prediction().predict(request).await.unwrap_err()
+}
+
 /// Samples the total resident bytes every 50 ms until stopped; answers the largest seen.
 struct Sampler {
     stop: Arc<AtomicBool>,
@@ -128,18 +166,9 @@ async fn on_demand_versions_load_on_first_use_and_the_least_recently_used_is_evi
     let names = ["m0", "m1", "m2", "m3"];
     let (root, file) = repository("residency-lru", &names);
     // Room for two resident copies and a third one loading, not for three resident.
-    let budget = COUNTER_BYTES + file + COUNTER_BYTES / 2;
-    let server = Server::with_config(
-        &config(&root, &names),
-        &[
-            "--device=cpu",
-            "--on_demand_models=*",
-            "--min_residency_seconds=0",
-            &format!("--model_memory_budget=cpu={budget}"),
-        ],
-    );
+    let budget = room_for(2, file);
     // Listed and ready before anything is loaded; metadata comes from the files.
-    server.wait_readyz(200).await;
+    let server = on_demand_server(&root, &names, budget, 0, &[]).await;
     server.wait_available(&names).await;
     let budget_metric = server
         .metric("modelgate_model_memory_budget_bytes", &["device=\"cpu\""])
@@ -239,17 +268,7 @@ async fn many_first_requests_make_one_load() {
 async fn a_version_with_a_request_in_flight_is_not_evicted_and_deadlines_hold() {
     let (root, file) = repository("residency-lease", &["m0", "m1"]);
     // Room for one copy and not two.
-    let budget = file + COUNTER_BYTES / 2;
-    let server = Server::with_config(
-        &config(&root, &["m0", "m1"]),
-        &[
-            "--device=cpu",
-            "--on_demand_models=*",
-            "--min_residency_seconds=0",
-            &format!("--model_memory_budget=cpu={budget}"),
-        ],
-    );
-    server.wait_readyz(200).await;
+    let server = on_demand_server(&root, &["m0", "m1"], room_for(1, file), 0, &[]).await;
     call(&server, "m0", 1.0).await.unwrap();
     // A slow request holds m0 (seconds of work on two cores, far longer than the deadline
     // below even on a loaded machine).
@@ -271,11 +290,7 @@ async fn a_version_with_a_request_in_flight_is_not_evicted_and_deadlines_hold() 
     })
     .await;
     // m1 needs m0's room, and m0 is in use: with a short deadline, RESOURCE_EXHAUSTED.
-    let mut hurried = tonic::Request::new(counter_request("m1", 1.0, 0.0));
-    hurried
-        .metadata_mut()
-        .insert("grpc-timeout", "1S".parse().unwrap());
-    let status = server.raw_prediction().predict(hurried).await.unwrap_err();
+    let status = refused_within(&server, "m1", "1S").await;
     assert_eq!(
         status.code(),
         Code::ResourceExhausted,
@@ -301,18 +316,8 @@ async fn pinned_models_stay_and_a_model_over_the_whole_budget_fails_alone() {
     let mut all = names.to_vec();
     all.push("tiny");
     // Room for two copies; the pinned one holds one of them for good.
-    let budget = COUNTER_BYTES + file + COUNTER_BYTES / 2;
-    let server = Server::with_config(
-        &config(&root, &all),
-        &[
-            "--device=cpu",
-            "--on_demand_models=*",
-            "--pinned_models=pinned",
-            "--min_residency_seconds=0",
-            &format!("--model_memory_budget=cpu={budget}"),
-        ],
-    );
-    server.wait_readyz(200).await;
+    let pinned = ["--pinned_models=pinned"];
+    let server = on_demand_server(&root, &all, room_for(2, file), 0, &pinned).await;
     // Loaded at start, as a config load.
     assert_eq!(resident(&server, "pinned").await as u64, COUNTER_BYTES);
     for round in 0..3 {
@@ -471,17 +476,7 @@ fn rss_bytes(pid: u32) -> u64 {
 async fn memory_comes_back_over_200_evictions() {
     let (root, file) = repository("residency-rss", &["m0", "m1"]);
     // Room for one copy: every request for the other evicts it.
-    let budget = file + COUNTER_BYTES / 2;
-    let server = Server::with_config(
-        &config(&root, &["m0", "m1"]),
-        &[
-            "--device=cpu",
-            "--on_demand_models=*",
-            "--min_residency_seconds=0",
-            &format!("--model_memory_budget=cpu={budget}"),
-        ],
-    );
-    server.wait_readyz(200).await;
+    let server = on_demand_server(&root, &["m0", "m1"], room_for(1, file), 0, &[]).await;
     let mut after_20 = 0;
     for cycle in 1..=200 {
         for (i, model) in ["m0", "m1"].into_iter().enumerate() {
@@ -513,24 +508,10 @@ async fn memory_comes_back_over_200_evictions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_version_younger_than_the_minimum_residency_is_not_evicted() {
     let (root, file) = repository("residency-young", &["m0", "m1"]);
-    let budget = file + COUNTER_BYTES / 2;
-    let server = Server::with_config(
-        &config(&root, &["m0", "m1"]),
-        &[
-            "--device=cpu",
-            "--on_demand_models=*",
-            "--min_residency_seconds=600",
-            &format!("--model_memory_budget=cpu={budget}"),
-        ],
-    );
-    server.wait_readyz(200).await;
+    let server = on_demand_server(&root, &["m0", "m1"], room_for(1, file), 600, &[]).await;
     call(&server, "m0", 1.0).await.unwrap();
     // m0 is idle but young: m1 waits for room until its deadline, and gets none.
-    let mut request = tonic::Request::new(counter_request("m1", 1.0, 0.0));
-    request
-        .metadata_mut()
-        .insert("grpc-timeout", "500m".parse().unwrap());
-    let status = server.raw_prediction().predict(request).await.unwrap_err();
+    let status = refused_within(&server, "m1", "500m").await;
     assert_eq!(
         status.code(),
         Code::ResourceExhausted,
