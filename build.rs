@@ -80,6 +80,8 @@ fn compile_shims() {
         "src/runtime/aoti_shim.cpp",
         "src/runtime/script_shim.cpp",
     ];
+    // What the shims share.
+    println!("cargo:rerun-if-changed=src/runtime/shim.h");
     for shim in SHIMS {
         println!("cargo:rerun-if-changed={shim}");
     }

@@ -22,28 +22,12 @@
 #include <unordered_set>
 #include <vector>
 
+#include "shim.h"
+
+using modelgate_shim::guarded;
+using modelgate_shim::malloc_array;
+
 namespace {
-
-char* copy_of(const std::string& text) {
-  char* copy = static_cast<char*>(std::malloc(text.size() + 1));
-  if (copy != nullptr) {
-    std::memcpy(copy, text.data(), text.size());
-    copy[text.size()] = '\0';
-  }
-  return copy;
-}
-
-template <typename F>
-char* guarded(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return copy_of(e.what());
-  } catch (...) {
-    return copy_of("unknown C++ exception");
-  }
-}
 
 // The model inside a package that modelgate serves (the name aoti_compile_and_package
 // gives a single model).
@@ -75,10 +59,7 @@ char* modelgate_aoti_metadata(const char* path, char** entries, size_t* length) 
       packed.append(key).push_back('\0');
       packed.append(value).push_back('\0');
     }
-    char* buffer = static_cast<char*>(std::malloc(packed.size() + 1));
-    if (buffer == nullptr) {
-      throw std::bad_alloc();
-    }
+    char* buffer = malloc_array<char>(packed.size());
     std::memcpy(buffer, packed.data(), packed.size());
     *entries = buffer;
     *length = packed.size();
@@ -128,10 +109,7 @@ char* modelgate_aoti_run(modelgate_aoti* model, const at::Tensor* const* inputs,
                    .native_handle();
     }
     std::vector<at::Tensor> results = model->loader->run(arguments, stream);
-    auto** owned = static_cast<at::Tensor**>(std::malloc(sizeof(at::Tensor*) * (results.size() + 1)));
-    if (owned == nullptr) {
-      throw std::bad_alloc();
-    }
+    auto** owned = malloc_array<at::Tensor*>(results.size());
     for (size_t i = 0; i < results.size(); ++i) {
       owned[i] = new at::Tensor(std::move(results[i]));
     }

@@ -18,28 +18,11 @@
 #include <cstring>
 #include <exception>
 
+#include "shim.h"
+
+using modelgate_shim::guarded;
+
 namespace {
-
-char* message_of(const char* what) {
-  size_t length = std::strlen(what);
-  char* copy = static_cast<char*>(std::malloc(length + 1));
-  if (copy != nullptr) {
-    std::memcpy(copy, what, length + 1);
-  }
-  return copy;
-}
-
-template <typename F>
-char* guarded(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return message_of(e.what());
-  } catch (...) {
-    return message_of("unknown C++ exception");
-  }
-}
 
 c10::Device cuda_device(int index) {
   return c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index));

@@ -18,37 +18,12 @@
 #include <string>
 #include <vector>
 
+#include "shim.h"
+
+using modelgate_shim::guarded;
+using modelgate_shim::malloc_array;
+
 namespace {
-
-char* copy_message(const std::string& text) {
-  char* copy = static_cast<char*>(std::malloc(text.size() + 1));
-  if (copy != nullptr) {
-    std::memcpy(copy, text.data(), text.size());
-    copy[text.size()] = '\0';
-  }
-  return copy;
-}
-
-template <typename F>
-char* guarded_call(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception");
-  }
-}
-
-template <typename T>
-T* malloc_array(size_t count) {
-  auto* array = static_cast<T*>(std::malloc(sizeof(T) * (count + 1)));
-  if (array == nullptr) {
-    throw std::bad_alloc();
-  }
-  return array;
-}
 
 // The bytes of the distinct storages behind a module's tensors: parameters, buffers and
 // tensor attributes, of every submodule (tied weights share a storage and count once).
@@ -97,7 +72,7 @@ extern "C" {
 char* modelgate_script_load(const char* path, int cuda_index, int freeze,
                             const char* const* methods, size_t method_count,
                             modelgate_script** loaded, size_t* bytes) {
-  return guarded_call([&] {
+  return guarded([&] {
     const c10::Device device = cuda_index < 0
                                    ? c10::Device(c10::DeviceType::CPU)
                                    : c10::Device(c10::DeviceType::CUDA,
@@ -129,7 +104,7 @@ char* modelgate_script_run(modelgate_script* model, const char* method,
                            const at::Tensor* const* inputs, size_t count, int* form,
                            at::Tensor*** outputs, size_t* output_count, char** keys,
                            size_t* keys_length) {
-  return guarded_call([&] {
+  return guarded([&] {
     std::vector<c10::IValue> stack;
     stack.reserve(count);
     for (size_t i = 0; i < count; ++i) {

@@ -1,0 +1,49 @@
+// What every C++ shim shares: the error convention (NULL on success, else a malloc'd
+// message the Rust side frees with free(); no C++ exception crosses into Rust) and
+// malloc'd arrays handed over to Rust.
+
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <new>
+#include <string>
+
+namespace modelgate_shim {
+
+// A malloc'd, NUL-terminated copy of `text` (NULL if memory ran out).
+inline char* copy_of(const std::string& text) {
+  char* copy = static_cast<char*>(std::malloc(text.size() + 1));
+  if (copy != nullptr) {
+    std::memcpy(copy, text.data(), text.size());
+    copy[text.size()] = '\0';
+  }
+  return copy;
+}
+
+// Runs `body`: NULL when it returns, the message of what it threw otherwise.
+template <typename F>
+char* guarded(F&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return copy_of(e.what());
+  } catch (...) {
+    return copy_of("unknown C++ exception");
+  }
+}
+
+// A malloc'd array of `count` Ts (one more, so that a count of 0 is not NULL); throws
+// std::bad_alloc, which `guarded` turns into a message.
+template <typename T>
+T* malloc_array(size_t count) {
+  auto* array = static_cast<T*>(std::malloc(sizeof(T) * (count + 1)));
+  if (array == nullptr) {
+    throw std::bad_alloc();
+  }
+  return array;
+}
+
+}  // namespace modelgate_shim
