@@ -512,3 +512,59 @@ async fn broken_packages_fail_their_version_naming_why_and_leave_nothing_behind(
     assert!(left.is_empty(), "left in /tmp: {left:?}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A directory shaped like one the loader unpacks, in /tmp, marked as held by `owner`
+/// ("PID START_TIME") when given.
+fn unpack_dir_of(owner: Option<String>) -> PathBuf {
+    let dir = (0u32..)
+        .map(|n| PathBuf::from(format!("/tmp/mt{:04x}", (std::process::id() + n) & 0xffff)))
+        .find(|dir| std::fs::create_dir(dir).is_ok())
+        .expect("a free name in /tmp");
+    std::fs::create_dir_all(dir.join("model/data/aotinductor")).expect("unpack dir");
+    if let Some(owner) = owner {
+        std::fs::write(dir.join(".modelgate-owner"), owner).expect("owner mark");
+    }
+    dir
+}
+
+/// A server killed while it held CUDA packages leaves their directories in /tmp: the next
+/// server to start removes those, and nothing of a running process or of anyone else.
+#[tokio::test]
+async fn a_starting_server_removes_what_servers_no_longer_running_left_in_tmp() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let gone = {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        child.wait().expect("wait");
+        pid
+    };
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("stat");
+    let started = stat[stat.rfind(')').expect("comm") + 1..]
+        .split_whitespace()
+        .nth(19)
+        .expect("start time")
+        .to_string();
+    let stale = unpack_dir_of(Some(format!("{gone} 1")));
+    let running = unpack_dir_of(Some(format!("{} {started}", std::process::id())));
+    let unmarked = unpack_dir_of(None);
+    let fixtures = pt2_fixtures();
+    let root = scratch("aoti-stale");
+    copy_version(&fixtures.join("small/2"), &root.join("small"), 1);
+    let config = model_config(&[("small", root.join("small").as_path(), "")]);
+    let server = Server::with_config(&config, &QUICK_EXIT);
+    server.wait_available(&["small"]).await;
+    assert!(!stale.exists(), "{} is still there", stale.display());
+    assert!(running.exists() && unmarked.exists());
+    assert!(
+        server
+            .log()
+            .contains("removed package directories left in /tmp by servers no longer running"),
+        "{}",
+        server.log()
+    );
+    stop(server);
+    for dir in [running, unmarked] {
+        std::fs::remove_dir_all(dir).expect("remove");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -64,6 +64,16 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     let tls = settings::tls(&flags)?;
     let grpc_connections = settings::grpc_connections(&flags)?;
     let devices = runtime::resolve_devices(flags.device).map_err(AppError::Device)?;
+    // A server that was killed leaves its CUDA packages' unpacked directories in /tmp.
+    let stale = tokio::task::spawn_blocking(runtime::remove_stale_unpack_dirs)
+        .await
+        .unwrap_or(0);
+    if stale > 0 {
+        tracing::info!(
+            removed = stale,
+            "removed package directories left in /tmp by servers no longer running"
+        );
+    }
     tracing::info!(models = specs.len(), "starting modelgate");
     let metrics = telemetry::install_metrics().map_err(|e| AppError::Metrics(e.to_string()))?;
     tokio::spawn(telemetry::run_metrics_upkeep(metrics.clone()));

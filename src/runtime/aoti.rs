@@ -8,7 +8,9 @@
 //!   also parses JSON through a function-level static), so what a load put in /tmp is told
 //!   apart: removed after a failure, and right after a CPU package loaded (its library
 //!   stays mapped and its constants are in memory; nothing is read from there again). A
-//!   CUDA package keeps its directory while it is loaded: its kernels load lazily from it.
+//!   CUDA package keeps its directory while it is loaded: its kernels load lazily from it,
+//!   so the directory is marked with its owner (pid and start time), and a server starting
+//!   removes the marked directories of owners that are gone ([`remove_stale_unpack_dirs`]).
 //! - It checks nothing about the inputs it is given; the layers above check them against
 //!   the signature, and [`Package::run`] against the batch range the export allows.
 
@@ -227,16 +229,93 @@ fn unpacking(keep_on_success: bool, unpack: impl FnOnce() -> Option<String>) -> 
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let before = unpack_dirs();
     let failed = unpack();
-    if failed.is_some() || !keep_on_success {
-        for left in unpack_dirs().difference(&before) {
-            if holds_a_package(left) {
-                if let Err(e) = std::fs::remove_dir_all(left) {
-                    tracing::warn!(dir = %left.display(), "cannot remove what a package load unpacked: {e}");
-                }
-            }
+    let remove = failed.is_some() || !keep_on_success;
+    for left in unpack_dirs().difference(&before) {
+        if !holds_a_package(left) {
+            continue;
+        }
+        let done = if remove {
+            std::fs::remove_dir_all(left)
+        } else {
+            std::fs::write(left.join(OWNER_MARK), Owner::this_process().to_string())
+        };
+        if let Err(e) = done {
+            tracing::warn!(dir = %left.display(), remove, "cannot tidy what a package load unpacked: {e}");
         }
     }
     failed
+}
+
+/// The file in a kept unpack directory that names the process holding it.
+const OWNER_MARK: &str = ".modelgate-owner";
+
+/// A process, told apart from a later one that reuses its pid by its start time (clock
+/// ticks after boot, field 22 of /proc/PID/stat).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Owner {
+    pid: u32,
+    started: u64,
+}
+
+impl Owner {
+    fn this_process() -> Owner {
+        let pid = std::process::id();
+        Owner {
+            pid,
+            started: Owner::start_time(pid).unwrap_or(0),
+        }
+    }
+
+    fn start_time(pid: u32) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces and parentheses: count after its end.
+        let after_name = &stat[stat.rfind(')')? + 1..];
+        after_name.split_whitespace().nth(19)?.parse().ok()
+    }
+
+    fn parse(text: &str) -> Option<Owner> {
+        let (pid, started) = text.trim().split_once(' ')?;
+        Some(Owner {
+            pid: pid.parse().ok()?,
+            started: started.parse().ok()?,
+        })
+    }
+
+    fn is_alive(self) -> bool {
+        Owner::start_time(self.pid) == Some(self.started)
+    }
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.pid, self.started)
+    }
+}
+
+/// Removes the unpack directories that modelgate processes no longer running left in /tmp
+/// (a server killed while it held CUDA packages), and answers how many. Directories of
+/// running servers, and any without our mark, are left alone.
+pub fn remove_stale_unpack_dirs() -> usize {
+    let _alone = LOADING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut removed = 0;
+    for dir in unpack_dirs() {
+        let owner = std::fs::read_to_string(dir.join(OWNER_MARK))
+            .ok()
+            .and_then(|text| Owner::parse(&text));
+        let Some(owner) = owner else { continue };
+        if owner.is_alive() || !holds_a_package(&dir) {
+            continue;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), %owner, "cannot remove a stale package directory: {e}")
+            }
+        }
+    }
+    removed
 }
 
 /// The directories in /tmp named as mkdtemp("/tmp/XXXXXX") names them.
@@ -288,6 +367,56 @@ mod tests {
             .collect();
         assert!(left.is_empty(), "{left:?}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A directory shaped like the loader's (`/tmp/XXXXXX` holding `*/data/aotinductor`),
+    /// marked with `owner` when given.
+    fn fake_unpack_dir(owner: Option<Owner>) -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37);
+            let name = format!("mg{:04x}", (std::process::id() ^ n) & 0xffff);
+            let dir = Path::new(UNPACK_ROOT).join(name);
+            if std::fs::create_dir(&dir).is_ok() {
+                break dir;
+            }
+        };
+        std::fs::create_dir_all(dir.join("model/data/aotinductor")).unwrap();
+        if let Some(owner) = owner {
+            std::fs::write(dir.join(OWNER_MARK), owner.to_string()).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn stale_unpack_dirs_of_gone_owners_are_removed_and_no_others() {
+        let gone = {
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            let pid = child.id();
+            child.wait().unwrap();
+            Owner { pid, started: 1 }
+        };
+        assert!(!gone.is_alive());
+        let alive = Owner::this_process();
+        assert!(alive.is_alive(), "{alive}");
+        let stale = fake_unpack_dir(Some(gone));
+        let ours = fake_unpack_dir(Some(alive));
+        let unmarked = fake_unpack_dir(None);
+        assert!(remove_stale_unpack_dirs() >= 1);
+        assert!(!stale.exists(), "{}", stale.display());
+        assert!(ours.exists() && unmarked.exists());
+        for dir in [ours, unmarked] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_owner_reads_back_as_written() {
+        let owner = Owner::this_process();
+        assert_eq!(Owner::parse(&owner.to_string()), Some(owner));
+        assert_eq!(Owner::parse("12 x"), None);
+        assert_eq!(Owner::parse(""), None);
     }
 
     #[test]
