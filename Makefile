@@ -24,7 +24,7 @@ PT2_FIXTURES_STAMP := target/pt2-models/expected.json
 BENCH_MODELS_STAMP := target/bench-models/resnet50/1/model.pt
 BENCH_PT2_STAMP := target/bench-pt2/cnn_aotifrozen/1/model.pt2
 
-.PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test export-test deploy-check lint models clean bench bench-images bench-formats bench-residency
+.PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test export-test deploy-check lint models clean bench bench-images bench-formats bench-residency bench-soak
 
 ## setup: create the venvs (torch and the official TF Serving client; the Triton clients; perf_analyzer) and the model repositories
 setup: $(VENV)/.installed $(VENV_V2)/.installed $(VENV_PERF)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP) $(PT2_FIXTURES_STAMP)
@@ -132,6 +132,11 @@ bench-formats: setup $(BENCH_PT2_STAMP)
 ## bench-residency: table 7 alone (12 models on demand in a budget for 3; an unload-first swap)
 bench-residency: setup
 	cargo bench --bench serving -- residency
+
+## bench-soak: the server's RSS over 2 x SOAK_MINUTES (default 5) of on-demand churn and version swaps under load
+SOAK_MINUTES ?= 5
+bench-soak: setup
+	cargo bench --bench serving -- soak $(SOAK_MINUTES)
 
 ## bench-images: tables 4 and 5 alone (ResNet-50 served vs raw; host CPU per image)
 bench-images: setup $(BENCH_MODELS_STAMP)

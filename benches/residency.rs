@@ -168,51 +168,92 @@ impl Outcome {
     }
 }
 
-async fn drive(server: &Server) -> Outcome {
-    let channel = Channel::from_shared(server.grpc_url())
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let zipf = Arc::new(Zipf::new(MODELS, ZIPF_S));
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(AtomicU64::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::new()));
-    let mut clients = Vec::new();
-    let started = Instant::now();
-    for id in 0..CLIENTS {
-        let mut client = PredictionServiceClient::new(channel.clone());
-        let (zipf, stop, failed, latencies) = (
-            Arc::clone(&zipf),
-            Arc::clone(&stop),
-            Arc::clone(&failed),
-            Arc::clone(&latencies),
-        );
-        let requests: Vec<PredictRequest> =
-            (0..MODELS).map(|m| one_row(&format!("m{m}"))).collect();
-        clients.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1));
-            let mut mine = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let request = requests[zipf.rank(rng.next())].clone();
-                let sent = Instant::now();
-                match client.predict(request).await {
-                    Ok(_) => mine.push(sent.elapsed().as_secs_f64() * 1e3),
-                    Err(status) => {
-                        if failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("first failure: {status:?}");
+/// 16 clients sending one-row Predicts to models chosen Zipf-distributed, until `finish`.
+struct ZipfLoad {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    latencies: Arc<Mutex<Vec<f64>>>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+    started: Instant,
+}
+
+impl ZipfLoad {
+    async fn start(server: &Server) -> ZipfLoad {
+        let channel = Channel::from_shared(server.grpc_url())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let zipf = Arc::new(Zipf::new(MODELS, ZIPF_S));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (answered, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let latencies = Arc::new(Mutex::new(Vec::new()));
+        let mut clients = Vec::new();
+        for id in 0..CLIENTS {
+            let mut client = PredictionServiceClient::new(channel.clone());
+            let (zipf, stop, answered, failed, latencies) = (
+                Arc::clone(&zipf),
+                Arc::clone(&stop),
+                Arc::clone(&answered),
+                Arc::clone(&failed),
+                Arc::clone(&latencies),
+            );
+            let requests: Vec<PredictRequest> =
+                (0..MODELS).map(|m| one_row(&format!("m{m}"))).collect();
+            clients.push(tokio::spawn(async move {
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1));
+                let mut mine = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let request = requests[zipf.rank(rng.next())].clone();
+                    let sent = Instant::now();
+                    match client.predict(request).await {
+                        Ok(_) => {
+                            mine.push(sent.elapsed().as_secs_f64() * 1e3);
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(status) => {
+                            if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                                eprintln!("first failure: {status:?}");
+                            }
                         }
                     }
                 }
-            }
-            latencies.lock().expect("latencies").extend(mine);
-        }));
+                latencies.lock().expect("latencies").extend(mine);
+            }));
+        }
+        ZipfLoad {
+            stop,
+            answered,
+            failed,
+            latencies,
+            clients,
+            started: Instant::now(),
+        }
     }
+
+    /// Stops the clients: every answered request's latency (ms), failures, seconds run.
+    async fn finish(self) -> (Vec<f64>, u64, f64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.await.expect("client");
+        }
+        let latencies = std::mem::take(&mut *self.latencies.lock().expect("latencies"));
+        (
+            latencies,
+            self.failed.load(Ordering::Relaxed),
+            self.started.elapsed().as_secs_f64(),
+        )
+    }
+}
+
+async fn drive(server: &Server) -> Outcome {
+    let load = ZipfLoad::start(server).await;
     let (peak, samples) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let sampler = {
         let (url, stop, peak, samples) = (
             server.url("/metrics"),
-            Arc::clone(&stop),
+            Arc::clone(&load.stop),
             Arc::clone(&peak),
             Arc::clone(&samples),
         );
@@ -228,17 +269,12 @@ async fn drive(server: &Server) -> Outcome {
         })
     };
     tokio::time::sleep(RUN).await;
-    stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client.await.expect("client");
-    }
+    let (latencies_ms, failed, seconds) = load.finish().await;
     sampler.await.expect("sampler");
-    let seconds = started.elapsed().as_secs_f64();
-    let latencies_ms = std::mem::take(&mut *latencies.lock().expect("latencies"));
     let (_, metrics) = server.http_get("/metrics").await;
     Outcome {
         requests: latencies_ms.len() as u64,
-        failed: failed.load(Ordering::Relaxed),
+        failed,
         seconds,
         latencies_ms,
         peak_resident: peak.load(Ordering::Relaxed),
@@ -410,4 +446,132 @@ async fn unload_first_swap(footprint: u64) {
         failed.load(Ordering::Relaxed),
         longest.load(Ordering::Relaxed) as f64 / 1000.0
     );
+}
+
+/// The server's resident set and its anonymous part (heap, malloc arenas, thread stacks), in
+/// bytes, from /proc.
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |k| k * 1024)
+    };
+    (kib("VmRSS:"), kib("RssAnon:"))
+}
+
+/// `cargo bench --bench serving -- soak [MINUTES [ROW]]` (`make bench-soak`): memory over a
+/// long run under load; ROW runs one row alone (`"glibc defaults"`). The twelve on-demand `mlp` copies of table 7 in a budget for three (about
+/// 150 loads and evictions a second) with 16 Zipf clients, while a config model `hot` swaps
+/// to a new version every 5 s; the server's RSS (and its anonymous part) every minute. Run
+/// once with glibc's defaults and once with `MALLOC_ARENA_MAX=2`, to tell growth held by
+/// malloc's per-thread arenas from growth in what the server keeps.
+pub async fn soak(minutes: u64, only: Option<&str>) {
+    const SWAP_EVERY: Duration = Duration::from_secs(5);
+    let dir = TempDir::new("bench-soak");
+    let names: Vec<String> = (0..MODELS).map(|m| format!("m{m}")).collect();
+    for name in &names {
+        copy_mlp(&dir.0.join(name).join("1"));
+    }
+    copy_mlp(&dir.0.join("hot/1"));
+    let mut entries: Vec<(&str, std::path::PathBuf, &str)> = names
+        .iter()
+        .map(|name| (name.as_str(), dir.0.join(name), ""))
+        .collect();
+    entries.push(("hot", dir.0.join("hot"), ""));
+    let config = write_config(&dir.0, &entries);
+    let footprint = {
+        let probe = start(&config, &[]);
+        probe.wait_readyz(200).await;
+        probe
+            .metric("modelgate_model_resident_bytes", &["model=\"hot\""])
+            .await as u64
+    };
+    // Three on-demand versions, and room for both versions of `hot` during a swap.
+    let budget = (RESIDENT + 2) * footprint + footprint / 2;
+    println!(
+        "\n## Soak: {MODELS} mlp on demand in a budget for {RESIDENT}, {CLIENTS} Zipf clients, \
+         `hot` swapping every {}s; {minutes} min per row\n",
+        SWAP_EVERY.as_secs()
+    );
+    println!(
+        "| malloc | minute | loads | evictions | swaps | answered | failed | RSS MiB | anon MiB |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut summaries = Vec::new();
+    let rows = [
+        ("glibc defaults", None),
+        ("MALLOC_ARENA_MAX=2", Some(("MALLOC_ARENA_MAX", "2"))),
+    ];
+    for (label, env) in rows
+        .into_iter()
+        .filter(|(label, _)| only.is_none_or(|o| o == *label))
+    {
+        let mut vars = vec![("MODELGATE_LOG", "warn,modelgate::app=info")];
+        vars.extend(env);
+        let args = [
+            format!("--model_config_file={}", config.display()),
+            format!("--rest_api_port={}", free_port()),
+            "--device=cpu".to_string(),
+            format!("--on_demand_models={}", names.join(",")),
+            format!("--model_memory_budget=cpu={budget}"),
+            "--file_system_poll_wait_seconds=1".to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = Server::start_with_env(&args, &vars);
+        server.wait_readyz(200).await;
+        let idle = rss(server.pid());
+        println!(
+            "| {label} | 0 (started, idle) | - | - | - | - | - | {:.1} | {:.1} |",
+            idle.0 as f64 / 1048576.0,
+            idle.1 as f64 / 1048576.0,
+        );
+        let load = ZipfLoad::start(&server).await;
+        let started = Instant::now();
+        let (mut swaps, mut next_swap, mut minute) = (0u64, SWAP_EVERY, 0u64);
+        let mut at_minute_one = None;
+        let mut last = (0, 0);
+        while minute < minutes {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let elapsed = started.elapsed();
+            if elapsed >= next_swap {
+                // The newest version is what serves: adding one swaps; the one before the
+                // last is gone by now and leaves the disk too.
+                swaps += 1;
+                copy_mlp(&dir.0.join(format!("hot/{}", swaps + 1)));
+                let _ = std::fs::remove_dir_all(dir.0.join(format!("hot/{}", swaps - 1)));
+                next_swap += SWAP_EVERY;
+            }
+            if elapsed >= Duration::from_secs(60 * (minute + 1)) {
+                minute += 1;
+                last = rss(server.pid());
+                let (_, metrics) = server.http_get("/metrics").await;
+                println!(
+                    "| {label} | {minute} | {:.0} | {:.0} | {swaps} | {} | {} | {:.1} | {:.1} |",
+                    total(&metrics, "modelgate_model_loads_total"),
+                    total(&metrics, "modelgate_model_evictions_total"),
+                    load.answered.load(Ordering::Relaxed),
+                    load.failed.load(Ordering::Relaxed),
+                    last.0 as f64 / 1048576.0,
+                    last.1 as f64 / 1048576.0,
+                );
+                at_minute_one.get_or_insert(last);
+            }
+        }
+        let (_, failed, _) = load.finish().await;
+        let first = at_minute_one.unwrap_or(last);
+        summaries.push(format!(
+            "{label}: RSS {:.1} MiB after minute 1, {:.1} MiB after minute {minutes} \
+             ({:+.1} MiB); {failed} failed requests",
+            first.0 as f64 / 1048576.0,
+            last.0 as f64 / 1048576.0,
+            (last.0 as f64 - first.0 as f64) / 1048576.0,
+        ));
+    }
+    println!();
+    for summary in summaries {
+        println!("{summary}");
+    }
 }

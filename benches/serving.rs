@@ -17,7 +17,8 @@
 //!    `-- residency`: it runs for over three minutes).
 //!
 //! `cargo bench --bench serving -- images` prints tables 4 and 5 alone, `-- formats`
-//! table 6, `-- residency` table 7.
+//! table 6, `-- residency` table 7, `-- soak [MINUTES [ROW]]` the server's memory over a long run
+//! of on-demand loads, evictions and version swaps under load (`residency.rs`).
 //! `cargo bench --bench serving -- loadgen ADDR MODEL CONCURRENCY SECONDS [CONNECTIONS [ROWS]]`
 //! runs the load generator alone against a running server: any model, its request built
 //! from GetModelMetadata (ROWS rows, default 1).
@@ -407,6 +408,10 @@ fn main() {
         Some("images") => runtime.block_on(images::tables()),
         Some("formats") => runtime.block_on(formats::tables()),
         Some("residency") => runtime.block_on(residency::tables()),
+        Some("soak") => {
+            let minutes = args.get(1).and_then(|m| m.parse().ok()).unwrap_or(5);
+            runtime.block_on(residency::soak(minutes, args.get(2).map(String::as_str)))
+        }
         _ => runtime.block_on(async {
             tables().await;
             images::tables().await;

@@ -321,6 +321,7 @@ impl Resident {
             scheduler, charge, ..
         } = self;
         scheduler.shut_down();
+        crate::runtime::release_freed_memory();
         drop(charge);
     }
 }
