@@ -568,3 +568,37 @@ async fn a_starting_server_removes_what_servers_no_longer_running_left_in_tmp() 
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `--intra_op_threads` holds for a package's own kernels, which ask OpenMP for their team
+/// size: each worker computes on its own thread, and no OpenMP team appears beside it (it
+/// would carry the worker's name). Before, each worker got a team of one thread per core.
+#[tokio::test]
+async fn a_package_runs_on_its_workers_threads_alone() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let root = scratch("aoti-threads");
+    copy_version(&pt2_fixtures().join("small/2"), &root.join("small"), 1);
+    let config = model_config(&[("small", root.join("small").as_path(), "")]);
+    let mut flags = vec!["--intra_op_threads=1", "--instances_per_device=2"];
+    flags.extend(QUICK_EXIT);
+    let server = Server::with_config(&config, &flags);
+    server.wait_available(&["small"]).await;
+    for _ in 0..4 {
+        predict(
+            &server,
+            spec("small"),
+            &[("x", float_row(&[1.0, 2.0, 3.0, 4.0]))],
+        )
+        .await
+        .expect("predict");
+    }
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+        .expect("tasks")
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| name.starts_with("small/"))
+        .collect();
+    assert_eq!(names.len(), 2, "threads computing for the model: {names:?}");
+    stop(server);
+    let _ = std::fs::remove_dir_all(&root);
+}

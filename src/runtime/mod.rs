@@ -98,6 +98,16 @@ pub fn set_intra_op_threads(threads: usize) {
     tch::set_num_threads(i32::try_from(threads).unwrap_or(i32::MAX));
 }
 
+/// Gives the calling thread the intra-op thread count set at start-up. libtorch sets a
+/// thread's OpenMP team size lazily, on the thread's first ATen parallel op, but an
+/// AOTInductor package's kernels ask OpenMP directly: a worker whose first call ran one got
+/// a team of one thread per core, so two workers ran four threads on two cores. Called
+/// first thing in every worker thread.
+pub(crate) fn adopt_intra_op_threads() {
+    // get_num_threads initializes this thread's team size from the process-wide setting.
+    tch::set_num_threads(tch::get_num_threads());
+}
+
 /// libtorch's executor settings for serving, set once at start-up (process-wide):
 /// - The profiling executor is off. It profiles a method's first calls and specialises the
 ///   graph to the shapes it saw, so every new batch size re-profiles and re-optimises on a

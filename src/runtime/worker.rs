@@ -333,6 +333,7 @@ pub fn start_workers(
                 .name(name)
                 .spawn(move || {
                     let _watch = watch;
+                    super::adopt_intra_op_threads();
                     let ready = worker.prepare(&warm_up);
                     let serve = ready.is_ok();
                     let _ = warmed.send(ready);
