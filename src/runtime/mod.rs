@@ -77,8 +77,9 @@ pub fn resolve_devices(flag: DeviceFlag) -> Result<Vec<Device>, String> {
 /// it (up to eight arenas per core), and once a freed block has raised its mmap threshold,
 /// weight-sized tensors come from those arenas too: without this, what unloaded versions
 /// held stays in the process's RSS until an allocation in that arena reuses it (measured in
-/// the soak bench: about 30 MiB more RSS under constant load/evict churn). At most once a
-/// second: under churn the next load would fault the pages straight back in.
+/// the soak bench: about 25 MiB more RSS under constant load/evict churn). At most once a
+/// second: under churn the next load would fault the pages straight back in, and what an
+/// unload inside that second frees waits for the next unload's trim.
 pub fn release_freed_memory() {
     static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
     let mut last = LAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
