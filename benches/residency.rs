@@ -448,20 +448,6 @@ async fn unload_first_swap(footprint: u64) {
     );
 }
 
-/// The server's resident set and its anonymous part (heap, malloc arenas, thread stacks), in
-/// bytes, from /proc.
-fn rss(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(key))
-            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-            .map_or(0, |k| k * 1024)
-    };
-    (kib("VmRSS:"), kib("RssAnon:"))
-}
-
 /// `cargo bench --bench serving -- soak [MINUTES [ROW]]` (`make bench-soak`): memory over a
 /// long run under load; ROW runs one row alone (`"glibc defaults"`). The twelve on-demand `mlp` copies of table 7 in a budget for three (about
 /// 150 loads and evictions a second) with 16 Zipf clients, while a config model `hot` swaps
@@ -522,17 +508,17 @@ pub async fn soak(minutes: u64, only: Option<&str>) {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let server = Server::start_with_env(&args, &vars);
         server.wait_readyz(200).await;
-        let idle = rss(server.pid());
+        let idle = server.memory();
         println!(
             "| {label} | 0 (started, idle) | - | - | - | - | - | {:.1} | {:.1} |",
-            idle.0 as f64 / 1048576.0,
-            idle.1 as f64 / 1048576.0,
+            idle.resident as f64 / 1048576.0,
+            idle.anonymous as f64 / 1048576.0,
         );
         let load = ZipfLoad::start(&server).await;
         let started = Instant::now();
         let (mut swaps, mut next_swap, mut minute) = (0u64, SWAP_EVERY, 0u64);
         let mut at_minute_one = None;
-        let mut last = (0, 0);
+        let mut last = idle;
         while minute < minutes {
             tokio::time::sleep(Duration::from_millis(250)).await;
             let elapsed = started.elapsed();
@@ -546,7 +532,7 @@ pub async fn soak(minutes: u64, only: Option<&str>) {
             }
             if elapsed >= Duration::from_secs(60 * (minute + 1)) {
                 minute += 1;
-                last = rss(server.pid());
+                last = server.memory();
                 let (_, metrics) = server.http_get("/metrics").await;
                 println!(
                     "| {label} | {minute} | {:.0} | {:.0} | {swaps} | {} | {} | {:.1} | {:.1} |",
@@ -554,8 +540,8 @@ pub async fn soak(minutes: u64, only: Option<&str>) {
                     total(&metrics, "modelgate_model_evictions_total"),
                     load.answered.load(Ordering::Relaxed),
                     load.failed.load(Ordering::Relaxed),
-                    last.0 as f64 / 1048576.0,
-                    last.1 as f64 / 1048576.0,
+                    last.resident as f64 / 1048576.0,
+                    last.anonymous as f64 / 1048576.0,
                 );
                 at_minute_one.get_or_insert(last);
             }
@@ -565,9 +551,9 @@ pub async fn soak(minutes: u64, only: Option<&str>) {
         summaries.push(format!(
             "{label}: RSS {:.1} MiB after minute 1, {:.1} MiB after minute {minutes} \
              ({:+.1} MiB); {failed} failed requests",
-            first.0 as f64 / 1048576.0,
-            last.0 as f64 / 1048576.0,
-            (last.0 as f64 - first.0 as f64) / 1048576.0,
+            first.resident as f64 / 1048576.0,
+            last.resident as f64 / 1048576.0,
+            (last.resident as f64 - first.resident as f64) / 1048576.0,
         ));
     }
     println!();

@@ -461,17 +461,6 @@ async fn an_unload_first_swap_under_load_fails_no_request() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// The server's resident set size, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS");
-    kib * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_comes_back_over_200_evictions() {
     let (root, file) = repository("residency-rss", &["m0", "m1"]);
@@ -487,10 +476,10 @@ async fn memory_comes_back_over_200_evictions() {
             );
         }
         if cycle == 20 {
-            after_20 = rss_bytes(server.pid());
+            after_20 = server.memory().resident;
         }
     }
-    let after_200 = rss_bytes(server.pid());
+    let after_200 = server.memory().resident;
     let evictions = server.metric("modelgate_model_evictions_total", &[]).await;
     assert!(evictions >= 399.0, "{evictions} evictions");
     eprintln!(

@@ -446,6 +446,25 @@ impl Server {
         self.child.id()
     }
 
+    /// The server's resident set now, and its anonymous part, from /proc.
+    pub fn memory(&self) -> Memory {
+        let pid = self.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+        let bytes = |key: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(key))
+                .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+                .map(|kib| kib * 1024)
+                .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        };
+        Memory {
+            resident: bytes("VmRSS:"),
+            anonymous: bytes("RssAnon:"),
+        }
+    }
+
     /// Everything the server logged so far.
     pub fn log(&self) -> String {
         self.log.text()
@@ -566,6 +585,14 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A process's memory, in bytes: its resident set, and the anonymous part of it (heap,
+/// malloc arenas, thread stacks; the rest is mapped files such as libtorch's code).
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    pub resident: u64,
+    pub anonymous: u64,
 }
 
 /// Runs `modelgate` with `args` to its exit (for flags and configs it refuses): whether it
