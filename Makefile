@@ -24,7 +24,7 @@ PT2_FIXTURES_STAMP := target/pt2-models/expected.json
 BENCH_MODELS_STAMP := target/bench-models/resnet50/1/model.pt
 BENCH_PT2_STAMP := target/bench-pt2/cnn_aotifrozen/1/model.pt2
 
-.PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test export-test deploy-check lint models clean bench bench-images bench-formats bench-residency bench-soak
+.PHONY: setup run build test unit-test python-test v2-test perf-analyzer-test export-test deploy-check lint models clean bench bench-images bench-formats bench-residency bench-soak gpu-bundle
 
 ## setup: create the venvs (torch and the official TF Serving client; the Triton clients; perf_analyzer) and the model repositories
 setup: $(VENV)/.installed $(VENV_V2)/.installed $(VENV_PERF)/.installed $(MODELS_STAMP) $(FIXTURES_STAMP) $(PT2_FIXTURES_STAMP)
@@ -141,3 +141,13 @@ bench-soak: setup
 ## bench-images: tables 4 and 5 alone (ResNet-50 served vs raw; host CPU per image)
 bench-images: setup $(BENCH_MODELS_STAMP)
 	cargo bench --bench serving -- images
+
+## gpu-bundle: the release server and bench, stripped into .gpu/, for benches/gpu/run.sh on a lent GPU machine
+gpu-bundle: setup
+	cargo build --release
+	cargo bench --bench serving --no-run 2>&1 | tee target/bench-build.log
+	mkdir -p .gpu
+	strip -o .gpu/modelgate target/release/modelgate
+	strip -o .gpu/serving $$(sed -n 's/.*Executable.*(\(.*\))$$/\1/p' target/bench-build.log | tail -1)
+	echo $(CURDIR) > .gpu/root
+	du -sh .gpu/*
