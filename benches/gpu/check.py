@@ -13,7 +13,9 @@ TorchScript and as a package. Then, over REST on 127.0.0.1:
 2. every version's measured resident bytes on DEVICE, next to its parameters' bytes;
 3. a package kept unpacked while loaded (CUDA packages need their directory) is removed
    when its version unloads;
-4. three mlp copies on demand in a DEVICE budget that holds two: every request answered,
+4. a hot swap of `small` from TorchScript to a package under load: no failed request, and
+   then the package's answers;
+5. three mlp copies on demand in a DEVICE budget that holds two: every request answered,
    resident bytes never above the budget, evictions counted.
 
 Prints one line per check and exits 1 if any failed.
@@ -152,6 +154,7 @@ def main(device):
     export("models.pt2_fixtures:Pair", ["a:float32:2,3", "b:float32:2,2"], f"{work}/pair", "pt2",
            device, outputs=("scaled", "residual"))
     export("models.pt2_fixtures:Small", ["x:float32:2,4"], f"{work}/small", "torchscript", device)
+    export("models.pt2_fixtures:Small", ["x:float32:2,4"], f"{work}/staged", "pt2", device)
     export("models.bench_pt2:Mlp", ["x:float32:2,784"], f"{work}/mlp_a", "torchscript", device)
     shutil.copytree(f"{work}/mlp_a", f"{work}/mlp_b")
     export("models.bench_pt2:Mlp", ["x:float32:2,784"], f"{work}/mlp_c", "pt2", device)
@@ -159,7 +162,8 @@ def main(device):
     scripted = torch.jit.load(f"{work}/small/1/model.pt", map_location=device).eval()
 
     # 1-3: one server, every model resident.
-    server = Server(work, ["pair", "small", "mlp_a", "mlp_c"], device, ["--enable_batching"])
+    server = Server(work, ["pair", "small", "mlp_a", "mlp_c"], device,
+                    ["--enable_batching", "--file_system_poll_wait_seconds=1"])
     a, b = torch.randn(3, 3), torch.randn(3, 2)
     with torch.no_grad():
         want = package(a.to(device), b.to(device))
@@ -213,9 +217,46 @@ def main(device):
     left = kept_unpack_dirs(server.process.pid)
     check(len(left) < len(kept) or (device == "cpu" and not kept),
           f"unloading pair removes what it unpacked (kept {len(kept)}, then {len(left)})")
+
+    stop, answered, failures = threading.Event(), [0], []
+
+    def load():
+        x = torch.randn(1, 4)
+        while not stop.is_set():
+            try:
+                server.predict("small", {"x": x})
+                answered[0] += 1
+            except (urllib.error.URLError, ConnectionError) as error:
+                failures.append(str(error))
+    clients = [threading.Thread(target=load) for _ in range(8)]
+    for t in clients:
+        t.start()
+    time.sleep(1)
+    # A version appears whole: copied beside, then renamed into place.
+    shutil.copytree(f"{work}/staged/1", f"{work}/small/.2")
+    os.rename(f"{work}/small/.2", f"{work}/small/2")
+    deadline, states, swapped = time.time() + 120, [], False
+    while time.time() < deadline and not swapped:
+        states = [(v["version"], v["state"])
+                  for v in server.call("GET", "/v1/models/small")["model_version_status"]]
+        swapped = sorted(states) == [("1", "END"), ("2", "AVAILABLE")]
+        time.sleep(0.2)
+    time.sleep(1)
+    stop.set()
+    for t in clients:
+        t.join()
+    check(swapped and not failures,
+          f"TorchScript -> package hot swap under load: {answered[0]} answered, "
+          f"{len(failures)} failed {failures[:3]}; versions then {states}")
+    package_v2 = torch._inductor.aoti_load_package(f"{work}/small/2/model.pt2")
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        want = package_v2(x.to(device))
+    check(close(next(iter(server.predict("small", {"x": x}).values())), want),
+          "small after the swap: outputs equal aoti_load_package's")
     server.stop()
 
-    # 4: three mlp copies on demand in a budget for two.
+    # 5: three mlp copies on demand in a budget for two.
     sizes = sorted([resident["mlp_a"], resident["mlp_a"], resident["mlp_c"]], reverse=True)
     budget_kib = int((sizes[0] + sizes[1]) * 1.05 / 1024) + 1
     budget_device = "cuda:0" if device == "cuda" else "cpu"
