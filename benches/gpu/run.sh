@@ -5,6 +5,7 @@
 # Here:  make gpu-bundle      (the release binary and the bench, stripped, into .gpu/)
 # There: bash benches/gpu/run.sh [checks] [formats] [images]   (default: checks formats)
 #        from the repository root, with .gpu carried; logs go to $OUT (default /tmp/out).
+#        CHECK_DEVICE=cpu runs the checks on the CPU, to try this script on a machine without a GPU.
 #
 # checks:  benches/gpu/check.py cuda (CUDA packages and TorchScript against PyTorch's own
 #          outputs, concurrent rows, measured CUDA footprints, unpack directories removed on
@@ -35,14 +36,14 @@ cp .gpu/modelgate target/release/modelgate
 printf '#!/bin/sh\nexec %s "$@"\n' "$PY" > .venv/bin/python
 chmod +x .venv/bin/python target/release/modelgate .gpu/serving
 
-nvidia-smi -L
+nvidia-smi -L || echo "(no nvidia-smi here)"
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 ldd target/release/modelgate | grep -E "not found" && exit 2
 status=0
 for step in ${@:-checks formats}; do
   say "$step"
   case $step in
-    checks) PYTHONUNBUFFERED=1 "$PY" benches/gpu/check.py cuda 2>&1 | tee "$OUT/checks.log"
+    checks) PYTHONUNBUFFERED=1 "$PY" benches/gpu/check.py "${CHECK_DEVICE:-cuda}" 2>&1 | tee "$OUT/checks.log"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     formats) .gpu/serving formats 2>&1 | tee "$OUT/formats.log" ;;
     images) "$PY" models/generate.py bench target/bench-models > /dev/null &&
@@ -50,6 +51,6 @@ for step in ${@:-checks formats}; do
     *) echo "unknown step $step"; status=2 ;;
   esac
 done
-nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader 2>/dev/null
 say "done (status $status)"
 exit $status
