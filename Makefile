@@ -86,9 +86,11 @@ build: setup
 ## test: formatting, lints, Rust unit and integration tests, official-client tests (TF Serving and Triton), perf_analyzer
 test: setup lint unit-test python-test v2-test perf-analyzer-test export-test deploy-check
 
-lint:
+lint: $(VENV)/.installed
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+	bash -n benches/gpu/run.sh
+	$(VENV)/bin/python -m py_compile benches/gpu/check.py benches/gpu/host_tier.py models/bench_pt2.py
 
 unit-test:
 	cargo test
