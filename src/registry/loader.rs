@@ -187,25 +187,39 @@ impl VersionPlan {
         let resident = Resident::new(scheduler, charge)
             .map(Arc::new)
             .map_err(VersionLoadError::Memory)?;
-        if let Some(warm_up) = &self.replay {
-            // Read after the workers start, as TF Serving does: a bad file fails the load all
-            // the same, and the workers (dropped with the servable) stop. The replay runs on
-            // a servable of its own, so that no client request reaches the version first.
-            if let Some(records) = read_warm_up(&self.dir).map_err(VersionLoadError::WarmUp)? {
-                let started = std::time::Instant::now();
-                let warming = Arc::new(self.servable(Some(Arc::clone(&resident))));
-                (warm_up.replay)(warming, &records)
-                    .map_err(|e| VersionLoadError::WarmUp(e.to_string()))?;
-                tracing::info!(
-                    model,
-                    version,
-                    records = records.len(),
-                    seconds = started.elapsed().as_secs_f64(),
-                    "replayed the warm-up requests"
-                );
+        if let Err(e) = self.replay_warm_up(&resident) {
+            // The workers stop and free the model before its bytes go back to the budget.
+            if let Some(resident) = Arc::into_inner(resident) {
+                resident.shut_down();
             }
+            return Err(e);
         }
         Ok(resident)
+    }
+
+    /// With `--enable_model_warmup`, replays the version's recorded warm-up requests on
+    /// `resident`. Read after the workers start, as TF Serving does: a bad file fails the
+    /// load all the same. The replay runs on a servable of its own, so that no client
+    /// request reaches the version first.
+    fn replay_warm_up(&self, resident: &Arc<Resident>) -> Result<(), VersionLoadError> {
+        let (model, version) = (self.model.as_str(), self.version);
+        let Some(warm_up) = &self.replay else {
+            return Ok(());
+        };
+        let Some(records) = read_warm_up(&self.dir).map_err(VersionLoadError::WarmUp)? else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let warming = Arc::new(self.servable(Some(Arc::clone(resident))));
+        (warm_up.replay)(warming, &records).map_err(|e| VersionLoadError::WarmUp(e.to_string()))?;
+        tracing::info!(
+            model,
+            version,
+            records = records.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "replayed the warm-up requests"
+        );
+        Ok(())
     }
 }
 

@@ -567,6 +567,8 @@ impl Manager {
                     VersionState::End,
                     Some(format!("{e} (retrying)")),
                 );
+                // Requests waiting for a version of this model look again (and stop waiting).
+                self.publish();
                 return LoadOutcome::Storage(e);
             }
         };
@@ -613,6 +615,9 @@ impl Manager {
                     VersionState::End,
                     Some(format!("{message} ({note})")),
                 );
+                // Requests waiting through an unload-first gap look again and are told at
+                // once that no version serves, instead of waiting out their deadline.
+                self.publish();
                 LoadOutcome::Failed
             }
         }

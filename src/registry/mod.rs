@@ -66,9 +66,10 @@ struct OnDemand {
     ledger: Arc<Ledger>,
     /// Held by the one load under way; the requests that wait for it wait here.
     flight: tokio::sync::Mutex<()>,
-    /// Loads attempted, and the error of the last one that failed: requests that waited
-    /// through a failed load get its error rather than starting another.
-    attempts: AtomicU64,
+    /// Loads that failed, and the last one's error: a request that arrived before a load
+    /// failed (while it ran, or queued behind it) gets its error rather than starting
+    /// another.
+    failures: AtomicU64,
     last_error: Mutex<Option<Error>>,
     /// Whether the load under way still waits for room in the budget (what a request
     /// whose deadline passes is told).
@@ -102,7 +103,7 @@ impl Servable {
             plan,
             ledger,
             flight: tokio::sync::Mutex::new(()),
-            attempts: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
             last_error: Mutex::new(None),
             waiting_for_room: AtomicBool::new(false),
         });
@@ -327,9 +328,9 @@ impl Registry {
             )));
         };
         let arrived = Instant::now();
-        let attempts = on_demand.attempts.load(Ordering::SeqCst);
+        let failures = on_demand.failures.load(Ordering::SeqCst);
         let load =
-            tokio::spawn(Arc::clone(self).load_on_demand(Arc::clone(servable), attempts, deadline));
+            tokio::spawn(Arc::clone(self).load_on_demand(Arc::clone(servable), failures, deadline));
         let loaded = match deadline {
             Some(at) => tokio::time::timeout_at(at.into(), load)
                 .await
@@ -358,12 +359,12 @@ impl Registry {
         })
     }
 
-    /// The single flight of an on-demand load (see [`Registry::acquire`]). `attempts`: how
-    /// many loads had been tried when the request arrived.
+    /// The single flight of an on-demand load (see [`Registry::acquire`]). `failures`: how
+    /// many loads had failed when the request arrived.
     async fn load_on_demand(
         self: Arc<Self>,
         servable: Arc<Servable>,
-        attempts: u64,
+        failures: u64,
         deadline: Option<Instant>,
     ) -> Result<Arc<Resident>, Error> {
         let Some(on_demand) = &servable.on_demand else {
@@ -373,8 +374,8 @@ impl Registry {
         if let Some(resident) = servable.lease() {
             return Ok(resident);
         }
-        if on_demand.attempts.load(Ordering::SeqCst) != attempts {
-            // A load failed while this request waited for it: its error, not another load.
+        if on_demand.failures.load(Ordering::SeqCst) != failures {
+            // A load failed after this request arrived: its error, not another load.
             let failed = on_demand
                 .last_error
                 .lock()
@@ -384,7 +385,6 @@ impl Registry {
                 return Err(error);
             }
         }
-        on_demand.attempts.fetch_add(1, Ordering::SeqCst);
         let (model, version) = (servable.model.clone(), servable.version);
         tracing::info!(model = %model, version, "loading on demand");
         let started = Instant::now();
@@ -445,6 +445,7 @@ impl Registry {
             Err(error) => {
                 tracing::warn!(model = %model, version, "on-demand load failed: {error}");
                 *last_error = Some(error.clone());
+                on_demand.failures.fetch_add(1, Ordering::SeqCst);
                 Err(error)
             }
         }

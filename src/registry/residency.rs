@@ -161,11 +161,13 @@ impl Ledger {
                 Err(Err(too_large)) => {
                     return Err(Error::ResourceExhausted(format!("{what}: {too_large}")))
                 }
-                Err(Ok(missing)) => {
+                // A load whose request has given up takes nobody out of service.
+                Err(Ok(missing)) if Instant::now() < deadline => {
                     for eviction in evict(&missing) {
                         self.start_freeing(eviction);
                     }
                 }
+                Err(Ok(_)) => {}
             }
             if Instant::now() >= deadline {
                 let books = self.books();
@@ -286,14 +288,19 @@ pub struct Resident {
 
 impl Resident {
     /// Settles `charge` to what `scheduler`'s model measured (the scheduler reports it as
-    /// `modelgate_model_resident_bytes`).
+    /// `modelgate_model_resident_bytes`). Blocking when it does not fit: the workers stop
+    /// before the bytes are given back.
     pub fn new(scheduler: Scheduler, mut charge: Charge) -> Result<Resident, String> {
         let measured: DeviceBytes = scheduler
             .resident_bytes()
             .iter()
             .map(|(device, bytes)| (device.to_string(), *bytes))
             .collect();
-        charge.settle(measured)?;
+        if let Err(message) = charge.settle(measured) {
+            // Its bytes go back only once its workers have stopped and freed the model.
+            scheduler.shut_down();
+            return Err(message);
+        }
         let stamp = charge.ledger.now_stamp();
         Ok(Resident {
             scheduler,
