@@ -2,8 +2,9 @@
 //! first request (one load however many wait), the least recently used idle one is evicted
 //! for room, never one with a request in flight nor a pinned one, resident bytes stay
 //! within `--model_memory_budget` (sampled from /metrics throughout), a model larger than
-//! the whole budget fails with a clear error while the others serve, and an unload-first
-//! swap under load fails no request.
+//! the whole budget fails with a clear error while the others serve, an unload-first
+//! swap under load fails no request, and one whose new version fails answers the requests
+//! waiting in its gap at once.
 //!
 //! The models are copies of the `counter` fixture: its forward is busy for `x[:, 1]`
 //! rounds (so a test can hold a request in flight), and its tensors are two buffers, a
@@ -234,9 +235,11 @@ async fn on_demand_versions_load_on_first_use_and_the_least_recently_used_is_evi
     assert_eq!(cold_starts, 5.0);
     let peak = sampler.peak().await;
     assert!(peak <= budget, "resident {peak} > budget {budget}");
+    // Two copies were resident at once (m0 and m1, asserted above); the sampler, every
+    // 50 ms over a test of under a second, may miss that window but not every copy.
     assert!(
-        peak >= 2 * COUNTER_BYTES,
-        "two copies were resident: {peak}"
+        peak >= COUNTER_BYTES,
+        "the sampler saw no resident copy: {peak}"
     );
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -379,51 +382,72 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A server of the model `big` under `root`, unload-first, polling its files every second.
+async fn unload_first_server(root: &Path, extra: &[&str]) -> Server {
+    let mut flags = vec![
+        "--device=cpu",
+        "--unload_first_models=big",
+        "--file_system_poll_wait_seconds=1",
+    ];
+    flags.extend_from_slice(extra);
+    let server = Server::with_config(&config(root, &["big"]), &flags);
+    server.wait_readyz(200).await;
+    server
+}
+
+/// `count` clients sending `big` one Predict after another (each with a 20 s deadline)
+/// until `stop`, telling `seen` each outcome and how long it took.
+fn clients_of_big(
+    server: &Server,
+    count: usize,
+    stop: &Arc<AtomicBool>,
+    seen: Arc<dyn Fn(Result<(), tonic::Status>, std::time::Duration) + Send + Sync>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..count)
+        .map(|_| {
+            let mut client = server.raw_prediction();
+            let (stop, seen) = (Arc::clone(stop), Arc::clone(&seen));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let mut request = tonic::Request::new(counter_request("big", 1.0, 0.0));
+                    request
+                        .metadata_mut()
+                        .insert("grpc-timeout", "20S".parse().unwrap());
+                    let started = std::time::Instant::now();
+                    let outcome = client.predict(request).await.map(|_| ());
+                    seen(outcome, started.elapsed());
+                }
+            })
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unload_first_swap_under_load_fails_no_request() {
     let (root, _) = repository("residency-unload-first", &["big"]);
-    let server = Server::with_config(
-        &config(&root, &["big"]),
-        &[
-            "--device=cpu",
-            "--unload_first_models=big",
-            "--file_system_poll_wait_seconds=1",
-        ],
-    );
-    server.wait_readyz(200).await;
+    let server = unload_first_server(&root, &[]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (answered, failures) = (
         Arc::new(AtomicU64::new(0)),
         Arc::new(std::sync::Mutex::new(Vec::new())),
     );
     let longest = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let mut client = server.raw_prediction();
-        let (stop, answered, failures, longest) = (
-            Arc::clone(&stop),
+    let clients = clients_of_big(&server, 4, &stop, {
+        let (answered, failures, longest) = (
             Arc::clone(&answered),
             Arc::clone(&failures),
             Arc::clone(&longest),
         );
-        clients.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let mut request = tonic::Request::new(counter_request("big", 1.0, 0.0));
-                request
-                    .metadata_mut()
-                    .insert("grpc-timeout", "20S".parse().unwrap());
-                let started = std::time::Instant::now();
-                match client.predict(request).await {
-                    Ok(_) => {
-                        answered.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(status) => failures.lock().unwrap().push(format!("{status:?}")),
+        Arc::new(move |outcome, took| {
+            match outcome {
+                Ok(()) => {
+                    answered.fetch_add(1, Ordering::Relaxed);
                 }
-                let micros = started.elapsed().as_micros() as u64;
-                longest.fetch_max(micros, Ordering::Relaxed);
+                Err(status) => failures.lock().unwrap().push(format!("{status:?}")),
             }
-        }));
-    }
+            longest.fetch_max(took.as_micros() as u64, Ordering::Relaxed);
+        })
+    });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     copy_version(&fixtures().join("counter/1"), &root.join("big/2"));
     let models = server.models().await;
@@ -457,6 +481,121 @@ async fn an_unload_first_swap_under_load_fails_no_request() {
          (it waited through the gap between the versions)",
         answered.load(Ordering::Relaxed),
         longest.load(Ordering::Relaxed) as f64 / 1000.0
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A request that arrives while an on-demand load is failing gets that load's error, not a
+/// second load: the version's warm-up runs seconds of work, then a record the model
+/// refuses, so the load fails long after it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_arriving_during_a_failing_load_gets_its_error_not_another_load() {
+    let (root, _) = repository("residency-failing-load", &["flaky"]);
+    let warm_up = tfrecord(&[counter_record("x", 30_000.0), counter_record("nope", 0.0)]);
+    let assets = root.join("flaky/1/assets.extra");
+    std::fs::create_dir_all(&assets).unwrap();
+    std::fs::write(assets.join("tf_serving_warmup_requests"), warm_up).unwrap();
+    let server = Arc::new(
+        on_demand_server(
+            &root,
+            &["flaky"],
+            10 * COUNTER_BYTES,
+            0,
+            &["--enable_model_warmup"],
+        )
+        .await,
+    );
+    let first = {
+        let server = Arc::clone(&server);
+        tokio::spawn(async move { call(&server, "flaky", 1.0).await })
+    };
+    server
+        .log
+        .wait_for(&["loading on demand", "model=flaky"])
+        .await;
+    let second = call(&server, "flaky", 2.0).await.unwrap_err();
+    let first = first.await.unwrap().unwrap_err();
+    assert_eq!(first.code(), Code::Unavailable, "{first:?}");
+    assert_eq!(
+        (second.code(), second.message()),
+        (first.code(), first.message()),
+        "the second request gets the failed load's error"
+    );
+    assert!(first.message().contains("warm-up"), "{first:?}");
+    assert_eq!(
+        on_demand_loads(&server, "flaky").await,
+        1.0,
+        "{}",
+        server.log()
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// An unload-first swap whose new version fails to load (its warm-up file is garbage, read
+/// once its workers have started, so the gap lasts a whole load): the requests that were
+/// waiting in the gap are told at once that no version serves (NOT_FOUND), rather than
+/// waiting out their deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_unload_first_swap_answers_the_waiting_requests_at_once() {
+    let (root, _) = repository("residency-unload-first-fails", &["big"]);
+    let server = unload_first_server(
+        &root,
+        &["--enable_model_warmup", "--max_num_load_retries=0"],
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let codes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clients = clients_of_big(&server, 8, &stop, {
+        let codes = Arc::clone(&codes);
+        Arc::new(move |outcome, _| {
+            let code = outcome.map_or_else(|status| status.code(), |()| Code::Ok);
+            codes.lock().unwrap().push(code);
+        })
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let staged = root.join("big/.2");
+    copy_version(&fixtures().join("counter/1"), &staged);
+    std::fs::create_dir_all(staged.join("assets.extra")).unwrap();
+    std::fs::write(
+        staged.join("assets.extra/tf_serving_warmup_requests"),
+        b"not a TFRecord file",
+    )
+    .unwrap();
+    std::fs::rename(&staged, root.join("big/2")).unwrap();
+    let models = server.models().await;
+    wait_for_state(&models, "big", 2, State::End).await;
+    wait_for(
+        server.awaiting("requests refused after the failed swap"),
+        || async {
+            codes
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|code| **code == Code::NotFound)
+                .nth(20)
+                .map(|_| ())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let codes = codes.lock().unwrap();
+    let count = |wanted: Code| codes.iter().filter(|code| **code == wanted).count();
+    assert_eq!(count(Code::DeadlineExceeded), 0, "{codes:?}");
+    assert_eq!(
+        count(Code::Ok) + count(Code::NotFound),
+        codes.len(),
+        "{codes:?}"
+    );
+    let log = server.log();
+    assert!(log.contains("failed to load"), "{log}");
+    eprintln!(
+        "failed unload-first swap: {} answered by version 1, then {} NOT_FOUND, none waited \
+         out its deadline",
+        count(Code::Ok),
+        count(Code::NotFound)
     );
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -5,42 +5,22 @@
 
 pub mod common;
 
-use common::{examples, fixtures, float_row, forwards, spec, spec_signature, Server, TempDir};
+use common::{
+    counter_record, examples, fixtures, float_row, forwards, spec, spec_signature, tfrecord,
+    Server, TempDir,
+};
 use modelgate::proto::serving::model_version_status::State;
 use modelgate::proto::serving::{
     prediction_log, ClassificationRequest, ClassifyLog, InferenceTask, MultiInferenceLog,
-    MultiInferenceRequest, PredictLog, PredictRequest, PredictionLog, RegressLog,
-    RegressionRequest,
+    MultiInferenceRequest, PredictRequest, PredictionLog, RegressLog, RegressionRequest,
 };
 use modelgate::registry::WARMUP_FILE;
-use modelgate::tfrecord;
 use prost::Message;
 use std::path::Path;
 
 /// A Predict record for the counter: one row `[1, rounds]` (busy for `rounds` matmuls).
 fn predict_record(rounds: f32) -> Vec<u8> {
-    let request = PredictRequest {
-        model_spec: Some(spec("counter")),
-        inputs: [("x".to_string(), float_row(&[1.0, rounds]))].into(),
-        ..Default::default()
-    };
-    PredictionLog {
-        log_type: Some(prediction_log::LogType::PredictLog(PredictLog {
-            request: Some(request),
-            response: None,
-        })),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
-
-/// The records as one TFRecord file.
-fn tfrecord(records: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for record in records {
-        tfrecord::frame_into(&mut out, record);
-    }
-    out
+    counter_record("x", rounds)
 }
 
 /// A copy of the counter fixture's version 1 as `version` under `base`, with `warm_up` as

@@ -795,3 +795,32 @@ pub async fn wait_for_state(
     })
     .await
 }
+
+/// A warm-up record (a `PredictionLog`) for the counter fixture: one row `[1, rounds]`
+/// (busy for `rounds` matmuls) as its input `input` (not `x`: a record it refuses).
+pub fn counter_record(input: &str, rounds: f32) -> Vec<u8> {
+    use modelgate::proto::serving::{prediction_log, PredictLog, PredictionLog};
+    use prost::Message;
+    let request = PredictRequest {
+        model_spec: Some(spec("counter")),
+        inputs: [(input.to_string(), float_row(&[1.0, rounds]))].into(),
+        ..Default::default()
+    };
+    PredictionLog {
+        log_type: Some(prediction_log::LogType::PredictLog(PredictLog {
+            request: Some(request),
+            response: None,
+        })),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Warm-up records as one TFRecord file.
+pub fn tfrecord(records: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for record in records {
+        modelgate::tfrecord::frame_into(&mut out, record);
+    }
+    out
+}
