@@ -166,6 +166,30 @@ class Counter(torch.nn.Module):
         return self.calls.clone()
 
 
+class Unpacks(torch.nn.Module):
+    """y = 2x. Small on disk, 4 MiB once loaded: its state is one float, and __setstate__
+    builds a table from it at load (as a model that expands a lookup table would), so
+    what the server measures exceeds its file's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = 2.0
+        self.table = torch.full([1024 * 1024], 2.0)
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[float, bool]:
+        return (self.scale, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[float, bool]) -> None:
+        self.scale = state[0]
+        self.training = state[1]
+        self.table = torch.full([1024 * 1024], state[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.table[0]
+
+
 class Regressor(torch.nn.Module):
     """Two heads over one forward, exact in float32 for small inputs:
     outputs = x . [1, 2, 3] + 0.5 (regress) and scores = x / 2 (classify)."""
@@ -482,6 +506,7 @@ def generate_fixtures(base):
     save_model(os.path.join(base, "multi", "1"), defs.Multi(), MULTI_SIGNATURES)
     save_model(os.path.join(base, "counter", "1"), defs.Counter(), COUNTER_SIGNATURES)
     save_model(os.path.join(base, "regressor", "1"), defs.Regressor(), REGRESSOR_SIGNATURES)
+    save_model(os.path.join(base, "unpacks", "1"), defs.Unpacks(), TINY_SIGNATURES)
     write_tiny(base)
 
     # Not a zip archive: loading must fail cleanly (model ends up in state END

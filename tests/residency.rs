@@ -485,6 +485,42 @@ async fn an_unload_first_swap_under_load_fails_no_request() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// A version that measures more than its estimate once loaded makes room for the
+/// difference: the `unpacks` fixture is 2 KiB on disk and 4 MiB loaded (its
+/// `__setstate__` builds a table), so its reservation fits beside two resident counters
+/// but its measured bytes do not, and the least recently used counter is evicted for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_larger_than_its_estimate_evicts_for_the_difference() {
+    const UNPACKS_BYTES: u64 = 4 << 20;
+    let (root, _) = repository("residency-larger-than-estimate", &["c0", "c1"]);
+    copy_version(&fixtures().join("unpacks/1"), &root.join("unpacks/1"));
+    let budget = UNPACKS_BYTES + COUNTER_BYTES + COUNTER_BYTES / 2;
+    let server = on_demand_server(&root, &["c0", "c1", "unpacks"], budget, 0, &[]).await;
+    call(&server, "c0", 1.0).await.unwrap();
+    call(&server, "c1", 1.0).await.unwrap();
+    let request = PredictRequest {
+        model_spec: Some(spec("unpacks")),
+        inputs: [("x".to_string(), floats(&[1, 1], &[3.0]))].into(),
+        ..Default::default()
+    };
+    let response = server
+        .prediction()
+        .await
+        .predict(request)
+        .await
+        .unwrap_or_else(|status| panic!("{status:?}\n{}", server.log()))
+        .into_inner();
+    let y = decode_tensor("y", &response.outputs["y"]).unwrap();
+    assert_eq!(y.to_values::<f32>().unwrap(), vec![6.0]);
+    assert_eq!(resident(&server, "unpacks").await as u64, UNPACKS_BYTES);
+    wait_for(server.awaiting("c0 to be evicted"), || async {
+        (resident(&server, "c0").await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(resident(&server, "c1").await as u64, COUNTER_BYTES);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// A request that arrives while an on-demand load is failing gets that load's error, not a
 /// second load: the version's warm-up runs seconds of work, then a record the model
 /// refuses, so the load fails long after it started.

@@ -2,7 +2,7 @@
 //! and warm it up. Blocking; the manager runs it on a blocking thread.
 
 use super::package::{self, Host};
-use super::residency::{Charge, DeviceBytes, Resident};
+use super::residency::{Charge, DeviceBytes, MakeRoom, Resident};
 use super::warmup_records::{read_warm_up, WarmUpReplay};
 use super::Servable;
 use crate::batching::{BatchingOptions, Scheduler, BATCHING_PARAMS_FILE};
@@ -169,11 +169,16 @@ impl VersionPlan {
         )
     }
 
-    /// Loads the model onto its devices against `charge` (settled to what it measures),
-    /// starts its workers (each runs the synthetic warm-up), then, with
-    /// `--enable_model_warmup`, replays the version's recorded warm-up requests (a bad
-    /// file or a failing record fails the load). Blocking: call it from a blocking thread.
-    pub fn start(&self, charge: Charge) -> Result<Arc<Resident>, VersionLoadError> {
+    /// Loads the model onto its devices against `charge` (grown by `make_room` where it
+    /// measures more, then settled to what it measures), starts its workers (each runs the
+    /// synthetic warm-up), then, with `--enable_model_warmup`, replays the version's
+    /// recorded warm-up requests (a bad file or a failing record fails the load).
+    /// Blocking: call it from a blocking thread.
+    pub fn start(
+        &self,
+        charge: Charge,
+        make_room: MakeRoom,
+    ) -> Result<Arc<Resident>, VersionLoadError> {
         let (model, version) = (self.model.as_str(), self.version);
         let scheduler = Scheduler::load(
             &self.model_path,
@@ -184,7 +189,7 @@ impl VersionPlan {
             self.direct_capacity,
             &self.warm_up,
         )?;
-        let resident = Resident::new(scheduler, charge)
+        let resident = Resident::new(scheduler, charge, make_room)
             .map(Arc::new)
             .map_err(VersionLoadError::Memory)?;
         if let Err(e) = self.replay_warm_up(&resident) {

@@ -656,8 +656,9 @@ impl Manager {
             })
             .await
             .map_err(|e| e.to_string())?;
+        let make_room = self.registry.make_room(None);
         tokio::task::spawn_blocking(move || {
-            let resident = plan.start(charge)?;
+            let resident = plan.start(charge, make_room)?;
             Ok(Arc::new(plan.servable(Some(resident))))
         })
         .await

@@ -34,7 +34,7 @@ use crate::error::Error;
 use crate::signature::SignatureMap;
 use arc_swap::ArcSwap;
 use loader::VersionPlan;
-use residency::{Candidate, Eviction, Resident};
+use residency::{Candidate, Eviction, MakeRoom, Resident};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -405,8 +405,9 @@ impl Registry {
         let result = match reserved {
             Ok(charge) => {
                 let starting = Arc::clone(&servable);
+                let make_room = self.make_room(deadline);
                 tokio::task::spawn_blocking(move || match &starting.on_demand {
-                    Some(on_demand) => on_demand.plan.start(charge),
+                    Some(on_demand) => on_demand.plan.start(charge, make_room),
                     None => Err(VersionLoadError::NotAModel("not on demand".into())),
                 })
                 .await
@@ -449,6 +450,25 @@ impl Registry {
                 Err(error)
             }
         }
+    }
+
+    /// How a load that measured more than its estimate gets the difference: evicting as
+    /// its reservation did, waiting for room until `deadline`, from the blocking thread it
+    /// loads on (see `Charge::grow_to`).
+    pub(super) fn make_room(self: &Arc<Self>, deadline: Option<Instant>) -> MakeRoom {
+        let registry = Arc::clone(self);
+        let runtime = tokio::runtime::Handle::current();
+        Box::new(move |charge, measured| {
+            let what = "measured once loaded, it needs more room";
+            runtime
+                .block_on(
+                    charge.grow_to(what, measured, deadline, |missing| registry.evict(missing)),
+                )
+                .map_err(|e| match e {
+                    Error::ResourceExhausted(message) => message,
+                    other => other.to_string(),
+                })
+        })
     }
 
     /// Takes idle on-demand versions out of service, least recently used first, until

@@ -260,6 +260,34 @@ impl Charge {
     pub fn bytes(&self) -> &DeviceBytes {
         &self.bytes
     }
+
+    /// Grows the charge to `measured` on the budgeted devices where it holds less, making
+    /// room as [`Ledger::reserve`] does (evicting, waiting until `deadline`): for a version
+    /// that turned out larger than its estimate. `what` names the load for errors.
+    pub async fn grow_to(
+        &mut self,
+        what: &str,
+        measured: &DeviceBytes,
+        deadline: Option<Instant>,
+        evict: impl FnMut(&DeviceBytes) -> Vec<Eviction>,
+    ) -> Result<(), Error> {
+        let extra: DeviceBytes = measured
+            .iter()
+            .filter(|(device, _)| self.ledger.budget.of(device).is_some())
+            .filter_map(|(device, &bytes)| {
+                let held = self.bytes.get(device).copied().unwrap_or(0);
+                (bytes > held).then(|| (device.clone(), bytes - held))
+            })
+            .collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        let mut more = self.ledger.reserve(what, &extra, deadline, evict).await?;
+        for (device, bytes) in std::mem::take(&mut more.bytes) {
+            *self.bytes.entry(device).or_default() += bytes;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Charge {
@@ -276,6 +304,10 @@ impl Drop for Charge {
     }
 }
 
+/// Grows a load's charge to what its model measured (see [`Charge::grow_to`]), from the
+/// blocking thread the load runs on; `Err` says why there was no room.
+pub type MakeRoom = Box<dyn FnOnce(&mut Charge, &DeviceBytes) -> Result<(), String> + Send>;
+
 /// A version's running workers and the bytes they hold. A request holds an
 /// `Arc<Resident>` (its lease) from before it is queued until it is answered.
 pub struct Resident {
@@ -288,15 +320,21 @@ pub struct Resident {
 
 impl Resident {
     /// Settles `charge` to what `scheduler`'s model measured (the scheduler reports it as
-    /// `modelgate_model_resident_bytes`). Blocking when it does not fit: the workers stop
+    /// `modelgate_model_resident_bytes`), after `make_room` has grown it where the model
+    /// measured more than its estimate. Blocking when it does not fit: the workers stop
     /// before the bytes are given back.
-    pub fn new(scheduler: Scheduler, mut charge: Charge) -> Result<Resident, String> {
+    pub fn new(
+        scheduler: Scheduler,
+        mut charge: Charge,
+        make_room: MakeRoom,
+    ) -> Result<Resident, String> {
         let measured: DeviceBytes = scheduler
             .resident_bytes()
             .iter()
             .map(|(device, bytes)| (device.to_string(), *bytes))
             .collect();
-        if let Err(message) = charge.settle(measured) {
+        let settled = make_room(&mut charge, &measured).and_then(|()| charge.settle(measured));
+        if let Err(message) = settled {
             // Its bytes go back only once its workers have stopped and freed the model.
             scheduler.shut_down();
             return Err(message);
