@@ -84,7 +84,12 @@ async fn probes_follow_start_up_and_shutdown() {
     wait_health(&server, "tiny", ServingStatus::Serving).await;
     let (status, body) = readyz(&server).await;
     assert_eq!(status, 503, "{body}");
-    assert_eq!(body["models_not_ready"], serde_json::json!(["late"]));
+    assert_eq!(
+        body["models_not_ready"],
+        serde_json::json!(["late"]),
+        "{}",
+        server.log()
+    );
     assert_eq!(body["draining"], false);
     for service in [
         "",

@@ -160,9 +160,9 @@ struct ManagedModel {
     wanted: BTreeSet<i64>,
     /// Wanted versions that failed to load, and when each is tried again.
     failed: HashMap<i64, FailedLoad>,
-    /// Fingerprints of the incomplete-looking versions of the last listing (see the module
-    /// docs): one still unchanged in the next listing counts.
-    settling: HashMap<i64, String>,
+    /// Fingerprints of the versions of the last listing (see the module docs): an
+    /// incomplete-looking version still unchanged in the next listing counts.
+    listed: HashMap<i64, String>,
     /// Storage errors: when to list again, and whether an outage is under way (logged once).
     backoff: Backoff,
 }
@@ -397,7 +397,7 @@ impl Manager {
                             loaded: BTreeMap::new(),
                             wanted: BTreeSet::new(),
                             failed: HashMap::new(),
-                            settling: HashMap::new(),
+                            listed: HashMap::new(),
                             backoff: Backoff::default(),
                         },
                     );
@@ -456,7 +456,7 @@ impl Manager {
         };
         let listing = model.base.list_versions().await?;
         let polling = self.config.poll_interval.is_some();
-        let present = settled_versions(name, &listing, &mut model.settling, polling);
+        let present = settled_versions(name, &listing, &mut model.listed, polling);
         let aspired = model.spec.policy.aspired(&present);
         model.wanted.clone_from(&aspired);
         let base = model.base.clone();

@@ -45,32 +45,35 @@ impl Backoff {
 
 /// The versions of a listing that count. A version whose entry is not `complete` (a
 /// `model.pt` without `signature.json`, which may be an upload in progress) counts only
-/// once it is unchanged since the previous listing: `settling` holds those fingerprints
-/// from one listing to the next. With polling off there is no next listing, so this one
-/// decides.
+/// once it is unchanged since the previous listing: `previous` holds every listed
+/// version's fingerprint from one listing to the next. Unchanged files are what counts,
+/// not how the previous listing judged them, so a version already counted stays counted
+/// when one listing cannot confirm its signature (an archive that could not be read that
+/// once would otherwise unload a serving version). With polling off there is no next
+/// listing, so this one decides.
 pub(super) fn settled_versions(
     model: &str,
     listing: &BTreeMap<i64, VersionEntry>,
-    settling: &mut HashMap<i64, String>,
+    previous: &mut HashMap<i64, String>,
     polling: bool,
 ) -> BTreeSet<i64> {
-    let mut unsettled = HashMap::new();
     let mut present = BTreeSet::new();
     for (&version, entry) in listing {
-        if !entry.complete {
-            unsettled.insert(version, entry.fingerprint.clone());
-            if polling && settling.get(&version) != Some(&entry.fingerprint) {
-                tracing::debug!(
-                    model,
-                    version,
-                    "model.pt without signature.json; waiting for the next listing"
-                );
-                continue;
-            }
+        let unchanged = previous.get(&version) == Some(&entry.fingerprint);
+        if !entry.complete && polling && !unchanged {
+            tracing::debug!(
+                model,
+                version,
+                "model.pt without signature.json; waiting for the next listing"
+            );
+            continue;
         }
         present.insert(version);
     }
-    *settling = unsettled;
+    *previous = listing
+        .iter()
+        .map(|(&version, entry)| (version, entry.fingerprint.clone()))
+        .collect();
     present
 }
 
@@ -88,22 +91,31 @@ mod tests {
 
     #[test]
     fn an_incomplete_version_counts_once_two_listings_agree() {
-        let mut settling = HashMap::new();
+        let mut previous = HashMap::new();
         let first: BTreeMap<i64, VersionEntry> =
             [(1, entry("a", true)), (2, entry("b", false))].into();
         assert_eq!(
-            settled_versions("m", &first, &mut settling, true),
+            settled_versions("m", &first, &mut previous, true),
             [1].into()
         );
         assert_eq!(
-            settled_versions("m", &first, &mut settling, true),
+            settled_versions("m", &first, &mut previous, true),
             [1, 2].into()
         );
         // Rewritten since: it waits again.
         let rewritten: BTreeMap<i64, VersionEntry> = [(2, entry("c", false))].into();
         assert_eq!(
-            settled_versions("m", &rewritten, &mut settling, true),
+            settled_versions("m", &rewritten, &mut previous, true),
             BTreeSet::new()
+        );
+        // A counted version that one listing cannot confirm stays while its files are
+        // unchanged.
+        let counted: BTreeMap<i64, VersionEntry> = [(2, entry("c", true))].into();
+        settled_versions("m", &counted, &mut previous, true);
+        let unconfirmed: BTreeMap<i64, VersionEntry> = [(2, entry("c", false))].into();
+        assert_eq!(
+            settled_versions("m", &unconfirmed, &mut previous, true),
+            [2].into()
         );
         // Without polling, one listing decides.
         let mut fresh = HashMap::new();

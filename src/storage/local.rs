@@ -8,62 +8,72 @@ use super::{
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// The versions under `dir`.
+/// The versions under `dir`. A version directory that cannot be read is a listing error,
+/// not a missing version: storage trouble must never unload what serves.
 pub(super) fn list(dir: &Path) -> Result<BTreeMap<i64, VersionEntry>, StorageError> {
-    let list_error = |e: std::io::Error| StorageError::List {
-        path: dir.display().to_string(),
+    let list_error = |path: &Path, e: std::io::Error| StorageError::List {
+        path: path.display().to_string(),
         message: e.to_string(),
     };
     let mut versions = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).map_err(list_error)? {
-        let entry = entry.map_err(list_error)?;
+    for entry in std::fs::read_dir(dir).map_err(|e| list_error(dir, e))? {
+        let entry = entry.map_err(|e| list_error(dir, e))?;
         let Some(version) = parse_version(&entry.file_name().to_string_lossy()) else {
             continue;
         };
-        if !entry.file_type().map_err(list_error)?.is_dir() {
+        if !entry.file_type().map_err(|e| list_error(dir, e))?.is_dir() {
             continue;
         }
-        if let Some(found) = version_entry(&entry.path()) {
-            versions.insert(version, found);
+        let path = entry.path();
+        match version_entry(&path) {
+            Ok(Some(found)) => {
+                versions.insert(version, found);
+            }
+            Ok(None) => {}
+            // Removed since `dir` was read: it is not part of this listing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(list_error(&path, e)),
         }
     }
     Ok(versions)
 }
 
 /// A local version directory, or `None` while it holds no model.
-fn version_entry(dir: &Path) -> Option<VersionEntry> {
+fn version_entry(dir: &Path) -> std::io::Result<Option<VersionEntry>> {
     let mut names = Vec::new();
-    let mut files: Vec<String> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let meta = entry.metadata().ok()?;
-            let modified = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let line = format!("{name}:{}:{modified}", meta.len());
-            names.push(name);
-            Some(line)
-        })
-        .collect();
-    let complete = match layout(names.iter().map(String::as_str))? {
-        true => true,
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            // Removed since the directory was read: it is not part of this listing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let name = entry.file_name().to_string_lossy().into_owned();
+        files.push(format!("{name}:{}:{modified}", meta.len()));
+        names.push(name);
+    }
+    let Some(complete) = layout(names.iter().map(String::as_str)) else {
+        return Ok(None);
+    };
+    let complete = complete || {
         // Reading the archive's directory is cheap here, so a model with an embedded
         // signature serves at once; one that cannot be opened may still be being written.
-        false => {
-            has_embedded_signature(&dir.join(MODEL_FILE))
-                || package_has_signature(&dir.join(PACKAGE_FILE))
-        }
+        has_embedded_signature(&dir.join(MODEL_FILE))
+            || package_has_signature(&dir.join(PACKAGE_FILE))
     };
     files.sort();
-    Some(VersionEntry {
+    Ok(Some(VersionEntry {
         fingerprint: files.join(";"),
         complete,
         files: Vec::new(),
-    })
+    }))
 }
 
 /// Whether `model` is a complete TorchScript archive holding `extra/signature.json`.
