@@ -500,6 +500,30 @@ mod tests {
         assert!(ledger.try_reserve(&bytes(&[("cpu", 100)])).is_ok());
     }
 
+    #[tokio::test]
+    async fn a_load_past_its_deadline_evicts_nobody() {
+        let ledger = Ledger::new("cpu=100".parse().unwrap());
+        let _held = ledger.try_reserve(&bytes(&[("cpu", 80)])).ok().unwrap();
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let evict = |_: &DeviceBytes| {
+            asked.fetch_add(1, Ordering::SeqCst);
+            Vec::new()
+        };
+        let past = Instant::now() - Duration::from_millis(1);
+        let refused = ledger
+            .reserve("late", &bytes(&[("cpu", 50)]), Some(past), evict)
+            .await;
+        assert!(matches!(refused, Err(Error::ResourceExhausted(_))));
+        assert_eq!(asked.load(Ordering::SeqCst), 0);
+        // Within its deadline the same load asks for victims before giving up.
+        let soon = Instant::now() + Duration::from_millis(50);
+        let refused = ledger
+            .reserve("timely", &bytes(&[("cpu", 50)]), Some(soon), evict)
+            .await;
+        assert!(refused.is_err());
+        assert!(asked.load(Ordering::SeqCst) > 0);
+    }
+
     #[test]
     fn on_demand_pinned_and_unload_first_by_name_or_star() {
         let settings = ResidencySettings {
