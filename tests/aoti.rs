@@ -456,8 +456,18 @@ async fn broken_packages_fail_their_version_naming_why_and_leave_nothing_behind(
             "unsigned",
             "no signature.json next to model.pt2 and none in its metadata",
         ),
+        // Made below: a signature.json freeing a dimension the export fixed, and a package
+        // whose compiled library was left out.
+        (
+            "resigned",
+            "inputs 0 ('x') has -1 at dimension 1 in signature.json",
+        ),
+        ("uncompiled", "holds no compiled library"),
     ];
     let root = scratch("aoti-broken");
+    let made = root.join(".made");
+    resigned_version(&fixtures.join("small/2"), &made.join("resigned"));
+    uncompiled_version(&fixtures.join("small/2"), &made.join("uncompiled"));
     let mut models = Vec::new();
     for (case, _) in cases {
         // Version 1 is the good package; version 2 arrives broken.
@@ -480,7 +490,11 @@ async fn broken_packages_fail_their_version_naming_why_and_leave_nothing_behind(
     let names: Vec<&str> = cases.iter().map(|(case, _)| *case).collect();
     server.wait_available(&names).await;
     for (case, _) in cases {
-        copy_version(&fixtures.join("broken").join(case), &root.join(case), 2);
+        let source = match made.join(case) {
+            made if made.is_dir() => made,
+            _ => fixtures.join("broken").join(case),
+        };
+        copy_version(&source, &root.join(case), 2);
     }
     let status = server.models().await;
     for (case, needle) in cases {
@@ -511,6 +525,34 @@ async fn broken_packages_fail_their_version_naming_why_and_leave_nothing_behind(
     let left: Vec<_> = unpacked_packages().difference(&before).cloned().collect();
     assert!(left.is_empty(), "left in /tmp: {left:?}");
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `version` (a package with its signature.json) into `to`, its signature.json letting
+/// the second dimension of the first input go free where the package was compiled for 4.
+fn resigned_version(version: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::copy(version.join("model.pt2"), to.join("model.pt2")).unwrap();
+    let text = std::fs::read_to_string(version.join("signature.json")).unwrap();
+    let mut signature: Value = serde_json::from_str(&text).unwrap();
+    signature["signatures"]["serving_default"]["inputs"][0]["shape"] = serde_json::json!([-1, -1]);
+    std::fs::write(to.join("signature.json"), signature.to_string()).unwrap();
+}
+
+/// `version`'s package into `to` without its compiled libraries (sources and metadata
+/// only), and its signature.json.
+fn uncompiled_version(version: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    let source = std::fs::File::open(version.join("model.pt2")).unwrap();
+    let mut archive = zip::ZipArchive::new(source).unwrap();
+    let mut rewritten = zip::ZipWriter::new(std::fs::File::create(to.join("model.pt2")).unwrap());
+    for index in 0..archive.len() {
+        let entry = archive.by_index_raw(index).unwrap();
+        if !entry.name().unwrap().ends_with(".so") {
+            rewritten.raw_copy_file(entry).unwrap();
+        }
+    }
+    rewritten.finish().unwrap();
+    std::fs::copy(version.join("signature.json"), to.join("signature.json")).unwrap();
 }
 
 /// A directory shaped like one the loader unpacks, in /tmp, marked as held by `owner`

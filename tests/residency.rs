@@ -685,3 +685,29 @@ async fn a_version_younger_than_the_minimum_residency_is_not_evicted() {
     assert_eq!(resident(&server, "m0").await as u64, COUNTER_BYTES);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// An on-demand version is read when it is listed and loaded when first asked for: a model
+/// file rewritten in place between the two is refused (its checks and signature are about
+/// the old file), naming why, rather than run unchecked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_rewritten_in_place_after_it_was_read_is_not_loaded() {
+    let (root, _) = repository("residency-rewritten", &["rewritten"]);
+    let server = on_demand_server(&root, &["rewritten"], 10 * COUNTER_BYTES, 0, &[]).await;
+    let model = root.join("rewritten/1/model.pt");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&model)
+        .unwrap();
+    file.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1))
+        .unwrap();
+    drop(file);
+    let refused = call(&server, "rewritten", 1.0).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("the file changed after the version was read"),
+        "{refused:?}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

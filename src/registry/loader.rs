@@ -69,6 +69,9 @@ pub struct VersionPlan {
     pub version: i64,
     dir: PathBuf,
     model_path: PathBuf,
+    /// The model file's size and modification time when it was read: what the checks and
+    /// signatures above are about.
+    model_stamp: Option<FileStamp>,
     pub signatures: SignatureMap,
     pub batch_range: Option<RangeInclusive<usize>>,
     pub batching: Option<BatchingOptions>,
@@ -76,6 +79,23 @@ pub struct VersionPlan {
     direct_capacity: usize,
     warm_up: Vec<SyntheticWarmUp>,
     replay: Option<WarmUpReplay>,
+}
+
+/// A file's size and modification time, to tell whether it changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
 }
 
 /// Reads the version in `dir`, a TorchScript module (`model.pt`) or an AOTInductor package
@@ -91,6 +111,7 @@ pub fn plan_version(
     settings: &LoadSettings,
 ) -> Result<VersionPlan, VersionLoadError> {
     let model_path = model_file(dir)?;
+    let model_stamp = FileStamp::of(&model_path);
     let (signatures, batch_range) = if model_path.ends_with(PACKAGE_FILE) {
         read_package(dir, &model_path, &settings.runner.devices)?
     } else {
@@ -135,6 +156,7 @@ pub fn plan_version(
         version,
         dir: dir.to_path_buf(),
         model_path,
+        model_stamp,
         signatures,
         batch_range,
         batching,
@@ -180,6 +202,17 @@ impl VersionPlan {
         make_room: MakeRoom,
     ) -> Result<Arc<Resident>, VersionLoadError> {
         let (model, version) = (self.model.as_str(), self.version);
+        // An on-demand version starts long after it was read, and again after each
+        // eviction: a file rewritten in place since would run unchecked against a stale
+        // signature (for a package, reads past its tensors).
+        if FileStamp::of(&self.model_path) != self.model_stamp {
+            return Err(VersionLoadError::Io {
+                path: self.model_path.display().to_string(),
+                message: "the file changed after the version was read; publish a changed \
+                          model as a new version directory instead of rewriting a served one"
+                    .into(),
+            });
+        }
         let scheduler = Scheduler::load(
             &self.model_path,
             model,
@@ -308,7 +341,23 @@ fn read_package(
             path: signature_path.display().to_string(),
             message: e.to_string(),
         })?;
-        SignatureMap::from_json(&text)?
+        let given = SignatureMap::from_json(&text)?;
+        match &facts.signature {
+            Some(recorded) => {
+                let recorded = SignatureMap::from_json(recorded).map_err(|e| {
+                    refused(format!("its recorded {}: {e}", package::SIGNATURE_KEY))
+                })?;
+                package::check_signatures_match(&given, &recorded)
+                    .map_err(|e| SignatureError(format!("{SIGNATURE_FILE}: {e}")))?;
+            }
+            None => tracing::warn!(
+                path = %package_path.display(),
+                "the package records no signature to check {SIGNATURE_FILE} against; \
+                 requests are checked against {SIGNATURE_FILE} alone, so it must match \
+                 what the package was compiled for"
+            ),
+        }
+        given
     } else if let Some(text) = &facts.signature {
         SignatureMap::from_json(text)?
     } else {

@@ -6,6 +6,7 @@
 //! naming the mismatch, and the version before keeps serving.
 
 use crate::runtime::Device;
+use crate::signature::{SignatureMap, TensorSpec};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::ops::RangeInclusive;
@@ -176,6 +177,70 @@ pub fn check(metadata: &BTreeMap<String, String>, host: &Host) -> Result<Package
     })
 }
 
+/// Checks the signatures a `signature.json` gives a package against the signature its
+/// export recorded. The package checks nothing it is given, so a `signature.json` that
+/// allows what the compiled code does not (another dtype, a free dimension the export
+/// fixed, inputs in another order) would let requests read past their tensors. Names may
+/// differ (they are the server's to choose); count, order, dtypes, ranks and fixed
+/// dimensions may not, though a dimension the export left free may be fixed here.
+pub fn check_signatures_match(given: &SignatureMap, recorded: &SignatureMap) -> Result<(), String> {
+    let Some(exported) = recorded.signatures.values().next() else {
+        return Ok(());
+    };
+    for (name, signature) in &given.signatures {
+        for (what, given, exported) in [
+            ("inputs", &signature.inputs, &exported.inputs),
+            ("outputs", &signature.outputs, &exported.outputs),
+        ] {
+            if given.len() != exported.len() {
+                return Err(format!(
+                    "signature '{name}' lists {} {what} but the package's forward has {}",
+                    given.len(),
+                    exported.len()
+                ));
+            }
+            for (index, (spec, compiled)) in given.iter().zip(exported).enumerate() {
+                spec_matches(spec, compiled).map_err(|why| {
+                    format!(
+                        "signature '{name}': {what} {index} ('{}') {why} (the export recorded \
+                         '{}' as {} {})",
+                        spec.name,
+                        compiled.name,
+                        compiled.dtype,
+                        show_shape(compiled.shape.as_deref()),
+                    )
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn spec_matches(spec: &TensorSpec, compiled: &TensorSpec) -> Result<(), String> {
+    if spec.dtype != compiled.dtype {
+        return Err(format!("is {} in signature.json", spec.dtype));
+    }
+    let (Some(shape), Some(exported)) = (&spec.shape, &compiled.shape) else {
+        return Ok(());
+    };
+    if shape.len() != exported.len() {
+        return Err(format!("has rank {} in signature.json", shape.len()));
+    }
+    for (axis, (&dim, &fixed)) in shape.iter().zip(exported).enumerate() {
+        if fixed >= 0 && dim != fixed {
+            return Err(format!(
+                "has {dim} at dimension {axis} in signature.json where the package takes \
+                 only {fixed}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn show_shape(shape: Option<&[i64]>) -> String {
+    shape.map_or_else(|| "of any shape".to_string(), |dims| format!("{dims:?}"))
+}
+
 /// Checks the compiled libraries inside the package before the loader maps them: a `.so`
 /// cut short (an upload that stopped, a bad copy) whose headers point past its end kills
 /// the process with SIGBUS when it is mapped, and one for another machine cannot load.
@@ -191,6 +256,13 @@ pub fn check_libraries(package: &Path, arch: &str) -> Result<(), String> {
         .filter(|name| name.ends_with(".so"))
         .map(|name| name.into_owned())
         .collect();
+    if libraries.is_empty() {
+        // libtorch would compile the package's C++ sources at load, with a command line
+        // taken from the package: a server runs compiled code only.
+        return Err("it holds no compiled library (.so); compile it with \
+                    torch._inductor.aoti_compile_and_package"
+            .into());
+    }
     for name in libraries {
         let mut entry = archive.by_name(&name).map_err(|e| format!("{name}: {e}"))?;
         let size = entry.size();
@@ -278,6 +350,57 @@ fn compare_releases(a: &str, b: &str) -> Option<std::cmp::Ordering> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn signatures(inputs: &str, outputs: &str) -> SignatureMap {
+        SignatureMap::from_json(&format!(
+            r#"{{"signatures": {{"serving_default": {{"method": "forward",
+                "inputs": [{inputs}], "outputs": [{outputs}]}}}}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_signature_json_must_allow_no_more_than_the_package_was_compiled_for() {
+        let x = r#"{"name": "x", "dtype": "DT_FLOAT", "shape": [-1, 4]}"#;
+        let y = r#"{"name": "y", "dtype": "DT_FLOAT", "shape": [-1, 3]}"#;
+        let recorded = signatures(x, y);
+        // Renamed, or a free batch fixed: fine.
+        let renamed = signatures(
+            r#"{"name": "features", "dtype": "DT_FLOAT", "shape": [8, 4]}"#,
+            r#"{"name": "scores", "dtype": "DT_FLOAT"}"#,
+        );
+        assert_eq!(check_signatures_match(&renamed, &recorded), Ok(()));
+        let refused = |given: SignatureMap| check_signatures_match(&given, &recorded).unwrap_err();
+        let free = refused(signatures(
+            r#"{"name": "x", "dtype": "DT_FLOAT", "shape": [-1, -1]}"#,
+            y,
+        ));
+        assert!(
+            free.contains("inputs 0 ('x') has -1 at dimension 1"),
+            "{free}"
+        );
+        let dtype = refused(signatures(
+            r#"{"name": "x", "dtype": "DT_DOUBLE", "shape": [-1, 4]}"#,
+            y,
+        ));
+        assert!(dtype.contains("is DT_DOUBLE in signature.json"), "{dtype}");
+        let rank = refused(signatures(
+            r#"{"name": "x", "dtype": "DT_FLOAT", "shape": [-1, 2, 2]}"#,
+            y,
+        ));
+        assert!(rank.contains("rank 3"), "{rank}");
+        let z = r#"{"name": "z", "dtype": "DT_FLOAT", "shape": [-1, 4]}"#;
+        let count = refused(signatures(&format!("{x}, {z}"), y));
+        assert!(
+            count.contains("lists 2 inputs but the package's forward has 1"),
+            "{count}"
+        );
+        let outputs = refused(signatures(
+            x,
+            &format!("{y}, {}", y.replace("\"y\"", "\"w\"")),
+        ));
+        assert!(outputs.contains("2 outputs"), "{outputs}");
+    }
 
     fn host() -> Host {
         Host {

@@ -126,6 +126,6 @@ void modelgate_aoti_free(modelgate_aoti* model) {
   }
 }
 
-void modelgate_aoti_free_buffer(void* buffer) { std::free(buffer); }
+void modelgate_aoti_free_buffer(void* buffer) { modelgate_shim::release(buffer); }
 
 }  // extern "C"

@@ -71,6 +71,6 @@ char* modelgate_cuda_allocated_bytes(int index, int reset_peak, int64_t* current
   });
 }
 
-void modelgate_cuda_free_message(char* message) { std::free(message); }
+void modelgate_cuda_free_message(char* message) { modelgate_shim::release(message); }
 
 }  // extern "C"

@@ -12,14 +12,29 @@
 
 namespace modelgate_shim {
 
-// A malloc'd, NUL-terminated copy of `text` (NULL if memory ran out).
+// The message of an error whose own message could not be allocated: never NULL, which
+// would read as success. Static, so `release` must be what frees messages.
+inline char* out_of_memory_message() {
+  static char text[] = "out of memory (and for the error's message)";
+  return text;
+}
+
+// A malloc'd, NUL-terminated copy of `text`, or the static out-of-memory message.
 inline char* copy_of(const std::string& text) {
   char* copy = static_cast<char*>(std::malloc(text.size() + 1));
-  if (copy != nullptr) {
-    std::memcpy(copy, text.data(), text.size());
-    copy[text.size()] = '\0';
+  if (copy == nullptr) {
+    return out_of_memory_message();
   }
+  std::memcpy(copy, text.data(), text.size());
+  copy[text.size()] = '\0';
   return copy;
+}
+
+// Frees what a shim handed over: a message or an array (never the static message).
+inline void release(void* buffer) {
+  if (buffer != out_of_memory_message()) {
+    std::free(buffer);
+  }
 }
 
 // Runs `body`: NULL when it returns, the message of what it threw otherwise.

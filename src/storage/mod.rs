@@ -230,6 +230,10 @@ pub enum EmbeddedSignature {
     NotAnArchive(String),
 }
 
+/// The most of a model file's signature or metadata entry read (they are a few KiB; a
+/// compressed entry could otherwise expand to fill memory on every listing).
+const SIGNATURE_READ_LIMIT: u64 = 16 << 20;
+
 /// Reads the signature embedded in the TorchScript archive `model` (only the archive's
 /// directory and that one entry are read). Blocking.
 pub fn embedded_signature(model: &std::path::Path) -> std::io::Result<EmbeddedSignature> {
@@ -252,7 +256,13 @@ pub fn embedded_signature(model: &std::path::Path) -> std::io::Result<EmbeddedSi
     archive
         .by_name(&entry)
         .map_err(std::io::Error::other)?
+        .take(SIGNATURE_READ_LIMIT + 1)
         .read_to_string(&mut text)?;
+    if text.len() as u64 > SIGNATURE_READ_LIMIT {
+        return Err(std::io::Error::other(format!(
+            "its {entry} is over {SIGNATURE_READ_LIMIT} bytes"
+        )));
+    }
     Ok(EmbeddedSignature::Found(text))
 }
 
@@ -276,10 +286,12 @@ pub fn package_has_signature(package: &std::path::Path) -> bool {
         return false;
     };
     let mut text = String::new();
-    archive
-        .by_name(&entry)
-        .is_ok_and(|mut entry| entry.read_to_string(&mut text).is_ok())
-        && text.contains("\"modelgate.signature\"")
+    archive.by_name(&entry).is_ok_and(|entry| {
+        entry
+            .take(SIGNATURE_READ_LIMIT)
+            .read_to_string(&mut text)
+            .is_ok()
+    }) && text.contains("\"modelgate.signature\"")
 }
 
 /// A version directory name: a positive integer, as in TF Serving.
