@@ -4,10 +4,12 @@
 //! Two things the loader does not do, done here:
 //! - It unpacks a package into a fresh `/tmp/XXXXXX` (TMPDIR is ignored) and removes it
 //!   when the loaded package is freed, but leaves it behind when loading throws, and a
-//!   process that is killed leaves every one behind. Loads run one at a time (the loader
-//!   also parses JSON through a function-level static), so what a load put in /tmp is told
-//!   apart: removed after a failure, and right after a CPU package loaded (its library
-//!   stays mapped and its constants are in memory; nothing is read from there again). A
+//!   process that is killed leaves every one behind. This binary's [`mkdtemp`] notes the
+//!   directory each load makes (other servers on the host unpack into the same /tmp), and
+//!   loads run one at a time (the loader also parses JSON through a function-level
+//!   static). A load's directory is removed after a failure, and right after a CPU package
+//!   loaded (its library stays mapped and its constants are in memory; nothing is read
+//!   from there again). A
 //!   CUDA package keeps its directory while it is loaded: its kernels load lazily from it,
 //!   so the directory is marked with its owner (pid and start time), and a server starting
 //!   removes the marked directories of owners that are gone ([`remove_stale_unpack_dirs`]).
@@ -221,19 +223,21 @@ impl Drop for Package {
 }
 
 /// Runs `unpack` (a load or a metadata read that answers `Some(message)` when it failed)
-/// alone, then removes the directories it left in /tmp: always after a failure, and after
-/// a success unless `keep_on_success`.
+/// alone, then removes the directories it made in /tmp: always after a failure, and after
+/// a success unless `keep_on_success` (then they are marked as this process's).
 fn unpacking(keep_on_success: bool, unpack: impl FnOnce() -> Option<String>) -> Option<String> {
     let _alone = LOADING
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let before = unpack_dirs();
+    MADE_HERE.with(|made| *made.borrow_mut() = Some(Vec::new()));
     let failed = unpack();
+    let made = MADE_HERE
+        .with(|made| made.borrow_mut().take())
+        .unwrap_or_default();
     let remove = failed.is_some() || !keep_on_success;
-    for left in unpack_dirs().difference(&before) {
-        if !holds_a_package(left) {
-            continue;
-        }
+    // Only what this thread's mkdtemp made: another process's unpacking, in the same /tmp
+    // at the same moment, is never touched.
+    for left in made.iter().filter(|dir| dir.is_dir()) {
         let done = if remove {
             std::fs::remove_dir_all(left)
         } else {
@@ -244,6 +248,55 @@ fn unpacking(keep_on_success: bool, unpack: impl FnOnce() -> Option<String>) -> 
         }
     }
     failed
+}
+
+thread_local! {
+    /// The directories `mkdtemp` made on this thread while it runs [`unpacking`] (`None`
+    /// outside it).
+    static MADE_HERE: std::cell::RefCell<Option<Vec<PathBuf>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// libc's `mkdtemp`, wrapped to note what it makes during [`unpacking`]. libtorch's
+/// package loader makes its unpack directory with `mkdtemp("/tmp/XXXXXX")`; this
+/// definition, in the executable, is the one the dynamic linker binds libtorch's call to,
+/// so a load's directory is known exactly rather than guessed from what appeared in /tmp
+/// (where other servers on the host unpack too).
+///
+/// # Safety
+/// As libc's: `template` is a writable NUL-terminated string ending in `XXXXXX`.
+#[no_mangle]
+pub unsafe extern "C" fn mkdtemp(template: *mut c_char) -> *mut c_char {
+    type Mkdtemp = unsafe extern "C" fn(*mut c_char) -> *mut c_char;
+    static LIBC_MKDTEMP: std::sync::OnceLock<Option<Mkdtemp>> = std::sync::OnceLock::new();
+    let libc_mkdtemp = LIBC_MKDTEMP.get_or_init(|| {
+        // SAFETY: dlsym with a static NUL-terminated name; RTLD_NEXT finds the definition
+        // after this one (libc's), whose type is mkdtemp's.
+        let symbol = unsafe { libc::dlsym(libc::RTLD_NEXT, c"mkdtemp".as_ptr()) };
+        (!symbol.is_null())
+            .then(|| unsafe { std::mem::transmute::<*mut std::ffi::c_void, Mkdtemp>(symbol) })
+    });
+    let Some(libc_mkdtemp) = libc_mkdtemp else {
+        // SAFETY: errno is this thread's.
+        unsafe { *libc::__errno_location() = libc::ENOSYS };
+        return std::ptr::null_mut();
+    };
+    // SAFETY: the caller's template, as libc's mkdtemp takes it.
+    let made = unsafe { libc_mkdtemp(template) };
+    if !made.is_null() {
+        // SAFETY: on success mkdtemp answers the template, a NUL-terminated path.
+        let path = PathBuf::from(
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(
+                unsafe { CStr::from_ptr(made) }.to_bytes(),
+            ),
+        );
+        let _ = MADE_HERE.try_with(|noted| {
+            if let Some(noted) = noted.borrow_mut().as_mut() {
+                noted.push(path);
+            }
+        });
+    }
+    made
 }
 
 /// The file in a kept unpack directory that names the process holding it.
@@ -387,6 +440,35 @@ mod tests {
             std::fs::write(dir.join(OWNER_MARK), owner.to_string()).unwrap();
         }
         dir
+    }
+
+    #[test]
+    fn a_load_tidies_only_the_directories_it_made_itself() {
+        let mut foreign = None;
+        let mut ours = None;
+        let failed = unpacking(false, || {
+            // Another server unpacking into /tmp at the same moment...
+            foreign = Some(fake_unpack_dir(None));
+            // ...and this load's own directory, made as libtorch makes it.
+            let mut template = *b"/tmp/XXXXXX\0";
+            // SAFETY: a writable NUL-terminated template ending in XXXXXX.
+            let made = unsafe { mkdtemp(template.as_mut_ptr().cast()) };
+            assert!(!made.is_null());
+            let dir = PathBuf::from(std::str::from_utf8(&template[..11]).unwrap());
+            std::fs::create_dir_all(dir.join("model/data/aotinductor")).unwrap();
+            ours = Some(dir);
+            Some("the load failed".to_string())
+        });
+        assert_eq!(failed.as_deref(), Some("the load failed"));
+        let (foreign, ours) = (foreign.unwrap(), ours.unwrap());
+        assert!(!ours.exists(), "{}", ours.display());
+        assert!(foreign.exists(), "{}", foreign.display());
+        std::fs::remove_dir_all(foreign).unwrap();
+        // Outside a load nothing is noted (and nothing tidied).
+        let mut template = *b"/tmp/XXXXXX\0";
+        assert!(!unsafe { mkdtemp(template.as_mut_ptr().cast()) }.is_null());
+        assert!(MADE_HERE.with(|made| made.borrow().is_none()));
+        std::fs::remove_dir(std::str::from_utf8(&template[..11]).unwrap()).unwrap();
     }
 
     #[test]
