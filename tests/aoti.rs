@@ -347,6 +347,88 @@ async fn batched_concurrent_rows_each_get_their_own_answer() {
     stop(server);
 }
 
+/// `version`'s package and signature into `to`, its metadata saying the export takes
+/// batches of `min` rows or more.
+fn with_batch_min(version: &Path, to: &Path, min: usize) {
+    use std::io::{Read, Write};
+    std::fs::create_dir_all(to).unwrap();
+    let source = std::fs::File::open(version.join("model.pt2")).unwrap();
+    let mut archive = zip::ZipArchive::new(source).unwrap();
+    let mut rewritten = zip::ZipWriter::new(std::fs::File::create(to.join("model.pt2")).unwrap());
+    for index in 0..archive.len() {
+        let mut entry = archive.by_index(index).unwrap();
+        let name = entry.name().unwrap().to_string();
+        if !name.ends_with("_metadata.json") {
+            drop(entry);
+            rewritten
+                .raw_copy_file(archive.by_index_raw(index).unwrap())
+                .unwrap();
+            continue;
+        }
+        let mut text = String::new();
+        entry.read_to_string(&mut text).unwrap();
+        let mut metadata: Value = serde_json::from_str(&text).unwrap();
+        metadata["modelgate.batch_min"] = Value::String(min.to_string());
+        rewritten
+            .start_file(name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        rewritten
+            .write_all(metadata.to_string().as_bytes())
+            .unwrap();
+    }
+    rewritten.finish().unwrap();
+    std::fs::copy(version.join("signature.json"), to.join("signature.json")).unwrap();
+}
+
+/// A request split into batches leaves a tail smaller than the export's smallest batch:
+/// the tail is padded up to it. The package checks its own inputs here
+/// (`AOTI_RUNTIME_CHECK_INPUTS=1`), so a batch below its range would be an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_requests_tail_is_padded_to_the_exports_smallest_batch() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let dir = TempDir::new("aoti-batch-min");
+    with_batch_min(
+        &pt2_fixtures().join("small/2"),
+        &dir.path().join("small/1"),
+        4,
+    );
+    let params = dir.path().join("batching.pbtxt");
+    std::fs::write(
+        &params,
+        "max_batch_size { value: 64 } max_execution_batch_size { value: 8 } \
+         enable_large_batch_splitting { value: true }",
+    )
+    .unwrap();
+    let config = model_config(&[("small", &dir.path().join("small"), "")]);
+    let params_flag = format!("--batching_parameters_file={}", params.display());
+    let mut flags = vec!["--enable_batching", params_flag.as_str()];
+    flags.extend(QUICK_EXIT);
+    let server = Server::with_config_env(&config, &flags, &[("AOTI_RUNTIME_CHECK_INPUTS", "1")]);
+    server.wait_available(&["small"]).await;
+
+    let values: Vec<f32> = (0..36).map(|i| i as f32 / 10.0 - 1.5).collect();
+    let scores = |rows: std::ops::Range<usize>| {
+        let server = &server;
+        let part = values[rows.start * 4..rows.end * 4].to_vec();
+        async move {
+            let rows = i64::try_from(rows.len()).unwrap();
+            let (_, out) = predict(server, spec("small"), &[("x", tensor(&[rows, 4], &part))])
+                .await
+                .unwrap_or_else(|e| panic!("{rows} rows: {e:?}\n{}", server.log()));
+            out["scores"].1.clone()
+        }
+    };
+    // 9 rows run as 8 + 1, the 1 padded to 4.
+    let whole = scores(0..9).await;
+    assert_eq!(whole.len(), 9 * 3);
+    let head = scores(0..8).await;
+    let tail = scores(5..9).await;
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 1e-5);
+    assert!(close(&whole[..24], &head), "{whole:?} vs {head:?}");
+    assert!(close(&whole[24..], &tail[9..]), "{whole:?} vs {tail:?}");
+    stop(server);
+}
+
 /// Copies a version directory into `base` as `version`, the signature last.
 fn copy_version(from: &Path, base: &Path, version: i64) {
     let to = base.join(version.to_string());

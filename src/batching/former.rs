@@ -97,6 +97,10 @@ impl Former {
                 BatchKey::Alone => Arc::from([]),
                 BatchKey::Shape { .. } => Arc::clone(&self.allowed_sizes),
             },
+            min_rows: match key {
+                BatchKey::Alone => 0,
+                BatchKey::Shape { .. } => self.state.options.min_batch_rows,
+            },
         }
     }
 }

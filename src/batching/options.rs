@@ -32,6 +32,10 @@ pub struct BatchingOptions {
     pub enable_large_batch_splitting: bool,
     /// With splitting, the most rows in one executed batch (default `max_batch_size`).
     pub max_execution_batch_size: Option<usize>,
+    /// The fewest rows a batch runs with; smaller ones (the tail of a split request) are
+    /// padded up to it. Not a TF Serving option: set from an AOTInductor package's export
+    /// range by [`BatchingOptions::clamp_to`]; 1 otherwise.
+    pub min_batch_rows: usize,
 }
 
 impl BatchingOptions {
@@ -105,6 +109,7 @@ impl BatchingOptions {
             allowed_batch_sizes: Vec::new(),
             enable_large_batch_splitting,
             max_execution_batch_size,
+            min_batch_rows: 1,
         };
         let execution = options.execution_batch_size();
         let mut allowed = Vec::with_capacity(params.allowed_batch_sizes.len());
@@ -145,11 +150,14 @@ impl BatchingOptions {
             .saturating_mul(self.max_batch_size)
     }
 
-    /// These options for a model that runs batches of at most `max_rows` rows (an
-    /// AOTInductor package's export range): a larger execution batch size is clamped to
-    /// it, allowed sizes above it are dropped and it becomes the last. Returns what was
-    /// clamped, for the log, or `None` when the options already fit.
-    pub fn clamp_to(&mut self, max_rows: usize) -> Option<String> {
+    /// These options for a model that runs batches of `rows` rows (an AOTInductor
+    /// package's export range): a larger execution batch size is clamped to its end,
+    /// allowed sizes above it are dropped and it becomes the last; smaller batches are
+    /// padded up to its start. Returns what was clamped, for the log, or `None` when the
+    /// options already fit.
+    pub fn clamp_to(&mut self, rows: &std::ops::RangeInclusive<usize>) -> Option<String> {
+        self.min_batch_rows = *rows.start();
+        let max_rows = *rows.end();
         let execution = self.execution_batch_size();
         if execution <= max_rows {
             return None;
@@ -196,14 +204,14 @@ mod tests {
         let text = "max_batch_size { value: 2048 } allowed_batch_sizes: 8 \
                     allowed_batch_sizes: 1500 allowed_batch_sizes: 2048";
         let mut options = BatchingOptions::parse("t", text).unwrap();
-        assert!(options.clamp_to(1024).unwrap().contains("clamped"));
+        assert!(options.clamp_to(&(1..=1024)).unwrap().contains("clamped"));
         assert_eq!(options.max_batch_size, 1024);
         assert_eq!(options.allowed_batch_sizes, vec![8, 1024]);
-        assert_eq!(options.clamp_to(1024), None);
+        assert_eq!(options.clamp_to(&(1..=1024)), None);
         let text = "max_batch_size { value: 4096 } enable_large_batch_splitting { value: true } \
                     max_execution_batch_size { value: 2048 }";
         let mut split = BatchingOptions::parse("t", text).unwrap();
-        split.clamp_to(64).unwrap();
+        split.clamp_to(&(1..=64)).unwrap();
         assert_eq!(
             (split.max_batch_size, split.execution_batch_size()),
             (4096, 64)

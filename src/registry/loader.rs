@@ -140,8 +140,8 @@ pub fn plan_version(
         runner.freeze = Some(methods);
     }
     if let Some(options) = &mut batching {
-        if let Some(max_rows) = batch_range.as_ref().map(|range| *range.end()) {
-            if let Some(clamped) = options.clamp_to(max_rows) {
+        if let Some(range) = &batch_range {
+            if let Some(clamped) = options.clamp_to(range) {
                 tracing::warn!(model, version, "batching options {clamped}");
             }
         }

@@ -110,6 +110,9 @@ pub struct Batch {
     pub jobs: Vec<Job>,
     /// Batch sizes a batch is padded up to (ascending; empty = no padding).
     pub allowed_sizes: Arc<[usize]>,
+    /// The fewest rows the model takes (an AOTInductor package's export range): a smaller
+    /// batch, such as the tail of a split request, is padded up to it. 0 or 1: no floor.
+    pub min_rows: usize,
 }
 
 impl Batch {
@@ -117,6 +120,7 @@ impl Batch {
         Batch {
             jobs: vec![job],
             allowed_sizes: Arc::from([]),
+            min_rows: 0,
         }
     }
 }
@@ -516,7 +520,12 @@ impl Worker {
                 vec![Err(error); jobs.len()]
             }
             Some(rows) => {
-                let padded = padded_size(&batch.allowed_sizes, rows);
+                let floor = if rows == 0 {
+                    0
+                } else {
+                    rows.max(batch.min_rows)
+                };
+                let padded = padded_size(&batch.allowed_sizes, floor);
                 self.metrics.batch_size.record(padded as f64);
                 self.marks = PhaseMarks::default();
                 let started = Instant::now();
@@ -758,6 +767,7 @@ mod tests {
             .send(Batch {
                 jobs: vec![first, second],
                 allowed_sizes,
+                min_rows: 0,
             })
             .unwrap();
         for result in [first_result, second_result] {
@@ -948,6 +958,7 @@ mod tests {
             .send(Batch {
                 jobs: vec![first, second],
                 allowed_sizes: Arc::from([4]),
+                min_rows: 0,
             })
             .unwrap();
         answer(first_result).unwrap();
