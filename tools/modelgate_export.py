@@ -11,13 +11,14 @@ version directory gets:
 - `model.pt2`: torch.export with a dynamic batch dimension, compiled by AOTInductor with
   `cpp.dynamic_threads=True` (without it the compile machine's thread count is baked into
   the kernels). The package's metadata carries the signature, the batch range the export
-  allows and the torch version (`modelgate.*` keys).
+  allows, the torch version and the compiling CPU's flags (`modelgate.*` keys).
 - or `model.pt` (`--format torchscript`): torch.jit.trace of the module, with the
   signature embedded as `extra/signature.json`.
 - `signature.json` in both cases: inputs named after forward's parameters (the exported
   graph's placeholders for pt2), dtypes and shapes from the examples (batch dimension -1),
   outputs named `--output` (or `output_0`, ...) with dtypes and shapes from running the
-  module once.
+  module once. A dict's outputs are its entries in the dict's order, named by its keys
+  (`--output`, if given, must list those keys, in any order).
 - with `--warmup`, `assets.extra/tf_serving_warmup_requests`: one Predict of the example
   inputs in TF Serving's warm-up format, which modelgate replays before the version serves
   (needs `tensorflow` and `tensorflow-serving-api`, as TF Serving's own tooling does).
@@ -67,8 +68,19 @@ def _outputs(result, names):
     elif isinstance(result, (tuple, list)):
         tensors = list(result)
     elif isinstance(result, dict):
-        if names is None:
-            names = list(result.keys())
+        # A dict's outputs are its entries in the dict's own order, named by its keys: the
+        # package flattens it in that order (torch.export's pytree) and the server pairs the
+        # package's i-th output with the signature's i-th; a TorchScript dict is looked up by
+        # key. So `--output` names must be the keys (any order, kept on their own entries).
+        keys = list(result.keys())
+        if not all(isinstance(key, str) for key in keys):
+            raise ExportError(f"forward returned a dict with keys {keys}; modelgate serves a "
+                              "dict whose keys are strings")
+        if names is not None and (len(names) != len(keys) or set(names) != set(keys)):
+            raise ExportError(f"forward returns a dict with keys {keys}, which name its "
+                              f"outputs; --output must give those keys (in any order), "
+                              f"not {list(names)}")
+        names = keys
         tensors = list(result.values())
     else:
         raise ExportError(f"forward returned {type(result).__name__}; modelgate serves a tensor, "
@@ -125,6 +137,9 @@ def _export_pt2(module, examples, path, signature, min_batch, max_batch, freeze=
         "modelgate.batch_min": str(low),
         "modelgate.batch_max": str(high),
         "modelgate.torch_version": torch.__version__,
+        # AOTInductor compiles with -march=native: the package may use any instruction this
+        # CPU has, beyond the vector ISA in AOTI_CPU_ISA. The server checks it has them all.
+        "modelgate.cpu_flags": " ".join(_cpu_flags()),
     }
     configs = {
         "cpp.dynamic_threads": True,
@@ -143,15 +158,57 @@ def _export_pt2(module, examples, path, signature, min_batch, max_batch, freeze=
     return low, high
 
 
+def _cpu_flags():
+    """This CPU's feature flags as /proc/cpuinfo names them (`flags` on x86, `Features` on
+    ARM); empty where there is no /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return value.split()
+    except OSError:
+        pass
+    return []
+
+
 def _batch_range(program, min_batch, max_batch):
-    """The batch range the export allows, as its range constraints say (the batch is its
-    only free dimension), within the one asked for."""
-    for bounds in program.range_constraints.values():
-        low, high = bounds.lower, bounds.upper
-        low = int(low) if low.is_finite else min_batch
-        high = int(high) if high.is_finite else max_batch
-        return max(low, min_batch), min(high, max_batch)
-    return min_batch, max_batch
+    """The batch range the export allows, within the one asked for: the range constraint of
+    the batch dimension's own symbol (dim 0 of the first user input that has a dimension).
+    Other symbols can come first in `range_constraints`: the unbacked ones of data-dependent
+    sizes (`torch.nonzero`, ...), whose ranges say nothing of the batch."""
+    batch = _batch_dim(program)
+    if batch is None:
+        # No input has a dimension: nothing in the graph bounds a batch.
+        return min_batch, max_batch
+    expr = batch.node.expr if isinstance(batch, torch.SymInt) else None
+    if expr is None or expr.is_number:
+        # A static batch of N: the package takes exactly N rows.
+        rows = int(batch) if expr is None else int(expr)
+        if not min_batch <= rows <= max_batch:
+            raise ExportError(f"the export fixed the batch at {rows}, outside "
+                              f"{min_batch}..{max_batch}")
+        return rows, rows
+    bounds = program.range_constraints.get(expr)
+    if bounds is None:
+        # No constraint recorded for it: the Dim the export was given bounds it.
+        return min_batch, max_batch
+    low = int(bounds.lower) if bounds.lower.is_finite else min_batch
+    high = int(bounds.upper) if bounds.upper.is_finite else max_batch
+    return max(low, min_batch), min(high, max_batch)
+
+
+def _batch_dim(program):
+    """Dim 0 of the exported graph's first user input that has one (an int or a SymInt),
+    or None. Parameters and buffers, lifted to placeholders too, are skipped."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in user_inputs:
+            continue
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
 
 
 def _export_torchscript(module, examples, path, signature):
@@ -237,7 +294,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="modelgate_export", description=__doc__.split("\n\n")[0])
     parser.add_argument("factory", help="module:callable returning the torch.nn.Module")
     parser.add_argument("--input", action="append", required=True, metavar="NAME:DTYPE:SHAPE")
-    parser.add_argument("--output", action="append", help="output names, in order")
+    parser.add_argument("--output", action="append",
+                        help="output names, in order; for a forward that returns a dict, its "
+                             "keys (in any order: the outputs follow the dict's order)")
     parser.add_argument("--out", required=True, help="the model's base path")
     parser.add_argument("--version", type=int, default=1)
     parser.add_argument("--format", choices=["pt2", "torchscript"], default="pt2")

@@ -17,6 +17,7 @@ pub const SIGNATURE_KEY: &str = "modelgate.signature";
 const BATCH_MIN_KEY: &str = "modelgate.batch_min";
 const BATCH_MAX_KEY: &str = "modelgate.batch_max";
 const TORCH_VERSION_KEY: &str = "modelgate.torch_version";
+const CPU_FLAGS_KEY: &str = "modelgate.cpu_flags";
 
 /// What the package's metadata tells the loader once it passed the checks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +79,49 @@ fn isa_flags(word: &str) -> Option<&'static [&'static str]> {
     })
 }
 
+/// Whether a `/proc/cpuinfo` flag of an `arch` CPU names instructions a compiler may emit
+/// for `-march=native` (as opposed to a property of the machine: `hypervisor`,
+/// `constant_tsc`, ... which differ between hosts that run the same code). On ARM every
+/// `Features` word is an instruction set extension.
+fn is_instruction_set(arch: &str, flag: &str) -> bool {
+    const X86_PREFIXES: &[&str] = &[
+        "sse",
+        "ssse3",
+        "avx",
+        "amx",
+        "fma",
+        "f16c",
+        "bmi",
+        "sha",
+        "aes",
+        "vaes",
+        "pclmulqdq",
+        "vpclmulqdq",
+        "gfni",
+        "adx",
+        "abm",
+        "popcnt",
+        "movbe",
+        "xop",
+        "tbm",
+        "3dnowprefetch",
+        "rdrand",
+        "rdseed",
+        "clflushopt",
+        "clwb",
+        "movdir",
+        "serialize",
+        "waitpkg",
+        "cldemote",
+        "fsgsbase",
+        "xsave",
+    ];
+    match arch {
+        "x86_64" | "x86" => X86_PREFIXES.iter().any(|prefix| flag.starts_with(prefix)),
+        _ => true,
+    }
+}
+
 /// Checks `metadata` against `host` and returns what the loader needs from it.
 pub fn check(metadata: &BTreeMap<String, String>, host: &Host) -> Result<PackageFacts, String> {
     let field = |key: &str| {
@@ -131,6 +175,22 @@ pub fn check(metadata: &BTreeMap<String, String>, host: &Host) -> Result<Package
                     missing.join(", ")
                 ));
             }
+        }
+    }
+    if let Some(flags) = field(CPU_FLAGS_KEY) {
+        let missing: Vec<&str> = flags
+            .split_whitespace()
+            .filter(|flag| is_instruction_set(&host.arch, flag))
+            .filter(|flag| !host.cpu_flags.iter().any(|have| have == flag))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "the package was compiled on a CPU with {} ({CPU_FLAGS_KEY}) and this CPU \
+                 lacks them: AOTInductor compiles for the compiling CPU (-march=native), so \
+                 running it here could be an illegal instruction; compile it on a machine \
+                 of this kind",
+                missing.join(", ")
+            ));
         }
     }
     let mut warning = None;
@@ -496,6 +556,28 @@ mod tests {
         assert!(check_elf(&elf(62, 1000, 700)[..30], 1000, "x86_64").is_err());
         let huge = check_elf(&elf(62, u64::MAX, 700), 1000, "x86_64").unwrap_err();
         assert!(huge.contains("segment 0"), "{huge}");
+    }
+
+    #[test]
+    fn a_package_needs_every_instruction_set_of_the_cpu_that_compiled_it() {
+        let built_here = metadata(&[("modelgate.cpu_flags", "fpu hypervisor fma avx2 f16c")]);
+        // A machine property the host lacks ('hypervisor') is no reason to refuse.
+        assert!(check(&built_here, &host()).is_ok());
+        let richer = metadata(&[(
+            "modelgate.cpu_flags",
+            "avx2 avx512f avx512_bf16 gfni constant_tsc",
+        )]);
+        let refused = check(&richer, &host()).unwrap_err();
+        assert!(refused.contains("avx512_bf16, gfni"), "{refused}");
+        assert!(!refused.contains("constant_tsc"), "{refused}");
+        let mut arm = host();
+        arm.arch = "aarch64".into();
+        arm.cpu_flags = vec!["asimd".into(), "fp".into()];
+        let mut sve = metadata(&[("modelgate.cpu_flags", "fp asimd sve")]);
+        sve.insert("AOTI_MACHINE".into(), "aarch64".into());
+        sve.remove("AOTI_CPU_ISA");
+        let refused = check(&sve, &arm).unwrap_err();
+        assert!(refused.contains("with sve"), "{refused}");
     }
 
     #[test]

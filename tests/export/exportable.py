@@ -1,4 +1,5 @@
-"""The module tests/export exports: two inputs, one output, a dynamic batch."""
+"""The modules tests/export exports: two inputs, one output, a dynamic batch (`build`); a
+dict of three outputs, one sized by `torch.nonzero` (`build_picked`)."""
 
 import torch
 
@@ -15,3 +16,21 @@ class Affine(torch.nn.Module):
 def build():
     torch.manual_seed(0)
     return Affine()
+
+
+class Picked(torch.nn.Module):
+    """Returns a dict whose entries differ in shape, one of them sized by `torch.nonzero`
+    (a data-dependent size: torch.export gives it an unbacked symbol, listed in
+    `range_constraints` before the batch's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", torch.tensor([True, False, True]))
+
+    def forward(self, x):
+        picked = x[:, torch.nonzero(self.mask).squeeze(1)]
+        return {"sum": x.sum(1, keepdim=True), "picked": picked, "double": x * 2}
+
+
+def build_picked():
+    return Picked()

@@ -3,7 +3,9 @@ torch.nn.Module to a version directory. The TorchScript directory is served by t
 modelgate binary and answers as the module does; the AOTInductor package loads with
 PyTorch's own loader, answers as the module does at several batch sizes, carries the
 signature, batch range and torch version in its metadata, and is served by modelgate,
-which replays the warm-up record the export wrote. Its own pytest run (`make
+which replays the warm-up record the export wrote. A module returning a dict is labelled by
+its keys in both formats, whatever the order `--output` gives them in, and the recorded
+batch range is the batch's even where `torch.nonzero` adds a symbol. Its own pytest run (`make
 export-test`): it needs torch and a C++ compiler, not the TF Serving client.
 
     MODELGATE_BIN   server binary (default: target/debug/modelgate)
@@ -30,17 +32,23 @@ if not BIN.is_absolute():
 FACTORY = "exportable:build"
 
 
-def run_export(tmp_path, *args):
+def run_export(tmp_path, *args, factory=FACTORY):
     """The documented command: PYTHONPATH=tools python -m modelgate_export FACTORY ..."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tools"), str(Path(__file__).parent)]))
-    return subprocess.run([sys.executable, "-m", "modelgate_export", FACTORY, *args],
+    return subprocess.run([sys.executable, "-m", "modelgate_export", factory, *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
-def module():
+def module(factory="build"):
     sys.path.insert(0, str(Path(__file__).parent))
     import exportable
-    return exportable.build().eval()
+    return getattr(exportable, factory)().eval()
+
+
+def export_tool():
+    sys.path.insert(0, str(REPO / "tools"))
+    import modelgate_export
+    return modelgate_export
 
 
 def free_port():
@@ -123,6 +131,11 @@ def test_pt2_export_loads_answers_and_is_served_with_its_warm_up(tmp_path):
     metadata = package.get_metadata()
     assert (metadata["modelgate.batch_min"], metadata["modelgate.batch_max"]) == ("1", "64")
     assert metadata["modelgate.torch_version"] == torch.__version__
+    # The compiling CPU's flags (the package is built with -march=native), which a server
+    # must have: on the machine that compiled it, all of them.
+    with open("/proc/cpuinfo") as cpuinfo:
+        here = next(line for line in cpuinfo if line.split(":")[0].strip() in ("flags", "Features"))
+    assert metadata["modelgate.cpu_flags"].split() == here.split(":", 1)[1].split()
     signature = json.loads((version / "signature.json").read_text())
     assert json.loads(metadata["modelgate.signature"]) == signature
 
@@ -166,3 +179,86 @@ def test_mistakes_are_refused_saying_what_to_fix(tmp_path):
     assert "forward takes ['x', 'scale']" in wrong_order.stderr
     bad_input = run_export(tmp_path, "--input", "x:float99:4", "--out", "m")
     assert bad_input.returncode == 2 and "NAME:DTYPE:SHAPE" in bad_input.stderr
+    # A dict's outputs are named by its keys: other names would label the wrong tensors.
+    renamed = run_export(tmp_path, "--input", "x:float32:4,3", "--output", "sum",
+                         "--output", "picked", "--output", "twice", "--out", "m",
+                         "--format", "torchscript", factory="exportable:build_picked")
+    assert renamed.returncode == 2, renamed.stderr
+    assert "keys ['sum', 'picked', 'double']" in renamed.stderr, renamed.stderr
+
+
+def test_the_batch_range_is_the_batch_symbols_not_an_unbacked_ones():
+    # torch.nonzero's size is an unbacked symbol, which range_constraints lists first; its
+    # range (0..3, the mask's length) is not the batch's.
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(module("build_picked"), (torch.randn(4, 3),),
+                                  dynamic_shapes={"x": {0: batch}})
+    first = next(iter(program.range_constraints))
+    assert str(first).startswith("u"), program.range_constraints
+    assert program.range_constraints[first].upper == 3
+    tool = export_tool()
+    assert tool._batch_range(program, 1, 64) == (1, 64)
+    assert tool._batch_range(program, 2, 32) == (2, 32)
+
+
+# The dict's keys in another order than forward returns them.
+PICKED_NAMES = ["--output", "double", "--output", "sum", "--output", "picked"]
+PICKED_OUTPUTS = [  # the dict's order, what a package flattens to
+    {"name": "sum", "dtype": "DT_FLOAT", "shape": [-1, 1]},
+    {"name": "picked", "dtype": "DT_FLOAT", "shape": [-1, 2]},
+    {"name": "double", "dtype": "DT_FLOAT", "shape": [-1, 3]},
+]
+
+
+def assert_served_as_the_module(version, name):
+    """modelgate serving `version` answers each named output as the module's own entry."""
+    reference = module("build_picked")
+    with serve(version.parent, name, []) as port:
+        x = torch.randn(5, 3)
+        answer = post(f"http://127.0.0.1:{port}/v1/models/{name}:predict",
+                      {"inputs": {"x": x.tolist()}})
+        with torch.no_grad():
+            expected = reference(x)
+        assert sorted(answer["outputs"]) == sorted(expected)
+        for key, tensor in expected.items():
+            torch.testing.assert_close(torch.tensor(answer["outputs"][key]), tensor, msg=key)
+
+
+def test_a_torchscript_dict_export_labels_each_output_whatever_the_order_of_the_names(tmp_path):
+    run = run_export(tmp_path, "--input", "x:float32:4,3", *PICKED_NAMES, "--out",
+                     "models/picked", "--format", "torchscript",
+                     factory="exportable:build_picked")
+    assert run.returncode == 0, run.stderr
+    version = tmp_path / "models" / "picked" / "1"
+    signature = json.loads((version / "signature.json").read_text())
+    signature = signature["signatures"]["serving_default"]
+    assert signature["outputs"] == PICKED_OUTPUTS
+    # The traced module returns its dict in the same order.
+    traced = torch.jit.load(str(version / "model.pt"))
+    assert list(traced(torch.randn(2, 3))) == [o["name"] for o in PICKED_OUTPUTS]
+    assert_served_as_the_module(version, "picked")
+
+
+def test_a_pt2_dict_export_labels_each_output_and_records_the_batchs_range(tmp_path):
+    run = run_export(tmp_path, "--input", "x:float32:4,3", *PICKED_NAMES, "--out",
+                     "models/picked", "--max-batch", "64", factory="exportable:build_picked")
+    assert run.returncode == 0, run.stderr
+    version = tmp_path / "models" / "picked" / "1"
+    signature = json.loads((version / "signature.json").read_text())
+    signature = signature["signatures"]["serving_default"]
+    assert signature["outputs"] == PICKED_OUTPUTS
+    package = torch._inductor.aoti_load_package(str(version / "model.pt2"))
+    metadata = package.get_metadata()
+    # The batch's range, not nonzero's unbacked 0..3.
+    assert (metadata["modelgate.batch_min"], metadata["modelgate.batch_max"]) == ("1", "64")
+    assert json.loads(metadata["modelgate.signature"])["signatures"]["serving_default"] == signature
+    # The package's flattened outputs (what the server pairs with the signature's outputs,
+    # one by one) are the signature's outputs in its order.
+    x = torch.randn(6, 3)
+    with torch.no_grad():
+        expected = module("build_picked")(x)
+        flat = package.loader.run([x])
+    assert len(flat) == len(PICKED_OUTPUTS)
+    for output, tensor in zip(PICKED_OUTPUTS, flat):
+        torch.testing.assert_close(tensor, expected[output["name"]], msg=output["name"])
+    assert_served_as_the_module(version, "picked")
