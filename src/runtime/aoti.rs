@@ -10,9 +10,11 @@
 //!   static). A load's directory is removed after a failure, and right after a CPU package
 //!   loaded (its library stays mapped and its constants are in memory; nothing is read
 //!   from there again). A
-//!   CUDA package keeps its directory while it is loaded: its kernels load lazily from it,
-//!   so the directory is marked with its owner (pid and start time), and a server starting
-//!   removes the marked directories of owners that are gone ([`remove_stale_unpack_dirs`]).
+//!   CUDA package keeps its directory while it is loaded: its kernels load lazily from it.
+//!   Every directory a load makes is marked with its owner (pid and start time) as it is
+//!   made, and a server starting removes the marked directories of owners that are gone
+//!   ([`remove_stale_unpack_dirs`]): a server killed while it held CUDA packages, or in
+//!   the middle of any load.
 //! - It checks nothing about the inputs it is given; the layers above check them against
 //!   the signature, and [`Package::run`] against the batch range the export allows.
 
@@ -290,11 +292,20 @@ pub unsafe extern "C" fn mkdtemp(template: *mut c_char) -> *mut c_char {
                 unsafe { CStr::from_ptr(made) }.to_bytes(),
             ),
         );
-        let _ = MADE_HERE.try_with(|noted| {
-            if let Some(noted) = noted.borrow_mut().as_mut() {
-                noted.push(path);
-            }
-        });
+        let noted = MADE_HERE
+            .try_with(|noted| {
+                noted
+                    .borrow_mut()
+                    .as_mut()
+                    .map(|noted| noted.push(path.clone()))
+                    .is_some()
+            })
+            .unwrap_or(false);
+        if noted {
+            // Marked before anything is unpacked into it: should this process die in the
+            // middle of the load, the next server to start knows the directory for its.
+            let _ = std::fs::write(path.join(OWNER_MARK), Owner::this_process().to_string());
+        }
     }
     made
 }
@@ -346,8 +357,8 @@ impl std::fmt::Display for Owner {
 }
 
 /// Removes the unpack directories that modelgate processes no longer running left in /tmp
-/// (a server killed while it held CUDA packages), and answers how many. Directories of
-/// running servers, and any without our mark, are left alone.
+/// (a server killed while it held CUDA packages, or in the middle of a load), and answers
+/// how many. Directories of running servers, and any without our mark, are left alone.
 pub fn remove_stale_unpack_dirs() -> usize {
     let _alone = LOADING
         .lock()
@@ -358,7 +369,7 @@ pub fn remove_stale_unpack_dirs() -> usize {
             .ok()
             .and_then(|text| Owner::parse(&text));
         let Some(owner) = owner else { continue };
-        if owner.is_alive() || !holds_a_package(&dir) {
+        if owner.is_alive() {
             continue;
         }
         match std::fs::remove_dir_all(&dir) {
@@ -389,19 +400,19 @@ fn unpack_dirs() -> HashSet<PathBuf> {
         .collect()
 }
 
-/// Whether `dir` is what the loader unpacks: `data/aotinductor` at its top or one level
-/// down (under the archive's own prefix folder), so that no other program's new temporary
-/// directory is touched.
-fn holds_a_package(dir: &Path) -> bool {
-    let unpacked = |root: &Path| root.join("data").join("aotinductor").is_dir();
-    unpacked(dir)
-        || std::fs::read_dir(dir)
-            .is_ok_and(|entries| entries.flatten().any(|entry| unpacked(&entry.path())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `dir` is what the loader unpacks: `data/aotinductor` at its top or one level
+    /// down (under the archive's own prefix folder), so that no other program's new temporary
+    /// directory is touched.
+    fn holds_a_package(dir: &Path) -> bool {
+        let unpacked = |root: &Path| root.join("data").join("aotinductor").is_dir();
+        unpacked(dir)
+            || std::fs::read_dir(dir)
+                .is_ok_and(|entries| entries.flatten().any(|entry| unpacked(&entry.path())))
+    }
 
     #[test]
     fn a_file_that_is_not_a_package_is_an_error_and_leaves_nothing() {
@@ -455,6 +466,9 @@ mod tests {
             let made = unsafe { mkdtemp(template.as_mut_ptr().cast()) };
             assert!(!made.is_null());
             let dir = PathBuf::from(std::str::from_utf8(&template[..11]).unwrap());
+            // Marked as this process's before the loader puts anything in it.
+            let mark = std::fs::read_to_string(dir.join(OWNER_MARK)).unwrap();
+            assert_eq!(Owner::parse(&mark), Some(Owner::this_process()));
             std::fs::create_dir_all(dir.join("model/data/aotinductor")).unwrap();
             ours = Some(dir);
             Some("the load failed".to_string())
@@ -483,10 +497,14 @@ mod tests {
         let alive = Owner::this_process();
         assert!(alive.is_alive(), "{alive}");
         let stale = fake_unpack_dir(Some(gone));
+        // Killed right after mkdtemp, before anything was unpacked.
+        let bare = fake_unpack_dir(Some(gone));
+        std::fs::remove_dir_all(bare.join("model")).unwrap();
         let ours = fake_unpack_dir(Some(alive));
         let unmarked = fake_unpack_dir(None);
-        assert!(remove_stale_unpack_dirs() >= 1);
+        assert!(remove_stale_unpack_dirs() >= 2);
         assert!(!stale.exists(), "{}", stale.display());
+        assert!(!bare.exists(), "{}", bare.display());
         assert!(ours.exists() && unmarked.exists());
         for dir in [ours, unmarked] {
             std::fs::remove_dir_all(dir).unwrap();
