@@ -293,7 +293,17 @@ async fn a_version_with_a_request_in_flight_is_not_evicted_and_deadlines_hold() 
     })
     .await;
     // m1 needs m0's room, and m0 is in use: with a short deadline, RESOURCE_EXHAUSTED.
-    let status = refused_within(&server, "m1", "1S").await;
+    // A request with time to wait, arriving while that load waits for room, is not failed
+    // with it: m1 loads for it once the slow request has answered and m0 is idle.
+    let short = refused_within(&server, "m1", "1S");
+    let patient = async {
+        server
+            .log
+            .wait_for(&["loading on demand", "model=m1"])
+            .await;
+        call(&server, "m1", 7.0).await
+    };
+    let (status, waited) = tokio::join!(short, patient);
     assert_eq!(
         status.code(),
         Code::ResourceExhausted,
@@ -301,9 +311,7 @@ async fn a_version_with_a_request_in_flight_is_not_evicted_and_deadlines_hold() 
         status.message()
     );
     assert!(status.message().contains("in use"), "{}", status.message());
-    // With time to wait, m1 loads once the slow request has answered and m0 is idle.
-    let waited = call(&server, "m1", 7.0).await.unwrap();
-    assert_eq!(waited, vec![14.0]);
+    assert_eq!(waited.unwrap(), vec![14.0]);
     let answered = slow.await.unwrap().expect("the slow request was answered");
     assert!(answered.into_inner().outputs.contains_key("y"));
     assert_eq!(resident(&server, "m0").await, 0.0);

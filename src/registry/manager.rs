@@ -656,7 +656,7 @@ impl Manager {
             })
             .await
             .map_err(|e| e.to_string())?;
-        let make_room = self.registry.make_room(None);
+        let make_room = self.registry.make_room();
         tokio::task::spawn_blocking(move || {
             let resident = plan.start(charge, make_room)?;
             Ok(Arc::new(plan.servable(Some(resident))))

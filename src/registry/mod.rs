@@ -374,6 +374,13 @@ impl Registry {
         if let Some(resident) = servable.lease() {
             return Ok(resident);
         }
+        let (model, version) = (servable.model.clone(), servable.version);
+        if deadline.is_some_and(|at| Instant::now() >= at) {
+            // Its request has given up (and been answered): no load for nobody.
+            return Err(Error::DeadlineExceeded(format!(
+                "model '{model}' version {version}: the deadline passed before its turn to load"
+            )));
+        }
         if on_demand.failures.load(Ordering::SeqCst) != failures {
             // A load failed after this request arrived: its error, not another load.
             let failed = on_demand
@@ -385,7 +392,6 @@ impl Registry {
                 return Err(error);
             }
         }
-        let (model, version) = (servable.model.clone(), servable.version);
         tracing::info!(model = %model, version, "loading on demand");
         let started = Instant::now();
         let what = format!("model '{model}' version {version} (on demand)");
@@ -402,10 +408,15 @@ impl Registry {
         if reserved.is_ok() {
             on_demand.waiting_for_room.store(false, Ordering::SeqCst);
         }
+        // No room before this request's deadline says nothing to a request that can wait
+        // longer: such a failure is not passed on to the waiters (they try in turn, each
+        // within its own deadline); one that can never fit is.
+        let timed_out =
+            reserved.is_err() && on_demand.ledger.could_ever_fit(&on_demand.plan.estimate());
         let result = match reserved {
             Ok(charge) => {
                 let starting = Arc::clone(&servable);
-                let make_room = self.make_room(deadline);
+                let make_room = self.make_room();
                 tokio::task::spawn_blocking(move || match &starting.on_demand {
                     Some(on_demand) => on_demand.plan.start(charge, make_room),
                     None => Err(VersionLoadError::NotAModel("not on demand".into())),
@@ -443,6 +454,10 @@ impl Registry {
                 *servable.slot() = Some(Arc::clone(&resident));
                 Ok(resident)
             }
+            Err(error) if timed_out => {
+                tracing::info!(model = %model, version, "on-demand load gave up: {error}");
+                Err(error)
+            }
             Err(error) => {
                 tracing::warn!(model = %model, version, "on-demand load failed: {error}");
                 *last_error = Some(error.clone());
@@ -453,17 +468,16 @@ impl Registry {
     }
 
     /// How a load that measured more than its estimate gets the difference: evicting as
-    /// its reservation did, waiting for room until `deadline`, from the blocking thread it
-    /// loads on (see `Charge::grow_to`).
-    pub(super) fn make_room(self: &Arc<Self>, deadline: Option<Instant>) -> MakeRoom {
+    /// its reservation did, waiting for room up to `residency::ROOM_WAIT` (the model is
+    /// already in memory: whatever request started the load, it serves those after it),
+    /// from the blocking thread it loads on (see `Charge::grow_to`).
+    pub(super) fn make_room(self: &Arc<Self>) -> MakeRoom {
         let registry = Arc::clone(self);
         let runtime = tokio::runtime::Handle::current();
         Box::new(move |charge, measured| {
             let what = "measured once loaded, it needs more room";
             runtime
-                .block_on(
-                    charge.grow_to(what, measured, deadline, |missing| registry.evict(missing)),
-                )
+                .block_on(charge.grow_to(what, measured, None, |missing| registry.evict(missing)))
                 .map_err(|e| match e {
                     Error::ResourceExhausted(message) => message,
                     other => other.to_string(),

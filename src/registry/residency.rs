@@ -101,6 +101,14 @@ impl Ledger {
     /// Reserves `needs` if they fit now. `Err` says, per device, how many bytes are
     /// missing beyond what is already being freed (empty: wait, room is on its way), or
     /// that the needs exceed a whole budget.
+    /// Whether `needs` fits the budget at all (on every budgeted device, no more than its
+    /// whole budget): if so, a failure to find room for it is a matter of timing.
+    pub fn could_ever_fit(&self, needs: &DeviceBytes) -> bool {
+        needs
+            .iter()
+            .all(|(device, &bytes)| self.budget.of(device).is_none_or(|budget| bytes <= budget))
+    }
+
     fn try_reserve(
         self: &Arc<Ledger>,
         needs: &DeviceBytes,
@@ -199,20 +207,36 @@ impl Ledger {
         }
         crate::telemetry::record_eviction(&eviction.model);
         tracing::info!(model = %eviction.model, version = eviction.version, "evicted (least recently used)");
-        let ledger = Arc::clone(self);
+        let freed = Freed {
+            ledger: Arc::clone(self),
+            bytes: resident.charge.bytes.clone(),
+        };
         tokio::task::spawn_blocking(move || {
-            let bytes = resident.charge.bytes.clone();
             resident.shut_down();
-            {
-                let mut books = ledger.books();
-                for (device, freed) in bytes {
-                    if let Some(freeing) = books.freeing.get_mut(&device) {
-                        *freeing = freeing.saturating_sub(freed);
-                    }
+            drop(freed);
+        });
+    }
+}
+
+/// Bytes of an evicted version counted as being freed; no longer once dropped, even by a
+/// shut-down that panicked (its charge is dropped then too), so the books never keep
+/// counting bytes nobody frees.
+struct Freed {
+    ledger: Arc<Ledger>,
+    bytes: DeviceBytes,
+}
+
+impl Drop for Freed {
+    fn drop(&mut self) {
+        {
+            let mut books = self.ledger.books();
+            for (device, freed) in &self.bytes {
+                if let Some(freeing) = books.freeing.get_mut(device) {
+                    *freeing = freeing.saturating_sub(*freed);
                 }
             }
-            ledger.freed.notify_waiters();
-        });
+        }
+        self.ledger.freed.notify_waiters();
     }
 }
 

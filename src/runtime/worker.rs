@@ -305,60 +305,78 @@ pub fn start_workers(
     // loads on that GPU kept out.
     let cuda_loads = CudaLoads::begin(&config.devices);
     let (warmed, warm_ups) = std::sync::mpsc::channel();
+    // Workers that warmed up serve only once every one of them has: should any fail, the
+    // others stop too, and the load returns only once they have freed the model (the
+    // caller then gives its bytes back to the budget).
+    let verdict = Arc::new(Verdict::default());
     let mut threads = Vec::with_capacity(config.devices.len() * instances);
     let mut resident = Vec::with_capacity(config.devices.len());
-    for (index, &device) in config.devices.iter().enumerate() {
-        let loaded = Arc::new(Model::load(
-            path,
-            device,
-            instances,
-            config.freeze.as_deref(),
-        )?);
-        resident.push((device, loaded.resident_bytes()));
-        for instance in 0..instances {
-            let name = format!("{model}/{version}@{device}#{instance}");
-            let mut worker = Worker {
-                model: Arc::clone(&loaded),
+    let started = (|| {
+        for (index, &device) in config.devices.iter().enumerate() {
+            let loaded = Arc::new(Model::load(
+                path,
                 device,
-                staging: Staging::new(device.to_tch()),
-                marks: PhaseMarks::default(),
-                metrics: metrics.clone(),
-                health: Arc::clone(&health),
-                device_index: index,
-                name: name.clone(),
-            };
-            let watch = DeathWatch {
-                health: Arc::clone(&health),
-                device: index,
-                name: name.clone(),
-            };
-            let (source, warm_up, warmed) = (source.clone(), Arc::clone(&warm_up), warmed.clone());
-            let thread = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || {
-                    let _watch = watch;
-                    super::adopt_intra_op_threads();
-                    let ready = worker.prepare(&warm_up);
-                    let serve = ready.is_ok();
-                    let _ = warmed.send(ready);
-                    if serve {
-                        while let Some(batch) = source.next() {
-                            worker.metrics.record_queue_wait(&batch);
-                            worker.execute(batch);
+                instances,
+                config.freeze.as_deref(),
+            )?);
+            resident.push((device, loaded.resident_bytes()));
+            for instance in 0..instances {
+                let name = format!("{model}/{version}@{device}#{instance}");
+                let mut worker = Worker {
+                    model: Arc::clone(&loaded),
+                    device,
+                    staging: Staging::new(device.to_tch()),
+                    marks: PhaseMarks::default(),
+                    metrics: metrics.clone(),
+                    health: Arc::clone(&health),
+                    device_index: index,
+                    name: name.clone(),
+                };
+                let watch = DeathWatch {
+                    health: Arc::clone(&health),
+                    device: index,
+                    name: name.clone(),
+                };
+                let (source, warm_up, warmed) =
+                    (source.clone(), Arc::clone(&warm_up), warmed.clone());
+                let verdict = Arc::clone(&verdict);
+                let thread = std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || {
+                        let _watch = watch;
+                        super::adopt_intra_op_threads();
+                        let ready = worker.prepare(&warm_up);
+                        let warmed_up = ready.is_ok();
+                        let _ = warmed.send(ready);
+                        if warmed_up && verdict.serve() {
+                            while let Some(batch) = source.next() {
+                                worker.metrics.record_queue_wait(&batch);
+                                worker.execute(batch);
+                            }
                         }
-                    }
-                })
-                .map_err(|e| LoadError::Thread(e.to_string()))?;
-            threads.push(thread);
+                    })
+                    .map_err(|e| LoadError::Thread(e.to_string()))?;
+                threads.push(thread);
+            }
         }
-    }
+        Ok(())
+    })();
     drop(warmed);
-    for _ in 0..threads.len() {
-        // A worker that panicked while warming up dropped its sender unanswered.
-        let ready = warm_ups
-            .recv()
-            .unwrap_or_else(|_| Err(LoadError::Thread("a worker died while warming up".into())));
-        ready?;
+    let ready = started.and_then(|()| {
+        for _ in 0..threads.len() {
+            // A worker that panicked while warming up dropped its sender unanswered.
+            warm_ups.recv().unwrap_or_else(|_| {
+                Err(LoadError::Thread("a worker died while warming up".into()))
+            })?;
+        }
+        Ok(())
+    });
+    verdict.decide(ready.is_ok());
+    if let Err(e) = ready {
+        for thread in threads {
+            let _ = thread.join();
+        }
+        return Err(e);
     }
     let resident = cuda_loads.finish(resident);
     Ok(Workers {
@@ -366,6 +384,31 @@ pub fn start_workers(
         health,
         resident,
     })
+}
+
+/// Whether a version's warmed-up workers go on to serve, decided once all have warmed up.
+#[derive(Default)]
+struct Verdict {
+    serve: Mutex<Option<bool>>,
+    decided: std::sync::Condvar,
+}
+
+impl Verdict {
+    fn decide(&self, serve: bool) {
+        *self.serve.lock().unwrap_or_else(|e| e.into_inner()) = Some(serve);
+        self.decided.notify_all();
+    }
+
+    /// Blocks until decided.
+    fn serve(&self) -> bool {
+        let mut serve = self.serve.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match *serve {
+                Some(decided) => return decided,
+                None => serve = self.decided.wait(serve).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
 }
 
 /// Serializes loads per GPU, so that the caching allocator's growth over one load is that
