@@ -101,6 +101,21 @@ impl Ledger {
     /// Reserves `needs` if they fit now. `Err` says, per device, how many bytes are
     /// missing beyond what is already being freed (empty: wait, room is on its way), or
     /// that the needs exceed a whole budget.
+    /// Takes `bytes` off one column of the books (`held`, or `freeing`) and wakes the loads
+    /// waiting for room.
+    fn give_back(&self, column: impl FnOnce(&mut Books) -> &mut DeviceBytes, bytes: &DeviceBytes) {
+        {
+            let mut books = self.books();
+            let column = column(&mut books);
+            for (device, given) in bytes {
+                if let Some(count) = column.get_mut(device) {
+                    *count = count.saturating_sub(*given);
+                }
+            }
+        }
+        self.freed.notify_waiters();
+    }
+
     /// Whether `needs` fits the budget at all (on every budgeted device, no more than its
     /// whole budget): if so, a failure to find room for it is a matter of timing.
     pub fn could_ever_fit(&self, needs: &DeviceBytes) -> bool {
@@ -228,15 +243,8 @@ struct Freed {
 
 impl Drop for Freed {
     fn drop(&mut self) {
-        {
-            let mut books = self.ledger.books();
-            for (device, freed) in &self.bytes {
-                if let Some(freeing) = books.freeing.get_mut(device) {
-                    *freeing = freeing.saturating_sub(*freed);
-                }
-            }
-        }
-        self.ledger.freed.notify_waiters();
+        self.ledger
+            .give_back(|books| &mut books.freeing, &self.bytes);
     }
 }
 
@@ -316,15 +324,7 @@ impl Charge {
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        {
-            let mut books = self.ledger.books();
-            for (device, bytes) in &self.bytes {
-                if let Some(held) = books.held.get_mut(device) {
-                    *held = held.saturating_sub(*bytes);
-                }
-            }
-        }
-        self.ledger.freed.notify_waiters();
+        self.ledger.give_back(|books| &mut books.held, &self.bytes);
     }
 }
 
