@@ -224,15 +224,21 @@ def assert_served_as_the_module(version, name):
             torch.testing.assert_close(torch.tensor(answer["outputs"][key]), tensor, msg=key)
 
 
-def test_a_torchscript_dict_export_labels_each_output_whatever_the_order_of_the_names(tmp_path):
+def export_picked(tmp_path, *args):
+    """Exports the dict-returning module with its output names out of key order; answers
+    the version directory and its signature, whose outputs follow the dict's order."""
     run = run_export(tmp_path, "--input", "x:float32:4,3", *PICKED_NAMES, "--out",
-                     "models/picked", "--format", "torchscript",
-                     factory="exportable:build_picked")
+                     "models/picked", *args, factory="exportable:build_picked")
     assert run.returncode == 0, run.stderr
     version = tmp_path / "models" / "picked" / "1"
     signature = json.loads((version / "signature.json").read_text())
     signature = signature["signatures"]["serving_default"]
     assert signature["outputs"] == PICKED_OUTPUTS
+    return version, signature
+
+
+def test_a_torchscript_dict_export_labels_each_output_whatever_the_order_of_the_names(tmp_path):
+    version, _ = export_picked(tmp_path, "--format", "torchscript")
     # The traced module returns its dict in the same order.
     traced = torch.jit.load(str(version / "model.pt"))
     assert list(traced(torch.randn(2, 3))) == [o["name"] for o in PICKED_OUTPUTS]
@@ -240,13 +246,7 @@ def test_a_torchscript_dict_export_labels_each_output_whatever_the_order_of_the_
 
 
 def test_a_pt2_dict_export_labels_each_output_and_records_the_batchs_range(tmp_path):
-    run = run_export(tmp_path, "--input", "x:float32:4,3", *PICKED_NAMES, "--out",
-                     "models/picked", "--max-batch", "64", factory="exportable:build_picked")
-    assert run.returncode == 0, run.stderr
-    version = tmp_path / "models" / "picked" / "1"
-    signature = json.loads((version / "signature.json").read_text())
-    signature = signature["signatures"]["serving_default"]
-    assert signature["outputs"] == PICKED_OUTPUTS
+    version, signature = export_picked(tmp_path, "--max-batch", "64")
     package = torch._inductor.aoti_load_package(str(version / "model.pt2"))
     metadata = package.get_metadata()
     # The batch's range, not nonzero's unbacked 0..3.
