@@ -414,8 +414,18 @@ mod tests {
                 .is_ok_and(|entries| entries.flatten().any(|entry| unpacked(&entry.path())))
     }
 
+    /// The tests below watch or fill /tmp; run one at a time so that none sees another's
+    /// directories as its own (the test harness runs tests on parallel threads).
+    static TMP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn tmp_to_myself() -> std::sync::MutexGuard<'static, ()> {
+        TMP.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     #[test]
     fn a_file_that_is_not_a_package_is_an_error_and_leaves_nothing() {
+        let _tmp = tmp_to_myself();
         let dir = std::env::temp_dir().join(format!("modelgate-aoti-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("model.pt2");
@@ -455,6 +465,7 @@ mod tests {
 
     #[test]
     fn a_load_tidies_only_the_directories_it_made_itself() {
+        let _tmp = tmp_to_myself();
         let mut foreign = None;
         let mut ours = None;
         let failed = unpacking(false, || {
@@ -487,6 +498,7 @@ mod tests {
 
     #[test]
     fn stale_unpack_dirs_of_gone_owners_are_removed_and_no_others() {
+        let _tmp = tmp_to_myself();
         let gone = {
             let mut child = std::process::Command::new("true").spawn().unwrap();
             let pid = child.id();
