@@ -2,7 +2,7 @@
 //! and warm it up. Blocking; the manager runs it on a blocking thread.
 
 use super::package::{self, Host};
-use super::residency::{Charge, DeviceBytes, MakeRoom, Resident};
+use super::residency::{Charge, DeviceBytes, MakeRoom, NoRoom, Resident};
 use super::warmup_records::{read_warm_up, WarmUpReplay};
 use super::Servable;
 use crate::batching::{BatchingOptions, Scheduler, BATCHING_PARAMS_FILE};
@@ -39,9 +39,9 @@ pub enum VersionLoadError {
     /// The warm-up file is malformed, or a recorded request failed, as TF Serving refuses.
     #[error("warm-up: {0}")]
     WarmUp(String),
-    /// The version does not fit the memory budget.
-    #[error("{0}")]
-    Memory(String),
+    /// The version found no room in the memory budget.
+    #[error(transparent)]
+    NoRoom(#[from] NoRoom),
 }
 
 /// How every version is loaded: where it runs and how its requests are scheduled.
@@ -222,9 +222,7 @@ impl VersionPlan {
             self.direct_capacity,
             &self.warm_up,
         )?;
-        let resident = Resident::new(scheduler, charge, make_room)
-            .map(Arc::new)
-            .map_err(VersionLoadError::Memory)?;
+        let resident = Arc::new(Resident::new(scheduler, charge, make_room)?);
         if let Err(e) = self.replay_warm_up(&resident) {
             // The workers stop and free the model before its bytes go back to the budget.
             if let Some(resident) = Arc::into_inner(resident) {

@@ -34,9 +34,9 @@ use crate::error::Error;
 use crate::signature::SignatureMap;
 use arc_swap::ArcSwap;
 use loader::VersionPlan;
-use residency::{Candidate, Eviction, MakeRoom, Resident};
+use residency::{Candidate, Eviction, MakeRoom, NoRoom, Resident};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,25 @@ struct OnDemand {
     /// Whether the load under way still waits for room in the budget (what a request
     /// whose deadline passes is told).
     waiting_for_room: AtomicBool,
+    /// Requests waiting for a load of it to finish: it is not evicted while any wait, or
+    /// a version loaded for them could be gone before they take their leases.
+    waiters: AtomicUsize,
+}
+
+/// A request counted in [`OnDemand::waiters`] until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn on(waiters: &'a AtomicUsize) -> Waiting<'a> {
+        waiters.fetch_add(1, Ordering::SeqCst);
+        Waiting(waiters)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Servable {
@@ -106,6 +125,7 @@ impl Servable {
             failures: AtomicU64::new(0),
             last_error: Mutex::new(None),
             waiting_for_room: AtomicBool::new(false),
+            waiters: AtomicUsize::new(0),
         });
         servable
     }
@@ -158,13 +178,24 @@ impl Servable {
         format!("{kind}: {}", held.join(", "))
     }
 
-    /// Takes its workers out for eviction, if nobody holds a lease and it was loaded at
-    /// least `min_residency` ago.
+    /// Whether `resident` (its own) may be evicted: nobody holds a lease on it or waits for
+    /// one, and it was loaded at least `min_residency` ago.
+    fn is_idle(&self, resident: &Arc<Resident>, min_residency: Duration) -> bool {
+        let waiters = self
+            .on_demand
+            .as_ref()
+            .map_or(0, |on_demand| on_demand.waiters.load(Ordering::SeqCst));
+        Arc::strong_count(resident) == 1
+            && waiters == 0
+            && resident.loaded_at.elapsed() >= min_residency
+    }
+
+    /// Takes its workers out for eviction, if it is idle (see [`Servable::is_idle`]).
     fn take_if_idle(&self, min_residency: Duration) -> Option<Arc<Resident>> {
         let mut slot = self.slot();
-        let idle = slot.as_ref().is_some_and(|resident| {
-            Arc::strong_count(resident) == 1 && resident.loaded_at.elapsed() >= min_residency
-        });
+        let idle = slot
+            .as_ref()
+            .is_some_and(|resident| self.is_idle(resident, min_residency));
         if idle {
             slot.take()
         } else {
@@ -328,6 +359,7 @@ impl Registry {
             )));
         };
         let arrived = Instant::now();
+        let _waiting = Waiting::on(&on_demand.waiters);
         let failures = on_demand.failures.load(Ordering::SeqCst);
         let load =
             tokio::spawn(Arc::clone(self).load_on_demand(Arc::clone(servable), failures, deadline));
@@ -411,7 +443,7 @@ impl Registry {
         // No room before this request's deadline says nothing to a request that can wait
         // longer: such a failure is not passed on to the waiters (they try in turn, each
         // within its own deadline); one that can never fit is.
-        let timed_out =
+        let mut timed_out =
             reserved.is_err() && on_demand.ledger.could_ever_fit(&on_demand.plan.estimate());
         let result = match reserved {
             Ok(charge) => {
@@ -429,13 +461,16 @@ impl Registry {
                     })
                 })
                 .map_err(|e| match e {
-                    VersionLoadError::Memory(message) => {
-                        Error::ResourceExhausted(format!("{what}: {message}"))
+                    VersionLoadError::NoRoom(no_room) => {
+                        // Giving way to another load says nothing about this version
+                        // either: the waiters try again.
+                        timed_out |= matches!(no_room, NoRoom::GaveWay(_));
+                        Error::ResourceExhausted(format!("{what}: {no_room}"))
                     }
                     other => Error::Unavailable(format!("{what} failed to load: {other}")),
                 })
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
         crate::telemetry::record_model_load(
             &model,
@@ -478,10 +513,6 @@ impl Registry {
             let what = "measured once loaded, it needs more room";
             runtime
                 .block_on(charge.grow_to(what, measured, None, |missing| registry.evict(missing)))
-                .map_err(|e| match e {
-                    Error::ResourceExhausted(message) => message,
-                    other => other.to_string(),
-                })
         })
     }
 
@@ -500,14 +531,14 @@ impl Registry {
             .filter_map(|servable| {
                 let slot = servable.slot();
                 let resident = slot.as_ref()?;
-                let idle = Arc::strong_count(resident) == 1
-                    && resident.loaded_at.elapsed() >= self.min_residency;
-                idle.then(|| Candidate {
-                    model: servable.model.clone(),
-                    version: servable.version,
-                    last_used: resident.last_used.load(Ordering::Relaxed),
-                    bytes: resident.bytes().clone(),
-                })
+                servable
+                    .is_idle(resident, self.min_residency)
+                    .then(|| Candidate {
+                        model: servable.model.clone(),
+                        version: servable.version,
+                        last_used: resident.last_used.load(Ordering::Relaxed),
+                        bytes: resident.bytes().clone(),
+                    })
             })
             .collect();
         residency::choose_victims(candidates, missing)
@@ -721,6 +752,55 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registry with a budget, publishing model `m` whose version 1 (the repository's
+    /// `tiny` model) loads on demand, and that version.
+    fn on_demand_version() -> (Arc<Registry>, Arc<Servable>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny/1");
+        let settings = LoadSettings {
+            runner: crate::runtime::RunnerConfig {
+                devices: vec![crate::runtime::Device::Cpu],
+                instances_per_device: 1,
+                freeze: None,
+            },
+            batching: None,
+            per_model_batching: false,
+            direct_queue_capacity: 4,
+            warm_up: None,
+            freeze_models: Vec::new(),
+        };
+        let plan = loader::plan_version("m", 1, &dir, &settings).unwrap();
+        let ledger = Ledger::new("cpu=1GiB".parse().unwrap());
+        let registry = Registry::with_residency(Arc::clone(&ledger), Duration::ZERO);
+        let servable = Arc::new(Servable::dormant(plan, ledger));
+        let model = ServingModel {
+            versions: BTreeMap::from([(1, Arc::clone(&servable))]),
+            labels: BTreeMap::new(),
+        };
+        registry.publish(ServingMap {
+            models: HashMap::from([("m".to_string(), model)]),
+        });
+        (registry, servable)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_loaded_for_waiting_requests_is_not_evicted_before_they_take_it() {
+        let (registry, servable) = on_demand_version();
+        let lease = registry.acquire(&servable, None).await.unwrap();
+        assert!(lease.cold_since.is_some());
+        // The request that started the load has its answer; another that waited for the
+        // same load has not taken its lease yet (it is queued for the flight).
+        let waiters = &servable.on_demand.as_ref().unwrap().waiters;
+        let waiting = Waiting::on(waiters);
+        drop(lease);
+        assert!(servable.take_if_idle(Duration::ZERO).is_none());
+        drop(waiting);
+        let evicted = servable.take_if_idle(Duration::ZERO).unwrap();
+        let resident = Arc::into_inner(evicted).unwrap();
+        tokio::task::spawn_blocking(move || resident.shut_down())
+            .await
+            .unwrap();
+    }
 
     #[test]
     fn a_late_unload_does_not_overwrite_a_newer_state() {

@@ -13,7 +13,7 @@
 use crate::batching::Scheduler;
 use crate::config::MemoryBudget;
 use crate::error::Error;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -64,6 +64,44 @@ struct Books {
     held: DeviceBytes,
     /// The part of `held` whose versions are being evicted (freed once their workers stop).
     freeing: DeviceBytes,
+    /// The devices on which a load that outgrew its estimate waits for room. A second load
+    /// that outgrew its own there gives way instead of waiting too: each would hold what
+    /// the other waits for until both time out.
+    growing: BTreeSet<String>,
+}
+
+/// Why a load found no room in the budget.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoRoom {
+    /// It measured more than its estimate while another load that did the same waits for
+    /// room on the same device: it frees what it loaded so that the other can finish, and
+    /// may be tried again.
+    #[error("{0}")]
+    GaveWay(String),
+    /// None came before the deadline, or it needs more than a whole budget.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<NoRoom> for Error {
+    fn from(no_room: NoRoom) -> Error {
+        Error::ResourceExhausted(no_room.to_string())
+    }
+}
+
+/// A growing load's claim on [`Books::growing`]; given back on drop.
+struct Growing<'a> {
+    ledger: &'a Ledger,
+    devices: Vec<String>,
+}
+
+impl Drop for Growing<'_> {
+    fn drop(&mut self) {
+        let mut books = self.ledger.books();
+        for device in &self.devices {
+            books.growing.remove(device);
+        }
+    }
 }
 
 /// The ledger of the budget: see the module docs.
@@ -98,9 +136,6 @@ impl Ledger {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Reserves `needs` if they fit now. `Err` says, per device, how many bytes are
-    /// missing beyond what is already being freed (empty: wait, room is on its way), or
-    /// that the needs exceed a whole budget.
     /// Takes `bytes` off one column of the books (`held`, or `freeing`) and wakes the loads
     /// waiting for room.
     fn give_back(&self, column: impl FnOnce(&mut Books) -> &mut DeviceBytes, bytes: &DeviceBytes) {
@@ -124,6 +159,9 @@ impl Ledger {
             .all(|(device, &bytes)| self.budget.of(device).is_none_or(|budget| bytes <= budget))
     }
 
+    /// Reserves `needs` if they fit now. `Err` says, per device, how many bytes are
+    /// missing beyond what is already being freed (empty: wait, room is on its way), or
+    /// that the needs exceed a whole budget.
     fn try_reserve(
         self: &Arc<Ledger>,
         needs: &DeviceBytes,
@@ -171,9 +209,24 @@ impl Ledger {
         what: &str,
         needs: &DeviceBytes,
         deadline: Option<Instant>,
+        evict: impl FnMut(&DeviceBytes) -> Vec<Eviction>,
+    ) -> Result<Charge, NoRoom> {
+        self.find_room(what, needs, deadline, evict, false).await
+    }
+
+    /// [`Ledger::reserve`], for a load that already holds its estimate (`growth`) or not.
+    /// A growing load that can evict nothing more, where another growing load waits,
+    /// gives way.
+    async fn find_room(
+        self: &Arc<Ledger>,
+        what: &str,
+        needs: &DeviceBytes,
+        deadline: Option<Instant>,
         mut evict: impl FnMut(&DeviceBytes) -> Vec<Eviction>,
-    ) -> Result<Charge, Error> {
+        growth: bool,
+    ) -> Result<Charge, NoRoom> {
         let deadline = deadline.unwrap_or_else(|| Instant::now() + ROOM_WAIT);
+        let mut growing = None;
         loop {
             // Registered before looking, so that bytes freed meanwhile are not missed.
             let freed = self.freed.notified();
@@ -181,20 +234,29 @@ impl Ledger {
             freed.as_mut().enable();
             match self.try_reserve(needs) {
                 Ok(charge) => return Ok(charge),
-                Err(Err(too_large)) => {
-                    return Err(Error::ResourceExhausted(format!("{what}: {too_large}")))
-                }
+                Err(Err(too_large)) => return Err(NoRoom::Refused(format!("{what}: {too_large}"))),
                 // A load whose request has given up takes nobody out of service.
                 Err(Ok(missing)) if Instant::now() < deadline => {
-                    for eviction in evict(&missing) {
+                    let evictions = evict(&missing);
+                    let stuck = evictions.is_empty() && !missing.is_empty();
+                    for eviction in evictions {
                         self.start_freeing(eviction);
+                    }
+                    if growth && growing.is_none() {
+                        growing = self.claim_growth(needs, stuck).map_err(|device| {
+                            NoRoom::GaveWay(format!(
+                                "{what}: another load that measured more than its estimate \
+                                 waits for room on {device}; this one gives way (frees what it \
+                                 loaded) so that one of them can finish"
+                            ))
+                        })?;
                     }
                 }
                 Err(Ok(_)) => {}
             }
             if Instant::now() >= deadline {
                 let books = self.books();
-                return Err(Error::ResourceExhausted(format!(
+                return Err(NoRoom::Refused(format!(
                     "{what}: no room in the memory budget (needs {}; held {}, of which {} \
                      is being freed; the other resident versions are in use or loaded less \
                      than --min_residency_seconds ago)",
@@ -206,6 +268,33 @@ impl Ledger {
             let wait = ROOM_POLL.min(deadline.saturating_duration_since(Instant::now()));
             let _ = tokio::time::timeout(wait, freed).await;
         }
+    }
+
+    /// Claims the devices of a growing load's `needs` for it (see [`Books::growing`]).
+    /// `Err` names a device another growing load has claimed, when this one is `stuck`
+    /// (nothing more to evict, room missing): it gives way. Not stuck, it waits unclaimed.
+    fn claim_growth(
+        &self,
+        needs: &DeviceBytes,
+        stuck: bool,
+    ) -> Result<Option<Growing<'_>>, String> {
+        let mut books = self.books();
+        let devices: Vec<String> = needs
+            .keys()
+            .filter(|device| self.budget.of(device).is_some())
+            .cloned()
+            .collect();
+        if let Some(taken) = devices
+            .iter()
+            .find(|device| books.growing.contains(*device))
+        {
+            return if stuck { Err(taken.clone()) } else { Ok(None) };
+        }
+        books.growing.extend(devices.iter().cloned());
+        Ok(Some(Growing {
+            ledger: self,
+            devices,
+        }))
     }
 
     /// Stops an evicted version's workers on a blocking thread; its bytes count as being
@@ -302,7 +391,7 @@ impl Charge {
         measured: &DeviceBytes,
         deadline: Option<Instant>,
         evict: impl FnMut(&DeviceBytes) -> Vec<Eviction>,
-    ) -> Result<(), Error> {
+    ) -> Result<(), NoRoom> {
         let extra: DeviceBytes = measured
             .iter()
             .filter(|(device, _)| self.ledger.budget.of(device).is_some())
@@ -314,7 +403,10 @@ impl Charge {
         if extra.is_empty() {
             return Ok(());
         }
-        let mut more = self.ledger.reserve(what, &extra, deadline, evict).await?;
+        let ledger = Arc::clone(&self.ledger);
+        let mut more = ledger
+            .find_room(what, &extra, deadline, evict, true)
+            .await?;
         for (device, bytes) in std::mem::take(&mut more.bytes) {
             *self.bytes.entry(device).or_default() += bytes;
         }
@@ -330,7 +422,7 @@ impl Drop for Charge {
 
 /// Grows a load's charge to what its model measured (see [`Charge::grow_to`]), from the
 /// blocking thread the load runs on; `Err` says why there was no room.
-pub type MakeRoom = Box<dyn FnOnce(&mut Charge, &DeviceBytes) -> Result<(), String> + Send>;
+pub type MakeRoom = Box<dyn FnOnce(&mut Charge, &DeviceBytes) -> Result<(), NoRoom> + Send>;
 
 /// A version's running workers and the bytes they hold. A request holds an
 /// `Arc<Resident>` (its lease) from before it is queued until it is answered.
@@ -351,13 +443,14 @@ impl Resident {
         scheduler: Scheduler,
         mut charge: Charge,
         make_room: MakeRoom,
-    ) -> Result<Resident, String> {
+    ) -> Result<Resident, NoRoom> {
         let measured: DeviceBytes = scheduler
             .resident_bytes()
             .iter()
             .map(|(device, bytes)| (device.to_string(), *bytes))
             .collect();
-        let settled = make_room(&mut charge, &measured).and_then(|()| charge.settle(measured));
+        let settled = make_room(&mut charge, &measured)
+            .and_then(|()| charge.settle(measured).map_err(NoRoom::Refused));
         if let Err(message) = settled {
             // Its bytes go back only once its workers have stopped and freed the model.
             scheduler.shut_down();
@@ -537,7 +630,7 @@ mod tests {
         let refused = ledger
             .reserve("late", &bytes(&[("cpu", 50)]), Some(past), evict)
             .await;
-        assert!(matches!(refused, Err(Error::ResourceExhausted(_))));
+        assert!(matches!(refused, Err(NoRoom::Refused(_))));
         assert_eq!(asked.load(Ordering::SeqCst), 0);
         // Within its deadline the same load asks for victims before giving up.
         let soon = Instant::now() + Duration::from_millis(50);
@@ -546,6 +639,41 @@ mod tests {
             .await;
         assert!(refused.is_err());
         assert!(asked.load(Ordering::SeqCst) > 0);
+    }
+
+    #[tokio::test]
+    async fn of_two_loads_that_outgrew_their_estimates_one_gives_way() {
+        let ledger = Ledger::new("cpu=100".parse().unwrap());
+        let mut first = ledger.try_reserve(&bytes(&[("cpu", 40)])).ok().unwrap();
+        let mut second = ledger.try_reserve(&bytes(&[("cpu", 40)])).ok().unwrap();
+        // Each measured 70 once loaded: together they need 140 of 100, and neither is
+        // resident, so nothing can evict the other. Without giving way both would wait out
+        // the deadline.
+        let deadline = Some(Instant::now() + Duration::from_secs(60));
+        let measured = bytes(&[("cpu", 70)]);
+        let growing = {
+            let measured = measured.clone();
+            tokio::spawn(async move {
+                first
+                    .grow_to("first", &measured, deadline, |_| Vec::new())
+                    .await
+                    .map(|()| first)
+            })
+        };
+        while !ledger.books().growing.contains("cpu") {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let gave_way = second
+            .grow_to("second", &measured, deadline, |_| Vec::new())
+            .await;
+        assert!(matches!(gave_way, Err(NoRoom::GaveWay(_))), "{gave_way:?}");
+        // It frees what it loaded, and the first one fits.
+        drop(second);
+        let first = growing.await.unwrap().unwrap();
+        assert_eq!(first.bytes(), &measured);
+        assert!(ledger.books().growing.is_empty());
+        drop(first);
+        assert!(ledger.try_reserve(&bytes(&[("cpu", 100)])).is_ok());
     }
 
     #[test]
