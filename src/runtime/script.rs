@@ -44,7 +44,7 @@ extern "C" {
 /// threads at once.
 pub struct ScriptModule {
     raw: NonNull<RawScript>,
-    /// The bytes of its parameters, buffers and tensor attributes.
+    /// The bytes of its parameters, buffers, tensor attributes and tensor constants.
     tensor_bytes: u64,
 }
 
@@ -99,7 +99,9 @@ impl ScriptModule {
         })
     }
 
-    /// The bytes of the module's parameters, buffers and tensor attributes.
+    /// The bytes of the module's parameters, buffers, tensor attributes and the tensor
+    /// constants of its methods (a traced module's non-parameter tensors, a frozen
+    /// module's weights), each storage once.
     pub fn tensor_bytes(&self) -> u64 {
         self.tensor_bytes
     }
@@ -167,5 +169,27 @@ impl Drop for ScriptModule {
     fn drop(&mut self) {
         // SAFETY: `raw` came from the shim's load and is freed once.
         unsafe { modelgate_script_free(self.raw.as_ptr()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constants_in_the_graph_count_as_resident_bytes() {
+        // Traced, a tensor that is not a parameter becomes a constant of the graph: 1000
+        // floats used twice (one storage), and a parameter-free multiplication.
+        let table = tch::Tensor::ones([1000], (tch::Kind::Float, tch::Device::Cpu));
+        let example = tch::Tensor::zeros([2, 1000], (tch::Kind::Float, tch::Device::Cpu));
+        let traced = tch::CModule::create_by_tracing("t", "forward", &[example], &mut |xs| {
+            vec![&xs[0] * &table + &table]
+        })
+        .unwrap();
+        let path = std::env::temp_dir().join(format!("modelgate-consts-{}.pt", std::process::id()));
+        traced.save(&path).unwrap();
+        let loaded = ScriptModule::load(&path, Device::Cpu, None).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(loaded.tensor_bytes(), 4000);
     }
 }

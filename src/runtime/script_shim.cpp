@@ -9,13 +9,16 @@
 
 #include <ATen/Tensor.h>
 #include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/ir/constants.h>
+#include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/serialization/import.h>
 
 #include <cstdlib>
 #include <cstring>
-#include <unordered_set>
 #include <exception>
+#include <optional>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "shim.h"
@@ -25,24 +28,52 @@ using modelgate_shim::malloc_array;
 
 namespace {
 
-// The bytes of the distinct storages behind a module's tensors: parameters, buffers and
-// tensor attributes, of every submodule (tied weights share a storage and count once).
-size_t tensor_bytes(const torch::jit::Module& module) {
+// Counts each distinct storage once (tied weights, a constant shared by two methods).
+struct StorageBytes {
   std::unordered_set<const void*> seen;
   size_t bytes = 0;
-  for (const auto& attribute : module.named_attributes(/*recurse=*/true)) {
-    if (!attribute.value.isTensor()) {
-      continue;
-    }
-    const at::Tensor& tensor = attribute.value.toTensor();
-    if (!tensor.defined() || !tensor.has_storage()) {
-      continue;
-    }
-    if (seen.insert(tensor.storage().unsafeGetStorageImpl()).second) {
+
+  void add(const at::Tensor& tensor) {
+    if (tensor.defined() && tensor.has_storage() &&
+        seen.insert(tensor.storage().unsafeGetStorageImpl()).second) {
       bytes += tensor.storage().nbytes();
     }
   }
-  return bytes;
+
+  // Tensor constants in `block` and the blocks nested in it (loops, branches).
+  void add_constants(torch::jit::Block* block) {
+    for (torch::jit::Node* node : block->nodes()) {
+      if (node->kind() == c10::prim::Constant && node->outputs().size() == 1 &&
+          node->output()->type()->cast<c10::TensorType>()) {
+        const std::optional<c10::IValue> value = torch::jit::toIValue(node->output());
+        if (value && value->isTensor()) {
+          add(value->toTensor());
+        }
+      }
+      for (torch::jit::Block* nested : node->blocks()) {
+        add_constants(nested);
+      }
+    }
+  }
+};
+
+// The bytes of the distinct storages behind a module's tensors: parameters, buffers and
+// tensor attributes of every submodule, and the tensor constants in their methods' graphs
+// (where torch.jit.trace puts tensors that are not parameters, and where a module saved
+// frozen keeps all its weights).
+size_t tensor_bytes(const torch::jit::Module& module) {
+  StorageBytes storages;
+  for (const auto& attribute : module.named_attributes(/*recurse=*/true)) {
+    if (attribute.value.isTensor()) {
+      storages.add(attribute.value.toTensor());
+    }
+  }
+  for (const torch::jit::Module& each : module.modules()) {
+    for (const torch::jit::Method& method : each.get_methods()) {
+      storages.add_constants(method.graph()->block());
+    }
+  }
+  return storages.bytes;
 }
 
 // How an error names a value that is not a tensor.
@@ -68,7 +99,7 @@ extern "C" {
 // Loads the TorchScript file at `path` onto the device (`cuda_index` < 0: the CPU) in eval
 // mode and sets `*bytes` to its tensors' bytes. With `freeze`, freezes it keeping `methods`
 // (forward is always kept) and optimizes it for inference (the bytes are counted before:
-// freezing moves attributes into the graph's constants, where they are not listed).
+// the frozen module's constants are those weights, or weights folded from them).
 char* modelgate_script_load(const char* path, int cuda_index, int freeze,
                             const char* const* methods, size_t method_count,
                             modelgate_script** loaded, size_t* bytes) {
