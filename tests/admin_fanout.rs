@@ -282,6 +282,32 @@ async fn one_fanned_out_reload_reaches_every_pod_and_a_down_pod_fails_alone() {
     }
     let (status, _) = call("GET", &pods[0].url("/readyz"), None).await.unwrap();
     assert_eq!(status, 200);
+
+    // A file caught empty (mid-rewrite) is not a config that unloads everything, as TF
+    // Serving takes no action for a config that sets no list; an explicit empty list is.
+    let models_of = |pod: &Server| {
+        let url = pod.url("/admin/models");
+        async move {
+            let (_, answer) = call("GET", &url, Some(TOKEN)).await.unwrap();
+            model_names(&answer)
+        }
+    };
+    for (text, status, left) in [
+        ("", 400, vec!["scaled", "tiny"]),
+        ("# being rewritten\n", 400, vec!["scaled", "tiny"]),
+        ("model_config_list {}\n", 200, vec![]),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let (got, answer) = call("POST", &pods[0].url("/admin/reload"), Some(TOKEN))
+            .await
+            .unwrap();
+        assert_eq!(got, status, "{text:?}: {answer:#}");
+        if status == 400 {
+            let error = answer["error"].as_str().unwrap_or_default();
+            assert!(error.contains("sets no model_config_list"), "{answer:#}");
+        }
+        assert_eq!(models_of(&pods[0]).await, left, "{text:?}");
+    }
     drop(pods);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -49,7 +49,8 @@ impl ModelSource {
     /// clear error; with the config file's text, against which later changes are measured.
     pub(super) async fn initial(&self) -> Result<(Vec<ModelSpec>, String), ConfigError> {
         let text = self.read().await?;
-        let specs = self.specs(&text)?;
+        // A config that sets no list serves nothing at start.
+        let specs = self.specs(&text)?.unwrap_or_default();
         for spec in &specs {
             self.storage
                 .base_path(&spec.base_path)
@@ -75,6 +76,7 @@ impl ModelSource {
             .map_err(|e| Error::Unavailable(e.to_string()))?;
         self.specs(&text)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?
+            .unwrap_or_default()
             .into_iter()
             .find(|spec| spec.name == name)
             .ok_or_else(|| {
@@ -96,24 +98,37 @@ impl ModelSource {
         }
     }
 
-    /// The models `text` (as `read` gave it) asks for.
-    fn specs(&self, text: &str) -> Result<Vec<ModelSpec>, ConfigError> {
+    /// The models `text` (as `read` gave it) asks for; `None` when it is a config that sets
+    /// no `model_config_list` at all (an empty file, or only comments).
+    fn specs(&self, text: &str) -> Result<Option<Vec<ModelSpec>>, ConfigError> {
         match &self.kind {
             SourceKind::ConfigFile(path) => {
                 let config = config::parse_model_server_config(path, text)?;
-                config::model_specs_from_config(&config)
+                if config.config.is_none() {
+                    return Ok(None);
+                }
+                config::model_specs_from_config(&config).map(Some)
             }
             SourceKind::Single { name, base_path } => {
-                Ok(vec![config::single_model_spec(name, base_path)?])
+                Ok(Some(vec![config::single_model_spec(name, base_path)?]))
             }
         }
     }
 
     /// Hands the models `text` asks for to the manager, resolving once applied.
+    /// A config that sets no list is refused, as TF Serving takes no action for it: a file
+    /// caught empty while it is rewritten must not unload every model.
     async fn apply(&self, text: &str, manager: &ManagerHandle) -> Result<(), Error> {
         let specs = self
             .specs(text)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?
+            .ok_or_else(|| {
+                Error::InvalidArgument(
+                    "the model config sets no model_config_list (an empty file?), so it is \
+                     not applied; to unload every model, write `model_config_list {}`"
+                        .into(),
+                )
+            })?;
         Ok(manager.set_models(specs).await?)
     }
 
