@@ -299,31 +299,42 @@ def test_on_demand_models_load_on_their_first_infer(start_modelgate):
         in metrics
 
 
-def test_repository_unload_and_load_act_on_the_running_config(server):
+def test_repository_load_and_unload_are_off_without_an_admin_token(server):
+    for _, client in both(server):
+        for call in (client.unload_model, client.load_model):
+            with pytest.raises(InferenceServerException) as refused:
+                call("tiny", headers={"authorization": "Bearer anything"})
+            assert "--admin_token" in refused.value.message()
+        assert client.is_model_ready("tiny")
+
+
+def test_repository_unload_and_load_act_on_the_running_config(start_modelgate):
+    secured = start_modelgate("--admin_token=s3cret")
     x = np.ones((1, 1), dtype=np.float32)
-    for module, client in both(server):
-        client.unload_model("tiny")
+    token = {"authorization": "Bearer s3cret"}
+    for module, client in both(secured):
+        client.unload_model("tiny", headers=token)
         # No longer configured: not ready over both protocols, as Triton answers a model
         # it does not have (REST's 404 reads as not ready; gRPC answers ready: false).
         assert not client.is_model_ready("tiny")
         with pytest.raises(InferenceServerException) as gone:
             client.infer("tiny", [tiny_input(module, x)])
         assert "not served here" in gone.value.message()
-        client.load_model("tiny")  # back from its entry in the model config file
+        client.load_model("tiny", headers=token)  # back from its entry in the model config file
         assert client.is_model_ready("tiny")
         np.testing.assert_array_equal(client.infer("tiny", [tiny_input(module, x)]).as_numpy("y"), 3 * x)
         with pytest.raises(InferenceServerException) as unknown:
-            client.load_model("nope")
+            client.load_model("nope", headers=token)
         assert "not in the model config" in unknown.value.message()
         with pytest.raises(InferenceServerException) as override:
-            client.load_model("tiny", config='{"max_batch_size": 8}')
+            client.load_model("tiny", headers=token, config='{"max_batch_size": 8}')
         assert "takes no parameters" in override.value.message()
         with pytest.raises(InferenceServerException) as absent:
-            client.unload_model("nope")
+            client.unload_model("nope", headers=token)
         assert "not in the running config" in absent.value.message()
 
 
-def test_repository_changes_need_the_admin_token_when_one_is_set(start_modelgate):
+def test_repository_changes_need_the_admin_token(start_modelgate):
     secured = start_modelgate("--admin_token=s3cret")
     grpc = grpcclient.InferenceServerClient(secured["grpc"])
     rest = httpclient.InferenceServerClient(secured["http"])

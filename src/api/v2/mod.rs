@@ -196,8 +196,9 @@ pub type EntryLookup = Arc<
 /// config the server runs): load (re)adds a model's entry from the model config file (so a model unloaded
 /// before, or added to the file since, comes back), unload removes the model from the
 /// running config and its versions unload. Both last until the config file changes or
-/// `/admin/reload` applies it again. With an admin token, both need it
-/// (`authorization: Bearer <token>`, gRPC metadata or HTTP header).
+/// `/admin/reload` applies it again. Both need the admin token (`authorization: Bearer
+/// <token>`, gRPC metadata or HTTP header); without one they are off, as in Triton's
+/// default model control mode: nobody who can reach the port can unload a model.
 #[derive(Clone)]
 pub struct RepositoryControl {
     entry: EntryLookup,
@@ -220,10 +221,15 @@ impl RepositoryControl {
 
     fn authorize(&self, authorization: Option<&[u8]>) -> Result<(), Error> {
         match &self.token {
+            None => Err(Error::FailedPrecondition(
+                "repository load and unload are off: start the server with --admin_token or \
+                 --admin_token_file, and send 'authorization: Bearer <admin token>'"
+                    .into(),
+            )),
             Some(token) if !token.authorizes(authorization) => Err(Error::Unauthenticated(
                 "repository load and unload need 'authorization: Bearer <admin token>'".into(),
             )),
-            _ => Ok(()),
+            Some(_) => Ok(()),
         }
     }
 
