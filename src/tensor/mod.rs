@@ -629,8 +629,8 @@ impl ElementWriter {
 
 /// A tensor's elements as one flat JSON array (serde), in strict JSON: numbers and
 /// booleans, halves widened to f32, and `null` for a non-finite float, which JSON cannot
-/// hold (serde_json's rule). The encoding of request logs and of V2's JSON `data`; TF
-/// Serving's REST API instead writes `NaN` and `Infinity` tokens, as TF Serving does.
+/// hold (serde_json's rule). The encoding of request logs; the REST APIs instead write
+/// `NaN` and `Infinity` tokens, as TF Serving and Triton do.
 pub struct JsonValues<'a>(pub &'a Tensor);
 
 impl serde::Serialize for JsonValues<'_> {

@@ -115,18 +115,36 @@ def test_every_served_datatype_round_trips(server):
             got = result.as_numpy("y")
             assert got.dtype == dtype, (module.__name__, datatype, got.dtype)
             np.testing.assert_array_equal(got, values)
-    # And as JSON over HTTP, both ways (FP16 and BF16 travel only as binary data).
+    # And as JSON over HTTP, both ways (FP16 goes in only as binary data, as in Triton, and
+    # comes back as JSON numbers, exactly).
     client = httpclient.InferenceServerClient(server["http"])
-    for signature, datatype, dtype in cases[:-1]:
+    for signature, datatype, dtype in cases:
         values = np.array([[1, 0, 3], [4, 5, 1]]).astype(dtype)
+        if dtype == np.float16:
+            values = np.array([[0.1, -2.5, 65504], [6e-8, 1, 0]]).astype(dtype)
         x = httpclient.InferInput("x", [2, 3], datatype)
-        x.set_data_from_numpy(values, binary_data=False)
+        x.set_data_from_numpy(values, binary_data=dtype == np.float16)
         y = httpclient.InferRequestedOutput("y", binary_data=False)
         result = client.infer("echo", [x], outputs=[y], parameters={"signature_name": signature})
         assert "data" in result.get_output("y"), result.get_response()
         got = result.as_numpy("y")
         assert got.dtype == dtype, (datatype, got.dtype)
         np.testing.assert_array_equal(got, values)
+
+
+def test_non_finite_floats_travel_as_json_tokens(server):
+    """Triton reads and writes NaN, Infinity and -Infinity in JSON data; an infinity must
+    not come back as NaN (null)."""
+    client = httpclient.InferenceServerClient(server["http"])
+    for signature, datatype, dtype in (("float32", "FP32", np.float32),
+                                       ("float64", "FP64", np.float64)):
+        values = np.array([[np.nan, np.inf, -np.inf]], dtype=dtype)
+        x = httpclient.InferInput("x", [1, 3], datatype)
+        x.set_data_from_numpy(values, binary_data=False)
+        y = httpclient.InferRequestedOutput("y", binary_data=False)
+        result = client.infer("echo", [x], outputs=[y], parameters={"signature_name": signature})
+        assert "data" in result.get_output("y"), result.get_response()
+        np.testing.assert_array_equal(result.as_numpy("y"), values)
 
 
 def test_concurrent_async_calls_batch_into_one_forward(start_modelgate, tmp_path):

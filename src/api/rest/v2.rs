@@ -3,6 +3,7 @@
 //! extension (`Inference-Header-Content-Length`), which `tritonclient.http` uses.
 
 use super::error::{error_response, json_response};
+use super::json;
 use super::routes::{read_body, within_timeout};
 use super::RestState;
 use crate::api::timer::RequestTimer;
@@ -12,13 +13,13 @@ use crate::api::v2::{
 use crate::error::Error;
 use crate::telemetry::{Api, Protocol};
 use crate::tensor::limits::DecodeBudget;
-use crate::tensor::{DType, ElementWriter, JsonValues, Tensor};
+use crate::tensor::{DType, ElementWriter, Tensor};
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use prost::Message;
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::fmt;
@@ -492,7 +493,9 @@ fn decode_request(
     json_end: usize,
     mut budget: DecodeBudget,
 ) -> Result<(Requested, HashMap<String, Tensor>), Error> {
-    let parsed: InferJson = serde_json::from_slice(&body[..json_end])
+    // `NaN`, `Infinity` and `-Infinity` are numbers here, as Triton reads them.
+    let header = json::mark_nonfinite(&body[..json_end]);
+    let parsed: InferJson = serde_json::from_slice(&header)
         .map_err(|e| Error::InvalidArgument(format!("the infer request is not valid JSON: {e}")))?;
     let declared = parsed
         .inputs
@@ -665,47 +668,23 @@ impl<'de> Visitor<'de> for &mut Flatten<'_> {
         self.push(Scalar::Float(v))
     }
 
+    /// A string in `data` is a value only as the marker of a non-finite number.
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        match json::nonfinite_value(v) {
+            Some(number) => self.push(Scalar::Float(number)),
+            None => Err(E::invalid_type(de::Unexpected::Str(v), &self)),
+        }
+    }
+
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq.next_element_seed(&mut *self)?.is_some() {}
         Ok(())
     }
 }
 
-/// An output in the response JSON: values in `data`, or `binary_data_size` and its bytes
-/// after the JSON.
-#[derive(Serialize)]
-struct OutputJson<'a> {
-    name: &'a str,
-    datatype: &'static str,
-    shape: &'a [i64],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<BinarySize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<JsonValues<'a>>,
-}
-
-#[derive(Serialize)]
-struct BinarySize {
-    binary_data_size: usize,
-}
-
-/// An output's JSON `data`, or `None` where it goes binary: FP16 and BF16 always do (JSON
-/// numbers would widen them).
-fn values(tensor: &Tensor) -> Option<JsonValues<'_>> {
-    (!matches!(tensor.dtype, DType::F16 | DType::BF16)).then_some(JsonValues(tensor))
-}
-
-#[derive(Serialize)]
-struct InferResponseJson<'a> {
-    model_name: &'a str,
-    model_version: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    outputs: Vec<OutputJson<'a>>,
-}
-
 /// The response: JSON alone, or JSON then the binary outputs with
-/// `Inference-Header-Content-Length` (FP16 and BF16 outputs are always binary).
+/// `Inference-Header-Content-Length`. An output goes binary where the request asked for it
+/// (`binary_data`, or `binary_data_output` for the outputs it does not name).
 fn encode_response(
     requested: &Requested,
     answer: crate::inference::PredictResponse,
@@ -718,31 +697,20 @@ fn encode_response(
             .iter()
             .find(|(n, _)| n == name)
             .and_then(|(_, b)| *b);
-        let data = values(tensor).filter(|_| !asked.unwrap_or(requested.binary_by_default));
-        let parameters = match data {
-            Some(_) => None,
-            None => {
-                binary.push(tensor.data.clone());
-                Some(BinarySize {
-                    binary_data_size: tensor.data.len(),
-                })
-            }
-        };
-        outputs.push(OutputJson {
-            name,
-            datatype: v2::datatype(tensor.dtype),
-            shape: &tensor.shape,
-            parameters,
-            data,
-        });
+        let in_binary = asked.unwrap_or(requested.binary_by_default);
+        if in_binary {
+            binary.push(tensor.data.clone());
+        }
+        outputs.push((name.as_str(), tensor, in_binary));
     }
-    let header = serde_json::to_vec(&InferResponseJson {
-        model_name: &answer.model,
-        model_version: answer.version.to_string(),
-        id: requested.id.as_deref(),
-        outputs,
-    })
-    .map_err(|e| Error::Internal(format!("cannot encode the response: {e}")))?;
+    let header = response_header(
+        &answer.model,
+        answer.version,
+        requested.id.as_deref(),
+        &outputs,
+    )
+    .map_err(|e| Error::Internal(format!("cannot encode the response: {e}")))?
+    .into_bytes();
     if binary.is_empty() {
         return Ok(json_response(
             StatusCode::OK,
@@ -773,9 +741,120 @@ fn encode_response(
         .into_response())
 }
 
+/// The response's JSON: `model_name`, `model_version`, `id` and each output's `name`,
+/// `datatype`, `shape` and either its `data` or its `binary_data_size`. Written here rather
+/// than by serde_json, which writes a non-finite float as `null`: V2 data carries `NaN`,
+/// `Infinity` and `-Infinity` as Triton writes them (and reads them back), so that an
+/// infinity does not come back as NaN. Floats are the shortest text that reads back as
+/// the same value of their own width; halves widen to f32 exactly.
+fn response_header(
+    model: &str,
+    version: i64,
+    id: Option<&str>,
+    outputs: &[(&str, &Tensor, bool)],
+) -> Result<String, fmt::Error> {
+    use crate::tensor::Elements;
+    use fmt::Write;
+    fn write_all<T>(
+        out: &mut String,
+        values: impl Iterator<Item = T>,
+        mut write: impl FnMut(&mut String, T) -> fmt::Result,
+    ) -> fmt::Result {
+        out.push('[');
+        for (i, value) in values.enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            write(out, value)?;
+        }
+        out.push(']');
+        Ok(())
+    }
+    fn display<T: fmt::Display>(out: &mut String, value: T) -> fmt::Result {
+        write!(out, "{value}")
+    }
+    let text = |s: &str| serde_json::Value::from(s).to_string();
+    let mut out = String::new();
+    write!(
+        out,
+        r#"{{"model_name":{},"model_version":"{version}""#,
+        text(model)
+    )?;
+    if let Some(id) = id {
+        write!(out, r#","id":{}"#, text(id))?;
+    }
+    out.push_str(r#","outputs":["#);
+    for (i, (name, tensor, in_binary)) in outputs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write!(
+            out,
+            r#"{{"name":{},"datatype":"{}","shape":"#,
+            text(name),
+            v2::datatype(tensor.dtype)
+        )?;
+        write_all(&mut out, tensor.shape.iter(), display)?;
+        if *in_binary {
+            write!(
+                out,
+                r#","parameters":{{"binary_data_size":{}}}}}"#,
+                tensor.data.len()
+            )?;
+            continue;
+        }
+        out.push_str(r#","data":"#);
+        let f32s = json::write_f32;
+        match tensor.elements() {
+            Elements::Bool(values) => write_all(&mut out, values, display)?,
+            Elements::U8(values) => write_all(&mut out, values, display)?,
+            Elements::I8(values) => write_all(&mut out, values, display)?,
+            Elements::I16(values) => write_all(&mut out, values, display)?,
+            Elements::I32(values) => write_all(&mut out, values, display)?,
+            Elements::I64(values) => write_all(&mut out, values, display)?,
+            Elements::F16(values) => write_all(&mut out, values.map(half::f16::to_f32), f32s)?,
+            Elements::BF16(values) => write_all(&mut out, values.map(half::bf16::to_f32), f32s)?,
+            Elements::F32(values) => write_all(&mut out, values, f32s)?,
+            Elements::F64(values) => write_all(&mut out, values, json::write_f64)?,
+        }
+        out.push('}');
+    }
+    out.push_str("]}");
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn response_json_keeps_every_value_and_writes_non_finite_floats_as_triton_does() {
+        let floats = Tensor::from_values(vec![4], &[f32::NAN, f32::INFINITY, -0.0, 0.1]).unwrap();
+        let halves =
+            Tensor::from_values(vec![1, 2], &[half::f16::from_f32(0.1), half::f16::MAX]).unwrap();
+        let flags = Tensor::from_values(vec![2], &[true, false]).unwrap();
+        let wide = Tensor::from_values(vec![1], &[f64::NEG_INFINITY]).unwrap();
+        let outputs = [
+            ("y", &floats, false),
+            ("h", &halves, false),
+            ("b", &flags, true),
+            ("d", &wide, false),
+        ];
+        let text = response_header("m\"x", 3, Some("r\u{0}1"), &outputs).unwrap();
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"model_name":"m\"x","model_version":"3","id":"r\u00001","outputs":["#,
+                r#"{"name":"y","datatype":"FP32","shape":[4],"data":[NaN,Infinity,-0.0,0.1]},"#,
+                r#"{"name":"h","datatype":"FP16","shape":[1,2],"data":[0.099975586,65504.0]},"#,
+                r#"{"name":"b","datatype":"BOOL","shape":[2],"parameters":{"binary_data_size":2}},"#,
+                r#"{"name":"d","datatype":"FP64","shape":[1],"data":[-Infinity]}]}"#
+            )
+        );
+        // It is JSON, once the non-finite tokens are read as the REST APIs read them.
+        let marked = json::mark_nonfinite(text.as_bytes());
+        assert!(serde_json::from_slice::<serde_json::Value>(&marked).is_ok());
+    }
 
     fn get(path: &str) -> Option<Result<V2Call, Error>> {
         parse(&Method::GET, path)
