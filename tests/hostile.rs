@@ -12,8 +12,9 @@ pub mod common;
 use bytes::Bytes;
 use common::{spec, spec_signature, Server, TempDir};
 use modelgate::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use modelgate::proto::inference::infer_parameter::ParameterChoice;
 use modelgate::proto::inference::model_infer_request::InferInputTensor;
-use modelgate::proto::inference::{InferTensorContents, ModelInferRequest};
+use modelgate::proto::inference::{InferParameter, InferTensorContents, ModelInferRequest};
 use modelgate::proto::serving::{
     input, ClassificationRequest, ExampleListWithContext, Input, PredictRequest, RegressionRequest,
 };
@@ -69,7 +70,7 @@ impl Battery {
         )
         .expect("write signature.json");
         let fixtures = common::fixtures();
-        let models = ["tiny", "scaled", "regressor"].map(|name| fixtures.join(name));
+        let models = ["tiny", "scaled", "regressor", "echo"].map(|name| fixtures.join(name));
         // An AOTInductor package (two inputs, batches 1..1024), which checks nothing itself.
         let pair = common::pt2_fixtures().join("pair");
         let server = Server::with_config(
@@ -77,6 +78,7 @@ impl Battery {
                 ("tiny", &models[0], ""),
                 ("scaled", &models[1], ""),
                 ("regressor", &models[2], ""),
+                ("echo", &models[3], ""),
                 ("wide", &wide, ""),
                 ("pair", &pair, ""),
             ]),
@@ -88,7 +90,7 @@ impl Battery {
             ],
         );
         server
-            .wait_available(&["tiny", "scaled", "regressor", "wide", "pair"])
+            .wait_available(&["tiny", "scaled", "regressor", "echo", "wide", "pair"])
             .await;
         let mut battery = Battery {
             baseline_rss: 0,
@@ -308,6 +310,28 @@ async fn the_server_survives_the_hostile_battery() {
     .await;
     let negative = predict_request("tiny", &[-5, 1], TensorProto::default());
     expect_refused(server, negative, Code::InvalidArgument, "").await;
+    // A bool byte other than 0 or 1 (echo's `bool` signature takes a DT_BOOL `x`).
+    let not_a_bool = PredictRequest {
+        model_spec: Some(spec_signature("echo", "bool")),
+        inputs: [(
+            "x".to_string(),
+            TensorProto {
+                dtype: DataType::DtBool as i32,
+                tensor_shape: Some(shape_proto(Some(&[1, 3]))),
+                tensor_content: Bytes::from_static(&[1, 0, 2]),
+                ..Default::default()
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    expect_refused(
+        server,
+        not_a_bool,
+        Code::InvalidArgument,
+        "element 2 is the byte 2",
+    )
+    .await;
     battery.check_alive("lying shapes").await;
 
     // An AOTInductor package runs whatever it is given (a float64 input to a float32
@@ -715,6 +739,16 @@ async fn the_v2_protocol_survives_the_hostile_battery() {
         "2 entries for 1 inputs",
     )
     .await;
+    // A bool byte other than 0 or 1, raw (echo's `bool` signature).
+    let mut not_a_bool = v2_request("echo", &[1, 3], None, vec![Bytes::from_static(&[0, 7, 1])]);
+    not_a_bool.inputs[0].datatype = "BOOL".into();
+    not_a_bool.parameters.insert(
+        "signature_name".into(),
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::StringParam("bool".into())),
+        },
+    );
+    refused(not_a_bool, "element 1 is the byte 7").await;
     // Zero rows with a huge free dimension: nothing to pad, nothing to build.
     let empty = client
         .model_infer(v2_request(
@@ -770,6 +804,11 @@ async fn the_v2_protocol_survives_the_hostile_battery() {
         assert_eq!(status, 400, "{body}");
         assert!(body.contains(needle), "{body} should say {needle}");
     }
+    let not_a_bool = r#"{"inputs": [{"name": "x", "shape": [1, 3], "datatype": "BOOL",
+        "parameters": {"binary_data_size": 3}}], "parameters": {"signature_name": "bool"}}"#;
+    let (status, body) = infer("echo", not_a_bool.to_string(), &[1, 1, 255], None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("element 2 is the byte 255"), "{body}");
     let (status, _) = rest(server, "/v2/models/tiny/nothing", "")
         .await
         .expect("an answer");

@@ -123,6 +123,10 @@ pub enum TensorError {
         expected: usize,
         actual: usize,
     },
+    /// libtorch reads any other byte as a bool that is neither true nor false (`x == True`
+    /// and `x` disagree), so such bytes never reach a model.
+    #[error("DT_BOOL element {index} is the byte {byte}; a bool is the byte 0 or 1")]
+    NotABool { index: usize, byte: u8 },
 }
 
 /// The number of elements of a shape, checked for negative dims and overflow.
@@ -142,7 +146,8 @@ pub fn byte_size(dtype: DType, shape: &[i64]) -> Result<usize, TensorError> {
 }
 
 impl Tensor {
-    /// A tensor from raw little-endian bytes, checking that their length fits the shape.
+    /// A tensor from raw little-endian bytes, checking that their length fits the shape
+    /// (and that bools are 0 or 1).
     pub fn new(dtype: DType, shape: Vec<i64>, data: Bytes) -> Result<Tensor, TensorError> {
         let expected = byte_size(dtype, &shape)?;
         if expected != data.len() {
@@ -152,6 +157,12 @@ impl Tensor {
                 expected,
                 actual: data.len(),
             });
+        }
+        if dtype == DType::Bool {
+            if let Some(index) = data.iter().position(|&byte| byte > 1) {
+                let byte = data[index];
+                return Err(TensorError::NotABool { index, byte });
+            }
         }
         Ok(Tensor { dtype, shape, data })
     }
@@ -672,6 +683,13 @@ mod tests {
             "DT_FLOAT tensor of shape [2, 2] needs 16 bytes, got 12"
         );
         assert!(Tensor::new(DType::F32, vec![0, 5], Bytes::new()).is_ok());
+        assert!(Tensor::new(DType::Bool, vec![2], Bytes::from_static(&[1, 0])).is_ok());
+        assert_eq!(
+            Tensor::new(DType::Bool, vec![3], Bytes::from_static(&[1, 0, 2]))
+                .unwrap_err()
+                .to_string(),
+            "DT_BOOL element 2 is the byte 2; a bool is the byte 0 or 1"
+        );
         assert!(matches!(
             Tensor::new(DType::F32, vec![-1, 2], Bytes::new()),
             Err(TensorError::NegativeDim(_))
