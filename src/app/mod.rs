@@ -165,6 +165,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
             Box::pin(async move { source.entry(&name).await })
         }),
         manager_handle.clone(),
+        Arc::clone(&registry),
         admin.as_ref().map(|(config, _)| config.token.clone()),
     );
     let mut rest_router = api::rest::router(

@@ -247,9 +247,25 @@ impl Manager {
                 }
             };
             tokio::select! {
-                command = self.commands.recv() => match command.map(|c| self.specs_of(c)) {
+                command = self.commands.recv() => {
+                // A load of one model (V2's repository load) lists it again even when its
+                // entry did not change, and its failed versions are tried again at once.
+                let reloaded = match &command {
+                    Some(Command::Change(ModelChange::Upsert(spec), _)) => Some(spec.name.clone()),
+                    _ => None,
+                };
+                match command.map(|c| self.specs_of(c)) {
                     Some((Ok(models), done)) => match self.set_models(models) {
-                        Ok((changed, unloads)) => {
+                        Ok((mut changed, unloads)) => {
+                            if let Some(name) = reloaded {
+                                if let Some(model) = self.models.get_mut(&name) {
+                                    model.failed.clear();
+                                    model.backoff = Backoff::default();
+                                }
+                                if !changed.contains(&name) {
+                                    changed.push(name);
+                                }
+                            }
                             self.poll(&changed).await;
                             for base in std::mem::take(&mut self.released) {
                                 self.retain_cached(&base).await;
@@ -271,6 +287,7 @@ impl Manager {
                         let _ = done.send(Err(e));
                     }
                     None => break,
+                }
                 },
                 () = tick => {
                     let due: Vec<String> = self.models.keys().cloned().collect();

@@ -352,6 +352,34 @@ def test_repository_unload_and_load_act_on_the_running_config(start_modelgate):
         assert "not in the running config" in absent.value.message()
 
 
+def test_a_repository_load_that_leaves_nothing_serving_fails_and_a_second_one_retries(
+        start_modelgate, tmp_path):
+    """Triton answers a failed load with an error; a load of a model whose entry did not
+    change lists it again and retries its failed versions (no polling here to do it)."""
+    import shutil
+    from conftest import MODELS
+    (tmp_path / "fixme" / "1").mkdir(parents=True)
+    broken = tmp_path / "fixme" / "1" / "model.pt"
+    broken.write_bytes(b"not a TorchScript archive")
+    config = tmp_path / "models.config"
+    entry = 'config {{ name: "{}" base_path: "{}" model_platform: "pytorch" }}'
+    config.write_text("model_config_list { " + entry.format("tiny", MODELS / "tiny") + " }")
+    secured = start_modelgate(f"--model_config_file={config}", "--admin_token=s3cret",
+                              "--file_system_poll_wait_seconds=0")
+    config.write_text("model_config_list { " + entry.format("tiny", MODELS / "tiny") + " "
+                      + entry.format("fixme", tmp_path / "fixme") + " }")
+    token = {"authorization": "Bearer s3cret"}
+    for _, client in both(secured):
+        with pytest.raises(InferenceServerException) as failed:
+            client.load_model("fixme", headers=token)
+        assert "version 1" in failed.value.message(), failed.value.message()
+        assert not client.is_model_ready("fixme")
+    shutil.copy(MODELS / "tiny" / "1" / "model.pt", broken)
+    client = httpclient.InferenceServerClient(secured["http"])
+    client.load_model("fixme", headers=token)
+    assert client.is_model_ready("fixme")
+
+
 def test_repository_changes_need_the_admin_token(start_modelgate):
     secured = start_modelgate("--admin_token=s3cret")
     grpc = grpcclient.InferenceServerClient(secured["grpc"])

@@ -203,6 +203,7 @@ pub type EntryLookup = Arc<
 pub struct RepositoryControl {
     entry: EntryLookup,
     manager: ManagerHandle,
+    registry: Arc<Registry>,
     token: Option<AdminToken>,
 }
 
@@ -210,11 +211,13 @@ impl RepositoryControl {
     pub fn new(
         entry: EntryLookup,
         manager: ManagerHandle,
+        registry: Arc<Registry>,
         token: Option<AdminToken>,
     ) -> RepositoryControl {
         RepositoryControl {
             entry,
             manager,
+            registry,
             token,
         }
     }
@@ -239,7 +242,31 @@ impl RepositoryControl {
         self.authorize(authorization)?;
         let spec = (self.entry)(model.to_string()).await?;
         tracing::info!(model, "repository load");
-        Ok(self.manager.change_model(ModelChange::Upsert(spec)).await?)
+        self.manager.change_model(ModelChange::Upsert(spec)).await?;
+        // A load that leaves nothing serving failed, as Triton answers it; the versions'
+        // own errors say why.
+        let versions = self.registry.model_status(model, None).unwrap_or_default();
+        if versions
+            .iter()
+            .any(|(_, status)| status.state == VersionState::Available)
+        {
+            return Ok(());
+        }
+        let why: Vec<String> = versions
+            .iter()
+            .map(|(version, status)| {
+                let error = status.error.as_deref().unwrap_or("not loaded");
+                format!("version {version}: {error}")
+            })
+            .collect();
+        Err(Error::Unavailable(format!(
+            "model '{model}' has no version that serves after its load: {}",
+            if why.is_empty() {
+                "no versions found under its base path".to_string()
+            } else {
+                why.join("; ")
+            }
+        )))
     }
 
     /// Removes `model` from the running config and waits until its versions are freed.
