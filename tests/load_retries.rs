@@ -128,3 +128,36 @@ async fn a_version_stays_failed_once_its_retries_are_spent() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// With polling off, a base path that cannot be listed at start (not there yet, as a volume
+/// not mounted yet) is listed again with backoff until it can be, not left unlisted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_trouble_is_retried_even_without_polling() {
+    let root = scratch("storage-retry");
+    let base = root.join("scaled");
+    let server = Server::start_rest(
+        &[
+            "--model_name=scaled".into(),
+            "--device=cpu".into(),
+            format!("--model_base_path={}", base.display()),
+            "--file_system_poll_wait_seconds=0".into(),
+        ],
+        &[],
+    );
+    wait_for("a failed listing of the missing base path", || async {
+        let errors = server
+            .metric("modelgate_storage_errors_total", &["model=\"scaled\""])
+            .await;
+        (errors >= 1.0).then_some(())
+    })
+    .await;
+    let ready = root.join("ready");
+    std::fs::create_dir_all(ready.join("1")).unwrap();
+    let fixture = fixtures().join("scaled").join("1");
+    for file in ["model.pt", "signature.json"] {
+        std::fs::copy(fixture.join(file), ready.join("1").join(file)).unwrap();
+    }
+    std::fs::rename(&ready, &base).unwrap();
+    server.wait_available(&["scaled"]).await;
+    let _ = std::fs::remove_dir_all(&root);
+}

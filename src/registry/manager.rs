@@ -168,11 +168,16 @@ struct ManagedModel {
 }
 
 impl ManagedModel {
-    /// When a failed version is next due for a try: its retry time, or later while the
-    /// storage backoff forbids listing (the try starts with a listing).
+    /// When the model is next due for a try: a failed version's retry time, or later while
+    /// the storage backoff forbids listing (the try starts with a listing); or, with no
+    /// failed version, the next listing of a base path that could not be listed, so that
+    /// storage trouble is retried even when nothing polls (`--file_system_poll_wait_seconds=0`).
     fn next_retry(&self) -> Option<Instant> {
-        let retry = self.failed.values().filter_map(|f| f.retry_at).min()?;
-        Some(self.backoff.retry_at.map_or(retry, |at| at.max(retry)))
+        let storage = self.backoff.retry_at.filter(|_| self.backoff.is_failing());
+        match self.failed.values().filter_map(|f| f.retry_at).min() {
+            Some(retry) => Some(storage.map_or(retry, |at| at.max(retry))),
+            None => storage,
+        }
     }
 }
 
