@@ -177,7 +177,30 @@ async fn s3_repository_lifecycle() {
     assert!(statuses.iter().all(|(v, _, _)| *v != 4), "{statuses:?}");
     s3.put_files(BUCKET, "repo/scaled/4", &v4, &["model.pt"])
         .await;
+    // Its model and signature are there, but `aws s3 sync` is still adding files: it loads
+    // once a poll finds its files unchanged, with all of them, and version 2 serves meanwhile.
+    // The next file lands right after the first listing that sees the model (a poll
+    // interval before the one after it).
+    let seen = listings(&moto) + 1;
+    wait_for("a listing after model.pt's upload", || async {
+        (listings(&moto) >= seen).then_some(())
+    })
+    .await;
+    s3.put(
+        BUCKET,
+        "repo/scaled/4/assets.extra/notes.txt",
+        b"uploaded last".to_vec(),
+    )
+    .await;
     wait_for_state(&models, "scaled", 4, State::Available).await;
+    assert_eq!(
+        server
+            .log
+            .count(&["fetched s3://models/repo/scaled/4 (3 files"]),
+        1,
+        "{}",
+        server.log.text()
+    );
     wait_for_state(&models, "scaled", 2, State::End).await;
 
     // A config change on S3 is picked up: a model with its signature embedded in model.pt

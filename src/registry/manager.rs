@@ -14,12 +14,14 @@
 //! retry but schedules it, so other models keep loading and polling meanwhile. Once the
 //! retries are spent the version stays failed, with its error, until its files change.
 //!
-//! A `model.pt` without `signature.json` may be an upload in progress, or a module with its
-//! signature embedded. Unless its signature is known to be embedded (local directories are
-//! checked), it counts only once it has stayed unchanged across two consecutive listings;
-//! if it then turns out to have no signature at all, it fails to load with that reason, and
-//! is retried when `signature.json` arrives (its fingerprint changes). With polling off
-//! there is no second listing, so the one listing decides.
+//! A version that appears or changes after a model's first listing may be an upload in
+//! progress (its warm-up records, or its signature, still to come): it is loaded only once
+//! its files have stayed unchanged across two consecutive listings
+//! (`source::settled_versions`), and meanwhile the versions it replaces stay as they are.
+//! A `model.pt` whose signature is not known to be embedded waits so even at the first
+//! listing; if it then turns out to have no signature at all, it fails to load with that
+//! reason, and is retried when `signature.json` arrives (its fingerprint changes). With
+//! polling off there is no second listing, so the one listing decides.
 
 use super::loader::plan_version;
 use super::policy::{Action, ResourcePreserving, VersionPolicy, Versions};
@@ -160,9 +162,10 @@ struct ManagedModel {
     wanted: BTreeSet<i64>,
     /// Wanted versions that failed to load, and when each is tried again.
     failed: HashMap<i64, FailedLoad>,
-    /// Fingerprints of the versions of the last listing (see the module docs): an
-    /// incomplete-looking version still unchanged in the next listing counts.
-    listed: HashMap<i64, String>,
+    /// Fingerprints of the versions of the last listing (`None` before the first): a
+    /// version new or changed since is loaded once the next listing finds it unchanged
+    /// (see `source::settled_versions`).
+    listed: Option<HashMap<i64, String>>,
     /// Storage errors: when to list again, and whether an outage is under way (logged once).
     backoff: Backoff,
 }
@@ -419,7 +422,7 @@ impl Manager {
                             loaded: BTreeMap::new(),
                             wanted: BTreeSet::new(),
                             failed: HashMap::new(),
-                            listed: HashMap::new(),
+                            listed: None,
                             backoff: Backoff::default(),
                         },
                     );
@@ -478,7 +481,8 @@ impl Manager {
         };
         let listing = model.base.list_versions().await?;
         let polling = self.config.poll_interval.is_some();
-        let present = settled_versions(name, &listing, &mut model.listed, polling);
+        let settled = settled_versions(name, &listing, &mut model.listed, polling);
+        let present: BTreeSet<i64> = listing.keys().copied().collect();
         let aspired = model.spec.policy.aspired(&present);
         model.wanted.clone_from(&aspired);
         let base = model.base.clone();
@@ -494,7 +498,8 @@ impl Manager {
         let mut loadable: BTreeSet<i64> = aspired
             .iter()
             .filter(|v| {
-                !model.loaded.contains_key(v)
+                settled.contains(v)
+                    && !model.loaded.contains_key(v)
                     && !model.failed.get(v).is_some_and(|f| f.waiting(now))
             })
             .copied()

@@ -43,38 +43,51 @@ impl Backoff {
     }
 }
 
-/// The versions of a listing that count. A version whose entry is not `complete` (a
-/// `model.pt` without `signature.json`, which may be an upload in progress) counts only
-/// once it is unchanged since the previous listing: `previous` holds every listed
-/// version's fingerprint from one listing to the next. Unchanged files are what counts,
-/// not how the previous listing judged them, so a version already counted stays counted
-/// when one listing cannot confirm its signature (an archive that could not be read that
-/// once would otherwise unload a serving version). With polling off there is no next
-/// listing, so this one decides.
+/// The versions of a listing whose files have settled: the only ones a load may start on.
+/// Files still being written (an `aws s3 sync` or a `cp -r` in progress: `model.pt` there,
+/// the signature or warm-up records not yet) must not be loaded, as a loaded version is
+/// never loaded again. While polling:
+///
+/// - at a model's first listing, a complete version (its signature there) has settled:
+///   its files were there before the server looked;
+/// - any other version has settled once a listing finds its files unchanged since the
+///   previous one: new versions wait one poll interval, and a `model.pt` without
+///   `signature.json` (which may be an upload in progress) always does.
+///
+/// Which versions a model aspires to is decided from the whole listing, not from this:
+/// a version still settling holds back the versions it replaces (its older siblings are
+/// not loaded in its stead), and a serving version whose files are rewritten stays aspired.
+/// `previous` holds every listed version's fingerprint from one listing to the next. With
+/// polling off there is no next listing, so this one decides.
 pub(super) fn settled_versions(
     model: &str,
     listing: &BTreeMap<i64, VersionEntry>,
-    previous: &mut HashMap<i64, String>,
+    previous: &mut Option<HashMap<i64, String>>,
     polling: bool,
 ) -> BTreeSet<i64> {
-    let mut present = BTreeSet::new();
+    let mut settled = BTreeSet::new();
     for (&version, entry) in listing {
-        let unchanged = previous.get(&version) == Some(&entry.fingerprint);
-        if !entry.complete && polling && !unchanged {
+        let unchanged = previous
+            .as_ref()
+            .is_some_and(|previous| previous.get(&version) == Some(&entry.fingerprint));
+        let first_look = previous.is_none() && entry.complete;
+        if polling && !first_look && !unchanged {
             tracing::debug!(
                 model,
                 version,
-                "model.pt without signature.json; waiting for the next listing"
+                "new or changed files; waiting for the next listing to find them unchanged"
             );
             continue;
         }
-        present.insert(version);
+        settled.insert(version);
     }
-    *previous = listing
-        .iter()
-        .map(|(&version, entry)| (version, entry.fingerprint.clone()))
-        .collect();
-    present
+    *previous = Some(
+        listing
+            .iter()
+            .map(|(&version, entry)| (version, entry.fingerprint.clone()))
+            .collect(),
+    );
+    settled
 }
 
 #[cfg(test)]
@@ -89,40 +102,40 @@ mod tests {
         }
     }
 
+    fn listing(entries: &[(i64, &str, bool)]) -> BTreeMap<i64, VersionEntry> {
+        entries
+            .iter()
+            .map(|&(version, fingerprint, complete)| (version, entry(fingerprint, complete)))
+            .collect()
+    }
+
     #[test]
-    fn an_incomplete_version_counts_once_two_listings_agree() {
-        let mut previous = HashMap::new();
-        let first: BTreeMap<i64, VersionEntry> =
-            [(1, entry("a", true)), (2, entry("b", false))].into();
-        assert_eq!(
-            settled_versions("m", &first, &mut previous, true),
-            [1].into()
-        );
-        assert_eq!(
-            settled_versions("m", &first, &mut previous, true),
-            [1, 2].into()
-        );
-        // Rewritten since: it waits again.
-        let rewritten: BTreeMap<i64, VersionEntry> = [(2, entry("c", false))].into();
-        assert_eq!(
-            settled_versions("m", &rewritten, &mut previous, true),
-            BTreeSet::new()
-        );
-        // A counted version that one listing cannot confirm stays while its files are
-        // unchanged.
-        let counted: BTreeMap<i64, VersionEntry> = [(2, entry("c", true))].into();
-        settled_versions("m", &counted, &mut previous, true);
-        let unconfirmed: BTreeMap<i64, VersionEntry> = [(2, entry("c", false))].into();
-        assert_eq!(
-            settled_versions("m", &unconfirmed, &mut previous, true),
-            [2].into()
-        );
+    fn versions_settle_once_their_files_stop_changing() {
+        let mut previous = None;
+        let mut settled = |listed: &[(i64, &str, bool)]| {
+            settled_versions("m", &listing(listed), &mut previous, true)
+        };
+        // First look: complete versions have settled, an incomplete one waits a listing.
+        let first = [(1, "a", true), (2, "b", false)];
+        assert_eq!(settled(&first), [1].into());
+        assert_eq!(settled(&first), [1, 2].into());
+        // A new version, complete or not, waits for a listing that finds it unchanged (an
+        // upload may still be adding its warm-up records).
+        let uploading = [(1, "a", true), (2, "b", false), (3, "c", true)];
+        assert_eq!(settled(&uploading), [1, 2].into());
+        let grown = [(1, "a", true), (2, "b", false), (3, "c+warmup", true)];
+        assert_eq!(settled(&grown), [1, 2].into());
+        assert_eq!(settled(&grown), [1, 2, 3].into());
+        // Rewritten in place: it waits again.
+        let rewritten = [(1, "a2", true), (2, "b", false), (3, "c+warmup", true)];
+        assert_eq!(settled(&rewritten), [2, 3].into());
+        // One listing that cannot confirm a signature changes nothing for unchanged files.
+        let unconfirmed = [(1, "a2", false), (2, "b", false), (3, "c+warmup", false)];
+        assert_eq!(settled(&unconfirmed), [1, 2, 3].into());
         // Without polling, one listing decides.
-        let mut fresh = HashMap::new();
-        assert_eq!(
-            settled_versions("m", &first, &mut fresh, false),
-            [1, 2].into()
-        );
+        let mut fresh = None;
+        let all = settled_versions("m", &listing(&uploading), &mut fresh, false);
+        assert_eq!(all, [1, 2, 3].into());
     }
 
     #[test]
