@@ -121,3 +121,49 @@ async fn versions_roll_under_load_without_failed_requests() {
     );
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// Moving a model to another base path (a config change) keeps it serving: its version from
+/// the old path answers until one from the new path does, even while the new path's first
+/// version fails to load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_moved_to_another_base_path_serves_until_the_new_one_does() {
+    let root = scratch("moved");
+    let (old, new) = (root.join("old"), root.join("new"));
+    copy_version(&old, 1);
+    std::fs::create_dir_all(new.join("1")).unwrap();
+    for file in ["model.pt", "signature.json"] {
+        let corrupt = fixtures().join("corrupt/1").join(file);
+        std::fs::copy(corrupt, new.join("1").join(file)).unwrap();
+    }
+    let config = write_config(&root, &[("scaled", old.clone(), "")]);
+    let server = Server::start_rest(
+        &[
+            format!("--model_config_file={}", config.display()),
+            "--model_config_file_poll_wait_seconds=1".into(),
+            "--file_system_poll_wait_seconds=1".into(),
+            "--device=cpu".into(),
+        ],
+        &[],
+    );
+    server.wait_readyz(200).await;
+    let models = server.models().await;
+    let mut client = server.prediction().await;
+
+    write_config(&root, &[("scaled", new.clone(), "")]);
+    let error = wait_for_state(&models, "scaled", 1, State::End).await;
+    assert!(error.contains("model.pt"), "{error}");
+    let answer = predict(&mut client, spec("scaled"), &[1.0, 2.0]).await;
+    assert_eq!(answer.unwrap(), (1, vec![1.0, 2.0]), "{}", server.log());
+    assert_eq!(server.http_get("/readyz").await.0, 200);
+
+    // A version that loads lands on the new path: it takes over, the old path's goes.
+    copy_version(&new, 3);
+    wait_for_state(&models, "scaled", 3, State::Available).await;
+    let answer = predict(&mut client, spec("scaled"), &[1.0, 2.0]).await;
+    assert_eq!(answer.unwrap(), (3, vec![3.0, 6.0]));
+    server
+        .log
+        .wait_for(&["unloaded", "model=scaled", "version=1"])
+        .await;
+    let _ = std::fs::remove_dir_all(&root);
+}

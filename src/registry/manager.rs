@@ -158,6 +158,10 @@ struct ManagedModel {
     spec: ModelSpec,
     base: BasePath,
     loaded: BTreeMap<i64, Arc<Servable>>,
+    /// Versions loaded from the model's previous base path: they serve (where `loaded` has
+    /// no version of the same number) until a version from the new one does, then unload,
+    /// so that moving a model keeps it available, as a new version does.
+    replaced: BTreeMap<i64, Arc<Servable>>,
     /// The versions the policy wanted at the last listing.
     wanted: BTreeSet<i64>,
     /// Wanted versions that failed to load, and when each is tried again.
@@ -349,7 +353,9 @@ impl Manager {
 
     /// Applies a new model list and returns the names of the models to list now (new ones
     /// and those whose policy changed). Removed models unload; a model whose base path
-    /// changed starts afresh; one whose policy or labels changed keeps what it has loaded.
+    /// changed lists its new one afresh, serving what it had loaded until a version from
+    /// there serves (see [`ManagedModel::replaced`]); one whose policy or labels changed
+    /// keeps what it has loaded.
     /// Checked whole before anything changes, so a refused list leaves the old one in force.
     /// Also returns the unloads it started, which resolve once those versions are freed.
     fn set_models(
@@ -381,8 +387,11 @@ impl Manager {
         for name in removed {
             if let Some(model) = self.models.remove(&name) {
                 tracing::info!(model = %name, "model removed from the config; unloading");
+                for servable in model.replaced.into_values() {
+                    unloads.push(self.retire(servable, false));
+                }
                 for (_, servable) in model.loaded {
-                    unloads.push(self.retire(servable));
+                    unloads.push(self.retire(servable, true));
                 }
                 self.released.push(model.base);
             }
@@ -406,9 +415,23 @@ impl Manager {
                     }
                 }
                 _ => {
+                    let mut replaced = BTreeMap::new();
                     if let Some(old) = self.models.remove(&spec.name) {
-                        for (_, servable) in old.loaded {
-                            unloads.push(self.retire(servable));
+                        // Moved to another base path: what serves goes on serving until a
+                        // version from the new path does; not for models that swap
+                        // unload-first, nor for on-demand ones, which load from files
+                        // (the old path's may leave the cache now).
+                        let keep = !self.config.residency.is_unload_first(&spec.name)
+                            && !self.config.residency.is_on_demand(&spec.name);
+                        let serving = old.replaced.into_iter().chain(old.loaded);
+                        for (version, servable) in serving {
+                            if keep {
+                                if let Some(older) = replaced.insert(version, servable) {
+                                    unloads.push(self.retire(older, false));
+                                }
+                            } else {
+                                unloads.push(self.retire(servable, true));
+                            }
                         }
                         self.released.push(old.base);
                     }
@@ -420,6 +443,7 @@ impl Manager {
                             spec,
                             base,
                             loaded: BTreeMap::new(),
+                            replaced,
                             wanted: BTreeSet::new(),
                             failed: HashMap::new(),
                             listed: None,
@@ -447,6 +471,7 @@ impl Manager {
 
     async fn poll_model(&mut self, name: &str) {
         let storage_error = self.sync_model(name).await.err();
+        self.retire_replaced(name);
         let base_interval = self.config.poll_interval.unwrap_or(Duration::from_secs(1));
         let Some(model) = self.models.get_mut(name) else {
             return;
@@ -701,16 +726,38 @@ impl Manager {
             .get_mut(name)
             .and_then(|model| model.loaded.remove(&version))?;
         self.publish();
-        Some(self.retire(servable))
+        Some(self.retire(servable, true))
+    }
+
+    /// Once a version from `name`'s new base path serves, unloads the versions loaded from
+    /// its previous one (see [`ManagedModel::replaced`]).
+    fn retire_replaced(&mut self, name: &str) {
+        let Some(model) = self.models.get_mut(name) else {
+            return;
+        };
+        if model.replaced.is_empty() || model.loaded.is_empty() {
+            return;
+        }
+        let replaced = std::mem::take(&mut model.replaced);
+        let taken_over: BTreeSet<i64> = model.loaded.keys().copied().collect();
+        tracing::info!(model = %name, "serving from its new base path; unloading the versions of the old one");
+        self.publish();
+        for (version, servable) in replaced {
+            // A version number the new path also has keeps the new version's status.
+            drop(self.retire(servable, !taken_over.contains(&version)));
+        }
     }
 
     /// Takes a version out of service: UNLOADING while requests still hold it, END once the
     /// last one has answered and its workers have exited, freeing the module. The handle
-    /// resolves then.
-    fn retire(&self, servable: Arc<Servable>) -> JoinHandle<()> {
+    /// resolves then. Without `report`, its status is left to the version of the same
+    /// number that replaced it.
+    fn retire(&self, servable: Arc<Servable>, report: bool) -> JoinHandle<()> {
         let registry = Arc::clone(&self.registry);
         let (model, version) = (servable.model.clone(), servable.version);
-        registry.set_status(&model, version, VersionState::Unloading, None);
+        if report {
+            registry.set_status(&model, version, VersionState::Unloading, None);
+        }
         tracing::info!(model = %model, version, "unloading");
         tokio::spawn(async move {
             while Arc::strong_count(&servable) > 1 {
@@ -727,7 +774,9 @@ impl Manager {
                     tracing::error!(model = %model, version, "a worker panicked while unloading");
                 }
             }
-            registry.finish_unload(&model, version);
+            if report {
+                registry.finish_unload(&model, version);
+            }
             tracing::info!(model = %model, version, "unloaded");
         })
     }
@@ -740,7 +789,12 @@ impl Manager {
                 (
                     name.clone(),
                     ServingModel {
-                        versions: model.loaded.clone(),
+                        versions: model
+                            .replaced
+                            .iter()
+                            .chain(&model.loaded)
+                            .map(|(&version, servable)| (version, Arc::clone(servable)))
+                            .collect(),
                         labels: model.spec.labels.clone(),
                     },
                 )
