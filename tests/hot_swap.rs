@@ -167,3 +167,58 @@ async fn a_model_moved_to_another_base_path_serves_until_the_new_one_does() {
         .await;
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A label moved to a version that is not available yet (loading, or failing) keeps
+/// answering from the version it pointed at, as TF Serving never points a label at a
+/// version that is not AVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_label_moves_only_once_its_new_version_serves() {
+    let root = scratch("label-moves");
+    let base = root.join("scaled");
+    copy_version(&base, 1);
+    std::fs::create_dir_all(base.join("3")).unwrap();
+    for file in ["model.pt", "signature.json"] {
+        let corrupt = fixtures().join("corrupt/1").join(file);
+        std::fs::copy(corrupt, base.join("3").join(file)).unwrap();
+    }
+    let canary = |versions: &str, label: i64| {
+        format!(
+            "model_version_policy {{ specific {{ {versions} }} }} \
+             version_labels {{ key: \"canary\" value: {label} }}"
+        )
+    };
+    let config = write_config(
+        &root,
+        &[("scaled", base.clone(), &canary("versions: 1", 1))],
+    );
+    let server = Server::start_rest(
+        &[
+            format!("--model_config_file={}", config.display()),
+            "--model_config_file_poll_wait_seconds=1".into(),
+            "--device=cpu".into(),
+        ],
+        &[],
+    );
+    server.wait_readyz(200).await;
+    let models = server.models().await;
+    let mut client = server.prediction().await;
+    let by_label = spec_label("scaled", "canary");
+    let answer = predict(&mut client, by_label.clone(), &[1.0]).await;
+    assert_eq!(answer.unwrap(), (1, vec![1.0]));
+
+    // canary moves to version 3, which fails to load: it stays on version 1.
+    let moved = canary("versions: 1 versions: 3", 3);
+    write_config(&root, &[("scaled", base.clone(), &moved)]);
+    let error = wait_for_state(&models, "scaled", 3, State::End).await;
+    assert!(error.contains("model.pt"), "{error}");
+    let answer = predict(&mut client, by_label.clone(), &[1.0]).await;
+    assert_eq!(answer.unwrap(), (1, vec![1.0]), "{}", server.log());
+
+    // Version 3 is fixed: it loads, and canary follows.
+    std::fs::remove_dir_all(base.join("3")).unwrap();
+    copy_version(&base, 3);
+    wait_for_state(&models, "scaled", 3, State::Available).await;
+    let answer = predict(&mut client, by_label, &[1.0]).await;
+    assert_eq!(answer.unwrap(), (3, vec![3.0]));
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -162,6 +162,9 @@ struct ManagedModel {
     /// no version of the same number) until a version from the new one does, then unload,
     /// so that moving a model keeps it available, as a new version does.
     replaced: BTreeMap<i64, Arc<Servable>>,
+    /// The versions its labels point at as last published: a label whose configured
+    /// version does not serve (yet) keeps pointing where it did while that version serves.
+    bound_labels: BTreeMap<String, i64>,
     /// The versions the policy wanted at the last listing.
     wanted: BTreeSet<i64>,
     /// Wanted versions that failed to load, and when each is tried again.
@@ -444,6 +447,7 @@ impl Manager {
                             base,
                             loaded: BTreeMap::new(),
                             replaced,
+                            bound_labels: BTreeMap::new(),
                             wanted: BTreeSet::new(),
                             failed: HashMap::new(),
                             listed: None,
@@ -781,23 +785,42 @@ impl Manager {
         })
     }
 
-    fn publish(&self) {
+    /// Publishes what serves. A label binds to its configured version once that version
+    /// serves; until then it keeps pointing at the version it pointed at, while that one
+    /// serves (a config that moves `canary` from 2 to 3 keeps `canary` answering from 2
+    /// while 3 loads, or if it fails), as TF Serving never points a label at a version
+    /// that is not AVAILABLE.
+    fn publish(&mut self) {
         let models = self
             .models
-            .iter()
+            .iter_mut()
             .map(|(name, model)| {
-                (
-                    name.clone(),
-                    ServingModel {
-                        versions: model
-                            .replaced
-                            .iter()
-                            .chain(&model.loaded)
-                            .map(|(&version, servable)| (version, Arc::clone(servable)))
-                            .collect(),
-                        labels: model.spec.labels.clone(),
-                    },
-                )
+                let versions: BTreeMap<i64, Arc<Servable>> = model
+                    .replaced
+                    .iter()
+                    .chain(&model.loaded)
+                    .map(|(&version, servable)| (version, Arc::clone(servable)))
+                    .collect();
+                let labels: BTreeMap<String, i64> = model
+                    .spec
+                    .labels
+                    .iter()
+                    .map(|(label, &version)| {
+                        let before = model.bound_labels.get(label).copied();
+                        let bound = match before {
+                            Some(old)
+                                if !versions.contains_key(&version)
+                                    && versions.contains_key(&old) =>
+                            {
+                                old
+                            }
+                            _ => version,
+                        };
+                        (label.clone(), bound)
+                    })
+                    .collect();
+                model.bound_labels.clone_from(&labels);
+                (name.clone(), ServingModel { versions, labels })
             })
             .collect();
         self.registry.publish(ServingMap { models });
