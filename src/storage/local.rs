@@ -21,10 +21,14 @@ pub(super) fn list(dir: &Path) -> Result<BTreeMap<i64, VersionEntry>, StorageErr
         let Some(version) = parse_version(&entry.file_name().to_string_lossy()) else {
             continue;
         };
-        if !entry.file_type().map_err(|e| list_error(dir, e))?.is_dir() {
+        let path = entry.path();
+        // A version directory may be a symlink (git-sync, a volume's `..data` links): it
+        // counts when it leads to a directory; one that leads nowhere is not a version.
+        let kind = entry.file_type().map_err(|e| list_error(dir, e))?;
+        let is_dir = kind.is_dir() || (kind.is_symlink() && path.is_dir());
+        if !is_dir {
             continue;
         }
-        let path = entry.path();
         match version_entry(&path) {
             Ok(Some(found)) => {
                 versions.insert(version, found);
@@ -102,9 +106,12 @@ mod tests {
             }
         }
         std::fs::write(root.join("4"), b"a file, not a directory").unwrap();
+        // Symlinks: to a version directory (it counts), and to nothing (it does not).
+        std::os::unix::fs::symlink(root.join("3"), root.join("5")).unwrap();
+        std::os::unix::fs::symlink(root.join("gone"), root.join("6")).unwrap();
         let base = BasePath::Local(root.clone());
         let versions = base.list_versions().await.unwrap();
-        assert_eq!(versions.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(versions.keys().copied().collect::<Vec<_>>(), vec![1, 3, 5]);
         // model.pt alone, not an archive with a signature: maybe still being written.
         assert!(!versions[&1].complete);
         assert!(versions[&3].complete);
