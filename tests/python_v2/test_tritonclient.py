@@ -335,11 +335,23 @@ def test_repository_unload_and_load_act_on_the_running_config(start_modelgate):
         # No longer configured: not ready over both protocols, as Triton answers a model
         # it does not have (REST's 404 reads as not ready; gRPC answers ready: false).
         assert not client.is_model_ready("tiny")
+        # Still in the index, as Triton lists an unloaded model, so that it can be loaded back.
+        index = client.get_model_repository_index()
+        if module is grpcclient:
+            index = [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason}
+                     for m in index.models]
+        tiny = [e for e in index if e["name"] == "tiny"]
+        assert [(e["state"], e["reason"]) for e in tiny] == [("UNAVAILABLE", "unloaded")], index
+        assert not tiny[0].get("version"), tiny
         with pytest.raises(InferenceServerException) as gone:
             client.infer("tiny", [tiny_input(module, x)])
         assert "not served here" in gone.value.message()
         client.load_model("tiny", headers=token)  # back from its entry in the model config file
         assert client.is_model_ready("tiny")
+        index = client.get_model_repository_index()
+        if module is grpcclient:
+            index = [{"name": m.name, "reason": m.reason} for m in index.models]
+        assert all(e.get("reason") != "unloaded" for e in index if e["name"] == "tiny"), index
         np.testing.assert_array_equal(client.infer("tiny", [tiny_input(module, x)]).as_numpy("y"), 3 * x)
         with pytest.raises(InferenceServerException) as unknown:
             client.load_model("nope", headers=token)

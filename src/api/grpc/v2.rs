@@ -224,7 +224,9 @@ impl GrpcInferenceService for V2GrpcApi {
         request: Request<pb::RepositoryIndexRequest>,
     ) -> Answer<pb::RepositoryIndexResponse> {
         let ready = request.into_inner().ready;
-        let models = v2::repository_index(&self.registry, ready)
+        let models = self
+            .repository
+            .index(ready)
             .into_iter()
             .map(|entry| pb::repository_index_response::ModelIndex {
                 name: entry.name,

@@ -309,7 +309,9 @@ pub(super) fn repository_index(state: &RestState, body: &[u8]) -> Result<Respons
             Error::InvalidArgument(format!("the index request is not valid JSON: {e}"))
         })?
     };
-    let entries: Vec<serde_json::Value> = v2::repository_index(&state.registry, request.ready)
+    let entries: Vec<serde_json::Value> = state
+        .repository
+        .index(request.ready)
         .into_iter()
         .map(|e| {
             let mut entry = serde_json::json!({"name": e.name, "state": e.state});

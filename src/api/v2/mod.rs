@@ -20,10 +20,10 @@ use crate::registry::{
 use crate::signature::{canonical_name, TensorSpec, DEFAULT_SIGNATURE};
 use crate::telemetry::VersionStatistics;
 use crate::tensor::{byte_size, DType, Tensor};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// The V2 extensions served, as ServerMetadata lists them.
@@ -143,10 +143,17 @@ pub struct IndexEntry {
 }
 
 /// Every configured model's versions (a model with none yet has one entry without a
-/// version); with `ready_only`, the versions that serve.
-pub fn repository_index(registry: &Registry, ready_only: bool) -> Vec<IndexEntry> {
+/// version), then the models unloaded through the repository API and not configured since
+/// (UNAVAILABLE, "unloaded", as Triton lists them, so that a tool can load them back);
+/// with `ready_only`, the versions that serve.
+fn repository_index(
+    registry: &Registry,
+    unloaded: &BTreeSet<String>,
+    ready_only: bool,
+) -> Vec<IndexEntry> {
     let mut entries = Vec::new();
-    for name in registry.model_names() {
+    let configured = registry.model_names();
+    for name in configured.iter().cloned() {
         let versions = registry.model_status(&name, None).unwrap_or_default();
         if versions.is_empty() && !ready_only {
             entries.push(IndexEntry {
@@ -183,6 +190,19 @@ pub fn repository_index(registry: &Registry, ready_only: bool) -> Vec<IndexEntry
             });
         }
     }
+    if !ready_only {
+        entries.extend(
+            unloaded
+                .iter()
+                .filter(|name| !configured.contains(name))
+                .map(|name| IndexEntry {
+                    name: name.clone(),
+                    version: String::new(),
+                    state: "UNAVAILABLE",
+                    reason: "unloaded".into(),
+                }),
+        );
+    }
     entries
 }
 
@@ -205,6 +225,8 @@ pub struct RepositoryControl {
     manager: ManagerHandle,
     registry: Arc<Registry>,
     token: Option<AdminToken>,
+    /// Models unloaded through the repository API, for the index.
+    unloaded: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl RepositoryControl {
@@ -219,7 +241,18 @@ impl RepositoryControl {
             manager,
             registry,
             token,
+            unloaded: Arc::default(),
         }
+    }
+
+    fn unloaded(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.unloaded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The repository index: see [`repository_index`].
+    pub fn index(&self, ready_only: bool) -> Vec<IndexEntry> {
+        let unloaded = self.unloaded().clone();
+        repository_index(&self.registry, &unloaded, ready_only)
     }
 
     fn authorize(&self, authorization: Option<&[u8]>) -> Result<(), Error> {
@@ -243,6 +276,7 @@ impl RepositoryControl {
         let spec = (self.entry)(model.to_string()).await?;
         tracing::info!(model, "repository load");
         self.manager.change_model(ModelChange::Upsert(spec)).await?;
+        self.unloaded().remove(model);
         // A load that leaves nothing serving failed, as Triton answers it; the versions'
         // own errors say why.
         let versions = self.registry.model_status(model, None).unwrap_or_default();
@@ -273,10 +307,11 @@ impl RepositoryControl {
     pub async fn unload(&self, authorization: Option<&[u8]>, model: &str) -> Result<(), Error> {
         self.authorize(authorization)?;
         tracing::info!(model, "repository unload");
-        Ok(self
-            .manager
+        self.manager
             .change_model(ModelChange::Remove(model.to_string()))
-            .await?)
+            .await?;
+        self.unloaded().insert(model.to_string());
+        Ok(())
     }
 }
 
