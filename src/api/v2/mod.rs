@@ -153,8 +153,8 @@ fn repository_index(
 ) -> Vec<IndexEntry> {
     let mut entries = Vec::new();
     let configured = registry.model_names();
-    for name in configured.iter().cloned() {
-        let versions = registry.model_status(&name, None).unwrap_or_default();
+    for name in &configured {
+        let versions = registry.model_status(name, None).unwrap_or_default();
         if versions.is_empty() && !ready_only {
             entries.push(IndexEntry {
                 name: name.clone(),
@@ -177,7 +177,7 @@ fn repository_index(
             let reason = match status.error {
                 Some(error) => error,
                 None if state == "READY" => registry
-                    .resolve(&name, &VersionSelector::Number(version))
+                    .resolve(name, &VersionSelector::Number(version))
                     .map(|servable| servable.residency())
                     .unwrap_or_default(),
                 None => String::new(),
