@@ -38,6 +38,8 @@ import torch
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BINARY = os.environ.get("MODELGATE_BINARY", os.path.join(ROOT, "target/release/modelgate"))
+# V2 repository load and unload need the admin token (they are off without one).
+ADMIN_TOKEN = "gpu-check"
 FAILED = []
 
 
@@ -80,7 +82,8 @@ class Server:
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [BINARY, f"--model_config_file={config}", f"--port={free_port()}",
-             f"--rest_api_port={self.rest}", f"--device={device}", *flags],
+             f"--rest_api_port={self.rest}", f"--device={device}",
+             f"--admin_token={ADMIN_TOKEN}", *flags],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -96,7 +99,8 @@ class Server:
     def call(self, method, path, body=None):
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{self.rest}{path}", data=data,
-                                         method=method)
+                                         method=method,
+                                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
         with urllib.request.urlopen(request, timeout=120) as response:
             text = response.read().decode()
         return json.loads(text) if text.startswith("{") else text
