@@ -482,3 +482,44 @@ async fn pytorch2_packages_are_served_from_s3() {
     drop(server);
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// An object S3 refuses for good (here archived to Glacier: InvalidObjectState) fails that
+/// version's load, retried as a failed load is; it is no outage: the model's polling does
+/// not back off, the version is not fetched again on every poll, and the serving version
+/// keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_refused_for_good_fails_its_version_not_the_storage() {
+    let moto = Moto::start();
+    let s3 = moto.client();
+    seed(&s3, &config_text(&[scaled_config("")])).await;
+    let cache = scratch("s3-refused-cache");
+    let server = Server::start_rest(&server_args(&cache), &moto.server_env("refused-secret"));
+    server.wait_available(&["scaled"]).await;
+    let models = server.models().await;
+
+    let fixture = fixtures().join("scaled/2");
+    s3.put_files(BUCKET, "repo/scaled/2", &fixture, &["signature.json"])
+        .await;
+    s3.0.put_object()
+        .bucket(BUCKET)
+        .key("repo/scaled/2/model.pt")
+        .storage_class(aws_sdk_s3::types::StorageClass::Glacier)
+        .body(std::fs::read(fixture.join("model.pt")).unwrap().into())
+        .send()
+        .await
+        .unwrap();
+    let error = wait_for_state(&models, "scaled", 2, State::End).await;
+    assert!(error.contains("InvalidObjectState"), "{error}");
+    assert!(error.contains("retry 1 of"), "{error}");
+    polls(&moto, 2).await;
+    let fetches = moto.log.count(&["GET /models/repo/scaled/2/model.pt"]);
+    assert_eq!(fetches, 1, "fetched again on a poll");
+    assert_eq!(
+        server.log.count(&["storage unavailable", "model=scaled"]),
+        0,
+        "{}",
+        server.log.text()
+    );
+    wait_for_served_version(&server, 1).await;
+    let _ = std::fs::remove_dir_all(&cache);
+}

@@ -613,7 +613,13 @@ impl Manager {
                 if fetched_bytes > 0 {
                     crate::telemetry::record_storage_fetch(name, fetched_bytes);
                 }
-                dir
+                Ok(dir)
+            }
+            // One object refused for good: this version fails to load (and is retried as
+            // a failed load), the model's storage is not backed off.
+            Err(e @ StorageError::Refused { .. }) => {
+                crate::telemetry::record_storage_error(name);
+                Err(e.to_string())
             }
             Err(e) => {
                 crate::telemetry::record_storage_error(name);
@@ -634,7 +640,10 @@ impl Manager {
             LoadReason::Config
         };
         let on_demand = self.config.residency.is_on_demand(name);
-        let result = self.start(name, version, dir, on_demand).await;
+        let result = match dir {
+            Ok(dir) => self.start(name, version, dir, on_demand).await,
+            Err(refused) => Err(refused),
+        };
         if !on_demand {
             crate::telemetry::record_model_load(name, reason, started.elapsed(), result.is_ok());
         }

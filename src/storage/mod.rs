@@ -31,9 +31,9 @@ pub const SAVED_MODEL_FILES: &[&str] = &["saved_model.pb", "saved_model.pbtxt"];
 /// (`<archive name>/extra/`).
 const EMBEDDED_SIGNATURE_SUFFIX: &str = "/extra/signature.json";
 
-/// Why storage could not answer. Every variant is transient from the manager's point of view
-/// (retried with backoff); a version whose files are there but do not load is a load error,
-/// not a storage error.
+/// Why storage could not answer. Every variant but [`StorageError::Refused`] is transient from
+/// the manager's point of view (retried with backoff); a version whose files are there but
+/// do not load is a load error, not a storage error.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum StorageError {
     #[error("cannot list {path}: {message}")]
@@ -42,6 +42,11 @@ pub enum StorageError {
     Read { path: String, message: String },
     #[error("cannot fetch {path}: {message}")]
     Fetch { path: String, message: String },
+    /// The store answers, but refuses one object for good as it stands (access denied to
+    /// it, an archived object): a load failure of that version, retried as load failures
+    /// are, not an outage that backs off the whole model.
+    #[error("cannot fetch {path}: {message}")]
+    Refused { path: String, message: String },
     #[error("model cache {path}: {message}")]
     Cache { path: String, message: String },
     #[error("invalid storage location '{location}': {message}")]

@@ -306,7 +306,23 @@ async fn download(
     let mut body = request
         .send()
         .await
-        .map_err(|e| fetch_error(error_chain(&e)))?
+        .map_err(|e| {
+            let refused = e.as_service_error().is_some_and(|service| {
+                service.is_invalid_object_state() || service.meta().code() == Some("AccessDenied")
+            });
+            let message = error_chain(&e);
+            if refused {
+                StorageError::Refused {
+                    path: format!("s3://{bucket}/{key}"),
+                    message: format!(
+                        "{message} (refused as it stands: an archived object must be restored, \
+                         a denied one made readable to the server)"
+                    ),
+                }
+            } else {
+                fetch_error(message)
+            }
+        })?
         .body;
     let mut out = tokio::fs::File::create(target)
         .await
