@@ -24,6 +24,31 @@ fn copy_version(base: &Path, version: i64) {
     std::fs::rename(to.join(".signature.json.part"), to.join("signature.json")).unwrap();
 }
 
+/// Puts the `corrupt` fixture (a model.pt that is not one) at `version` under `base`.
+fn corrupt_version(base: &Path, version: i64) {
+    let to = base.join(version.to_string());
+    std::fs::create_dir_all(&to).unwrap();
+    for file in ["model.pt", "signature.json"] {
+        std::fs::copy(fixtures().join("corrupt/1").join(file), to.join(file)).unwrap();
+    }
+}
+
+/// A server on the model config file `config`, re-read every second (and every base path
+/// listed every second), once ready.
+async fn serve_config(config: &Path) -> Server {
+    let server = Server::start_rest(
+        &[
+            format!("--model_config_file={}", config.display()),
+            "--model_config_file_poll_wait_seconds=1".into(),
+            "--file_system_poll_wait_seconds=1".into(),
+            "--device=cpu".into(),
+        ],
+        &[],
+    );
+    server.wait_readyz(200).await;
+    server
+}
+
 #[derive(Default)]
 struct Tally {
     /// Answers per version.
@@ -130,22 +155,9 @@ async fn a_model_moved_to_another_base_path_serves_until_the_new_one_does() {
     let root = scratch("moved");
     let (old, new) = (root.join("old"), root.join("new"));
     copy_version(&old, 1);
-    std::fs::create_dir_all(new.join("1")).unwrap();
-    for file in ["model.pt", "signature.json"] {
-        let corrupt = fixtures().join("corrupt/1").join(file);
-        std::fs::copy(corrupt, new.join("1").join(file)).unwrap();
-    }
+    corrupt_version(&new, 1);
     let config = write_config(&root, &[("scaled", old.clone(), "")]);
-    let server = Server::start_rest(
-        &[
-            format!("--model_config_file={}", config.display()),
-            "--model_config_file_poll_wait_seconds=1".into(),
-            "--file_system_poll_wait_seconds=1".into(),
-            "--device=cpu".into(),
-        ],
-        &[],
-    );
-    server.wait_readyz(200).await;
+    let server = serve_config(&config).await;
     let models = server.models().await;
     let mut client = server.prediction().await;
 
@@ -176,11 +188,7 @@ async fn a_label_moves_only_once_its_new_version_serves() {
     let root = scratch("label-moves");
     let base = root.join("scaled");
     copy_version(&base, 1);
-    std::fs::create_dir_all(base.join("3")).unwrap();
-    for file in ["model.pt", "signature.json"] {
-        let corrupt = fixtures().join("corrupt/1").join(file);
-        std::fs::copy(corrupt, base.join("3").join(file)).unwrap();
-    }
+    corrupt_version(&base, 3);
     let canary = |versions: &str, label: i64| {
         format!(
             "model_version_policy {{ specific {{ {versions} }} }} \
@@ -191,15 +199,7 @@ async fn a_label_moves_only_once_its_new_version_serves() {
         &root,
         &[("scaled", base.clone(), &canary("versions: 1", 1))],
     );
-    let server = Server::start_rest(
-        &[
-            format!("--model_config_file={}", config.display()),
-            "--model_config_file_poll_wait_seconds=1".into(),
-            "--device=cpu".into(),
-        ],
-        &[],
-    );
-    server.wait_readyz(200).await;
+    let server = serve_config(&config).await;
     let models = server.models().await;
     let mut client = server.prediction().await;
     let by_label = spec_label("scaled", "canary");
