@@ -262,47 +262,9 @@ impl Manager {
                 }
             };
             tokio::select! {
-                command = self.commands.recv() => {
-                // A load of one model (V2's repository load) lists it again even when its
-                // entry did not change, and its failed versions are tried again at once.
-                let reloaded = match &command {
-                    Some(Command::Change(ModelChange::Upsert(spec), _)) => Some(spec.name.clone()),
-                    _ => None,
-                };
-                match command.map(|c| self.specs_of(c)) {
-                    Some((Ok(models), done)) => match self.set_models(models) {
-                        Ok((mut changed, unloads)) => {
-                            if let Some(name) = reloaded {
-                                if let Some(model) = self.models.get_mut(&name) {
-                                    model.failed.clear();
-                                    model.backoff = Backoff::default();
-                                }
-                                if !changed.contains(&name) {
-                                    changed.push(name);
-                                }
-                            }
-                            self.poll(&changed).await;
-                            for base in std::mem::take(&mut self.released) {
-                                self.retain_cached(&base).await;
-                            }
-                            // Answered once the removed versions are freed, without holding
-                            // up the manager while their last requests finish.
-                            tokio::spawn(async move {
-                                for unload in unloads {
-                                    let _ = unload.await;
-                                }
-                                let _ = done.send(Ok(()));
-                            });
-                        }
-                        Err(e) => {
-                            let _ = done.send(Err(e));
-                        }
-                    },
-                    Some((Err(e), done)) => {
-                        let _ = done.send(Err(e));
-                    }
+                command = self.commands.recv() => match command {
+                    Some(command) => self.handle(command).await,
                     None => break,
-                }
                 },
                 () = tick => {
                     let due: Vec<String> = self.models.keys().cloned().collect();
@@ -321,6 +283,44 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Applies a command: the models it changes are listed and loaded (a load of one model,
+    /// V2's repository load, lists it even when its entry did not change, and tries its
+    /// failed versions again at once), and it is answered once the versions it removed are
+    /// freed, without holding up the manager while their last requests finish.
+    async fn handle(&mut self, command: Command) {
+        let reloaded = match &command {
+            Command::Change(ModelChange::Upsert(spec), _) => Some(spec.name.clone()),
+            _ => None,
+        };
+        let (models, done) = self.specs_of(command);
+        let (mut changed, unloads) = match models.and_then(|models| self.set_models(models)) {
+            Ok(applied) => applied,
+            Err(e) => {
+                let _ = done.send(Err(e));
+                return;
+            }
+        };
+        if let Some(name) = reloaded {
+            if let Some(model) = self.models.get_mut(&name) {
+                model.failed.clear();
+                model.backoff = Backoff::default();
+            }
+            if !changed.contains(&name) {
+                changed.push(name);
+            }
+        }
+        self.poll(&changed).await;
+        for base in std::mem::take(&mut self.released) {
+            self.retain_cached(&base).await;
+        }
+        tokio::spawn(async move {
+            for unload in unloads {
+                let _ = unload.await;
+            }
+            let _ = done.send(Ok(()));
+        });
     }
 
     /// The whole model list a command asks for, and where to answer it.

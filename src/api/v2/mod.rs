@@ -279,13 +279,10 @@ impl RepositoryControl {
         self.unloaded().remove(model);
         // A load that leaves nothing serving failed, as Triton answers it; the versions'
         // own errors say why.
-        let versions = self.registry.model_status(model, None).unwrap_or_default();
-        if versions
-            .iter()
-            .any(|(_, status)| status.state == VersionState::Available)
-        {
+        if !self.registry.serving_versions(model).is_empty() {
             return Ok(());
         }
+        let versions = self.registry.model_status(model, None).unwrap_or_default();
         let why: Vec<String> = versions
             .iter()
             .map(|(version, status)| {
