@@ -115,8 +115,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
                 warm_up,
                 freeze_models: flags.freeze_models.clone(),
             },
-            poll_interval: (flags.file_system_poll_wait_seconds > 0)
-                .then(|| Duration::from_secs(flags.file_system_poll_wait_seconds)),
+            poll_interval: flags.file_system_poll_interval(),
             load_retries: LoadRetries {
                 max_retries: flags.max_num_load_retries,
                 interval: Duration::from_micros(flags.load_retry_interval_micros),
@@ -140,12 +139,12 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
     };
 
     tokio::spawn(manager.run(specs));
-    if flags.model_config_file_poll_wait_seconds > 0 {
-        tokio::spawn(models.clone().poll(
-            Duration::from_secs(flags.model_config_file_poll_wait_seconds),
-            manager_handle.clone(),
-            config_text,
-        ));
+    if let Some(interval) = flags.config_poll_interval() {
+        tokio::spawn(
+            models
+                .clone()
+                .poll(interval, manager_handle.clone(), config_text),
+        );
     }
 
     let (draining_tx, draining_rx) = watch::channel(false);

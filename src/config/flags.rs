@@ -4,6 +4,7 @@
 use super::memory::MemoryBudget;
 use clap::{ArgAction, Parser};
 use std::str::FromStr;
+use std::time::Duration;
 
 /// The flags of `tensorflow_model_server` 2.x (`model_servers/main.cc`) that have no meaning
 /// for modelgate, each with why. They are accepted and ignored with a warning, so existing
@@ -35,7 +36,7 @@ const IGNORED_TF_SERVING_FLAGS: &[(&str, &str)] = &[
     ("mixed_precision", "a TensorFlow graph option"),
     (
         "num_load_threads",
-        "versions load on blocking threads of their own",
+        "versions load one at a time, as with TF Serving's default of 0",
     ),
     (
         "num_tflite_interpreters_per_pool",
@@ -50,7 +51,10 @@ const IGNORED_TF_SERVING_FLAGS: &[(&str, &str)] = &[
         "per_process_gpu_memory_fraction",
         "libtorch allocates GPU memory as it needs it",
     ),
-    ("platform_config_file", "the platform is always TorchScript"),
+    (
+        "platform_config_file",
+        "the platform is PyTorch, TorchScript or AOTInductor by each version's files",
+    ),
     ("prefer_tflite_model", "there is no TensorFlow Lite"),
     (
         "remove_unused_fields_from_bundle_metagraph",
@@ -143,13 +147,23 @@ pub struct Flags {
     #[arg(long = "model_config_file")]
     pub model_config_file: Option<String>,
 
-    /// Re-read the model config file this often; 0 = never.
-    #[arg(long = "model_config_file_poll_wait_seconds", default_value_t = 0)]
-    pub model_config_file_poll_wait_seconds: u64,
+    /// Re-read the model config file this often; 0 or less = never (see
+    /// [`Flags::config_poll_interval`]).
+    #[arg(
+        long = "model_config_file_poll_wait_seconds",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub model_config_file_poll_wait_seconds: i64,
 
-    /// Look for new and removed versions under each base path this often; 0 = only at start.
-    #[arg(long = "file_system_poll_wait_seconds", default_value_t = 1)]
-    pub file_system_poll_wait_seconds: u64,
+    /// Look for new and removed versions under each base path this often; 0 or less = only
+    /// at start (see [`Flags::file_system_poll_interval`]).
+    #[arg(
+        long = "file_system_poll_wait_seconds",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
+    pub file_system_poll_wait_seconds: i64,
 
     /// Server-side batching.
     #[arg(long = "enable_batching", num_args = 0..=1, default_value_t = false,
@@ -365,6 +379,27 @@ pub struct Flags {
     pub log_format: LogFormat,
 }
 
+impl Flags {
+    /// How often base paths are listed after the first listing at start; `None` for 0 or
+    /// less. TF Serving never lists at all for a negative value (its flag reserves that for
+    /// tests): a server that never loads a model serves nobody, so modelgate lists once.
+    pub fn file_system_poll_interval(&self) -> Option<Duration> {
+        positive_seconds(self.file_system_poll_wait_seconds)
+    }
+
+    /// How often the model config file is read again; `None` (never) for 0 or less.
+    pub fn config_poll_interval(&self) -> Option<Duration> {
+        positive_seconds(self.model_config_file_poll_wait_seconds)
+    }
+}
+
+fn positive_seconds(seconds: i64) -> Option<Duration> {
+    u64::try_from(seconds)
+        .ok()
+        .filter(|&s| s > 0)
+        .map(Duration::from_secs)
+}
+
 /// A flag value that must never reach a log: its `Debug` prints `<redacted>`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Redacted(pub String);
@@ -423,6 +458,13 @@ where
         }
     }
     let flags = Flags::try_parse_from(kept)?;
+    if flags.file_system_poll_wait_seconds < 0 {
+        warnings.push(format!(
+            "--file_system_poll_wait_seconds={}: TF Serving reserves negative values for tests \
+             and never polls; modelgate lists each base path once at start, as with 0",
+            flags.file_system_poll_wait_seconds
+        ));
+    }
     Ok((flags, warnings))
 }
 
@@ -434,6 +476,30 @@ mod tests {
         let mut all = vec!["modelgate".to_string()];
         all.extend(args.iter().map(|s| s.to_string()));
         parse_args(all).unwrap()
+    }
+
+    #[test]
+    fn poll_intervals_take_tf_servings_values() {
+        let (flags, warnings) = parse(&[]);
+        assert_eq!(
+            flags.file_system_poll_interval(),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(flags.config_poll_interval(), None);
+        assert!(warnings.is_empty());
+
+        let (flags, warnings) = parse(&[
+            "--file_system_poll_wait_seconds",
+            "-1",
+            "--model_config_file_poll_wait_seconds=-5",
+        ]);
+        assert_eq!(flags.file_system_poll_interval(), None);
+        assert_eq!(flags.config_poll_interval(), None);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("lists each base path once at start"));
+
+        let (flags, _) = parse(&["--model_config_file_poll_wait_seconds=30"]);
+        assert_eq!(flags.config_poll_interval(), Some(Duration::from_secs(30)));
     }
 
     #[test]
