@@ -353,3 +353,57 @@ async fn a_request_that_never_finishes_is_cut_at_the_drain_limit() {
     let _ = stuck.read_to_end(&mut rest);
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
 }
+
+/// The default S3 cache lives in the shared temp dir: a cache directory there that another
+/// user could have planted, or could write to, is refused at start rather than trusted
+/// (a complete-looking version directory in it would be loaded as the model).
+#[test]
+fn a_default_cache_others_can_write_to_is_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tmp = common::scratch("shared-tmp");
+    let uid = std::fs::metadata(&tmp).expect("scratch").uid();
+    let cache = tmp.join(format!("modelgate-cache-{uid}"));
+    std::fs::create_dir(&cache).expect("cache dir");
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+
+    let base = format!(
+        "--model_base_path={}",
+        common::fixtures().join("tiny").display()
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .args(["--port=0", "--rest_api_port=0", &base])
+        .env("TMPDIR", &tmp)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run modelgate");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr);
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "started ({status:?}):\n{stderr}"
+    );
+    assert!(
+        stderr.contains("others may write to it (mode 777)")
+            && stderr.contains("--model_cache_dir"),
+        "{stderr}"
+    );
+}

@@ -43,6 +43,8 @@ pub enum AppError {
     Grpc(#[from] api::grpc::BuildError),
     #[error("cannot set up metrics: {0}")]
     Metrics(String),
+    #[error(transparent)]
+    Cache(crate::storage::StorageError),
 }
 
 /// How long the request log writers may take, at exit, to write what is queued.
@@ -50,13 +52,11 @@ const REQUEST_LOG_FLUSH: Duration = Duration::from_secs(10);
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(flags: Flags) -> Result<(), AppError> {
-    let storage = Storage::new(
-        flags
-            .model_cache_dir
-            .clone()
-            .unwrap_or_else(Storage::default_cache_dir),
-        S3Env::from_env(),
-    );
+    let cache_dir = match &flags.model_cache_dir {
+        Some(dir) => dir.clone(),
+        None => Storage::default_cache_dir().map_err(AppError::Cache)?,
+    };
+    let storage = Storage::new(cache_dir, S3Env::from_env());
     let models = ModelSource::from_flags(&flags, storage.clone())?;
     let (specs, config_text) = models.initial().await?;
     let batching = settings::batching_options(&flags)?;

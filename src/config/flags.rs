@@ -286,7 +286,8 @@ pub struct Flags {
     pub load_retry_interval_micros: u64,
 
     /// Where versions fetched from S3 are kept (modelgate's own flag); default: a
-    /// `modelgate-cache` directory under the system temp dir. One server per directory.
+    /// `modelgate-cache-<uid>` directory under the system temp dir, private to this user.
+    /// One server per directory.
     #[arg(long = "model_cache_dir")]
     pub model_cache_dir: Option<std::path::PathBuf>,
 

@@ -28,6 +28,50 @@ pub struct Cache {
     temp_counter: AtomicU64,
 }
 
+/// The default cache root: `modelgate-cache-<uid>` under the system temp dir, made for this
+/// user alone (mode 0700). A shared temp dir lets anyone create that path first, and a
+/// directory at a version's final name is trusted as a complete download, so a root that is
+/// not a directory owned by this user, or that others may write to, is refused rather than
+/// used: anyone able to write there could choose the model this server loads.
+pub fn default_root() -> Result<PathBuf, StorageError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    private_root(
+        &std::env::temp_dir().join(format!("modelgate-cache-{uid}")),
+        uid,
+    )
+}
+
+fn private_root(root: &Path, uid: u32) -> Result<PathBuf, StorageError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let refused = |message: String| StorageError::Cache {
+        path: root.display().to_string(),
+        message: format!("{message}; set --model_cache_dir to a directory of this server's own"),
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(refused(format!("cannot create it: {e}"))),
+    }
+    let meta = std::fs::symlink_metadata(root).map_err(|e| refused(e.to_string()))?;
+    if !meta.file_type().is_dir() {
+        return Err(refused("it exists and is not a directory".into()));
+    }
+    if meta.uid() != uid {
+        return Err(refused(format!(
+            "it belongs to user {}, not to this server's user {uid}",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refused(format!(
+            "others may write to it (mode {:o})",
+            meta.mode() & 0o777
+        )));
+    }
+    Ok(root.to_path_buf())
+}
+
 impl Cache {
     pub fn new(root: PathBuf) -> Cache {
         Cache {
@@ -183,6 +227,44 @@ mod tests {
         );
         assert_eq!(safe_component("a b"), "a_b");
         assert_eq!(safe_component(".tmp-x"), "_.tmp-x");
+    }
+
+    #[test]
+    fn the_default_root_is_private_to_its_user() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: as in `default_root`.
+        let uid = unsafe { libc::geteuid() };
+        let root = std::env::temp_dir().join(format!("modelgate-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+
+        assert_eq!(private_root(&root, uid).unwrap(), root);
+        let mode = std::fs::metadata(&root).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(private_root(&root, uid).unwrap(), root, "found again");
+
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let error = private_root(&root, uid).unwrap_err().to_string();
+        assert!(
+            error.contains("others may write to it (mode 777)"),
+            "{error}"
+        );
+        assert!(error.contains("--model_cache_dir"), "{error}");
+
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let error = private_root(&root, uid.wrapping_add(1))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("belongs to user"), "{error}");
+        std::fs::remove_dir_all(&root).unwrap();
+
+        // A symlink planted at the path is not followed.
+        let target = root.with_extension("target");
+        std::fs::create_dir_all(&target).unwrap();
+        std::os::unix::fs::symlink(&target, &root).unwrap();
+        let error = private_root(&root, uid).unwrap_err().to_string();
+        assert!(error.contains("not a directory"), "{error}");
+        std::fs::remove_file(&root).unwrap();
+        std::fs::remove_dir_all(&target).unwrap();
     }
 
     /// An empty cache in a directory of its own, and that directory.

@@ -111,9 +111,9 @@ impl Storage {
         }
     }
 
-    /// The default cache directory: `modelgate-cache` under the system temp dir.
-    pub fn default_cache_dir() -> PathBuf {
-        std::env::temp_dir().join("modelgate-cache")
+    /// The default cache directory, private to this user (see [`cache::default_root`]).
+    pub fn default_cache_dir() -> Result<PathBuf, StorageError> {
+        cache::default_root()
     }
 
     /// A model's base path: `s3://bucket/prefix` or a local directory.
