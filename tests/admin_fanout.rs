@@ -9,7 +9,8 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use common::http::call;
-use common::{fixture_config, free_port, run_to_exit, scratch, Server};
+use common::{fixture_config, free_port, model_status, run_to_exit, scratch, Server};
+use modelgate::proto::serving::ReloadConfigRequest;
 use serde_json::{json, Value};
 use std::path::Path as FsPath;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -353,6 +354,42 @@ async fn admin_calls_need_the_token() {
         .as_str()
         .unwrap()
         .ends_with("/api/v1/namespaces/ml/endpoints/modelgate"));
+
+    // TF Serving's ReloadConfig changes what is served too: with a token it needs it. An
+    // empty model list would unload everything.
+    let mut models = pod.models().await;
+    let empty = || {
+        let config =
+            modelgate::config::parse_model_server_config("test", "model_config_list {}").unwrap();
+        tonic::Request::new(ReloadConfigRequest {
+            config: Some(config),
+            ..Default::default()
+        })
+    };
+    for token in [None, Some("Bearer wrong-token")] {
+        let mut request = empty();
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", token.parse().unwrap());
+        }
+        let refused = models
+            .handle_reload_config_request(request)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        assert!(refused.message().contains("admin token"), "{refused:?}");
+    }
+    assert_eq!(pod.http_get("/readyz").await.0, 200, "tiny still serves");
+    let mut request = empty();
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    models
+        .handle_reload_config_request(request)
+        .await
+        .expect("the token passes");
+    assert!(model_status(&mut models, "tiny").await.is_err(), "unloaded");
     let _ = std::fs::remove_dir_all(dir);
 }
 

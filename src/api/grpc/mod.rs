@@ -102,6 +102,7 @@ pub fn router(
         v2_inference.clone(),
         Arc::clone(&registry),
         manager,
+        repository.admin_token(),
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit)

@@ -1,6 +1,7 @@
 //! `tensorflow.serving.ModelService`.
 
 use super::prediction::{model_and_version, respond};
+use crate::api::admin::AdminToken;
 use crate::api::model_status::model_status;
 use crate::api::timer::RequestTimer;
 use crate::config::model_specs_from_config;
@@ -22,6 +23,10 @@ pub struct ModelServiceApi {
     /// Read for versions' status; the manager applies config changes.
     registry: Arc<Registry>,
     manager: ManagerHandle,
+    /// With `--admin_token`, HandleReloadConfigRequest needs it as every other call that
+    /// changes what is served does; without one it is open, as in TF Serving (whose
+    /// clients have no way to send a token), and the start says so.
+    token: Option<AdminToken>,
 }
 
 impl ModelServiceApi {
@@ -29,11 +34,19 @@ impl ModelServiceApi {
         inference: Inference,
         registry: Arc<Registry>,
         manager: ManagerHandle,
+        token: Option<AdminToken>,
     ) -> ModelServiceApi {
+        if token.is_none() {
+            tracing::warn!(
+                "ModelService/HandleReloadConfigRequest is open to every client of the gRPC \
+                 port, as in TF Serving; --admin_token or --admin_token_file restricts it"
+            );
+        }
         ModelServiceApi {
             inference,
             registry,
             manager,
+            token,
         }
     }
 }
@@ -60,6 +73,17 @@ impl ModelService for ModelServiceApi {
         &self,
         request: Request<ReloadConfigRequest>,
     ) -> Result<Response<ReloadConfigResponse>, Status> {
+        if let Some(token) = &self.token {
+            let authorization = request.metadata().get("authorization");
+            if !token.authorizes(authorization.map(|value| value.as_bytes())) {
+                return Err(Error::Unauthenticated(
+                    "ReloadConfig needs 'authorization: Bearer <admin token>' when the server \
+                     runs with an admin token"
+                        .into(),
+                )
+                .into());
+            }
+        }
         let config = request.into_inner().config.unwrap_or_default();
         if !matches!(config.config, Some(Config::ModelConfigList(_))) {
             return Err(Error::InvalidArgument(

@@ -245,6 +245,11 @@ impl RepositoryControl {
         }
     }
 
+    /// The admin token, which guards TF Serving's HandleReloadConfigRequest too when set.
+    pub fn admin_token(&self) -> Option<AdminToken> {
+        self.token.clone()
+    }
+
     fn unloaded(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
         self.unloaded.lock().unwrap_or_else(|e| e.into_inner())
     }
