@@ -2,6 +2,12 @@
 
 use modelgate::config::{parse_args, LogFormat};
 use std::process::ExitCode;
+use std::time::Duration;
+
+/// How long blocking tasks still running when the server has stopped may hold up the exit.
+/// Only a version still loading or warming up (the signal came during start-up or a swap)
+/// is left by then: nothing will use it, and dropping the runtime would wait for it.
+const BLOCKING_TASKS_AT_EXIT: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let (flags, warnings) = match parse_args(std::env::args()) {
@@ -22,7 +28,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(modelgate::app::run(flags)) {
+    let result = runtime.block_on(modelgate::app::run(flags));
+    runtime.shutdown_timeout(BLOCKING_TASKS_AT_EXIT);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

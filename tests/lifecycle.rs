@@ -407,3 +407,41 @@ fn a_default_cache_others_can_write_to_is_refused() {
         "{stderr}"
     );
 }
+
+/// SIGTERM while a version is still warming up: the server stops within its bounds (the
+/// unload waits at most 30 s) instead of living on until the warm-up ends, which here
+/// would take many minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_during_a_long_warm_up_still_exits() {
+    let dir = TempDir::new("warming-at-exit");
+    let version = dir.path().join("1");
+    std::fs::create_dir_all(version.join("assets.extra")).unwrap();
+    for file in ["model.pt", "signature.json"] {
+        std::fs::copy(
+            common::fixtures().join("counter/1").join(file),
+            version.join(file),
+        )
+        .unwrap();
+    }
+    // One record busy for ten million rounds of a matmul.
+    let record = common::counter_record("x", 10_000_000.0);
+    std::fs::write(
+        version.join(modelgate::registry::WARMUP_FILE),
+        common::tfrecord(&[record]),
+    )
+    .unwrap();
+    let config = common::model_config(&[("counter", dir.path(), "")]);
+    let mut server = Server::with_config(
+        &config,
+        &["--instances_per_device=1", "--shutdown_grace_seconds=0"],
+    );
+    tokio::task::block_in_place(|| server.wait_for_log("replaying the warm-up requests"));
+    server.signal("TERM");
+    let status = tokio::task::block_in_place(|| server.wait_exit());
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    assert!(
+        server.log().contains("models still unloading"),
+        "{}",
+        server.log()
+    );
+}

@@ -245,6 +245,12 @@ impl VersionPlan {
         let Some(records) = read_warm_up(&self.dir).map_err(VersionLoadError::WarmUp)? else {
             return Ok(());
         };
+        tracing::info!(
+            model,
+            version,
+            records = records.len(),
+            "replaying the warm-up requests"
+        );
         let started = std::time::Instant::now();
         let warming = Arc::new(self.servable(Some(Arc::clone(resident))));
         (warm_up.replay)(warming, &records).map_err(|e| VersionLoadError::WarmUp(e.to_string()))?;
