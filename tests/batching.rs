@@ -242,7 +242,9 @@ async fn padding_to_allowed_sizes_is_dropped_from_outputs() {
 
 #[tokio::test]
 async fn large_requests_split_across_batches_or_are_refused() {
-    let split = "max_batch_size { value: 4 } enable_large_batch_splitting { value: true }";
+    // As in TF Serving: max_batch_size bounds a request, max_execution_batch_size a batch.
+    let split = "max_batch_size { value: 16 } max_execution_batch_size { value: 4 } \
+                 enable_large_batch_splitting { value: true }";
     let (server, _dir) = start_server(&["tiny"], Some(split), &[]).await;
     let mut client = server.prediction().await;
     let x: Vec<f32> = (0..10).map(|v| v as f32).collect();
@@ -253,6 +255,19 @@ async fn large_requests_split_across_batches_or_are_refused() {
         .into_inner();
     let expected: Vec<f32> = x.iter().map(|v| 2.0 * v + 1.0).collect();
     assert_eq!(values(&response, "y"), expected);
+    let too_many: Vec<f32> = (0..17).map(|v| v as f32).collect();
+    let status = client
+        .predict(request("tiny", "", floats(&[17, 1], &too_many)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("17 rows, more than max_batch_size 16"),
+        "{}",
+        status.message()
+    );
 
     let (server, _dir) = start_server(&["tiny"], Some("max_batch_size { value: 4 }"), &[]).await;
     let mut client = server.prediction().await;
@@ -262,6 +277,22 @@ async fn large_requests_split_across_batches_or_are_refused() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("10 rows"), "{}", status.message());
+}
+
+/// A signature whose input has no batch dimension runs alone: its first dimension is not
+/// rows, and it takes one row's room in the queue however long that dimension is.
+#[tokio::test]
+async fn an_input_without_a_batch_dimension_takes_one_place_in_the_queue() {
+    let params = "max_batch_size { value: 4 } max_enqueued_batches { value: 2 }";
+    let (server, _dir) = start_server(&["echo"], Some(params), &[]).await;
+    let mut client = server.prediction().await;
+    let x: Vec<f32> = (0..256).map(|v| v as f32).collect();
+    let response = client
+        .predict(request("echo", "float32", floats(&[256], &x)))
+        .await
+        .expect("a 256-element vector is one request, not 256 rows")
+        .into_inner();
+    assert_eq!(values(&response, "y"), x);
 }
 
 /// Holds the single worker with a slow request, then sends `burst` more at once: the

@@ -67,7 +67,8 @@ pub(crate) enum Arrival {
 /// State shared by the schedulers of one version and its batch former.
 pub(crate) struct QueueState {
     options: BatchingOptions,
-    /// Rows waiting in the queue; bounded by `max_enqueued_batches * max_batch_size`.
+    /// Rows waiting in the queue; bounded by `max_enqueued_batches` batches of the batch
+    /// size ([`BatchingOptions::queue_capacity_rows`]).
     queued_rows: AtomicUsize,
     queued_jobs: AtomicUsize,
     queue_depth: metrics::Gauge,
@@ -201,17 +202,32 @@ impl Scheduler {
                 wait(result).await
             }
             Mode::Batching { jobs, state } => {
+                if !batchable {
+                    // Runs alone: its first dimension is no batch, and it takes one row's
+                    // room in the queue whatever its shape.
+                    let (job, result) = Job::new(method, inputs, deadline);
+                    reserve(state, 1)?;
+                    send(jobs, state, job, BatchKey::Alone, 1)?;
+                    return wait(result).await;
+                }
                 let rows = inputs.first().and_then(Tensor::rows).unwrap_or(0);
                 let limit = state.options.execution_batch_size();
-                if !batchable || rows <= limit {
+                if rows <= limit {
                     let (job, result) = Job::new(method, inputs, deadline);
-                    let key = BatchKey::of(&job, batchable);
+                    let key = BatchKey::of(&job, true);
                     reserve(state, rows.max(1))?;
                     send(jobs, state, job, key, rows)?;
                     return wait(result).await;
                 }
-                if !state.options.enable_large_batch_splitting {
-                    return Err(RunError::BatchTooLarge { rows, limit });
+                // As in TF Serving: max_batch_size bounds a request, split or not.
+                if !state.options.enable_large_batch_splitting
+                    || rows > state.options.max_batch_size
+                {
+                    return Err(RunError::BatchTooLarge {
+                        rows,
+                        limit: state.options.max_batch_size,
+                        splitting: state.options.enable_large_batch_splitting,
+                    });
                 }
                 // Split into chunks of at most `limit` rows, queue them all, reassemble.
                 reserve(state, rows)?; // chunks have at least one row each: they give back exactly `rows`

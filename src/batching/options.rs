@@ -101,6 +101,15 @@ impl BatchingOptions {
             .max_execution_batch_size
             .map(|n| positive("max_execution_batch_size", Some(n), 1))
             .transpose()?;
+        if let Some(execution) = max_execution_batch_size.filter(|_| enable_large_batch_splitting) {
+            if execution > max_batch_size {
+                return Err(format!(
+                    "with enable_large_batch_splitting, max_batch_size ({max_batch_size}) bounds \
+                     a request and must be at least max_execution_batch_size ({execution}), as in \
+                     TF Serving"
+                ));
+            }
+        }
         let options = BatchingOptions {
             max_batch_size,
             batch_timeout: Duration::from_micros(timeout_micros as u64),
@@ -144,10 +153,11 @@ impl BatchingOptions {
         crate::runtime::padded_size(&self.allowed_batch_sizes, rows)
     }
 
-    /// How many rows may wait in the queue.
+    /// How many rows may wait in the queue: `max_enqueued_batches` executed batches, as TF
+    /// Serving counts it (with splitting, batches of `max_execution_batch_size`).
     pub fn queue_capacity_rows(&self) -> usize {
         self.max_enqueued_batches
-            .saturating_mul(self.max_batch_size)
+            .saturating_mul(self.execution_batch_size())
     }
 
     /// These options for a model that runs batches of `rows` rows (an AOTInductor
@@ -216,6 +226,8 @@ mod tests {
             (split.max_batch_size, split.execution_batch_size()),
             (4096, 64)
         );
+        // The queue holds max_enqueued_batches executed batches, as in TF Serving.
+        assert_eq!(split.queue_capacity_rows(), 10 * 64);
     }
 
     #[test]
@@ -241,6 +253,7 @@ mod tests {
             ("max_batch_size { value: 8 } allowed_batch_sizes: 4 allowed_batch_sizes: 2 allowed_batch_sizes: 8", "ascending"),
             ("batch_timeout_micros { value: -1 }", "negative"),
             ("max_batch_sise { value: 1 }", "max_batch_sise"),
+            ("max_batch_size { value: 8 } enable_large_batch_splitting { value: true } max_execution_batch_size { value: 16 }", "must be at least max_execution_batch_size (16)"),
         ] {
             let err = BatchingOptions::parse("batching.config", text).unwrap_err().to_string();
             assert!(err.contains(needle) && err.contains("batching.config"), "{err}");

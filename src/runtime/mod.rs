@@ -170,15 +170,20 @@ pub enum RunError {
     /// The workers stopped (the version is being unloaded) before answering.
     #[error("the model's workers stopped before answering")]
     Stopped,
-    /// A request larger than the batch size while large-batch splitting is off.
-    #[error("the request has {rows} rows, more than the batch size {limit} (enable_large_batch_splitting splits such requests)")]
-    BatchTooLarge { rows: usize, limit: usize },
+    /// A request larger than `max_batch_size`: with large-batch splitting on, that bounds
+    /// the requests that are split; without, the batches themselves.
+    #[error("the request has {rows} rows, more than max_batch_size {limit}{}", if *splitting { " (the largest request that is split into batches)" } else { " (enable_large_batch_splitting splits requests larger than a batch)" })]
+    BatchTooLarge {
+        rows: usize,
+        limit: usize,
+        splitting: bool,
+    },
     /// Running the batch panicked (a server bug): the batch is answered with this and the
     /// worker carries on.
     #[error("the server failed while running this request: {0}")]
     Crashed(String),
     /// A request with more rows than the batching queue can ever hold.
-    #[error("the request has {rows} rows, more than the batching queue holds ({capacity} rows: max_enqueued_batches x max_batch_size)")]
+    #[error("the request has {rows} rows, more than the batching queue holds ({capacity} rows: max_enqueued_batches batches of the batch size)")]
     TooManyRows { rows: usize, capacity: usize },
     /// The job's deadline passed before a worker reached it; it did not run.
     #[error("the deadline passed before the model ran")]
