@@ -462,7 +462,7 @@ async fn errors_carry_tf_serving_codes() {
         (
             "unknown label",
             predict(spec_label("mlp", "beta"), vec![("x", x())]),
-            Code::NotFound,
+            Code::InvalidArgument,
             "'beta'",
         ),
         (

@@ -418,8 +418,8 @@ async fn errors(rest: &Rest<'_>) {
     rest.expect_error(
         "/v1/models/tiny/labels/gold:predict",
         ok.clone(),
-        404,
-        "label 'gold'",
+        400,
+        "Unrecognized servable version label: model 'tiny' has no version label 'gold'",
     )
     .await;
     rest.expect_error(

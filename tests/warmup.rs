@@ -222,3 +222,47 @@ async fn classify_regress_and_multi_inference_records_are_replayed() {
         }
     }
 }
+
+/// While a new version warms up, a request for a version that is not coming (a number no
+/// one loads) is answered NOT_FOUND at once rather than held until the load ends or its
+/// deadline passes; a request for the version that is loading still waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_requests_for_a_loading_version_wait_for_it() {
+    let dir = TempDir::new("warmup-wait");
+    counter_version(dir.path(), 1, None);
+    let server = start(dir.path(), &["--file_system_poll_wait_seconds=1"]);
+    server.wait_available(&["counter"]).await;
+    // Version 2 warms up for minutes: ten million rounds of a matmul.
+    counter_version(
+        dir.path(),
+        2,
+        Some(&tfrecord(&[predict_record(10_000_000.0)])),
+    );
+    tokio::task::block_in_place(|| server.wait_for_log("replaying the warm-up requests"));
+
+    // The raw transport: tonic's own would cancel at the deadline before the server answers.
+    let mut client = server.raw_prediction();
+    let within = |spec| {
+        let mut request = tonic::Request::new(PredictRequest {
+            model_spec: Some(spec),
+            inputs: [("x".to_string(), float_row(&[1.0, 0.0]))].into(),
+            ..Default::default()
+        });
+        request.set_timeout(std::time::Duration::from_secs(10));
+        request
+    };
+    let missing = client
+        .predict(within(common::spec_version("counter", 99)))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    let mut short = within(common::spec_version("counter", 2));
+    short.set_timeout(std::time::Duration::from_millis(500));
+    let loading = client.predict(short).await.unwrap_err();
+    assert_eq!(loading.code(), tonic::Code::DeadlineExceeded, "{loading:?}");
+    // Version 1 serves throughout.
+    client
+        .predict(within(spec("counter")))
+        .await
+        .expect("the latest available version answers");
+}

@@ -570,7 +570,7 @@ impl Registry {
         loop {
             published.mark_unchanged();
             match self.resolve(model, selector) {
-                Err(Error::NotFound(message)) if self.is_loading(model) => {
+                Err(Error::NotFound(message)) if self.may_come(model, selector) => {
                     let waited = tokio::time::timeout_at(give_up.into(), published.changed()).await;
                     if waited.is_err() {
                         return Err(Error::DeadlineExceeded(format!(
@@ -583,13 +583,21 @@ impl Registry {
         }
     }
 
-    /// Whether a version of `model` is about to load or loading.
-    fn is_loading(&self, model: &str) -> bool {
-        self.lock_status().get(model).is_some_and(|versions| {
-            versions
-                .values()
-                .any(|s| matches!(s.state, VersionState::Start | VersionState::Loading))
-        })
+    /// Whether a version that `selector` may pick is about to load or loading: the version
+    /// asked for by number, or any version of `model` for the latest or a label (which
+    /// binds once its version serves). A request for a version that is not coming is
+    /// answered at once, not held through another version's load.
+    fn may_come(&self, model: &str, selector: &VersionSelector) -> bool {
+        let loading =
+            |s: &VersionStatus| matches!(s.state, VersionState::Start | VersionState::Loading);
+        self.lock_status()
+            .get(model)
+            .is_some_and(|versions| match selector {
+                VersionSelector::Number(v) => versions.get(v).is_some_and(loading),
+                VersionSelector::Latest | VersionSelector::Label(_) => {
+                    versions.values().any(loading)
+                }
+            })
     }
 
     /// The version a request should run on; errors are NOT_FOUND with what was missing.
@@ -606,8 +614,11 @@ impl Registry {
             VersionSelector::Latest => entry.versions.values().next_back(),
             VersionSelector::Number(v) => entry.versions.get(v),
             VersionSelector::Label(label) => {
+                // INVALID_ARGUMENT, as TF Serving answers a label it does not know.
                 let version = entry.labels.get(label).ok_or_else(|| {
-                    Error::NotFound(format!("model '{model}' has no version label '{label}'"))
+                    Error::InvalidArgument(format!(
+                        "Unrecognized servable version label: model '{model}' has no version label '{label}'"
+                    ))
                 })?;
                 return entry.versions.get(version).cloned().ok_or_else(|| {
                     Error::NotFound(format!(
