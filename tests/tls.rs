@@ -3,7 +3,7 @@
 
 pub mod common;
 
-use common::tls::{grpc_client, https_request, ssl_config, Ca, Identity};
+use common::tls::{grpc_client, https_request, https_request_with, ssl_config, Ca, Identity};
 use common::{float_row, spec, Server, TempDir};
 use modelgate::proto::serving::prediction_service_client::PredictionServiceClient;
 use modelgate::proto::serving::PredictRequest;
@@ -11,13 +11,23 @@ use modelgate::proto::serving::PredictRequest;
 /// Starts `tiny` with `ssl` as its SSLConfig and waits, over TLS as `identity`, until it
 /// is ready.
 async fn start(ssl: &str, ca: &Ca, identity: Option<&Identity>) -> (Server, TempDir) {
+    start_with(ssl, ca, identity, &[]).await
+}
+
+/// [`start`] with more flags.
+async fn start_with(
+    ssl: &str,
+    ca: &Ca,
+    identity: Option<&Identity>,
+    extra: &[&str],
+) -> (Server, TempDir) {
     let dir = TempDir::new("tls");
     let path = dir.path().join("ssl.config");
     std::fs::write(&path, ssl).unwrap();
-    let server = Server::with_config(
-        &common::fixture_config(&["tiny"]),
-        &[&format!("--ssl_config_file={}", path.display())],
-    );
+    let ssl_flag = format!("--ssl_config_file={}", path.display());
+    let mut flags = vec![ssl_flag.as_str()];
+    flags.extend_from_slice(extra);
+    let server = Server::with_config(&common::fixture_config(&["tiny"]), &flags);
     let url = https_url(&server, "/readyz");
     common::wait_for("readiness over TLS", || async {
         let answer = https_request(ca, identity, "GET", &url, "").await;
@@ -203,4 +213,35 @@ fn alts_is_refused_rather_than_ignored() {
             "{stderr}"
         );
     }
+}
+
+/// The admin fan-out calls pods over plain HTTP: with TLS on it is refused, before any pod
+/// is listed or sent the token, while the pod's own admin calls work over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_fanout_is_refused_rather_than_sent_in_the_clear() {
+    let ca = Ca::new("modelgate test CA");
+    let (server, _dir) = start_with(
+        &ssl_config(&ca.server_identity(), None),
+        &ca,
+        None,
+        &["--admin_token=tls-admin-token"],
+    )
+    .await;
+    let bearer = [("authorization", "Bearer tls-admin-token")];
+    let url = https_url(&server, "/admin/models");
+    let (status, body) = https_request_with(&ca, None, "GET", &url, "", &bearer)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let url = https_url(&server, "/admin/models?fanout=true");
+    let (status, body) = https_request_with(&ca, None, "GET", &url, "", &bearer)
+        .await
+        .unwrap();
+    assert_eq!(status, 501, "{body}");
+    assert!(body.contains("admin token in the clear"), "{body}");
+    assert!(
+        !server.log().contains("admin call fanned out"),
+        "{}",
+        server.log()
+    );
 }

@@ -52,6 +52,7 @@ pub(super) fn admin_api(
         token,
         peers,
         fanout_timeout: Duration::from_secs(flags.fanout_timeout_seconds),
+        peers_speak_tls: flags.ssl_config_file.is_some(),
     };
     let models = models.clone();
     let reload: Reload = Arc::new(move || {

@@ -122,15 +122,29 @@ pub async fn https_request(
     url: &str,
     body: &str,
 ) -> Result<(u16, String), String> {
+    https_request_with(ca, identity, method, url, body, &[]).await
+}
+
+/// [`https_request`] with extra request headers.
+pub async fn https_request_with(
+    ca: &Ca,
+    identity: Option<&Identity>,
+    method: &str,
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(client_config(ca, identity))
         .https_only()
         .enable_http1()
         .build();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    let request = http::Request::builder()
-        .method(method)
-        .uri(url)
+    let mut request = http::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
         .body(Full::new(Bytes::from(body.to_string())))
         .map_err(|e| e.to_string())?;
     let response = tokio::time::timeout(super::TIMEOUT, client.request(request))

@@ -96,6 +96,11 @@ pub struct AdminConfig {
     pub peers: EndpointsSource,
     /// How long a fan-out waits for the pod list and for each pod.
     pub fanout_timeout: Duration,
+    /// The REST ports serve TLS (`--ssl_config_file`). The fan-out's client speaks plain
+    /// HTTP only, and pods' certificates rarely name their IPs, so a fan-out is refused
+    /// rather than sent: over plain HTTP it would fail, after the token had crossed the
+    /// network in the clear.
+    pub peers_speak_tls: bool,
 }
 
 #[derive(Clone)]
@@ -143,6 +148,11 @@ enum AdminError {
     Body(String),
     #[error("{0}")]
     Query(#[from] QueryRejection),
+    #[error(
+        "fan-out is not available with --ssl_config_file: it calls pods over plain HTTP, \
+         which would send the admin token in the clear; call each pod's /admin endpoint"
+    )]
+    FanoutOverTls,
 }
 
 impl AdminError {
@@ -152,6 +162,7 @@ impl AdminError {
             AdminError::Serving(e) => e.code(),
             AdminError::Peers(_) | AdminError::NoPeers(_) => Code::Unavailable,
             AdminError::Body(_) | AdminError::Query(_) => Code::InvalidArgument,
+            AdminError::FanoutOverTls => Code::Unimplemented,
         }
     }
 }
@@ -218,6 +229,9 @@ async fn fan_out(
 ) -> Result<Response, AdminError> {
     if !query?.fanout {
         return Ok(next.run(request).await);
+    }
+    if state.config.peers_speak_tls {
+        return Err(AdminError::FanoutOverTls);
     }
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
