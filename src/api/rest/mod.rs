@@ -2,6 +2,7 @@
 //! `/v2/` ([`v2`]), the probes (`/healthz`, `/readyz`), the Prometheus metrics (`/metrics`
 //! and the monitoring config's path) and, when configured, the admin API.
 
+mod encoding;
 mod error;
 pub mod json;
 pub mod model_json;

@@ -1,5 +1,6 @@
 //! The REST handlers: probes, metrics, and the TF Serving API calls.
 
+use super::encoding::{self, BodyEncoding};
 use super::error::{error_response, json_response};
 use super::json::{encode_predict, mark_nonfinite, PredictBody};
 use super::model_json::{metadata_json, status_json};
@@ -173,6 +174,7 @@ pub(super) async fn read_body(
             "the request body is larger than {limit} bytes (--rest_api_max_body_bytes)"
         ))
     };
+    let encoding = BodyEncoding::of(headers)?;
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -209,17 +211,35 @@ pub(super) async fn read_body(
         return Err(too_large());
     }
     if no_room {
-        return Err(Error::Unavailable(
-            "the server holds as many request bodies as it may \
-             (--rest_api_max_bytes_in_flight); retry later"
-                .into(),
-        ));
+        return Err(no_room_error());
     }
-    Ok((Bytes::from(data), held))
+    if encoding == BodyEncoding::Identity {
+        return Ok((Bytes::from(data), held));
+    }
+    let in_flight = Arc::clone(in_flight);
+    tokio::task::spawn_blocking(move || {
+        let decoded = encoding::decode(&data, encoding, limit, &in_flight, &mut held)?;
+        Ok((Bytes::from(decoded), held))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("decompressing the request body failed: {e}")))?
+}
+
+/// The answer when request bodies already hold `--rest_api_max_bytes_in_flight`.
+pub(super) fn no_room_error() -> Error {
+    Error::Unavailable(
+        "the server holds as many request bodies as it may \
+         (--rest_api_max_bytes_in_flight); retry later"
+            .into(),
+    )
 }
 
 /// Grows what `held` counts in `in_flight` to `bytes`; false when there is no room.
-fn hold(in_flight: &Arc<Semaphore>, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> bool {
+pub(super) fn hold(
+    in_flight: &Arc<Semaphore>,
+    held: &mut Option<OwnedSemaphorePermit>,
+    bytes: usize,
+) -> bool {
     let counted = held.as_ref().map_or(0, |permit| permit.num_permits());
     let Some(more) = bytes.checked_sub(counted).filter(|&more| more > 0) else {
         return true;
