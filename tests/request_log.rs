@@ -428,6 +428,187 @@ async fn file_collectors_rotate_json_lines_and_write_prediction_logs() {
     assert_eq!(kinds, ["classify", "regress"]);
 }
 
+/// Written and dropped records of `model` once `n` are accounted for, either way.
+async fn accounted(server: &Server, model: &str, n: usize) -> (f64, f64) {
+    let label = format!("model=\"{model}\"");
+    let what = server.awaiting(format!("{n} records of '{model}' written or dropped"));
+    wait_for(what, || async {
+        let written = server
+            .metric("modelgate_prediction_logs_written_total", &[&label])
+            .await;
+        let dropped = server
+            .metric("modelgate_prediction_logs_dropped_total", &[&label])
+            .await;
+        (written + dropped >= n as f64).then_some((written, dropped))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn file_rotation_skips_names_another_writer_took() {
+    const N: usize = 40;
+    let dir = TempDir::new("request-log-taken");
+    let logs = dir.path().join("logs");
+    let prefix = logs.join("m").display().to_string();
+    let server = Server::with_config(
+        &config(&[("m", "scaled", logging("file", &prefix, 1.0))]),
+        &["--prediction_log_file_rotate_bytes=2048"],
+    );
+    server.wait_available(&["m"]).await;
+    assert!(logs.join("m-00000.jsonl").is_file());
+    // Another server writing the same prefix (a shared volume) took the next two names.
+    let taken = ["m-00001.jsonl", "m-00002.jsonl"];
+    for name in taken {
+        std::fs::write(logs.join(name), "taken\n").unwrap();
+    }
+    predicts(&server, "m", N, true).await;
+    assert_eq!(accounted(&server, "m", N).await, (N as f64, 0.0));
+    let mut server = server;
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+
+    let mut lines = 0;
+    for file in files(&logs, "m-") {
+        let text = std::fs::read_to_string(&file).unwrap();
+        if taken.iter().any(|name| file.ends_with(name)) {
+            assert_eq!(text, "taken\n", "{file:?} was written to");
+            continue;
+        }
+        for line in text.lines() {
+            let record: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(record["model"], "m");
+            lines += 1;
+        }
+    }
+    assert_eq!(lines, N);
+    assert!(
+        logs.join("m-00003.jsonl").is_file(),
+        "rotation went on after the taken names"
+    );
+}
+
+/// A Classify of `rows` on the `classify` signature of `model` (a `regressor`).
+async fn classify_rows(server: &Server, model: &str, rows: &[[f32; 3]]) {
+    server
+        .prediction()
+        .await
+        .classify(ClassificationRequest {
+            model_spec: Some(spec_signature(model, "classify")),
+            input: examples(rows),
+        })
+        .await
+        .unwrap();
+}
+
+/// A request and answer over 64 KiB of values: a JSON record keeps their shapes only
+/// (`values_omitted`); a PredictionLog cannot say that (a tensor whose shape disagrees with
+/// its content does not replay as warm-up), so a TFRecord file drops and counts it.
+#[tokio::test]
+async fn records_over_the_value_cap_keep_no_values_and_no_prediction_log() {
+    let dir = TempDir::new("request-log-cap");
+    let logs = dir.path().join("logs");
+    let prefix = |name: &str| logs.join(name).display().to_string();
+    let server = Server::with_config(
+        &config(&[
+            ("tf", "scaled", logging("file", &prefix("tf.tfrecord"), 1.0)),
+            (
+                "classes",
+                "regressor",
+                logging("file", &prefix("classes.tfrecord"), 1.0),
+            ),
+            ("classes_json", "regressor", logging("stdout", "", 1.0)),
+        ]),
+        &[],
+    );
+    server
+        .wait_available(&["tf", "classes", "classes_json"])
+        .await;
+    let mut client = server.prediction().await;
+    // 40 KB in and 40 KB out: over the cap once answered; 80 KB in: over it on arrival.
+    for n in [10_000, 20_000] {
+        predict(&mut client, spec("tf"), &vec![0.5; n])
+            .await
+            .unwrap();
+    }
+    predict(&mut client, spec("tf"), &[1.0, 2.0, 3.0])
+        .await
+        .unwrap();
+    // About 40 KB of tf.Examples and 48 KB of results: over the cap with the results.
+    let many = vec![[1.0, 2.0, 3.0]; 1500];
+    classify_rows(&server, "classes", &many).await;
+    classify_rows(&server, "classes_json", &many).await;
+    classify_rows(&server, "classes", &[[1.0, 2.0, 3.0]]).await;
+
+    let too_large = |model: &str| {
+        let label = format!("model=\"{model}\"");
+        let server = &server;
+        async move {
+            server
+                .metric(
+                    "modelgate_prediction_logs_dropped_total",
+                    &[&label, "reason=\"too_large\""],
+                )
+                .await
+        }
+    };
+    assert_eq!(accounted(&server, "tf", 3).await, (1.0, 2.0));
+    assert_eq!(too_large("tf").await, 2.0);
+    assert_eq!(accounted(&server, "classes", 2).await, (1.0, 1.0));
+    assert_eq!(too_large("classes").await, 1.0);
+
+    let json = wait_records(&server, 1).await;
+    let record = &json[0];
+    assert_eq!(record["values_omitted"], true, "{record}");
+    assert_eq!(record["request"]["input"], Value::Null);
+    assert_eq!(
+        record["response"],
+        json!([{"signature": "classify", "classification_result": null}])
+    );
+
+    let mut server = server;
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+    let read = |stem: &str| -> Vec<PredictionLog> {
+        files(&logs, stem)
+            .iter()
+            .flat_map(|file| {
+                let bytes = std::fs::read(file).unwrap();
+                let records: Vec<PredictionLog> = tfrecord::records(&bytes)
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| PredictionLog::decode(r).unwrap())
+                    .collect();
+                records
+            })
+            .collect()
+    };
+    let predicts = read("tf-");
+    assert_eq!(predicts.len(), 1, "{predicts:?}");
+    let Some(prediction_log::LogType::PredictLog(logged)) = &predicts[0].log_type else {
+        panic!("not a PredictLog: {predicts:?}");
+    };
+    let inputs = &logged.request.as_ref().unwrap().inputs;
+    let outputs = &logged.response.as_ref().unwrap().outputs;
+    // Every tensor's content matches its shape, as a warm-up replay needs.
+    for (name, tensor) in inputs.iter().chain(outputs) {
+        common::decode_tensor(name, tensor).unwrap();
+    }
+    let x = common::decode_tensor("x", &inputs["x"]).unwrap();
+    assert_eq!(x.to_values::<f32>().unwrap(), [1.0, 2.0, 3.0]);
+
+    let classified = read("classes-");
+    assert_eq!(classified.len(), 1, "{classified:?}");
+    let Some(prediction_log::LogType::ClassifyLog(logged)) = &classified[0].log_type else {
+        panic!("not a ClassifyLog: {classified:?}");
+    };
+    assert_eq!(
+        logged.request.as_ref().unwrap().input,
+        examples(&[[1.0, 2.0, 3.0]])
+    );
+    let result = logged.response.as_ref().unwrap().result.as_ref().unwrap();
+    assert_eq!(result.classifications.len(), 1);
+}
+
 /// A collector service on 127.0.0.1: every POST's content type and body.
 async fn collector_service() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
     let received = Arc::new(Mutex::new(Vec::new()));

@@ -20,6 +20,12 @@ use tokio::sync::oneshot;
 /// `reason` label values of [`PREDICTION_LOGS_DROPPED_TOTAL`].
 const DROPPED_QUEUE_FULL: &str = "queue_full";
 const DROPPED_WRITE_FAILED: &str = "write_failed";
+/// A TFRecord file's record whose values were left out for size (see
+/// `MAX_LOGGED_VALUE_BYTES`): a PredictionLog of shapes without values would not replay.
+const DROPPED_TOO_LARGE: &str = "too_large";
+
+/// A log file's name is tried this many times when other writers keep taking the next one.
+const CREATE_ATTEMPTS: u32 = 8;
 
 /// An HTTP collector's batch: at most this many records or bytes, sent after at most
 /// [`HTTP_LINGER`] of waiting for more.
@@ -109,9 +115,19 @@ impl Collector {
     }
 }
 
+/// What a sink made of a record it did not fail to write.
+enum Written {
+    Yes,
+    /// The format has no place for it (a failure in a PredictionLog): neither written nor
+    /// dropped.
+    NotApplicable,
+    /// Left out, counted as dropped with this `reason`.
+    Dropped(&'static str),
+}
+
 /// Where a blocking writer puts records.
 trait Sink: Send + 'static {
-    fn write(&mut self, record: &Record) -> io::Result<()>;
+    fn write(&mut self, record: &Record) -> io::Result<Written>;
     /// Called once the queue is empty, so that what was written becomes visible.
     fn flush(&mut self) -> io::Result<()>;
 }
@@ -143,24 +159,29 @@ fn spawn_writer(
         .map(drop)
 }
 
-/// Counts a record written or failed; a failure is logged once until writing works again.
-fn account(model: &str, written: &io::Result<()>, failing: &mut bool) {
-    match written {
-        Ok(()) => {
+/// Counts a record written, dropped or failed; a failure is logged once until writing
+/// works again.
+fn account(model: &str, written: &io::Result<Written>, failing: &mut bool) {
+    let reason = match written {
+        Ok(Written::Yes) => {
             *failing = false;
             metrics::counter!(PREDICTION_LOGS_WRITTEN_TOTAL, "model" => model.to_string())
                 .increment(1);
+            return;
         }
+        Ok(Written::NotApplicable) => return,
+        Ok(Written::Dropped(reason)) => reason,
         Err(e) => {
             warn_once(failing, &e.to_string());
-            metrics::counter!(
-                PREDICTION_LOGS_DROPPED_TOTAL,
-                "model" => model.to_string(),
-                "reason" => DROPPED_WRITE_FAILED,
-            )
-            .increment(1);
+            DROPPED_WRITE_FAILED
         }
-    }
+    };
+    metrics::counter!(
+        PREDICTION_LOGS_DROPPED_TOTAL,
+        "model" => model.to_string(),
+        "reason" => reason,
+    )
+    .increment(1);
 }
 
 fn warn_once(failing: &mut bool, error: &str) {
@@ -174,10 +195,11 @@ fn warn_once(failing: &mut bool, error: &str) {
 struct Lines<S>(fn() -> S);
 
 impl<S: Write + 'static> Sink for Lines<S> {
-    fn write(&mut self, record: &Record) -> io::Result<()> {
+    fn write(&mut self, record: &Record) -> io::Result<Written> {
         let mut line = record.to_json();
         line.push('\n');
-        (self.0)().write_all(line.as_bytes())
+        (self.0)().write_all(line.as_bytes())?;
+        Ok(Written::Yes)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -187,7 +209,8 @@ impl<S: Write + 'static> Sink for Lines<S> {
 
 /// Files `<prefix>-NNNNN.jsonl` (or `<stem>-NNNNN.tfrecord` for a `<stem>.tfrecord` prefix),
 /// a new one once the current one reaches the rotation size. Numbering continues after the
-/// highest file already there, so a restarted server never overwrites what it wrote before.
+/// highest file already there, so a restarted server never overwrites what it wrote before;
+/// a name taken meanwhile (another server on the same prefix) is skipped.
 struct Files {
     stem: PathBuf,
     format: FileFormat,
@@ -208,28 +231,29 @@ impl Files {
             std::fs::create_dir_all(dir)?;
         }
         let first = highest_existing(&stem, extension(format))?.map_or(0, |n| n + 1);
-        let current = create(&file_name(&stem, format, first))?;
+        let (current, first) = create_free(&stem, format, first)?;
         Ok(Files {
             stem,
             format,
             rotate_bytes: rotate_bytes.max(1),
             current,
             written: 0,
-            next: first + 1,
+            next: first.saturating_add(1),
         })
     }
 
     fn rotate(&mut self) -> io::Result<()> {
         self.current.flush()?;
-        self.current = create(&file_name(&self.stem, self.format, self.next))?;
-        self.next += 1;
+        let (current, number) = create_free(&self.stem, self.format, self.next)?;
+        self.current = current;
+        self.next = number.saturating_add(1);
         self.written = 0;
         Ok(())
     }
 }
 
 impl Sink for Files {
-    fn write(&mut self, record: &Record) -> io::Result<()> {
+    fn write(&mut self, record: &Record) -> io::Result<Written> {
         let bytes = match self.format {
             FileFormat::JsonLines => {
                 let mut line = record.to_json().into_bytes();
@@ -240,7 +264,12 @@ impl Sink for Files {
             // collectors and in /metrics.
             FileFormat::TfRecord => match record.to_prediction_log() {
                 Some(log) => tfrecord::frame(&log.encode_to_vec()),
-                None => return Ok(()),
+                // Its values were left out for size; written without them, it would not
+                // replay as warm-up (shapes that disagree with their content).
+                None if !record.is_error() && record.values_omitted() => {
+                    return Ok(Written::Dropped(DROPPED_TOO_LARGE))
+                }
+                None => return Ok(Written::NotApplicable),
             },
         };
         if self.written > 0 && self.written + bytes.len() as u64 > self.rotate_bytes {
@@ -248,7 +277,7 @@ impl Sink for Files {
         }
         self.current.write_all(&bytes)?;
         self.written += bytes.len() as u64;
-        Ok(())
+        Ok(Written::Yes)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -295,6 +324,32 @@ fn highest_existing(stem: &Path, extension: &str) -> io::Result<Option<u64>> {
     Ok(highest)
 }
 
+/// Creates `<stem>-N` for the first N from `number` on that is free. A name already taken
+/// means another writer shares the prefix: numbering continues after the highest file there
+/// rather than retrying the same name forever.
+fn create_free(
+    stem: &Path,
+    format: FileFormat,
+    mut number: u64,
+) -> io::Result<(BufWriter<File>, u64)> {
+    for _ in 0..CREATE_ATTEMPTS {
+        match create(&file_name(stem, format, number)) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let highest = highest_existing(stem, extension(format))?.unwrap_or(number);
+                number = highest.max(number).checked_add(1).ok_or(e)?;
+            }
+            created => return created.map(|file| (file, number)),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!(
+            "{}: no free file name in {CREATE_ATTEMPTS} tries",
+            file_name(stem, format, number).display()
+        ),
+    ))
+}
+
 fn create(path: &Path) -> io::Result<BufWriter<File>> {
     let file = File::options().create_new(true).write(true).open(path)?;
     Ok(BufWriter::with_capacity(256 << 10, file))
@@ -306,30 +361,42 @@ async fn post_batches(uri: hyper::Uri, records: flume::Receiver<Record>) {
     let client = http_client::client();
     let mut failing = false;
     while let Ok(first) = records.recv_async().await {
-        let mut body = String::new();
-        let mut models = Vec::new();
-        let add = |record: Record, body: &mut String, models: &mut Vec<String>| {
-            body.push_str(&record.to_json());
-            body.push('\n');
-            models.push(record.model);
+        // Serializing a batch (up to 4 MiB of JSON) is CPU work: off the async workers. The
+        // next batch is gathered only once this one is sent, as the queue's bound expects.
+        let queue = records.clone();
+        let Ok((body, models)) = tokio::task::spawn_blocking(move || batch(first, &queue)).await
+        else {
+            tracing::warn!("a request log batch could not be serialized; dropping it");
+            continue;
         };
-        add(first, &mut body, &mut models);
-        let linger = tokio::time::sleep(HTTP_LINGER);
-        tokio::pin!(linger);
-        while models.len() < HTTP_BATCH_RECORDS && body.len() < HTTP_BATCH_BYTES {
-            tokio::select! {
-                record = records.recv_async() => match record {
-                    Ok(record) => add(record, &mut body, &mut models),
-                    Err(_) => break,
-                },
-                () = &mut linger => break,
-            }
-        }
-        let sent = post(&client, &uri, Bytes::from(body)).await;
+        let sent = post(&client, &uri, Bytes::from(body))
+            .await
+            .map(|()| Written::Yes);
         for model in &models {
             account(model, &sent, &mut failing);
         }
     }
+}
+
+/// One POST's body from `first` and what follows it on the queue within [`HTTP_LINGER`],
+/// up to [`HTTP_BATCH_RECORDS`] or [`HTTP_BATCH_BYTES`]; with each record's model, to count
+/// it. Blocks while it lingers.
+fn batch(first: Record, records: &flume::Receiver<Record>) -> (String, Vec<String>) {
+    let mut body = String::new();
+    let mut models = Vec::new();
+    let deadline = std::time::Instant::now() + HTTP_LINGER;
+    let mut next = Some(first);
+    while let Some(record) = next.take() {
+        body.push_str(&record.to_json());
+        body.push('\n');
+        models.push(record.model);
+        if models.len() < HTTP_BATCH_RECORDS && body.len() < HTTP_BATCH_BYTES {
+            // None once it lingered long enough, or every handle is gone and the queue is
+            // drained.
+            next = records.recv_deadline(deadline).ok();
+        }
+    }
+    (body, models)
 }
 
 /// POSTs one batch, trying [`HTTP_ATTEMPTS`] times with a growing pause.

@@ -30,9 +30,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
-/// A record keeps tensor values (or tf.Examples) up to this many bytes, request and answer
-/// together; above it, only dtypes and shapes (`values_omitted`). With the queue's length
-/// this bounds what queued records hold.
+/// A record keeps tensor values (or tf.Examples and their results) up to this many bytes,
+/// request and answer together; above it, only dtypes and shapes (`values_omitted`), and a
+/// TFRecord file drops the record. With the queue's length this bounds what queued records
+/// hold.
 pub const MAX_LOGGED_VALUE_BYTES: usize = 64 << 10;
 
 /// Server-wide request logging options (the flags).
@@ -325,19 +326,59 @@ pub fn capture_tasks(model: &str, version: i64, input: Option<&Input>) {
     });
 }
 
-/// The tasks answered, each with the signature it ran.
+/// The tasks answered, each with the signature it ran: keeps the results within what the
+/// examples left of [`MAX_LOGGED_VALUE_BYTES`].
 pub fn capture_task_results(results: &[(String, TaskResult)]) {
     capture_answer(|state| {
         if let Payload::Tasks {
-            results: logged, ..
+            input,
+            results: logged,
+            values_omitted,
         } = &mut state.payload
         {
-            *logged = results.to_vec();
+            *logged = kept_results(input, values_omitted, results);
         }
         if let [(signature, _)] = results {
             state.signature = signature.clone();
         }
     });
+}
+
+/// The results as a record keeps them: copies while the examples and results together stay
+/// within [`MAX_LOGGED_VALUE_BYTES`]; past it, the examples are dropped too and each result
+/// is an empty one of its kind, so that the record still says which task gave what.
+fn kept_results(
+    input: &mut Option<Input>,
+    values_omitted: &mut bool,
+    results: &[(String, TaskResult)],
+) -> Vec<(String, TaskResult)> {
+    if !*values_omitted {
+        let size = input.as_ref().map_or(0, Message::encoded_len)
+            + results
+                .iter()
+                .map(|(_, result)| match result {
+                    TaskResult::Classification(c) => c.encoded_len(),
+                    TaskResult::Regression(r) => r.encoded_len(),
+                })
+                .sum::<usize>();
+        if size > MAX_LOGGED_VALUE_BYTES {
+            *values_omitted = true;
+            *input = None;
+        }
+    }
+    if !*values_omitted {
+        return results.to_vec();
+    }
+    results
+        .iter()
+        .map(|(signature, result)| {
+            let empty = match result {
+                TaskResult::Classification(_) => TaskResult::Classification(Default::default()),
+                TaskResult::Regression(_) => TaskResult::Regression(Default::default()),
+            };
+            (signature.clone(), empty)
+        })
+        .collect()
 }
 
 /// The API edge's timer finished the request: `model` is the configured model it named

@@ -29,8 +29,9 @@ pub enum Payload {
         outputs: Vec<(String, Tensor)>,
         values_omitted: bool,
     },
-    /// Classify, Regress, MultiInference: the examples and one result per task. The
-    /// examples are dropped (`None`) when they exceed the size limit.
+    /// Classify, Regress, MultiInference: the examples and one result per task. When they
+    /// would exceed the size limit, the examples are dropped (`None`) and each result is
+    /// an empty one of its kind.
     Tasks {
         input: Option<Input>,
         results: Vec<(String, TaskResult)>,
@@ -66,6 +67,16 @@ impl Record {
         self.code != "ok"
     }
 
+    /// Whether the values (tensors, tf.Examples, results) were left out for size.
+    pub fn values_omitted(&self) -> bool {
+        match self.payload {
+            Payload::None => false,
+            Payload::Predict { values_omitted, .. } | Payload::Tasks { values_omitted, .. } => {
+                values_omitted
+            }
+        }
+    }
+
     /// The record as one JSON object (no trailing newline), its keys in the order
     /// docs/request-logging.md documents them.
     pub fn to_json(&self) -> String {
@@ -97,7 +108,12 @@ impl Record {
                 if self.is_error() {
                     Json::Null
                 } else {
-                    Json::Value(Value::Array(results.iter().map(task_result_json).collect()))
+                    Json::Value(Value::Array(
+                        results
+                            .iter()
+                            .map(|result| task_result_json(result, *values_omitted))
+                            .collect(),
+                    ))
                 },
                 *values_omitted,
             ),
@@ -122,9 +138,10 @@ impl Record {
     }
 
     /// The record as TF Serving's `PredictionLog`, for an answered request whose payload was
-    /// captured; `None` otherwise (PredictionLog has no place for a failure).
+    /// captured whole; `None` otherwise (PredictionLog has no place for a failure, and a
+    /// tensor whose shape disagrees with its content cannot be replayed).
     pub fn to_prediction_log(&self) -> Option<PredictionLog> {
-        if self.is_error() {
+        if self.is_error() || self.values_omitted() {
             return None;
         }
         // A captured payload comes with the version it resolved.
@@ -291,14 +308,18 @@ fn tensors_proto(
         .collect()
 }
 
-fn task_result_json(entry: &(String, TaskResult)) -> Value {
+/// One task's result; `null` in place of the result when values were omitted (the record
+/// keeps an empty one, which is not what the model answered).
+fn task_result_json(entry: &(String, TaskResult), omitted: bool) -> Value {
     let (signature, result) = entry;
     match result {
         TaskResult::Classification(c) => {
-            json!({ "signature": signature, "classification_result": proto_json(c) })
+            let c = if omitted { Value::Null } else { proto_json(c) };
+            json!({ "signature": signature, "classification_result": c })
         }
         TaskResult::Regression(r) => {
-            json!({ "signature": signature, "regression_result": proto_json(r) })
+            let r = if omitted { Value::Null } else { proto_json(r) };
+            json!({ "signature": signature, "regression_result": r })
         }
     }
 }
@@ -387,6 +408,18 @@ mod tests {
             json!({"dtype": "DT_INT64", "shape": [1]})
         );
         assert!(failed.to_prediction_log().is_none());
+        // Answered, but too large to keep its values: no PredictionLog of hollow tensors.
+        let x = Tensor::from_values(vec![1], &[1i64]).unwrap();
+        let omitted = record(
+            Payload::Predict {
+                inputs: vec![("x".into(), x)],
+                outputs: Vec::new(),
+                values_omitted: true,
+            },
+            "ok",
+        );
+        assert!(omitted.values_omitted());
+        assert!(omitted.to_prediction_log().is_none());
         let nothing = record(Payload::None, "not_found");
         let json: Value = serde_json::from_str(&nothing.to_json()).unwrap();
         assert_eq!(json["request"], Value::Null);

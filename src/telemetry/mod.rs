@@ -59,7 +59,8 @@ pub const REJECTED_REQUESTS_TOTAL: &str = "modelgate_rejected_requests_total";
 /// Request log records written, by `model`.
 pub const PREDICTION_LOGS_WRITTEN_TOTAL: &str = "modelgate_prediction_logs_written_total";
 /// Request log records dropped, by `model` and `reason` (`queue_full`: the collector's queue
-/// was full; `write_failed`: the destination refused them).
+/// was full; `write_failed`: the destination refused them; `too_large`: a TFRecord file's
+/// record whose values were left out for size).
 pub const PREDICTION_LOGS_DROPPED_TOTAL: &str = "modelgate_prediction_logs_dropped_total";
 
 /// `outcome` label values of [`MODEL_LOADS_TOTAL`].
@@ -109,7 +110,7 @@ fn describe_metrics() {
     );
     describe_counter!(
         PREDICTION_LOGS_DROPPED_TOTAL,
-        "Request log records dropped, by model and reason (queue_full, write_failed)"
+        "Request log records dropped, by model and reason (queue_full, write_failed, too_large)"
     );
     describe_counter!(
         MODEL_LOADS_TOTAL,
