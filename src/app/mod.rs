@@ -188,7 +188,8 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
         },
         draining_rx,
         stop_rx.clone(),
-    )?;
+    )
+    .await?;
 
     let rest_router = api::serve::with_request_log(rest_router, Arc::clone(&request_logs));
     let grpc_router = api::serve::with_request_log(grpc_router, Arc::clone(&request_logs));

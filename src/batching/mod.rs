@@ -276,9 +276,14 @@ fn reserve(state: &QueueState, rows: usize) -> Result<(), RunError> {
             capacity: limit,
         });
     }
-    let before = state.queued_rows.fetch_add(rows, Ordering::SeqCst);
-    if before.saturating_add(rows) > limit {
-        state.queued_rows.fetch_sub(rows, Ordering::SeqCst);
+    // Only a reservation that fits is ever counted, so two requests near the limit cannot
+    // each see the other's rows and both be refused.
+    let reserved = state
+        .queued_rows
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |queued| {
+            queued.checked_add(rows).filter(|&total| total <= limit)
+        });
+    if reserved.is_err() {
         state.rejected_full.increment(1);
         return Err(RunError::QueueFull);
     }

@@ -81,6 +81,18 @@ impl BatchingOptions {
             params.max_batch_size,
             DEFAULT_MAX_BATCH_SIZE,
         )?;
+        // Accepted, as TF Serving's files set them, but with no effect here: say so.
+        if params.pad_variable_length_inputs {
+            tracing::warn!(
+                "batching: pad_variable_length_inputs is ignored: requests whose inputs differ \
+                 in shape after the batch dimension run in separate batches"
+            );
+        }
+        if params.thread_pool_name.is_some() {
+            tracing::warn!(
+                "batching: thread_pool_name is ignored: each model version has its own workers"
+            );
+        }
         let timeout_micros = params.batch_timeout_micros.unwrap_or(0);
         if timeout_micros < 0 {
             return Err(format!(

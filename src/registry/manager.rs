@@ -235,11 +235,22 @@ impl Manager {
     }
 
     /// Serves `initial`, then follows storage and config changes until every handle is gone.
-    pub async fn run(mut self, initial: Vec<ModelSpec>) {
-        match self.set_models(initial) {
-            Ok((changed, _)) => self.poll(&changed).await,
-            Err(e) => tracing::error!("model config refused: {e}"),
+    /// The models are configured when this is called, before the future first runs, so
+    /// readiness counts them from the start (a spawned task might run only after the ports
+    /// answer).
+    pub fn run(mut self, initial: Vec<ModelSpec>) -> impl std::future::Future<Output = ()> {
+        let applied = self.set_models(initial);
+        async move {
+            match applied {
+                Ok((changed, _)) => self.poll(&changed).await,
+                Err(e) => tracing::error!("model config refused: {e}"),
+            }
+            self.follow().await;
         }
+    }
+
+    /// Follows storage and config changes until every handle is gone.
+    async fn follow(mut self) {
         // A deadline rather than a fresh sleep per turn, so that frequent retries do not
         // keep postponing the poll of every other model.
         let mut next_poll = self.config.poll_interval.map(|i| Instant::now() + i);

@@ -63,7 +63,7 @@ pub struct GrpcOptions {
 /// rather than at the next readiness poll; `stop` turns true when the server stops
 /// accepting, and ends the health watch streams, which would otherwise hold their
 /// connections open to the end of the drain.
-pub fn router(
+pub async fn router(
     inference: Inference,
     registry: Arc<Registry>,
     manager: ManagerHandle,
@@ -73,6 +73,11 @@ pub fn router(
     stop: watch::Receiver<bool>,
 ) -> Result<axum::Router, BuildError> {
     let health_reporter = HealthReporter::new();
+    // tonic starts the overall service "" as SERVING; nothing is ready until the first look
+    // at readiness says so.
+    health_reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     let health_service = HealthServer::new(StoppingHealth {
         inner: HealthService::from_health_reporter(health_reporter.clone()),
         stop,
