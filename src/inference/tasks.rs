@@ -41,7 +41,8 @@ impl TaskKind {
         match method_name {
             CLASSIFY_METHOD_NAME => Ok(TaskKind::Classify),
             REGRESS_METHOD_NAME => Ok(TaskKind::Regress),
-            other => Err(Error::InvalidArgument(format!(
+            // UNIMPLEMENTED, as TF Serving's MultiInference answers it.
+            other => Err(Error::Unimplemented(format!(
                 "unsupported method_name '{other}': MultiInference runs {CLASSIFY_METHOD_NAME} \
                  and {REGRESS_METHOD_NAME} tasks"
             ))),
@@ -94,7 +95,12 @@ pub async fn run_on(
     let mut budget = inference.decode_budget(request_bytes);
     let mut resolved = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let (name, signature) = find_signature(servable, task.signature)?;
+        // TF Serving's Classify and Regress answer an unknown signature INVALID_ARGUMENT
+        // (Predict answers FAILED_PRECONDITION).
+        let (name, signature) = find_signature(servable, task.signature).map_err(|e| match e {
+            Error::FailedPrecondition(message) => Error::InvalidArgument(message),
+            other => other,
+        })?;
         check_kind(name, signature, task.kind)?;
         resolved.push((name, signature, task.kind));
     }

@@ -773,9 +773,23 @@ def test_classify_and_regress_errors(predict_stub):
         task.method_name = REGRESS
     req.input.example_list.examples.append(example(x=[1.0, 2.0, 3.0]))
     expect_error(predict_stub.MultiInference, req, grpc.StatusCode.INVALID_ARGUMENT)
+    # A method MultiInference does not run: UNIMPLEMENTED, as TF Serving answers it.
     del req.tasks[1]
     req.tasks[0].method_name = "tensorflow/serving/predict"
-    expect_error(predict_stub.MultiInference, req, grpc.StatusCode.INVALID_ARGUMENT)
+    expect_error(predict_stub.MultiInference, req, grpc.StatusCode.UNIMPLEMENTED)
+    # The same signature twice.
+    req.tasks[0].method_name = REGRESS
+    req.tasks.add().CopyFrom(req.tasks[0])
+    err = expect_error(predict_stub.MultiInference, req, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "evaluated twice" in err.details()
+    # An unknown signature: INVALID_ARGUMENT for Classify and Regress, as in TF Serving
+    # (Predict answers FAILED_PRECONDITION).
+    req = regression_pb2.RegressionRequest()
+    req.model_spec.name = "regressor"
+    req.model_spec.signature_name = "nope"
+    req.input.example_list.examples.append(example(x=[1.0, 2.0, 3.0]))
+    err = expect_error(predict_stub.Regress, req, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "no signature 'nope'" in err.details()
     # Unknown model: NOT_FOUND, as for Predict.
     req = regression_pb2.RegressionRequest()
     req.model_spec.name = "no_such_model"

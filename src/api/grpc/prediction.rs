@@ -286,6 +286,7 @@ impl PredictionApi {
         let first_spec = first.model_spec.as_ref();
         let (model, version) = model_and_version(first_spec)?;
         let mut tasks = Vec::with_capacity(request.tasks.len());
+        let mut signatures = std::collections::HashSet::with_capacity(request.tasks.len());
         for task in &request.tasks {
             let spec = task.model_spec.as_ref();
             if spec.map(|s| &s.name) != first_spec.map(|s| &s.name) {
@@ -299,10 +300,7 @@ impl PredictionApi {
                 ));
             }
             let signature = spec.map_or("", |s| s.signature_name.as_str());
-            if tasks
-                .iter()
-                .any(|t: &Task| canonical_name(t.signature) == canonical_name(signature))
-            {
+            if !signatures.insert(canonical_name(signature)) {
                 return Err(Error::InvalidArgument(format!(
                     "signature '{}' is evaluated twice in one MultiInferenceRequest",
                     canonical_name(signature)
