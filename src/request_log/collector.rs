@@ -218,6 +218,10 @@ struct Files {
     current: BufWriter<File>,
     written: u64,
     next: u64,
+    /// A write or flush failed part-way (a full disk): the current file may end in half a
+    /// record, which would corrupt every record after it (a TFRecord reader stops at a torn
+    /// frame, a torn JSON line swallows the next), so the next record starts a new file.
+    damaged: bool,
 }
 
 impl Files {
@@ -239,15 +243,23 @@ impl Files {
             current,
             written: 0,
             next: first.saturating_add(1),
+            damaged: false,
         })
     }
 
     fn rotate(&mut self) -> io::Result<()> {
-        self.current.flush()?;
+        // A damaged file's unwritten tail is given up: it is what failed.
+        if let Err(e) = self.current.flush() {
+            if !self.damaged {
+                self.damaged = true;
+                return Err(e);
+            }
+        }
         let (current, number) = create_free(&self.stem, self.format, self.next)?;
         self.current = current;
         self.next = number.saturating_add(1);
         self.written = 0;
+        self.damaged = false;
         Ok(())
     }
 }
@@ -272,16 +284,23 @@ impl Sink for Files {
                 None => return Ok(Written::NotApplicable),
             },
         };
-        if self.written > 0 && self.written + bytes.len() as u64 > self.rotate_bytes {
+        if self.damaged
+            || (self.written > 0 && self.written + bytes.len() as u64 > self.rotate_bytes)
+        {
             self.rotate()?;
         }
-        self.current.write_all(&bytes)?;
+        if let Err(e) = self.current.write_all(&bytes) {
+            self.damaged = true;
+            return Err(e);
+        }
         self.written += bytes.len() as u64;
         Ok(Written::Yes)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.current.flush()
+        let flushed = self.current.flush();
+        self.damaged |= flushed.is_err();
+        flushed
     }
 }
 
@@ -436,6 +455,41 @@ mod tests {
         let files = Files::open(prefix.to_str().unwrap(), FileFormat::TfRecord, 10).unwrap();
         assert_eq!(files.next, 9);
         assert!(dir.join("m-00008.tfrecord").is_file());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// After a write fails part-way (as on a full disk), the next record starts a new file
+    /// instead of following half a record.
+    #[test]
+    fn a_failed_write_moves_on_to_a_new_file() {
+        let dir = std::env::temp_dir().join(format!("modelgate-torn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let prefix = dir.join("m");
+        let mut files =
+            Files::open(prefix.to_str().unwrap(), FileFormat::JsonLines, 1 << 20).unwrap();
+        // A handle that refuses writes stands in for the disk that filled up.
+        let first = dir.join("m-00000.jsonl");
+        files.current = BufWriter::with_capacity(4, File::open(&first).unwrap());
+        let record = Record {
+            timestamp: std::time::UNIX_EPOCH,
+            model: "m".into(),
+            version: Some(1),
+            signature: "serving_default".into(),
+            method: "predict",
+            protocol: "grpc",
+            latency: std::time::Duration::ZERO,
+            code: "ok",
+            message: String::new(),
+            sampling_rate: 1.0,
+            payload: super::super::record::Payload::None,
+        };
+        assert!(files.write(&record).is_err());
+        assert!(matches!(files.write(&record), Ok(Written::Yes)));
+        files.flush().unwrap();
+        let second = std::fs::read_to_string(dir.join("m-00001.jsonl")).unwrap();
+        assert_eq!(second.lines().count(), 1, "{second}");
+        assert!(second.starts_with('{'), "{second}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
