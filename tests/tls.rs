@@ -127,21 +127,39 @@ async fn client_verify_requires_a_certificate_signed_by_custom_ca() {
         .unwrap();
     assert_eq!(status, 200);
 
-    // Without a certificate, or with one the client CA did not sign: refused on both ports.
+    // A certificate the client CA did not sign: refused at the handshake on both ports.
     let stranger = Ca::new("stranger CA").issue(&["client.example"]);
-    for (identity, alert) in [
-        (None, "CertificateRequired"),
-        (Some(&stranger), "UnknownCA"),
-    ] {
-        let grpc = grpc_predict(&server, &server_ca, identity).await;
-        assert!(grpc.is_err(), "{grpc:?}");
-        let rest = rest_predict(&server, &server_ca, identity).await;
-        assert!(rest.is_err(), "{rest:?}");
-        for addr in [server.grpc, server.rest_addr()] {
-            let refusal = common::tls::refusal(&server_ca, identity, addr).await;
-            assert!(refusal.contains(alert), "{addr}: {refusal}");
-        }
+    let grpc = grpc_predict(&server, &server_ca, Some(&stranger)).await;
+    assert!(grpc.is_err(), "{grpc:?}");
+    let rest = rest_predict(&server, &server_ca, Some(&stranger)).await;
+    assert!(rest.is_err(), "{rest:?}");
+    for addr in [server.grpc, server.rest_addr()] {
+        let refusal = common::tls::refusal(&server_ca, Some(&stranger), addr).await;
+        assert!(refusal.contains("UnknownCA"), "{addr}: {refusal}");
     }
+
+    // No certificate at all (a kubelet's probe): the probes answer, everything else is
+    // UNAUTHENTICATED on both ports before any handler runs.
+    for probe in ["/healthz", "/readyz"] {
+        let url = https_url(&server, probe);
+        let (status, body) = https_request(&server_ca, None, "GET", &url, "")
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{probe}: {body}");
+    }
+    let (status, body) = rest_predict(&server, &server_ca, None).await.unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("client certificate"), "{body}");
+    for path in ["/metrics", "/v2/models/tiny", "/v1/models/tiny"] {
+        let url = https_url(&server, path);
+        let (status, body) = https_request(&server_ca, None, "GET", &url, "")
+            .await
+            .unwrap();
+        assert_eq!(status, 401, "{path}: {body}");
+    }
+    let grpc = grpc_predict(&server, &server_ca, None).await.unwrap_err();
+    assert!(grpc.contains("Unauthenticated"), "{grpc}");
+    assert!(grpc.contains("client certificate"), "{grpc}");
     assert_eq!(
         grpc_predict(&server, &server_ca, Some(&client)).await,
         Ok(21.0)

@@ -35,8 +35,28 @@ pub struct Port {
     pub listener: TcpListener,
     pub router: Router,
     /// TLS (and mTLS) on every connection; `None`: plaintext.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<PortTls>,
+    /// Where a connection without a client certificate may go when one is required.
+    pub anonymous: Anonymous,
     pub settings: ConnectionSettings,
+}
+
+/// A port's TLS.
+#[derive(Clone)]
+pub struct PortTls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// `client_verify`: a certificate signed by `custom_ca` is required for every call but
+    /// the [`Anonymous`] paths. (A certificate that is presented is always verified.)
+    pub certificate_required: bool,
+}
+
+/// What a connection without a client certificate may call when `client_verify` requires
+/// one. Kubelets present no certificate, so the REST port lets its probes through; all else
+/// gets `refuse`'s answer, before any handler runs.
+#[derive(Clone, Copy)]
+pub struct Anonymous {
+    pub paths: &'static [&'static str],
+    pub refuse: fn() -> axum::response::Response,
 }
 
 /// What every connection of a port shares.
@@ -44,8 +64,24 @@ struct Shared {
     name: &'static str,
     router: Router,
     tls: Option<TlsAcceptor>,
+    /// `router` for connections without a client certificate, when one is required.
+    anonymous_router: Option<Router>,
     http: auto::Builder<TokioExecutor>,
     settings: ConnectionSettings,
+}
+
+/// `router` as a connection without a client certificate may use it: only `anonymous`'s
+/// paths.
+fn anonymous_router(router: Router, anonymous: Anonymous) -> Router {
+    router.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+            if anonymous.paths.contains(&request.uri().path()) {
+                next.run(request).await
+            } else {
+                (anonymous.refuse)()
+            }
+        },
+    ))
 }
 
 /// Runs every request of `router` in a request logging scope (see [`request_log`]). A map
@@ -61,10 +97,16 @@ pub fn with_request_log(router: Router, logs: Arc<RequestLogs>) -> Router {
 /// refused), every connection is asked to finish (HTTP/2 GOAWAY; HTTP/1 closes once idle),
 /// and those still open after `drain` are closed.
 pub async fn serve(port: Port, mut stop: watch::Receiver<bool>, drain: Duration) {
+    let anonymous_router = port
+        .tls
+        .as_ref()
+        .filter(|tls| tls.certificate_required)
+        .map(|_| anonymous_router(port.router.clone(), port.anonymous));
     let shared = Arc::new(Shared {
         name: port.name,
         router: port.router,
-        tls: port.tls.map(TlsAcceptor::from),
+        tls: port.tls.map(|tls| TlsAcceptor::from(tls.config)),
+        anonymous_router,
         http: http_builder(&port.settings),
         settings: port.settings,
     });
@@ -155,10 +197,21 @@ async fn connection(
     // Small unary calls: do not let Nagle hold back the response.
     let _ = tcp.set_nodelay(true);
     let Some(acceptor) = &shared.tls else {
-        return serve_connection(tcp, peer, &shared, stop).await;
+        return serve_connection(tcp, peer, &shared, &shared.router, stop).await;
     };
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => serve_connection(tls, peer, &shared, stop).await,
+        Ok(Ok(tls)) => {
+            let certified = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some_and(|chain| !chain.is_empty());
+            let router = match &shared.anonymous_router {
+                Some(anonymous) if !certified => anonymous,
+                _ => &shared.router,
+            };
+            serve_connection(tls, peer, &shared, router, stop).await
+        }
         // Debug only: anyone can reach the port with anything, and logs must not be theirs
         // to fill.
         Ok(Err(e)) => tracing::debug!(%peer, "{}: TLS handshake failed: {e}", shared.name),
@@ -172,11 +225,12 @@ async fn serve_connection<I>(
     io: I,
     peer: SocketAddr,
     shared: &Shared,
+    router: &Router,
     mut stop: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = TowerToHyperService::new(shared.router.clone());
+    let service = TowerToHyperService::new(router.clone());
     let conn = shared.http.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let aged = sleep_or_never(shared.settings.max_connection_age.map(jitter));

@@ -201,6 +201,11 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
             listener: grpc_listener,
             router: grpc_router,
             tls: tls.clone(),
+            // Kubelets' gRPC probes speak no TLS: nothing here is for the anonymous.
+            anonymous: api::serve::Anonymous {
+                paths: &[],
+                refuse: api::grpc::unauthenticated,
+            },
             settings: grpc_connections,
         },
         stop_rx.clone(),
@@ -213,6 +218,10 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
                 listener,
                 router: rest_router,
                 tls,
+                anonymous: api::serve::Anonymous {
+                    paths: &["/healthz", "/readyz"],
+                    refuse: api::rest::unauthenticated,
+                },
                 settings: ConnectionSettings::default(),
             };
             api::serve::serve(port, stop_rx, drain).await;

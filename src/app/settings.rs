@@ -2,11 +2,11 @@
 //! batching, workers, the metrics path, TLS, and the servers' connection settings.
 
 use crate::api::rest::RestOptions;
+use crate::api::serve::PortTls;
 use crate::batching::BatchingOptions;
 use crate::config::{self, ConfigError, ConnectionSettings, Flags};
 use crate::registry::ResidencySettings;
 use crate::runtime::{self, Device, RunnerConfig};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// The server-wide batching options (`--enable_batching`, `--batching_parameters_file`).
@@ -69,7 +69,7 @@ pub(super) fn monitoring_path(flags: &Flags) -> Result<Option<String>, ConfigErr
 }
 
 /// The TLS config of both ports (`--ssl_config_file`); `None`: plaintext.
-pub(super) fn tls(flags: &Flags) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+pub(super) fn tls(flags: &Flags) -> Result<Option<PortTls>, ConfigError> {
     if flags.use_alts_credentials {
         // A transport security that cannot be had must not become none at all.
         return Err(ConfigError::Invalid(
@@ -84,7 +84,10 @@ pub(super) fn tls(flags: &Flags) -> Result<Option<Arc<rustls::ServerConfig>>, Co
         tracing::warn!("{warning}");
     }
     tracing::info!(client_verify = tls.client_verify, "TLS on");
-    Ok(Some(tls.server))
+    Ok(Some(PortTls {
+        config: tls.server,
+        certificate_required: tls.client_verify,
+    }))
 }
 
 /// The gRPC port's connection settings (`--grpc_channel_arguments`).

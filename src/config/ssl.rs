@@ -15,7 +15,8 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct Tls {
     pub server: Arc<ServerConfig>,
-    /// Clients must present a certificate signed by `custom_ca`.
+    /// Clients must present a certificate signed by `custom_ca` for anything but the probes
+    /// (see [`crate::api::serve::Anonymous`]).
     pub client_verify: bool,
     /// Something in the file that has no effect, to be logged.
     pub warning: Option<String>,
@@ -57,7 +58,11 @@ fn server_config(what: &str, text: &str) -> Result<Tls, ConfigError> {
                 .add(cert)
                 .map_err(|e| invalid("custom_ca", e.to_string()))?;
         }
+        // A certificate, when presented, must be signed by custom_ca. A connection without
+        // one completes its handshake so that a kubelet (which has no certificate) can
+        // reach the probes; `api::serve` refuses it everything else.
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .allow_unauthenticated()
             .build()
             .map_err(|e| invalid("custom_ca", e.to_string()))?;
         builder.with_client_cert_verifier(verifier)

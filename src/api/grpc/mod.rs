@@ -234,3 +234,12 @@ async fn mirror_readiness(
         }
     }
 }
+
+/// The answer to a connection without a client certificate, when `client_verify` requires
+/// one: every call is UNAUTHENTICATED.
+pub fn unauthenticated() -> axum::response::Response {
+    Status::unauthenticated(
+        "this server requires a client certificate signed by its custom_ca (client_verify)",
+    )
+    .into_http()
+}

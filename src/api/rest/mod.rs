@@ -80,3 +80,13 @@ pub fn router(
     // The API handler reads bodies itself, against `max_body_bytes`.
     router.fallback(routes::api).with_state(state)
 }
+
+/// The answer to a connection without a client certificate, when `client_verify` requires
+/// one, for anything but the probes.
+pub fn unauthenticated() -> axum::response::Response {
+    error::error_response(&crate::error::Error::Unauthenticated(
+        "this server requires a client certificate signed by its custom_ca \
+         (client_verify); only /healthz and /readyz answer without one"
+            .into(),
+    ))
+}
