@@ -523,3 +523,46 @@ async fn an_object_refused_for_good_fails_its_version_not_the_storage() {
     wait_for_served_version(&server, 1).await;
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// What an earlier run cached for models the config no longer names is removed at start,
+/// before any download; what a configured model reads stays (and is not fetched again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_keeps_only_what_configured_models_read() {
+    let moto = Moto::start();
+    let s3 = moto.client();
+    s3.create_bucket(BUCKET).await;
+    upload_scaled(&s3, 1).await;
+    let cache = scratch("s3-cache-prune");
+    let args = vec![
+        "--model_name=scaled".to_string(),
+        "--device=cpu".to_string(),
+        format!("--model_base_path=s3://{BUCKET}/repo/scaled"),
+        format!("--model_cache_dir={}", cache.display()),
+    ];
+    let first = Server::start_rest(&args, &moto.server_env("test-secret"));
+    first.wait_readyz(200).await;
+    drop(first);
+    // Left by a run whose config had other models.
+    let stale = [
+        cache.join(BUCKET).join("repo/retired/1/0123abcd"),
+        cache.join("another-bucket/m/3/0123abcd"),
+    ];
+    for dir in &stale {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("model.pt"), b"old").unwrap();
+    }
+
+    let second = Server::start_rest(&args, &moto.server_env("test-secret"));
+    second.wait_readyz(200).await;
+    for dir in &stale {
+        assert!(!dir.exists(), "{} is still cached", dir.display());
+    }
+    assert!(!cache.join("another-bucket").exists());
+    assert!(cache.join(BUCKET).join("repo/scaled/1").is_dir());
+    assert!(
+        !second.log.text().contains("fetched"),
+        "scaled came from the cache: {}",
+        second.log.text()
+    );
+    let _ = std::fs::remove_dir_all(&cache);
+}

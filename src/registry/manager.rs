@@ -241,6 +241,9 @@ impl Manager {
     pub fn run(mut self, initial: Vec<ModelSpec>) -> impl std::future::Future<Output = ()> {
         let applied = self.set_models(initial);
         async move {
+            // Before any download: what an earlier run cached for other models goes.
+            let bases: Vec<&BasePath> = self.models.values().map(|m| &m.base).collect();
+            self.storage.retain_cached_bases(&bases).await;
             match applied {
                 Ok((changed, _)) => self.poll(&changed).await,
                 Err(e) => tracing::error!("model config refused: {e}"),

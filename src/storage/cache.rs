@@ -115,6 +115,26 @@ impl Cache {
         .await;
     }
 
+    /// Removes everything in the cache that belongs to none of `bases` (`(bucket, prefix)`):
+    /// what a previous run cached for models no longer configured, which no later listing
+    /// would ever drop. The caller runs no download meanwhile (one server per cache).
+    pub async fn retain_bases(&self, bases: &[(String, String)]) {
+        let keep: Vec<PathBuf> = bases
+            .iter()
+            .map(|(bucket, prefix)| self.base_dir(bucket, prefix))
+            .collect();
+        let root = self.root.clone();
+        let removed = tokio::task::spawn_blocking(move || prune(&root, &keep))
+            .await
+            .unwrap_or(0);
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed from the model cache what no configured model reads"
+            );
+        }
+    }
+
     /// Returns `dir`, filling it first with `download` (given a temporary directory to write
     /// into) unless it is already there.
     pub async fn fill<F, Fut>(&self, dir: &Path, download: F) -> Result<PathBuf, StorageError>
@@ -160,6 +180,36 @@ impl Cache {
         remove_entries(parent, |name| Some(name) != keep.as_deref()).await;
         Ok(dir.to_path_buf())
     }
+}
+
+/// Removes what under `dir` is neither one of `keep` nor on the way to one; how many
+/// entries it removed. Blocking. Symlinks are removed, never followed.
+fn prune(dir: &Path, keep: &[PathBuf]) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if keep.contains(&path) {
+            continue; // a base path's own versions are `retain`'s to drop
+        }
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && keep.iter().any(|base| base.starts_with(&path)) {
+            removed += prune(&path, keep);
+            continue;
+        }
+        let gone = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match gone {
+            Ok(()) => removed += 1,
+            Err(e) => tracing::debug!("cannot remove {}: {e}", path.display()),
+        }
+    }
+    removed
 }
 
 /// Removes the entries of `dir` whose names match; failures only cost disk space.
@@ -311,6 +361,37 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn what_no_configured_base_reads_is_removed() {
+        let (cache, root) = empty_cache("cache-bases");
+        for (bucket, prefix) in [
+            ("b", "models/mlp"),
+            ("b", "models/old"),
+            ("b", "models"),
+            ("gone", "x"),
+        ] {
+            let dir = cache.version_dir(bucket, prefix, 1, "fp");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("model.pt"), b"m").unwrap();
+        }
+        // Only models/mlp is configured now: models' own versions, models/old and the
+        // bucket "gone" go; models/mlp stays whole.
+        cache
+            .retain_bases(&[("b".to_string(), "models/mlp".to_string())])
+            .await;
+        assert!(cache
+            .version_dir("b", "models/mlp", 1, "fp")
+            .join("model.pt")
+            .is_file());
+        assert!(!root.join("b/models/old").exists());
+        assert!(!root.join("b/models/1").exists());
+        assert!(!root.join("gone").exists());
+        // With nothing configured, nothing is left.
+        cache.retain_bases(&[]).await;
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
         std::fs::remove_dir_all(&root).unwrap();
     }
 

@@ -111,6 +111,19 @@ impl Storage {
         }
     }
 
+    /// Drops from the S3 cache what none of `bases` reads (left by an earlier run whose
+    /// config had other models). Call it before any download starts.
+    pub async fn retain_cached_bases(&self, bases: &[&BasePath]) {
+        let locations: Vec<&S3Location> = bases
+            .iter()
+            .filter_map(|base| match base {
+                BasePath::S3 { location, .. } => Some(location),
+                BasePath::Local(_) => None,
+            })
+            .collect();
+        self.s3.retain_locations(&locations).await;
+    }
+
     /// The default cache directory, private to this user (see [`cache::default_root`]).
     pub fn default_cache_dir() -> Result<PathBuf, StorageError> {
         cache::default_root()

@@ -156,6 +156,15 @@ impl S3Store {
         Ok(group_versions(&prefix, objects))
     }
 
+    /// Removes from the cache everything under none of `locations`.
+    pub async fn retain_locations(&self, locations: &[&S3Location]) {
+        let bases: Vec<(String, String)> = locations
+            .iter()
+            .map(|l| (l.bucket.clone(), l.key.clone()))
+            .collect();
+        self.cache.retain_bases(&bases).await;
+    }
+
     /// Removes from the cache the versions under `location` other than `keep`.
     pub async fn retain_cached(&self, location: &S3Location, keep: &BTreeSet<i64>) {
         self.cache
