@@ -1,5 +1,6 @@
 //! The bounds on what one connection or request may hold, against the real binary: the
-//! REST timeout and the bytes of REST bodies in flight, and the HTTP/2 settings: the
+//! REST timeout, the bytes of REST bodies and gRPC messages in flight, and the HTTP/2
+//! settings: the
 //! default stream limit and what `--grpc_channel_arguments` applies (max concurrent
 //! streams, maximum connection age).
 
@@ -133,6 +134,14 @@ fn bytes_in_flight_below_the_body_limit_stop_the_start() {
         stderr.contains("--rest_api_max_bytes_in_flight (999) must be at least"),
         "{stderr}"
     );
+    let stderr = common::refused_start(&[
+        "--grpc_max_message_bytes=1000",
+        "--grpc_max_bytes_in_flight=999",
+    ]);
+    assert!(
+        stderr.contains("--grpc_max_bytes_in_flight (999) must be at least"),
+        "{stderr}"
+    );
 }
 
 /// An HTTP/2 client connection, driven until the server has answered a ping (its SETTINGS
@@ -212,4 +221,70 @@ fn bad_grpc_channel_arguments_stop_the_start() {
         stderr.contains("--grpc_channel_arguments: 'grpc.max_concurrent_streams=lots'"),
         "{stderr}"
     );
+}
+
+/// The bytes gRPC calls hold while their messages arrive are bounded all together, as
+/// REST bodies are: a call that would go over is RESOURCE_EXHAUSTED, and the bytes of a
+/// call that ends are given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_bytes_in_flight_are_bounded() {
+    use modelgate::proto::serving::PredictRequest;
+    let server = Server::with_config(
+        &fixture_config(&["tiny"]),
+        &[
+            "--grpc_max_message_bytes=100000",
+            "--grpc_max_bytes_in_flight=100000",
+        ],
+    );
+    server.wait_available(&["tiny"]).await;
+
+    // A call that sends 80,000 bytes of a 90,000-byte message, then nothing more.
+    let tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let request = axum::http::Request::post(format!(
+        "http://{}/tensorflow.serving.PredictionService/Predict",
+        server.grpc
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (held_response, mut held) = send.send_request(request, false).unwrap();
+    let mut partial = vec![0u8, 0x00, 0x01, 0x5f, 0x90]; // uncompressed, 90,000 bytes
+    partial.resize(5 + 80_000, 0);
+    held.send_data(bytes::Bytes::from(partial), false).unwrap();
+
+    // A 30,000-byte call finds no room while those are held.
+    let x = common::floats(&[7500, 1], &vec![1.0; 7500]);
+    let request = move || PredictRequest {
+        model_spec: Some(common::spec("tiny")),
+        inputs: [("x".to_string(), x.clone())].into(),
+        ..Default::default()
+    };
+    let client = server.prediction().await;
+    let refused = common::wait_for("a call past the bytes in flight to be refused", || {
+        let (mut client, request) = (client.clone(), request());
+        async move {
+            match client.predict(request).await {
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => Some(status),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused.message().contains("--grpc_max_bytes_in_flight"),
+        "{refused:?}"
+    );
+
+    // The held call ends (reset): its bytes are given back.
+    held.send_reset(h2::Reason::CANCEL);
+    drop(held_response);
+    common::wait_for("the same call to be served again", || {
+        let (mut client, request) = (client.clone(), request());
+        async move { client.predict(request).await.ok() }
+    })
+    .await;
 }

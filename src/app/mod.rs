@@ -185,6 +185,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
         api::grpc::GrpcOptions {
             tensor_content: flags.enable_serialization_as_tensor_content,
             max_message_bytes: flags.grpc_max_message_bytes,
+            max_bytes_in_flight: settings::grpc_max_bytes_in_flight(&flags)?,
         },
         draining_rx,
         stop_rx.clone(),

@@ -90,6 +90,17 @@ pub(super) fn tls(flags: &Flags) -> Result<Option<PortTls>, ConfigError> {
     }))
 }
 
+/// `--grpc_max_bytes_in_flight`, which must admit one message of the largest size.
+pub(super) fn grpc_max_bytes_in_flight(flags: &Flags) -> Result<usize, ConfigError> {
+    if flags.grpc_max_bytes_in_flight < flags.grpc_max_message_bytes {
+        return Err(ConfigError::Invalid(format!(
+            "--grpc_max_bytes_in_flight ({}) must be at least --grpc_max_message_bytes ({})",
+            flags.grpc_max_bytes_in_flight, flags.grpc_max_message_bytes
+        )));
+    }
+    Ok(flags.grpc_max_bytes_in_flight)
+}
+
 /// The gRPC port's connection settings (`--grpc_channel_arguments`).
 pub(super) fn grpc_connections(flags: &Flags) -> Result<ConnectionSettings, ConfigError> {
     let (settings, warnings) =

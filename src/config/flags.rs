@@ -339,6 +339,12 @@ pub struct Flags {
     )]
     pub rest_api_timeout_in_ms: i64,
 
+    /// gRPC request bytes all calls together may hold while they arrive; a call that would
+    /// go over is answered RESOURCE_EXHAUSTED (modelgate's own). At least
+    /// --grpc_max_message_bytes.
+    #[arg(long = "grpc_max_bytes_in_flight", default_value_t = DEFAULT_GRPC_MAX_BYTES_IN_FLIGHT)]
+    pub grpc_max_bytes_in_flight: usize,
+
     /// REST request bodies all requests together may hold at once; a request that would go
     /// over is answered 503 (modelgate's own). At least --rest_api_max_body_bytes.
     #[arg(long = "rest_api_max_bytes_in_flight", default_value_t = DEFAULT_REST_MAX_BYTES_IN_FLIGHT)]
@@ -421,6 +427,10 @@ impl std::fmt::Debug for Redacted {
 /// 256 MiB: JSON takes several times the bytes of the tensors it carries, so this admits
 /// requests of tens of MiB of tensor data while bounding what one request can buffer.
 pub const DEFAULT_REST_MAX_BODY_BYTES: usize = 256 << 20;
+
+/// 2 GiB: one message of the largest size (--grpc_max_message_bytes' default, 2 GiB - 1),
+/// or many small ones.
+const DEFAULT_GRPC_MAX_BYTES_IN_FLIGHT: usize = 2 << 30;
 
 /// 1 GiB: four bodies of the largest size at once, or many small ones; past it a request is
 /// turned away (503) rather than buffered.
@@ -521,6 +531,7 @@ mod tests {
         assert_eq!(flags.shutdown_drain_seconds, 10);
         assert_eq!(flags.rest_api_timeout_in_ms, 30_000);
         assert_eq!(flags.rest_api_max_bytes_in_flight, 1 << 30);
+        assert_eq!(flags.grpc_max_bytes_in_flight, 2 << 30);
         assert!(flags.ssl_config_file.is_none());
         assert_eq!(flags.grpc_channel_arguments, "");
         assert!(warnings.is_empty());

@@ -11,11 +11,15 @@
 //!
 //! Only the body's first message is helped (every unary call; a stream's later messages
 //! are buffered as tonic does).
+//!
+//! Also [`Budgeted`]: the bytes every call's body holds, counted against one budget.
 
 use bytes::{Buf, Bytes};
 use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Compression flag and big-endian message length.
 const PREFIX_BYTES: usize = 5;
@@ -88,6 +92,73 @@ where
             hint.set_upper(upper.saturating_add(held));
         }
         hint
+    }
+}
+
+/// A request body whose bytes count against the port's budget (`--grpc_max_bytes_in_flight`)
+/// from the moment they arrive until the body is dropped (tonic drops it once it has the
+/// message), as REST bodies count against theirs: however many calls upload at once, what
+/// they make the server hold is bounded. A frame that does not fit ends the body with
+/// RESOURCE_EXHAUSTED, which tonic answers as it is.
+pub(super) struct Budgeted<B> {
+    inner: B,
+    budget: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+impl<B> Budgeted<B> {
+    pub(super) fn new(inner: B, budget: Arc<Semaphore>) -> Budgeted<B> {
+        Budgeted {
+            inner,
+            budget,
+            held: None,
+        }
+    }
+}
+
+impl<B> Body for Budgeted<B>
+where
+    B: Body<Data = Bytes, Error = axum::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let bytes = match &frame {
+            Some(Ok(frame)) => frame.data_ref().map_or(0, Bytes::len),
+            _ => 0,
+        };
+        if bytes > 0 {
+            let permit = u32::try_from(bytes)
+                .ok()
+                .and_then(|n| Arc::clone(&this.budget).try_acquire_many_owned(n).ok());
+            match (permit, this.held.as_mut()) {
+                (Some(permit), Some(held)) => held.merge(permit),
+                (Some(permit), None) => this.held = Some(permit),
+                (None, _) => {
+                    return Poll::Ready(Some(Err(axum::Error::new(
+                        tonic::Status::resource_exhausted(
+                            "the server holds as many gRPC request bytes as it may \
+                             (--grpc_max_bytes_in_flight); retry later",
+                        ),
+                    ))))
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

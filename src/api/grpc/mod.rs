@@ -50,6 +50,9 @@ pub struct GrpcOptions {
     pub tensor_content: bool,
     /// Largest message received or sent; also bounds one decoded tensor.
     pub max_message_bytes: usize,
+    /// Request bytes all calls together may hold while they arrive (at least
+    /// `max_message_bytes`); beyond, RESOURCE_EXHAUSTED.
+    pub max_bytes_in_flight: usize,
 }
 
 /// The gRPC services as one router, to be served by `api::serve`.
@@ -98,6 +101,11 @@ pub async fn router(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let limit = options.max_message_bytes;
+    let budget = Arc::new(tokio::sync::Semaphore::new(
+        options
+            .max_bytes_in_flight
+            .min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     let v2_inference = inference.clone();
     let prediction = PredictionServiceServer::new(PredictionApi::new(inference, options))
         .max_decoding_message_size(limit)
@@ -128,12 +136,16 @@ pub async fn router(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .into_axum_router()
-        .layer(tower::util::MapRequestLayer::new(prefix_apart)))
-}
-
-/// See [`body::PrefixApart`]: saves large messages a second copy inside tonic.
-fn prefix_apart(request: axum::extract::Request) -> axum::extract::Request {
-    request.map(|body| axum::body::Body::new(body::PrefixApart::new(body)))
+        .layer(tower::util::MapRequestLayer::new(
+            move |request: axum::extract::Request| {
+                let budget = Arc::clone(&budget);
+                request.map(|body| {
+                    // PrefixApart saves large messages a second copy inside tonic.
+                    let budgeted = body::Budgeted::new(body, budget);
+                    axum::body::Body::new(body::PrefixApart::new(budgeted))
+                })
+            },
+        )))
 }
 
 /// Why the gRPC services could not be built.
