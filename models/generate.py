@@ -112,9 +112,14 @@ class Scaled(torch.nn.Module):
 
 
 class Faulty(torch.nn.Module):
+    """y = x + 1; a negative input raises, and an input of 12345 answers a tensor with no
+    memory (a `meta` tensor), which the server must refuse rather than read."""
+
     def forward(self, x: Tensor) -> Tensor:
         if bool((x < 0).any()):
             raise RuntimeError("negative input")
+        if bool((x == 12345.0).any()):
+            return torch.empty(x.shape, device=torch.device("meta"))
         return x + 1
 
 
@@ -669,6 +674,7 @@ def verify(bases):
                         assert "negative input" in str(e)
                     else:
                         raise AssertionError("faulty did not raise")
+                    assert m(torch.tensor([[12345.0]])).device.type == "meta"
                 print(f"  {base}/{model}/{version}: {len(sigs)} signature(s) from {source}: ok")
     for base in bases:
         if os.path.exists(os.path.join(base, "mlp", "2", "model.pt")):

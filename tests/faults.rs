@@ -84,3 +84,28 @@ async fn a_device_that_fails_under_a_model_fails_liveness_once_logged() {
     );
     assert!(log.contains("poisoned/1@cpu"), "{log}");
 }
+
+/// A model that answers with a tensor that has no memory (a `meta` tensor) gets an error
+/// naming the output; the server never reads it (which would crash the process) and serves
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_without_host_memory_is_an_error_not_a_crash() {
+    let server = Server::with_config(&common::fixture_config(&["faulty"]), &[]);
+    server.wait_available(&["faulty"]).await;
+    let mut client = server.prediction().await;
+    let request = |x: [f32; 2]| modelgate::proto::serving::PredictRequest {
+        model_spec: Some(spec("faulty")),
+        inputs: [("x".to_string(), common::floats(&[1, 2], &x))].into(),
+        ..Default::default()
+    };
+    let status = client.predict(request([12345.0, 1.0])).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    let answer = client
+        .predict(request([1.0, 2.0]))
+        .await
+        .expect("faulty serves on")
+        .into_inner();
+    let y = common::decode_tensor("y", &answer.outputs["y"]).unwrap();
+    assert_eq!(y.to_values::<f32>().unwrap(), vec![2.0, 3.0]);
+    assert_eq!(server.http_get("/healthz").await.0, 200);
+}

@@ -96,7 +96,14 @@ impl Staging {
     /// A host tensor (on a GPU, one of [`Staging::finish_outputs`]) as its shape and
     /// `Bytes`, with the one copy this direction takes (see the module's comment).
     pub fn output(&self, host: &tch::Tensor) -> Result<(Vec<i64>, Bytes), RunError> {
-        let host = host.f_contiguous().map_err(torch_error)?;
+        // A model on a CPU worker may still answer with a tensor elsewhere (one traced on a
+        // GPU keeps its device): its memory is not the host's to read. Copied here; a
+        // tensor with no data at all (`meta`) fails the copy instead of being read.
+        let host = match host.device() {
+            tch::Device::Cpu => host.f_contiguous(),
+            _ => host.f_to_device_(tch::Device::Cpu, host.kind(), false, true),
+        }
+        .map_err(torch_error)?;
         let shape = host.size();
         let bytes = host_bytes(host)?;
         if self.device == tch::Device::Cpu {
@@ -114,7 +121,18 @@ impl Staging {
         };
         let host = outputs
             .iter()
-            .map(|t| t.f_to_device_(tch::Device::Cpu, t.kind(), true, false))
+            .map(|t| match t.device() {
+                // This worker's stream: copied asynchronously, waited for below.
+                device if device == self.device => {
+                    t.f_to_device_(tch::Device::Cpu, t.kind(), true, false)
+                }
+                // Already on the host: copied all the same, since `output` hands it out
+                // without a copy and it may be the module's own tensor, which a later
+                // forward changes.
+                tch::Device::Cpu => t.f_to_device_(tch::Device::Cpu, t.kind(), false, true),
+                // Another device's stream, which the wait below does not cover.
+                _ => t.f_to_device_(tch::Device::Cpu, t.kind(), false, false),
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(torch_error)?;
         cuda::synchronize_thread_stream(gpu).map_err(RunError::Torch)?;
@@ -165,8 +183,21 @@ fn host_bytes(host: tch::Tensor) -> Result<HostBytes, RunError> {
     let len = host.numel().checked_mul(element).ok_or_else(|| {
         RunError::BadOutput(format!("an output of shape {:?} is too large", host.size()))
     })?;
+    if host.device() != tch::Device::Cpu || host.is_sparse() {
+        return Err(RunError::BadOutput(format!(
+            "an output is a {:?} tensor, not dense host memory",
+            host.device()
+        )));
+    }
+    let start = host.data_ptr().cast::<u8>().cast_const();
+    if len > 0 && start.is_null() {
+        return Err(RunError::BadOutput(format!(
+            "an output of shape {:?} has no memory",
+            host.size()
+        )));
+    }
     Ok(HostBytes {
-        start: host.data_ptr().cast::<u8>().cast_const(),
+        start,
         len,
         _tensor: host,
     })

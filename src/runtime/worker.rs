@@ -348,6 +348,10 @@ pub fn start_workers(
                         let ready = worker.prepare(&warm_up);
                         let warmed_up = ready.is_ok();
                         let _ = warmed.send(ready);
+                        // Let go of the sender now: the loader counts a worker that dies
+                        // before answering by every sender being gone, and this one waits
+                        // below for the verdict.
+                        drop(warmed);
                         if warmed_up && verdict.serve() {
                             while let Some(batch) = source.next() {
                                 worker.metrics.record_queue_wait(&batch);

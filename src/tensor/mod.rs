@@ -272,6 +272,18 @@ impl<'a> RowConcat<'a> {
     /// grown to `rows` rows.
     pub fn plan(parts: &'a [&'a Tensor], rows: usize) -> Result<RowConcat<'a>, String> {
         let first = parts.first().ok_or("nothing to concatenate")?;
+        // The fields are public: a part whose bytes disagree with its shape would make the
+        // staging buffer, sized from these, too small or left unwritten.
+        for part in parts {
+            if byte_size(part.dtype, &part.shape).ok() != Some(part.data.len()) {
+                return Err(format!(
+                    "a {} {:?} tensor holds {} bytes",
+                    part.dtype,
+                    part.shape,
+                    part.data.len()
+                ));
+            }
+        }
         if let ([scalar], true) = (parts, first.shape.is_empty()) {
             // A lone scalar (an unbatched input) is its own concatenation.
             return Ok(RowConcat {
@@ -748,6 +760,34 @@ mod tests {
         assert!(t.to_values::<i32>().is_none());
         let b = Tensor::from_values(vec![2], &[true, false]).unwrap();
         assert_eq!(b.to_values::<bool>().unwrap(), vec![true, false]);
+    }
+
+    #[test]
+    fn a_concatenation_refuses_parts_whose_bytes_disagree_with_their_shape() {
+        let good = Tensor::from_values(vec![1, 1], &[1.0f32]).unwrap();
+        // The fields are public: nothing stops a caller building these.
+        let long = Tensor {
+            dtype: DType::F32,
+            shape: vec![1, 1],
+            data: Bytes::from(vec![0u8; 100]),
+        };
+        let hollow = Tensor {
+            dtype: DType::F32,
+            shape: vec![4, 3],
+            data: Bytes::new(),
+        };
+        for bad in [&long, &hollow] {
+            let parts = [&good, bad];
+            let error = RowConcat::plan(&parts, 0).err().unwrap();
+            assert!(error.contains("tensor holds"), "{error}");
+        }
+        let scalar = Tensor {
+            dtype: DType::F32,
+            shape: vec![],
+            data: Bytes::from(vec![0u8; 8]),
+        };
+        assert!(RowConcat::plan(&[&scalar], 0).is_err());
+        assert_eq!(RowConcat::plan(&[&good, &good], 4).unwrap().bytes, 16);
     }
 
     #[test]
