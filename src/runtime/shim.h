@@ -19,15 +19,25 @@ inline char* out_of_memory_message() {
   return text;
 }
 
-// A malloc'd, NUL-terminated copy of `text`, or the static out-of-memory message.
-inline char* copy_of(const std::string& text) {
-  char* copy = static_cast<char*>(std::malloc(text.size() + 1));
+// A malloc'd, NUL-terminated copy of the `size` bytes at `text`, or the static
+// out-of-memory message. Never throws: it runs inside catch handlers, whence an exception
+// would unwind into Rust.
+inline char* copy_of(const char* text, size_t size) noexcept {
+  char* copy = static_cast<char*>(std::malloc(size + 1));
   if (copy == nullptr) {
     return out_of_memory_message();
   }
-  std::memcpy(copy, text.data(), text.size());
-  copy[text.size()] = '\0';
+  std::memcpy(copy, text, size);
+  copy[size] = '\0';
   return copy;
+}
+
+inline char* copy_of(const char* text) noexcept {
+  return copy_of(text, std::strlen(text));
+}
+
+inline char* copy_of(const std::string& text) noexcept {
+  return copy_of(text.data(), text.size());
 }
 
 // Frees what a shim handed over: a message or an array (never the static message).
@@ -37,9 +47,10 @@ inline void release(void* buffer) {
   }
 }
 
-// Runs `body`: NULL when it returns, the message of what it threw otherwise.
+// Runs `body`: NULL when it returns, the message of what it threw otherwise. noexcept:
+// should anything still throw, the process terminates rather than unwinding into Rust.
 template <typename F>
-char* guarded(F&& body) {
+char* guarded(F&& body) noexcept {
   try {
     body();
     return nullptr;
