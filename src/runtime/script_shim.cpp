@@ -175,7 +175,15 @@ char* modelgate_script_run(modelgate_script* model, const char* method,
           refuse("dict entry '" + entry.key().toStringRef() + "'", entry.value());
           break;
         }
-        names.append(entry.key().toStringRef()).push_back('\0');
+        const std::string& key = entry.key().toStringRef();
+        if (key.find('\0') != std::string::npos) {
+          // The names travel NUL-separated: such a key would shift every later name.
+          *form = 3;
+          tensors.clear();
+          names = "a dict key with a NUL byte in it";
+          break;
+        }
+        names.append(key).push_back('\0');
         tensors.push_back(entry.value().toTensor());
       }
     } else {
