@@ -89,10 +89,13 @@ def export(base, device):
         torch.manual_seed(0)
         module = cls().eval()
         examples = {k: torch.randn(2, *shape) for k, shape in inputs.items()}
-        modelgate_export.export(module, examples, f"{base}/{name}_ts", 1, "torchscript")
+        # Rebuilt in place when this file or the exporter changes.
+        modelgate_export.export(module, examples, f"{base}/{name}_ts", 1, "torchscript",
+                                overwrite=True)
         for form, freeze in (("aoti", False), ("aotifrozen", True)):
             modelgate_export.export(module, examples, f"{base}/{name}_{form}", 1, "pt2",
-                                    max_batch=256, device=device, freeze=freeze)
+                                    max_batch=256, device=device, freeze=freeze,
+                                    overwrite=True)
     print(f"wrote the format benchmark's models for {device} to {base}")
 
 

@@ -23,6 +23,12 @@ version directory gets:
   inputs in TF Serving's warm-up format, which modelgate replays before the version serves
   (needs `tensorflow` and `tensorflow-serving-api`, as TF Serving's own tooling does).
 
+The version is written into a hidden sibling directory (`.export-N-<pid>`, which the server
+ignores) and renamed into place once every file is there, so a server polling the base path
+never sees half a version, and a failed export leaves nothing behind. An existing version is
+never replaced unless `--overwrite` is given: a version that serves is not reloaded when its
+files change, so a rewrite in place would only take effect, unannounced, at the next start.
+
 Python API: `export(module, {"x": tensor}, out_dir, version, ...)`.
 """
 
@@ -31,6 +37,7 @@ import importlib
 import inspect
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -219,15 +226,21 @@ def _export_torchscript(module, examples, path, signature):
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
-def write_warmup(version_dir, requests, signature="", model_name=""):
-    """Writes TF Serving's warm-up file into `version_dir`: one PredictionLog record (in a
-    TFRecord file) per dict of named inputs (numpy arrays or tensors) in `requests`."""
+def _warmup_writer():
+    """TensorFlow's TFRecord writer and the TF Serving protos warm-up records are made with."""
     try:
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
     except ImportError:
         raise ExportError("warm-up records are written with TensorFlow's own writer: "
                           "pip install tensorflow tensorflow-serving-api") from None
+    return tf, predict_pb2, prediction_log_pb2
+
+
+def write_warmup(version_dir, requests, signature="", model_name=""):
+    """Writes TF Serving's warm-up file into `version_dir`: one PredictionLog record (in a
+    TFRecord file) per dict of named inputs (numpy arrays or tensors) in `requests`."""
+    tf, predict_pb2, prediction_log_pb2 = _warmup_writer()
     path = os.path.join(version_dir, WARMUP_FILE)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tf.io.TFRecordWriter(path) as writer:
@@ -246,11 +259,23 @@ def write_warmup(version_dir, requests, signature="", model_name=""):
 
 
 def export(module, examples, out_dir, version, fmt="pt2", output_names=None,
-           min_batch=1, max_batch=1024, warmup=False, device="cpu", freeze=False):
+           min_batch=1, max_batch=1024, warmup=False, device="cpu", freeze=False,
+           overwrite=False):
     """Writes `out_dir/version/` for `module` run on `examples` (name -> tensor, in forward's
     order) on `device` (a package runs only on the device type it was compiled for, and
     AOTInductor compiles for the GPU it runs on). `freeze` compiles a package with
-    inductor's freezing (weights folded in as constants). Returns the version directory."""
+    inductor's freezing (weights folded in as constants). An existing version is refused
+    unless `overwrite`. Returns the version directory."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ExportError(f"--version {version!r}: versions are whole numbers from 1 "
+                          "(the server ignores any other directory name)")
+    directory = Path(out_dir) / str(version)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise ExportError(f"{directory} already exists: export a new version number (the "
+                          "server does not reload a version whose files change), or pass "
+                          "--overwrite to replace it")
+    if warmup:
+        _warmup_writer()  # before minutes of compiling, not after
     if not isinstance(module, torch.nn.Module):
         raise ExportError("the factory must return a torch.nn.Module")
     if fmt not in ("pt2", "torchscript"):
@@ -267,17 +292,34 @@ def export(module, examples, out_dir, version, fmt="pt2", output_names=None,
         result = module(*examples.values())
     outputs = _outputs(result, output_names)
     signature = _signature(list(examples.items()), outputs)
-    directory = Path(out_dir) / str(int(version))
-    directory.mkdir(parents=True, exist_ok=True)
-    if fmt == "pt2":
-        _export_pt2(module, examples, directory / "model.pt2", signature, min_batch, max_batch,
-                    freeze)
-    else:
-        _export_torchscript(module, examples, directory / "model.pt", signature)
-    (directory / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
-    if warmup:
-        write_warmup(directory, [{name: t.cpu() for name, t in examples.items()}])
+    staging = Path(out_dir) / f".export-{version}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if fmt == "pt2":
+            _export_pt2(module, examples, staging / "model.pt2", signature, min_batch,
+                        max_batch, freeze)
+        else:
+            _export_torchscript(module, examples, staging / "model.pt", signature)
+        (staging / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
+        if warmup:
+            write_warmup(staging, [{name: t.cpu() for name, t in examples.items()}])
+        _publish(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _publish(staging, directory):
+    """Renames the complete `staging` directory to `directory`, replacing what was there."""
+    replaced = None
+    if directory.exists():
+        replaced = directory.with_name(f".replaced-{directory.name}-{os.getpid()}")
+        shutil.rmtree(replaced, ignore_errors=True)
+        directory.rename(replaced)
+    staging.rename(directory)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _parse_input(text):
@@ -310,6 +352,9 @@ def main(argv=None):
                              "in as constants (faster convolutions on the CPU)")
     parser.add_argument("--warmup", action="store_true",
                         help="also write the example inputs as TF Serving warm-up records")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the version if it exists (a server that already serves "
+                             "it keeps the old files loaded until it restarts)")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.getcwd())
     try:
@@ -320,7 +365,7 @@ def main(argv=None):
         examples = dict(_parse_input(text) for text in args.input)
         directory = export(factory(), examples, args.out, args.version, args.format, args.output,
                            args.min_batch, args.max_batch, args.warmup, args.device,
-                           args.freeze)
+                           args.freeze, args.overwrite)
     except ExportError as error:
         parser.exit(2, f"modelgate_export: {error}\n")
     print(directory)

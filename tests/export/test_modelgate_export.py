@@ -187,6 +187,41 @@ def test_mistakes_are_refused_saying_what_to_fix(tmp_path):
     assert "keys ['sum', 'picked', 'double']" in renamed.stderr, renamed.stderr
 
 
+def test_a_version_is_published_whole_and_never_replaced_unasked(tmp_path):
+    args = ["--input", "x:float32:4,3", "--input", "scale:float32:4,1", "--out", "m",
+            "--format", "torchscript"]
+    first = run_export(tmp_path, *args)
+    assert first.returncode == 0, first.stderr
+    version = tmp_path / "m" / "1"
+    model = (version / "model.pt").read_bytes()
+    # A served version is not reloaded when its files change: rewriting it is refused.
+    again = run_export(tmp_path, *args)
+    assert again.returncode == 2
+    assert "already exists" in again.stderr and "--overwrite" in again.stderr
+    assert (version / "model.pt").read_bytes() == model
+    replaced = run_export(tmp_path, *args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert sorted(p.name for p in version.iterdir()) == ["model.pt", "signature.json"]
+    # Nothing but version directories is left in the base path.
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["1"]
+    bad = run_export(tmp_path, *args, "--version", "0")
+    assert bad.returncode == 2 and "whole numbers from 1" in bad.stderr
+    assert not (tmp_path / "m" / "0").exists()
+
+
+def test_a_failed_export_leaves_no_version_behind(tmp_path, monkeypatch):
+    tool = export_tool()
+
+    def no_room(*_args, **_kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tool, "_export_torchscript", no_room)
+    with pytest.raises(OSError):
+        tool.export(module(), {"x": torch.zeros(4, 3), "scale": torch.zeros(4, 1)},
+                    tmp_path / "m", 3, "torchscript")
+    assert list((tmp_path / "m").iterdir()) == []
+
+
 def test_the_batch_range_is_the_batch_symbols_not_an_unbacked_ones():
     # torch.nonzero's size is an unbacked symbol, which range_constraints lists first; its
     # range (0..3, the mask's length) is not the batch's.
