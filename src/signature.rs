@@ -7,6 +7,10 @@ use std::sync::Arc;
 
 /// TF Serving's signature name when a request names none.
 pub const DEFAULT_SIGNATURE: &str = "serving_default";
+/// The output a classify signature's scores come from (else its only output).
+pub const SCORES_OUTPUT: &str = "scores";
+/// The output a regress signature's values come from (else its only output).
+pub const REGRESS_OUTPUT: &str = "outputs";
 
 /// The signature a request runs when it names none: an empty name is `serving_default`, as
 /// in TF Serving (and V2, which names none unless its `signature_name` parameter does).
@@ -158,6 +162,20 @@ fn parse_signature(sig: SignatureJson) -> Result<Signature, String> {
     if sig.classes.is_some() && kind != SignatureKind::Classify {
         return Err("'classes' is only for classify signatures".into());
     }
+    // Classify and Regress read one output: by its name, or the only one. Without it every
+    // such request would fail; say so at load instead.
+    let read = match kind {
+        SignatureKind::Classify => Some(SCORES_OUTPUT),
+        SignatureKind::Regress => Some(REGRESS_OUTPUT),
+        SignatureKind::Predict => None,
+    };
+    if let Some(read) = read {
+        if outputs.len() > 1 && !outputs.iter().any(|o| o.name == read) {
+            return Err(format!(
+                "a {method_name} signature with more than one output must have one named '{read}'"
+            ));
+        }
+    }
     Ok(Signature {
         method_name,
         kind,
@@ -243,6 +261,14 @@ mod tests {
             (
                 r#"{"signatures": {"s": {"method_name": "nope", "inputs": [{"name": "x", "dtype": "DT_FLOAT"}], "outputs": [{"name": "y", "dtype": "DT_FLOAT"}]}}}"#,
                 "unknown method_name",
+            ),
+            (
+                r#"{"signatures": {"s": {"method_name": "tensorflow/serving/classify", "inputs": [{"name": "x", "dtype": "DT_FLOAT"}], "outputs": [{"name": "a", "dtype": "DT_FLOAT"}, {"name": "b", "dtype": "DT_FLOAT"}]}}}"#,
+                "must have one named 'scores'",
+            ),
+            (
+                r#"{"signatures": {"s": {"method_name": "tensorflow/serving/regress", "inputs": [{"name": "x", "dtype": "DT_FLOAT"}], "outputs": [{"name": "a", "dtype": "DT_FLOAT"}, {"name": "b", "dtype": "DT_FLOAT"}]}}}"#,
+                "must have one named 'outputs'",
             ),
         ] {
             let err = SignatureMap::from_json(text).unwrap_err().to_string();

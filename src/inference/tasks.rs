@@ -21,12 +21,9 @@ use crate::signature::{
 use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
 
-/// The output a classify signature's scores come from (else its only output).
-pub const SCORES_OUTPUT: &str = "scores";
+pub use crate::signature::{REGRESS_OUTPUT, SCORES_OUTPUT};
 /// An optional integer output of a classify signature that gives class ids as labels.
 pub const CLASSES_OUTPUT: &str = "classes";
-/// The output a regress signature's values come from (else its only output).
-pub const REGRESS_OUTPUT: &str = "outputs";
 
 /// What a task asks of its signature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
