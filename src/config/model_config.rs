@@ -135,6 +135,12 @@ fn model_spec(model: &ModelConfig) -> Result<ModelSpec, ConfigError> {
                     "model '{name}': model_version_policy specific {{}} lists no versions"
                 )));
             }
+            if let Some(version) = specific.versions.iter().find(|&&v| v <= 0) {
+                return Err(ConfigError::Invalid(format!(
+                    "model '{name}': model_version_policy specific lists version {version}; \
+                     versions are positive (a directory named 0 or less is never one)"
+                )));
+            }
             VersionPolicy::Specific(specific.versions.iter().copied().collect())
         }
     };
@@ -147,6 +153,17 @@ fn model_spec(model: &ModelConfig) -> Result<ModelSpec, ConfigError> {
         return Err(ConfigError::Invalid(format!(
             "model '{name}': version label '{label}' points at version {version}; versions are positive"
         )));
+    }
+    if let VersionPolicy::Specific(wanted) = &policy {
+        for (label, version) in labels.iter().filter(|(_, v)| !wanted.contains(v)) {
+            tracing::warn!(
+                model = name,
+                label,
+                version,
+                "the version label points at a version model_version_policy specific never \
+                 loads: it will not bind"
+            );
+        }
     }
     let logging = match &model.logging_config {
         Some(config) => logging_spec(name, config)?,
@@ -219,6 +236,10 @@ mod tests {
             (
                 r#"model_config_list { config { name: "a" base_path: "/a" version_labels { key: "x" value: 0 } } }"#,
                 "label 'x'",
+            ),
+            (
+                r#"model_config_list { config { name: "a" base_path: "/a" model_version_policy { specific { versions: 2 versions: 0 } } } }"#,
+                "lists version 0",
             ),
         ] {
             let config = parse_model_server_config("c", text).unwrap();
