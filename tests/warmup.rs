@@ -266,3 +266,45 @@ async fn only_requests_for_a_loading_version_wait_for_it() {
         .await
         .expect("the latest available version answers");
 }
+
+/// `--num_load_threads`: with 2, a model whose version warms up for minutes does not hold
+/// up another model's load; with the default (one at a time, as TF Serving's 0), it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn num_load_threads_lets_models_load_side_by_side() {
+    let slow = TempDir::new("load-threads");
+    // Ten million rounds of a matmul: minutes of warm-up.
+    counter_version(
+        slow.path(),
+        1,
+        Some(&tfrecord(&[predict_record(10_000_000.0)])),
+    );
+    let config = common::model_config(&[
+        ("counter", slow.path(), ""),
+        ("tiny", &fixtures().join("tiny"), ""),
+    ]);
+
+    let serial = Server::with_config(&config, &["--instances_per_device=1"]);
+    tokio::task::block_in_place(|| serial.wait_for_log("replaying the warm-up requests"));
+    // The counter is listed first; tiny waits its turn.
+    assert_ne!(first_state(&serial, "tiny").await, Some(State::Available));
+    drop(serial);
+
+    let parallel = Server::with_config(
+        &config,
+        &["--instances_per_device=1", "--num_load_threads=2"],
+    );
+    parallel.wait_available(&["tiny"]).await;
+    assert_eq!(
+        first_state(&parallel, "counter").await,
+        Some(State::Loading)
+    );
+}
+
+/// The state of `model`'s first version, if it has one.
+async fn first_state(server: &Server, model: &str) -> Option<State> {
+    let mut models = server.models().await;
+    common::model_status(&mut models, model)
+        .await
+        .ok()
+        .and_then(|versions| versions.first().map(|(_, state, _)| *state))
+}

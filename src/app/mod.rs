@@ -116,6 +116,7 @@ pub async fn run(flags: Flags) -> Result<(), AppError> {
                 freeze_models: flags.freeze_models.clone(),
             },
             poll_interval: flags.file_system_poll_interval(),
+            load_threads: flags.num_load_threads,
             load_retries: LoadRetries {
                 max_retries: flags.max_num_load_retries,
                 interval: Duration::from_micros(flags.load_retry_interval_micros),

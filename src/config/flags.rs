@@ -35,10 +35,6 @@ const IGNORED_TF_SERVING_FLAGS: &[(&str, &str)] = &[
     ("grpc_socket_path", "gRPC listens on --port only"),
     ("mixed_precision", "a TensorFlow graph option"),
     (
-        "num_load_threads",
-        "versions load one at a time, as with TF Serving's default of 0",
-    ),
-    (
         "num_tflite_interpreters_per_pool",
         "there is no TensorFlow Lite",
     ),
@@ -164,6 +160,11 @@ pub struct Flags {
         allow_negative_numbers = true
     )]
     pub file_system_poll_wait_seconds: i64,
+
+    /// How many models list and load their versions at once; 0 (TF Serving's default) or 1:
+    /// one at a time. Each model's own loads and unloads keep their order.
+    #[arg(long = "num_load_threads", default_value_t = 0)]
+    pub num_load_threads: usize,
 
     /// Server-side batching.
     #[arg(long = "enable_batching", num_args = 0..=1, default_value_t = false,

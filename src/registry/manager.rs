@@ -1,4 +1,6 @@
-//! The manager: the one task that loads and unloads versions. Its jobs, each in its own
+//! The manager: the one task that loads and unloads versions, for up to
+//! `--num_load_threads` models at once (each model's work in a [`ModelWork`]; one model's
+//! loads and unloads keep their policy's order). Its jobs, each in its own
 //! place: TF Serving's Source (it polls each model's base path, with the backoff and the
 //! settling rule of [`super::source`], and asks the model's version policy which versions
 //! it aspires to), the load retries ([`super::retries`]), the
@@ -46,6 +48,9 @@ pub struct ManagerConfig {
     pub load: LoadSettings,
     /// How often to look for new and removed versions; `None` = only when the config changes.
     pub poll_interval: Option<Duration>,
+    /// How many models list and load their versions at once (`--num_load_threads`; 0 or 1:
+    /// one at a time, TF Serving's default).
+    pub load_threads: usize,
     pub load_retries: LoadRetries,
     /// Which version to load or unload next (models named by
     /// `residency.unload_first` use [`ResourcePreserving`] instead).
@@ -202,9 +207,8 @@ enum LoadOutcome {
 
 /// Owns every model's load state; see the module docs.
 pub struct Manager {
-    registry: Arc<Registry>,
+    shared: Shared,
     storage: Storage,
-    config: ManagerConfig,
     models: BTreeMap<String, ManagedModel>,
     /// Base paths of models removed from the config, whose cached versions may go.
     released: Vec<BasePath>,
@@ -219,9 +223,12 @@ impl Manager {
     ) -> (Manager, ManagerHandle) {
         let (commands_tx, commands) = mpsc::channel(8);
         let manager = Manager {
-            registry,
+            shared: Shared {
+                registry,
+                config,
+                serving: std::sync::Mutex::default(),
+            },
             storage,
-            config,
             models: BTreeMap::new(),
             released: Vec::new(),
             commands,
@@ -256,7 +263,7 @@ impl Manager {
     async fn follow(mut self) {
         // A deadline rather than a fresh sleep per turn, so that frequent retries do not
         // keep postponing the poll of every other model.
-        let mut next_poll = self.config.poll_interval.map(|i| Instant::now() + i);
+        let mut next_poll = self.shared.config.poll_interval.map(|i| Instant::now() + i);
         loop {
             let tick = async move {
                 match next_poll {
@@ -283,7 +290,7 @@ impl Manager {
                 () = tick => {
                     let due: Vec<String> = self.models.keys().cloned().collect();
                     self.poll(&due).await;
-                    next_poll = self.config.poll_interval.map(|i| Instant::now() + i);
+                    next_poll = self.shared.config.poll_interval.map(|i| Instant::now() + i);
                 }
                 () = retry => {
                     let now = Instant::now();
@@ -390,7 +397,7 @@ impl Manager {
                     })?;
             bases.push(base);
         }
-        if let Some(hook) = &self.config.config_hook {
+        if let Some(hook) = &self.shared.config.config_hook {
             (hook.0)(&specs).map_err(ApplyError::Refused)?;
         }
         let wanted: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
@@ -438,8 +445,8 @@ impl Manager {
                         // version from the new path does; not for models that swap
                         // unload-first, nor for on-demand ones, which load from files
                         // (the old path's may leave the cache now).
-                        let keep = !self.config.residency.is_unload_first(&spec.name)
-                            && !self.config.residency.is_on_demand(&spec.name);
+                        let keep = !self.shared.config.residency.is_unload_first(&spec.name)
+                            && !self.shared.config.residency.is_on_demand(&spec.name);
                         let serving = old.replaced.into_iter().chain(old.loaded);
                         for (version, servable) in serving {
                             if keep {
@@ -472,137 +479,45 @@ impl Manager {
             }
         }
         let names: Vec<String> = self.models.keys().cloned().collect();
-        self.registry.configure_models(&names);
+        self.shared.registry.configure_models(&names);
         self.publish();
         Ok((changed, unloads))
     }
 
-    /// Polls the named models whose backoff allows it.
+    /// Polls the named models whose backoff allows it, up to `load_threads` models at once
+    /// (each model's own loads and unloads stay in its policy's order), then drops from the
+    /// S3 cache what none of them serves or wants any more.
     async fn poll(&mut self, names: &[String]) {
+        use futures_util::StreamExt;
         let now = Instant::now();
-        for name in names {
-            if self.models.get(name).is_some_and(|m| m.backoff.ready(now)) {
-                self.poll_model(name).await;
-            }
-        }
-    }
-
-    async fn poll_model(&mut self, name: &str) {
-        let storage_error = self.sync_model(name).await.err();
-        self.retire_replaced(name);
-        let base_interval = self.config.poll_interval.unwrap_or(Duration::from_secs(1));
-        let Some(model) = self.models.get_mut(name) else {
-            return;
-        };
-        match storage_error {
-            None => {
-                if model.backoff.is_failing() {
-                    tracing::info!(model = %name, base_path = %model.base, "storage is reachable again");
-                }
-                model.backoff.reset();
-            }
-            Some(e) => {
-                crate::telemetry::record_storage_error(name);
-                if !model.backoff.is_failing() {
-                    tracing::warn!(
-                        model = %name,
-                        base_path = %model.base,
-                        "storage unavailable, keeping what serves and retrying with backoff: {e}"
-                    );
-                }
-                let delay = model.backoff.failed(Instant::now(), base_interval);
-                tracing::debug!(model = %name, "next attempt in {delay:?}: {e}");
-            }
-        }
-    }
-
-    /// Lists the model's base path, loads the versions its policy wants and unloads the
-    /// ones it no longer wants. Stops at the first storage error.
-    async fn sync_model(&mut self, name: &str) -> Result<(), StorageError> {
-        let Some(model) = self.models.get_mut(name) else {
-            return Ok(());
-        };
-        let listing = model.base.list_versions().await?;
-        let polling = self.config.poll_interval.is_some();
-        let settled = settled_versions(name, &listing, &mut model.listed, polling);
-        let present: BTreeSet<i64> = listing.keys().copied().collect();
-        let aspired = model.spec.policy.aspired(&present);
-        model.wanted.clone_from(&aspired);
-        let base = model.base.clone();
-        // A failure counts for the files that failed, and only while the version is wanted:
-        // rewritten or wanted again, it starts afresh.
-        model.failed.retain(|v, failed| {
-            aspired.contains(v)
-                && listing
-                    .get(v)
-                    .is_some_and(|e| e.fingerprint == failed.fingerprint)
-        });
-        let now = Instant::now();
-        let mut loadable: BTreeSet<i64> = aspired
-            .iter()
-            .filter(|v| {
-                settled.contains(v)
-                    && !model.loaded.contains_key(v)
-                    && !model.failed.get(v).is_some_and(|f| f.waiting(now))
+        let shared = &self.shared;
+        let mut bases = Vec::new();
+        let due: Vec<Polling<'_>> = self
+            .models
+            .iter_mut()
+            .filter(|(name, model)| names.contains(name) && model.backoff.ready(now))
+            .map(|(name, model)| {
+                bases.push(model.base.clone());
+                let work = ModelWork {
+                    shared,
+                    name,
+                    model,
+                };
+                Box::pin(work.poll()) as Polling<'_>
             })
-            .copied()
             .collect();
-        for &version in &loadable {
-            self.registry
-                .set_status(name, version, VersionState::Start, None);
+        let at_once = shared.config.load_threads.max(1);
+        futures_util::stream::iter(due)
+            .buffer_unordered(at_once)
+            .for_each(|()| async {})
+            .await;
+        for base in bases {
+            self.retain_cached(&base).await;
         }
-        // The policy orders the loads and unloads; each version is tried once a pass.
-        let mut result = Ok(());
-        let unload_first = self.config.residency.is_unload_first(name);
-        let policy: Arc<dyn VersionPolicy> = if unload_first {
-            Arc::new(ResourcePreserving)
-        } else {
-            Arc::clone(&self.config.policy)
-        };
-        while let Some(model) = self.models.get(name) {
-            let loaded: BTreeSet<i64> = model.loaded.keys().copied().collect();
-            let versions = Versions {
-                aspired: &aspired,
-                loaded: &loaded,
-                loadable: &loadable,
-            };
-            let action = policy.next_action(versions);
-            match action {
-                Some(Action::Load(version)) if loadable.remove(&version) => {
-                    let Some(entry) = listing.get(&version) else {
-                        continue;
-                    };
-                    if let LoadOutcome::Storage(e) = self.load(name, version, entry).await {
-                        // Storage is failing: no more loads this pass (the next listing
-                        // backs off), but versions already replaced still unload.
-                        result = Err(e);
-                        loadable.clear();
-                    }
-                }
-                Some(Action::Unload(version)) if loaded.contains(&version) => {
-                    let unloaded = self.unload(name, version);
-                    if unload_first {
-                        // Freed (its last request answered, its workers stopped) before
-                        // anything else loads.
-                        if let Some(unloaded) = unloaded {
-                            let _ = unloaded.await;
-                        }
-                    }
-                }
-                None => break,
-                Some(action) => {
-                    // A policy that names a version it was not offered would loop for ever.
-                    tracing::error!(model = %name, ?action, "the version policy chose an action it was not offered (server bug)");
-                    break;
-                }
-            }
-        }
-        self.retain_cached(&base).await;
-        result
     }
 
     /// Drops from the S3 cache the versions of `base` that no model reading it serves or
-    /// wants. Runs on this task, between loads, so no download of them is under way.
+    /// wants. Runs on this task, between polls, so no download of them is under way.
     async fn retain_cached(&self, base: &BasePath) {
         let keep: BTreeSet<i64> = self
             .models
@@ -614,165 +529,53 @@ impl Manager {
         base.retain_cached(&keep).await;
     }
 
-    async fn load(&mut self, name: &str, version: i64, entry: &VersionEntry) -> LoadOutcome {
-        let Some(model) = self.models.get(name) else {
-            return LoadOutcome::Failed;
-        };
-        self.registry
-            .set_status(name, version, VersionState::Loading, None);
-        tracing::info!(model = %name, version, "loading");
-        let started = std::time::Instant::now();
-        let dir = match model.base.localize(version, entry).await {
-            Ok((dir, fetched_bytes)) => {
-                if fetched_bytes > 0 {
-                    crate::telemetry::record_storage_fetch(name, fetched_bytes);
-                }
-                Ok(dir)
-            }
-            // One object refused for good: this version fails to load (and is retried as
-            // a failed load), the model's storage is not backed off.
-            Err(e @ StorageError::Refused { .. }) => {
-                crate::telemetry::record_storage_error(name);
-                Err(e.to_string())
-            }
-            Err(e) => {
-                crate::telemetry::record_storage_error(name);
-                self.registry.set_status(
-                    name,
-                    version,
-                    VersionState::End,
-                    Some(format!("{e} (retrying)")),
-                );
-                // Requests waiting for a version of this model look again (and stop waiting).
-                self.publish();
-                return LoadOutcome::Storage(e);
-            }
-        };
-        let reason = if model.failed.contains_key(&version) {
-            LoadReason::Retry
-        } else {
-            LoadReason::Config
-        };
-        let on_demand = self.config.residency.is_on_demand(name);
-        let result = match dir {
-            Ok(dir) => self.start(name, version, dir, on_demand).await,
-            Err(refused) => Err(refused),
-        };
-        if !on_demand {
-            crate::telemetry::record_model_load(name, reason, started.elapsed(), result.is_ok());
-        }
-        let Some(model) = self.models.get_mut(name) else {
-            return LoadOutcome::Failed;
-        };
-        match result {
-            Ok(servable) => {
-                if on_demand {
-                    tracing::info!(model = %name, version, "available on demand (loads on its first request)");
-                } else {
-                    tracing::info!(model = %name, version, seconds = started.elapsed().as_secs_f64(), "available");
-                }
-                model.failed.remove(&version);
-                model.loaded.insert(version, servable);
-                self.registry
-                    .set_status(name, version, VersionState::Available, None);
-                self.publish();
-                LoadOutcome::Loaded
-            }
-            Err(message) => {
-                let retries = self.config.load_retries;
-                let failed = retries.after_failure(
-                    model.failed.remove(&version),
-                    &entry.fingerprint,
-                    Instant::now(),
-                );
-                let note = retries.note(&failed);
-                tracing::warn!(model = %name, version, "failed to load ({note}): {message}");
-                model.failed.insert(version, failed);
-                self.registry.set_status(
-                    name,
-                    version,
-                    VersionState::End,
-                    Some(format!("{message} ({note})")),
-                );
-                // Requests waiting through an unload-first gap look again and are told at
-                // once that no version serves, instead of waiting out their deadline.
-                self.publish();
-                LoadOutcome::Failed
-            }
-        }
+    /// Takes a removed model's versions out of service; see [`Shared::retire`].
+    fn retire(&self, servable: Arc<Servable>, report: bool) -> JoinHandle<()> {
+        self.shared.retire(servable, report)
     }
 
-    /// Reads the version in `dir` and, unless it is on demand, loads it within the memory
-    /// budget (evicting idle on-demand versions for room, waiting for it at most
-    /// `residency::ROOM_WAIT`). The error is the version's status message.
-    async fn start(
-        &self,
-        name: &str,
-        version: i64,
-        dir: std::path::PathBuf,
-        on_demand: bool,
-    ) -> Result<Arc<Servable>, String> {
-        let failed = |e: tokio::task::JoinError| super::VersionLoadError::Io {
-            path: String::new(),
-            message: format!("load task failed: {e}"),
-        };
-        let (model_name, settings) = (name.to_string(), self.config.load.clone());
-        let plan = tokio::task::spawn_blocking(move || {
-            plan_version(&model_name, version, &dir, &settings)
-        })
-        .await
-        .unwrap_or_else(|e| Err(failed(e)))
-        .map_err(|e| e.to_string())?;
-        let ledger = Arc::clone(self.registry.ledger());
-        if on_demand {
-            return Ok(Arc::new(Servable::dormant(plan, ledger)));
-        }
-        let what = format!("model '{name}' version {version}");
-        let registry = Arc::clone(&self.registry);
-        let charge = ledger
-            .reserve(&what, &plan.estimate(), None, |missing| {
-                registry.evict(missing)
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let make_room = self.registry.make_room();
-        tokio::task::spawn_blocking(move || {
-            let resident = plan.start(charge, make_room)?;
-            Ok(Arc::new(plan.servable(Some(resident))))
-        })
-        .await
-        .unwrap_or_else(|e| Err(failed(e)))
-        .map_err(|e| e.to_string())
-    }
-
-    /// Takes `version` out of the serving map and retires it (the policy's unload); the
-    /// handle resolves once it is freed.
-    fn unload(&mut self, name: &str, version: i64) -> Option<JoinHandle<()>> {
-        let servable = self
+    /// Publishes what every model serves (after the model list changed).
+    fn publish(&mut self) {
+        let models = self
             .models
-            .get_mut(name)
-            .and_then(|model| model.loaded.remove(&version))?;
-        self.publish();
-        Some(self.retire(servable, true))
+            .iter_mut()
+            .map(|(name, model)| (name.clone(), model.serving()))
+            .collect();
+        self.shared.publish_all(models);
+    }
+}
+
+/// One model's poll, boxed: the compiler cannot yet prove a stream of these borrowing
+/// futures `Send` otherwise.
+type Polling<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// What the manager's work on different models shares.
+struct Shared {
+    registry: Arc<Registry>,
+    config: ManagerConfig,
+    /// What each model serves as last published: a model publishes its own entry, the
+    /// registry gets the whole map.
+    serving: std::sync::Mutex<HashMap<String, ServingModel>>,
+}
+
+impl Shared {
+    /// Publishes `name`'s entry beside the others as they were last published.
+    fn publish(&self, name: &str, model: &mut ManagedModel) {
+        let entry = model.serving();
+        let mut serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
+        serving.insert(name.to_string(), entry);
+        self.registry.publish(ServingMap {
+            models: serving.clone(),
+        });
     }
 
-    /// Once a version from `name`'s new base path serves, unloads the versions loaded from
-    /// its previous one (see [`ManagedModel::replaced`]).
-    fn retire_replaced(&mut self, name: &str) {
-        let Some(model) = self.models.get_mut(name) else {
-            return;
-        };
-        if model.replaced.is_empty() || model.loaded.is_empty() {
-            return;
-        }
-        let replaced = std::mem::take(&mut model.replaced);
-        let taken_over: BTreeSet<i64> = model.loaded.keys().copied().collect();
-        tracing::info!(model = %name, "serving from its new base path; unloading the versions of the old one");
-        self.publish();
-        for (version, servable) in replaced {
-            // A version number the new path also has keeps the new version's status.
-            drop(self.retire(servable, !taken_over.contains(&version)));
-        }
+    /// Publishes `models` as the whole of what serves.
+    fn publish_all(&self, models: HashMap<String, ServingModel>) {
+        let mut serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
+        *serving = models;
+        self.registry.publish(ServingMap {
+            models: serving.clone(),
+        });
     }
 
     /// Takes a version out of service: UNLOADING while requests still hold it, END once the
@@ -807,45 +610,318 @@ impl Manager {
             tracing::info!(model = %model, version, "unloaded");
         })
     }
+}
 
-    /// Publishes what serves. A label binds to its configured version once that version
-    /// serves; until then it keeps pointing at the version it pointed at, while that one
-    /// serves (a config that moves `canary` from 2 to 3 keeps `canary` answering from 2
-    /// while 3 loads, or if it fails), as TF Serving never points a label at a version
-    /// that is not AVAILABLE.
-    fn publish(&mut self) {
-        let models = self
-            .models
-            .iter_mut()
-            .map(|(name, model)| {
-                let versions: BTreeMap<i64, Arc<Servable>> = model
-                    .replaced
-                    .iter()
-                    .chain(&model.loaded)
-                    .map(|(&version, servable)| (version, Arc::clone(servable)))
-                    .collect();
-                let labels: BTreeMap<String, i64> = model
-                    .spec
-                    .labels
-                    .iter()
-                    .map(|(label, &version)| {
-                        let before = model.bound_labels.get(label).copied();
-                        let bound = match before {
-                            Some(old)
-                                if !versions.contains_key(&version)
-                                    && versions.contains_key(&old) =>
-                            {
-                                old
-                            }
-                            _ => version,
-                        };
-                        (label.clone(), bound)
-                    })
-                    .collect();
-                model.bound_labels.clone_from(&labels);
-                (name.clone(), ServingModel { versions, labels })
+impl ManagedModel {
+    /// What the model serves, to publish. A label binds to its configured version once that
+    /// version serves; until then it keeps pointing at the version it pointed at, while
+    /// that one serves (a config that moves `canary` from 2 to 3 keeps `canary` answering
+    /// from 2 while 3 loads, or if it fails), as TF Serving never points a label at a
+    /// version that is not AVAILABLE.
+    fn serving(&mut self) -> ServingModel {
+        let versions: BTreeMap<i64, Arc<Servable>> = self
+            .replaced
+            .iter()
+            .chain(&self.loaded)
+            .map(|(&version, servable)| (version, Arc::clone(servable)))
+            .collect();
+        let labels: BTreeMap<String, i64> = self
+            .spec
+            .labels
+            .iter()
+            .map(|(label, &version)| {
+                let before = self.bound_labels.get(label).copied();
+                let bound = match before {
+                    Some(old)
+                        if !versions.contains_key(&version) && versions.contains_key(&old) =>
+                    {
+                        old
+                    }
+                    _ => version,
+                };
+                (label.clone(), bound)
             })
             .collect();
-        self.registry.publish(ServingMap { models });
+        self.bound_labels.clone_from(&labels);
+        ServingModel { versions, labels }
+    }
+}
+
+/// The manager's work on one model: its listing, loads and unloads. Models are worked on
+/// concurrently (`--num_load_threads`), each through its own `ModelWork`.
+struct ModelWork<'a> {
+    shared: &'a Shared,
+    name: &'a str,
+    model: &'a mut ManagedModel,
+}
+
+impl ModelWork<'_> {
+    async fn poll(mut self) {
+        let storage_error = self.sync().await.err();
+        self.retire_replaced();
+        let base_interval = self
+            .shared
+            .config
+            .poll_interval
+            .unwrap_or(Duration::from_secs(1));
+        let (name, model) = (self.name, &mut *self.model);
+        match storage_error {
+            None => {
+                if model.backoff.is_failing() {
+                    tracing::info!(model = %name, base_path = %model.base, "storage is reachable again");
+                }
+                model.backoff.reset();
+            }
+            Some(e) => {
+                crate::telemetry::record_storage_error(name);
+                if !model.backoff.is_failing() {
+                    tracing::warn!(
+                        model = %name,
+                        base_path = %model.base,
+                        "storage unavailable, keeping what serves and retrying with backoff: {e}"
+                    );
+                }
+                let delay = model.backoff.failed(Instant::now(), base_interval);
+                tracing::debug!(model = %name, "next attempt in {delay:?}: {e}");
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        self.shared.publish(self.name, self.model);
+    }
+
+    /// Lists the model's base path, loads the versions its policy wants and unloads the
+    /// ones it no longer wants. Stops at the first storage error.
+    async fn sync(&mut self) -> Result<(), StorageError> {
+        let (name, shared) = (self.name, self.shared);
+        let listing = self.model.base.list_versions().await?;
+        let polling = shared.config.poll_interval.is_some();
+        let settled = settled_versions(name, &listing, &mut self.model.listed, polling);
+        let present: BTreeSet<i64> = listing.keys().copied().collect();
+        let aspired = self.model.spec.policy.aspired(&present);
+        self.model.wanted.clone_from(&aspired);
+        // A failure counts for the files that failed, and only while the version is wanted:
+        // rewritten or wanted again, it starts afresh.
+        self.model.failed.retain(|v, failed| {
+            aspired.contains(v)
+                && listing
+                    .get(v)
+                    .is_some_and(|e| e.fingerprint == failed.fingerprint)
+        });
+        let now = Instant::now();
+        let mut loadable: BTreeSet<i64> = aspired
+            .iter()
+            .filter(|v| {
+                settled.contains(v)
+                    && !self.model.loaded.contains_key(v)
+                    && !self.model.failed.get(v).is_some_and(|f| f.waiting(now))
+            })
+            .copied()
+            .collect();
+        for &version in &loadable {
+            shared
+                .registry
+                .set_status(name, version, VersionState::Start, None);
+        }
+        // The policy orders the loads and unloads; each version is tried once a pass.
+        let mut result = Ok(());
+        let unload_first = shared.config.residency.is_unload_first(name);
+        let policy: Arc<dyn VersionPolicy> = if unload_first {
+            Arc::new(ResourcePreserving)
+        } else {
+            Arc::clone(&shared.config.policy)
+        };
+        loop {
+            let loaded: BTreeSet<i64> = self.model.loaded.keys().copied().collect();
+            let versions = Versions {
+                aspired: &aspired,
+                loaded: &loaded,
+                loadable: &loadable,
+            };
+            let action = policy.next_action(versions);
+            match action {
+                Some(Action::Load(version)) if loadable.remove(&version) => {
+                    let Some(entry) = listing.get(&version) else {
+                        continue;
+                    };
+                    if let LoadOutcome::Storage(e) = self.load(version, entry).await {
+                        // Storage is failing: no more loads this pass (the next listing
+                        // backs off), but versions already replaced still unload.
+                        result = Err(e);
+                        loadable.clear();
+                    }
+                }
+                Some(Action::Unload(version)) if loaded.contains(&version) => {
+                    let unloaded = self.unload(version);
+                    if unload_first {
+                        // Freed (its last request answered, its workers stopped) before
+                        // anything else loads.
+                        if let Some(unloaded) = unloaded {
+                            let _ = unloaded.await;
+                        }
+                    }
+                }
+                None => break,
+                Some(action) => {
+                    // A policy that names a version it was not offered would loop for ever.
+                    tracing::error!(model = %name, ?action, "the version policy chose an action it was not offered (server bug)");
+                    break;
+                }
+            }
+        }
+        result
+    }
+
+    async fn load(&mut self, version: i64, entry: &VersionEntry) -> LoadOutcome {
+        let (name, shared) = (self.name, self.shared);
+        shared
+            .registry
+            .set_status(name, version, VersionState::Loading, None);
+        tracing::info!(model = %name, version, "loading");
+        let started = std::time::Instant::now();
+        let dir = match self.model.base.localize(version, entry).await {
+            Ok((dir, fetched_bytes)) => {
+                if fetched_bytes > 0 {
+                    crate::telemetry::record_storage_fetch(name, fetched_bytes);
+                }
+                Ok(dir)
+            }
+            // One object refused for good: this version fails to load (and is retried as
+            // a failed load), the model's storage is not backed off.
+            Err(e @ StorageError::Refused { .. }) => {
+                crate::telemetry::record_storage_error(name);
+                Err(e.to_string())
+            }
+            Err(e) => {
+                crate::telemetry::record_storage_error(name);
+                shared.registry.set_status(
+                    name,
+                    version,
+                    VersionState::End,
+                    Some(format!("{e} (retrying)")),
+                );
+                // Requests waiting for a version of this model look again (and stop waiting).
+                self.publish();
+                return LoadOutcome::Storage(e);
+            }
+        };
+        let reason = if self.model.failed.contains_key(&version) {
+            LoadReason::Retry
+        } else {
+            LoadReason::Config
+        };
+        let on_demand = shared.config.residency.is_on_demand(name);
+        let result = match dir {
+            Ok(dir) => self.start(version, dir, on_demand).await,
+            Err(refused) => Err(refused),
+        };
+        if !on_demand {
+            crate::telemetry::record_model_load(name, reason, started.elapsed(), result.is_ok());
+        }
+        match result {
+            Ok(servable) => {
+                if on_demand {
+                    tracing::info!(model = %name, version, "available on demand (loads on its first request)");
+                } else {
+                    tracing::info!(model = %name, version, seconds = started.elapsed().as_secs_f64(), "available");
+                }
+                self.model.failed.remove(&version);
+                self.model.loaded.insert(version, servable);
+                shared
+                    .registry
+                    .set_status(name, version, VersionState::Available, None);
+                self.publish();
+                LoadOutcome::Loaded
+            }
+            Err(message) => {
+                let retries = shared.config.load_retries;
+                let failed = retries.after_failure(
+                    self.model.failed.remove(&version),
+                    &entry.fingerprint,
+                    Instant::now(),
+                );
+                let note = retries.note(&failed);
+                tracing::warn!(model = %name, version, "failed to load ({note}): {message}");
+                self.model.failed.insert(version, failed);
+                shared.registry.set_status(
+                    name,
+                    version,
+                    VersionState::End,
+                    Some(format!("{message} ({note})")),
+                );
+                // Requests waiting through an unload-first gap look again and are told at
+                // once that no version serves, instead of waiting out their deadline.
+                self.publish();
+                LoadOutcome::Failed
+            }
+        }
+    }
+
+    /// Reads the version in `dir` and, unless it is on demand, loads it within the memory
+    /// budget (evicting idle on-demand versions for room, waiting for it at most
+    /// `residency::ROOM_WAIT`). The error is the version's status message.
+    async fn start(
+        &self,
+        version: i64,
+        dir: std::path::PathBuf,
+        on_demand: bool,
+    ) -> Result<Arc<Servable>, String> {
+        let (name, shared) = (self.name, self.shared);
+        let failed = |e: tokio::task::JoinError| super::VersionLoadError::Io {
+            path: String::new(),
+            message: format!("load task failed: {e}"),
+        };
+        let (model_name, settings) = (name.to_string(), shared.config.load.clone());
+        let plan = tokio::task::spawn_blocking(move || {
+            plan_version(&model_name, version, &dir, &settings)
+        })
+        .await
+        .unwrap_or_else(|e| Err(failed(e)))
+        .map_err(|e| e.to_string())?;
+        let ledger = Arc::clone(shared.registry.ledger());
+        if on_demand {
+            return Ok(Arc::new(Servable::dormant(plan, ledger)));
+        }
+        let what = format!("model '{name}' version {version}");
+        let registry = Arc::clone(&shared.registry);
+        let charge = ledger
+            .reserve(&what, &plan.estimate(), None, |missing| {
+                registry.evict(missing)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let make_room = shared.registry.make_room();
+        tokio::task::spawn_blocking(move || {
+            let resident = plan.start(charge, make_room)?;
+            Ok(Arc::new(plan.servable(Some(resident))))
+        })
+        .await
+        .unwrap_or_else(|e| Err(failed(e)))
+        .map_err(|e| e.to_string())
+    }
+
+    /// Takes `version` out of the serving map and retires it (the policy's unload); the
+    /// handle resolves once it is freed.
+    fn unload(&mut self, version: i64) -> Option<JoinHandle<()>> {
+        let servable = self.model.loaded.remove(&version)?;
+        self.publish();
+        Some(self.shared.retire(servable, true))
+    }
+
+    /// Once a version from the model's new base path serves, unloads the versions loaded
+    /// from its previous one (see [`ManagedModel::replaced`]).
+    fn retire_replaced(&mut self) {
+        if self.model.replaced.is_empty() || self.model.loaded.is_empty() {
+            return;
+        }
+        let replaced = std::mem::take(&mut self.model.replaced);
+        let taken_over: BTreeSet<i64> = self.model.loaded.keys().copied().collect();
+        tracing::info!(model = %self.name, "serving from its new base path; unloading the versions of the old one");
+        self.publish();
+        for (version, servable) in replaced {
+            // A version number the new path also has keeps the new version's status.
+            drop(self.shared.retire(servable, !taken_over.contains(&version)));
+        }
     }
 }

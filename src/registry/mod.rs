@@ -251,7 +251,7 @@ pub struct ServingMap {
     models: HashMap<String, ServingModel>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct ServingModel {
     versions: BTreeMap<i64, Arc<Servable>>,
     labels: BTreeMap<String, i64>,
