@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub struct Tls {
     pub server: Arc<ServerConfig>,
     /// Clients must present a certificate signed by `custom_ca` for anything but the probes
-    /// (see [`crate::api::serve::Anonymous`]).
+    /// (the serving layer lets a connection without one reach only those).
     pub client_verify: bool,
     /// Something in the file that has no effect, to be logged.
     pub warning: Option<String>,
