@@ -232,13 +232,15 @@ async fn grpc_bytes_in_flight_are_bounded() {
     let server = Server::with_config(
         &fixture_config(&["tiny"]),
         &[
-            "--grpc_max_message_bytes=100000",
-            "--grpc_max_bytes_in_flight=100000",
+            "--grpc_max_message_bytes=80000",
+            "--grpc_max_bytes_in_flight=80000",
         ],
     );
     server.wait_available(&["tiny"]).await;
 
-    // A call that sends 80,000 bytes of a 90,000-byte message, then nothing more.
+    // A call that sends 60,000 bytes of a 70,000-byte message, then nothing more: within
+    // HTTP/2's initial 65,535-byte windows, so that all of it arrives without waiting for
+    // a window update (a CI run once timed out here holding 80,000 bytes, past them).
     let tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
     let (send, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
@@ -252,8 +254,8 @@ async fn grpc_bytes_in_flight_are_bounded() {
     .body(())
     .unwrap();
     let (held_response, mut held) = send.send_request(request, false).unwrap();
-    let mut partial = vec![0u8, 0x00, 0x01, 0x5f, 0x90]; // uncompressed, 90,000 bytes
-    partial.resize(5 + 80_000, 0);
+    let mut partial = vec![0u8, 0x00, 0x01, 0x11, 0x70]; // uncompressed, 70,000 bytes
+    partial.resize(5 + 60_000, 0);
     held.send_data(bytes::Bytes::from(partial), false).unwrap();
 
     // A 30,000-byte call finds no room while those are held.
