@@ -9,7 +9,9 @@ tools (kubectl for `kustomize`, kubernetes-validate, check-jsonschema, PyYAML).
    volume, Fluent Bit's config (only options Fluent Bit 4.2 has, since no Fluent Bit binary is
    installable here; its routes, simulated on modelgate's records), credentials from Secrets,
    disk bounds, and the cleanup loop run against a tail database of its own.
-3. The Dockerfiles: every COPY source exists and is not .dockerignored; pins agree.
+3. The Dockerfiles: every COPY source exists and is not .dockerignored; every target
+   Cargo.toml declares is in the build stage before `cargo build` (Cargo refuses a manifest
+   whose declared bench it cannot find, even to build only the binary); pins agree.
 4. The workflows: GitHub's workflow schema; every action, secret and variable they name is
    documented in docker/README.md; every repository script they run exists.
 
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import types
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +52,9 @@ KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
 # modelgate's own defaults that the manifests rely on (src/config/flags.rs).
 KUBERNETES_API_URL_PORT = 8001
 TORCH_VERSION = "2.11.0"
+# Seconds a sidecar may take to stop once modelgate has (Fluent Bit's `service.grace` in
+# components/request-logs/fluent-bit.yaml).
+SIDECAR_GRACE = {"fluent-bit": 15}
 
 results: list[tuple[bool, str]] = []
 
@@ -160,9 +166,20 @@ def check_overlay(overlay: str, objects: list[dict], secrets: list[dict]) -> Non
     def drain() -> None:
         command = server["lifecycle"]["preStop"]["exec"]["command"]
         assert command[0] == "sleep", f"preStop {command}"
+        args = server.get("args", [])
+        # modelgate's longest shutdown after SIGTERM: the grace and drain flags (defaults
+        # 5 s and 10 s), then unloading (at most 30 s) and the request-log flush (10 s),
+        # src/app/shutdown.rs and src/app/mod.rs.
+        shutdown = (int(flag(args, "shutdown_grace_seconds") or 5)
+                    + int(flag(args, "shutdown_drain_seconds") or 10) + 30 + 10)
+        # Sidecars stop after modelgate; Fluent Bit takes its own grace to send its buffer.
+        sidecars = max([SIDECAR_GRACE.get(c["name"], 0) for c in pod.get("initContainers", [])],
+                       default=0)
+        needed = int(command[1]) + shutdown + sidecars
         grace = pod["terminationGracePeriodSeconds"]
-        assert grace >= int(command[1]) + 30, (
-            f"terminationGracePeriodSeconds {grace} leaves under 30 s to drain after preStop"
+        assert grace >= needed, (
+            f"terminationGracePeriodSeconds {grace}: preStop, modelgate's shutdown and the "
+            f"sidecars' take up to {needed} s"
         )
 
     def ports() -> None:
@@ -726,6 +743,21 @@ def dockerignored(relative: str, patterns: list[str]) -> bool:
     return ignored
 
 
+def cargo_target_paths() -> list[str]:
+    """The source file of every target Cargo.toml declares (at Cargo's default path where it
+    names none), and build.rs. Targets Cargo would discover by itself are not counted: it
+    does not miss those when they are absent."""
+    manifest = tomllib.loads((ROOT / "Cargo.toml").read_text())
+    defaults = {"lib": "src/lib.rs", "bin": "src/bin/{}.rs", "bench": "benches/{}.rs",
+                "test": "tests/{}.rs", "example": "examples/{}.rs"}
+    targets = [("lib", manifest["lib"])] if "lib" in manifest else []
+    targets += [(kind, t) for kind in defaults if kind != "lib" for t in manifest.get(kind, [])]
+    paths = [t.get("path", defaults[kind].format(t.get("name"))) for kind, t in targets]
+    if (ROOT / "build.rs").exists():
+        paths.append("build.rs")
+    return paths
+
+
 def check_dockerfiles() -> None:
     patterns = [
         line.strip()
@@ -760,6 +792,20 @@ def check_dockerfiles() -> None:
             copied = " ".join(r for w, r in tail if w == "COPY")
             assert "/staging/libtorch /opt/libtorch" in copied, "libtorch not at /opt/libtorch"
 
+        def cargo_targets() -> None:
+            build = next(i for i, (w, r) in enumerate(steps)
+                         if w == "RUN" and "cargo build" in r)
+            copied = [
+                source.rstrip("/")
+                for word, rest in steps[:build]
+                if word == "COPY" and "--from=" not in rest
+                for source in shlex.split(rest)[:-1]
+            ]
+            for path in cargo_target_paths():
+                assert any(path == c or path.startswith(c + "/") for c in copied), (
+                    f"{path} (declared in Cargo.toml) is not copied before cargo build"
+                )
+
         def pins() -> None:
             args = dict(
                 r.split("=", 1) for w, r in steps if w == "ARG" and "=" in r
@@ -769,6 +815,7 @@ def check_dockerfiles() -> None:
             )
 
         run_check(f"{label}: COPY sources exist, not ignored", copies)
+        run_check(f"{label}: Cargo.toml's targets in the build stage", cargo_targets)
         run_check(f"{label}: run stage (ports, user, healthcheck, libraries)", runtime)
         run_check(f"{label}: torch {TORCH_VERSION}", pins)
 
