@@ -75,6 +75,24 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         code_label(self.code())
     }
+
+    /// The same error, its message followed by ` (note)`.
+    pub fn noted(self, note: &str) -> Error {
+        let noted = |message: String| format!("{message} ({note})");
+        match self {
+            Error::NotFound(m) => Error::NotFound(noted(m)),
+            Error::InvalidArgument(m) => Error::InvalidArgument(noted(m)),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(noted(m)),
+            Error::Unavailable(m) => Error::Unavailable(noted(m)),
+            Error::DeadlineExceeded(m) => Error::DeadlineExceeded(noted(m)),
+            Error::Cancelled(m) => Error::Cancelled(noted(m)),
+            Error::Unauthenticated(m) => Error::Unauthenticated(noted(m)),
+            Error::Unimplemented(m) => Error::Unimplemented(noted(m)),
+            Error::Internal(m) => Error::Internal(noted(m)),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(noted(m)),
+            Error::PayloadTooLarge(m) => Error::PayloadTooLarge(noted(m)),
+        }
+    }
 }
 
 /// An error and its sources on one line, `outer: inner: ...`, skipping a source whose text
@@ -163,6 +181,12 @@ mod tests {
         );
         assert_eq!(http_status_for(Code::ResourceExhausted), 429);
         assert_eq!(http_status_for(Code::Aborted), 409);
+    }
+
+    #[test]
+    fn a_note_keeps_the_code() {
+        let noted = Error::ResourceExhausted("no room".into()).noted("retrying");
+        assert_eq!(noted, Error::ResourceExhausted("no room (retrying)".into()));
     }
 
     #[test]

@@ -396,7 +396,9 @@ async fn status_reports_states_and_load_errors() {
     })
     .await;
     let corrupt_status = corrupt.model_version_status[0].status.clone().unwrap();
-    assert_ne!(corrupt_status.error_code, 0);
+    // tensorflow.error.Code: the file is wrong (INVALID_ARGUMENT), or no model is there
+    // (NOT_FOUND).
+    assert_eq!(corrupt_status.error_code, 3, "{corrupt_status:?}");
     assert!(
         corrupt_status.error_message.contains("model.pt"),
         "{corrupt_status:?}"
@@ -406,6 +408,7 @@ async fn status_reports_states_and_load_errors() {
         saved_status.error_message.contains("TensorFlow SavedModel"),
         "{saved_status:?}"
     );
+    assert_eq!(saved_status.error_code, 5, "{saved_status:?}");
 
     // The healthy models keep serving, and readiness names what is missing.
     let mut client = server.prediction().await;

@@ -4,7 +4,6 @@
 use crate::error::Error;
 use crate::proto::serving::model_version_status::State;
 use crate::proto::serving::{GetModelStatusResponse, ModelVersionStatus, StatusProto};
-use crate::proto::tensorflow::error::Code;
 use crate::registry::{Registry, VersionSelector, VersionState};
 
 fn state_proto(state: VersionState) -> State {
@@ -37,9 +36,10 @@ pub fn model_status(
                 state: state_proto(status.state) as i32,
                 status: Some(match status.error {
                     None => StatusProto::default(),
-                    Some(message) => StatusProto {
-                        error_code: Code::Unknown as i32,
-                        error_message: message,
+                    // tensorflow.error.Code numbers the codes as gRPC does.
+                    Some(error) => StatusProto {
+                        error_code: error.code() as i32,
+                        error_message: error.to_string(),
                     },
                 }),
             })

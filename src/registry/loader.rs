@@ -7,7 +7,8 @@ use super::warmup_records::{read_warm_up, WarmUpReplay};
 use super::Servable;
 use crate::batching::{BatchingOptions, Scheduler, BATCHING_PARAMS_FILE};
 use crate::config::ConfigError;
-use crate::runtime::{RunnerConfig, SyntheticWarmUp};
+use crate::error::Error;
+use crate::runtime::{LoadError, RunnerConfig, SyntheticWarmUp};
 use crate::signature::{Signature, SignatureError, SignatureMap};
 use crate::storage::{
     embedded_signature, EmbeddedSignature, MODEL_FILE, MODEL_FILES, PACKAGE_FILE,
@@ -21,8 +22,10 @@ use std::sync::Arc;
 /// Why a version did not load. The message is what GetModelStatus reports.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum VersionLoadError {
-    /// The directory holds no model modelgate serves, or a file that is not what its name
-    /// says.
+    /// The directory holds no model file modelgate serves.
+    #[error("{0}")]
+    NoModel(String),
+    /// The directory holds two models, or a file that is not what its name says.
     #[error("{0}")]
     NotAModel(String),
     /// An AOTInductor package this server cannot run (see `registry::package`).
@@ -31,7 +34,7 @@ pub enum VersionLoadError {
     #[error(transparent)]
     Signature(#[from] SignatureError),
     #[error(transparent)]
-    Runtime(#[from] crate::runtime::LoadError),
+    Runtime(#[from] LoadError),
     #[error("cannot read {path}: {message}")]
     Io { path: String, message: String },
     #[error(transparent)]
@@ -42,6 +45,32 @@ pub enum VersionLoadError {
     /// The version found no room in the memory budget.
     #[error(transparent)]
     NoRoom(#[from] NoRoom),
+}
+
+impl From<VersionLoadError> for Error {
+    /// The code GetModelStatus reports for a version that failed to load: the files are
+    /// missing (NOT_FOUND) or wrong (INVALID_ARGUMENT), the server cannot run them here
+    /// (FAILED_PRECONDITION), there is no room (RESOURCE_EXHAUSTED), or the server failed.
+    fn from(e: VersionLoadError) -> Error {
+        let message = e.to_string();
+        match e {
+            VersionLoadError::NoModel(_) => Error::NotFound(message),
+            VersionLoadError::NotAModel(_)
+            | VersionLoadError::Signature(_)
+            | VersionLoadError::Batching(_)
+            | VersionLoadError::WarmUp(_)
+            | VersionLoadError::Runtime(LoadError::Torch { .. }) => Error::InvalidArgument(message),
+            VersionLoadError::Package { .. }
+            | VersionLoadError::Runtime(LoadError::Device { .. }) => {
+                Error::FailedPrecondition(message)
+            }
+            VersionLoadError::NoRoom(no_room) => no_room.into(),
+            VersionLoadError::Io { .. }
+            | VersionLoadError::Runtime(LoadError::Thread(_) | LoadError::WarmUp { .. }) => {
+                Error::Internal(message)
+            }
+        }
+    }
 }
 
 /// How every version is loaded: where it runs and how its requests are scheduled.
@@ -301,7 +330,7 @@ fn model_file(dir: &Path) -> Result<PathBuf, VersionLoadError> {
             let saved_model = SAVED_MODEL_FILES
                 .iter()
                 .find(|name| dir.join(name).is_file());
-            Err(VersionLoadError::NotAModel(match saved_model {
+            Err(VersionLoadError::NoModel(match saved_model {
                 Some(name) => format!(
                     "{} holds a TensorFlow SavedModel ({name}); modelgate serves PyTorch: \
                      export the model as {PACKAGE_FILE} (torch.export + AOTInductor) or save \

@@ -33,6 +33,7 @@ use super::source::{settled_versions, Backoff};
 use super::LoadSettings;
 use super::{Registry, Servable, ServingMap, ServingModel, VersionState};
 use crate::config::{ModelSpec, Platform};
+use crate::error::Error;
 use crate::storage::{BasePath, Storage, StorageError, VersionEntry};
 use crate::telemetry::LoadReason;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -100,14 +101,14 @@ pub enum ApplyError {
 
 /// A refused reload as the serving error: a bad config is the caller's, a stopped manager
 /// is a server going away (retry elsewhere).
-impl From<ApplyError> for crate::error::Error {
+impl From<ApplyError> for Error {
     fn from(error: ApplyError) -> Self {
         match error {
             ApplyError::BasePath { .. } | ApplyError::Refused(_) => {
-                crate::error::Error::InvalidArgument(error.to_string())
+                Error::InvalidArgument(error.to_string())
             }
-            ApplyError::Stopped => crate::error::Error::Unavailable(error.to_string()),
-            ApplyError::NotConfigured(_) => crate::error::Error::NotFound(error.to_string()),
+            ApplyError::Stopped => Error::Unavailable(error.to_string()),
+            ApplyError::NotConfigured(_) => Error::NotFound(error.to_string()),
         }
     }
 }
@@ -791,7 +792,7 @@ impl ModelWork<'_> {
             // a failed load), the model's storage is not backed off.
             Err(e @ StorageError::Refused { .. }) => {
                 crate::telemetry::record_storage_error(name);
-                Err(e.to_string())
+                Err(Error::from(e))
             }
             Err(e) => {
                 crate::telemetry::record_storage_error(name);
@@ -799,7 +800,7 @@ impl ModelWork<'_> {
                     name,
                     version,
                     VersionState::End,
-                    Some(format!("{e} (retrying)")),
+                    Some(Error::from(e.clone()).noted("retrying")),
                 );
                 // Requests waiting for a version of this model look again (and stop waiting).
                 self.publish();
@@ -834,7 +835,7 @@ impl ModelWork<'_> {
                 self.publish();
                 LoadOutcome::Loaded
             }
-            Err(message) => {
+            Err(error) => {
                 let retries = shared.config.load_retries;
                 let failed = retries.after_failure(
                     self.model.failed.remove(&version),
@@ -842,13 +843,13 @@ impl ModelWork<'_> {
                     Instant::now(),
                 );
                 let note = retries.note(&failed);
-                tracing::warn!(model = %name, version, "failed to load ({note}): {message}");
+                tracing::warn!(model = %name, version, "failed to load ({note}): {error}");
                 self.model.failed.insert(version, failed);
                 shared.registry.set_status(
                     name,
                     version,
                     VersionState::End,
-                    Some(format!("{message} ({note})")),
+                    Some(error.noted(&note)),
                 );
                 // Requests waiting through an unload-first gap look again and are told at
                 // once that no version serves, instead of waiting out their deadline.
@@ -860,13 +861,13 @@ impl ModelWork<'_> {
 
     /// Reads the version in `dir` and, unless it is on demand, loads it within the memory
     /// budget (evicting idle on-demand versions for room, waiting for it at most
-    /// `residency::ROOM_WAIT`). The error is the version's status message.
+    /// `residency::ROOM_WAIT`). The error is the version's status.
     async fn start(
         &self,
         version: i64,
         dir: std::path::PathBuf,
         on_demand: bool,
-    ) -> Result<Arc<Servable>, String> {
+    ) -> Result<Arc<Servable>, Error> {
         let (name, shared) = (self.name, self.shared);
         let failed = |e: tokio::task::JoinError| super::VersionLoadError::Io {
             path: String::new(),
@@ -877,8 +878,7 @@ impl ModelWork<'_> {
             plan_version(&model_name, version, &dir, &settings)
         })
         .await
-        .unwrap_or_else(|e| Err(failed(e)))
-        .map_err(|e| e.to_string())?;
+        .unwrap_or_else(|e| Err(failed(e)))?;
         let ledger = Arc::clone(shared.registry.ledger());
         if on_demand {
             return Ok(Arc::new(Servable::dormant(plan, ledger)));
@@ -889,8 +889,7 @@ impl ModelWork<'_> {
             .reserve(&what, &plan.estimate(), None, |missing| {
                 registry.evict(missing)
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let make_room = shared.registry.make_room();
         tokio::task::spawn_blocking(move || {
             let resident = plan.start(charge, make_room)?;
@@ -898,7 +897,7 @@ impl ModelWork<'_> {
         })
         .await
         .unwrap_or_else(|e| Err(failed(e)))
-        .map_err(|e| e.to_string())
+        .map_err(Error::from)
     }
 
     /// Takes `version` out of the serving map and retires it (the policy's unload); the

@@ -241,8 +241,9 @@ pub enum VersionState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionStatus {
     pub state: VersionState,
-    /// Why the version failed to load; `None` when all is well.
-    pub error: Option<String>,
+    /// Why the version failed to load, with the code GetModelStatus reports; `None` when
+    /// all is well.
+    pub error: Option<Error>,
 }
 
 /// What serves now: immutable, swapped whole.
@@ -727,7 +728,7 @@ impl Registry {
     }
 
     /// Records a version's state; ignored for a model no longer configured.
-    fn set_status(&self, model: &str, version: i64, state: VersionState, error: Option<String>) {
+    fn set_status(&self, model: &str, version: i64, state: VersionState, error: Option<Error>) {
         if let Some(versions) = self.lock_status().get_mut(model) {
             versions.insert(version, VersionStatus { state, error });
         }

@@ -53,6 +53,22 @@ pub enum StorageError {
     Invalid { location: String, message: String },
 }
 
+impl From<StorageError> for crate::error::Error {
+    /// The code GetModelStatus reports for a version storage could not hand over.
+    fn from(e: StorageError) -> Self {
+        use crate::error::Error;
+        let message = e.to_string();
+        match e {
+            StorageError::List { .. } | StorageError::Read { .. } | StorageError::Fetch { .. } => {
+                Error::Unavailable(message)
+            }
+            StorageError::Refused { .. } => Error::FailedPrecondition(message),
+            StorageError::Cache { .. } => Error::Internal(message),
+            StorageError::Invalid { .. } => Error::InvalidArgument(message),
+        }
+    }
+}
+
 /// A file of a version directory, as listed in S3.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredFile {

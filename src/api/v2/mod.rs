@@ -175,7 +175,7 @@ fn repository_index(
             }
             // A READY version's reason says what it holds (Triton leaves it empty there).
             let reason = match status.error {
-                Some(error) => error,
+                Some(error) => error.to_string(),
                 None if state == "READY" => registry
                     .resolve(name, &VersionSelector::Number(version))
                     .map(|servable| servable.residency())
@@ -291,7 +291,10 @@ impl RepositoryControl {
         let why: Vec<String> = versions
             .iter()
             .map(|(version, status)| {
-                let error = status.error.as_deref().unwrap_or("not loaded");
+                let error = status
+                    .error
+                    .as_ref()
+                    .map_or_else(|| "not loaded".to_string(), Error::to_string);
                 format!("version {version}: {error}")
             })
             .collect();
