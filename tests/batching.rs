@@ -55,9 +55,12 @@ async fn start_server(models: &[&str], params: Option<&str>, extra: &[&str]) -> 
     (server, dir)
 }
 
-/// Sends `n` one-row requests to the counter at once; request i must get back 2 * i.
-async fn counter_requests_at_once(client: &PredictionServiceClient<Channel>, n: usize) {
-    let tasks: Vec<_> = (0..n)
+/// Sends `n` one-row requests to the counter at once (request i sends i).
+fn send_counter_requests(
+    client: &PredictionServiceClient<Channel>,
+    n: usize,
+) -> Vec<JoinHandle<Result<Vec<f32>, Status>>> {
+    (0..n)
         .map(|i| {
             let mut client = client.clone();
             tokio::spawn(async move {
@@ -67,10 +70,19 @@ async fn counter_requests_at_once(client: &PredictionServiceClient<Channel>, n: 
                     .map(|r| values(&r.into_inner(), "y"))
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Request i of [`send_counter_requests`] must get back 2 * i.
+async fn expect_doubled(tasks: Vec<JoinHandle<Result<Vec<f32>, Status>>>) {
     for (i, task) in tasks.into_iter().enumerate() {
         assert_eq!(task.await.unwrap().unwrap(), vec![2.0 * i as f32]);
     }
+}
+
+/// Sends `n` one-row requests to the counter at once; request i must get back 2 * i.
+async fn counter_requests_at_once(client: &PredictionServiceClient<Channel>, n: usize) {
+    expect_doubled(send_counter_requests(client, n)).await;
 }
 
 /// A request that keeps the counter's worker busy for `rounds` small matmuls (about 1 s per
@@ -345,6 +357,28 @@ async fn a_full_queue_answers_unavailable() {
     overflow(&server, 10).await;
 }
 
+/// Without batching, the queue depth counts the requests waiting for a worker (the
+/// autoscaler's signal in docker/k8s), and comes back to 0 once they have run.
+#[tokio::test]
+async fn without_batching_the_queue_depth_counts_requests_waiting_for_a_worker() {
+    let (server, _dir) = start_server(
+        &["counter"],
+        None,
+        &["--instances_per_device=1", "--max_queued_requests=8"],
+    )
+    .await;
+    let client = server.prediction().await;
+    let blocker = Blocker::start(&server, 60000.0).await;
+    let queued = send_counter_requests(&client, 3);
+    blocker.wait_queued(&server, 3).await;
+    blocker.finish().await;
+    expect_doubled(queued).await;
+    let depth = server
+        .metric("modelgate_queue_depth", &["model=\"counter\""])
+        .await;
+    assert_eq!(depth, 0.0);
+}
+
 #[tokio::test]
 async fn expired_and_abandoned_requests_never_reach_the_model() {
     for params in [
@@ -519,8 +553,21 @@ async fn v2_statistics_count_every_phase_of_every_batch() {
     let client = server.prediction().await;
     counter_requests_at_once(&client, 16).await;
     counter_requests_at_once(&client, 16).await;
+    // A request the version refuses is a failure in its statistics, and no batch.
+    let mut wrong = request("counter", "", floats(&[1, 2], &[1.0, 0.0]));
+    wrong.inputs = [("nope".to_string(), floats(&[1, 2], &[1.0, 0.0]))].into();
+    let refused = client.clone().predict(wrong).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    // Metadata calls run no model: they are no inferences.
+    let metadata = server.http_get("/v1/models/counter/metadata").await;
+    assert_eq!(metadata.0, 200, "{}", metadata.1);
 
     let mut v2 = GrpcInferenceServiceClient::new(server.channel().await);
+    let metadata = modelgate::proto::inference::ModelMetadataRequest {
+        name: "counter".into(),
+        version: String::new(),
+    };
+    v2.model_metadata(metadata).await.unwrap();
     let request = ModelStatisticsRequest {
         name: "counter".into(),
         version: String::new(),
@@ -535,6 +582,10 @@ async fn v2_statistics_count_every_phase_of_every_batch() {
         d.count
     };
     let inference = model.inference_stats.as_ref().expect("inference_stats");
+    let answered = |d: &Option<StatisticDuration>| d.map_or(0, |d| d.count);
+    assert_eq!(answered(&inference.success), 32, "{inference:?}");
+    assert_eq!(answered(&inference.fail), 1, "{inference:?}");
+    assert_eq!(model.inference_count, 32, "one per row answered");
     let phases = [
         &inference.compute_input,
         &inference.compute_infer,

@@ -27,9 +27,10 @@ impl RequestTimer {
     }
 
     /// Records the request: `requested` is the model name the client sent; `outcome` the
-    /// version that answered (`None` for calls no version answers, such as metadata) or the
-    /// error. The metrics label of a failed request is its model's name only when the server
-    /// knows that model, so that labels never take arbitrary client text.
+    /// version that answered (`None` for calls no version answers) or the error. The
+    /// metrics label of a failed request is its model's name only when the server knows
+    /// that model, so that labels never take arbitrary client text. An inference counts in
+    /// its version's statistics, a failed one too once it had resolved a version.
     pub fn finish(
         self,
         inference: &Inference,
@@ -41,6 +42,11 @@ impl RequestTimer {
             Ok(version) => (requested, version),
             Err(_) => (inference.metrics_label(requested), None),
         };
+        let ran_on = match outcome {
+            _ if !self.api.runs_model() => None,
+            Ok(version) => version,
+            Err(_) => request_log::ran_on(),
+        };
         let outcome = outcome.map(|_| ());
         request_log::end(model, elapsed, outcome);
         telemetry::record_request(
@@ -50,6 +56,7 @@ impl RequestTimer {
                 model,
                 requested,
                 version,
+                ran_on,
                 elapsed,
             },
             outcome,

@@ -77,8 +77,12 @@ pub(crate) struct QueueState {
 }
 
 enum Mode {
-    /// Each request runs alone, queued for the workers (bounded).
-    Direct { batches: flume::Sender<Batch> },
+    /// Each request runs alone, queued for the workers (bounded); `depth` counts the queue
+    /// (see [`BatchSource::Queue`]).
+    Direct {
+        batches: flume::Sender<Batch>,
+        depth: metrics::Gauge,
+    },
     Batching {
         jobs: flume::Sender<Arrival>,
         state: Arc<QueueState>,
@@ -118,7 +122,12 @@ impl Scheduler {
         let (mode, source) = match batching {
             None => {
                 let (batches, queue) = flume::bounded(direct_capacity.max(1));
-                (Mode::Direct { batches }, BatchSource::Queue(queue))
+                let depth = series.gauge(telemetry::QUEUE_DEPTH);
+                let source = BatchSource::Queue {
+                    batches: queue,
+                    depth: depth.clone(),
+                };
+                (Mode::Direct { batches, depth }, source)
             }
             Some(options) => {
                 let state = Arc::new(QueueState {
@@ -190,14 +199,21 @@ impl Scheduler {
         deadline: Option<Instant>,
     ) -> Result<ModelOutput, RunError> {
         match &self.mode {
-            Mode::Direct { batches } => {
+            Mode::Direct { batches, depth } => {
                 let (job, result) = Job::new(method, inputs, deadline);
-                batches.try_send(Batch::single(job)).map_err(|e| match e {
-                    flume::TrySendError::Full(_) => {
-                        self.rejected_full.increment(1);
-                        RunError::QueueFull
+                let job = if batchable { job } else { job.unbatched() };
+                // Raised before the send, so that a worker taking it at once never takes
+                // the gauge below zero.
+                depth.increment(1.0);
+                batches.try_send(Batch::single(job)).map_err(|e| {
+                    depth.decrement(1.0);
+                    match e {
+                        flume::TrySendError::Full(_) => {
+                            self.rejected_full.increment(1);
+                            RunError::QueueFull
+                        }
+                        flume::TrySendError::Disconnected(_) => RunError::Stopped,
                     }
-                    flume::TrySendError::Disconnected(_) => RunError::Stopped,
                 })?;
                 wait(result).await
             }
@@ -207,7 +223,7 @@ impl Scheduler {
                     // room in the queue whatever its shape.
                     let (job, result) = Job::new(method, inputs, deadline);
                     reserve(state, 1)?;
-                    send(jobs, state, job, BatchKey::Alone, 1)?;
+                    send(jobs, state, job.unbatched(), BatchKey::Alone, 1)?;
                     return wait(result).await;
                 }
                 let rows = inputs.first().and_then(Tensor::rows).unwrap_or(0);

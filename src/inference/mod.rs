@@ -75,9 +75,13 @@ impl Inference {
         version: &VersionSelector,
         deadline: Option<Instant>,
     ) -> Result<Arc<Servable>, Error> {
-        self.registry
+        let servable = self
+            .registry
             .resolve_waiting(model, version, deadline)
-            .await
+            .await?;
+        // From here on a failure is this version's, in its statistics.
+        request_log::note_run_on(servable.version);
+        Ok(servable)
     }
 
     /// The metrics label of a request that named `model`: the name when it is configured,

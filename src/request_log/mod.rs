@@ -161,6 +161,8 @@ struct State {
     /// sampled, at which rate, and where it goes.
     decision: Option<Decision>,
     version: Option<i64>,
+    /// The version the request resolved to run on, logged or not (see [`note_run_on`]).
+    ran_on: Option<i64>,
     signature: String,
     payload: Payload,
 }
@@ -212,10 +214,7 @@ fn decide(scope: &Scope, model: &str) -> bool {
 }
 
 fn is_logged(method: Api) -> bool {
-    matches!(
-        method,
-        Api::Predict | Api::Classify | Api::Regress | Api::MultiInference
-    )
+    method.runs_model()
 }
 
 /// Where a request resolved `version` of `model` (and its `signature`, when known): if it
@@ -231,6 +230,20 @@ fn capture_request(model: &str, version: i64, signature: &str, payload: impl FnO
         state.signature = signature.to_string();
         state.payload = payload;
     });
+}
+
+/// The facade resolved `version` for this request to run on.
+pub fn note_run_on(version: i64) {
+    let _ = SCOPE.try_with(|scope| scope.state.borrow_mut().ran_on = Some(version));
+}
+
+/// The version this request's inference resolved to run on, once it has: what a failure
+/// after that point counts against in the version's statistics.
+pub fn ran_on() -> Option<i64> {
+    SCOPE
+        .try_with(|scope| scope.state.borrow().ran_on)
+        .ok()
+        .flatten()
 }
 
 /// Where a request answered: `fill` completes its payload with the answer, only if it was

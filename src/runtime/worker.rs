@@ -61,6 +61,8 @@ pub struct Job {
     pub deadline: Option<Instant>,
     /// When the job was made, to time its wait for a worker.
     queued_at: Instant,
+    /// Whether dim 0 of its inputs is a batch (see [`Job::inferences`]).
+    batched: bool,
     reply: oneshot::Sender<Result<ModelOutput, RunError>>,
 }
 
@@ -79,9 +81,26 @@ impl Job {
             inputs,
             deadline,
             queued_at: Instant::now(),
+            batched: true,
             reply,
         };
         (job, result)
+    }
+
+    /// The job runs inputs without a batch dimension: it is one inference, whatever its
+    /// first dimension.
+    pub fn unbatched(mut self) -> Job {
+        self.batched = false;
+        self
+    }
+
+    /// How many inferences the job is, for V2's statistics: its rows, or one.
+    pub fn inferences(&self) -> usize {
+        if self.batched {
+            self.rows()
+        } else {
+            1
+        }
     }
 
     /// Whether the caller stopped waiting (cancelled, timed out): then the job need not run.
@@ -144,7 +163,7 @@ impl WorkerMetrics {
         let rejected =
             |reason| series.counter(telemetry::REJECTED_REQUESTS_TOTAL, &[("reason", reason)]);
         WorkerMetrics {
-            queue_delay: matches!(source, BatchSource::Queue(_))
+            queue_delay: matches!(source, BatchSource::Queue { .. })
                 .then(|| series.histogram(telemetry::QUEUE_DELAY_SECONDS)),
             batch_size: series.histogram(telemetry::BATCH_SIZE),
             forward_seconds: series.histogram(telemetry::FORWARD_DURATION_SECONDS),
@@ -180,15 +199,25 @@ pub trait BatchFormer: Send + Sync {
 #[derive(Clone)]
 pub enum BatchSource {
     /// Whole batches in a bounded queue (no server-side batching): a busy device pushes
-    /// back on the senders.
-    Queue(flume::Receiver<Batch>),
+    /// back on the senders. `depth` counts what waits in it: the senders raise it, the
+    /// workers lower it as they take a batch.
+    Queue {
+        batches: flume::Receiver<Batch>,
+        depth: metrics::Gauge,
+    },
     Former(Arc<dyn BatchFormer>),
 }
 
 impl BatchSource {
     fn next(&self) -> Option<Batch> {
         match self {
-            BatchSource::Queue(queue) => queue.recv().ok(),
+            BatchSource::Queue { batches, depth } => {
+                let batch = batches.recv().ok();
+                if batch.is_some() {
+                    depth.decrement(1.0);
+                }
+                batch
+            }
             BatchSource::Former(former) => former.next_batch(),
         }
     }
@@ -590,7 +619,15 @@ impl Worker {
                     .forward_seconds
                     .record(ended.duration_since(started).as_secs_f64());
                 let phases = self.marks.phases(started, ended);
-                self.metrics.series.record_batch(padded, phases);
+                let inferences: usize = jobs
+                    .iter()
+                    .zip(&results)
+                    .filter(|(_, result)| result.is_ok())
+                    .map(|(job, _)| job.inferences())
+                    .sum();
+                if results.iter().any(Result::is_ok) {
+                    self.metrics.series.record_batch(padded, inferences, phases);
+                }
                 results
             }
         };
@@ -799,7 +836,10 @@ mod tests {
             &path,
             &VersionMetrics::new("m", 1),
             &cpu(1),
-            &BatchSource::Queue(queue),
+            &BatchSource::Queue {
+                batches: queue,
+                depth: metrics::Gauge::noop(),
+            },
             &[],
         )
         .unwrap();
@@ -891,7 +931,10 @@ mod tests {
         let path = pairing_module("warm");
         let series = VersionMetrics::new("m", 1);
         let (batches, queue) = flume::bounded::<Batch>(4);
-        let source = BatchSource::Queue(queue);
+        let source = BatchSource::Queue {
+            batches: queue,
+            depth: metrics::Gauge::noop(),
+        };
         let fine = [
             warm_up_at(2, true),
             warm_up_at(4, true),
@@ -914,7 +957,10 @@ mod tests {
             &path,
             &series,
             &cpu(2),
-            &BatchSource::Queue(queue),
+            &BatchSource::Queue {
+                batches: queue,
+                depth: metrics::Gauge::noop(),
+            },
             &failing,
         )
         .err()
@@ -992,7 +1038,10 @@ mod tests {
             &path,
             &series,
             &cpu(1),
-            &BatchSource::Queue(queue),
+            &BatchSource::Queue {
+                batches: queue,
+                depth: metrics::Gauge::noop(),
+            },
             &warm_up,
         )
         .unwrap();

@@ -92,7 +92,8 @@ pub fn install_metrics() -> Result<PrometheusHandle, BuildError> {
     let mut builder = PrometheusBuilder::new();
     builder = histogram(builder, REQUEST_DURATION_SECONDS, LATENCY_BUCKETS)?;
     builder = histogram(builder, MODEL_LOAD_DURATION_SECONDS, LOAD_BUCKETS)?;
-    builder = histogram(builder, MODEL_COLD_START_SECONDS, LATENCY_BUCKETS)?;
+    // A cold start is a request's wait for a whole load (fetch, load, warm-up).
+    builder = histogram(builder, MODEL_COLD_START_SECONDS, LOAD_BUCKETS)?;
     let handle = builder.install_recorder()?;
     describe_metrics();
     Ok(handle)
@@ -204,6 +205,14 @@ impl Api {
             Api::GetModelStatus => "get_model_status",
         }
     }
+
+    /// Whether the call runs a model (and so counts in a version's inference statistics).
+    pub fn runs_model(self) -> bool {
+        matches!(
+            self,
+            Api::Predict | Api::Classify | Api::Regress | Api::MultiInference
+        )
+    }
 }
 
 /// Which protocol a request came in on, as the `protocol` label.
@@ -239,6 +248,7 @@ pub fn record_request(request: RequestRecord<'_>, outcome: Result<(), &Error>) {
         model,
         requested,
         version,
+        ran_on,
         elapsed,
     } = request;
     let code = match outcome {
@@ -247,13 +257,10 @@ pub fn record_request(request: RequestRecord<'_>, outcome: Result<(), &Error>) {
     };
     let (api, protocol, code) = (api.as_str(), protocol.as_str(), code_label(code));
     let model_label = interned_model(model);
-    versions::count_request(
-        &model_label,
-        version,
-        (api, protocol, code),
-        elapsed,
-        outcome.is_ok(),
-    );
+    versions::count_request(&model_label, version, (api, protocol, code));
+    if let Some(ran_on) = ran_on {
+        versions::count_inference(model, ran_on, elapsed, outcome.is_ok());
+    }
     metrics::histogram!(
         REQUEST_DURATION_SECONDS,
         "model" => model_label,
@@ -296,6 +303,9 @@ pub struct RequestRecord<'a> {
     pub requested: &'a str,
     /// The version that answered, if one did.
     pub version: Option<i64>,
+    /// The version an inference ran on, or was to run on when it failed: V2's statistics
+    /// count its success or failure there. `None` for calls that run no model.
+    pub ran_on: Option<i64>,
     pub elapsed: Duration,
 }
 
@@ -435,6 +445,7 @@ mod tests {
                 model,
                 requested,
                 version,
+                ran_on: version,
                 elapsed: Duration::from_millis(2),
             };
             record_request(

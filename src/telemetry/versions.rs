@@ -99,6 +99,8 @@ struct Series {
 /// by batch size.
 #[derive(Default)]
 struct Executed {
+    /// Requests' rows (a request without a batch dimension counts one) in batches that ran.
+    inferences: u64,
     all: Compute,
     /// At most [`MAX_BATCH_SIZES`] sizes: the first ones run.
     by_size: BTreeMap<u64, Compute>,
@@ -200,14 +202,18 @@ pub struct VersionStatistics {
 }
 
 /// The statistics of the live versions of `model` (every model when `None`), by model
-/// and version.
+/// and version. A version reloaded under the same number is the newest of its series (the
+/// one its requests now count on).
 pub fn statistics(model: Option<&str>) -> Vec<VersionStatistics> {
+    let mut seen = std::collections::HashSet::new();
     let live: Vec<Arc<Series>> = LIVE
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .iter()
+        .rev()
         .filter_map(Weak::upgrade)
         .filter(|s| model.is_none_or(|m| s.model == m))
+        .filter(|s| seen.insert((s.model.clone(), s.version)))
         .collect();
     let mut stats: Vec<VersionStatistics> = live
         .iter()
@@ -227,7 +233,7 @@ pub fn statistics(model: Option<&str>) -> Vec<VersionStatistics> {
                 model: series.model.clone(),
                 version: series.version,
                 answered: *lock(&series.answered),
-                inference_count: histogram(BATCH_SIZE).map_or(0, |(_, rows)| rows as u64),
+                inference_count: executed.inferences,
                 execution_count: executed.all.infer.count,
                 queue: Timed::of_histogram(histogram(QUEUE_DELAY_SECONDS)),
                 compute: executed.all,
@@ -306,11 +312,15 @@ impl VersionMetrics {
         Histogram::from_arc(histogram)
     }
 
-    /// Counts a batch this version ran: `batch_size` rows (padding included) and what each
-    /// phase took.
-    pub fn record_batch(&self, batch_size: usize, phases: BatchPhases) {
+    /// Counts a batch this version ran successfully: `batch_size` rows (padding included),
+    /// the `inferences` it answered (its requests' rows, padding left out) and what each
+    /// phase took. Triton's statistics count only successful executions.
+    pub fn record_batch(&self, batch_size: usize, inferences: usize, phases: BatchPhases) {
         let batch_size = u64::try_from(batch_size).unwrap_or(u64::MAX);
         let mut executed = lock(&self.0.executed);
+        executed.inferences = executed
+            .inferences
+            .saturating_add(u64::try_from(inferences).unwrap_or(u64::MAX));
         executed.all.add(&phases);
         let kept = executed.by_size.len();
         match executed.by_size.entry(batch_size) {
@@ -334,35 +344,10 @@ impl VersionMetrics {
 
 /// Counts an answered request: on the live version that answered it, else (no version, or
 /// one freed in the instant since it answered) among the counts that stay.
-/// A version's answers also add to its statistics (`elapsed`, success or not).
-pub(super) fn count_request(
-    model: &SharedString,
-    version: Option<i64>,
-    key: RequestKey,
-    elapsed: Duration,
-    success: bool,
-) {
-    if let Some(version) = version {
-        let live = LIVE.read().unwrap_or_else(PoisonError::into_inner);
-        let series = live
-            .iter()
-            .filter_map(Weak::upgrade)
-            .find(|s| s.version == version && s.model == model.as_ref());
-        if let Some(series) = series {
-            *lock(&series.requests).entry(key).or_default() += 1;
-            let mut answered = lock(&series.answered);
-            if success {
-                answered.success.add(elapsed);
-            } else {
-                answered.fail.add(elapsed);
-            }
-            answered.last_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |since| {
-                    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-                });
-            return;
-        }
+pub(super) fn count_request(model: &SharedString, version: Option<i64>, key: RequestKey) {
+    if let Some(series) = version.and_then(|version| newest_live(model, version)) {
+        *lock(&series.requests).entry(key).or_default() += 1;
+        return;
     }
     let version = super::interned_version(version);
     *lock(&OTHER_REQUESTS)
@@ -370,26 +355,62 @@ pub(super) fn count_request(
         .or_default() += 1;
 }
 
-fn write_requests(out: &mut String, live: &[Arc<Series>]) {
-    let mut samples = String::new();
-    let mut line = |model: &str, version: &str, (api, protocol, code): RequestKey, n: u64| {
-        let _ = writeln!(
-            samples,
-            "{REQUESTS_TOTAL}{{model=\"{}\",version=\"{version}\",api=\"{api}\",protocol=\"{protocol}\",code=\"{code}\"}} {n}",
-            sanitize_label_value(model)
-        );
+/// Adds an inference that ran on `version` of `model`, or failed there, to the version's
+/// statistics (V2's `success` and `fail`: count, time, and when it was last answered).
+pub(super) fn count_inference(model: &str, version: i64, elapsed: Duration, success: bool) {
+    let Some(series) = newest_live(model, version) else {
+        return;
     };
+    let mut answered = lock(&series.answered);
+    if success {
+        answered.success.add(elapsed);
+    } else {
+        answered.fail.add(elapsed);
+    }
+    answered.last_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        });
+}
+
+/// The series of `version` of `model`: the one registered last when a version reloaded
+/// under the same number still overlaps its predecessor.
+fn newest_live(model: &str, version: i64) -> Option<Arc<Series>> {
+    let live = LIVE.read().unwrap_or_else(PoisonError::into_inner);
+    live.iter()
+        .rev()
+        .filter_map(Weak::upgrade)
+        .find(|s| s.version == version && s.model == model)
+}
+
+fn write_requests(out: &mut String, live: &[Arc<Series>]) {
+    // Summed by labels: a version reloaded under the same number overlaps its predecessor
+    // for a moment, and a scrape must not hold the same series twice.
+    let mut counts: BTreeMap<(String, String, RequestKey), u64> = BTreeMap::new();
     for ((model, version, key), n) in lock(&OTHER_REQUESTS).iter() {
-        line(model, version, *key, *n);
+        *counts
+            .entry((model.to_string(), version.to_string(), *key))
+            .or_default() += n;
     }
     for series in live {
         let version = series.version.to_string();
         for (key, n) in lock(&series.requests).iter() {
-            line(&series.model, &version, *key, *n);
+            *counts
+                .entry((series.model.clone(), version.clone(), *key))
+                .or_default() += n;
         }
     }
-    if samples.is_empty() {
+    if counts.is_empty() {
         return;
+    }
+    let mut samples = String::new();
+    for ((model, version, (api, protocol, code)), n) in counts {
+        let _ = writeln!(
+            samples,
+            "{REQUESTS_TOTAL}{{model=\"{}\",version=\"{version}\",api=\"{api}\",protocol=\"{protocol}\",code=\"{code}\"}} {n}",
+            sanitize_label_value(&model)
+        );
     }
     write_help_line(
         out,
@@ -414,7 +435,8 @@ pub fn render_versions(out: &mut String) {
         .collect();
     write_requests(out, &live);
     for (name, kind, help) in FAMILIES {
-        let mut samples = String::new();
+        // Summed by labels, as the request counts are (see `write_requests`).
+        let mut merged: BTreeMap<String, Sample> = BTreeMap::new();
         for series in &live {
             for entry in lock(&series.entries).iter().filter(|e| e.name == *name) {
                 let mut labels = format!(
@@ -430,11 +452,21 @@ pub fn render_versions(out: &mut String) {
                         sanitize_label_value(value)
                     );
                 }
-                write_samples(&mut samples, name, &labels, &entry.value, kind);
+                let sample = Sample::of(&entry.value, kind);
+                match merged.entry(labels) {
+                    btree_map::Entry::Vacant(slot) => {
+                        slot.insert(sample);
+                    }
+                    btree_map::Entry::Occupied(mut slot) => slot.get_mut().add(sample),
+                }
             }
         }
-        if samples.is_empty() {
+        if merged.is_empty() {
             continue;
+        }
+        let mut samples = String::new();
+        for (labels, sample) in &merged {
+            write_samples(&mut samples, name, labels, sample);
         }
         write_help_line(out, name, None, None, help);
         let kind_name = match kind {
@@ -448,19 +480,81 @@ pub fn render_versions(out: &mut String) {
     }
 }
 
-fn write_samples(out: &mut String, name: &str, labels: &str, value: &Value, kind: &Kind) {
-    match (value, kind) {
-        (Value::Atomic(v), Kind::Gauge) => {
-            let value = f64::from_bits(v.load(Ordering::Relaxed));
+/// One series' value as read for a scrape.
+enum Sample {
+    Count(u64),
+    Gauge(f64),
+    /// Per bucket (not cumulative), the total count and the sum.
+    Histogram {
+        bounds: &'static [f64],
+        counts: Vec<u64>,
+        count: u64,
+        sum: f64,
+    },
+}
+
+impl Sample {
+    fn of(value: &Value, kind: &Kind) -> Sample {
+        match (value, kind) {
+            (Value::Atomic(v), Kind::Gauge) => {
+                Sample::Gauge(f64::from_bits(v.load(Ordering::Relaxed)))
+            }
+            (Value::Atomic(v), _) => Sample::Count(v.load(Ordering::Relaxed)),
+            (Value::Histogram(h), _) => {
+                let (counts, count, sum) = h.snapshot();
+                Sample::Histogram {
+                    bounds: h.bounds,
+                    counts,
+                    count,
+                    sum,
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, other: Sample) {
+        match (self, other) {
+            (Sample::Count(a), Sample::Count(b)) => *a = a.saturating_add(b),
+            (Sample::Gauge(a), Sample::Gauge(b)) => *a += b,
+            (
+                Sample::Histogram {
+                    counts, count, sum, ..
+                },
+                Sample::Histogram {
+                    counts: more,
+                    count: n,
+                    sum: s,
+                    ..
+                },
+            ) => {
+                for (bucket, m) in counts.iter_mut().zip(more) {
+                    *bucket += m;
+                }
+                *count += n;
+                *sum += s;
+            }
+            // One family has one kind.
+            _ => {}
+        }
+    }
+}
+
+fn write_samples(out: &mut String, name: &str, labels: &str, sample: &Sample) {
+    match sample {
+        Sample::Gauge(value) => {
             let _ = writeln!(out, "{name}{{{labels}}} {value}");
         }
-        (Value::Atomic(v), _) => {
-            let _ = writeln!(out, "{name}{{{labels}}} {}", v.load(Ordering::Relaxed));
+        Sample::Count(count) => {
+            let _ = writeln!(out, "{name}{{{labels}}} {count}");
         }
-        (Value::Histogram(h), _) => {
-            let (counts, count, sum) = h.snapshot();
+        Sample::Histogram {
+            bounds,
+            counts,
+            count,
+            sum,
+        } => {
             let mut cumulative = 0;
-            for (bound, n) in h.bounds.iter().zip(counts) {
+            for (bound, n) in bounds.iter().zip(counts) {
                 cumulative += n;
                 let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
             }
@@ -530,14 +624,12 @@ mod tests {
         metrics.gauge(QUEUE_DEPTH).set(4.0);
         let model = SharedString::from(String::from("m\"x"));
         let elapsed = std::time::Duration::from_millis(2);
-        count_request(&model, Some(7), ("predict", "grpc", "ok"), elapsed, true);
-        count_request(
-            &model,
-            None,
-            ("predict", "grpc", "not_found"),
-            elapsed,
-            false,
-        );
+        count_request(&model, Some(7), ("predict", "grpc", "ok"));
+        count_inference("m\"x", 7, elapsed, true);
+        count_request(&model, None, ("predict", "grpc", "not_found"));
+        // A failure once version 7 was chosen: no version label, but its statistics.
+        count_request(&model, None, ("predict", "grpc", "internal"));
+        count_inference("m\"x", 7, elapsed, false);
         let text = rendered();
         let labels = r#"model="m\"x",version="7""#;
         for line in [
@@ -557,7 +649,7 @@ mod tests {
         }
         let stats = statistics(Some("m\"x"));
         assert_eq!(stats.len(), 1);
-        assert_eq!((stats[0].version, stats[0].inference_count), (7, 103));
+        assert_eq!((stats[0].version, stats[0].inference_count), (7, 0));
         assert_eq!(
             stats[0].answered.success,
             Timed {
@@ -565,7 +657,7 @@ mod tests {
                 ns: 2_000_000
             }
         );
-        assert_eq!(stats[0].answered.fail.count, 0);
+        assert_eq!(stats[0].answered.fail.count, 1);
         assert!(stats[0].answered.last_ms > 0);
         drop(metrics);
         let text = rendered();
@@ -573,6 +665,58 @@ mod tests {
         assert!(statistics(Some("m\"x")).is_empty());
         // A count without a version stays.
         assert!(text.contains(r#"modelgate_requests_total{model="m\"x",version="",api="predict",protocol="grpc",code="not_found"} 1"#), "{text}");
+    }
+
+    /// A version reloaded under its own number overlaps its predecessor for a moment: a
+    /// scrape still holds each series once (summed), and the statistics one entry (the
+    /// newest, where the requests now count).
+    #[test]
+    fn a_version_reloaded_under_its_number_is_scraped_once() {
+        let old = VersionMetrics::new("reloaded", 3);
+        let new = VersionMetrics::new("reloaded", 3);
+        old.gauge(QUEUE_DEPTH).set(1.0);
+        new.gauge(QUEUE_DEPTH).set(2.0);
+        old.histogram(BATCH_SIZE).record(4.0);
+        new.histogram(BATCH_SIZE).record(1.0);
+        old.record_batch(4, 4, BatchPhases::default());
+        new.record_batch(1, 1, BatchPhases::default());
+        let model = SharedString::from(String::from("reloaded"));
+        count_request(&model, Some(3), ("predict", "grpc", "ok"));
+        count_inference("reloaded", 3, Duration::from_millis(1), true);
+        count_request(&model, None, ("predict", "grpc", "internal"));
+        count_inference("reloaded", 3, Duration::from_millis(1), false);
+        let text = rendered();
+        let labels = r#"model="reloaded",version="3""#;
+        let lines = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).count();
+        assert_eq!(
+            lines(&format!("modelgate_queue_depth{{{labels}}}")),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("modelgate_queue_depth{{{labels}}} 3")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("modelgate_batch_size_count{{{labels}}} 2")),
+            "{text}"
+        );
+        assert_eq!(
+            lines(&format!("modelgate_requests_total{{{labels}")),
+            1,
+            "{text}"
+        );
+        let stats = statistics(Some("reloaded"));
+        assert_eq!(stats.len(), 1);
+        assert_eq!(
+            (
+                stats[0].answered.success.count,
+                stats[0].answered.fail.count
+            ),
+            (1, 1)
+        );
+        assert_eq!(stats[0].inference_count, 1, "the newest series' batches");
+        drop((old, new));
     }
 
     /// Each phase is counted once per batch, in all and by size, and the sizes kept apart
@@ -585,9 +729,9 @@ mod tests {
             infer: Duration::from_nanos(infer),
             output: Duration::from_nanos(output),
         };
-        metrics.record_batch(8, phases(1, 10, 100));
-        metrics.record_batch(1, phases(2, 20, 200));
-        metrics.record_batch(8, phases(3, 30, 300));
+        metrics.record_batch(8, 5, phases(1, 10, 100));
+        metrics.record_batch(1, 1, phases(2, 20, 200));
+        metrics.record_batch(8, 8, phases(3, 30, 300));
         let stats = statistics(Some("phases"));
         let timed = |count, ns| Timed { count, ns };
         let expected = Compute {
@@ -596,6 +740,7 @@ mod tests {
             output: timed(3, 600),
         };
         assert_eq!((stats[0].execution_count, stats[0].compute), (3, expected));
+        assert_eq!(stats[0].inference_count, 14, "padding is no inference");
         let sizes: Vec<(u64, Compute)> = stats[0]
             .batches
             .iter()
@@ -614,7 +759,7 @@ mod tests {
         assert_eq!(sizes, vec![(1, one), (8, eight)]);
 
         for size in 100..1000 {
-            metrics.record_batch(size, phases(1, 1, 1));
+            metrics.record_batch(size, size, phases(1, 1, 1));
         }
         let stats = statistics(Some("phases"));
         assert_eq!(stats[0].batches.len(), MAX_BATCH_SIZES);

@@ -1,8 +1,10 @@
 """The official Triton clients (tritonclient.grpc and tritonclient.http, the V2 / Open
 Inference Protocol) against the real modelgate binary (conftest.py starts it)."""
 
+import json
 import os
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -43,6 +45,12 @@ def test_health_and_server_metadata(server):
     assert rest["name"] == "modelgate"
     with urllib.request.urlopen(f"http://{server['http']}/v2/health/live") as answer:
         assert answer.status == 200 and answer.read() == b'{"live":true}'
+    # Over HTTP, not ready is a 400 whether the model is loading or unknown (Triton's answer).
+    for path in ("/v2/models/nope/ready", "/v2/models/scaled/versions/9/ready"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://{server['http']}{path}")
+        assert refused.value.code == 400, path
+        assert json.loads(refused.value.read())["ready"] is False
 
 
 def test_model_metadata_and_config(grpc_client, http_client):

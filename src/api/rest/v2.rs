@@ -213,11 +213,9 @@ pub(super) fn answer_without_body(state: &RestState, call: &V2Call) -> Result<Re
             json(health_status(ready), serde_json::json!({ "ready": ready }))
         }
         V2Call::ModelReady { model, version } => {
-            let ready = match resolve(inference, model, version) {
-                Ok(_) => true,
-                Err(_) if inference.is_configured(model) => false,
-                Err(e) => return Err(e),
-            };
+            // As gRPC's ModelReady: a model this server does not have is not ready (400),
+            // as Triton answers, rather than an error.
+            let ready = resolve(inference, model, version).is_ok();
             json(
                 health_status(ready),
                 serde_json::json!({ "name": model, "ready": ready }),
@@ -580,7 +578,10 @@ fn json_tensor(declared: &DeclaredInput, data: &RawValue) -> Result<Tensor, Erro
     }
     let count = declared.num_elements()?;
     declared.byte_size()?;
-    let mut out = ElementWriter::new(declared.dtype, count);
+    // Room for what the text can hold (every JSON value takes two bytes or more, with its
+    // separator), not what the shape claims: a tiny body declaring a huge shape reserves
+    // nothing it does not send.
+    let mut out = ElementWriter::new(declared.dtype, count.min(data.get().len() / 2 + 1));
     let mut seed = Flatten {
         remaining: count,
         out: &mut out,
