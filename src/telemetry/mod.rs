@@ -79,6 +79,11 @@ const QUEUE_DELAY_BUCKETS: &[f64] = &[
 const LOAD_BUCKETS: &[f64] = &[
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
+/// A cold start is a request's wait for a whole load: from a small model's 10 ms on a CPU
+/// to a large one's download and warm-up.
+const COLD_START_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
 const BATCH_SIZE_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
@@ -92,8 +97,7 @@ pub fn install_metrics() -> Result<PrometheusHandle, BuildError> {
     let mut builder = PrometheusBuilder::new();
     builder = histogram(builder, REQUEST_DURATION_SECONDS, LATENCY_BUCKETS)?;
     builder = histogram(builder, MODEL_LOAD_DURATION_SECONDS, LOAD_BUCKETS)?;
-    // A cold start is a request's wait for a whole load (fetch, load, warm-up).
-    builder = histogram(builder, MODEL_COLD_START_SECONDS, LOAD_BUCKETS)?;
+    builder = histogram(builder, MODEL_COLD_START_SECONDS, COLD_START_BUCKETS)?;
     let handle = builder.install_recorder()?;
     describe_metrics();
     Ok(handle)
