@@ -96,6 +96,7 @@ mod tests {
 
     fn entry(fingerprint: &str, complete: bool) -> VersionEntry {
         VersionEntry {
+            dir_name: String::new(),
             fingerprint: fingerprint.into(),
             complete,
             files: Vec::new(),

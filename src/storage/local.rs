@@ -2,8 +2,8 @@
 //! on a blocking thread.
 
 use super::{
-    embedded_signature, layout, package_has_signature, parse_version, EmbeddedSignature,
-    StorageError, VersionEntry, MODEL_FILE, PACKAGE_FILE,
+    embedded_signature, layout, package_has_signature, parse_version, preferred_dir_name,
+    EmbeddedSignature, StorageError, VersionEntry, MODEL_FILE, PACKAGE_FILE,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,12 +15,18 @@ pub(super) fn list(dir: &Path) -> Result<BTreeMap<i64, VersionEntry>, StorageErr
         path: path.display().to_string(),
         message: e.to_string(),
     };
-    let mut versions = BTreeMap::new();
+    let mut versions: BTreeMap<i64, VersionEntry> = BTreeMap::new();
     for entry in std::fs::read_dir(dir).map_err(|e| list_error(dir, e))? {
         let entry = entry.map_err(|e| list_error(dir, e))?;
-        let Some(version) = parse_version(&entry.file_name().to_string_lossy()) else {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(version) = parse_version(&name) else {
             continue;
         };
+        if let Some(listed) = versions.get(&version) {
+            if preferred_dir_name(version, &listed.dir_name, &name) == listed.dir_name {
+                continue;
+            }
+        }
         let path = entry.path();
         // A version directory may be a symlink (git-sync, a volume's `..data` links): it
         // counts when it leads to a directory; one that leads nowhere is not a version.
@@ -29,7 +35,7 @@ pub(super) fn list(dir: &Path) -> Result<BTreeMap<i64, VersionEntry>, StorageErr
         if !is_dir {
             continue;
         }
-        match version_entry(&path) {
+        match version_entry(&path, name) {
             Ok(Some(found)) => {
                 versions.insert(version, found);
             }
@@ -42,8 +48,9 @@ pub(super) fn list(dir: &Path) -> Result<BTreeMap<i64, VersionEntry>, StorageErr
     Ok(versions)
 }
 
-/// A local version directory, or `None` while it holds no model.
-fn version_entry(dir: &Path) -> std::io::Result<Option<VersionEntry>> {
+/// The local version directory `dir`, listed as `dir_name`, or `None` while it holds no
+/// model.
+fn version_entry(dir: &Path, dir_name: String) -> std::io::Result<Option<VersionEntry>> {
     let mut names = Vec::new();
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
@@ -74,6 +81,7 @@ fn version_entry(dir: &Path) -> std::io::Result<Option<VersionEntry>> {
     };
     files.sort();
     Ok(Some(VersionEntry {
+        dir_name,
         fingerprint: files.join(";"),
         complete,
         files: Vec::new(),
@@ -120,6 +128,13 @@ mod tests {
         let versions = base.list_versions().await.unwrap();
         assert_ne!(versions[&1].fingerprint, before);
         assert!(versions[&1].complete);
+
+        // A zero-padded directory is its version, loaded from where it was listed.
+        std::fs::create_dir_all(root.join("0009")).unwrap();
+        std::fs::write(root.join("0009").join(MODEL_FILE), b"x").unwrap();
+        let versions = base.list_versions().await.unwrap();
+        let (dir, _) = base.localize(9, &versions[&9]).await.unwrap();
+        assert_eq!(dir, root.join("0009"));
         std::fs::remove_dir_all(&root).unwrap();
     }
 

@@ -82,6 +82,9 @@ pub struct StoredFile {
 /// A version directory as found in storage.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionEntry {
+    /// The directory's name as listed: `7`, or a zero-padded `0007` (TF Serving serves both
+    /// as version 7, from the directory it found).
+    pub dir_name: String,
     /// Changes whenever a file of the version changes (names, sizes, and modification times
     /// or ETags), so a version that failed to load is retried only once it has been
     /// rewritten, and a cached download is reused only while it is unchanged.
@@ -247,7 +250,7 @@ impl BasePath {
         entry: &VersionEntry,
     ) -> Result<(PathBuf, u64), StorageError> {
         match self {
-            BasePath::Local(dir) => Ok((dir.join(version.to_string()), 0)),
+            BasePath::Local(dir) => Ok((dir.join(&entry.dir_name), 0)),
             BasePath::S3 { location, store } => store.localize(location, version, entry).await,
         }
     }
@@ -334,6 +337,17 @@ pub fn parse_version(name: &str) -> Option<i64> {
         return None;
     }
     name.parse().ok().filter(|&v: &i64| v > 0)
+}
+
+/// Of two directory names of one version number (`7` and `007`), the one that is the
+/// version: the plain number, else the first in name order. Every listing picks the same.
+pub(crate) fn preferred_dir_name<'a>(version: i64, a: &'a str, b: &'a str) -> &'a str {
+    let plain = version.to_string();
+    match (a == plain, b == plain) {
+        (true, _) => a,
+        (_, true) => b,
+        _ => a.min(b),
+    }
 }
 
 #[cfg(test)]

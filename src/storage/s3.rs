@@ -8,7 +8,7 @@
 //! from its own logs.
 
 use super::cache::Cache;
-use super::{layout, parse_version, StorageError, StoredFile, VersionEntry};
+use super::{layout, parse_version, preferred_dir_name, StorageError, StoredFile, VersionEntry};
 use crate::config::S3Env;
 use crate::error::error_chain;
 use aws_config::retry::RetryConfig;
@@ -184,7 +184,7 @@ impl S3Store {
             self.cache
                 .version_dir(&location.bucket, &location.key, version, &entry.fingerprint);
         let client = self.client().await.clone();
-        let key_prefix = format!("{}{version}/", location.dir_prefix());
+        let key_prefix = format!("{}{}/", location.dir_prefix(), entry.dir_name);
         let fetched = std::sync::atomic::AtomicU64::new(0);
         let fetched_by_fill = &fetched;
         let dir = self
@@ -213,12 +213,14 @@ fn group_versions(
     prefix: &str,
     objects: Vec<(String, u64, String)>,
 ) -> BTreeMap<i64, VersionEntry> {
-    let mut files: BTreeMap<i64, Vec<StoredFile>> = BTreeMap::new();
+    // By version: the directory's name and its files.
+    let mut files: BTreeMap<i64, (String, Vec<StoredFile>)> = BTreeMap::new();
     for (key, size, etag) in objects {
-        let Some((version, path)) = key.strip_prefix(prefix).and_then(|r| r.split_once('/')) else {
+        let Some((dir_name, path)) = key.strip_prefix(prefix).and_then(|r| r.split_once('/'))
+        else {
             continue;
         };
-        let Some(version) = parse_version(version) else {
+        let Some(version) = parse_version(dir_name) else {
             continue;
         };
         let safe = !path.is_empty()
@@ -228,7 +230,18 @@ fn group_versions(
         if !safe {
             continue; // "1/" folder markers, and keys no local path should be made from
         }
-        files.entry(version).or_default().push(StoredFile {
+        let (listed, version_files) = files
+            .entry(version)
+            .or_insert_with(|| (dir_name.to_string(), Vec::new()));
+        if listed != dir_name {
+            // Two directories of one number (`7/`, `007/`): one is the version.
+            if preferred_dir_name(version, listed, dir_name) == listed.as_str() {
+                continue;
+            }
+            *listed = dir_name.to_string();
+            version_files.clear();
+        }
+        version_files.push(StoredFile {
             path: path.to_string(),
             size,
             etag,
@@ -236,7 +249,7 @@ fn group_versions(
     }
     files
         .into_iter()
-        .filter_map(|(version, mut files)| {
+        .filter_map(|(version, (dir_name, mut files))| {
             let complete = layout(files.iter().map(|f| f.path.as_str()))?;
             files.sort_by(|a, b| a.path.cmp(&b.path));
             let fingerprint = files
@@ -247,6 +260,7 @@ fn group_versions(
             Some((
                 version,
                 VersionEntry {
+                    dir_name,
                     fingerprint,
                     complete,
                     files,
@@ -449,5 +463,25 @@ mod tests {
         );
         let changed = group_versions("m/", vec![object("m/2/model.pt", "z")]);
         assert_ne!(changed[&2].fingerprint, versions[&2].fingerprint);
+    }
+
+    /// A zero-padded directory is its version, fetched from where it was listed; of two
+    /// directories of one number, the plain one is the version, in any listing order.
+    #[test]
+    fn zero_padded_directories_keep_their_names() {
+        let object = |key: &str| (key.to_string(), 10, "e".to_string());
+        let padded = group_versions(
+            "m/",
+            vec![object("m/0007/model.pt"), object("m/0007/signature.json")],
+        );
+        assert_eq!(padded[&7].dir_name, "0007");
+        for order in [
+            ["m/07/model.pt", "m/7/model.pt"],
+            ["m/7/model.pt", "m/07/model.pt"],
+        ] {
+            let both = group_versions("m/", order.iter().map(|k| object(k)).collect());
+            assert_eq!(both[&7].dir_name, "7");
+            assert_eq!(both[&7].files.len(), 1, "{:?}", both[&7].files);
+        }
     }
 }
