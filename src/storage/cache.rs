@@ -5,8 +5,9 @@
 //! once every file is complete, so a directory at its final name is always whole; the hash
 //! covers every file's name, size and ETag, so an unchanged version is found again (even
 //! after a restart) and never downloaded twice, and a rewritten one gets a new directory.
-//! One server per cache directory: temporary directories left by a crash are removed on the
-//! next download of the same version.
+//! One server per cache directory (within it, one download per version at a time):
+//! temporary directories left by a crash are removed on the next download of the same
+//! version.
 //!
 //! The manager evicts the versions no model serves or wants any more ([`Cache::retain`]).
 //! That is safe even while requests still run on an unloading version: libtorch reads the
@@ -15,10 +16,11 @@
 
 use super::{parse_version, StorageError};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 const TEMP_PREFIX: &str = ".tmp-";
 
@@ -26,6 +28,11 @@ const TEMP_PREFIX: &str = ".tmp-";
 pub struct Cache {
     root: PathBuf,
     temp_counter: AtomicU64,
+    /// One fill at a time per version directory: a fill clears the version's leftover
+    /// temporary directories and, once done, its other contents, which would otherwise
+    /// pull files from under a second fill of the same version (two models on one base
+    /// path, loaded at once with `--num_load_threads`).
+    filling: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The default cache root: `modelgate-cache-<uid>` under the system temp dir, made for this
@@ -77,6 +84,7 @@ impl Cache {
         Cache {
             root,
             temp_counter: AtomicU64::new(0),
+            filling: std::sync::Mutex::default(),
         }
     }
 
@@ -145,14 +153,51 @@ impl Cache {
         if tokio::fs::metadata(dir).await.is_ok_and(|m| m.is_dir()) {
             return Ok(dir.to_path_buf());
         }
-        let cache_error = |path: &Path, e: std::io::Error| StorageError::Cache {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        };
         let parent = dir.parent().ok_or_else(|| StorageError::Cache {
             path: dir.display().to_string(),
             message: "no parent directory".into(),
         })?;
+        let turn = Arc::clone(self.lock_filling().entry(parent.to_path_buf()).or_default());
+        let result = {
+            let _turn = turn.lock().await;
+            // A fill that went first may have made it.
+            if tokio::fs::metadata(dir).await.is_ok_and(|m| m.is_dir()) {
+                Ok(dir.to_path_buf())
+            } else {
+                self.fill_alone(dir, parent, download).await
+            }
+        };
+        let mut filling = self.lock_filling();
+        // The last one out forgets the version's lock (the map holds one reference).
+        if Arc::strong_count(&turn) == 2 {
+            filling.remove(parent);
+        }
+        result
+    }
+
+    fn lock_filling(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>> {
+        self.filling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`Cache::fill`] once no other fill of `parent`'s version runs.
+    async fn fill_alone<F, Fut>(
+        &self,
+        dir: &Path,
+        parent: &Path,
+        download: F,
+    ) -> Result<PathBuf, StorageError>
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: Future<Output = Result<(), StorageError>>,
+    {
+        let cache_error = |path: &Path, e: std::io::Error| StorageError::Cache {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
         tokio::fs::create_dir_all(parent)
             .await
             .map_err(|e| cache_error(parent, e))?;
@@ -361,6 +406,40 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Two fills of one version at once (two models on one base path): one downloads, the
+    /// other finds its result, and nothing is pulled from under the download.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fills_of_one_version_take_turns() {
+        let (cache, root) = empty_cache("cache-turns");
+        let dir = cache.version_dir("b", "m", 1, "fp");
+        let downloads = AtomicU64::new(0);
+        let downloads = &downloads;
+        let fill = || {
+            cache.fill(&dir, |temp| async move {
+                downloads.fetch_add(1, Ordering::SeqCst);
+                let write = |name: &str| {
+                    std::fs::write(temp.join(name), b"x").map_err(|e| StorageError::Cache {
+                        path: name.into(),
+                        message: e.to_string(),
+                    })
+                };
+                write("model.pt")?;
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                write("signature.json")
+            })
+        };
+        let (first, second) = tokio::join!(fill(), fill());
+        assert_eq!(first.unwrap(), dir);
+        assert_eq!(second.unwrap(), dir);
+        assert_eq!(downloads.load(Ordering::SeqCst), 1);
+        assert!(dir.join("model.pt").exists() && dir.join("signature.json").exists());
+        assert!(
+            cache.lock_filling().is_empty(),
+            "the version's turn is forgotten"
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 
