@@ -719,3 +719,34 @@ async fn a_model_rewritten_in_place_after_it_was_read_is_not_loaded() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A version of a model loaded from the config that finds no room (the on-demand version
+/// holding it is too young to evict) is not failed for good: it is tried again, its load
+/// retries untouched, and loads once room comes, with no change to its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_configured_version_waits_for_room_without_spending_its_retries() {
+    let (root, file) = repository("residency-no-room-yet", &["m0", "m1"]);
+    // Room for two copies: m0 (on demand, young for 40 s) and m1's version 1.
+    let budget = format!("--model_memory_budget=cpu={}", room_for(2, file));
+    let server = Server::with_config(
+        &config(&root, &["m0", "m1"]),
+        &[
+            "--device=cpu",
+            "--on_demand_models=m0",
+            "--min_residency_seconds=40",
+            &budget,
+            "--max_num_load_retries=0",
+            "--load_retry_interval_micros=1000000",
+            "--file_system_poll_wait_seconds=1",
+        ],
+    );
+    server.wait_readyz(200).await;
+    call(&server, "m0", 1.0).await.unwrap();
+    // Version 2 of m1 needs a third copy's room while version 1 serves.
+    copy_version(&root.join("m1/1"), &root.join("m1/2"));
+    let models = server.models().await;
+    let error = wait_for_state(&models, "m1", 2, State::End).await;
+    assert!(error.contains("tried again in"), "{error}");
+    wait_for_state(&models, "m1", 2, State::Available).await;
+    let _ = std::fs::remove_dir_all(&root);
+}

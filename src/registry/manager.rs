@@ -25,9 +25,9 @@
 //! reason, and is retried when `signature.json` arrives (its fingerprint changes). With
 //! polling off there is no second listing, so the one listing decides.
 
-use super::loader::plan_version;
+use super::loader::{plan_version, VersionLoadError};
 use super::policy::{Action, ResourcePreserving, VersionPolicy, Versions};
-use super::residency::ResidencySettings;
+use super::residency::{NoRoom, ResidencySettings};
 use super::retries::{FailedLoad, LoadRetries};
 use super::source::{settled_versions, Backoff};
 use super::LoadSettings;
@@ -198,6 +198,27 @@ impl ManagedModel {
 }
 
 /// What became of one attempt to load a version.
+/// Why a version did not start.
+enum StartError {
+    /// It failed to load: counted against its load retries.
+    Failed(Error),
+    /// The memory budget had no room for it within the wait, though it could hold it: tried
+    /// again, not counted as a failure.
+    NoRoomYet(Error),
+}
+
+impl From<VersionLoadError> for StartError {
+    fn from(error: VersionLoadError) -> StartError {
+        StartError::Failed(error.into())
+    }
+}
+
+impl From<StorageError> for StartError {
+    fn from(error: StorageError) -> StartError {
+        StartError::Failed(error.into())
+    }
+}
+
 enum LoadOutcome {
     Loaded,
     /// The files are there but did not load: retried as `LoadRetries` says.
@@ -792,7 +813,7 @@ impl ModelWork<'_> {
             // a failed load), the model's storage is not backed off.
             Err(e @ StorageError::Refused { .. }) => {
                 crate::telemetry::record_storage_error(name);
-                Err(Error::from(e))
+                Err(StartError::from(e))
             }
             Err(e) => {
                 crate::telemetry::record_storage_error(name);
@@ -835,14 +856,26 @@ impl ModelWork<'_> {
                 self.publish();
                 LoadOutcome::Loaded
             }
-            Err(error) => {
+            Err(failure) => {
                 let retries = shared.config.load_retries;
-                let failed = retries.after_failure(
-                    self.model.failed.remove(&version),
-                    &entry.fingerprint,
-                    Instant::now(),
-                );
-                let note = retries.note(&failed);
+                let previous = self.model.failed.remove(&version);
+                let (error, failed, note) = match failure {
+                    StartError::NoRoomYet(error) => {
+                        let waiting =
+                            retries.after_no_room(previous, &entry.fingerprint, Instant::now());
+                        (
+                            error,
+                            waiting,
+                            format!("tried again in {:?}", retries.interval),
+                        )
+                    }
+                    StartError::Failed(error) => {
+                        let failed =
+                            retries.after_failure(previous, &entry.fingerprint, Instant::now());
+                        let note = retries.note(&failed);
+                        (error, failed, note)
+                    }
+                };
                 tracing::warn!(model = %name, version, "failed to load ({note}): {error}");
                 self.model.failed.insert(version, failed);
                 shared.registry.set_status(
@@ -867,9 +900,9 @@ impl ModelWork<'_> {
         version: i64,
         dir: std::path::PathBuf,
         on_demand: bool,
-    ) -> Result<Arc<Servable>, Error> {
+    ) -> Result<Arc<Servable>, StartError> {
         let (name, shared) = (self.name, self.shared);
-        let failed = |e: tokio::task::JoinError| super::VersionLoadError::Io {
+        let failed = |e: tokio::task::JoinError| VersionLoadError::Io {
             path: String::new(),
             message: format!("load task failed: {e}"),
         };
@@ -885,11 +918,18 @@ impl ModelWork<'_> {
         }
         let what = format!("model '{name}' version {version}");
         let registry = Arc::clone(&shared.registry);
+        let estimate = plan.estimate();
+        let no_room = |no_room: NoRoom| {
+            if ledger.could_ever_fit(&estimate) {
+                StartError::NoRoomYet(no_room.into())
+            } else {
+                StartError::Failed(no_room.into())
+            }
+        };
         let charge = ledger
-            .reserve(&what, &plan.estimate(), None, |missing| {
-                registry.evict(missing)
-            })
-            .await?;
+            .reserve(&what, &estimate, None, |missing| registry.evict(missing))
+            .await
+            .map_err(no_room)?;
         let make_room = shared.registry.make_room();
         tokio::task::spawn_blocking(move || {
             let resident = plan.start(charge, make_room)?;
@@ -897,7 +937,11 @@ impl ModelWork<'_> {
         })
         .await
         .unwrap_or_else(|e| Err(failed(e)))
-        .map_err(Error::from)
+        .map_err(|e| match e {
+            // It gave way to another load that outgrew its estimate: room is coming.
+            VersionLoadError::NoRoom(gave_way @ NoRoom::GaveWay(_)) => no_room(gave_way),
+            other => StartError::from(other),
+        })
     }
 
     /// Takes `version` out of the serving map and retires it (the policy's unload); the

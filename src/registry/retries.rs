@@ -23,14 +23,27 @@ impl LoadRetries {
         fingerprint: &str,
         now: Instant,
     ) -> FailedLoad {
-        let attempts = match previous {
-            Some(failed) if failed.fingerprint == fingerprint => failed.attempts.saturating_add(1),
-            _ => 1,
-        };
+        let attempts = attempts_before(previous, fingerprint).saturating_add(1);
         FailedLoad {
             fingerprint: fingerprint.to_string(),
             attempts,
             retry_at: (attempts <= self.max_retries).then(|| now + self.interval),
+        }
+    }
+
+    /// Records a load that found no room in the memory budget though the budget could
+    /// hold it: tried again one interval later, however many retries were spent, since
+    /// room comes as on-demand versions go idle or age past `--min_residency_seconds`.
+    pub(super) fn after_no_room(
+        &self,
+        previous: Option<FailedLoad>,
+        fingerprint: &str,
+        now: Instant,
+    ) -> FailedLoad {
+        FailedLoad {
+            fingerprint: fingerprint.to_string(),
+            attempts: attempts_before(previous, fingerprint),
+            retry_at: Some(now + self.interval),
         }
     }
 
@@ -47,6 +60,14 @@ impl LoadRetries {
             ),
             None => "tried again when its files change".to_string(),
         }
+    }
+}
+
+/// The failed loads counted so far against the files with `fingerprint`.
+fn attempts_before(previous: Option<FailedLoad>, fingerprint: &str) -> u32 {
+    match previous {
+        Some(failed) if failed.fingerprint == fingerprint => failed.attempts,
+        _ => 0,
     }
 }
 
@@ -113,5 +134,11 @@ mod tests {
         let once = none.after_failure(None, "fp", now);
         assert_eq!(once.retry_at, None);
         assert_eq!(none.note(&once), "tried again when its files change");
+        // No room yet is no failure: tried again, the count unchanged.
+        let waiting = none.after_no_room(Some(once), "fp", now);
+        assert_eq!(
+            (waiting.attempts, waiting.retry_at),
+            (1, Some(now + none.interval))
+        );
     }
 }
