@@ -17,6 +17,7 @@ use crate::proto::tensorflow::{
 };
 use base64::Engine;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// A decoded `:classify` or `:regress` body.
@@ -27,40 +28,47 @@ pub struct TasksRequest {
     pub input: Input,
 }
 
+/// The body with each example still as text: an example becomes a JSON tree only while it
+/// is converted, so that a body of many small examples never holds a tree of them all (a
+/// tree node costs tens of times the bytes of the text it parses).
 #[derive(Deserialize)]
-struct Body {
+struct Body<'a> {
     #[serde(default)]
     signature_name: Option<String>,
     #[serde(default)]
     context: Option<Value>,
-    #[serde(default)]
-    examples: Option<Value>,
+    #[serde(default, borrow)]
+    examples: Option<&'a RawValue>,
 }
 
 /// Decodes the body of a `:classify` or `:regress` call (`call` names it in errors).
 pub fn parse_request(body: &[u8], call: &str) -> Result<TasksRequest, Error> {
-    let body: Body = parse_object(&mark_nonfinite(body))?;
+    let marked = mark_nonfinite(body);
+    let body: Body = parse_object(&marked)?;
     let invalid = |m: String| Error::InvalidArgument(m);
-    let examples = match body.examples {
-        None | Some(Value::Null) => {
-            return Err(invalid(format!(
-                "When method is {call}, key 'examples' is expected and was not found"
-            )))
-        }
-        Some(Value::Array(examples)) if examples.is_empty() => {
-            return Err(invalid("'examples' value is an empty array".into()))
-        }
-        Some(Value::Array(examples)) => examples,
-        Some(_) => {
-            return Err(invalid(
-                "Expecting 'examples' value to be a list/array".into(),
-            ))
-        }
+    let missing = || {
+        invalid(format!(
+            "When method is {call}, key 'examples' is expected and was not found"
+        ))
     };
+    let raw = body.examples.ok_or_else(missing)?;
+    if raw.get() == "null" {
+        return Err(missing());
+    }
+    let examples: Vec<&RawValue> = serde_json::from_str(raw.get())
+        .map_err(|_| invalid("Expecting 'examples' value to be a list/array".into()))?;
+    if examples.is_empty() {
+        return Err(invalid("'examples' value is an empty array".into()));
+    }
     let examples = examples
         .iter()
         .enumerate()
-        .map(|(i, e)| example(&format!("examples[{i}]"), e))
+        .map(|(i, e)| {
+            let path = format!("examples[{i}]");
+            let tree: Value =
+                serde_json::from_str(e.get()).map_err(|e| invalid(format!("{path}: {e}")))?;
+            example(&path, &tree)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let kind = match body.context {
         None | Some(Value::Null) => input::Kind::ExampleList(ExampleList { examples }),
