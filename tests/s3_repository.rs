@@ -524,6 +524,56 @@ async fn an_object_refused_for_good_fails_its_version_not_the_storage() {
     let _ = std::fs::remove_dir_all(&cache);
 }
 
+/// A version the cache cannot keep (here a file stands where its directory goes) fails to
+/// load, retried as failed loads are: this machine's trouble is no storage outage, and the
+/// version is not fetched again on every poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_the_cache_cannot_keep_fails_its_load_not_the_storage() {
+    let moto = Moto::start();
+    let s3 = moto.client();
+    s3.create_bucket(BUCKET).await;
+    upload_scaled(&s3, 1).await;
+    let cache = scratch("s3-cache-blocked");
+    let args = vec![
+        "--model_name=scaled".to_string(),
+        "--device=cpu".to_string(),
+        format!("--model_base_path=s3://{BUCKET}/repo/scaled"),
+        format!("--model_cache_dir={}", cache.display()),
+        "--file_system_poll_wait_seconds=1".to_string(),
+        "--load_retry_interval_micros=60000000".to_string(),
+    ];
+    let first = Server::start_rest(&args, &moto.server_env("test-secret"));
+    first.wait_readyz(200).await;
+    drop(first);
+    let version_dir = cache.join(BUCKET).join("repo/scaled/1");
+    let cached: Vec<_> = std::fs::read_dir(&version_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let [cached] = cached.as_slice() else {
+        panic!("one cached copy: {cached:?}");
+    };
+    std::fs::remove_dir_all(cached).unwrap();
+    std::fs::write(cached, b"in the way").unwrap();
+
+    let fetches_before = moto.log.count(&["GET /models/repo/scaled/1/model.pt"]);
+    let second = Server::start_rest(&args, &moto.server_env("test-secret"));
+    let models = second.models().await;
+    let error = wait_for_state(&models, "scaled", 1, State::End).await;
+    assert!(error.contains("model cache"), "{error}");
+    assert!(error.contains("retry 1 of"), "{error}");
+    polls(&moto, 3).await;
+    let fetches = moto.log.count(&["GET /models/repo/scaled/1/model.pt"]) - fetches_before;
+    assert_eq!(fetches, 1, "fetched again on a poll");
+    assert_eq!(
+        second.log.count(&["storage unavailable", "model=scaled"]),
+        0,
+        "{}",
+        second.log.text()
+    );
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
 /// What an earlier run cached for models the config no longer names is removed at start,
 /// before any download; what a configured model reads stays (and is not fetched again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

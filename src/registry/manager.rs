@@ -811,7 +811,7 @@ impl ModelWork<'_> {
             }
             // One object refused for good: this version fails to load (and is retried as
             // a failed load), the model's storage is not backed off.
-            Err(e @ StorageError::Refused { .. }) => {
+            Err(e @ (StorageError::Refused { .. } | StorageError::Cache { .. })) => {
                 crate::telemetry::record_storage_error(name);
                 Err(StartError::from(e))
             }

@@ -31,9 +31,10 @@ pub const SAVED_MODEL_FILES: &[&str] = &["saved_model.pb", "saved_model.pbtxt"];
 /// (`<archive name>/extra/`).
 const EMBEDDED_SIGNATURE_SUFFIX: &str = "/extra/signature.json";
 
-/// Why storage could not answer. Every variant but [`StorageError::Refused`] is transient from
-/// the manager's point of view (retried with backoff); a version whose files are there but
-/// do not load is a load error, not a storage error.
+/// Why storage could not answer. Every variant but [`StorageError::Refused`] and
+/// [`StorageError::Cache`] is transient from the manager's point of view (retried with
+/// backoff); a version whose files are there but do not load is a load error, not a
+/// storage error.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum StorageError {
     #[error("cannot list {path}: {message}")]
@@ -47,6 +48,9 @@ pub enum StorageError {
     /// are, not an outage that backs off the whole model.
     #[error("cannot fetch {path}: {message}")]
     Refused { path: String, message: String },
+    /// This machine could not keep a fetched version (disk full, a path it cannot make):
+    /// a load failure of that version, retried as load failures are, so that a version
+    /// that can never be written is not fetched again and again.
     #[error("model cache {path}: {message}")]
     Cache { path: String, message: String },
     #[error("invalid storage location '{location}': {message}")]

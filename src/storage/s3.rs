@@ -250,8 +250,17 @@ fn group_versions(
     files
         .into_iter()
         .filter_map(|(version, (dir_name, mut files))| {
-            let complete = layout(files.iter().map(|f| f.path.as_str()))?;
             files.sort_by(|a, b| a.path.cmp(&b.path));
+            // An object named as another's directory (`assets` beside `assets/vocab.txt`)
+            // cannot be a file of a directory on disk: left out, as folder markers are.
+            let directories: BTreeSet<&str> = files
+                .iter()
+                .flat_map(|f| f.path.match_indices('/').map(|(at, _)| &f.path[..at]))
+                .collect();
+            let directories: BTreeSet<String> =
+                directories.into_iter().map(str::to_string).collect();
+            files.retain(|f| !directories.contains(&f.path));
+            let complete = layout(files.iter().map(|f| f.path.as_str()))?;
             let fingerprint = files
                 .iter()
                 .map(|f| format!("{}:{}:{}", f.path, f.size, f.etag))
@@ -317,10 +326,15 @@ async fn download(
         path: format!("s3://{bucket}/{key}"),
         message,
     };
+    // Writing here is this machine's trouble, not the store's.
+    let cache_error = |e: std::io::Error| StorageError::Cache {
+        path: target.display().to_string(),
+        message: e.to_string(),
+    };
     if let Some(parent) = target.parent() {
         tokio::fs::create_dir_all(parent)
             .await
-            .map_err(|e| fetch_error(e.to_string()))?;
+            .map_err(cache_error)?;
     }
     let mut request = client.get_object().bucket(bucket).key(key);
     if !file.etag.is_empty() {
@@ -347,20 +361,14 @@ async fn download(
             }
         })?
         .body;
-    let mut out = tokio::fs::File::create(target)
-        .await
-        .map_err(|e| fetch_error(e.to_string()))?;
+    let mut out = tokio::fs::File::create(target).await.map_err(cache_error)?;
     let mut written = 0u64;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| fetch_error(error_chain(&e)))?;
         written += chunk.len() as u64;
-        out.write_all(&chunk)
-            .await
-            .map_err(|e| fetch_error(e.to_string()))?;
+        out.write_all(&chunk).await.map_err(cache_error)?;
     }
-    out.sync_all()
-        .await
-        .map_err(|e| fetch_error(e.to_string()))?;
+    out.sync_all().await.map_err(cache_error)?;
     if written != file.size {
         return Err(fetch_error(format!(
             "got {written} bytes, the listing said {}",
@@ -463,6 +471,23 @@ mod tests {
         );
         let changed = group_versions("m/", vec![object("m/2/model.pt", "z")]);
         assert_ne!(changed[&2].fingerprint, versions[&2].fingerprint);
+    }
+
+    /// An object named as another's directory cannot be written beside it: left out.
+    #[test]
+    fn an_object_named_as_a_directory_is_left_out() {
+        let object = |key: &str| (key.to_string(), 10, "e".to_string());
+        let versions = group_versions(
+            "m/",
+            vec![
+                object("m/1/model.pt"),
+                object("m/1/signature.json"),
+                object("m/1/assets"),
+                object("m/1/assets/vocab.txt"),
+            ],
+        );
+        let paths: Vec<&str> = versions[&1].files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["assets/vocab.txt", "model.pt", "signature.json"]);
     }
 
     /// A zero-padded directory is its version, fetched from where it was listed; of two
