@@ -524,27 +524,40 @@ async fn an_object_refused_for_good_fails_its_version_not_the_storage() {
     let _ = std::fs::remove_dir_all(&cache);
 }
 
+/// Serves `scaled` (version 1, from S3, with `extra` flags) once, so that the cache holds
+/// it; the S3 server, the cache and the flags for a second run.
+async fn scaled_cached_once(tag: &str, extra: &[&str]) -> (Moto, std::path::PathBuf, Vec<String>) {
+    let moto = Moto::start();
+    let s3 = moto.client();
+    s3.create_bucket(BUCKET).await;
+    upload_scaled(&s3, 1).await;
+    let cache = scratch(tag);
+    let mut args = vec![
+        "--model_name=scaled".to_string(),
+        "--device=cpu".to_string(),
+        format!("--model_base_path=s3://{BUCKET}/repo/scaled"),
+        format!("--model_cache_dir={}", cache.display()),
+    ];
+    args.extend(extra.iter().map(|flag| flag.to_string()));
+    let first = Server::start_rest(&args, &moto.server_env("test-secret"));
+    first.wait_readyz(200).await;
+    drop(first);
+    (moto, cache, args)
+}
+
 /// A version the cache cannot keep (here a file stands where its directory goes) fails to
 /// load, retried as failed loads are: this machine's trouble is no storage outage, and the
 /// version is not fetched again on every poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_the_cache_cannot_keep_fails_its_load_not_the_storage() {
-    let moto = Moto::start();
-    let s3 = moto.client();
-    s3.create_bucket(BUCKET).await;
-    upload_scaled(&s3, 1).await;
-    let cache = scratch("s3-cache-blocked");
-    let args = vec![
-        "--model_name=scaled".to_string(),
-        "--device=cpu".to_string(),
-        format!("--model_base_path=s3://{BUCKET}/repo/scaled"),
-        format!("--model_cache_dir={}", cache.display()),
-        "--file_system_poll_wait_seconds=1".to_string(),
-        "--load_retry_interval_micros=60000000".to_string(),
-    ];
-    let first = Server::start_rest(&args, &moto.server_env("test-secret"));
-    first.wait_readyz(200).await;
-    drop(first);
+    let (moto, cache, args) = scaled_cached_once(
+        "s3-cache-blocked",
+        &[
+            "--file_system_poll_wait_seconds=1",
+            "--load_retry_interval_micros=60000000",
+        ],
+    )
+    .await;
     let version_dir = cache.join(BUCKET).join("repo/scaled/1");
     let cached: Vec<_> = std::fs::read_dir(&version_dir)
         .unwrap()
@@ -578,20 +591,7 @@ async fn a_version_the_cache_cannot_keep_fails_its_load_not_the_storage() {
 /// before any download; what a configured model reads stays (and is not fetched again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_keeps_only_what_configured_models_read() {
-    let moto = Moto::start();
-    let s3 = moto.client();
-    s3.create_bucket(BUCKET).await;
-    upload_scaled(&s3, 1).await;
-    let cache = scratch("s3-cache-prune");
-    let args = vec![
-        "--model_name=scaled".to_string(),
-        "--device=cpu".to_string(),
-        format!("--model_base_path=s3://{BUCKET}/repo/scaled"),
-        format!("--model_cache_dir={}", cache.display()),
-    ];
-    let first = Server::start_rest(&args, &moto.server_env("test-secret"));
-    first.wait_readyz(200).await;
-    drop(first);
+    let (moto, cache, args) = scaled_cached_once("s3-cache-prune", &[]).await;
     // Left by a run whose config had other models.
     let stale = [
         cache.join(BUCKET).join("repo/retired/1/0123abcd"),
