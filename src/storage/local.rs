@@ -48,28 +48,55 @@ pub(super) fn list(dir: &Path) -> Result<BTreeMap<i64, VersionEntry>, StorageErr
     Ok(versions)
 }
 
+/// How deep under a version directory its files count in its fingerprint
+/// (`assets.extra/tf_serving_warmup_requests` is one level down).
+const SUBDIRECTORY_DEPTH: usize = 2;
+
+/// Adds `name:size:mtime` for each file under `dir` (paths from `prefix`, `depth` levels of
+/// subdirectories) to `files`, and the names directly in it to `names` when `prefix` is
+/// empty. Symlinks are followed: a linked file (DVC, git-annex) counts as its target, and
+/// one that leads nowhere does not count.
+fn stamp_files(
+    dir: &Path,
+    prefix: &str,
+    depth: usize,
+    names: &mut Vec<String>,
+    files: &mut Vec<String>,
+) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = match std::fs::metadata(entry.path()) {
+            Ok(meta) => meta,
+            // Removed since the directory was read, or a link to nothing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        if meta.is_dir() {
+            if depth > 0 {
+                stamp_files(&entry.path(), &format!("{name}/"), depth - 1, names, files)?;
+            }
+        } else {
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            files.push(format!("{name}:{}:{modified}", meta.len()));
+        }
+        if prefix.is_empty() {
+            names.push(name);
+        }
+    }
+    Ok(())
+}
+
 /// The local version directory `dir`, listed as `dir_name`, or `None` while it holds no
 /// model.
 fn version_entry(dir: &Path, dir_name: String) -> std::io::Result<Option<VersionEntry>> {
     let mut names = Vec::new();
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let meta = match entry.metadata() {
-            Ok(meta) => meta,
-            // Removed since the directory was read: it is not part of this listing.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        let modified = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        let name = entry.file_name().to_string_lossy().into_owned();
-        files.push(format!("{name}:{}:{modified}", meta.len()));
-        names.push(name);
-    }
+    stamp_files(dir, "", SUBDIRECTORY_DEPTH, &mut names, &mut files)?;
     let Some(complete) = layout(names.iter().map(String::as_str)) else {
         return Ok(None);
     };
@@ -128,6 +155,25 @@ mod tests {
         let versions = base.list_versions().await.unwrap();
         assert_ne!(versions[&1].fingerprint, before);
         assert!(versions[&1].complete);
+
+        // Files one level down and files behind symlinks count: rewriting either is a change.
+        let before = versions[&1].fingerprint.clone();
+        std::fs::create_dir_all(root.join("1/assets.extra")).unwrap();
+        std::fs::write(root.join("1/assets.extra/tf_serving_warmup_requests"), b"a").unwrap();
+        let versions = base.list_versions().await.unwrap();
+        assert_ne!(versions[&1].fingerprint, before);
+        let before = versions[&1].fingerprint.clone();
+        std::fs::write(root.join("target.bin"), b"short").unwrap();
+        std::os::unix::fs::symlink(root.join("target.bin"), root.join("1/linked.bin")).unwrap();
+        let versions = base.list_versions().await.unwrap();
+        assert_ne!(versions[&1].fingerprint, before);
+        let before = versions[&1].fingerprint.clone();
+        std::fs::write(root.join("target.bin"), b"longer than before").unwrap();
+        let versions = base.list_versions().await.unwrap();
+        assert_ne!(
+            versions[&1].fingerprint, before,
+            "the link's target changed"
+        );
 
         // A zero-padded directory is its version, loaded from where it was listed.
         std::fs::create_dir_all(root.join("0009")).unwrap();
