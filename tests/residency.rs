@@ -530,8 +530,9 @@ async fn a_version_larger_than_its_estimate_evicts_for_the_difference() {
 }
 
 /// A request that arrives while an on-demand load is failing gets that load's error, not a
-/// second load: the version's warm-up runs seconds of work, then a record the model
-/// refuses, so the load fails long after it started.
+/// second load, and so does one that arrives within the retry interval after: the
+/// version's warm-up runs seconds of work, then a record the model refuses, so the load
+/// fails long after it started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_arriving_during_a_failing_load_gets_its_error_not_another_load() {
     let (root, _) = repository("residency-failing-load", &["flaky"]);
@@ -566,6 +567,11 @@ async fn a_request_arriving_during_a_failing_load_gets_its_error_not_another_loa
         "the second request gets the failed load's error"
     );
     assert!(first.message().contains("warm-up"), "{first:?}");
+    // Nor does one that arrives after it, within the retry interval: a broken version is
+    // not loaded again for every request.
+    let third = call(&server, "flaky", 3.0).await.unwrap_err();
+    assert_eq!(third.code(), Code::Unavailable, "{third:?}");
+    assert!(third.message().contains("tried again"), "{third:?}");
     assert_eq!(
         on_demand_loads(&server, "flaky").await,
         1.0,

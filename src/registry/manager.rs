@@ -914,7 +914,8 @@ impl ModelWork<'_> {
         .unwrap_or_else(|e| Err(failed(e)))?;
         let ledger = Arc::clone(shared.registry.ledger());
         if on_demand {
-            return Ok(Arc::new(Servable::dormant(plan, ledger)));
+            let retry_after = shared.config.load_retries.interval;
+            return Ok(Arc::new(Servable::dormant(plan, ledger, retry_after)));
         }
         let what = format!("model '{name}' version {version}");
         let registry = Arc::clone(&shared.registry);

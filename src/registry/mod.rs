@@ -70,7 +70,11 @@ struct OnDemand {
     /// failed (while it ran, or queued behind it) gets its error rather than starting
     /// another.
     failures: AtomicU64,
-    last_error: Mutex<Option<Error>>,
+    /// The last failed load's error and when it failed: until `retry_after` has passed,
+    /// requests get it at once instead of loading a broken version again (each try reads
+    /// the model and may evict healthy versions for its room).
+    last_error: Mutex<Option<(Error, Instant)>>,
+    retry_after: Duration,
     /// Whether the load under way still waits for room in the budget (what a request
     /// whose deadline passes is told).
     waiting_for_room: AtomicBool,
@@ -115,8 +119,9 @@ impl Servable {
         }
     }
 
-    /// An on-demand version, listed from its files and started by its first request.
-    fn dormant(plan: VersionPlan, ledger: Arc<Ledger>) -> Servable {
+    /// An on-demand version, listed from its files and started by its first request; a
+    /// load that fails is tried again `retry_after` later at the soonest.
+    fn dormant(plan: VersionPlan, ledger: Arc<Ledger>, retry_after: Duration) -> Servable {
         let mut servable = plan.servable(None);
         servable.on_demand = Some(OnDemand {
             plan,
@@ -124,6 +129,7 @@ impl Servable {
             flight: tokio::sync::Mutex::new(()),
             failures: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            retry_after,
             waiting_for_room: AtomicBool::new(false),
             waiters: AtomicUsize::new(0),
         });
@@ -414,15 +420,21 @@ impl Registry {
                 "model '{model}' version {version}: the deadline passed before its turn to load"
             )));
         }
-        if on_demand.failures.load(Ordering::SeqCst) != failures {
-            // A load failed after this request arrived: its error, not another load.
-            let failed = on_demand
-                .last_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            if let Some(error) = failed {
+        let failed = on_demand
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some((error, at)) = failed {
+            if on_demand.failures.load(Ordering::SeqCst) != failures {
+                // A load failed after this request arrived: its error, not another load.
                 return Err(error);
+            }
+            if at.elapsed() < on_demand.retry_after {
+                return Err(error.noted(&format!(
+                    "tried again {:?} after the failure",
+                    on_demand.retry_after
+                )));
             }
         }
         tracing::info!(model = %model, version, "loading on demand");
@@ -496,7 +508,7 @@ impl Registry {
             }
             Err(error) => {
                 tracing::warn!(model = %model, version, "on-demand load failed: {error}");
-                *last_error = Some(error.clone());
+                *last_error = Some((error.clone(), Instant::now()));
                 on_demand.failures.fetch_add(1, Ordering::SeqCst);
                 Err(error)
             }
@@ -784,7 +796,7 @@ mod tests {
         let plan = loader::plan_version("m", 1, &dir, &settings).unwrap();
         let ledger = Ledger::new("cpu=1GiB".parse().unwrap());
         let registry = Registry::with_residency(Arc::clone(&ledger), Duration::ZERO);
-        let servable = Arc::new(Servable::dormant(plan, ledger));
+        let servable = Arc::new(Servable::dormant(plan, ledger, Duration::from_secs(60)));
         let model = ServingModel {
             versions: BTreeMap::from([(1, Arc::clone(&servable))]),
             labels: BTreeMap::new(),
