@@ -18,6 +18,7 @@ use crate::runtime::ModelOutput;
 use crate::signature::{
     Signature, SignatureKind, CLASSIFY_METHOD_NAME, DEFAULT_SIGNATURE, REGRESS_METHOD_NAME,
 };
+use crate::tensor::limits::DecodeBudget;
 use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
 
@@ -128,8 +129,11 @@ pub async fn run_on(
         })?;
         let named = name_outputs(servable.id(), name, signature, output)?;
         let result = match kind {
-            TaskKind::Classify => classification(name, signature, &named, examples.len())
-                .map(TaskResult::Classification),
+            TaskKind::Classify => {
+                charge_classes(&mut budget, name, signature, &named)?;
+                classification(name, signature, &named, examples.len())
+                    .map(TaskResult::Classification)
+            }
             TaskKind::Regress => {
                 regression(name, signature, &named, examples.len()).map(TaskResult::Regression)
             }
@@ -179,6 +183,38 @@ fn pick_output<'a>(
             "signature '{name}' has no output '{preferred}' and more than one output"
         )),
     }
+}
+
+/// The digits of an integer class id, the label of a class without a listed name.
+const ID_LABEL_BYTES: usize = 20;
+
+/// A classification answer holds a `Class` and its label for every score: many times the
+/// score's 4 bytes, for examples that may cost a client 2 bytes each (a context gives
+/// them their features). Charged to the request's budget before it is built, as the
+/// tensors it came from were.
+fn charge_classes(
+    budget: &mut DecodeBudget,
+    name: &str,
+    signature: &Signature,
+    named: &[(String, Tensor)],
+) -> Result<(), Error> {
+    // An answer without scores is refused when it is built, saying why.
+    let Ok(scores) = pick_output(name, named, SCORES_OUTPUT) else {
+        return Ok(());
+    };
+    let label = signature
+        .classes
+        .iter()
+        .flatten()
+        .map(String::len)
+        .max()
+        .unwrap_or(ID_LABEL_BYTES);
+    let per_class = std::mem::size_of::<Class>().saturating_add(label);
+    let classes = scores.data.len() / scores.dtype.size().max(1);
+    budget.charge(
+        &format!("the classes of signature '{name}'"),
+        classes.saturating_mul(per_class),
+    )
 }
 
 /// Splits `tensor` into `batch` rows of equal width: shape `[batch]` or `[batch, width]`.
@@ -288,6 +324,26 @@ mod tests {
             .signatures
             .remove("s")
             .unwrap()
+    }
+
+    #[test]
+    fn the_classes_of_an_answer_are_charged_before_they_are_built() {
+        let sig = signature(
+            r#"{"signatures": {"s": {"method_name": "tensorflow/serving/classify",
+                "inputs": [{"name": "x", "dtype": "DT_FLOAT"}],
+                "outputs": [{"name": "scores", "dtype": "DT_FLOAT"}], "classes": ["a", "b"]}}}"#,
+        );
+        let scores = Tensor::from_values(vec![1000, 2], &[0.5f32; 2000]).unwrap();
+        let named = [("scores".to_string(), scores)];
+        let per_class = std::mem::size_of::<Class>() + 1;
+        let mut roomy = DecodeBudget::new(2000 * per_class, 0);
+        charge_classes(&mut roomy, "s", &sig, &named).unwrap();
+        let mut tight = DecodeBudget::new(2000 * per_class - 1, 0);
+        let err = charge_classes(&mut tight, "s", &sig, &named).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains("classes")),
+            "{err}"
+        );
     }
 
     #[test]
