@@ -54,8 +54,8 @@ const SUBDIRECTORY_DEPTH: usize = 2;
 
 /// Adds `name:size:mtime` for each file under `dir` (paths from `prefix`, `depth` levels of
 /// subdirectories) to `files`, and the names directly in it to `names` when `prefix` is
-/// empty. Symlinks are followed: a linked file (DVC, git-annex) counts as its target, and
-/// one that leads nowhere does not count.
+/// empty. Symlinks are followed: a linked file (DVC, git-annex) counts as its target, one
+/// that leads nowhere as the link.
 fn stamp_files(
     dir: &Path,
     prefix: &str,
@@ -67,8 +67,13 @@ fn stamp_files(
         let entry = entry?;
         let meta = match std::fs::metadata(entry.path()) {
             Ok(meta) => meta,
-            // Removed since the directory was read, or a link to nothing.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // A link to nothing yet (a volume not mounted yet) counts as the link itself.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match entry.metadata() {
+                Ok(link) => link,
+                // Removed since the directory was read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            },
             Err(e) => return Err(e),
         };
         let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
