@@ -614,6 +614,8 @@ impl ElementWriter {
             _ if !v.is_finite() => Err(ElementError::NotFinite { value: v, dtype }),
             // A whole number written with a fraction or exponent (2.0, 1e3) is still exact.
             _ if v.fract() == 0.0 && v.abs() < 1.8e19 => self.push_int(v as i128),
+            // Whole, but beyond every integer dtype (1e20 for DT_INT64).
+            _ if v.fract() == 0.0 => Err(ElementError::OutOfRange(dtype)),
             _ => Err(ElementError::Fractional(dtype)),
         }
     }
@@ -822,6 +824,11 @@ mod tests {
         assert_eq!(
             write(DType::I64, &|w| w.push_float(0.5)),
             Err(ElementError::Fractional(DType::I64))
+        );
+        assert_eq!(
+            write(DType::I64, &|w| w.push_float(1e20)),
+            Err(ElementError::OutOfRange(DType::I64)),
+            "whole, only too large"
         );
         let nan = write(DType::I64, &|w| w.push_float(f64::NAN)).unwrap_err();
         assert_eq!(nan.to_string(), "NaN, which DT_INT64 cannot take");
