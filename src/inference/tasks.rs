@@ -326,13 +326,18 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn the_classes_of_an_answer_are_charged_before_they_are_built() {
-        let sig = signature(
+    /// A classify signature whose scores are of the classes "a" and "b".
+    fn classify_a_or_b() -> Signature {
+        signature(
             r#"{"signatures": {"s": {"method_name": "tensorflow/serving/classify",
                 "inputs": [{"name": "x", "dtype": "DT_FLOAT"}],
                 "outputs": [{"name": "scores", "dtype": "DT_FLOAT"}], "classes": ["a", "b"]}}}"#,
-        );
+        )
+    }
+
+    #[test]
+    fn the_classes_of_an_answer_are_charged_before_they_are_built() {
+        let sig = classify_a_or_b();
         let scores = Tensor::from_values(vec![1000, 2], &[0.5f32; 2000]).unwrap();
         let named = [("scores".to_string(), scores)];
         let per_class = std::mem::size_of::<Class>() + 1;
@@ -348,11 +353,7 @@ mod tests {
 
     #[test]
     fn classification_uses_listed_classes_or_id_outputs() {
-        let sig = signature(
-            r#"{"signatures": {"s": {"method_name": "tensorflow/serving/classify",
-                "inputs": [{"name": "x", "dtype": "DT_FLOAT"}],
-                "outputs": [{"name": "scores", "dtype": "DT_FLOAT"}], "classes": ["a", "b"]}}}"#,
-        );
+        let sig = classify_a_or_b();
         let scores = Tensor::from_values(vec![2, 2], &[0.25f32, 0.75, 1.0, 0.0]).unwrap();
         let result = classification("s", &sig, &[("scores".into(), scores.clone())], 2).unwrap();
         let got: Vec<Vec<(String, f32)>> = result

@@ -194,13 +194,9 @@ impl Cache {
         F: FnOnce(PathBuf) -> Fut,
         Fut: Future<Output = Result<(), StorageError>>,
     {
-        let cache_error = |path: &Path, e: std::io::Error| StorageError::Cache {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        };
         tokio::fs::create_dir_all(parent)
             .await
-            .map_err(|e| cache_error(parent, e))?;
+            .map_err(|e| StorageError::cache(parent, e))?;
         remove_entries(parent, |name| name.starts_with(TEMP_PREFIX)).await;
         let temp = parent.join(format!(
             "{TEMP_PREFIX}{}-{}",
@@ -209,7 +205,7 @@ impl Cache {
         ));
         tokio::fs::create_dir_all(&temp)
             .await
-            .map_err(|e| cache_error(&temp, e))?;
+            .map_err(|e| StorageError::cache(&temp, e))?;
         if let Err(e) = download(temp.clone()).await {
             let _ = tokio::fs::remove_dir_all(&temp).await;
             return Err(e);
@@ -217,7 +213,7 @@ impl Cache {
         if let Err(e) = tokio::fs::rename(&temp, dir).await {
             let _ = tokio::fs::remove_dir_all(&temp).await;
             if !tokio::fs::metadata(dir).await.is_ok_and(|m| m.is_dir()) {
-                return Err(cache_error(dir, e));
+                return Err(StorageError::cache(dir, e));
             }
         }
         // Older contents of this version are not needed again: they changed in storage.
@@ -421,10 +417,8 @@ mod tests {
             cache.fill(&dir, |temp| async move {
                 downloads.fetch_add(1, Ordering::SeqCst);
                 let write = |name: &str| {
-                    std::fs::write(temp.join(name), b"x").map_err(|e| StorageError::Cache {
-                        path: name.into(),
-                        message: e.to_string(),
-                    })
+                    let path = temp.join(name);
+                    std::fs::write(&path, b"x").map_err(|e| StorageError::cache(&path, e))
                 };
                 write("model.pt")?;
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;

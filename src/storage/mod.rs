@@ -57,6 +57,16 @@ pub enum StorageError {
     Invalid { location: String, message: String },
 }
 
+impl StorageError {
+    /// This machine's trouble with `path` in the model cache.
+    fn cache(path: &std::path::Path, e: std::io::Error) -> StorageError {
+        StorageError::Cache {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+}
+
 impl From<StorageError> for crate::error::Error {
     /// The code GetModelStatus reports for a version storage could not hand over.
     fn from(e: StorageError) -> Self {

@@ -253,12 +253,14 @@ fn group_versions(
             files.sort_by(|a, b| a.path.cmp(&b.path));
             // An object named as another's directory (`assets` beside `assets/vocab.txt`)
             // cannot be a file of a directory on disk: left out, as folder markers are.
-            let directories: BTreeSet<&str> = files
+            let directories: BTreeSet<String> = files
                 .iter()
-                .flat_map(|f| f.path.match_indices('/').map(|(at, _)| &f.path[..at]))
+                .flat_map(|f| {
+                    f.path
+                        .match_indices('/')
+                        .map(|(at, _)| f.path[..at].to_string())
+                })
                 .collect();
-            let directories: BTreeSet<String> =
-                directories.into_iter().map(str::to_string).collect();
             files.retain(|f| !directories.contains(&f.path));
             let complete = layout(files.iter().map(|f| f.path.as_str()))?;
             let fingerprint = files
@@ -327,10 +329,7 @@ async fn download(
         message,
     };
     // Writing here is this machine's trouble, not the store's.
-    let cache_error = |e: std::io::Error| StorageError::Cache {
-        path: target.display().to_string(),
-        message: e.to_string(),
-    };
+    let cache_error = |e| StorageError::cache(target, e);
     if let Some(parent) = target.parent() {
         tokio::fs::create_dir_all(parent)
             .await

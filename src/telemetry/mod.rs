@@ -261,10 +261,8 @@ pub fn record_request(request: RequestRecord<'_>, outcome: Result<(), &Error>) {
     };
     let (api, protocol, code) = (api.as_str(), protocol.as_str(), code_label(code));
     let model_label = interned_model(model);
-    versions::count_request(&model_label, version, (api, protocol, code));
-    if let Some(ran_on) = ran_on {
-        versions::count_inference(model, ran_on, elapsed, outcome.is_ok());
-    }
+    let ran = ran_on.map(|ran_on| (ran_on, elapsed, outcome.is_ok()));
+    versions::count_request(&model_label, version, (api, protocol, code), ran);
     metrics::histogram!(
         REQUEST_DURATION_SECONDS,
         "model" => model_label,

@@ -343,9 +343,37 @@ impl VersionMetrics {
 }
 
 /// Counts an answered request: on the live version that answered it, else (no version, or
-/// one freed in the instant since it answered) among the counts that stay.
-pub(super) fn count_request(model: &SharedString, version: Option<i64>, key: RequestKey) {
-    if let Some(series) = version.and_then(|version| newest_live(model, version)) {
+/// one freed in the instant since it answered) among the counts that stay. An inference,
+/// `ran`: the version it ran or failed on, its time and whether it succeeded, also adds to
+/// that version's statistics (V2's `success` and `fail`, and when it was last answered).
+pub(super) fn count_request(
+    model: &SharedString,
+    version: Option<i64>,
+    key: RequestKey,
+    ran: Option<(i64, Duration, bool)>,
+) {
+    let answered_by = version.and_then(|version| newest_live(model, version));
+    if let Some((ran_on, elapsed, success)) = ran {
+        // An answer's own version, looked up once; a failure's from where it ran.
+        let series = match &answered_by {
+            Some(series) if series.version == ran_on => Some(Arc::clone(series)),
+            _ => newest_live(model, ran_on),
+        };
+        if let Some(series) = series {
+            let mut answered = lock(&series.answered);
+            if success {
+                answered.success.add(elapsed);
+            } else {
+                answered.fail.add(elapsed);
+            }
+            answered.last_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| {
+                    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+                });
+        }
+    }
+    if let Some(series) = answered_by {
         *lock(&series.requests).entry(key).or_default() += 1;
         return;
     }
@@ -353,25 +381,6 @@ pub(super) fn count_request(model: &SharedString, version: Option<i64>, key: Req
     *lock(&OTHER_REQUESTS)
         .entry((model.clone(), version, key))
         .or_default() += 1;
-}
-
-/// Adds an inference that ran on `version` of `model`, or failed there, to the version's
-/// statistics (V2's `success` and `fail`: count, time, and when it was last answered).
-pub(super) fn count_inference(model: &str, version: i64, elapsed: Duration, success: bool) {
-    let Some(series) = newest_live(model, version) else {
-        return;
-    };
-    let mut answered = lock(&series.answered);
-    if success {
-        answered.success.add(elapsed);
-    } else {
-        answered.fail.add(elapsed);
-    }
-    answered.last_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        });
 }
 
 /// The series of `version` of `model`: the one registered last when a version reloaded
@@ -624,12 +633,20 @@ mod tests {
         metrics.gauge(QUEUE_DEPTH).set(4.0);
         let model = SharedString::from(String::from("m\"x"));
         let elapsed = std::time::Duration::from_millis(2);
-        count_request(&model, Some(7), ("predict", "grpc", "ok"));
-        count_inference("m\"x", 7, elapsed, true);
-        count_request(&model, None, ("predict", "grpc", "not_found"));
+        count_request(
+            &model,
+            Some(7),
+            ("predict", "grpc", "ok"),
+            Some((7, elapsed, true)),
+        );
+        count_request(&model, None, ("predict", "grpc", "not_found"), None);
         // A failure once version 7 was chosen: no version label, but its statistics.
-        count_request(&model, None, ("predict", "grpc", "internal"));
-        count_inference("m\"x", 7, elapsed, false);
+        count_request(
+            &model,
+            None,
+            ("predict", "grpc", "internal"),
+            Some((7, elapsed, false)),
+        );
         let text = rendered();
         let labels = r#"model="m\"x",version="7""#;
         for line in [
@@ -681,10 +698,19 @@ mod tests {
         old.record_batch(4, 4, BatchPhases::default());
         new.record_batch(1, 1, BatchPhases::default());
         let model = SharedString::from(String::from("reloaded"));
-        count_request(&model, Some(3), ("predict", "grpc", "ok"));
-        count_inference("reloaded", 3, Duration::from_millis(1), true);
-        count_request(&model, None, ("predict", "grpc", "internal"));
-        count_inference("reloaded", 3, Duration::from_millis(1), false);
+        let ms = Duration::from_millis(1);
+        count_request(
+            &model,
+            Some(3),
+            ("predict", "grpc", "ok"),
+            Some((3, ms, true)),
+        );
+        count_request(
+            &model,
+            None,
+            ("predict", "grpc", "internal"),
+            Some((3, ms, false)),
+        );
         let text = rendered();
         let labels = r#"model="reloaded",version="3""#;
         let lines = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).count();
