@@ -519,7 +519,10 @@ impl Manager {
             .iter_mut()
             .filter(|(name, model)| names.contains(name) && model.backoff.ready(now))
             .map(|(name, model)| {
-                bases.push(model.base.clone());
+                // Models may share a base path: its cache is pruned once.
+                if !bases.contains(&model.base) {
+                    bases.push(model.base.clone());
+                }
                 let work = ModelWork {
                     shared,
                     name,
